@@ -1,0 +1,308 @@
+"""Checkpoints: this project's model directories, and import of released fairseq / HF-port weights.
+
+A model directory is self-describing: ``config.json`` (ModelConfig), ``model.safetensors`` (or shards
+``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``) and ``tokenizer/``. The tied
+embedding is stored once, as ``embed_tokens.weight``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from models.config import ModelConfig
+from models.ofa import BiomedGPT
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message names the file and key."""
+
+
+TIED_KEY = "embed_tokens.weight"
+TIED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "decoder.output_projection.weight")
+# Deterministic buffers and bookkeeping keys a released file may carry: recomputed, never trusted.
+IGNORED_KEY = re.compile(r"(^|\.)(token_rp_bucket|image_rp_bucket|image_position_idx|version|_float_tensor)$")
+# HF-port component names inside a layer -> fairseq names (see architecture.md, "Checkpoint names").
+HF_ENCODER_LAYER = {"self_attn_mid_layer_norm": "attn_ln", "ffn_layer_norm": "ffn_layernorm"}
+HF_DECODER_LAYER = {"self_attn_mid_layer_norm": "self_attn_ln", "cross_attn_mid_layer_norm": "cross_attn_ln",
+                    "cross_attn_layer_norm": "encoder_attn_layer_norm", "cross_attn": "encoder_attn",
+                    "ffn_layer_norm": "ffn_layernorm"}
+HF_MARKERS = ("self_attn_mid_layer_norm", "ffn_layer_norm", "cross_attn_mid_layer_norm")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading released files
+# ----------------------------------------------------------------------------------------------
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    """torch.load with weights_only=True (argparse.Namespace allowed for fairseq's ``args``)."""
+    try:
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: holds Python objects that weights-only loading refuses ({str(exc).splitlines()[0]}). "
+            "If you trust the file, import it with trust_pickle=true.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from None
+
+
+def read_state_dict(path: str | Path, ema: bool = False, trust_pickle: bool = False) -> dict[str, Tensor]:
+    """The weights of a released file: a fairseq checkpoint (``model`` or ``extra_state.ema``), a plain
+    state dict (.pt/.bin), a .safetensors file, or a directory holding one of those."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / n for n in ("model.safetensors", "pytorch_model.bin", "checkpoint.pt")]
+        found = next((c for c in candidates if c.exists()), None)
+        if found is None:
+            raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or checkpoint.pt inside")
+        path = found
+    if not path.exists():
+        raise CheckpointError(f"{path}: file not found")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    obj = _torch_load(path, trust_pickle)
+    if isinstance(obj, dict) and "checkpoint" in obj and isinstance(obj["checkpoint"], dict):
+        obj = obj["checkpoint"]  # a wrapper holding a fairseq checkpoint (e.g. a parity fixture)
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        if ema:
+            state = obj.get("extra_state", {}).get("ema") if isinstance(obj.get("extra_state"), dict) else None
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{path}: EMA weights requested but extra_state.ema is missing")
+            return state
+        return obj["model"]
+    if ema:
+        raise CheckpointError(f"{path}: EMA weights requested but this is a plain state dict")
+    if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return obj
+    raise CheckpointError(f"{path}: neither a fairseq checkpoint (with 'model') nor a state dict of tensors")
+
+
+def to_fairseq_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Normalise key names: strip wrapper prefixes, map HF-port names, drop recomputed buffers."""
+    keys = list(state)
+    for prefix in ("module.", "_orig_mod.", "model."):
+        if keys and all(k.startswith(prefix) for k in keys):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+            keys = list(state)
+    hf = any(marker in k for k in keys for marker in HF_MARKERS)
+    out = {}
+    for key, value in state.items():
+        if IGNORED_KEY.search(key):
+            continue
+        if hf:
+            match = re.match(r"^(encoder|decoder)\.layers\.(\d+)\.([^.]+)\.(.*)$", key)
+            if match:
+                side, idx, part, rest = match.groups()
+                table = HF_ENCODER_LAYER if side == "encoder" else HF_DECODER_LAYER
+                key = f"{side}.layers.{idx}.{table.get(part, part)}.{rest}"
+        out[key] = value
+    return out
+
+
+def _shape(state: dict[str, Tensor], key: str) -> tuple[int, ...]:
+    if key not in state:
+        raise CheckpointError(f"key {key!r} is missing: cannot infer the architecture")
+    return tuple(state[key].shape)
+
+
+def _count_indexed(state: dict[str, Tensor], pattern: str) -> int:
+    found = {int(m.group(1)) for k in state for m in [re.match(pattern, k)] if m}
+    return max(found) + 1 if found else 0
+
+
+def infer_config(state: dict[str, Tensor], **overrides) -> ModelConfig:
+    """The architecture from tensor shapes (fairseq names): width, heads, depths, backbone, tables."""
+    vocab, d = _shape(state, "encoder.embed_tokens.weight")
+    heads = _shape(state, "encoder.layers.0.self_attn.c_attn")[0]
+    ffn = _shape(state, "encoder.layers.0.fc1.weight")[0]
+    resnet = [_count_indexed(state, rf"^encoder\.embed_images\.layer{i}\.(\d+)\.") for i in (1, 2, 3)]
+    image_rows = _shape(state, "encoder.embed_image_positions.weight")[0]
+    bucket = int(round((image_rows - 1) ** 0.5))
+    if bucket * bucket + 1 != image_rows:
+        raise CheckpointError(f"encoder.embed_image_positions.weight has {image_rows} rows, not n*n+1")
+    fields = dict(
+        d_model=d, ffn_dim=ffn, heads=heads, vocab_size=vocab, resnet_layers=resnet,
+        encoder_layers=_count_indexed(state, r"^encoder\.layers\.(\d+)\."),
+        decoder_layers=_count_indexed(state, r"^decoder\.layers\.(\d+)\."),
+        max_source_positions=_shape(state, "encoder.embed_positions.weight")[0] - 2,
+        max_target_positions=_shape(state, "decoder.embed_positions.weight")[0] - 2,
+        token_bucket_size=(_shape(state, "encoder.token_rel_pos_table_list.0.weight")[0] + 1) // 2,
+        image_bucket_size=bucket,
+    )
+    fields.update(overrides)
+    try:
+        return ModelConfig(**fields)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"inferred architecture is invalid: {exc}") from None
+
+
+def tie_embeddings(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Collapse the three embedding copies into ``embed_tokens.weight``; they must agree in shape."""
+    state = dict(state)
+    copies = {k: state.pop(k) for k in (TIED_KEY, *TIED_ALIASES) if k in state}
+    if not copies:
+        raise CheckpointError(f"no token embedding: none of {[TIED_KEY, *TIED_ALIASES]} present")
+    shapes = {k: tuple(v.shape) for k, v in copies.items()}
+    if len(set(shapes.values())) > 1:
+        raise CheckpointError(f"tied embedding copies disagree in shape: {shapes}")
+    state[TIED_KEY] = next(iter(copies.values()))
+    return state
+
+
+def load_into(model: BiomedGPT, state: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Strict load with one clear error listing every missing, unexpected or wrong-shape key."""
+    expected = {k: v for k, v in model.state_dict().items() if k not in TIED_ALIASES}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:20]}{' …' if len(missing) > 20 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:20]}{' …' if len(unexpected) > 20 else ''}")
+    if wrong:
+        problems.append(f"wrong shapes [{'; '.join(wrong[:20])}]")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
+    with torch.no_grad():
+        params = dict(model.state_dict(keep_vars=True))
+        for key, value in state.items():
+            params[key].copy_(value.to(params[key].dtype))
+
+
+def import_released(path: str | Path, ema: bool = False, trust_pickle: bool = False,
+                    **config_overrides) -> BiomedGPT:
+    """A released BiomedGPT/OFA checkpoint (fairseq or HF-port names) as an fp32 BiomedGPT."""
+    state = tie_embeddings(to_fairseq_names(read_state_dict(path, ema=ema, trust_pickle=trust_pickle)))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    state["encoder.embed_tokens.weight"] = state[TIED_KEY]  # infer_config reads the fairseq name
+    cfg = infer_config(state, **config_overrides)
+    del state["encoder.embed_tokens.weight"]
+    model = BiomedGPT(cfg)
+    load_into(model, state, source=str(path))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# This project's model directories
+# ----------------------------------------------------------------------------------------------
+
+
+def model_state(model: BiomedGPT) -> dict[str, Tensor]:
+    """State dict with the tied embedding once (safetensors refuses shared storage)."""
+    return {k: v for k, v in model.state_dict().items() if k not in TIED_ALIASES}
+
+
+def _write_dir_atomically(out_dir: Path, write, overwrite: bool) -> Path:
+    """Write into a temporary sibling, then rename: a crash never leaves a complete-looking directory."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise CheckpointError(f"{out_dir} already exists (pass overwrite=true to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write(tmp)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def write_model_files(directory: Path, state: dict[str, Tensor], cfg: ModelConfig, tokenizer=None,
+                      max_shard_bytes: int = 2 << 30) -> None:
+    """Write config, safetensors weights (sharded past ``max_shard_bytes``) and tokenizer into ``directory``."""
+    (directory / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor.contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, directory / name, metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if tokenizer is not None:
+        tokenizer.save(directory / "tokenizer")
+
+
+def save_pretrained(model: BiomedGPT, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | None = None,
+                    max_shard_bytes: int = 2 << 30, overwrite: bool = False) -> Path:
+    """Write a model directory atomically (optionally cast floating tensors to ``dtype``)."""
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu()
+             for k, v in model_state(model).items()}
+    return _write_dir_atomically(Path(out_dir), lambda d: write_model_files(d, state, model.cfg, tokenizer,
+                                                                            max_shard_bytes), overwrite)
+
+
+def read_model_config(model_dir: str | Path) -> ModelConfig:
+    path = Path(model_dir) / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (not a model directory)") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON: {exc}") from None
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CheckpointError(f"{path}: unknown config key(s) {unknown}")
+    return ModelConfig(**data)
+
+
+def read_model_weights(model_dir: str | Path) -> dict[str, Tensor]:
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    files = ([model_dir / "model.safetensors"] if not index.exists()
+             else [model_dir / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))])
+    state: dict[str, Tensor] = {}
+    for f in files:
+        state.update(read_state_dict(f))
+    return state
+
+
+def load_pretrained(model_dir: str | Path, **config_overrides) -> BiomedGPT:
+    """A model directory written by ``save_pretrained`` (or the consolidation tool), in fp32."""
+    cfg = dataclasses.replace(read_model_config(model_dir), **config_overrides)
+    model = BiomedGPT(cfg)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in read_model_weights(model_dir).items()}
+    load_into(model, state, source=str(model_dir))
+    return model

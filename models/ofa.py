@@ -1,0 +1,511 @@
+"""The BiomedGPT / OFA unified encoder-decoder in plain PyTorch.
+
+Module and parameter names follow the released fairseq checkpoints (``encoder.layers.0.attn_ln`` …),
+so those load without renaming; ``models.checkpoint`` maps the HF-port names. Tensors are batch-first.
+See ``../shared/spec/architecture.md`` for the structure this file implements.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.attention import AttentionBias, RelativeBias, attention, resolve_backend
+from models.config import ModelConfig
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic position buckets (recomputed, never loaded from a checkpoint)
+# ----------------------------------------------------------------------------------------------
+
+
+def token_bucket_positions(bucket_size: int, max_position: int) -> Tensor:
+    """[max_position]² table of text relative-position buckets (log-spaced beyond bucket_size/2)."""
+    pos = torch.arange(max_position)
+    relative = pos[:, None] - pos[None, :]
+    sign = torch.sign(relative)
+    mid = bucket_size // 2
+    abs_pos = torch.where((relative < mid) & (relative > -mid), torch.full_like(relative, mid - 1), relative.abs())
+    log_pos = torch.ceil(torch.log(abs_pos / mid) / math.log((max_position - 1) / mid) * (mid - 1)) + mid
+    bucket = torch.where(abs_pos.le(mid), relative, log_pos.int() * sign).long()
+    return bucket + bucket_size - 1
+
+
+def image_bucket_positions(bucket_size: int) -> Tensor:
+    """[(n²+1)]² table of 2-D relative buckets; row/column 0 (position id 0) use the 3 extra rows."""
+    num_relative = (2 * bucket_size - 1) ** 2 + 3
+    coords = torch.stack(torch.meshgrid(torch.arange(bucket_size), torch.arange(bucket_size), indexing="ij"))
+    flat = coords.flatten(1)
+    relative = (flat[:, :, None] - flat[:, None, :]).permute(1, 2, 0).contiguous()
+    relative[:, :, 0] += bucket_size - 1
+    relative[:, :, 1] += bucket_size - 1
+    relative[:, :, 0] *= 2 * bucket_size - 1
+    index = torch.zeros((bucket_size * bucket_size + 1,) * 2, dtype=relative.dtype)
+    index[1:, 1:] = relative.sum(-1)
+    index[0, 0:] = num_relative - 3
+    index[0:, 0] = num_relative - 2
+    index[0, 0] = num_relative - 1
+    return index
+
+
+def image_position_ids(rows: int, cols: int, bucket_size: int) -> Tensor:
+    """Row-major patch position ids r*bucket + c + 1 (0 is reserved)."""
+    return (torch.arange(cols)[None, :] + torch.arange(rows)[:, None] * bucket_size + 1).view(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def linear_rates(stop: float, n: int) -> list[float]:
+    """Drop-path rates growing linearly from 0 to ``stop`` over ``n`` blocks (as torch.linspace)."""
+    return [stop * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+
+
+def drop_path(x: Tensor, prob: float, training: bool) -> Tensor:
+    """Stochastic depth: drop the whole residual branch per sample (dim 0)."""
+    if prob == 0.0 or not training:
+        return x
+    keep = 1.0 - prob
+    mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device).bernoulli_(keep)
+    return x.div(keep) * mask
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck (stride on the 3x3 conv) with drop path on the residual branch."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int, drop_path_rate: float):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or inplanes != planes * 4:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(planes * 4))
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(identity + drop_path(out, self.drop_path_rate, self.training))
+
+
+class ResNet(nn.Module):
+    """The image stem: conv/BN/ReLU/maxpool then layer1..layer3 (no layer4): 1024 channels, stride 16."""
+
+    def __init__(self, layers: list[int], drop_path_rate: float = 0.0):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        rates = linear_rates(drop_path_rate, sum(layers))
+        inplanes, start = 64, 0
+        for index, (planes, blocks) in enumerate(zip((64, 128, 256), layers)):
+            stride = 1 if index == 0 else 2
+            stage = []
+            for j in range(blocks):
+                stage.append(Bottleneck(inplanes, planes, stride if j == 0 else 1, rates[start + j]))
+                inplanes = planes * 4
+            start += blocks
+            setattr(self, f"layer{index + 1}", nn.Sequential(*stage))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+
+class MultiheadAttention(nn.Module):
+    """q/k/v/out projections, q scaled by (head_dim * factor)^-0.5, per-head learned output scale c_attn."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.scaling = (self.head_dim * cfg.attn_scale_factor) ** -0.5
+        self.k_proj, self.v_proj, self.q_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.c_attn = nn.Parameter(torch.ones(cfg.heads))
+        self.dropout = cfg.attention_dropout
+        self.backend = resolve_backend(cfg.attention_backend)
+
+    def split(self, x: Tensor) -> Tensor:
+        return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.split(self.k_proj(x)), self.split(self.v_proj(x))
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None,
+                key_padding_mask: Tensor | None, causal: bool = False) -> Tensor:
+        q = self.split(self.q_proj(x) * self.scaling)
+        out = attention(q, k, v, bias, key_padding_mask, causal, self.dropout if self.training else 0.0,
+                        self.backend)
+        out = out * self.c_attn[None, :, None, None]
+        return self.out_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+def _ffn(layer: nn.Module, x: Tensor) -> Tensor:
+    """NormFormer FFN branch: LN → fc1 → gelu → dropout → ffn_layernorm → fc2 → dropout."""
+    x = F.gelu(layer.fc1(layer.final_layer_norm(x)))
+    x = F.dropout(x, layer.activation_dropout, layer.training)
+    return F.dropout(layer.fc2(layer.ffn_layernorm(x)), layer.dropout, layer.training)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN NormFormer layer: x + DropPath(attn_ln(attn(ln(x)))), then the FFN block."""
+
+    def __init__(self, cfg: ModelConfig, drop_path_rate: float):
+        super().__init__()
+        d = cfg.d_model
+        self.self_attn = MultiheadAttention(cfg)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.attn_ln = nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, cfg.ffn_dim), nn.Linear(cfg.ffn_dim, d)
+        self.ffn_layernorm = nn.LayerNorm(cfg.ffn_dim)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.dropout, self.activation_dropout, self.drop_path_rate = cfg.dropout, cfg.activation_dropout, drop_path_rate
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None, bias: AttentionBias) -> Tensor:
+        h = self.self_attn_layer_norm(x)
+        k, v = self.self_attn.project_kv(h)
+        h = self.attn_ln(self.self_attn(h, k, v, bias, padding_mask))
+        x = x + drop_path(F.dropout(h, self.dropout, self.training), self.drop_path_rate, self.training)
+        return x + drop_path(_ffn(self, x), self.drop_path_rate, self.training)
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention (causal), cross-attention and FFN blocks, each pre-LN with a NormFormer mid-LN."""
+
+    def __init__(self, cfg: ModelConfig, drop_path_rate: float):
+        super().__init__()
+        d = cfg.d_model
+        self.self_attn = MultiheadAttention(cfg)
+        self.self_attn_layer_norm, self.self_attn_ln = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.encoder_attn = MultiheadAttention(cfg)
+        self.encoder_attn_layer_norm, self.cross_attn_ln = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, cfg.ffn_dim), nn.Linear(cfg.ffn_dim, d)
+        self.ffn_layernorm = nn.LayerNorm(cfg.ffn_dim)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.dropout, self.activation_dropout, self.drop_path_rate = cfg.dropout, cfg.activation_dropout, drop_path_rate
+
+    def _residual(self, x: Tensor, h: Tensor) -> Tensor:
+        return x + drop_path(F.dropout(h, self.dropout, self.training), self.drop_path_rate, self.training)
+
+    def forward(self, x: Tensor, self_kv: tuple[Tensor, Tensor], self_bias: AttentionBias,
+                self_padding_mask: Tensor | None, cross_kv: tuple[Tensor, Tensor], cross_bias: AttentionBias,
+                encoder_padding_mask: Tensor | None) -> Tensor:
+        h = self.self_attn_layer_norm(x)
+        h = self.self_attn(h, *self_kv, self_bias, self_padding_mask, causal=True)
+        x = self._residual(x, self.self_attn_ln(h))
+        h = self.encoder_attn(self.encoder_attn_layer_norm(x), *cross_kv, cross_bias, encoder_padding_mask)
+        x = self._residual(x, self.cross_attn_ln(h))
+        return x + drop_path(_ffn(self, x), self.drop_path_rate, self.training)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncoderOutput:
+    """Encoder states, their padding mask, and the normalised positions P for cross-attention."""
+
+    states: Tensor  # [B, L, d]
+    padding_mask: Tensor  # [B, L] bool, True = masked
+    positions: Tensor  # [B, L, d]
+
+    def reorder(self, index: Tensor) -> "EncoderOutput":
+        return EncoderOutput(self.states.index_select(0, index), self.padding_mask.index_select(0, index),
+                             self.positions.index_select(0, index))
+
+
+def _pos_linear_heads(linear: nn.Linear, positions: Tensor, heads: int) -> Tensor:
+    b, l, _ = positions.shape
+    return linear(positions).view(b, l, heads, -1).transpose(1, 2)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        d = cfg.d_model
+        self.cfg = cfg
+        self.embed_tokens = embed_tokens
+        self.layernorm_embedding = nn.LayerNorm(d)
+        self.type_embedding = nn.Embedding(2, d)
+        self.embed_images = ResNet(cfg.resnet_layers, cfg.resnet_drop_path_rate)
+        self.image_proj = nn.Linear(1024, d)
+        self.patch_layernorm_embedding = nn.LayerNorm(d)
+        self.embed_positions = nn.Embedding(cfg.max_source_positions + 2, d)
+        self.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, d)
+        self.pos_ln, self.image_pos_ln = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.pos_q_linear, self.pos_k_linear = nn.Linear(d, d), nn.Linear(d, d)
+        self.pos_scaling = (d / cfg.heads * cfg.attn_scale_factor) ** -0.5
+        rates = linear_rates(cfg.encoder_drop_path_rate, cfg.encoder_layers)
+        self.layers = nn.ModuleList(EncoderLayer(cfg, r) for r in rates)
+        self.layer_norm = nn.LayerNorm(d)
+        self.token_rel_pos_table_list = nn.ModuleList(
+            nn.Embedding(2 * cfg.token_bucket_size - 1, cfg.heads) for _ in range(cfg.encoder_layers))
+        self.image_rel_pos_table_list = nn.ModuleList(
+            nn.Embedding((2 * cfg.image_bucket_size - 1) ** 2 + 3, cfg.heads) for _ in range(cfg.encoder_layers))
+        self.register_buffer("token_rp_bucket", token_bucket_positions(cfg.token_bucket_size,
+                                                                       cfg.max_source_positions), persistent=False)
+        self.register_buffer("image_rp_bucket", image_bucket_positions(cfg.image_bucket_size), persistent=False)
+
+    def embed_image(self, patch_images: Tensor, patch_masks: Tensor | None, sample_patch_num: int | None):
+        """Image tokens, their padding mask and position ids; optionally a random subset of patches."""
+        features = self.embed_images(patch_images)
+        b, _, rows, cols = features.shape
+        if rows > self.cfg.image_bucket_size or cols > self.cfg.image_bucket_size:
+            raise ValueError(f"image grid {rows}x{cols} exceeds image_bucket_size {self.cfg.image_bucket_size} "
+                             f"(images up to {16 * self.cfg.image_bucket_size} px)")
+        tokens = features.flatten(2).transpose(1, 2)
+        ids = image_position_ids(rows, cols, self.cfg.image_bucket_size).to(tokens.device).expand(b, -1)
+        if sample_patch_num is not None and sample_patch_num < ids.shape[1]:
+            order = torch.rand(b, ids.shape[1], device=tokens.device).argsort(dim=1)[:, :sample_patch_num]
+            tokens = tokens.gather(1, order[:, :, None].expand(-1, -1, tokens.shape[2]))
+            ids = ids.gather(1, order)
+        padding = torch.zeros(ids.shape, dtype=torch.bool, device=tokens.device)
+        if patch_masks is not None:
+            padding = padding | ~patch_masks.bool()[:, None]
+        x = self.image_proj(tokens) + self.type_embedding.weight[1]
+        x = F.dropout(self.patch_layernorm_embedding(x), self.cfg.dropout, self.training)
+        return x, padding, ids
+
+    def forward(self, src_tokens: Tensor, patch_images: Tensor | None = None, patch_masks: Tensor | None = None,
+                sample_patch_num: int | None = None) -> EncoderOutput:
+        b, s = src_tokens.shape
+        if s > self.cfg.max_source_positions:
+            raise ValueError(f"source length {s} exceeds max_source_positions {self.cfg.max_source_positions}")
+        x = self.embed_tokens(src_tokens) + self.type_embedding.weight[0]
+        x = F.dropout(self.layernorm_embedding(x), self.cfg.dropout, self.training)
+        padding = src_tokens.eq(self.cfg.pad_id)
+        positions = self.pos_ln(self.embed_positions.weight[:s]).expand(b, -1, -1)
+        n_img = 0
+        if patch_images is not None:
+            image_x, image_padding, image_ids = self.embed_image(patch_images, patch_masks, sample_patch_num)
+            n_img = image_x.shape[1]
+            x = torch.cat([image_x, x], dim=1)
+            padding = torch.cat([image_padding, padding], dim=1)
+            positions = torch.cat([self.image_pos_ln(self.embed_image_positions(image_ids)), positions], dim=1)
+        x = x * (1 - padding.unsqueeze(-1).type_as(x))
+        base = AttentionBias(_pos_linear_heads(self.pos_q_linear, positions, self.cfg.heads) * self.pos_scaling,
+                             _pos_linear_heads(self.pos_k_linear, positions, self.cfg.heads))
+        text_bucket = self.token_rp_bucket[:s, :s][None]
+        image_bucket = None
+        if n_img:
+            image_bucket = self.image_rp_bucket[image_ids[:, :, None], image_ids[:, None, :]]
+        key_padding = padding if padding.any() else None
+        for idx, layer in enumerate(self.layers):
+            rel = [RelativeBias(self.token_rel_pos_table_list[idx].weight, text_bucket, slice(n_img, None),
+                                slice(n_img, None))]
+            if n_img:
+                rel.append(RelativeBias(self.image_rel_pos_table_list[idx].weight, image_bucket, slice(0, n_img),
+                                        slice(0, n_img)))
+            x = layer(x, key_padding, base.with_relative(rel))
+        return EncoderOutput(self.layer_norm(x), padding, positions)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoder
+# ----------------------------------------------------------------------------------------------
+
+
+class DecoderCache:
+    """Keys/values of the tokens decoded so far (self-attention) and of the encoder (cross-attention)."""
+
+    def __init__(self, num_layers: int):
+        self.self_kv: list[tuple[Tensor, Tensor] | None] = [None] * num_layers
+        self.cross_kv: list[tuple[Tensor, Tensor] | None] = [None] * num_layers
+        self.cross_pos_k: Tensor | None = None
+        self.length = 0
+
+    def reorder(self, index: Tensor) -> None:
+        """Follow beam search: keep the rows of ``index`` (along the batch dimension)."""
+        pick = lambda kv: None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))  # noqa: E731
+        self.self_kv = [pick(kv) for kv in self.self_kv]
+        self.cross_kv = [pick(kv) for kv in self.cross_kv]
+        if self.cross_pos_k is not None:
+            self.cross_pos_k = self.cross_pos_k.index_select(0, index)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        d = cfg.d_model
+        self.cfg = cfg
+        self.embed_tokens = embed_tokens
+        self.layernorm_embedding = nn.LayerNorm(d)
+        self.code_layernorm_embedding = nn.LayerNorm(d)
+        self.embed_positions = nn.Embedding(cfg.max_target_positions + 2, d)
+        self.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, d)
+        self.pos_ln, self.image_pos_ln = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.self_pos_q_linear, self.self_pos_k_linear = nn.Linear(d, d), nn.Linear(d, d)
+        self.cross_pos_q_linear, self.cross_pos_k_linear = nn.Linear(d, d), nn.Linear(d, d)
+        self.pos_scaling = (d / cfg.heads * cfg.attn_scale_factor) ** -0.5
+        rates = linear_rates(cfg.decoder_drop_path_rate, cfg.decoder_layers)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, r) for r in rates)
+        self.layer_norm = nn.LayerNorm(d)
+        self.token_rel_pos_table_list = nn.ModuleList(
+            nn.Embedding(2 * cfg.token_bucket_size - 1, cfg.heads) for _ in range(cfg.decoder_layers))
+        self.image_rel_pos_table_list = nn.ModuleList(
+            nn.Embedding((2 * cfg.image_bucket_size - 1) ** 2 + 3, cfg.heads) for _ in range(cfg.decoder_layers))
+        self.register_buffer("token_rp_bucket", token_bucket_positions(cfg.token_bucket_size,
+                                                                       cfg.max_target_positions), persistent=False)
+        self.register_buffer("image_rp_bucket", image_bucket_positions(cfg.image_bucket_size), persistent=False)
+        # Position ids of generated image codes: 0 for <s>, then the code window row-major, then a filler.
+        window = image_position_ids(cfg.code_grid, cfg.code_grid, cfg.image_bucket_size)
+        filler = torch.full((cfg.max_target_positions + 1 - window.numel(),), 1024)
+        self.register_buffer("image_position_idx", torch.cat([torch.zeros(1, dtype=torch.long), window, filler]),
+                             persistent=False)
+
+    def target_positions(self, length: int, batch: int, code_masks: Tensor | None) -> Tensor:
+        """Normalised target positions: text positions, or the code window for image-code samples."""
+        positions = self.pos_ln(self.embed_positions.weight[:length]).expand(batch, -1, -1)
+        if code_masks is not None and code_masks.any():
+            code_pos = self.image_pos_ln(self.embed_image_positions(self.image_position_idx[:length]))
+            positions = torch.where(code_masks.bool()[:, None, None], code_pos[None], positions)
+        return positions
+
+    def forward(self, prev_output_tokens: Tensor, encoder_out: EncoderOutput, code_masks: Tensor | None = None,
+                cache: DecoderCache | None = None) -> Tensor:
+        """Hidden states of the tokens after ``cache.length`` (all tokens without a cache)."""
+        b, t = prev_output_tokens.shape
+        if t > self.cfg.max_target_positions:
+            raise ValueError(f"target length {t} exceeds max_target_positions {self.cfg.max_target_positions}")
+        start = cache.length if cache is not None else 0
+        heads = self.cfg.heads
+        positions = self.target_positions(t, b, code_masks)
+        self_base = AttentionBias(
+            _pos_linear_heads(self.self_pos_q_linear, positions[:, start:], heads) * self.pos_scaling,
+            _pos_linear_heads(self.self_pos_k_linear, positions, heads))
+        if cache is not None and cache.cross_pos_k is not None:
+            cross_pos_k = cache.cross_pos_k
+        else:
+            cross_pos_k = _pos_linear_heads(self.cross_pos_k_linear, encoder_out.positions, heads)
+            if cache is not None:
+                cache.cross_pos_k = cross_pos_k
+        cross_bias = AttentionBias(
+            _pos_linear_heads(self.cross_pos_q_linear, positions[:, start:], heads) * self.pos_scaling, cross_pos_k)
+
+        tokens = prev_output_tokens[:, start:]
+        x = self.embed_tokens(tokens)
+        if code_masks is not None and code_masks.any():
+            x = torch.where(code_masks.bool()[:, None, None], self.code_layernorm_embedding(x),
+                            self.layernorm_embedding(x))
+        else:
+            x = self.layernorm_embedding(x)
+        x = F.dropout(x, self.cfg.dropout, self.training)
+
+        self_padding = prev_output_tokens.eq(self.cfg.pad_id)
+        self_padding = self_padding if self_padding.any() else None
+        encoder_padding = encoder_out.padding_mask if encoder_out.padding_mask.any() else None
+        text_bucket = self.token_rp_bucket[start:t, :t][None]
+        image_ids = self.image_position_idx[:t]
+        image_bucket = self.image_rp_bucket[image_ids[start:, None], image_ids[None, :]][None]
+        any_code = code_masks is not None and bool(code_masks.any())
+        for idx, layer in enumerate(self.layers):
+            if any_code:
+                code = code_masks.bool()
+                rel = [RelativeBias(self.token_rel_pos_table_list[idx].weight, text_bucket, samples=~code),
+                       RelativeBias(self.image_rel_pos_table_list[idx].weight, image_bucket, samples=code)]
+            else:
+                rel = [RelativeBias(self.token_rel_pos_table_list[idx].weight, text_bucket)]
+            x = self._layer(layer, idx, x, self_base.with_relative(rel), self_padding, cross_bias, encoder_out,
+                            encoder_padding, cache)
+        if cache is not None:
+            cache.length = t
+        return self.layer_norm(x)
+
+    def _layer(self, layer: DecoderLayer, idx: int, x: Tensor, self_bias: AttentionBias,
+               self_padding: Tensor | None, cross_bias: AttentionBias, encoder_out: EncoderOutput,
+               encoder_padding: Tensor | None, cache: DecoderCache | None) -> Tensor:
+        """One layer, with this step's keys/values appended to (and read from) the cache."""
+        k, v = layer.self_attn.project_kv(layer.self_attn_layer_norm(x))
+        if cache is not None:
+            if cache.self_kv[idx] is not None:
+                pk, pv = cache.self_kv[idx]
+                k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+            cache.self_kv[idx] = (k, v)
+        cross_kv = cache.cross_kv[idx] if cache is not None else None
+        if cross_kv is None:
+            cross_kv = layer.encoder_attn.project_kv(encoder_out.states)
+            if cache is not None:
+                cache.cross_kv[idx] = cross_kv
+        return layer(x, (k, v), self_bias, self_padding, cross_kv, cross_bias, encoder_padding)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+
+class BiomedGPT(nn.Module):
+    """OFA/BiomedGPT encoder-decoder with one tied embedding for text, image codes and location bins."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        self.encoder = Encoder(cfg, self.embed_tokens)
+        self.decoder = Decoder(cfg, self.embed_tokens)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """fairseq/OFA initialisation: N(0, d^-0.5) embeddings, xavier projections, zero relative tables."""
+        d = self.cfg.d_model
+        for module in self.modules():
+            if isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, d ** -0.5)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, MultiheadAttention):
+                for proj in (module.q_proj, module.k_proj, module.v_proj):
+                    nn.init.xavier_uniform_(proj.weight, gain=2 ** -0.5)
+                nn.init.xavier_uniform_(module.out_proj.weight)
+                nn.init.zeros_(module.out_proj.bias)
+            elif isinstance(module, (EncoderLayer, DecoderLayer)):
+                for fc in (module.fc1, module.fc2):
+                    nn.init.xavier_uniform_(fc.weight)
+                    nn.init.zeros_(fc.bias)
+            elif isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        for coder in (self.encoder, self.decoder):
+            for table in [*coder.token_rel_pos_table_list, *coder.image_rel_pos_table_list]:
+                nn.init.zeros_(table.weight)
+
+    def encode(self, src_tokens: Tensor, patch_images: Tensor | None = None, patch_masks: Tensor | None = None,
+               sample_patch_num: int | None = None) -> EncoderOutput:
+        return self.encoder(src_tokens, patch_images, patch_masks, sample_patch_num)
+
+    def new_cache(self) -> DecoderCache:
+        return DecoderCache(self.cfg.decoder_layers)
+
+    def decode(self, prev_output_tokens: Tensor, encoder_out: EncoderOutput, code_masks: Tensor | None = None,
+               cache: DecoderCache | None = None) -> Tensor:
+        """Logits [B, T', V] of the tokens after those already in ``cache`` (all of them without one)."""
+        hidden = self.decoder(prev_output_tokens, encoder_out, code_masks, cache)
+        return F.linear(hidden, self.embed_tokens.weight)
+
+    def forward(self, src_tokens: Tensor, prev_output_tokens: Tensor, patch_images: Tensor | None = None,
+                patch_masks: Tensor | None = None, code_masks: Tensor | None = None,
+                sample_patch_num: int | None = None) -> Tensor:
+        encoder_out = self.encode(src_tokens, patch_images, patch_masks, sample_patch_num)
+        return self.decode(prev_output_tokens, encoder_out, code_masks)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters, each shared tensor once (the tied embedding), BN statistics excluded."""
+    return sum(p.numel() for p in model.parameters())

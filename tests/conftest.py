@@ -1,0 +1,22 @@
+"""Shared test fixtures: where ../shared lies, and the canonical tokenizer built from it."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("BIOMEDGPT_SHARED", REPO_ROOT.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED_DIR.is_dir():
+        pytest.fail(f"../shared not found at {SHARED_DIR} (set BIOMEDGPT_SHARED)")
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT

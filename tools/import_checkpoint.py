@@ -1,0 +1,80 @@
+"""Import a released BiomedGPT / OFA checkpoint into this project's model directory.
+
+    python -m tools.import_checkpoint source=biomedgpt_base.pt output=models/biomedgpt-base \
+        tokenizer=../shared/bpe [ema=true] [dtype=bf16]
+
+Accepts fairseq checkpoints (``model`` or ``extra_state.ema``), HF-port state dicts (.bin /
+.safetensors / a directory). The architecture is inferred from tensor shapes; the output is
+``config.json`` + safetensors + ``tokenizer/``, written atomically.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from engine.config import parse_cli
+from models.checkpoint import CheckpointError, import_released, save_pretrained
+from models.ofa import count_parameters
+from models.tokenizer import Tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ImportConfig:
+    """Import a released checkpoint (fairseq or HF-port names) into a model directory."""
+
+    source: str = ""
+    output: str = ""
+    tokenizer: str = ""  # GPT-2 files (encoder.json, vocab.bpe, dict.txt), a BART dir, or a saved tokenizer
+    ema: bool = False
+    trust_pickle: bool = False  # allow full unpickling for files that hold non-tensor Python objects
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    overwrite: bool = False
+
+
+def load_any_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer from whichever layout ``path`` holds."""
+    path = Path(path)
+    if (path / "tokenizer_config.json").exists():
+        return Tokenizer.load(path)
+    if (path / "encoder.json").exists():
+        return Tokenizer.from_gpt2_files(path)
+    if (path / "vocab.json").exists():
+        return Tokenizer.from_bart_dir(path)
+    raise CheckpointError(f"{path}: no tokenizer found (expected tokenizer_config.json, encoder.json or vocab.json)")
+
+
+def run(cfg: ImportConfig) -> Path:
+    for name in ("source", "output", "tokenizer"):
+        if not getattr(cfg, name):
+            raise CheckpointError(f"{name}=... is required")
+    tokenizer = load_any_tokenizer(cfg.tokenizer)
+    model = import_released(cfg.source, ema=cfg.ema, trust_pickle=cfg.trust_pickle)
+    if model.cfg.vocab_size != tokenizer.vocab_size:
+        raise CheckpointError(f"{cfg.source}: embedding has {model.cfg.vocab_size} rows but the tokenizer at "
+                              f"{cfg.tokenizer} has {tokenizer.vocab_size} ids")
+    out = save_pretrained(model, cfg.output, tokenizer, dtype=DTYPES[cfg.dtype], overwrite=cfg.overwrite)
+    c = model.cfg
+    print(f"imported {cfg.source}{' (EMA)' if cfg.ema else ''}: d_model={c.d_model} ffn={c.ffn_dim} "
+          f"layers={c.encoder_layers}+{c.decoder_layers} heads={c.heads} resnet={c.resnet_layers} "
+          f"params={count_parameters(model) / 1e6:.2f}M -> {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_cli(ImportConfig, argv)
+    try:
+        run(cfg)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
