@@ -20,3 +20,11 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def canonical_tokenizer(shared_dir):
+    """The released checkpoints' id space (GPT-2 BPE in fairseq order + mask, codes, bins)."""
+    from models.tokenizer import Tokenizer
+
+    return Tokenizer.from_gpt2_files(shared_dir / "bpe")

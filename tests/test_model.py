@@ -1,0 +1,244 @@
+"""The BiomedGPT/OFA model: reference parity, sizes, incremental decoding, masking, checkpoint import."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from models.checkpoint import (CheckpointError, import_released, load_pretrained, read_model_weights,
+                               save_pretrained)
+from models.config import PUBLISHED_PARAMS, model_config
+from models.ofa import BiomedGPT, count_parameters
+from tools import import_checkpoint
+
+FIXTURE = "fixtures/ofa_parity_mini.pt"
+
+
+def small_config(**overrides):
+    base = dict(d_model=32, ffn_dim=64, encoder_layers=2, decoder_layers=2, heads=4, resnet_layers=[1, 1, 1],
+                vocab_size=600, dropout=0.0)
+    base.update(overrides)
+    return model_config("tiny", **base)
+
+
+@pytest.fixture(scope="module")
+def fixture_data(shared_dir):
+    return torch.load(shared_dir / FIXTURE, weights_only=True)
+
+
+def assert_parity(model, data, tol=1e-3):
+    inp = data["inputs"]
+    model.eval()
+    with torch.no_grad():
+        logits = model(inp["src_tokens"], inp["prev_output_tokens"], inp["patch_images"], inp["patch_masks"])
+    for i, n in enumerate(data["target_lengths"].tolist()):
+        diff = (logits[i, :n] - data["logits"][i, :n]).abs().max().item()
+        assert diff <= tol, f"sample {i}: max abs diff {diff}"
+
+
+def to_hf_names(state):
+    """Rename fairseq keys to the HF-port scheme of architecture.md (as the HF BiomedGPT weights use)."""
+    out = {}
+    for key, value in state.items():
+        m = re.match(r"^(encoder|decoder)\.layers\.(\d+)\.([^.]+)\.(.*)$", key)
+        if m:
+            side, idx, part, rest = m.groups()
+            if side == "encoder":
+                part = {"attn_ln": "self_attn_mid_layer_norm", "ffn_layernorm": "ffn_layer_norm"}.get(part, part)
+            else:
+                part = {"self_attn_ln": "self_attn_mid_layer_norm", "cross_attn_ln": "cross_attn_mid_layer_norm",
+                        "encoder_attn": "cross_attn", "encoder_attn_layer_norm": "cross_attn_layer_norm",
+                        "ffn_layernorm": "ffn_layer_norm"}.get(part, part)
+            key = f"{side}.layers.{idx}.{part}.{rest}"
+        out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_fixture_parity_through_import_tool(shared_dir, fixture_data, tmp_path, backend):
+    out = tmp_path / "imported"
+    rc = import_checkpoint.main([f"source={shared_dir / FIXTURE}", f"output={out}", f"tokenizer={shared_dir / 'bpe'}"])
+    assert rc == 0
+    assert (out / "model.safetensors").exists() and (out / "tokenizer").is_dir()
+    assert_parity(load_pretrained(out, attention_backend=backend), fixture_data)
+
+
+def test_fixture_parity_from_hf_names(shared_dir, fixture_data, tmp_path):
+    state = to_hf_names(fixture_data["checkpoint"]["model"])
+    assert any("self_attn_mid_layer_norm" in k for k in state) and not any(".attn_ln." in k for k in state)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(state, path)
+    assert_parity(import_released(path), fixture_data)
+    assert_parity(import_released(tmp_path), fixture_data)  # a directory holding the HF weights
+
+
+def test_imported_embeddings_are_tied(shared_dir):
+    model = import_released(shared_dir / FIXTURE)
+    weight = model.embed_tokens.weight
+    assert model.encoder.embed_tokens.weight is weight and model.decoder.embed_tokens.weight is weight
+    assert count_parameters(model) == sum(p.numel() for p in set(model.parameters()))
+
+
+@pytest.mark.parametrize("size", sorted(PUBLISHED_PARAMS))
+def test_parameter_counts_match_the_spec(size):
+    with torch.device("meta"):
+        model = BiomedGPT(model_config(size))
+    count = count_parameters(model)
+    assert abs(count / PUBLISHED_PARAMS[size] - 1) < 1e-3, (size, count)
+
+
+def random_batch(cfg, b=3, s=9, t=7, image=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, cfg.vocab_size, (b, s), generator=g)
+    src[:, 0], src[:, -1] = 0, 2
+    src[1, 5:] = 1  # padding
+    src[1, 4] = 2
+    prev = torch.randint(4, cfg.vocab_size, (b, t), generator=g)
+    prev[:, 0] = 0
+    images = torch.randn(b, 3, image, image, generator=g)
+    patch_masks = torch.tensor([True, True, False][:b])  # the last sample is text-only
+    return src, prev, images, patch_masks
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("codes", ["none", "mixed", "all"])
+def test_incremental_decoding_matches_full(backend, codes):
+    torch.manual_seed(0)
+    cfg = small_config(attention_backend=backend)
+    model = BiomedGPT(cfg).eval()
+    with torch.no_grad():  # non-zero relative tables so their indexing is exercised
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    src, prev, images, masks = random_batch(cfg)
+    code_masks = {"none": None, "mixed": torch.tensor([True, False, True]), "all": torch.ones(3, dtype=torch.bool)}[codes]
+    with torch.no_grad():
+        enc = model.encode(src, images, masks)
+        full = model.decode(prev, enc, code_masks)
+        cache = model.new_cache()
+        steps = [model.decode(prev[:, :2], enc, code_masks, cache)]  # a forced two-token prefix at once
+        for t in range(3, prev.shape[1] + 1):
+            steps.append(model.decode(prev[:, :t], enc, code_masks, cache))
+    incremental = torch.cat(steps, dim=1)
+    assert (incremental - full).abs().max().item() <= 1e-5
+
+
+def test_cache_reorder_follows_beams():
+    torch.manual_seed(0)
+    model = BiomedGPT(small_config()).eval()
+    src, prev, images, masks = random_batch(model.cfg)
+    index = torch.tensor([2, 0, 0])
+    with torch.no_grad():
+        enc = model.encode(src, images, masks)
+        cache = model.new_cache()
+        model.decode(prev[:, :3], enc, cache=cache)
+        cache.reorder(index)
+        step = model.decode(prev[index, :4], enc.reorder(index), cache=cache)
+        full = model.decode(prev[index, :4], enc.reorder(index))
+    assert (step[:, -1] - full[:, -1]).abs().max().item() <= 1e-5
+
+
+def test_text_only_samples_ignore_the_image():
+    torch.manual_seed(0)
+    model = BiomedGPT(small_config()).eval()
+    src, prev, images, _ = random_batch(model.cfg)
+    masks = torch.tensor([False, False, False])
+    with torch.no_grad():
+        a = model(src, prev, images, masks)
+        b = model(src, prev, torch.randn_like(images), masks)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_dropout_and_drop_path_only_in_training():
+    torch.manual_seed(0)
+    model = BiomedGPT(small_config(dropout=0.3, encoder_drop_path_rate=0.2, decoder_drop_path_rate=0.2,
+                                   resnet_drop_path_rate=0.2, attention_dropout=0.1))
+    src, prev, images, masks = random_batch(model.cfg)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(src, prev, images, masks), model(src, prev, images, masks))
+        model.train()
+        assert not torch.allclose(model(src, prev, images, masks), model(src, prev, images, masks))
+
+
+def test_random_patch_sampling_keeps_k_patches():
+    model = BiomedGPT(small_config()).eval()
+    src, _, images, masks = random_batch(model.cfg, image=96)  # 6x6 = 36 patches
+    with torch.no_grad():
+        enc = model.encode(src, images, masks, sample_patch_num=10)
+    assert enc.states.shape[1] == 10 + src.shape[1]
+    assert enc.padding_mask[2, :10].all() and not enc.padding_mask[0, :10].any()
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    model = BiomedGPT(small_config()).train()
+    src, prev, images, masks = random_batch(model.cfg)
+    model(src, prev, images, masks, code_masks=torch.tensor([True, False, False])).logsumexp(-1).mean().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not no_grad, no_grad
+
+
+def test_save_and_load_round_trip_with_shards(tmp_path):
+    torch.manual_seed(0)
+    model = BiomedGPT(small_config()).eval()
+    out = save_pretrained(model, tmp_path / "m", max_shard_bytes=200_000)
+    assert (out / "model.safetensors.index.json").exists()
+    loaded = load_pretrained(out).eval()
+    src, prev, images, masks = random_batch(model.cfg)
+    with torch.no_grad():
+        assert torch.equal(model(src, prev, images, masks), loaded(src, prev, images, masks))
+    assert loaded.encoder.embed_tokens.weight is loaded.decoder.embed_tokens.weight
+    assert len(read_model_weights(out)) == len(model.state_dict()) - 2  # tied copies stored once
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_pretrained(model, out)
+
+
+def test_truncated_checkpoint_names_the_file(shared_dir, tmp_path):
+    data = (shared_dir / FIXTURE).read_bytes()
+    bad = tmp_path / "biomedgpt_truncated.pt"
+    bad.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="biomedgpt_truncated.pt.*truncated or corrupt"):
+        import_released(bad)
+
+
+def test_wrong_shape_tensor_is_named(fixture_data, tmp_path):
+    state = dict(fixture_data["checkpoint"]["model"])
+    state["decoder.layers.1.fc1.weight"] = torch.zeros(255, 64)
+    path = tmp_path / "bad_shape.pt"
+    torch.save({"model": state}, path)
+    with pytest.raises(CheckpointError, match=r"decoder\.layers\.1\.fc1\.weight: checkpoint \(255, 64\)"):
+        import_released(path)
+
+
+def test_missing_and_unexpected_keys_are_named(fixture_data, tmp_path):
+    state = dict(fixture_data["checkpoint"]["model"])
+    del state["encoder.layers.0.attn_ln.weight"]
+    state["encoder.mystery.weight"] = torch.zeros(3)
+    path = tmp_path / "odd.pt"
+    torch.save({"model": state}, path)
+    with pytest.raises(CheckpointError, match=r"missing keys \['encoder\.layers\.0\.attn_ln\.weight'\].*"
+                                              r"unexpected keys \['encoder\.mystery\.weight'\]"):
+        import_released(path)
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    # A plain text transformer checkpoint (no OFA image stem / position tables) is not silently loaded.
+    state = {"encoder.embed_tokens.weight": torch.zeros(100, 16), "encoder.layers.0.self_attn.q_proj.weight":
+             torch.zeros(16, 16), "decoder.layers.0.fc1.weight": torch.zeros(64, 16)}
+    path = tmp_path / "bart_like.pt"
+    torch.save({"model": state}, path)
+    with pytest.raises(CheckpointError, match="c_attn.*missing"):
+        import_released(path)
+
+
+def test_ema_weights_when_asked(fixture_data, tmp_path):
+    model_state = fixture_data["checkpoint"]["model"]
+    ema_state = {k: v * 0 if k.endswith("layer_norm.bias") else v for k, v in model_state.items()}
+    path = tmp_path / "with_ema.pt"
+    torch.save({"model": model_state, "extra_state": {"ema": ema_state}}, path)
+    ema = import_released(path, ema=True)
+    assert ema.encoder.layer_norm.bias.abs().sum() == 0
+    with pytest.raises(CheckpointError, match="extra_state.ema is missing"):
+        torch.save({"model": model_state}, tmp_path / "no_ema.pt")
+        import_released(tmp_path / "no_ema.pt", ema=True)
