@@ -1,0 +1,56 @@
+"""Collation: examples -> the batch dict of docs/DESIGN.md ("Batches"), the same keys on every rank, every step."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from data.tasks import PAD, TASK_NAMES, Example
+
+_TASK_INDEX = {name: i for i, name in enumerate(TASK_NAMES)}
+
+
+def _pad(rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    out = torch.full((len(rows), max(len(r) for r in rows)), PAD, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+def collate(examples: Sequence[Example], patch_image_size: int, group_weights: Sequence[float],
+            with_references: bool = False) -> dict:
+    """Right-pad tokens with 1; text-only examples get a zero image and ``patch_masks`` False.
+
+    ``group_weights`` is carried whole even when a group has no example in this batch, so every rank
+    sees the same structure. ``with_references`` adds ``references`` (list of reference strings per
+    example) for evaluation.
+    """
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    images = torch.zeros(len(examples), 3, patch_image_size, patch_image_size)
+    for i, ex in enumerate(examples):
+        if ex.image is not None:
+            if tuple(ex.image.shape) != (3, patch_image_size, patch_image_size):
+                raise ValueError(f"example {ex.uid!r} ({ex.task}): image shape {tuple(ex.image.shape)}, "
+                                 f"expected (3, {patch_image_size}, {patch_image_size})")
+            images[i] = ex.image
+    for ex in examples:
+        if len(ex.prev_output) != len(ex.target):
+            raise ValueError(f"example {ex.uid!r} ({ex.task}): decoder input and target lengths differ")
+    batch = {
+        "src_tokens": _pad([ex.source for ex in examples]),
+        "src_lengths": torch.tensor([len(ex.source) for ex in examples], dtype=torch.long),
+        "patch_images": images,
+        "patch_masks": torch.tensor([ex.image is not None for ex in examples], dtype=torch.bool),
+        "prev_output_tokens": _pad([ex.prev_output for ex in examples]),
+        "target": _pad([ex.target for ex in examples]),
+        "code_masks": torch.tensor([ex.code_mask for ex in examples], dtype=torch.bool),
+        "conf": torch.tensor([ex.conf for ex in examples], dtype=torch.float),
+        "loss_groups": torch.tensor([ex.loss_group for ex in examples], dtype=torch.long),
+        "group_weights": [float(w) for w in group_weights],
+        "task_ids": torch.tensor([_TASK_INDEX[ex.task] for ex in examples], dtype=torch.long),
+        "ids": [ex.uid for ex in examples],
+    }
+    if with_references:
+        batch["references"] = [list(ex.references) for ex in examples]
+    return batch

@@ -1,0 +1,209 @@
+"""Image bytes in, normalised tensors out: decoding (incl. DICOM), the spec's train/eval transforms.
+
+Training images for image-text tasks: random resize of the short side to [size, 480] (long side <= 672),
+centre crop to ``size``, two RandAugment ops at magnitude 7, normalise mean = std = 0.5. Boxed tasks
+(grounding, detection) skip the photometric/geometric ops and crop around the object so the box stays valid.
+Evaluation: a deterministic resize to size × size. All randomness comes from the caller's ``random.Random``
+so a sample's augmentation is a pure function of (seed, epoch, sample id): exact resumption.
+"""
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+
+from data.records import BadRecord
+
+MAX_RESIZE, MAX_LONG_SIDE = 480, 672
+RANDAUG_OPS = ("identity", "autocontrast", "equalize", "brightness", "sharpness",
+               "shear_x", "shear_y", "translate_x", "translate_y", "rotate")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Encoded bytes (PNG/JPEG/..., or a DICOM file) -> RGB PIL image; BadRecord if unreadable."""
+    if is_dicom(data):
+        return Image.fromarray(dicom_to_uint8(data)).convert("RGB")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise BadRecord(f"corrupt image ({len(data)} bytes): {exc}", "corrupt image") from None
+    return _eight_bit(image).convert("RGB")
+
+
+def is_dicom(data: bytes) -> bool:
+    return len(data) > 132 and data[128:132] == b"DICM"
+
+
+def dicom_to_uint8(data: bytes | str) -> np.ndarray:
+    """DICOM pixels -> uint8 (H, W) or (H, W, 3): rescale slope/intercept, VOI window, MONOCHROME1 inversion.
+
+    Multi-frame files give their middle frame. The window comes from WindowCenter/WindowWidth when the
+    header has them, else the pixel range.
+    """
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data) if isinstance(data, bytes) else data)
+        pixels = ds.pixel_array
+    except Exception as exc:
+        raise BadRecord(f"unreadable DICOM: {exc}", "corrupt image") from None
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        pixels = pixels[frames // 2]
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+    if pixels.ndim == 3 and pixels.shape[-1] == 3:
+        if photometric.startswith("YBR"):
+            from pydicom.pixels import convert_color_space
+            pixels = convert_color_space(pixels, photometric, "RGB")
+        return _to_uint8(pixels.astype(np.float64), float(pixels.min()), float(pixels.max()))
+    values = apply_modality_lut(pixels, ds).astype(np.float64)
+    center, width = _first(getattr(ds, "WindowCenter", None)), _first(getattr(ds, "WindowWidth", None))
+    if center is not None and width is not None and width > 1:
+        low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+    else:
+        low, high = float(values.min()), float(values.max())
+    out = _to_uint8(values, low, high)
+    if photometric == "MONOCHROME1":
+        out = 255 - out
+    return out
+
+
+def _first(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) or getattr(value, "VM", 1) > 1:
+        value = value[0]
+    return float(value)
+
+
+def _to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    scale = 255.0 / max(high - low, 1e-6)
+    return np.clip((values - low) * scale, 0, 255).round().astype(np.uint8)
+
+
+def encode_png(array_or_image) -> bytes:
+    image = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def storable_image(data: bytes) -> bytes:
+    """Bytes to keep in a shard: JPEG/PNG as they are (checked by decoding), DICOM and others as PNG."""
+    if is_dicom(data):
+        return encode_png(dicom_to_uint8(data))
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as exc:
+        raise BadRecord(f"corrupt image ({len(data)} bytes): {exc}", "corrupt image") from None
+    if image.format in ("JPEG", "PNG"):
+        return bytes(data)
+    return encode_png(_eight_bit(image))
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """RGB (or L) view of any PIL image; 16/32-bit greyscale is stretched over its range, not clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(_to_uint8(values, float(values.min()), float(values.max())))
+    return image if image.mode in ("L", "RGB") else image.convert("RGB")
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL -> float [3, H, W] normalised with mean = std = 0.5 (values in [-1, 1])."""
+    array = np.asarray(image, dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1).div_(127.5).sub_(1.0)
+
+
+def eval_transform(image: Image.Image, size: int) -> torch.Tensor:
+    return to_tensor(image.resize((size, size), Image.BICUBIC))
+
+
+def train_transform(image: Image.Image, size: int, rng: random.Random) -> torch.Tensor:
+    """Random resize, centre crop and RandAugment (2 ops, magnitude 7) of the spec."""
+    image = _random_resize(image, size, rng)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    return to_tensor(rand_augment(image, rng))
+
+
+def _random_resize(image: Image.Image, size: int, rng: random.Random) -> Image.Image:
+    short = rng.randint(size, max(size, MAX_RESIZE))
+    scale = short / min(image.size)
+    if max(image.size) * scale > MAX_LONG_SIDE:
+        scale = max(MAX_LONG_SIDE / max(image.size), size / min(image.size))
+    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    return image.resize((width, height), Image.BICUBIC)
+
+
+def boxed_transform(image: Image.Image, boxes: list[list[float]], size: int, rng: random.Random | None
+                    ) -> tuple[torch.Tensor, list[list[float]]]:
+    """Resize (+ a random scale and an object-centred crop when ``rng``) keeping boxes in patch pixels.
+
+    Boxes that leave the crop are clipped; boxes clipped to nothing are dropped (their index too: the
+    caller gets back only the boxes that remain, in order, as ``[x0, y0, x1, y1, original_index]``).
+    """
+    if rng is None:
+        sx, sy = size / image.width, size / image.height
+        image = image.resize((size, size), Image.BICUBIC)
+        out = [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy, i] for i, b in enumerate(boxes)]
+        return to_tensor(image), out
+    resized = _random_resize(image, size, rng)
+    sx, sy = resized.width / image.width, resized.height / image.height
+    scaled = [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in boxes]
+    cx = (scaled[0][0] + scaled[0][2]) / 2 if scaled else resized.width / 2
+    cy = (scaled[0][1] + scaled[0][3]) / 2 if scaled else resized.height / 2
+    left = int(min(max(cx - size / 2, 0), resized.width - size))
+    top = int(min(max(cy - size / 2, 0), resized.height - size))
+    crop = resized.crop((left, top, left + size, top + size))
+    out = []
+    for i, (x0, y0, x1, y1) in enumerate(scaled):
+        x0, x1 = min(max(x0 - left, 0), size), min(max(x1 - left, 0), size)
+        y0, y1 = min(max(y0 - top, 0), size), min(max(y1 - top, 0), size)
+        if x1 > x0 and y1 > y0:
+            out.append([x0, y0, x1, y1, i])
+    return to_tensor(crop), out
+
+
+def rand_augment(image: Image.Image, rng: random.Random, num_ops: int = 2, magnitude: int = 7) -> Image.Image:
+    """Two random ops from the spec's list, each applied with probability 0.5 at the given magnitude."""
+    level = magnitude / 10.0
+    for op in rng.sample(RANDAUG_OPS, num_ops):
+        if rng.random() < 0.5:
+            continue
+        sign = -1.0 if rng.random() < 0.5 else 1.0
+        image = _apply_op(image, op, level, sign)
+    return image
+
+
+def _apply_op(image: Image.Image, op: str, level: float, sign: float) -> Image.Image:
+    fill = (128, 128, 128)
+    if op == "identity":
+        return image
+    if op == "autocontrast":
+        return ImageOps.autocontrast(image)
+    if op == "equalize":
+        return ImageOps.equalize(image)
+    if op == "brightness":
+        return ImageEnhance.Brightness(image).enhance(1.0 + sign * level * 0.9)
+    if op == "sharpness":
+        return ImageEnhance.Sharpness(image).enhance(1.0 + sign * level * 0.9)
+    if op == "shear_x":
+        return image.transform(image.size, Image.AFFINE, (1, sign * level * 0.3, 0, 0, 1, 0), fillcolor=fill)
+    if op == "shear_y":
+        return image.transform(image.size, Image.AFFINE, (1, 0, 0, sign * level * 0.3, 1, 0), fillcolor=fill)
+    if op == "translate_x":
+        shift = sign * level * 0.25 * image.width
+        return image.transform(image.size, Image.AFFINE, (1, 0, shift, 0, 1, 0), fillcolor=fill)
+    if op == "translate_y":
+        shift = sign * level * 0.25 * image.height
+        return image.transform(image.size, Image.AFFINE, (1, 0, 0, 0, 1, shift), fillcolor=fill)
+    if op == "rotate":
+        return image.rotate(sign * level * 30, fillcolor=fill)
+    raise ValueError(f"unknown RandAugment op {op!r}")

@@ -1,0 +1,194 @@
+"""Streaming multi-task datasets and resumable loaders over MDS shards (local paths or object storage).
+
+One ``streaming.Stream`` per task, mixed by proportion; each row becomes one or more examples through
+``data.tasks``; a resumable ``StreamingDataLoader`` whose ``state_dict()`` goes into the training
+checkpoint. Resuming with a different number of ranks works as long as ``num_canonical_nodes`` is
+kept (it is stored in the state). Augmentation randomness is a pure function of
+(shuffle seed, epoch, sample id), so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import random
+import socket
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+from streaming import Stream, StreamingDataLoader, StreamingDataset
+
+from data.collate import collate
+from data.config import DataConfig, StreamConfig
+from data.tasks import TaskContext, process
+
+
+class DataSourceError(RuntimeError):
+    """A stream that cannot be read: unreachable store, missing index, truncated shard."""
+
+
+def is_remote(path: str) -> bool:
+    return bool(urlparse(path).scheme) and urlparse(path).scheme != "file"
+
+
+def set_distributed_env(rank: int, world_size: int, local_rank: Optional[int] = None,
+                        local_world_size: Optional[int] = None) -> None:
+    """Give streaming the rank layout it reads from the environment.
+
+    The DeepSpeed launcher sets RANK / WORLD_SIZE / LOCAL_RANK but not LOCAL_WORLD_SIZE; without it
+    streaming takes every rank for its own node and the ranks of one node trample each other's shared
+    memory. When not given, the local world size is the number of ranks on this host (all-gathered
+    host names when torch.distributed is up, else 1 for a single process).
+    """
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", rank if world_size == 1 else 0))
+    if local_world_size is None:
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or _ranks_on_this_host(world_size)
+    if world_size % local_world_size:
+        raise ValueError(f"world size {world_size} is not a multiple of the local world size {local_world_size}")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
+                      LOCAL_WORLD_SIZE=str(local_world_size))
+
+
+def _ranks_on_this_host(world_size: int) -> int:
+    import torch.distributed as dist
+
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return 1
+    hosts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    return hosts.count(socket.gethostname())
+
+
+class TaskStreamingDataset(StreamingDataset):
+    """Mixed task streams; ``__getitem__`` gives the row's processed examples (a list)."""
+
+    def __init__(self, streams: list[StreamConfig], cfg: DataConfig, tokenizer, train: bool,
+                 cache_subdir: str) -> None:
+        if not streams:
+            raise ValueError(f"no {'training' if train else 'evaluation'} streams configured")
+        built = []
+        for s in streams:
+            remote, local = (s.remote, s.local or str(Path(cfg.cache_dir) / cache_subdir / s.name)) \
+                if is_remote(s.remote) else (None, s.remote)
+            if remote is None and not (Path(local) / "index.json").is_file():
+                raise DataSourceError(f"stream {s.name}: no index.json under {local} (not a converted "
+                                      f"dataset, or its conversion did not finish)")
+            built.append(Stream(remote=remote, local=local, proportion=s.proportion,
+                                download_retry=cfg.download_retry, download_timeout=cfg.download_timeout))
+        try:
+            super().__init__(
+                streams=built, batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+                shuffle=cfg.shuffle and train, shuffle_seed=cfg.shuffle_seed, shuffle_algo=cfg.shuffle_algo,
+                shuffle_block_size=cfg.shuffle_block_size, num_canonical_nodes=cfg.num_canonical_nodes,
+                epoch_size=cfg.epoch_size if train else None, predownload=cfg.predownload,
+                cache_limit=cfg.cache_limit, download_retry=cfg.download_retry,
+                download_timeout=cfg.download_timeout)
+        except Exception as exc:
+            where = ", ".join(f"{s.name}={s.remote}" for s in streams)
+            raise DataSourceError(f"cannot open streams ({where}): {type(exc).__name__}: {exc}") from exc
+        self.stream_cfgs = streams
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.train = train
+        self._checked_shards: set[int] = set()
+
+    def get_item(self, sample_id: int, retry: int = 7) -> Any:
+        """The raw row, after checking once per shard that its files are whole (no silent garbage)."""
+        shard_id, _ = self.spanner[sample_id]
+        if shard_id not in self._checked_shards:
+            try:
+                self.prepare_shard(shard_id)
+            except Exception as exc:
+                raise DataSourceError(f"stream {self._stream_of(shard_id).name}: cannot fetch shard "
+                                      f"{shard_id}: {type(exc).__name__}: {exc}") from exc
+            self._check_shard(shard_id)
+            self._checked_shards.add(shard_id)
+        return super().get_item(sample_id, retry)
+
+    def _stream_of(self, shard_id: int) -> StreamConfig:
+        return self.stream_cfgs[int(self.stream_per_shard[shard_id])]
+
+    def _check_shard(self, shard_id: int) -> None:
+        shard = self.shards[shard_id]
+        for raw_info, _ in shard.file_pairs:
+            path = os.path.join(shard.dirname, shard.split or "", raw_info.basename)
+            size = os.path.getsize(path) if os.path.exists(path) else -1
+            if size != raw_info.bytes:
+                raise DataSourceError(f"stream {self._stream_of(shard_id).name}: shard file {path} has "
+                                      f"{size} bytes, index.json says {raw_info.bytes} (truncated or replaced)")
+
+    def __getitem__(self, sample_id: int) -> list:
+        row = self.get_item(sample_id)
+        stream_id = int(self.stream_per_shard[self.spanner[sample_id][0]])
+        stream = self.stream_cfgs[stream_id]
+        epoch = max(self.next_epoch - 1, 0) if self.train else 0
+        rng = random.Random(f"{self.cfg.shuffle_seed}/{epoch}/{sample_id}")
+        ctx = TaskContext(tokenizer=self.tokenizer, cfg=self.cfg, rng=rng, train=self.train,
+                          other_row=functools.partial(self._other_row, stream_id, sample_id),
+                          loss_group=stream.loss_group)
+        try:
+            return process(stream.task, row, ctx)
+        except Exception as exc:
+            raise ValueError(f"stream {stream.name} (task {stream.task}), sample {sample_id}, "
+                             f"row {row.get('id')!r}: {type(exc).__name__}: {exc}") from exc
+
+    def _other_row(self, stream_id: int, sample_id: int, rng: random.Random) -> dict:
+        """A random row of the same stream other than ``sample_id`` (negatives for ITM / VQA matching)."""
+        start, count = int(self.sample_offset_per_stream[stream_id]), int(self.samples_per_stream[stream_id])
+        if count == 1:
+            return self.get_item(sample_id)
+        other = start + rng.randrange(count - 1)
+        return self.get_item(other + 1 if other >= sample_id else other)
+
+
+class ResumableLoader(StreamingDataLoader):
+    """StreamingDataLoader counting rows (not examples: a pretraining row can give two) for its state."""
+
+    def _get_batch_size(self, batch: Any) -> int:
+        return self.batch_size
+
+
+def _collate_rows(rows: list[list], patch_image_size: int, group_weights: list[float],
+                  with_references: bool) -> dict:
+    return collate([ex for row in rows for ex in row], patch_image_size, group_weights, with_references)
+
+
+def _loader(dataset: TaskStreamingDataset, cfg: DataConfig, batch_size: int, drop_last: bool,
+            with_references: bool) -> ResumableLoader:
+    workers = cfg.num_workers
+    return ResumableLoader(
+        dataset, batch_size=batch_size, drop_last=drop_last, num_workers=workers,
+        prefetch_factor=cfg.prefetch_factor if workers else None, persistent_workers=False,
+        collate_fn=functools.partial(_collate_rows, patch_image_size=cfg.patch_image_size,
+                                     group_weights=list(cfg.group_weights), with_references=with_references))
+
+
+def build_train_loader(cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1,
+                       local_rank: Optional[int] = None, local_world_size: Optional[int] = None,
+                       clean_shared_memory: bool = True) -> ResumableLoader:
+    """The training loader of this rank. Call once per run, before building evaluation loaders.
+
+    ``clean_shared_memory`` removes streaming's shared memory left by a crashed run on this node (it
+    would also remove that of live datasets in this process, hence "before the others"). Resume with
+    ``loader.load_state_dict(state)`` before iterating; ``loader.state_dict()`` (every rank gives the
+    same) goes into the checkpoint.
+    """
+    set_distributed_env(rank, world_size, local_rank, local_world_size)
+    if clean_shared_memory:
+        from streaming.base.util import clean_stale_shared_memory
+
+        clean_stale_shared_memory()
+    dataset = TaskStreamingDataset(cfg.streams, cfg, tokenizer, train=True, cache_subdir="train")
+    return _loader(dataset, cfg, cfg.batch_size, drop_last=True, with_references=False)
+
+
+def build_eval_loader(cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1,
+                      local_rank: Optional[int] = None, local_world_size: Optional[int] = None
+                      ) -> ResumableLoader:
+    """Evaluation loader over ``cfg.eval_streams``: no shuffle, no augmentation, no matching examples,
+    batches carry ``references``. Each rank gets its share; streaming pads the last shares by repeating
+    rows, so deduplicate by ``ids`` when gathering metrics."""
+    set_distributed_env(rank, world_size, local_rank, local_world_size)
+    dataset = TaskStreamingDataset(cfg.eval_streams, cfg, tokenizer, train=False, cache_subdir="eval")
+    return _loader(dataset, cfg, cfg.eval_batch_size, drop_last=False, with_references=True)

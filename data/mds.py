@@ -1,0 +1,109 @@
+"""Writing MDS shards so that readers never trust an unfinished dataset.
+
+Local output: shards go to a hidden ``.NAME.partial`` directory beside the target, which is renamed
+into place (``os.replace``) only after ``index.json`` is written. Remote output (``s3://…``; the
+endpoint from ``S3_ENDPOINT_URL``): shards are uploaded as they fill and ``index.json`` is uploaded
+last, only by :meth:`ShardWriter.commit`; an old ``index.json`` at the prefix is deleted before the
+first new shard lands, so a killed conversion leaves a prefix without an index (unreadable), never a
+mix of old index and new shards.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
+
+from streaming import MDSWriter
+
+from data.records import MDS_COLUMNS
+
+INDEX = "index.json"
+
+
+class OutputExistsError(FileExistsError):
+    """The output already holds a dataset and overwrite was not asked for."""
+
+
+def _s3_client():
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None,
+                        config=Config(retries={"max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", 3))}))
+
+
+def _split_s3(url: str) -> tuple[str, str]:
+    parsed = urlparse(url)
+    return parsed.netloc, parsed.path.lstrip("/").rstrip("/")
+
+
+class ShardWriter:
+    """MDS writer of our row schema with atomic publication (see module doc)."""
+
+    def __init__(self, out: str, overwrite: bool = False, compression: Optional[str] = None,
+                 size_limit: str = "64mb", hashes: tuple[str, ...] = ("xxh64",)) -> None:
+        self.out = out
+        self.remote = bool(urlparse(out).scheme) and urlparse(out).scheme != "file"
+        self._committed = False
+        if self.remote:
+            self._prepare_remote(overwrite)
+            self._staging = tempfile.mkdtemp(prefix="mds-upload-")
+            target = (self._staging, out)
+        else:
+            final = Path(out)
+            if (final / INDEX).exists() and not overwrite:
+                raise OutputExistsError(f"{final} already holds a dataset (index.json); pass overwrite=true")
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self._staging = str(final.parent / f".{final.name}.partial")
+            shutil.rmtree(self._staging, ignore_errors=True)  # a killed earlier conversion's leftovers
+            target = self._staging
+        self._writer = MDSWriter(out=target, columns=MDS_COLUMNS, compression=compression,
+                                 hashes=list(hashes), size_limit=size_limit, exist_ok=True)
+
+    def _prepare_remote(self, overwrite: bool) -> None:
+        if urlparse(self.out).scheme != "s3":
+            return  # other stores: streaming's uploader; index.json is still written last
+        bucket, prefix = _split_s3(self.out)
+        key = f"{prefix}/{INDEX}" if prefix else INDEX
+        client = _s3_client()
+        try:
+            client.head_object(Bucket=bucket, Key=key)
+            exists = True
+        except client.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+                raise OSError(f"cannot reach {self.out}: {exc}") from exc
+            exists = False
+        if exists and not overwrite:
+            raise OutputExistsError(f"{self.out} already holds a dataset (index.json); pass overwrite=true")
+        if exists:
+            client.delete_object(Bucket=bucket, Key=key)
+
+    def write(self, record: dict) -> None:
+        self._writer.write(record)
+
+    def commit(self) -> None:
+        """Finish the last shard, write index.json, publish."""
+        self._writer.finish()
+        if self.remote:
+            shutil.rmtree(self._staging, ignore_errors=True)
+        else:
+            final = Path(self.out)
+            trash = None
+            if final.exists():
+                trash = final.parent / f".{final.name}.old"
+                shutil.rmtree(trash, ignore_errors=True)
+                os.replace(final, trash)
+            os.replace(self._staging, final)
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+        self._committed = True
+
+    def abort(self) -> None:
+        """Drop everything written (remote shards already uploaded stay, without an index)."""
+        if self._committed:
+            return
+        self._writer.cancel_future_jobs()
+        shutil.rmtree(self._staging, ignore_errors=True)

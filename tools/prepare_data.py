@@ -1,0 +1,386 @@
+"""Convert datasets into MDS shards of our row schema (``data.records``), locally or straight to s3://.
+
+    python -m tools.prepare_data input=vision_language.tsv format=vision_language_tsv output=s3://bucket/vl
+    python -m tools.prepare_data input=vqa.parquet format=parquet kind=vqa output=shards/vqa \
+        'columns={answers: answer, image: image}'
+    python -m tools.prepare_data input=reports.jsonl format=jsonl kind=caption image_root=images/ output=...
+    python -m tools.prepare_data input=dicoms/ format=dicom kind=caption 'columns={captions: StudyDescription}'
+
+Formats: the original BiomedGPT/OFA TSVs (no header, url-safe base64 images; see
+../shared/spec/tasks-and-data.md), Parquet (read in batches), JSONL / CSV records with image paths,
+DICOM folders. Images are stored encoded as found (JPEG/PNG are not re-encoded; DICOM is windowed and
+written as PNG once). A malformed row or corrupt image is reported as ``file:line: reason: message``
+and skipped; the run exits non-zero, publishing nothing, when more than ``max_bad_fraction`` of the
+rows were bad. The output becomes visible only when complete (``data.mds``).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import glob
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Optional
+
+from data.images import dicom_to_uint8, encode_png, storable_image
+from data.mds import ShardWriter
+from data.records import (KINDS, MEDNLI_LABEL_INDEX, BadRecord, make_record, parse_answers, parse_codes,
+                          parse_detections, parse_floats, split_objects)
+
+Format = Literal["vision_language_tsv", "text_tsv", "image_tsv", "detection_tsv", "vqa_tsv", "caption_tsv",
+                 "medmnist_tsv", "mednli_tsv", "meqsum_tsv", "parquet", "jsonl", "csv", "dicom"]
+
+
+@dataclass
+class PrepareConfig:
+    """Convert INPUT (file, directory or glob) in FORMAT into MDS shards at OUTPUT (path or s3://…)."""
+
+    input: str = ""
+    format: Format = "jsonl"
+    output: str = ""
+    kind: str = ""  # row kind for parquet / jsonl / csv / dicom input (data.records.KINDS)
+    columns: dict[str, str] = field(default_factory=dict)  # our field -> source column (or DICOM keyword)
+    image_root: str = ""  # base of relative image paths in jsonl / csv
+    compression: Optional[str] = None  # e.g. zstd; None keeps shards directly readable
+    shard_size: str = "64mb"
+    max_bad_fraction: float = 0.01
+    overwrite: bool = False
+    progress: bool = True
+    parquet_batch_rows: int = 1024
+    max_reported: int = 50  # bad rows printed one by one; the rest are only counted
+
+
+@dataclass
+class Summary:
+    written: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        return self.written + sum(self.skipped.values())
+
+    @property
+    def bad_fraction(self) -> float:
+        return sum(self.skipped.values()) / max(self.total, 1)
+
+    def text(self) -> str:
+        lines = [f"rows read: {self.total}, written: {self.written}, skipped: {sum(self.skipped.values())}"]
+        lines += [f"  skipped ({reason}): {n}" for reason, n in self.skipped.most_common()]
+        return "\n".join(lines)
+
+
+Row = tuple[str, Callable[[], dict]]  # (file:line, builds the record or raises BadRecord)
+
+
+# ----- the original TSV formats ----------------------------------------------------------------------
+
+def _b64_image(text: str) -> bytes:
+    text = text.strip()
+    try:
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise BadRecord(f"image column is not url-safe base64: {exc}", "corrupt image") from None
+    return storable_image(data)
+
+
+def _columns(parts: list[str], count: int) -> list[str]:
+    if len(parts) != count:
+        raise BadRecord(f"expected {count} tab-separated columns, got {len(parts)}")
+    return parts
+
+
+def _vision_language(p: list[str], _: int) -> dict:
+    uid, image, caption, question, refs, objects, dataset, kind = _columns(p, 8)
+    common = {"objects": split_objects(objects), "dataset": dataset}
+    if kind == "caption":
+        return make_record(uid, "caption", {"captions": [caption], **common}, _b64_image(image))
+    if kind == "qa":
+        return make_record(uid, "vqa", {"question": question, "answers": parse_answers(refs), **common},
+                           _b64_image(image))
+    if kind == "visual_grounding":
+        return make_record(uid, "grounding", {"caption": caption, "box": parse_floats(refs, 4, "region"),
+                                              **common}, _b64_image(image))
+    raise BadRecord(f"type {kind!r} is not caption, qa or visual_grounding")
+
+
+def _text(p: list[str], _: int) -> dict:
+    uid, text = _columns(p, 2)
+    return make_record(uid, "text", {"text": text})
+
+
+def _image_codes(p: list[str], _: int) -> dict:
+    uid, image, codes = _columns(p, 3)
+    return make_record(uid, "image_codes", {"codes": parse_codes(codes)}, _b64_image(image))
+
+
+def _detection(p: list[str], _: int) -> dict:
+    uid, image, dets = _columns(p, 3)
+    boxes, ids, labels = parse_detections(dets)
+    return make_record(uid, "detection", {"boxes": boxes, "labels": labels, "category_ids": ids}, _b64_image(image))
+
+
+def _vqa(p: list[str], _: int) -> dict:
+    qid, image_id, question, answers, objects, image = _columns(p, 6)
+    meta = {"question": question, "answers": parse_answers(answers), "objects": split_objects(objects),
+            "image_id": image_id}
+    return make_record(qid, "vqa", meta, _b64_image(image))
+
+
+def _caption(p: list[str], _: int) -> dict:
+    uid, image_id, captions, _empty, image = _columns(p, 5)
+    refs = [c.strip() for c in captions.split("&&") if c.strip()]
+    return make_record(uid, "caption", {"captions": refs, "image_id": image_id}, _b64_image(image))
+
+
+def _medmnist(p: list[str], line: int) -> dict:
+    image, label, name = _columns(p, 3)
+    try:
+        label_index = int(label)
+    except ValueError:
+        raise BadRecord(f"label {label!r} is not an integer") from None
+    return make_record(f"row{line}", "classification", {"label": label_index, "label_name": name},
+                       _b64_image(image))
+
+
+def _mednli(p: list[str], line: int) -> dict:
+    s1, s2, label = _columns(p, 3)
+    return make_record(f"row{line}", "nli", {"s1": s1, "s2": s2, "label": _nli_label(label)})
+
+
+def _meqsum(p: list[str], line: int) -> dict:
+    source, summary = _columns(p, 2)
+    return make_record(f"row{line}", "summarization", {"source": source, "summary": summary})
+
+
+def _nli_label(value: Any) -> str:
+    text = str(value).strip()
+    if text.lstrip("-").isdigit():
+        if int(text) not in MEDNLI_LABEL_INDEX:
+            raise BadRecord(f"NLI label {text} is not 0 (neutral), 1 (entailment) or 2 (contradiction)")
+        return MEDNLI_LABEL_INDEX[int(text)]
+    return text.lower()
+
+
+TSV_PARSERS: dict[str, Callable[[list[str], int], dict]] = {
+    "vision_language_tsv": _vision_language, "text_tsv": _text, "image_tsv": _image_codes,
+    "detection_tsv": _detection, "vqa_tsv": _vqa, "caption_tsv": _caption, "medmnist_tsv": _medmnist,
+    "mednli_tsv": _mednli, "meqsum_tsv": _meqsum,
+}
+
+
+def tsv_rows(path: Path, parse: Callable[[list[str], int], dict]) -> Iterator[Row]:
+    with open(path, encoding="utf-8", newline="\n") as f:
+        for line_no, line in enumerate(f, start=1):
+            parts = line.rstrip("\r\n").split("\t")
+            yield f"{path}:{line_no}", (lambda p=parts, n=line_no: parse(p, n))
+
+
+# ----- records with named fields: Parquet, JSONL, CSV, DICOM -----------------------------------------
+
+def field_record(cfg: PrepareConfig, values: dict[str, Any], fallback_id: str, base: Path) -> dict:
+    """Our row from a mapping of source columns; ``cfg.columns`` renames, the kind decides the parsing."""
+    def get(name: str, default: Any = None) -> Any:
+        return values.get(cfg.columns.get(name, name), default)
+
+    kind = cfg.kind
+    meta: dict[str, Any] = {}
+    for name in KINDS[kind][0]:
+        meta[name] = get(name)
+    if kind == "caption":
+        captions = meta["captions"] if meta["captions"] is not None else get("caption")
+        meta["captions"] = [c for c in (captions.split("&&") if isinstance(captions, str) else list(captions or []))
+                            if str(c).strip()]
+    elif kind == "vqa":
+        answers = meta["answers"] if meta["answers"] is not None else get("answer")
+        if isinstance(answers, dict):
+            meta["answers"] = {str(a): float(c) for a, c in answers.items()}
+        elif isinstance(answers, (list, tuple)):
+            meta["answers"] = {str(a): 1.0 for a in answers}
+        elif answers is not None:
+            meta["answers"] = parse_answers(str(answers))
+        meta["objects"] = split_objects(get("objects"))
+    elif kind == "grounding" and isinstance(meta["box"], str):
+        meta["box"] = parse_floats(meta["box"], 4, "box")
+    elif kind == "image_codes" and isinstance(meta["codes"], str):
+        meta["codes"] = parse_codes(meta["codes"])
+    elif kind == "detection" and isinstance(meta["boxes"], str):
+        meta["boxes"], meta["category_ids"], meta["labels"] = parse_detections(meta["boxes"])
+    elif kind == "nli" and meta["label"] is not None:
+        meta["label"] = _nli_label(meta["label"])
+    elif kind == "classification" and meta["label"] is not None:
+        meta["label"] = int(meta["label"])
+    meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in meta.items()}
+    image = _field_image(get("image"), base) if KINDS[kind][1] else b""
+    uid = get("id")
+    return make_record(str(uid) if uid not in (None, "") else fallback_id, kind, _jsonable(meta), image)
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy / pyarrow scalars and arrays -> plain JSON values."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        value = value.tolist() if hasattr(value, "tolist") else value
+        return [_jsonable(v) for v in value] if isinstance(value, list) else value
+    return value
+
+
+def _field_image(value: Any, base: Path) -> bytes:
+    """Image column: bytes, a {"bytes", "path"} struct (HF datasets), or a path (relative to image_root)."""
+    if value is None or value == "":
+        return b""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+        if not value:
+            return b""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return storable_image(bytes(value))
+    path = Path(str(value))
+    path = path if path.is_absolute() else base / path
+    try:
+        return storable_image(path.read_bytes())
+    except FileNotFoundError:
+        raise BadRecord(f"image file {path} not found", "missing image") from None
+
+
+def jsonl_rows(path: Path, cfg: PrepareConfig) -> Iterator[Row]:
+    base = Path(cfg.image_root) if cfg.image_root else path.parent
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            yield f"{path}:{line_no}", (lambda text=line, n=line_no: field_record(
+                cfg, _json_object(text), f"{path.stem}-{n}", base))
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadRecord(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRecord("a JSONL line must be an object")
+    return value
+
+
+def csv_rows(path: Path, cfg: PrepareConfig) -> Iterator[Row]:
+    base = Path(cfg.image_root) if cfg.image_root else path.parent
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            line_no = reader.line_num
+            yield f"{path}:{line_no}", (lambda r=row, n=line_no: field_record(cfg, r, f"{path.stem}-{n}", base))
+
+
+def parquet_rows(path: Path, cfg: PrepareConfig) -> Iterator[Row]:
+    """Rows of a Parquet file, read a batch at a time; "line" is the row number (1-based)."""
+    import pyarrow.parquet as pq
+
+    base = Path(cfg.image_root) if cfg.image_root else path.parent
+    row_no = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=cfg.parquet_batch_rows):
+        for values in batch.to_pylist():
+            row_no += 1
+            yield f"{path}:row {row_no}", (lambda v=values, n=row_no: field_record(cfg, v, f"{path.stem}-{n}", base))
+
+
+def dicom_rows(path: Path, cfg: PrepareConfig) -> Iterator[Row]:
+    """One DICOM file: header keywords (via ``columns``) give the fields, the pixels the image."""
+    def build() -> dict:
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as exc:
+            raise BadRecord(f"unreadable DICOM: {exc}", "corrupt image") from None
+        values = {cfg.columns.get(name, name): _dicom_value(ds, cfg.columns.get(name, name))
+                  for name in KINDS[cfg.kind][0] + ("id", "objects")}
+        values[cfg.columns.get("image", "image")] = encode_png(dicom_to_uint8(str(path)))
+        if values[cfg.columns.get("id", "id")] is None:
+            values[cfg.columns.get("id", "id")] = str(getattr(ds, "SOPInstanceUID", "") or path.stem)
+        return field_record(cfg, values, path.stem, path.parent)
+
+    yield str(path), build
+
+
+def _dicom_value(ds, keyword: str) -> Any:
+    value = getattr(ds, keyword, None)
+    return None if value in (None, "") else str(value)
+
+
+def input_files(pattern: str, fmt: str) -> list[Path]:
+    path = Path(pattern)
+    if path.is_dir():
+        suffix = {"dicom": "*.dcm", "parquet": "*.parquet", "jsonl": "*.jsonl", "csv": "*.csv"}.get(fmt, "*.tsv")
+        files = sorted(path.rglob(suffix))
+    elif path.is_file():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+    if not files:
+        raise FileNotFoundError(f"no input files at {pattern!r} (format {fmt})")
+    return files
+
+
+def rows(cfg: PrepareConfig) -> Iterator[Row]:
+    for path in input_files(cfg.input, cfg.format):
+        if cfg.format in TSV_PARSERS:
+            yield from tsv_rows(path, TSV_PARSERS[cfg.format])
+        elif cfg.format == "parquet":
+            yield from parquet_rows(path, cfg)
+        elif cfg.format == "jsonl":
+            yield from jsonl_rows(path, cfg)
+        elif cfg.format == "csv":
+            yield from csv_rows(path, cfg)
+        else:
+            yield from dicom_rows(path, cfg)
+
+
+def convert(cfg: PrepareConfig, log=sys.stderr) -> Summary:
+    """Write every good row; returns the summary. Raises SystemExit(1) when too many rows were bad."""
+    if not cfg.input or not cfg.output:
+        raise ValueError("input and output are required")
+    if cfg.format not in TSV_PARSERS and cfg.kind not in KINDS:
+        raise ValueError(f"format {cfg.format} needs kind= one of {sorted(KINDS)}")
+    from tqdm import tqdm
+
+    summary = Summary()
+    writer = ShardWriter(cfg.output, overwrite=cfg.overwrite, compression=cfg.compression, size_limit=cfg.shard_size)
+    try:
+        for where, build in tqdm(rows(cfg), desc=f"converting {cfg.input}", unit="row", disable=not cfg.progress,
+                                 file=log):
+            try:
+                record = build()
+            except BadRecord as exc:
+                summary.skipped[exc.reason] += 1
+                if sum(summary.skipped.values()) <= cfg.max_reported:
+                    print(f"{where}: {exc.reason}: {exc}", file=log)
+                continue
+            writer.write(record)
+            summary.written += 1
+        print(summary.text(), file=log)
+        if summary.written == 0 or summary.bad_fraction > cfg.max_bad_fraction:
+            print(f"error: {summary.bad_fraction:.1%} of the rows were bad (max_bad_fraction "
+                  f"{cfg.max_bad_fraction:.1%}); nothing published at {cfg.output}", file=log)
+            writer.abort()
+            raise SystemExit(1)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    print(f"published {summary.written} rows at {cfg.output}", file=log)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    from engine.config import parse_cli
+
+    convert(parse_cli(PrepareConfig, argv))
+
+
+if __name__ == "__main__":
+    main()
