@@ -63,13 +63,15 @@ class DataConfig:
     epoch_size: Optional[int] = None  # samples per epoch over all streams; None: sum of stream sizes
     predownload: Optional[int] = None
     cache_limit: Optional[str] = None  # e.g. "50gb": evict shards beyond this
-    download_retry: int = 2
+    download_retry: int = 2  # attempts per shard / index download
     download_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size", "patch_image_size", "max_src_tokens", "max_tgt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.download_retry < 1:
+            raise ValueError(f"download_retry is the number of attempts, at least 1; got {self.download_retry}")
         if not 0.0 <= self.text_mask_ratio < 1.0:
             raise ValueError(f"text_mask_ratio must be in [0, 1), got {self.text_mask_ratio}")
         for streams in (self.streams, self.eval_streams):

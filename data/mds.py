@@ -9,6 +9,7 @@ mix of old index and new shards.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ from typing import Optional
 from urllib.parse import urlparse
 
 from streaming import MDSWriter
+from streaming.base.storage.upload import CloudUploader
 
 from data.records import MDS_COLUMNS
 
@@ -40,6 +42,22 @@ def _split_s3(url: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/").rstrip("/")
 
 
+class _IndexHeldWriter(MDSWriter):
+    """MDSWriter that writes index.json into ``index_dir`` instead of publishing it.
+
+    streaming's own writer submits the index upload once its queue is empty, which can be while the
+    last shards are still uploading; we upload the index ourselves after every shard has landed.
+    """
+
+    def __init__(self, *, index_dir: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.index_dir = index_dir
+
+    def _write_index(self) -> None:
+        with open(os.path.join(self.index_dir, INDEX), "w") as out:
+            json.dump({"version": 2, "shards": self.shards}, out, sort_keys=True)
+
+
 class ShardWriter:
     """MDS writer of our row schema with atomic publication (see module doc)."""
 
@@ -51,6 +69,7 @@ class ShardWriter:
         if self.remote:
             self._prepare_remote(overwrite)
             self._staging = tempfile.mkdtemp(prefix="mds-upload-")
+            self._index_dir = tempfile.mkdtemp(prefix="mds-index-")
             target = (self._staging, out)
         else:
             final = Path(out)
@@ -59,9 +78,10 @@ class ShardWriter:
             final.parent.mkdir(parents=True, exist_ok=True)
             self._staging = str(final.parent / f".{final.name}.partial")
             shutil.rmtree(self._staging, ignore_errors=True)  # a killed earlier conversion's leftovers
-            target = self._staging
-        self._writer = MDSWriter(out=target, columns=MDS_COLUMNS, compression=compression,
-                                 hashes=list(hashes), size_limit=size_limit, exist_ok=True)
+            self._index_dir = target = self._staging
+        self._writer = _IndexHeldWriter(index_dir=self._index_dir, out=target, columns=MDS_COLUMNS,
+                                        compression=compression, hashes=list(hashes), size_limit=size_limit,
+                                        exist_ok=True)
 
     def _prepare_remote(self, overwrite: bool) -> None:
         if urlparse(self.out).scheme != "s3":
@@ -85,10 +105,12 @@ class ShardWriter:
         self._writer.write(record)
 
     def commit(self) -> None:
-        """Finish the last shard, write index.json, publish."""
-        self._writer.finish()
+        """Finish the last shard, wait for every shard upload, then publish index.json."""
+        self._writer.finish()  # raises if an upload failed
         if self.remote:
-            shutil.rmtree(self._staging, ignore_errors=True)
+            CloudUploader.get((self._index_dir, self.out), keep_local=True, retry=2, exist_ok=True).upload_file(INDEX)
+            for path in (self._staging, self._index_dir):
+                shutil.rmtree(path, ignore_errors=True)
         else:
             final = Path(self.out)
             trash = None
@@ -106,4 +128,5 @@ class ShardWriter:
         if self._committed:
             return
         self._writer.cancel_future_jobs()
-        shutil.rmtree(self._staging, ignore_errors=True)
+        for path in (self._staging, self._index_dir):
+            shutil.rmtree(path, ignore_errors=True)

@@ -340,8 +340,9 @@ def rows(cfg: PrepareConfig) -> Iterator[Row]:
             yield from dicom_rows(path, cfg)
 
 
-def convert(cfg: PrepareConfig, log=sys.stderr) -> Summary:
+def convert(cfg: PrepareConfig, log=None) -> Summary:
     """Write every good row; returns the summary. Raises SystemExit(1) when too many rows were bad."""
+    log = log or sys.stderr
     if not cfg.input or not cfg.output:
         raise ValueError("input and output are required")
     if cfg.format not in TSV_PARSERS and cfg.kind not in KINDS:

@@ -1,0 +1,177 @@
+"""Exact token sequences of every task against the spec's prompts (../shared/bpe), and the batch layout."""
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.collate import collate
+from data.config import DataConfig
+from data.records import make_record
+from data.tasks import TASK_NAMES, TaskContext, process
+from models.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(shared_dir) -> Tokenizer:
+    return Tokenizer.from_gpt2_files(shared_dir / "bpe")
+
+
+def png(width: int = 100, height: int = 50) -> bytes:
+    rng = np.random.default_rng(width * height)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def context(tok, other=None, seed=0, train=False, **cfg) -> TaskContext:
+    cfg = DataConfig(**{"patch_image_size": 64, "max_src_tokens": 80, "max_tgt_tokens": 30, **cfg})
+    return TaskContext(tokenizer=tok, cfg=cfg, rng=random.Random(seed), train=train,
+                       other_row=lambda rng: other)
+
+
+def src(tok, prompt: str, extra=()) -> list[int]:
+    return [0] + tok.encode(prompt) + list(extra) + [2]
+
+
+def check(ex, tok, source: list[int], target_text: str | None = None, target_ids=None):
+    ids = tok.encode(target_text) if target_ids is None else list(target_ids)
+    assert ex.source == source
+    assert ex.target == ids + [2]
+    assert ex.prev_output == [0] + ids
+
+
+CAPTION = make_record("c1", "caption", {"captions": ["Chest X-ray: normal/clear lungs.", "second ref"]}, png())
+OTHER_CAPTION = make_record("c2", "caption", {"captions": ["A CT of the head"]}, png())
+VQA = make_record("q1", "vqa", {"question": "Is there an effusion", "answers": {"no": 0.4, "yes": 0.9},
+                                "objects": ["lung", "heart"]}, png())
+GROUNDING = make_record("g1", "grounding", {"caption": "the left lung", "box": [10, 5, 50, 25]}, png(100, 50))
+
+
+def test_known_ids_and_leading_spaces(tok):
+    ex = process("caption", CAPTION, context(tok))[0]
+    assert ex.source[:2] == [0, 99] and ex.source[-2:] == [116, 2]  # " what" = 99, "?" = 116
+    check(ex, tok, src(tok, " what does the image describe?"), " chest x ray: normal clear lungs.")
+    assert ex.references == ["chest x ray: normal clear lungs.", "second ref"]
+    assert ex.image.shape == (3, 64, 64) and -1.0 <= ex.image.min() and ex.image.max() <= 1.0
+
+
+def test_itm_positive_and_negative(tok):
+    seen = set()
+    for seed in range(12):
+        ex = process("itm", CAPTION, context(tok, other=OTHER_CAPTION, seed=seed))[0]
+        caption = "chest x ray: normal clear lungs." if ex.target[:-1] == tok.encode(" yes") else "a ct of the head"
+        answer = " yes" if caption.startswith("chest") else " no"
+        check(ex, tok, src(tok, f' does the image describe " {caption} "?'), answer)
+        seen.add(answer)
+    assert seen == {" yes", " no"}
+
+
+def test_pretraining_vqa_and_matching(tok):
+    other = make_record("q2", "vqa", {"question": "what organ", "answers": {"liver": 1.0}}, png())
+    for seed in range(8):
+        vqa, match = process("pretrain_vl", VQA, context(tok, other=other, seed=seed, train=True))
+        check(vqa, tok, src(tok, " is there an effusion"), " yes")
+        assert vqa.conf == pytest.approx(0.9) and vqa.task == "vqa" and match.task == "vqa_matching"
+        shown = "yes" if match.target[:-1] == tok.encode(" yes") else "no"  # negative of a yes/no answer: no
+        check(match, tok, src(tok, f' what is the answer to question " is there an effusion ". is " {shown} "?'),
+              f" {shown}")
+
+
+def test_finetune_vqa_prompt_prev_output_and_objects(tok):
+    ex = process("vqa", VQA, context(tok, vqa_prompt_type="prev_output", vqa_add_objects=True))[0]
+    question = tok.encode(" is there an effusion?") + tok.encode(" object: lung heart")
+    assert ex.source == [0] + question + [2]
+    answer = tok.encode(" yes")
+    assert ex.prev_output == [0] + question + answer
+    assert ex.target == [1] * len(question) + answer + [2]
+
+
+def test_grounding_bins_and_grounded_caption(tok):
+    ground, region = process("pretrain_vl", GROUNDING, context(tok, train=True, augment=False))
+    # 100x50 -> 64x64: box (10,5,50,25) -> (6.4, 6.4, 32, 32); bin = round(c / 512 * 999)
+    bins = [tok.bin_id(j) for j in (12, 12, 62, 62)]
+    check(ground, tok, src(tok, ' which region does the text " the left lung " describe?'), target_ids=bins)
+    check(region, tok, src(tok, "  what does the region describe? region:", bins), " the left lung")
+    assert tok.encode("  what")[0] != tok.encode(" what")[0]  # the two-space quirk changes the ids
+
+
+def test_text_infilling_span_masking(tok):
+    text = " ".join(f"word{i}" for i in range(40))
+    ex = process("text_infilling", make_record("t1", "text", {"text": text}), context(tok, seed=3))[0]
+    check(ex, tok, ex.source, " " + text)
+    head, tail = tok.encode(' what is the complete text of "'), tok.encode(' "?')
+    assert ex.source[: 1 + len(head)] == [0] + head and ex.source[-len(tail) - 1:] == tail + [2]
+    masked = tok.decode(ex.source[1 + len(head): -len(tail) - 1])
+    assert tok.encode(' what is the complete text of "' + masked + ' "?') == ex.source[1:-1]
+    kept = [w for w in masked.replace("<mask>", " ").split()]
+    assert len(kept) == 40 - 12  # ceil(30% of 40) whole words masked
+    assert kept == [w for w in text.split() if w in kept]  # order kept, words whole
+    assert "<mask><mask>" not in masked.replace(" ", "")  # one <mask> per span
+
+
+def test_image_infilling_codes(tok):
+    codes = list(range(100, 356))
+    record = make_record("i1", "image_codes", {"codes": codes}, png(256, 256))
+    ex = process("image_infilling", record, context(tok, patch_image_size=256))[0]
+    check(ex, tok, src(tok, " what is the image in the middle part?"), target_ids=[tok.code_id(c) for c in codes])
+    assert ex.code_mask and ex.image[:, 64:192, 64:192].abs().sum() == 0 and ex.image[:, :64].abs().sum() > 0
+
+
+def test_detection_boxes_then_labels(tok):
+    record = make_record("d1", "detection", {"boxes": [[0, 0, 100, 50], [50, 25, 100, 50]],
+                                             "labels": ["nodule", "pleural effusion"]}, png(100, 50))
+    ex = process("detection", record, context(tok, augment=False))[0]
+    scale = [0.64, 1.28, 0.64, 1.28]
+    ids = []
+    for box, label in zip(record["meta"]["boxes"], record["meta"]["labels"]):
+        ids += [tok.coord_to_bin(c * s) for c, s in zip(box, scale)] + tok.encode(f" {label}")
+    check(ex, tok, src(tok, " what are the objects in the image?"), target_ids=ids)
+
+
+def test_nli_summarization_classification(tok):
+    for label, answer in (("entailment", " yes"), ("contradiction", " no"), ("neutral", " maybe")):
+        ex = process("nli", make_record("n", "nli", {"s1": "He has a fever.", "s2": "He is febrile", "label": label}),
+                     context(tok))[0]
+        check(ex, tok, src(tok, ' can text1 " he has a fever. " imply text2 " he is febrile "?'), answer)
+        assert ex.image is None
+    ex = process("summarization", make_record("s", "summarization", {"source": "No acute disease. Heart normal.",
+                                                                     "summary": "No acute disease"}), context(tok))[0]
+    check(ex, tok, src(tok, ' what is the summary of article " no acute disease. heart normal. "?'), "no acute disease")
+    ex = process("classification", make_record("m", "classification", {"label": 3, "label_name": "basophil"}, png()),
+                 context(tok))[0]
+    check(ex, tok, src(tok, " what does the image describe?"), " basophil")
+
+
+def test_length_limits_keep_the_prompt(tok):
+    long = " ".join(["finding"] * 300)
+    ex = process("summarization", make_record("s", "summarization", {"source": long, "summary": long}),
+                 context(tok, max_src_tokens=40, max_tgt_tokens=10))[0]
+    assert len(ex.source) == 40 and ex.source[-len(tok.encode(' "?')) - 1:] == tok.encode(' "?') + [2]
+    assert len(ex.target) == 10 and ex.target[-1] == 2
+
+
+def test_wrong_row_kind_is_named(tok):
+    with pytest.raises(ValueError, match="row 'c1' is a 'caption' row; task 'nli'"):
+        process("nli", CAPTION, context(tok))
+
+
+def test_collate_batch_layout(tok):
+    ctx = context(tok, train=True, augment=True)
+    examples = (process("pretrain_vl", CAPTION, context(tok, other=OTHER_CAPTION, train=True))
+                + process("nli", make_record("n", "nli", {"s1": "a", "s2": "b", "label": "neutral"}), ctx))
+    examples[-1].loss_group = 1
+    batch = collate(examples, 64, [1.0, 2.0], with_references=True)
+    assert set(batch) == {"src_tokens", "src_lengths", "patch_images", "patch_masks", "prev_output_tokens", "target",
+                          "code_masks", "conf", "loss_groups", "group_weights", "task_ids", "ids", "references"}
+    assert batch["patch_images"].shape == (3, 3, 64, 64) and batch["patch_images"][2].abs().sum() == 0
+    assert batch["patch_masks"].tolist() == [True, True, False]
+    assert batch["loss_groups"].tolist() == [0, 0, 1] and batch["group_weights"] == [1.0, 2.0]
+    assert [TASK_NAMES[i] for i in batch["task_ids"]] == ["caption", "itm", "nli"]
+    assert batch["src_tokens"].dtype == torch.long and batch["src_lengths"].tolist() == [len(e.source) for e in examples]
+    assert (batch["target"][2, len(examples[2].target):] == 1).all()
+    assert batch["ids"] == ["c1", "c1", "n"]
