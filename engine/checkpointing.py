@@ -1,0 +1,165 @@
+"""Training checkpoints: DeepSpeed's sharded state + per-rank engine state, an atomic ``latest``, keep-last-N.
+
+Layout under ``<output_dir>/checkpoints``::
+
+    step_00000100/                 one DeepSpeed tag (model/optimizer shards of every rank)
+        rank_00000.pt ...          this rank's loader state, RNG states, BN buffers, EMA shard
+        meta.json                  written last: the checkpoint is complete
+        universal/                 made on demand when resuming into another world size / ZeRO stage
+    latest                         the tag of the newest complete checkpoint (replaced atomically)
+
+A crash mid-save leaves ``latest`` pointing at the previous complete checkpoint; DeepSpeed's own
+``latest`` file is not written (``save_latest=False``), ours has the same format so DeepSpeed's tools
+(``zero_to_fp32.py``) still find it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.distributed import barrier
+
+TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that cannot be resumed (incomplete, or missing a rank's state)."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class CheckpointManager:
+    def __init__(self, output_dir: str | Path, rank: int, world_size: int, keep_last_n: int):
+        self.root = Path(output_dir) / "checkpoints"
+        self.rank, self.world_size, self.keep_last_n = rank, world_size, keep_last_n
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def latest(self) -> str | None:
+        """Tag of the newest complete checkpoint, or None for a fresh run."""
+        pointer = self.root / "latest"
+        if not pointer.exists():
+            return None
+        tag = pointer.read_text().strip()
+        if not (self.root / tag / "meta.json").exists():
+            raise ResumeError(f"{pointer} names {tag!r}, which has no meta.json (incomplete or deleted)")
+        return tag
+
+    def meta(self, tag: str) -> dict:
+        return json.loads((self.root / tag / "meta.json").read_text())
+
+    def needs_universal(self, tag: str, zero_stage: int) -> bool:
+        """Sharded optimizer state saved by another world size or stage must go through the universal format."""
+        meta = self.meta(tag)
+        if meta["zero_stage"] == 0:
+            return False
+        return meta["world_size"] != self.world_size or meta["zero_stage"] != zero_stage
+
+    def prepare_universal(self, tag: str) -> tuple[str, str]:
+        """Convert ``tag`` once (rank 0, atomically) with deepspeed's ds_to_universal; returns (load_dir, tag)."""
+        out = self.root / tag / "universal"
+        if self.rank == 0 and not out.exists():
+            tmp = self.root / tag / ".universal.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            result = subprocess.run(
+                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                 str(self.root / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                 "--num_merge_workers", "1"],
+                capture_output=True, text=True)
+            if result.returncode != 0:
+                raise ResumeError(f"converting {self.root / tag} to a universal checkpoint failed:\n"
+                                  f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+            os.replace(tmp, out)
+        barrier()
+        return str(self.root / tag), "universal"
+
+    def load_rank_state(self, tag: str) -> dict:
+        """This rank's engine state; a rank new to the job (more ranks than saved) takes rank r mod saved."""
+        saved_world = self.meta(tag)["world_size"]
+        source = self.rank if self.rank < saved_world else self.rank % saved_world
+        path = self.root / tag / f"rank_{source:05d}.pt"
+        if not path.exists():
+            raise ResumeError(f"{path} is missing: the checkpoint {tag} is incomplete")
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def save(self, engine, step: int, client_state: dict, rank_state: dict, zero_stage: int) -> str:
+        """Collective: every rank writes its shards and state; rank 0 then marks the tag complete."""
+        tag = tag_for(step)
+        tag_dir = self.root / tag
+        if self.rank == 0 and tag_dir.exists():
+            shutil.rmtree(tag_dir)  # a partial save of this step from a crashed attempt
+        barrier()
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(rank_state, tag_dir / f"rank_{self.rank:05d}.pt")
+        barrier()
+        if self.rank == 0:
+            meta = {"step": step, "world_size": self.world_size, "zero_stage": zero_stage}
+            atomic_write_text(tag_dir / "meta.json", json.dumps(meta))
+            atomic_write_text(self.root / "latest", tag)
+            self._prune(keep=tag)
+        barrier()
+        return tag
+
+    def _prune(self, keep: str) -> None:
+        tags = sorted(p.name for p in self.root.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+        complete = [t for t in tags if (self.root / t / "meta.json").exists()]
+        retained = set(complete[-self.keep_last_n:]) | {keep}
+        for tag in tags:
+            if tag not in retained:
+                shutil.rmtree(self.root / tag, ignore_errors=True)

@@ -1,0 +1,122 @@
+"""Run logging on rank 0: a console progress bar and lines, ``metrics.jsonl``, and wandb.
+
+wandb is offline unless the user asks otherwise (``WANDB_MODE``, an API key, or ``log.wandb_mode``);
+any wandb failure (no network, no service) turns wandb off with one warning and never fails the run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from engine.run_config import LogConfig
+
+
+def resolve_wandb_mode(requested: str) -> str:
+    """auto -> WANDB_MODE if set, online when an API key is configured, else offline."""
+    if requested != "auto":
+        return requested
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return {"dryrun": "offline", "run": "online"}.get(env, env)
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as strings so the file stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLogger:
+    def __init__(self, cfg: LogConfig, output_dir: str | Path, run_config: dict, total_steps: int,
+                 start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.wandb_run = None
+        self.bar = None
+        if not enabled:
+            return
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)
+        if cfg.progress_bar:
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr, mininterval=2.0)
+        mode = resolve_wandb_mode(cfg.wandb_mode)
+        if mode != "disabled":
+            self.wandb_run = self._start_wandb(cfg, out, run_config, mode)
+
+    @staticmethod
+    def _start_wandb(cfg: LogConfig, out: Path, run_config: dict, mode: str):
+        try:
+            import wandb
+
+            settings = wandb.Settings(init_timeout=60, silent=True, console="off",
+                                      finish_timeout=60)
+            return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, dir=str(out), mode=mode,
+                              config=run_config, resume="allow", id=_run_id(out), settings=settings)
+        except Exception as exc:  # wandb must never stop a training run
+            warnings.warn(f"wandb disabled: could not start it in {mode} mode ({exc})")
+            return None
+
+    def log(self, step: int, metrics: dict[str, Any], console: bool = True) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        if console:
+            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                             if "/" not in k or k.startswith(("eval/loss", "eval/acc")))
+            self.write(f"step {step}: {shown}")
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.log(metrics, step=step)
+            except Exception as exc:
+                warnings.warn(f"wandb disabled after a logging error: {exc}")
+                self.wandb_run = None
+
+    def write(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
+    def advance(self, steps: int = 1, postfix: dict | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.jsonl.close()
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.finish()
+            except Exception as exc:
+                warnings.warn(f"wandb finish failed: {exc}")
+            self.wandb_run = None
+
+
+def _run_id(out: Path) -> str:
+    """One wandb run per output directory, so a resumed training continues the same run."""
+    path = out / "wandb_run_id"
+    if path.exists():
+        return path.read_text().strip()
+    import uuid
+
+    run_id = uuid.uuid4().hex[:12]
+    path.write_text(run_id)
+    return run_id

@@ -1,0 +1,164 @@
+"""The settings of one training run, as the typed dataclasses that ``engine.config`` parses.
+
+Every value DeepSpeed needs (batch sizes, clipping, precision, ZeRO stage, offload) is derived from this
+config and written into the ``ds_configs/*.json`` template by the engine, so the two cannot disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from data.config import DataConfig, StreamConfig
+from models.config import ModelSpec
+
+Precision = Literal["fp32", "fp16", "bf16"]
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then linear / polynomial decay (the published runs' settings)."""
+
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.01  # share of max steps spent warming up (used when warmup_steps is None)
+    warmup_steps: Optional[int] = None
+    schedule: Literal["linear", "polynomial", "constant"] = "polynomial"
+    power: float = 1.0  # polynomial decay exponent (1.0 = linear)
+    end_lr: float = 0.0
+    max_steps: Optional[int] = None  # optimizer steps; with max_epochs the smaller limit wins
+    max_epochs: Optional[int] = None
+    grad_accum: int = 1
+    clip_norm: float = 1.0  # 0 disables clipping
+    label_smoothing: float = 0.0
+    freeze_embeddings: bool = False  # the shared token embedding is not trained (VQA fine-tuning)
+    implementation: Literal["torch", "deepspeed"] = "torch"  # deepspeed: its compiled Fused/CPU Adam
+
+    def __post_init__(self) -> None:
+        if self.max_steps is None and self.max_epochs is None:
+            raise ValueError("set optim.max_steps or optim.max_epochs")
+        if self.grad_accum < 1:
+            raise ValueError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"optim.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """ZeRO stage, offload, precision and the distributed run's failure handling."""
+
+    zero_stage: int = 0
+    template: Optional[str] = None  # a ds_configs/*.json file; None: ds_configs/zero{stage}[_offload].json
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_param: Literal["none", "cpu"] = "none"  # ZeRO-3 only
+    zero_init: Literal["auto", "on", "off"] = "auto"  # auto: build under zero.Init at stage 3 past 300M params
+    precision: Precision = "fp32"
+    activation_checkpointing: bool = False
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPUs, gloo on CPUs
+    collective_timeout_s: int = 600  # a collective waiting longer (a dead peer) fails the rank
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload_param needs zero_stage 3")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs zero_stage >= 1")
+
+
+@dataclass
+class EmaConfig:
+    """Exponential moving average of the weights (the paper evaluates EMA weights)."""
+
+    enabled: bool = False
+    decay: float = 0.9999
+    start_step: int = 0  # steps before this copy the weights instead of averaging
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.decay < 1.0:
+            raise ValueError(f"ema.decay must be in (0, 1), got {self.decay}")
+
+
+@dataclass
+class EvalConfig:
+    """When to evaluate on ``data.eval_streams`` and which metric picks the best checkpoint."""
+
+    interval: int = 0  # optimizer steps between evaluations; 0: only at the end
+    at_end: bool = True
+    metric: str = "loss"  # a key of the evaluation results (loss, accuracy, loss/<task>, ...)
+    mode: Literal["min", "max"] = "min"
+    max_batches: Optional[int] = None  # cap per evaluation (None: the whole eval set)
+    use_ema: bool = True  # evaluate the EMA weights when EMA is enabled
+    export_best: bool = True  # write <output_dir>/best (a model directory) when the metric improves
+
+
+@dataclass
+class LogConfig:
+    """Console, metrics.jsonl and wandb. wandb is offline unless WANDB_MODE / an API key says otherwise."""
+
+    interval: int = 10  # optimizer steps between logged lines
+    progress_bar: bool = True
+    wandb_mode: Literal["auto", "offline", "online", "disabled"] = "auto"
+    wandb_project: str = "biomedgpt"
+    wandb_run_name: Optional[str] = None
+    peak_tflops: Optional[float] = None  # per device, for MFU; None: from the device table / a measurement
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 1000  # optimizer steps between checkpoints (0: only on exit / signal)
+    keep_last_n: int = 2
+    at_end: bool = True
+    resume: Literal["auto", "never"] = "auto"  # auto: continue from <output_dir>/checkpoints/latest
+    init_from: Optional[str] = None  # a model directory (models.checkpoint) to start a fresh run from
+
+    def __post_init__(self) -> None:
+        if self.keep_last_n < 1:
+            raise ValueError(f"checkpoint.keep_last_n must be >= 1, got {self.keep_last_n}")
+
+
+@dataclass
+class RunConfig:
+    """A training run: model, data, optimisation, DeepSpeed, EMA, evaluation, logging and checkpoints."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(max_steps=1000))
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tokenizer: Optional[str] = None  # a saved tokenizer dir; None: the canonical one from bpe_dir
+    bpe_dir: str = "../shared/bpe"  # GPT-2 BPE files (encoder.json, vocab.bpe, dict.txt)
+    sample_patch_num: Optional[int] = None  # random image patches per sample in training (196 in pretraining)
+    max_nonfinite_steps: int = 20  # skipped NaN/inf losses tolerated before the run fails
+    seed: int = 1
+    output_dir: str = "runs/default"
+    demo_data: bool = False  # build the demo shards (tools.make_demo_data) into data paths when absent
+
+
+def demo_config() -> RunConfig:
+    """The README's main job: tiny-shaped model, demo shards from the packaged data, minutes on 2 CPUs."""
+    demo_root = "runs/demo-data"
+    streams = [StreamConfig(name=task, task=task, remote=f"{demo_root}/train/{task}")
+               for task in ("vqa", "caption", "summarization")]
+    eval_streams = [StreamConfig(name=task, task=task, remote=f"{demo_root}/eval/{task}")
+                    for task in ("vqa", "caption", "summarization")]
+    return RunConfig(
+        model=ModelSpec(size="tiny", overrides={"d_model": 128, "ffn_dim": 512, "encoder_layers": 2,
+                                                "decoder_layers": 2, "heads": 4, "resnet_layers": [1, 1, 1],
+                                                "dropout": 0.1}),
+        data=DataConfig(streams=streams, eval_streams=eval_streams, batch_size=8, eval_batch_size=16,
+                        patch_image_size=128, max_src_tokens=80, max_tgt_tokens=40, num_workers=0,
+                        group_weights=[1.0]),
+        optim=OptimConfig(lr=5e-4, warmup_ratio=0.05, max_steps=200, clip_norm=1.0, label_smoothing=0.1),
+        eval=EvalConfig(interval=100, metric="loss"),
+        log=LogConfig(interval=10),
+        checkpoint=CheckpointConfig(interval=100, keep_last_n=1),
+        output_dir="runs/demo",
+        demo_data=True,
+    )

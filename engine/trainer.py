@@ -1,0 +1,460 @@
+"""The DeepSpeed trainer: one code path for every model size, ZeRO stage, precision and device type."""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import psutil
+import torch
+import yaml
+
+from engine import distributed as dist_utils  # sets DS_ACCELERATOR before deepspeed is imported
+from engine.checkpointing import CheckpointManager, ResumeError, atomic_write_text, rng_state, set_rng_state
+from engine.config import to_dict
+from engine.ds_config import build_ds_config
+from engine.ema import EMA
+from engine.flops import batch_train_flops, device_peak
+from engine.loss import label_smoothed_cross_entropy
+from engine.metrics import MetricsLogger
+from engine.model_setup import (apply_activation_checkpointing, build_model, register_external_parameters,
+                                use_zero_init)
+from engine.run_config import OptimConfig, RunConfig
+
+EXIT_RESUME = 75  # EX_TEMPFAIL: checkpoint written after a signal, resume to continue
+
+
+class TrainingStopped(SystemExit):
+    """Raised after the checkpoint that a SIGTERM/SIGUSR1 asked for: exit status 75."""
+
+    def __init__(self) -> None:
+        super().__init__(EXIT_RESUME)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def lr_lambda(optim: OptimConfig, total_steps: int):
+    """Multiplier of the base lr at optimizer step ``s``: linear warmup, then linear/polynomial decay."""
+    warmup = optim.warmup_steps if optim.warmup_steps is not None else int(optim.warmup_ratio * total_steps)
+    end = optim.end_lr / optim.lr if optim.lr > 0 else 0.0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if optim.schedule == "constant":
+            return 1.0
+        power = 1.0 if optim.schedule == "linear" else optim.power
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return (1.0 - end) * (1.0 - progress) ** power + end
+
+    return factor
+
+
+def _move(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if value.is_floating_point() and key == "patch_images":
+                value = value.to(float_dtype)
+        out[key] = value
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, train_loader=None, eval_loader=None):
+        """Loaders default to ``data.loader.build_{train,eval}_loader`` over ``cfg.data``; tests and tools
+        may pass any iterable with ``state_dict()``/``load_state_dict()``."""
+        self.cfg = cfg
+        ds = cfg.deepspeed
+        self.dist = dist_utils.init_distributed(ds.backend, ds.collective_timeout_s)
+        self.rank, self.world = self.dist.rank, self.dist.world_size
+        self.is_main = self.rank == 0
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+
+        self.model_cfg = cfg.model.build()
+        self.tokenizer = self._load_tokenizer()
+        if self.tokenizer is not None and self.tokenizer.vocab_size != self.model_cfg.vocab_size:
+            raise ValueError(f"model.vocab_size {self.model_cfg.vocab_size} != tokenizer vocabulary "
+                             f"{self.tokenizer.vocab_size}")
+        self.task_names = self._task_names()
+        self.train_loader = train_loader if train_loader is not None else self._build_train_loader()
+        self.eval_loader = eval_loader if eval_loader is not None else self._build_eval_loader()
+        self.total_steps = self._total_steps()
+
+        self.ckpt = CheckpointManager(self.out, self.rank, self.world, cfg.checkpoint.keep_last_n)
+        resume_tag = self.ckpt.latest() if cfg.checkpoint.resume == "auto" else None
+        self.ds_config = build_ds_config(cfg)
+        load_dir, load_tag = str(self.ckpt.root), resume_tag
+        if resume_tag is not None and self.ckpt.needs_universal(resume_tag, ds.zero_stage):
+            load_dir, load_tag = self.ckpt.prepare_universal(resume_tag)
+            self.ds_config["checkpoint"] = {"load_universal": True}
+
+        self.engine = self._build_engine()
+        self.float_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ds.precision]
+        self.ema = EMA(self.engine.module, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.enabled else None
+        self.step, self.epoch, self.nonfinite = 0, 0, 0
+        self.best: Optional[float] = None
+        self.notes: list[str] = []
+        if resume_tag is not None:
+            self._resume(load_dir, load_tag, resume_tag)
+        elif self.is_main:
+            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.peak = device_peak(ds.precision, cfg.log.peak_tflops)
+        self.stop = dist_utils.StopRequest().install()
+        self.logger = MetricsLogger(cfg.log, self.out, to_dict(cfg), self.total_steps, self.step, self.is_main)
+        if resume_tag is not None:
+            self.notes.insert(0, f"resumed from {resume_tag} at step {self.step}"
+                              + (" through a universal checkpoint" if load_tag == "universal" else ""))
+        for note in self.notes:
+            self.logger.write(note)
+
+    # -- construction --------------------------------------------------------------------------
+
+    def _load_tokenizer(self):
+        from models.tokenizer import Tokenizer
+
+        if self.cfg.tokenizer:
+            return Tokenizer.load(self.cfg.tokenizer)
+        if Path(self.cfg.bpe_dir).is_dir():
+            return Tokenizer.from_gpt2_files(self.cfg.bpe_dir)
+        return None
+
+    def _task_names(self) -> list[str]:
+        from data.tasks import TASK_NAMES
+
+        return list(TASK_NAMES)
+
+    def _build_train_loader(self):
+        from data.loader import build_train_loader
+
+        if not self.cfg.data.streams:
+            raise ValueError("data.streams is empty: nothing to train on")
+        if self.tokenizer is None:
+            raise ValueError(f"no tokenizer: set tokenizer=<dir> or bpe_dir (not found: {self.cfg.bpe_dir})")
+        return build_train_loader(self.cfg.data, self.tokenizer, self.rank, self.world)
+
+    def _build_eval_loader(self):
+        from data.loader import build_eval_loader
+
+        if not self.cfg.data.eval_streams:
+            return None
+        return build_eval_loader(self.cfg.data, self.tokenizer, self.rank, self.world)
+
+    def _total_steps(self) -> int:
+        optim = self.cfg.optim
+        limits = []
+        if optim.max_steps is not None:
+            limits.append(optim.max_steps)
+        if optim.max_epochs is not None:
+            limits.append(optim.max_epochs * max(1, len(self.train_loader) // optim.grad_accum))
+        return min(limits)
+
+    def _build_engine(self):
+        import deepspeed
+
+        cfg, ds = self.cfg, self.cfg.deepspeed
+        init_state = None
+        if cfg.checkpoint.init_from:
+            from models.checkpoint import read_model_weights
+
+            init_state = read_model_weights(cfg.checkpoint.init_from)
+        zero_init = use_zero_init(self.model_cfg, ds.zero_stage, ds.zero_init)
+        model = build_model(self.model_cfg, self.ds_config, zero_init, init_state)
+        if cfg.optim.freeze_embeddings:
+            model.embed_tokens.weight.requires_grad_(False)
+        if ds.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if ds.zero_stage == 3:
+            register_external_parameters(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optim = cfg.optim
+        optimizer = None
+        if optim.implementation == "torch":
+            optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                                          weight_decay=optim.weight_decay,
+                                          fused=self.dist.device.type == "cuda" and ds.offload_optimizer == "none")
+        schedule = lr_lambda(optim, self.total_steps)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=params if optimizer is None else None,
+            config=self.ds_config, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        return engine
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        """Per-rank buffers (BatchNorm statistics drift apart across ranks; restore each rank's own)."""
+        return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()
+                if k in dict(self.engine.module.named_buffers())}
+
+    def save(self) -> str:
+        client = {"step": self.step, "epoch": self.epoch, "nonfinite": self.nonfinite, "best": self.best,
+                  "config": to_dict(self.cfg), "world_size": self.world}
+        rank_state = {"loader": self.train_loader.state_dict(), "rng": rng_state(), "buffers": self._buffers(),
+                      "ema": self.ema.state_dict() if self.ema is not None else None}
+        start = time.perf_counter()
+        tag = self.ckpt.save(self.engine, self.step, client, rank_state, self.cfg.deepspeed.zero_stage)
+        self.logger.write(f"checkpoint {tag} saved in {time.perf_counter() - start:.1f}s")
+        return tag
+
+    def _resume(self, load_dir: str, load_tag: str, tag: str) -> None:
+        path, client = self.engine.load_checkpoint(load_dir, tag=load_tag, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if path is None:
+            raise ResumeError(f"DeepSpeed could not load {load_dir}/{load_tag}")
+        saved_model = client["config"]["model"]
+        if saved_model != to_dict(self.cfg)["model"]:
+            raise ResumeError(f"checkpoint {tag} was trained with model {saved_model}, this run asks for "
+                              f"{to_dict(self.cfg)['model']}; use a new output_dir or checkpoint.init_from")
+        self.step, self.epoch = client["step"], client["epoch"]
+        self.nonfinite, self.best = client["nonfinite"], client["best"]
+        state = self.ckpt.load_rank_state(tag)
+        same_world = client["world_size"] == self.world
+        self.train_loader.load_state_dict(state["loader"])
+        if same_world:
+            own = dict(self.engine.module.named_buffers())
+            with torch.no_grad():
+                for name, value in state["buffers"].items():
+                    own[name].copy_(value)
+        if self.ema is not None:
+            if state["ema"] is not None and (same_world or not state["ema"]["partitioned"]):
+                self.ema.load_state_dict(state["ema"])
+            else:
+                self.notes.append("EMA restarted from the current weights (its ZeRO-3 partitions were saved "
+                                  "by another world size)")
+        set_rng_state(state["rng"])
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _batches(self) -> Iterator[dict]:
+        """Training batches forever, counting epochs (the loader's state resumes mid-epoch)."""
+        while True:
+            yielded = False
+            for batch in self.train_loader:
+                yielded = True
+                yield batch
+            if not yielded:
+                raise RuntimeError("the training loader yielded no batch in a whole epoch")
+            self.epoch += 1
+
+    def _forward_loss(self, batch: dict, train: bool):
+        logits = self.engine(src_tokens=batch["src_tokens"], prev_output_tokens=batch["prev_output_tokens"],
+                             patch_images=batch.get("patch_images"), patch_masks=batch.get("patch_masks"),
+                             code_masks=batch.get("code_masks"),
+                             sample_patch_num=self.cfg.sample_patch_num if train else None)
+        return label_smoothed_cross_entropy(
+            logits, batch["target"], self.cfg.optim.label_smoothing if train else 0.0,
+            pad_id=self.model_cfg.pad_id, conf=batch.get("conf"), constraint_masks=batch.get("constraint_masks"),
+            loss_groups=batch.get("loss_groups"), group_weights=batch.get("group_weights"))
+
+    def _new_window(self) -> dict:
+        n = len(self.task_names)
+        return {"stats": torch.zeros(8, dtype=torch.float64), "tasks": torch.zeros(n, 2, dtype=torch.float64),
+                "start": time.perf_counter(), "steps": 0}
+
+    def train(self) -> dict:
+        """Train to the configured end; returns the last evaluation's metrics."""
+        cfg = self.cfg
+        metrics: dict = {}
+        if self.step >= self.total_steps:
+            self.logger.write(f"already at step {self.step} of {self.total_steps}")
+        batches = self._batches()
+        window = self._new_window()
+        last_eval_step, last_save_step = -1, self.step
+        try:
+            while self.step < self.total_steps:
+                self.engine.train()
+                batch = _move(next(batches), self.dist.device, self.float_dtype)
+                out = self._forward_loss(batch, train=True)
+                flags = torch.tensor([0.0 if torch.isfinite(out.loss) else 1.0, float(self.stop.requested)])
+                dist_utils.all_reduce(flags, "max")
+                if flags[0] > 0:
+                    self.nonfinite += 1
+                    self.logger.write(f"step {self.step}: non-finite loss, micro-batch skipped "
+                                      f"({self.nonfinite} so far)")
+                    if self.nonfinite > cfg.max_nonfinite_steps:
+                        raise NonFiniteLossError(f"{self.nonfinite} non-finite losses (limit "
+                                                 f"max_nonfinite_steps={cfg.max_nonfinite_steps})")
+                    continue
+                self.engine.backward(out.loss)
+                boundary = self.engine.is_gradient_accumulation_boundary()
+                if boundary and self.engine.zero_optimization_stage() == 0 and \
+                        self.cfg.deepspeed.precision == "fp32":
+                    window["grad_norm"] = self._unclipped_grad_norm()
+                self.engine.step()
+                self._accumulate(window, batch, out)
+                if not boundary:
+                    continue
+                self.step += 1
+                window["steps"] += 1
+                if self.ema is not None:
+                    self.ema.update(self.engine.module, self.step)
+                self.logger.advance(1)
+                if self.step % cfg.log.interval == 0 or self.step == self.total_steps:
+                    self.logger.log(self.step, self._window_metrics(window))
+                    window = self._new_window()
+                if self.eval_loader is not None and cfg.eval.interval and self.step % cfg.eval.interval == 0:
+                    metrics = self.evaluate_and_track()
+                    last_eval_step = self.step
+                if flags[1] > 0:
+                    self.save()
+                    self.logger.write(f"stopping on signal at step {self.step}: checkpoint saved, exit "
+                                      f"{EXIT_RESUME} (resume to continue)")
+                    raise TrainingStopped()
+                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                    self.save()
+                    last_save_step = self.step
+            if self.eval_loader is not None and cfg.eval.at_end and last_eval_step != self.step:
+                metrics = self.evaluate_and_track()
+            if cfg.checkpoint.at_end and last_save_step != self.step:
+                self.save()
+        finally:
+            self.logger.close()
+            self.stop.uninstall()
+        return metrics
+
+    def _accumulate(self, window: dict, batch: dict, out) -> None:
+        images = batch.get("patch_images")
+        image_tokens = 0.0
+        if images is not None:
+            per_image = ((images.shape[-2] + 15) // 16) * ((images.shape[-1] + 15) // 16)
+            if self.cfg.sample_patch_num is not None:
+                per_image = min(per_image, self.cfg.sample_patch_num)
+            image_tokens = float(batch["patch_masks"].sum()) * per_image
+        text_tokens = float(batch["src_tokens"].ne(self.model_cfg.pad_id).sum() + out.sample_tokens.sum())
+        window["stats"] += torch.tensor([
+            float(out.sample_loss.sum()), float(out.sample_nll.sum()), float(out.sample_tokens.sum()),
+            float(out.sample_correct.sum()), float(batch["src_tokens"].shape[0]), text_tokens + image_tokens,
+            batch_train_flops(self.model_cfg, batch, self.cfg.sample_patch_num), 0.0], dtype=torch.float64)
+        if "task_ids" in batch:
+            ids = batch["task_ids"].cpu()
+            window["tasks"][:, 0].index_add_(0, ids, out.sample_loss.double().cpu())
+            window["tasks"][:, 1].index_add_(0, ids, out.sample_tokens.double().cpu())
+
+    def _memory_gb(self) -> float:
+        if self.dist.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.dist.device) / 2**30
+        return psutil.Process().memory_info().rss / 2**30
+
+    def _window_metrics(self, window: dict) -> dict:
+        """Collective: sums the window over ranks into the logged metrics."""
+        stats = window["stats"].clone()
+        stats[7] = self._memory_gb()
+        summed = dist_utils.all_reduce(stats[:7].clone())
+        memory = dist_utils.all_reduce(stats[7:].clone(), "max")
+        tasks = dist_utils.all_reduce(window["tasks"].clone())
+        loss_sum, nll_sum, tokens, correct, samples, all_tokens, flops = summed.tolist()
+        elapsed = max(time.perf_counter() - window["start"], 1e-9)
+        metrics = {
+            "loss": loss_sum / max(tokens, 1), "nll": nll_sum / max(tokens, 1),
+            "accuracy": correct / max(tokens, 1),
+            "lr": self.engine.get_lr()[0], "grad_norm": self._grad_norm(window),
+            "step_time_s": elapsed / max(window["steps"], 1),
+            "samples_per_s": samples / elapsed, "tokens_per_s": all_tokens / elapsed,
+            "mfu": flops / elapsed / (self.world * self.peak.tflops * 1e12),
+            "memory_gb": float(memory[0]), "epoch": self.epoch, "nonfinite_skipped": self.nonfinite,
+        }
+        if self.cfg.deepspeed.precision == "fp16":
+            metrics["loss_scale"] = float(self.engine.optimizer.cur_scale)
+        for i, name in enumerate(self.task_names):
+            if tasks[i, 1] > 0:
+                metrics[f"loss/{name}"] = float(tasks[i, 0] / tasks[i, 1])
+        return metrics
+
+    def _grad_norm(self, window: dict) -> float:
+        """DeepSpeed's norm of the last step; its plain fp32 path (stage 0) records none, so ours is used."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return window.get("grad_norm", float("nan"))
+        return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
+    def _unclipped_grad_norm(self) -> float:
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Loss, perplexity and token accuracy over the eval set (overall and per task), every rank agreeing.
+
+        Every rank runs a forward each round, also when its share is exhausted (it repeats its last
+        batch and discards the result): ZeRO-3 gathers parameters collectively inside the forward.
+        """
+        from engine.evaluate import eval_metrics
+
+        use_ema = self.ema is not None and self.cfg.eval.use_ema
+        self.engine.eval()
+        records: list[tuple[str, int, float, float, int, int]] = []
+        context = self.ema.swapped_in(self.engine.module) if use_ema else nullcontext()
+        with context:
+            iterator = iter(self.eval_loader)
+            last = None
+            rounds = 0
+            while self.cfg.eval.max_batches is None or rounds < self.cfg.eval.max_batches:
+                batch = next(iterator, None)
+                alive = dist_utils.all_reduce(torch.tensor([0.0 if batch is None else 1.0]), "max")
+                if alive[0] == 0:
+                    break
+                rounds += 1
+                if batch is None:
+                    if last is None:
+                        raise RuntimeError(f"rank {self.rank} got no evaluation batch at all")
+                    self._forward_loss(last, train=False)
+                    continue
+                last = _move(batch, self.dist.device, self.float_dtype)
+                out = self._forward_loss(last, train=False)
+                task_ids = batch.get("task_ids", torch.zeros(len(batch["ids"]), dtype=torch.long)).tolist()
+                records.extend(zip(batch["ids"], task_ids, out.sample_loss.tolist(), out.sample_nll.tolist(),
+                                   out.sample_tokens.tolist(), out.sample_correct.tolist()))
+        gathered = [records]
+        if self.world > 1:
+            gathered = [None] * self.world
+            torch.distributed.all_gather_object(gathered, records)
+        return eval_metrics([r for part in gathered for r in part], self.task_names)
+
+    def evaluate_and_track(self) -> dict:
+        start = time.perf_counter()
+        metrics = self.evaluate()
+        key, mode = self.cfg.eval.metric, self.cfg.eval.mode
+        if key not in metrics:
+            raise KeyError(f"eval.metric {key!r} is not among the evaluation results {sorted(metrics)}")
+        value = metrics[key]
+        improved = self.best is None or (value < self.best if mode == "min" else value > self.best)
+        if improved:
+            self.best = value
+            if self.cfg.eval.export_best:
+                self.export(self.out / "best")
+        logged = {f"eval/{k}": v for k, v in metrics.items()}
+        logged["eval/best"] = self.best
+        logged["eval/time_s"] = time.perf_counter() - start
+        self.logger.log(self.step, logged)
+        return metrics
+
+    def export(self, directory: Path) -> None:
+        """Write a model directory (models.checkpoint format) with the evaluated weights (EMA if used)."""
+        from models.checkpoint import save_pretrained
+
+        use_ema = self.ema is not None and self.cfg.eval.use_ema
+        module = self.engine.module
+        with (self.ema.swapped_in(module) if use_ema else nullcontext()):
+            with _gathered(module, self.cfg.deepspeed.zero_stage):
+                if self.is_main:
+                    save_pretrained(module, directory, self.tokenizer, overwrite=True)
+        dist_utils.barrier()
+
+
+def _gathered(module, zero_stage: int):
+    if zero_stage != 3:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+

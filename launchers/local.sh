@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Local launcher: one rank per GPU on this machine, or N CPU processes (DeepSpeed's CPU accelerator, gloo).
+#
+#   launchers/local.sh [-n RANKS] [-m MODULE] [--] [ARGS...]
+#
+# RANKS defaults to the number of GPUs, or 2 without GPUs; MODULE defaults to engine.train, so with no
+# arguments this runs the demo (the README's main job). ARGS go to every rank: --config FILE key=value ...
+#
+# Failure handling: when a rank exits non-zero the others get 5 s to exit on their own, then SIGKILL,
+# so a dead rank never leaves its peers hanging in a collective. SIGTERM / SIGUSR1 / SIGINT sent to this
+# script are forwarded to every rank (the trainer checkpoints and exits 75); ranks exiting 75 get up to
+# RESUME_GRACE_S (600 s) to finish writing. The exit status is the first non-zero rank status (75 when
+# the job stopped for a resumable reason).
+set -u
+
+ranks=""
+module="engine.train"
+while getopts "n:m:h" opt; do
+    case "$opt" in
+        n) ranks="$OPTARG" ;;
+        m) module="$OPTARG" ;;
+        h) sed -n '2,14p' "$0"; exit 0 ;;
+        *) sed -n '2,14p' "$0" >&2; exit 2 ;;
+    esac
+done
+shift $((OPTIND - 1))
+[ "${1:-}" = "--" ] && shift
+
+PYTHON="${PYTHON:-python}"
+gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ -z "$ranks" ]; then
+    if [ "$gpus" -gt 0 ]; then ranks="$gpus"; else ranks=2; fi
+fi
+if ! [[ "$ranks" =~ ^[1-9][0-9]*$ ]]; then
+    echo "local.sh: -n must be a positive integer, got '$ranks'" >&2
+    exit 2
+fi
+if [ "$gpus" -eq 0 ]; then
+    export DS_ACCELERATOR=cpu
+    cores=$(nproc)
+    threads=$(( cores / ranks )); [ "$threads" -lt 1 ] && threads=1
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$threads}"
+elif [ "$ranks" -gt "$gpus" ]; then
+    echo "local.sh: $ranks ranks requested but only $gpus GPUs" >&2
+    exit 2
+fi
+
+export MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+export MASTER_PORT="${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}"
+export WORLD_SIZE="$ranks" LOCAL_WORLD_SIZE="$ranks"
+export PYTHONUNBUFFERED=1
+
+pids=()
+for ((r = 0; r < ranks; r++)); do
+    RANK=$r LOCAL_RANK=$r "$PYTHON" -m "$module" "$@" &
+    pids+=($!)
+done
+
+forward() {
+    for pid in "${pids[@]}"; do kill -s "$1" "$pid" 2>/dev/null; done
+}
+trap 'forward TERM' TERM INT
+trap 'forward USR1' USR1
+
+status=0
+live=("${pids[@]}")
+killer=""
+while [ "${#live[@]}" -gt 0 ]; do
+    finished=""
+    wait -n -p finished "${live[@]}"
+    rc=$?
+    if [ -z "$finished" ]; then
+        continue  # a forwarded signal interrupted the wait
+    fi
+    still=()
+    for pid in "${live[@]}"; do [ "$pid" != "$finished" ] && still+=("$pid"); done
+    live=("${still[@]+"${still[@]}"}")
+    if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then
+        status=$rc
+        if [ "$rc" -eq 75 ]; then grace="${RESUME_GRACE_S:-600}"; else grace=5; fi
+        echo "local.sh: rank with pid $finished exited with status $rc; stopping the job (grace ${grace}s)" >&2
+        ( sleep "$grace"; for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null; done ) &
+        killer=$!
+    fi
+done
+[ -n "$killer" ] && kill "$killer" 2>/dev/null
+exit "$status"
