@@ -202,18 +202,21 @@ def _redacted_env(env: Mapping[str, str]) -> str:
     return "".join(f"{k}={'<redacted>' if _SECRET.search(k) else v}\n" for k, v in sorted(env.items()))
 
 
-def prepare(train_args: Sequence[str], env: Mapping[str, str]) -> str:
+def prepare(module: str, train_args: Sequence[str], env: Mapping[str, str]) -> str:
     """Batch step: validate the run config, capture it with the job's environment, write the hostfile.
 
-    Returns ``export`` lines for the sbatch script: the run and log directories, the hostfile and
-    MASTER_ADDR / MASTER_PORT (a port free on this, the first, node unless MASTER_PORT is set).
+    ``module`` is the training entry point; its ``parse(argv)`` reads the settings exactly as the ranks
+    will, so a bad key fails here, before any node starts. Returns ``export`` lines for the sbatch
+    script: the run and log directories, the hostfile and MASTER_ADDR / MASTER_PORT (a port free on
+    this, the first, node unless MASTER_PORT is set).
     """
+    import importlib
+
     import yaml
 
     from engine.config import to_dict
-    from engine.run_config import RunConfig
 
-    cfg = parse_cli(RunConfig, list(train_args), description="the training run's settings")
+    cfg = importlib.import_module(module).parse(list(train_args))
     run_dir = Path(cfg.output_dir).resolve()
     job_id = _get(env, "SLURM_JOB_ID", "SLURM_JOBID")
     attempt = env.get("SLURM_RESTART_COUNT", "0")
@@ -226,7 +229,7 @@ def prepare(train_args: Sequence[str], env: Mapping[str, str]) -> str:
     _write_atomic(hostfile, "\n".join(hosts) + "\n")
     _write_atomic(capture / "hostfile", "\n".join(hosts) + "\n")
     _write_atomic(capture / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    _write_atomic(capture / "command.txt", shlex.join(["python", "-m", "engine.train", *train_args]) + "\n")
+    _write_atomic(capture / "command.txt", shlex.join(["python", "-m", module, *train_args]) + "\n")
     _write_atomic(capture / "environment.txt", _redacted_env(env))
     exports = {
         "BIOMEDGPT_RUN_DIR": str(run_dir),
@@ -285,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     train_args = argv[split + 1:]
     try:
         if cfg.action == "prepare":
-            sys.stdout.write(prepare(train_args, os.environ))
+            sys.stdout.write(prepare(cfg.module, train_args, os.environ))
         elif cfg.action == "rank-exec":
             rank_exec(cfg, train_args)
         elif cfg.action == "node-exec":

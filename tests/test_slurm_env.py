@@ -145,7 +145,9 @@ def test_hostfile_for_the_deepspeed_launcher(tmp_path):
 def test_prepare_captures_the_run_and_exports(tmp_path):
     env = {**_task_env("n[1-2]", "2(x2)", 0), "SLURM_RESTART_COUNT": "1", "WANDB_API_KEY": "hush"}
     out = tmp_path / "run"
-    exports = prepare([f"output_dir={out}", "optim.max_steps=3"], env)
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(f"output_dir: {out}\n")
+    exports = prepare("engine.train", ["--config", str(cfg_file), "optim.max_steps=3"], env)
     values = dict(line.removeprefix("export ").split("=", 1) for line in exports.splitlines())
     assert values["BIOMEDGPT_RUN_DIR"] == str(out)
     assert values["MASTER_ADDR"] == "n1" and 1024 <= int(values["MASTER_PORT"]) < 65536
@@ -161,7 +163,7 @@ def test_prepare_captures_the_run_and_exports(tmp_path):
 
 def test_prepare_rejects_a_bad_config_before_anything_starts(tmp_path):
     with pytest.raises(SystemExit):
-        prepare([f"output_dir={tmp_path}", "optim.max_stepz=3"], _task_env("vm", "2", 0))
+        prepare("engine.train", [f"output_dir={tmp_path}", "optim.max_stepz=3"], _task_env("vm", "2", 0))
     assert not (tmp_path / "slurm").exists()
 
 

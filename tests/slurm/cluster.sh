@@ -188,9 +188,14 @@ start() {
     alive "$BASE/slurmd-$HOST.pid" || slurmd -f "$CONF" -N "$HOST"
     if [[ $multi == 1 ]]; then
         for node in "${NS_NODES[@]}"; do
-            # nsenter, not "ip netns exec": that remounts /sys, hiding the cgroup fs slurmd probes.
             mkdir -p "$BASE/spool-$node"
-            alive "$BASE/slurmd-$node.pid" || nsenter --net="/run/netns/bgslurm-$node" slurmd -f "$CONF" -N "$node"
+            alive "$BASE/slurmd-$node.pid" && continue
+            # Like a separate machine: its own network, IPC and /dev/shm (the streaming loader keeps
+            # per-node state in shared memory); the file systems stay shared. nsenter, not
+            # "ip netns exec": that remounts /sys, hiding the cgroup fs slurmd probes.
+            unshare --mount --ipc --propagation private sh -c \
+                "mount -t tmpfs -o size=4g tmpfs /dev/shm &&
+                 exec nsenter --net=/run/netns/bgslurm-$node slurmd -f '$CONF' -N $node"
         done
     fi
     wait_idle "$(nodes_expected)"

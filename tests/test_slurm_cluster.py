@@ -1,0 +1,220 @@
+"""The sbatch scripts on a real SLURM (tests/slurm/cluster.sh): training, pre-emption + requeue, two nodes.
+
+The cluster is started here if it is not up (and stopped again afterwards); the tests skip only when
+its daemons cannot start. Every job trains a tiny-shaped model on CPU with gloo for a few steps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
+SLURM_DIR = Path(os.environ.get("BIOMEDGPT_SLURM_DIR", "/tmp/biomedgpt-slurm"))
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}
+
+pytestmark = pytest.mark.timeout(900)
+
+
+class Slurm:
+    """sbatch / scontrol against the test cluster."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        done = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=60)
+        if check and done.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr}")
+        return done
+
+    @property
+    def partitions(self) -> set[str]:
+        return set(self.run("sinfo", "-h", "-o", "%R").stdout.split())
+
+    def submit(self, *args: str, env: dict[str, str] | None = None) -> str:
+        done = subprocess.run(["sbatch", "--parsable", *args], env={**self.env, **(env or {})}, cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"sbatch failed: {done.stderr}"
+        return done.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        out = self.run("scontrol", "-o", "show", "job", job_id).stdout
+        return dict(re.findall(r"(\w+)=(\S*)", out))
+
+    def wait(self, job_id: str, until, timeout: float, what: str) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.job(job_id)
+            if until(info):
+                return info
+            if info["JobState"] in FINAL_STATES:
+                break
+            time.sleep(0.5)
+        raise AssertionError(f"job {job_id} never {what}: {info}\n{_batch_log(info)}")
+
+
+def _batch_log(info: dict[str, str]) -> str:
+    path = Path(info.get("StdOut", ""))
+    return f"--- {path}\n{path.read_text()[-4000:]}" if path.is_file() else f"(no batch log at {path})"
+
+
+def _done(info: dict[str, str]) -> bool:
+    return info["JobState"] in FINAL_STATES
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    env = {**os.environ, "SLURM_CONF": str(SLURM_DIR / "slurm.conf")}
+    already_up = subprocess.run(["sinfo", "-h"], env=env, capture_output=True, timeout=30).returncode == 0 \
+        if (SLURM_DIR / "slurm.conf").exists() else False
+    try:
+        started = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True,
+                                 timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"the SLURM daemons could not start: {exc}")
+    if started.returncode != 0:
+        pytest.skip(f"the SLURM daemons could not start: {started.stderr[-2000:]}")
+    yield Slurm(env)
+    if not already_up:
+        subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, timeout=120)
+
+
+SOURCES = [
+    "the patient reports chest pain radiating to the left arm since this morning with sweating",
+    "mild cough and fever for three days, no shortness of breath, lungs clear on auscultation",
+    "follow up visit after knee surgery, swelling reduced, walking with a cane, pain controlled",
+    "headache with visual aura twice a week, worse with bright light, relieved by sleep",
+]
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory) -> Path:
+    """A small summarization shard set (text only: no image decoding in a 2-CPU job)."""
+    from data.mds import ShardWriter
+    from data.records import make_record
+
+    out = tmp_path_factory.mktemp("slurm-data") / "summarization"
+    writer = ShardWriter(str(out))
+    for i in range(64):
+        text = SOURCES[i % len(SOURCES)]
+        writer.write(make_record(f"s{i}", "summarization", {"source": f"{text} case {i}",
+                                                             "summary": " ".join(text.split()[:4])}))
+    writer.commit()
+    return out
+
+
+def _config(tmp_path: Path, data: Path, name: str, max_steps: int, checkpoint_interval: int) -> Path:
+    """A tiny-shaped training run; every step is logged so tests can check the step sequence."""
+    cfg = {
+        "model": {"size": "tiny", "overrides": {"d_model": 64, "ffn_dim": 128, "encoder_layers": 1,
+                                                "decoder_layers": 1, "heads": 2, "resnet_layers": [1, 1, 1]}},
+        "data": {"streams": [{"name": "summarization", "task": "summarization", "remote": str(data)}],
+                 "cache_dir": str(tmp_path / f"cache-{name}"), "batch_size": 2, "patch_image_size": 32,
+                 "max_src_tokens": 40, "max_tgt_tokens": 12, "num_workers": 0, "group_weights": [1.0]},
+        "optim": {"lr": 1e-3, "max_steps": max_steps, "warmup_steps": 1},
+        "eval": {"at_end": False, "interval": 0},
+        "log": {"interval": 1, "progress_bar": False, "wandb_mode": "disabled"},
+        "checkpoint": {"interval": checkpoint_interval, "keep_last_n": 2},
+        "output_dir": str(tmp_path / name),
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _steps(run_dir: Path) -> list[int]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return [r["step"] for r in records if "step" in r and "loss" in r]
+
+
+def _sbatch_args(tmp_path: Path, *extra: str) -> list[str]:
+    return ["--gpus-per-node=0", "--time=10", f"--output={tmp_path}/slurm-%j.out", f"--chdir={REPO}", *extra]
+
+
+def test_sbatch_trains_two_ranks_with_srun(slurm, train_data, tmp_path):
+    cfg = _config(tmp_path, train_data, "run", max_steps=6, checkpoint_interval=3)
+    job = slurm.submit(*_sbatch_args(tmp_path, "--partition=debug", "--ntasks-per-node=2"),
+                       "launchers/slurm_train.sbatch", "--config", str(cfg))
+    info = slurm.wait(job, _done, 300, "finished")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _batch_log(info)
+    run = tmp_path / "run"
+    assert _steps(run) == [1, 2, 3, 4, 5, 6]
+    assert (run / "checkpoints" / "latest").is_file()
+    assert (run / "config.yaml").is_file()
+    logs = run / "slurm" / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["rank-0.log", "rank-1.log"]
+    capture = run / "slurm" / f"job{job}-attempt0"
+    environment = (capture / "environment.txt").read_text()
+    assert f"SLURM_JOB_ID={job}" in environment and "SLURM_TASKS_PER_NODE=2" in environment
+    assert yaml.safe_load((capture / "config.yaml").read_text())["optim"]["max_steps"] == 6
+
+
+def test_preemption_checkpoints_requeues_and_resumes(slurm, train_data, tmp_path):
+    """The deepspeed launcher's processes get SIGUSR1 from SLURM too; they must outlive it."""
+    cfg = _config(tmp_path, train_data, "run", max_steps=8, checkpoint_interval=1000)
+    job = slurm.submit(*_sbatch_args(tmp_path, "--partition=debug", "--ntasks-per-node=2"),
+                       "launchers/slurm_train.sbatch", "--config", str(cfg),
+                       env={"BIOMEDGPT_LAUNCHER": "deepspeed"})
+    run = tmp_path / "run"
+    deadline = time.monotonic() + 240
+    while not ((run / "metrics.jsonl").is_file() and len(_steps(run)) >= 2):
+        info = slurm.job(job)
+        assert not _done(info) and time.monotonic() < deadline, f"no training steps\n{_batch_log(info)}"
+        time.sleep(0.2)
+    slurm.run("scancel", "--batch", "--signal=USR1", job)  # what --signal=B:USR1@N delivers
+    info = slurm.wait(job, lambda i: int(i["Restarts"]) >= 1, 120, "requeued")
+    info = slurm.wait(job, _done, 300, "finished after the requeue")
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", _batch_log(info)
+    steps = _steps(run)
+    assert steps == list(range(1, 9)), f"logged steps have a gap or a repeat: {steps}"
+    batch_log = _batch_log(info)
+    assert "requeueing job" in batch_log and "ranks exited with status 75" in batch_log
+    resumed = int(re.search(r"resumed from \S+ at step (\d+)", (run / "metrics.jsonl").read_text()
+                            + "".join(p.read_text() for p in (run / "slurm" / "logs").iterdir())).group(1))
+    assert 2 <= resumed < 8
+    assert (run / "slurm" / f"job{job}-attempt1" / "environment.txt").is_file()
+
+
+def test_two_nodes_in_separate_network_namespaces(slurm, train_data, tmp_path):
+    """n1 and n2 are slurmd daemons in their own network namespaces: ranks rendezvous across them."""
+    if "multi" not in slurm.partitions:
+        pytest.skip("the cluster has no two-node partition (network namespaces could not be made)")
+    cfg = _config(tmp_path, train_data, "run", max_steps=4, checkpoint_interval=2)
+    job = slurm.submit(*_sbatch_args(tmp_path, "--partition=multi", "--nodes=2", "--ntasks-per-node=1",
+                                     "--export=ALL,BIOMEDGPT_LAUNCHER=deepspeed,GLOO_SOCKET_IFNAME=eth0"),
+                       "launchers/slurm_train.sbatch", "--config", str(cfg))
+    info = slurm.wait(job, _done, 300, "finished")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _batch_log(info)
+    run = tmp_path / "run"
+    assert _steps(run) == [1, 2, 3, 4]
+    capture = run / "slurm" / f"job{job}-attempt0"
+    assert (capture / "hostfile").read_text() == "n1 slots=1\nn2 slots=1\n"
+    assert "MASTER_ADDR" not in (capture / "environment.txt").read_text()  # chosen by prepare: n1
+    logs = run / "slurm" / "logs"
+    node_logs = {p.name: p.read_text() for p in logs.glob("node-*.log")}
+    assert set(node_logs) == {"node-0.log", "node-1.log"}
+    assert "--node_rank=1" in node_logs["node-1.log"] and "master_addr=n1" in node_logs["node-1.log"]
+    assert len(list(logs.glob("*_rank*.log"))) == 2
+
+
+def test_sweep_array_runs_one_config_per_index(slurm, train_data, tmp_path):
+    first = _config(tmp_path, train_data, "a", max_steps=2, checkpoint_interval=1000)
+    second = _config(tmp_path, train_data, "b", max_steps=2, checkpoint_interval=1000)
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text(f"# two runs\n{first}\n\n{second} optim.max_steps=3\n")
+    job = slurm.submit(*_sbatch_args(tmp_path, "--partition=debug", "--ntasks-per-node=1", "--array=0-1"),
+                       "launchers/slurm_sweep.sbatch", str(sweep))
+    for index in (0, 1):
+        info = slurm.wait(f"{job}_{index}", _done, 300, "finished")
+        assert info["JobState"] == "COMPLETED", _batch_log(info)
+    assert _steps(tmp_path / "a") == [1, 2]
+    assert _steps(tmp_path / "b") == [1, 2, 3]
