@@ -1,0 +1,394 @@
+"""ZeRO checkpoint tools on real 2-rank DeepSpeed (gloo, CPU) checkpoints of a tiny-shaped BiomedGPT.
+
+One 2-rank job trains ZeRO 1, 2 and 3 engines in turn, saves each through the engine's
+``CheckpointManager`` (with an EMA), and records the live model's logits; the ZeRO-3 run then trains on
+to give the uninterrupted loss trajectory. Run as a script, this file is that rank worker.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = {"size": "tiny", "overrides": {"d_model": 64, "ffn_dim": 128, "encoder_layers": 1, "decoder_layers": 1,
+                                       "heads": 2, "resnet_layers": [1, 1, 1], "vocab_size": 1000, "dropout": 0.0}}
+SAVE_STEP, LAST_STEP = 2, 5  # checkpoint after 2 steps; the ZeRO-3 run goes on to step 5
+GLOBAL_BATCH = 4
+# 2 ranks vs 1 rank is the same math summed in another order: the weights restored from the universal
+# checkpoint give the first loss to float precision; after that Adam's normalised updates amplify the
+# rounding differences of near-zero gradients (measured: 3e-4 relative after 3 steps).
+FIRST_LOSS_RTOL = 1e-6
+LOSS_RTOL = 2e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# Rank worker (run as a script)
+# ----------------------------------------------------------------------------------------------
+
+
+def _batch(step: int, cfg, rank: int, world: int, images: bool) -> dict:
+    """This rank's share of the global batch of ``step`` (the same samples whatever the world size)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    batch = {"src_tokens": torch.randint(4, cfg.vocab_size, (GLOBAL_BATCH, 10), generator=g),
+             "prev_output_tokens": torch.randint(4, cfg.vocab_size, (GLOBAL_BATCH, 6), generator=g),
+             "target": torch.randint(4, cfg.vocab_size, (GLOBAL_BATCH, 6), generator=g)}
+    if images:
+        batch["patch_images"] = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)
+        batch["patch_masks"] = torch.ones(GLOBAL_BATCH, dtype=torch.bool)
+    share = GLOBAL_BATCH // world
+    return {k: v[rank * share:(rank + 1) * share] for k, v in batch.items()}
+
+
+def _engine(model, stage: int, world: int, extra: dict | None = None):
+    import deepspeed
+
+    if stage == 3:
+        # OFA reads embedding tables in a parent's forward and the encoder returns a dataclass, whose
+        # tensors ZeRO-3's backward hooks cannot see: keep every parameter gathered for the top module.
+        for param in model.parameters():
+            deepspeed.zero.register_external_parameter(model, param)
+    config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world, "gradient_accumulation_steps": 1,
+              "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
+              "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9, **(extra or {})}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def _train_step(engine, step: int, cfg, rank: int, world: int, images: bool) -> float:
+    from engine.distributed import all_reduce
+
+    batch = _batch(step, cfg, rank, world, images)
+    target = batch.pop("target")
+    logits = engine(**batch)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+    engine.backward(loss)
+    engine.step()
+    return all_reduce(loss.detach().clone(), "sum").item() / world
+
+
+def _full_state(module, stage: int) -> dict[str, torch.Tensor]:
+    """The module's whole state dict on every rank (gathered from the ZeRO-3 partitions)."""
+    import contextlib
+
+    import deepspeed
+
+    gather = (deepspeed.zero.GatheredParameters(list(module.parameters())) if stage == 3
+              else contextlib.nullcontext())
+    with gather:
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@torch.no_grad()
+def _logits(module, cfg) -> torch.Tensor:
+    from tools.zero_checkpoint import sample_batch
+
+    module.eval()
+    out = module(**sample_batch(cfg))
+    module.train()
+    return out
+
+
+def worker_train(root: Path, stages: list[int]) -> None:
+    """Each stage: 2 steps (with images), an engine checkpoint with EMA, the live logits; ZeRO-3 goes on
+    text-only (BatchNorm statistics differ per rank, text steps do not touch them) to ``LAST_STEP``."""
+    from engine.checkpointing import CheckpointManager
+    from engine.distributed import init_distributed
+    from engine.ema import EMA
+    from models.checkpoint import TIED_ALIASES, load_into
+    from models.config import ModelSpec
+    from models.ofa import BiomedGPT
+
+    info = init_distributed("gloo")
+    cfg = ModelSpec(**MODEL).build()
+    for stage in stages:
+        torch.manual_seed(0)
+        engine = _engine(BiomedGPT(cfg), stage, info.world_size)
+        ema = EMA(engine.module, decay=0.5)
+        names = [n for n, _ in engine.module.named_parameters()]
+        reference_ema = {n: v.float() for n, v in _full_state(engine.module, stage).items() if n in names}
+        run_dir = root / f"zero{stage}"
+        losses = []
+        for step in range(SAVE_STEP):
+            losses.append(_train_step(engine, step, cfg, info.rank, info.world_size, images=True))
+            ema.update(engine.module, step + 1)
+            full = _full_state(engine.module, stage)
+            for name, value in reference_ema.items():
+                value.lerp_(full[name], 0.5)
+        manager = CheckpointManager(run_dir, info.rank, info.world_size, keep_last_n=2)
+        manager.save(engine, SAVE_STEP, {"step": SAVE_STEP, "config": {"model": MODEL}},
+                     {"ema": ema.state_dict()}, stage)
+        live = _logits(engine.module, cfg)
+        # The EMA's reference: a plain model holding the full-weight average kept alongside.
+        ema_model = BiomedGPT(cfg)
+        load_into(ema_model, {k: reference_ema.get(k, v) for k, v in full.items() if k not in TIED_ALIASES})
+        live_ema = _logits(ema_model, cfg)
+        if stage == 3:
+            for step in range(SAVE_STEP, LAST_STEP):
+                losses.append(_train_step(engine, step, cfg, info.rank, info.world_size, images=False))
+        if info.rank == 0:
+            torch.save({"logits": live, "ema_logits": live_ema, "losses": losses}, run_dir / "live.pt")
+
+
+def worker_resume(load_dir: Path, out: Path) -> None:
+    """One rank resumes ZeRO-3 from a universal checkpoint and trains to ``LAST_STEP``."""
+    from engine.distributed import init_distributed
+    from models.config import ModelSpec
+    from models.ofa import BiomedGPT
+
+    info = init_distributed("gloo")
+    cfg = ModelSpec(**MODEL).build()
+    engine = _engine(BiomedGPT(cfg), 3, info.world_size, {"checkpoint": {"load_universal": True}})
+    path, client = engine.load_checkpoint(str(load_dir), tag="universal", load_lr_scheduler_states=False)
+    assert path is not None and client["step"] == SAVE_STEP, (path, client)
+    losses = [_train_step(engine, step, cfg, info.rank, info.world_size, images=False)
+              for step in range(SAVE_STEP, LAST_STEP)]
+    out.write_text(json.dumps(losses))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures
+# ----------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(world: int, *args: str) -> None:
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO),
+               "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, __file__, *args], env=env, cwd=REPO,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    for proc in procs:
+        _, err = proc.communicate(timeout=400)
+        assert proc.returncode == 0, err.decode()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("zero")
+    run_ranks(2, "train", str(root), "1,2,3")
+    return root
+
+
+def tag_dir(runs: Path, stage: int) -> Path:
+    return runs / f"zero{stage}" / "checkpoints" / f"step_{SAVE_STEP:08d}"
+
+
+@pytest.fixture
+def model_cfg():
+    from models.config import ModelSpec
+
+    return ModelSpec(**MODEL).build()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tests
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_round_trip_matches_live_model(runs, stage, tmp_path, model_cfg):
+    from models.checkpoint import TIED_ALIASES, load_pretrained, read_model_weights
+    from tools.zero_checkpoint import consolidate, open_checkpoint, sample_batch
+
+    ckpt = open_checkpoint(runs / f"zero{stage}")  # the run directory: checkpoints/latest picks the tag
+    assert (ckpt.stage, ckpt.world_size, ckpt.step, ckpt.tag) == (stage, 2, SAVE_STEP, f"step_{SAVE_STEP:08d}")
+    result = consolidate(ckpt, tmp_path / "model", model_cfg, progress=False, max_shard_bytes=4 << 20)
+    assert len(list(result.output.glob("model-*.safetensors"))) > 1  # sharded, with an index
+    assert not set(TIED_ALIASES) & set(read_model_weights(result.output))
+    model = load_pretrained(result.output).eval()
+    assert model.decoder.embed_tokens.weight is model.encoder.embed_tokens.weight is model.embed_tokens.weight
+    live = torch.load(runs / f"zero{stage}" / "live.pt")
+    with torch.no_grad():
+        logits = model(**sample_batch(model_cfg))
+    torch.testing.assert_close(logits, live["logits"], rtol=0, atol=1e-5)
+
+
+def test_ema_and_bf16(runs, tmp_path, model_cfg):
+    """ZeRO-3's EMA is partitioned per rank; ZeRO-1's is whole on every rank."""
+    from models.checkpoint import load_pretrained
+    from safetensors import safe_open
+    from tools.zero_checkpoint import consolidate, open_checkpoint, sample_batch
+
+    batch = sample_batch(model_cfg)
+    for stage in (1, 3):
+        ckpt = open_checkpoint(tag_dir(runs, stage))
+        out = consolidate(ckpt, tmp_path / f"ema{stage}", model_cfg, ema=True, progress=False).output
+        with torch.no_grad():
+            logits = load_pretrained(out).eval()(**batch)
+        live = torch.load(runs / f"zero{stage}" / "live.pt")
+        torch.testing.assert_close(logits, live["ema_logits"], rtol=0, atol=1e-5)
+        assert (logits - live["logits"]).abs().max() > 1e-3  # the EMA really differs from the weights
+    out = consolidate(open_checkpoint(tag_dir(runs, 2)), tmp_path / "bf16", model_cfg, dtype="bf16",
+                      progress=False).output
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("embed_tokens.weight").dtype == torch.bfloat16
+        assert f.get_tensor("encoder.embed_images.bn1.num_batches_tracked").dtype == torch.int64
+    with torch.no_grad():
+        logits = load_pretrained(out).eval()(**batch)
+    torch.testing.assert_close(logits, torch.load(runs / "zero2" / "live.pt")["logits"], rtol=0.05, atol=0.05)
+
+
+def test_verify_against_deepspeed_live_model_and_checksums(runs, tmp_path, model_cfg):
+    from models.checkpoint import CheckpointError, load_into
+    from models.ofa import BiomedGPT
+    from tools.zero_checkpoint import consolidate, open_checkpoint, reference_state, verify
+
+    ckpt = open_checkpoint(tag_dir(runs, 3))
+    # verified against DeepSpeed's zero_to_fp32 before the directory is published
+    out = consolidate(ckpt, tmp_path / "bf16", model_cfg, dtype="bf16", progress=False, verify_output=True).output
+    live = BiomedGPT(model_cfg)
+    load_into(live, reference_state(ckpt))
+    report = verify(out, live_model=live)
+    assert report.max_tensor_diff == 0.0 and report.max_logit_diff == 0.0
+    live.decoder.layers[0].fc1.bias.data += 1e-2
+    with pytest.raises(CheckpointError, match="differs from the reference"):
+        verify(out, live_model=live)
+    shard = out / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors: tensor .* does not match its checksum"):
+        verify(out)
+
+
+def _copy_tag(runs: Path, stage: int, dest: Path) -> Path:
+    shutil.copytree(tag_dir(runs, stage), dest, ignore=shutil.ignore_patterns("universal"))
+    return dest
+
+
+def _assert_no_output(parent: Path) -> None:
+    assert sorted(p.name for p in parent.iterdir()) == [], "output or temporary directory left behind"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_broken_checkpoints_name_the_file(runs, tmp_path, model_cfg, stage):
+    from models.checkpoint import CheckpointError
+    from tools.zero_checkpoint import consolidate, open_checkpoint
+
+    out_parent = tmp_path / "out"
+    out_parent.mkdir()
+    rank1 = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+
+    missing = _copy_tag(runs, stage, tmp_path / "missing" / "step")
+    (missing / rank1).unlink()
+    with pytest.raises(CheckpointError, match=f"{missing / rank1}: missing"):
+        consolidate(open_checkpoint(missing), out_parent / "m", model_cfg, progress=False)
+
+    truncated = _copy_tag(runs, stage, tmp_path / "truncated" / "step")
+    with open(truncated / rank1, "r+b") as f:
+        f.truncate(os.path.getsize(truncated / rank1) // 2)
+    with pytest.raises(CheckpointError, match=f"{truncated / rank1}: not a readable PyTorch checkpoint"):
+        open_checkpoint(truncated)
+
+    extra = _copy_tag(runs, stage, tmp_path / "extra" / "step")
+    shutil.copy(extra / rank1, extra / rank1.replace("rank_1", "rank_2"))
+    with pytest.raises(CheckpointError, match=r"zero_pp_rank_2_mp_rank_00_optim_states.pt: rank 2 shard in a "
+                                              r"checkpoint .* written by 2 ranks"):
+        open_checkpoint(extra)
+
+    meta = _copy_tag(runs, stage, tmp_path / "meta" / "step")
+    (meta / "meta.json").write_text(json.dumps({"step": SAVE_STEP, "world_size": 4, "zero_stage": stage}))
+    with pytest.raises(CheckpointError, match=f"{meta / 'meta.json'}: says world size 4"):
+        open_checkpoint(meta)
+
+    # A shard that disappears mid-consolidation (pruned by a concurrent run): the error names it, an
+    # existing output is kept as it was, and nothing half-written is left.
+    vanishing = _copy_tag(runs, stage, tmp_path / "vanishing" / "step")
+    ckpt = open_checkpoint(vanishing)
+    previous = consolidate(ckpt, out_parent / "model", model_cfg, progress=False).output
+    before = {p.name: p.read_bytes() for p in previous.iterdir()}
+    (vanishing / rank1).unlink()
+    with pytest.raises(CheckpointError, match=str(vanishing / rank1)):
+        consolidate(ckpt, previous, model_cfg, overwrite=True, progress=False, max_shard_bytes=1 << 20)
+    assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
+    shutil.rmtree(previous)
+    _assert_no_output(out_parent)
+
+
+def test_universal_reshard_resumes_on_one_rank(runs, tmp_path, model_cfg):
+    from models.checkpoint import load_pretrained
+    from tools.zero_checkpoint import consolidate, open_checkpoint, sample_batch, to_universal
+
+    source = _copy_tag(runs, 3, tmp_path / "checkpoints" / f"step_{SAVE_STEP:08d}")
+    universal = to_universal(open_checkpoint(source))
+    assert universal == source / "universal" and (universal / "zero").is_dir()
+    out = tmp_path / "losses.json"
+    run_ranks(1, "resume", str(source), str(out))
+    resumed = json.loads(out.read_text())
+    uninterrupted = torch.load(runs / "zero3" / "live.pt")["losses"][SAVE_STEP:]
+    assert len(resumed) == LAST_STEP - SAVE_STEP
+    # the first resumed loss is computed from the restored weights alone: equal up to summation order
+    assert resumed[0] == pytest.approx(uninterrupted[0], rel=FIRST_LOSS_RTOL)
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(uninterrupted), rtol=LOSS_RTOL, atol=0)
+    # the universal checkpoint consolidates too
+    model = load_pretrained(consolidate(open_checkpoint(universal), tmp_path / "u", model_cfg,
+                                        progress=False).output).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**sample_batch(model_cfg)), torch.load(runs / "zero3" / "live.pt")["logits"],
+                                   rtol=0, atol=1e-5)
+
+
+def test_cli_consolidate_inspect_and_export(runs, tmp_path, model_cfg, capsys, shared_dir):
+    from models.checkpoint import import_released
+    from tools import consolidate as consolidate_cli
+    from tools import export_hf, inspect_checkpoint
+    from tools.zero_checkpoint import sample_batch
+
+    assert inspect_checkpoint.main([f"path={runs / 'zero3'}", "json=true"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    (tag,) = info["tags"]
+    assert info["latest"] == tag["tag"] == f"step_{SAVE_STEP:08d}"
+    assert (tag["zero_stage"], tag["world_size"], tag["step"], tag["has_ema"]) == (3, 2, SAVE_STEP, True)
+    assert tag["model_config"]["d_model"] == 64 and tag["parameters"] > 2e6
+
+    out = tmp_path / "model"
+    assert consolidate_cli.main([f"checkpoint={runs / 'zero1'}", f"output={out}", "verify=true",
+                                 f"tokenizer={shared_dir / 'bpe'}", "progress=false",
+                                 "model.overrides.vocab_size=1000"]) == 1  # the tokenizer does not fit
+    assert "tokenizer" in capsys.readouterr().err and not out.exists()
+    assert consolidate_cli.main([f"checkpoint={runs / 'zero1'}", f"output={out}", "verify=true",
+                                 "progress=false"]) == 0
+    assert consolidate_cli.main([f"checkpoint={runs / 'zero1'}", f"output={out}", "progress=false"]) == 1
+    assert "already exists" in capsys.readouterr().err
+
+    hf = tmp_path / "hf"
+    assert export_hf.main([f"model={out}", f"output={hf}"]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(hf / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert "encoder.layers.0.self_attn_mid_layer_norm.weight" in keys
+    assert "decoder.layers.0.cross_attn.q_proj.weight" in keys
+    assert {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "decoder.output_projection.weight"} <= keys
+    imported = import_released(hf).eval()
+    live = torch.load(runs / "zero1" / "live.pt")["logits"]
+    with torch.no_grad():
+        torch.testing.assert_close(imported(**sample_batch(model_cfg)), live, rtol=0, atol=1e-5)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    mode = sys.argv[1]
+    if mode == "train":
+        worker_train(Path(sys.argv[2]), [int(s) for s in sys.argv[3].split(",")])
+    elif mode == "resume":
+        worker_resume(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")

@@ -1,0 +1,88 @@
+"""Consolidate a DeepSpeed ZeRO checkpoint into a model directory (safetensors + config + tokenizer).
+
+    python -m tools.consolidate checkpoint=runs/demo output=models/demo [tag=step_00000200] \
+        [dtype=bf16] [ema=true] [verify=true] [model.size=base]
+
+``checkpoint`` is a run's output directory, its ``checkpoints/`` root (``latest`` picks the tag) or a tag
+directory; ZeRO 1/2/3 from any world size, stage 0 and universal checkpoints. Tensors are streamed one
+at a time (memory about the largest tensor, see ``tools/zero_checkpoint.py``); the directory appears
+complete or not at all. ``verify=true`` checks, before the directory is published, every tensor against
+DeepSpeed's own ``zero_to_fp32`` reconstruction and a forward pass (that step holds the model in memory).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+from engine.config import parse_cli
+from models.checkpoint import CheckpointError
+from models.config import ModelSpec
+from models.tokenizer import TokenizerError
+from tools.import_checkpoint import load_any_tokenizer
+from tools.zero_checkpoint import ZeroCheckpoint, checkpoint_model_config, consolidate, open_checkpoint
+
+
+@dataclass
+class ConsolidateConfig:
+    """Which checkpoint, and how to write its model directory."""
+
+    checkpoint: str = ""
+    output: str = ""
+    tag: Optional[str] = None  # default: the tag named by checkpoints/latest
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    ema: bool = False  # the engine's EMA weights instead of the trained ones
+    model: Optional[ModelSpec] = None  # default: the run config saved with the checkpoint
+    tokenizer: Optional[str] = None  # default: the run's tokenizer / bpe_dir when it can be found
+    max_shard_gb: float = 2.0
+    verify: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+def run_tokenizer(ckpt: ZeroCheckpoint, explicit: str | None):
+    """The given tokenizer, else the one the run trained with (when its path still resolves), else None."""
+    if explicit:
+        return load_any_tokenizer(explicit)
+    run_cfg = ckpt.client_state.get("config")
+    if not isinstance(run_cfg, dict):
+        return None
+    for key in ("tokenizer", "bpe_dir"):
+        if run_cfg.get(key) and Path(run_cfg[key]).is_dir():
+            return load_any_tokenizer(run_cfg[key])
+    return None
+
+
+def run(cfg: ConsolidateConfig) -> Path:
+    for name in ("checkpoint", "output"):
+        if not getattr(cfg, name):
+            raise CheckpointError(f"{name}=... is required")
+    ckpt = open_checkpoint(cfg.checkpoint, cfg.tag)
+    model_cfg = checkpoint_model_config(ckpt, cfg.model)
+    tokenizer = run_tokenizer(ckpt, cfg.tokenizer)
+    if tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
+        raise CheckpointError(f"the tokenizer ({cfg.tokenizer or 'of the run'}) has {tokenizer.vocab_size} ids, "
+                              f"the model's embedding {model_cfg.vocab_size} rows")
+    result = consolidate(ckpt, cfg.output, model_cfg, dtype=cfg.dtype, ema=cfg.ema, tokenizer=tokenizer,
+                         max_shard_bytes=int(cfg.max_shard_gb * (1 << 30)), overwrite=cfg.overwrite,
+                         progress=cfg.progress, verify_output=cfg.verify)
+    print(f"{ckpt.directory} (ZeRO-{ckpt.stage}, {ckpt.world_size} ranks, step {ckpt.step}"
+          f"{', EMA' if cfg.ema else ''}) -> {result.output}: {result.tensors} tensors, "
+          f"{result.bytes / 1e6:.1f} MB {cfg.dtype}{', verified' if cfg.verify else ''}"
+          f"{'' if tokenizer is not None else ' (no tokenizer found: pass tokenizer=...)'}")
+    return result.output
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_cli(ConsolidateConfig, argv, description=__doc__)
+    try:
+        run(cfg)
+    except (CheckpointError, TokenizerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Convert a ZeRO checkpoint tag to DeepSpeed's universal format, to resume on another number of ranks.
+
+    python -m tools.reshard checkpoint=runs/demo [tag=step_00000200] [output=...]
+
+By default the universal copy is written to ``<tag>/universal``, where the engine looks for it when a run
+resumes with another world size or ZeRO stage (so a big conversion can run on a CPU node before the GPU
+job starts). Any DeepSpeed job loads it with ``"checkpoint": {"load_universal": true}`` and
+``engine.load_checkpoint(<tag dir>, tag="universal")``; ``tools.consolidate`` reads it too.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from engine.config import parse_cli
+from models.checkpoint import CheckpointError
+from tools.zero_checkpoint import open_checkpoint, to_universal
+
+
+@dataclass
+class ReshardConfig:
+    checkpoint: str = ""
+    tag: Optional[str] = None  # default: the tag named by checkpoints/latest
+    output: Optional[str] = None  # default: <tag dir>/universal
+    overwrite: bool = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_cli(ReshardConfig, argv, description=__doc__)
+    try:
+        if not cfg.checkpoint:
+            raise CheckpointError("checkpoint=... is required")
+        ckpt = open_checkpoint(cfg.checkpoint, cfg.tag)
+        out = to_universal(ckpt, cfg.output, cfg.overwrite)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{ckpt.directory} (ZeRO-{ckpt.stage}, {ckpt.world_size} ranks) -> universal checkpoint {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

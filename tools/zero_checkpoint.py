@@ -1,0 +1,909 @@
+"""DeepSpeed ZeRO checkpoints read tensor by tensor: inspection, streaming consolidation, verification.
+
+DeepSpeed's ``zero_to_fp32`` unpickles every rank's optimizer file and concatenates whole flat partitions,
+so consolidating needs several copies of the model in host memory. Here a checkpoint file is opened as
+the zip archive ``torch.save`` writes: only its pickle is parsed (tensors become ``LazyTensor`` records
+of where their bytes lie) and each output tensor is assembled from byte ranges of the ranks' fp32
+master partitions, converted and written straight into a safetensors file before the next one is read.
+Peak memory is about the largest tensor, whatever the model size or the number of ranks.
+
+Layouts understood (DeepSpeed 0.19, cf. ``deepspeed/utils/zero_to_fp32.py``):
+
+- ZeRO 1/2: per parameter group, each rank's ``single_partition_of_fp32_groups[g]`` is a consecutive
+  piece of one flat vector holding the group's parameters in ``param_shapes[g]`` order (plus
+  ``param_alignment_paddings``).
+- ZeRO 3: every parameter is split into ``ceil(numel / world)`` pieces, rank r's piece lying at the
+  same offset of its ``fp32_flat_groups[g]``; the last piece is zero-padded.
+- stage 0 (no ZeRO optimizer files): the full state dict in ``mp_rank_00_model_states.pt``.
+- a universal checkpoint (``ds_to_universal``): one ``zero/<param>/fp32.pt`` per parameter.
+
+Buffers (BatchNorm statistics) come from rank 0's model-states file; EMA weights from the engine's
+``rank_XXXXX.pt`` files (see ``engine/ema.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import re
+import struct
+import subprocess
+import sys
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from models.checkpoint import (TIED_ALIASES, TIED_KEY, CheckpointError, _write_dir_atomically,
+                               read_model_config, read_model_weights)
+from models.config import ModelConfig, ModelSpec
+from models.ofa import BiomedGPT
+
+MODEL_FILE_RE = re.compile(r"^(?:zero_pp_rank_(?P<rank>\d+)_)?mp_rank_(?P<mp>\d+)_model_states\.pt$")
+OPTIM_FILE_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(?P<rank>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$")
+ENGINE_RANK_FILE = "rank_{rank:05d}.pt"
+REPORT_FILE = "consolidation.json"
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Top-level keys DeepSpeed itself writes into a model-states file; anything else is the client state.
+DS_MODEL_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+                 "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
+                 "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size",
+                 "checkpoint_parallel_dimensions", "ds_config", "ds_version", "universal_checkpoint_info"}
+# Pickled globals a training checkpoint may reference (DeepSpeed enums, numpy RNG state, our configs).
+TRUSTED_MODULES = ("torch", "deepspeed", "collections", "numpy", "_codecs", "engine", "data", "models",
+                   "argparse", "pathlib", "datetime")
+SAFE_BUILTINS = {"set", "frozenset", "slice", "complex", "bytearray", "range", "tuple", "list", "dict"}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.save archives, read lazily
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    key: str
+    dtype: torch.dtype
+    numel: int
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """Where a saved tensor's bytes lie; nothing is read until ``read``."""
+
+    source: "TorchFile"
+    storage: _StorageRef
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.storage.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def _contiguous(self) -> bool:
+        expected, acc = [], 1
+        for size in reversed(self.shape):
+            expected.append(acc)
+            acc *= size
+        return all(s == e or n == 1 for s, e, n in zip(self.stride, reversed(expected), self.shape))
+
+    def read_into(self, out: Tensor, start: int = 0) -> None:
+        """Copy elements ``start:start+out.numel()`` of this (contiguous, flattened) tensor into ``out``."""
+        if not self._contiguous():
+            out.copy_(self.read().reshape(-1)[start:start + out.numel()])
+            return
+        if start < 0 or start + out.numel() > self.numel:
+            raise CheckpointError(f"{self.source.path}: read {start}+{out.numel()} past a tensor of {self.numel}")
+        self.source.read_storage(self.storage, (self.offset + start) * out.element_size(), out)
+
+    def read(self) -> Tensor:
+        """The whole tensor, with its saved dtype and shape."""
+        if self._contiguous():
+            out = torch.empty(self.shape, dtype=self.dtype)
+            self.read_into(out.view(-1))
+            return out
+        span = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride)) + 1
+        flat = torch.empty(span, dtype=self.dtype)
+        self.source.read_storage(self.storage, 0, flat)
+        return flat.as_strided(self.shape, self.stride, self.offset).clone()
+
+
+class _LazyUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, source: "TorchFile"):
+        super().__init__(io.BytesIO(data))
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return self._rebuild_tensor
+        if (module, name) == ("torch._utils", "_rebuild_parameter"):
+            return lambda data, requires_grad, hooks, *rest: data
+        if (module, name) == ("torch._tensor", "_rebuild_from_type_v2"):  # a Tensor subclass: keep the data
+            return lambda func, new_type, args, state: func(*args)
+        if module == "builtins" and name in SAFE_BUILTINS or module.split(".")[0] in TRUSTED_MODULES:
+            return super().find_class(module, name)
+        raise CheckpointError(f"{self.source.path}: refers to {module}.{name}, which a training checkpoint "
+                              f"never holds (not loading it)")
+
+    def persistent_load(self, pid: Any) -> _StorageRef:
+        _, storage_type, key, _location, numel = pid
+        with warnings.catch_warnings():  # legacy typed-storage classes name the dtype
+            warnings.simplefilter("ignore", UserWarning)
+            dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        return _StorageRef(str(key), dtype, int(numel))
+
+    def _rebuild_tensor(self, storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+        return LazyTensor(self.source, storage, int(offset), tuple(size), tuple(stride))
+
+
+class TorchFile:
+    """A ``torch.save`` zip archive: its object tree with ``LazyTensor`` leaves, tensors read by byte range."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: missing")
+        try:
+            with zipfile.ZipFile(self.path) as archive:
+                self._entries = {info.filename: info for info in archive.infolist()}
+                pkl = next((n for n in self._entries if n.endswith("data.pkl")), None)
+                if pkl is None:
+                    raise CheckpointError(f"{self.path}: no data.pkl inside (not a torch.save archive)")
+                self._prefix = pkl[: -len("data.pkl")]
+                data = archive.read(pkl)
+                order = self._entries.get(self._prefix + "byteorder")
+                if order is not None and archive.read(order).decode() != sys.byteorder:
+                    raise CheckpointError(f"{self.path}: saved with another byte order")
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
+            raise CheckpointError(f"{self.path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                                  f"{exc}") from None
+        self._offsets: dict[str, int] = {}
+        try:
+            self.obj = _LazyUnpickler(data, self).load()
+        except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as exc:
+            raise CheckpointError(f"{self.path}: unreadable pickle: {exc}") from None
+
+    def _data_offset(self, key: str) -> tuple[int, int]:
+        name = f"{self._prefix}data/{key}"
+        info = self._entries.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: storage {name} is missing from the archive")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(f"{self.path}: storage {name} is compressed (not written by torch.save)")
+        if name not in self._offsets:
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(info.header_offset)
+                    header = f.read(30)
+            except OSError as exc:
+                raise CheckpointError(f"{self.path}: cannot be read any more: {exc}") from None
+            if len(header) < 30 or header[:4] != b"PK\x03\x04":
+                raise CheckpointError(f"{self.path}: corrupt local header of {name}")
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            self._offsets[name] = info.header_offset + 30 + name_len + extra_len
+        return self._offsets[name], info.file_size
+
+    def read_storage(self, storage: _StorageRef, byte_start: int, out: Tensor) -> None:
+        """Fill ``out`` (contiguous) from ``storage`` starting ``byte_start`` bytes in."""
+        start, size = self._data_offset(storage.key)
+        nbytes = out.numel() * out.element_size()
+        if byte_start + nbytes > size:
+            raise CheckpointError(f"{self.path}: storage {storage.key} holds {size} bytes, need "
+                                  f"{byte_start + nbytes}")
+        if nbytes == 0:
+            return
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(start + byte_start)
+                got = f.readinto(view)
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot be read any more: {exc}") from None
+        if got != nbytes:
+            raise CheckpointError(f"{self.path}: truncated (storage {storage.key} ends after {got} of {nbytes} "
+                                  f"bytes)")
+
+
+# ----------------------------------------------------------------------------------------------
+# A checkpoint tag: its files, ZeRO stage, world size, client state
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_tag_dir(path: str | Path, tag: str | None = None) -> Path:
+    """A tag directory from a tag directory itself, a checkpoints root, or a run's output directory
+    (``<output_dir>/checkpoints``); without ``tag`` the ``latest`` file picks it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if tag is None and (_is_tag_dir(path)):
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() and not (path / "latest").exists() else path
+    if tag is None:
+        latest = root / "latest"
+        if not latest.is_file():
+            raise CheckpointError(f"{latest}: missing; pass tag=... (tags here: {list_tags(root)})")
+        tag = latest.read_text().strip()
+    tag_dir = root / tag
+    if not tag_dir.is_dir():
+        raise CheckpointError(f"{tag_dir}: no such tag (tags here: {list_tags(root)})")
+    return tag_dir
+
+
+def _is_tag_dir(path: Path) -> bool:
+    return any(MODEL_FILE_RE.match(p.name) for p in path.iterdir()) or (path / "zero").is_dir()
+
+
+def list_tags(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _is_tag_dir(p))
+
+
+@dataclass
+class ParamSource:
+    """One output tensor: its shape and how to assemble it (fp32 master values, or the saved tensor)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read: Callable[[], Tensor]
+    origin: str  # the file the values come from, for error messages
+
+
+def _read_segments(segments: list[tuple[LazyTensor, int, int]], shape: tuple[int, ...],
+                   dtype: torch.dtype) -> Tensor:
+    """Concatenate (tensor, start, count) pieces into one tensor of ``shape`` (surplus padding dropped)."""
+    numel = math.prod(shape)
+    out = torch.empty(numel, dtype=dtype)
+    pos = 0
+    for lazy, start, count in segments:
+        count = min(count, numel - pos)
+        if count <= 0:
+            break
+        lazy.read_into(out[pos:pos + count], start)
+        pos += count
+    if pos != numel:
+        raise CheckpointError(f"{segments[0][0].source.path}: only {pos} of {numel} values found")
+    return out.view(shape)
+
+
+def _canonical(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return TIED_KEY if name in TIED_ALIASES else name
+
+
+@dataclass
+class ZeroCheckpoint:
+    """One tag of a DeepSpeed checkpoint, validated; tensors are not read."""
+
+    directory: Path
+    stage: int
+    world_size: int
+    model_files: list[TorchFile]
+    optim_files: list[TorchFile] = field(default_factory=list)
+    universal: bool = False
+
+    @property
+    def tag(self) -> str:
+        return self.directory.name
+
+    @property
+    def model_state(self) -> dict:
+        return self.model_files[0].obj
+
+    @property
+    def client_state(self) -> dict:
+        return {k: v for k, v in self.model_state.items() if k not in DS_MODEL_KEYS}
+
+    @property
+    def step(self) -> int | None:
+        meta = self.engine_meta()
+        if meta is not None:
+            return meta["step"]
+        state = self.client_state
+        return state.get("step", self.model_state.get("global_steps"))
+
+    def engine_meta(self) -> dict | None:
+        path = self.directory / "meta.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def param_shapes(self) -> list[dict[str, tuple[int, ...]]]:
+        shapes = self.model_state.get("param_shapes")
+        if shapes is None:
+            raise CheckpointError(f"{self.model_files[0].path}: no param_shapes (not a DeepSpeed model-states file)")
+        if isinstance(shapes, dict):
+            shapes = [shapes]
+        return [{name: tuple(shape) for name, shape in group.items()} for group in shapes]
+
+    def num_parameters(self) -> int:
+        frozen = self.model_state.get("frozen_param_shapes") or {}
+        return sum(math.prod(s) for g in self.param_shapes() for s in g.values()) + \
+            sum(math.prod(s) for s in frozen.values())
+
+    # -- tensor sources --------------------------------------------------------------------------
+
+    def parameter_sources(self) -> dict[str, ParamSource]:
+        """Every parameter (trainable and frozen) by canonical name, from the fp32 master copy."""
+        if self.universal:
+            sources = self._universal_sources()
+        elif self.stage == 0:
+            module = self.model_state["module"]
+            sources = {_canonical(n): self._whole(module[n], self.model_files[0])
+                       for g in self.param_shapes() for n in g}
+        elif self.stage <= 2:
+            sources = self._zero12_sources()
+        else:
+            sources = self._zero3_sources()
+        sources.update(self._frozen_sources())
+        return sources
+
+    def buffer_sources(self) -> dict[str, ParamSource]:
+        module = self.model_state.get("module") or {}
+        names = self.model_state.get("buffer_names") or []
+        missing = [n for n in names if n not in module]
+        if missing:
+            raise CheckpointError(f"{self.model_files[0].path}: buffers {missing[:5]} listed but not saved")
+        return {_canonical(n): self._whole(module[n], self.model_files[0]) for n in names}
+
+    def ema_sources(self) -> dict[str, ParamSource]:
+        """The engine's EMA of the trainable parameters (``engine/ema.py``), from ``rank_XXXXX.pt``."""
+        first = self.directory / ENGINE_RANK_FILE.format(rank=0)
+        if not first.exists():
+            raise CheckpointError(f"{first}: missing, so there are no EMA weights (not an engine checkpoint?)")
+        state = TorchFile(first).obj
+        ema = state.get("ema") if isinstance(state, dict) else None
+        if not isinstance(ema, dict) or "shadow" not in ema:
+            raise CheckpointError(f"{first}: no EMA state (the run trained with ema.enabled=false)")
+        shapes = {_canonical(n): s for g in self.param_shapes() for n, s in g.items()}
+        # Partitioned (ZeRO-3): rank r holds piece r of each parameter, as the ZeRO-3 optimizer does.
+        shards = [ema["shadow"]]
+        if ema["partitioned"]:
+            shards += [self._rank_ema(r) for r in range(1, self.world_size)]
+        sources = {}
+        for name in ema["shadow"]:
+            shape = shapes.get(_canonical(name))
+            if shape is None:
+                raise CheckpointError(f"{first}: EMA of {name!r}, which the checkpoint has no parameter for")
+            segments = [(shard[name], 0, shard[name].numel) for shard in shards]
+            sources[_canonical(name)] = ParamSource(
+                shape, torch.float32, lambda seg=segments, s=shape: _read_segments(seg, s, seg[0][0].dtype).float(),
+                str(first))
+        return sources
+
+    def _rank_ema(self, rank: int) -> dict[str, LazyTensor]:
+        path = self.directory / ENGINE_RANK_FILE.format(rank=rank)
+        state = TorchFile(path).obj
+        try:
+            return state["ema"]["shadow"]
+        except (KeyError, TypeError):
+            raise CheckpointError(f"{path}: no EMA shard although rank 0 has one") from None
+
+    @staticmethod
+    def _whole(lazy: LazyTensor, source: TorchFile) -> ParamSource:
+        return ParamSource(lazy.shape, lazy.dtype, lazy.read, str(source.path))
+
+    def _optim(self, rank: int) -> dict:
+        return self.optim_files[rank].obj["optimizer_state_dict"]
+
+    def _zero12_sources(self) -> dict[str, ParamSource]:
+        sources = {}
+        paddings = self._optim(0).get("param_alignment_paddings")
+        for g, shapes in enumerate(self.param_shapes()):
+            parts = [self._optim(r)["single_partition_of_fp32_groups"][g] for r in range(self.world_size)]
+            total = sum(p.numel for p in parts)
+            pads = paddings[g] if paddings is not None else [0] * len(shapes)
+            offset = 0
+            for (name, shape), pad in zip(shapes.items(), pads):
+                numel = math.prod(shape)
+                segments, base = [], 0
+                for part in parts:
+                    lo, hi = max(offset, base), min(offset + numel, base + part.numel)
+                    if lo < hi:
+                        segments.append((part, lo - base, hi - lo))
+                    base += part.numel
+                sources[_canonical(name)] = ParamSource(
+                    shape, torch.float32, lambda seg=segments, s=shape: _read_segments(seg, s, torch.float32),
+                    str(self.optim_files[0].path))
+                offset += numel + pad
+            if offset != total:
+                raise CheckpointError(f"{self.optim_files[0].path}: parameter group {g} holds {total} values but "
+                                      f"the parameters need {offset} (files from different runs or world sizes?)")
+        return sources
+
+    def _zero3_sources(self) -> dict[str, ParamSource]:
+        sources = {}
+        world = self.world_size
+        for g, shapes in enumerate(self.param_shapes()):
+            flats = [self._optim(r)["fp32_flat_groups"][g] for r in range(world)]
+            offset = 0
+            for name, shape in shapes.items():
+                piece = math.ceil(math.prod(shape) / world)
+                segments = [(flat, offset, piece) for flat in flats]
+                sources[_canonical(name)] = ParamSource(
+                    shape, torch.float32, lambda seg=segments, s=shape: _read_segments(seg, s, torch.float32),
+                    str(self.optim_files[0].path))
+                offset += piece
+            if offset != flats[0].numel:
+                raise CheckpointError(f"{self.optim_files[0].path}: parameter group {g} holds {flats[0].numel} "
+                                      f"values per rank but {world} ranks' pieces need {offset} (world size "
+                                      f"mismatch or files from different runs?)")
+        return sources
+
+    def _frozen_sources(self) -> dict[str, ParamSource]:
+        frozen = self.model_state.get("frozen_param_shapes") or {}
+        sources = {}
+        for name, shape in frozen.items():
+            shape = tuple(shape)
+            if self.stage == 3:
+                segments = [(mf.obj["frozen_param_fragments"][name], 0,
+                             mf.obj["frozen_param_fragments"][name].numel) for mf in self.model_files]
+                dtype = segments[0][0].dtype
+                sources[_canonical(name)] = ParamSource(
+                    shape, dtype, lambda seg=segments, s=shape, d=dtype: _read_segments(seg, s, d),
+                    str(self.model_files[0].path))
+            else:
+                lazy = self.model_state["frozen_param_fragments"][name]
+                sources[_canonical(name)] = ParamSource(shape, lazy.dtype, lambda t=lazy, s=shape: t.read().view(s),
+                                                        str(self.model_files[0].path))
+        return sources
+
+    def _universal_sources(self) -> dict[str, ParamSource]:
+        sources = {}
+        for group in self.param_shapes():
+            for name, shape in group.items():
+                path = self.directory / "zero" / name / "fp32.pt"
+                sources[_canonical(name)] = ParamSource(
+                    shape, torch.float32, lambda p=path, s=shape: _universal_tensor(p, s), str(path))
+        return sources
+
+
+def _universal_tensor(path: Path, shape: tuple[int, ...]) -> Tensor:
+    obj = TorchFile(path).obj
+    lazy = obj.get("param") if isinstance(obj, dict) else obj
+    if not isinstance(lazy, LazyTensor) or lazy.numel < math.prod(shape):
+        raise CheckpointError(f"{path}: no fp32 tensor of {math.prod(shape)} values")
+    return _read_segments([(lazy, 0, lazy.numel)], shape, torch.float32)
+
+
+def _rank_files(directory: Path, pattern: re.Pattern) -> dict[int, Path]:
+    """Data-parallel rank -> file; tensor/pipeline-parallel files (mp_rank > 0) are refused."""
+    found: dict[int, Path] = {}
+    for path in sorted(directory.iterdir()):
+        match = pattern.match(path.name)
+        if match:
+            if int(match["mp"]) != 0:
+                raise CheckpointError(f"{path}: tensor/pipeline-parallel checkpoints are not supported")
+            found[int(match["rank"] or 0)] = path
+    return found
+
+
+def open_checkpoint(path: str | Path, tag: str | None = None) -> ZeroCheckpoint:
+    """Find, parse (pickles only) and cross-check every rank file of a tag; errors name the file."""
+    directory = resolve_tag_dir(path, tag)
+    universal = (directory / "zero").is_dir()
+    model_paths = _rank_files(directory, MODEL_FILE_RE)
+    optim_paths = {} if universal else _rank_files(directory, OPTIM_FILE_RE)
+    if 0 not in model_paths:
+        raise CheckpointError(f"{directory}: no model-states file of rank 0 (mp_rank_00_model_states.pt or "
+                              f"zero_pp_rank_0_mp_rank_00_model_states.pt) - not a DeepSpeed checkpoint tag")
+    if not optim_paths:  # stage 0, or a universal checkpoint: the run's own config says which
+        state = TorchFile(model_paths[0]).obj
+        stage = int((state.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
+        world = int(state.get("dp_world_size", 1))
+    else:
+        if 0 not in optim_paths:
+            name = re.sub(r"zero_pp_rank_\d+_", "zero_pp_rank_0_", next(iter(optim_paths.values())).name)
+            raise CheckpointError(f"{directory / name}: missing (rank 0's optimizer shard)")
+        first = TorchFile(optim_paths[0])
+        state = first.obj.get("optimizer_state_dict") if isinstance(first.obj, dict) else None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{first.path}: no optimizer_state_dict (not a ZeRO optimizer shard)")
+        stage = int(state.get("zero_stage", 1))
+        count = state.get("partition_count")
+        world = max(count) if isinstance(count, list) else int(count)
+        for rank in range(world):
+            if rank not in optim_paths:
+                name = optim_paths[0].name.replace("zero_pp_rank_0_", f"zero_pp_rank_{rank}_")
+                raise CheckpointError(f"{directory / name}: missing (the checkpoint was written by {world} ranks, "
+                                      f"each saves its own optimizer shard)")
+        extra = sorted(r for r in optim_paths if r >= world)
+        if extra:
+            raise CheckpointError(f"{optim_paths[extra[0]]}: rank {extra[0]} shard in a checkpoint that "
+                                  f"{first.path.name} says was written by {world} ranks (mixed checkpoints?)")
+    if stage == 3:
+        for rank in range(world):
+            if rank not in model_paths:
+                raise CheckpointError(f"{directory / f'zero_pp_rank_{rank}_mp_rank_00_model_states.pt'}: missing "
+                                      f"(ZeRO-3 writes one model-states file per rank)")
+    model_files = [TorchFile(model_paths[r]) for r in (range(world) if stage == 3 else [0])]
+    optim_files = [first] + [TorchFile(optim_paths[r]) for r in range(1, world)] if optim_paths else []
+    ckpt = ZeroCheckpoint(directory, stage, world, model_files, optim_files, universal)
+    _check_consistent(ckpt)
+    return ckpt
+
+
+def _check_consistent(ckpt: ZeroCheckpoint) -> None:
+    meta = ckpt.engine_meta()
+    if meta is not None and not ckpt.universal and (meta["world_size"], meta["zero_stage"]) != (ckpt.world_size,
+                                                                                                 ckpt.stage):
+        raise CheckpointError(f"{ckpt.directory / 'meta.json'}: says world size {meta['world_size']} stage "
+                              f"{meta['zero_stage']}, the shards say world size {ckpt.world_size} stage {ckpt.stage}")
+    if not ckpt.optim_files:
+        return
+    key = "fp32_flat_groups" if ckpt.stage == 3 else "single_partition_of_fp32_groups"
+    reference = ckpt._optim(0)
+    for rank, tf in enumerate(ckpt.optim_files):
+        state = tf.obj.get("optimizer_state_dict", {})
+        if key not in state:
+            raise CheckpointError(f"{tf.path}: no {key} (not a ZeRO-{ckpt.stage} optimizer shard)")
+        if state.get("partition_count") != reference.get("partition_count") or \
+                int(state.get("zero_stage", 1)) != ckpt.stage:
+            raise CheckpointError(f"{tf.path}: partition count {state.get('partition_count')} / stage "
+                                  f"{state.get('zero_stage')} differ from rank 0's (files from different runs?)")
+        if ckpt.stage == 3 and [t.numel for t in state[key]] != [t.numel for t in reference[key]]:
+            raise CheckpointError(f"{tf.path}: partition sizes {[t.numel for t in state[key]]} differ from rank 0's "
+                                  f"{[t.numel for t in reference[key]]} (world size mismatch?)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The model config of a checkpoint
+# ----------------------------------------------------------------------------------------------
+
+
+def checkpoint_model_config(ckpt: ZeroCheckpoint, spec: ModelSpec | None = None) -> ModelConfig:
+    """The architecture: a given spec, else the client state's run config, else ``<run>/config.yaml``."""
+    if spec is not None:
+        return spec.build()
+    client = ckpt.client_state
+    if isinstance(client.get("model_config"), dict):
+        return ModelConfig(**client["model_config"])
+    run_cfg = client.get("config")
+    if isinstance(run_cfg, dict) and isinstance(run_cfg.get("model"), dict):
+        return _spec_from(run_cfg["model"], f"{ckpt.model_files[0].path} (client state 'config.model')")
+    run_yaml = ckpt.directory.parent.parent / "config.yaml"
+    if ckpt.directory.parent.name == "checkpoints" and run_yaml.exists():
+        import yaml
+
+        data = yaml.safe_load(run_yaml.read_text()) or {}
+        if isinstance(data.get("model"), dict):
+            return _spec_from(data["model"], f"{run_yaml} (model)")
+    raise CheckpointError(f"{ckpt.directory}: no model config in the client state nor a run config.yaml beside "
+                          f"it; pass model.size=... [model.overrides.d_model=...]")
+
+
+def _spec_from(data: dict, where: str) -> ModelConfig:
+    from engine.config import ConfigError, from_dict
+
+    try:
+        return from_dict(ModelSpec, data).build()
+    except (ConfigError, ValueError) as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+
+
+def expected_state(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Keys, shapes and dtypes of a model directory for ``cfg`` (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = BiomedGPT(cfg)
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if k not in TIED_ALIASES}
+
+
+def weight_sources(ckpt: ZeroCheckpoint, cfg: ModelConfig, ema: bool = False) -> dict[str, ParamSource]:
+    """Every tensor of the output, in the model's order; a checkpoint that does not fit ``cfg`` is an error."""
+    found = ckpt.parameter_sources()
+    if ema:
+        found.update(ckpt.ema_sources())
+    found.update(ckpt.buffer_sources())
+    expected = expected_state(cfg)
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [f"{k}: checkpoint {found[k].shape} vs config {expected[k][0]}" for k in expected
+             if k in found and tuple(found[k].shape) != expected[k][0]]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{ckpt.directory} does not fit the model config: missing {missing[:10]}, "
+                              f"unexpected {unexpected[:10]}, wrong shapes {wrong[:10]}")
+    return {k: dataclasses.replace(found[k], dtype=expected[k][1] if not expected[k][1].is_floating_point
+                                   else found[k].dtype) for k in expected}
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming safetensors output
+# ----------------------------------------------------------------------------------------------
+
+
+def _tensor_bytes(tensor: Tensor) -> memoryview:
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def write_safetensors_streaming(path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+                                produce: Callable[[str], Tensor], on_tensor: Callable[[int], None] = lambda n: None
+                                ) -> dict[str, str]:
+    """A safetensors file written tensor by tensor (header first: shapes are known up front).
+
+    Returns each tensor's sha256. Memory: one tensor at a time."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in entries:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    digests = {}
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dtype in entries:
+            tensor = produce(name)
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise CheckpointError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, "
+                                      f"expected {shape} {dtype}")
+            data = _tensor_bytes(tensor)
+            f.write(data)
+            digests[name] = hashlib.sha256(data).hexdigest()
+            on_tensor(len(data))
+            del tensor, data
+        f.flush()
+        os.fsync(f.fileno())
+    return digests
+
+
+def plan_shards(entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int
+                ) -> list[list[tuple[str, tuple[int, ...], torch.dtype]]]:
+    """Split into shards the way ``models.checkpoint.write_model_files`` does."""
+    shards: list[list] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = math.prod(entry[1]) * torch.empty((), dtype=entry[2]).element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    return shards
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ConsolidationResult:
+    output: Path
+    tensors: int
+    bytes: int
+    config: ModelConfig
+
+
+def consolidate(ckpt: ZeroCheckpoint, output: str | Path, cfg: ModelConfig, dtype: str = "fp32",
+                ema: bool = False, tokenizer=None, max_shard_bytes: int = 2 << 30, overwrite: bool = False,
+                progress: bool = True, verify_output: bool = False) -> ConsolidationResult:
+    """Write a model directory (``models.checkpoint`` layout) from ``ckpt``, streaming, atomically;
+    ``verify_output`` runs ``verify`` against DeepSpeed's reconstruction before the directory appears."""
+    from tqdm import tqdm
+
+    if verify_output and ema:
+        raise CheckpointError("verification compares with DeepSpeed's zero_to_fp32, which knows no EMA weights")
+    out_dtype = DTYPES[dtype]
+    sources = weight_sources(ckpt, cfg, ema=ema)
+    entries = [(k, s.shape, out_dtype if s.dtype.is_floating_point else s.dtype) for k, s in sources.items()]
+    shards = plan_shards(entries, max_shard_bytes)
+    total = sum(math.prod(e[1]) * torch.empty((), dtype=e[2]).element_size() for e in entries)
+
+    def produce(name: str) -> Tensor:
+        source = sources[name]
+        tensor = source.read()
+        return tensor.to(out_dtype) if tensor.is_floating_point() else tensor.to(source.dtype)
+
+    def write(directory: Path) -> None:
+        digests: dict[str, str] = {}
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"consolidating {ckpt.tag}",
+                  disable=not progress) as bar:
+            for name, shard in zip(names, shards):
+                digests.update(write_safetensors_streaming(directory / name, shard, produce, bar.update))
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {e[0]: n for n, shard in zip(names, shards) for e in shard}}
+            (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (directory / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        if tokenizer is not None:
+            tokenizer.save(directory / "tokenizer")
+        report = {"source": str(ckpt.directory.resolve()), "tag": ckpt.tag, "step": ckpt.step,
+                  "zero_stage": ckpt.stage, "world_size": ckpt.world_size, "universal": ckpt.universal,
+                  "dtype": dtype, "ema": ema, "sha256": digests}
+        (directory / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        if verify_output:
+            verify(directory, ckpt)
+
+    out = _write_dir_atomically(Path(output), write, overwrite)
+    return ConsolidationResult(out, len(entries), total, cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Verification
+# ----------------------------------------------------------------------------------------------
+
+
+def verify_checksums(model_dir: str | Path) -> int:
+    """Re-hash every tensor of a consolidated directory against its ``consolidation.json``."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    report_path = model_dir / REPORT_FILE
+    if not report_path.exists():
+        raise CheckpointError(f"{report_path}: missing (not written by the consolidation tool)")
+    expected = json.loads(report_path.read_text())["sha256"]
+    index = model_dir / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
+    seen = 0
+    for name in files:
+        with safe_open(str(model_dir / name), framework="pt") as f:
+            for key in f.keys():
+                digest = hashlib.sha256(_tensor_bytes(f.get_tensor(key))).hexdigest()
+                if expected.get(key) != digest:
+                    raise CheckpointError(f"{model_dir / name}: tensor {key} does not match its checksum")
+                seen += 1
+    if seen != len(expected):
+        raise CheckpointError(f"{model_dir}: {seen} tensors on disk, {len(expected)} in {REPORT_FILE}")
+    return seen
+
+
+def reference_state(ckpt: ZeroCheckpoint) -> dict[str, Tensor]:
+    """DeepSpeed's own reconstruction (``zero_to_fp32``, all in memory): an independent reference."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if ckpt.stage == 0 or ckpt.universal:
+        raise CheckpointError(f"{ckpt.directory}: DeepSpeed's zero_to_fp32 reads ZeRO 1-3 checkpoints only")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.directory.parent), tag=ckpt.tag)
+    return {_canonical(k): v for k, v in state.items()}
+
+
+def sample_batch(cfg: ModelConfig, seed: int = 0, batch: int = 2, image_size: int = 64) -> dict[str, Tensor]:
+    """A fixed synthetic batch (text + image) for comparing forward passes."""
+    g = torch.Generator().manual_seed(seed)
+    return {"src_tokens": torch.randint(4, cfg.vocab_size, (batch, 12), generator=g),
+            "prev_output_tokens": torch.randint(4, cfg.vocab_size, (batch, 7), generator=g),
+            "patch_images": torch.randn(batch, 3, image_size, image_size, generator=g),
+            "patch_masks": torch.ones(batch, dtype=torch.bool)}
+
+
+@torch.no_grad()
+def forward_difference(a: BiomedGPT, b: BiomedGPT, batch: dict[str, Tensor]) -> float:
+    """Max |logits_a - logits_b| on ``batch`` (both in eval mode)."""
+    a.eval(), b.eval()
+    return (a(**batch).float() - b(**batch).float()).abs().max().item()
+
+
+@dataclass
+class VerifyReport:
+    tensors: int
+    max_tensor_diff: float | None = None
+    max_logit_diff: float | None = None
+
+
+def verify(model_dir: str | Path, ckpt: ZeroCheckpoint | None = None, live_model: BiomedGPT | None = None,
+           atol: float = 1e-5) -> VerifyReport:
+    """Checksums; then each tensor and a forward pass against ``live_model`` or DeepSpeed's reconstruction."""
+    from models.checkpoint import load_into, load_pretrained
+
+    report = VerifyReport(verify_checksums(model_dir))
+    if live_model is None and ckpt is None:
+        return report
+    meta = json.loads((Path(model_dir) / REPORT_FILE).read_text())
+    out_dtype = DTYPES[meta["dtype"]]
+    if live_model is not None:
+        reference = {k: v.detach().cpu() for k, v in live_model.state_dict().items() if k not in TIED_ALIASES}
+    else:
+        if meta["ema"]:
+            raise CheckpointError(f"{model_dir}: EMA weights have no DeepSpeed reference; verify with a live model")
+        reference = reference_state(ckpt)
+    written = read_model_weights(model_dir)
+    worst = 0.0
+    for key, value in written.items():
+        if key not in reference:
+            raise CheckpointError(f"{model_dir}: {key} is not in the reference")
+        ref = reference[key]
+        ref = ref.to(out_dtype) if ref.is_floating_point() else ref
+        if ref.shape != value.shape:
+            raise CheckpointError(f"{model_dir}: {key} has shape {tuple(value.shape)}, reference {tuple(ref.shape)}")
+        worst = max(worst, (value.double() - ref.double()).abs().max().item() if value.numel() else 0.0)
+    report.max_tensor_diff = worst
+    cfg = read_model_config(model_dir)
+    reference_model = BiomedGPT(cfg)  # the reference's weights rounded as the output's were
+    load_into(reference_model, {k: v.to(out_dtype).float() if v.is_floating_point() else v
+                                for k, v in reference.items() if k in written}, source="reference")
+    report.max_logit_diff = forward_difference(load_pretrained(model_dir), reference_model, sample_batch(cfg))
+    if worst > 0 or report.max_logit_diff > atol:
+        raise CheckpointError(f"{model_dir}: differs from the reference (max tensor diff {worst:.3g}, "
+                              f"max logit diff {report.max_logit_diff:.3g})")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Universal checkpoints (resume on another number of ranks)
+# ----------------------------------------------------------------------------------------------
+
+
+def to_universal(ckpt: ZeroCheckpoint, output: str | Path | None = None, overwrite: bool = False) -> Path:
+    """DeepSpeed's ``ds_to_universal`` on a validated tag, written atomically (default ``<tag>/universal``).
+
+    A run then resumes on any number of ranks with ``"checkpoint": {"load_universal": true}`` and
+    ``load_checkpoint(<tag dir>, tag="universal")`` (the engine does this itself on a world-size change)."""
+    if ckpt.universal or ckpt.stage == 0:
+        raise CheckpointError(f"{ckpt.directory}: already universal / not a ZeRO checkpoint (stage 0 needs no "
+                              f"conversion)")
+    out = Path(output) if output is not None else ckpt.directory / "universal"
+
+    def convert(tmp: Path) -> None:
+        target = tmp / "ckpt"  # ds_to_universal writes a sibling 'latest_universal' beside its output
+        result = subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt.directory),
+             "--output_folder", str(target), "--num_extract_workers", "1", "--num_merge_workers", "1",
+             "--inject_missing_state"], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise CheckpointError(f"ds_to_universal failed on {ckpt.directory}:\n{result.stdout[-2000:]}\n"
+                                  f"{result.stderr[-4000:]}")
+        for item in target.iterdir():
+            os.replace(item, tmp / item.name)
+        target.rmdir()
+        (tmp / "latest_universal").unlink(missing_ok=True)
+
+    return _write_dir_atomically(out, convert, overwrite)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inspection
+# ----------------------------------------------------------------------------------------------
+
+
+def describe(ckpt: ZeroCheckpoint) -> dict[str, Any]:
+    """What one tag holds, from the pickles alone."""
+    files = sorted(p for p in ckpt.directory.iterdir() if p.is_file())
+    try:
+        cfg: Any = dataclasses.asdict(checkpoint_model_config(ckpt))
+    except CheckpointError as exc:
+        cfg = f"unknown ({exc})"
+    client = {k: v for k, v in ckpt.client_state.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    return {"tag": ckpt.tag, "directory": str(ckpt.directory), "zero_stage": ckpt.stage,
+            "world_size": ckpt.world_size, "universal": ckpt.universal, "step": ckpt.step,
+            "ds_version": ckpt.model_state.get("ds_version"), "parameters": ckpt.num_parameters(),
+            "complete": ckpt.engine_meta() is not None if (ckpt.directory / "rank_00000.pt").exists() else None,
+            "has_ema": _has_ema(ckpt), "has_universal": (ckpt.directory / "universal").is_dir(),
+            "files": {p.name: p.stat().st_size for p in files},
+            "bytes": sum(p.stat().st_size for p in ckpt.directory.rglob("*") if p.is_file()),
+            "client_state": client, "model_config": cfg}
+
+
+def _has_ema(ckpt: ZeroCheckpoint) -> bool:
+    path = ckpt.directory / ENGINE_RANK_FILE.format(rank=0)
+    if not path.exists():
+        return False
+    obj = TorchFile(path).obj
+    return isinstance(obj, dict) and isinstance(obj.get("ema"), dict)
+
+
+def iter_tags(path: str | Path) -> Iterable[tuple[str, Path]]:
+    """(tag, directory) of every tag under a checkpoints root or run directory (or the tag itself)."""
+    path = Path(path)
+    if _is_tag_dir(path):
+        yield path.name, path
+        return
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    for tag in list_tags(root):
+        yield tag, root / tag
