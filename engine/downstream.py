@@ -1,0 +1,387 @@
+"""Downstream evaluation: decode every evaluation sample the way its task is judged, score with the
+paper's metrics, write a results JSON and per-sample predictions.
+
+Used two ways: inside training (``evaluate_model``, one call per evaluation, its metrics such as
+``vqa/accuracy`` select the best checkpoint) and as a command on a model directory::
+
+    python -m engine.downstream --config configs/finetune/vqa_rad.yaml model_dir=runs/vqa_rad/best \\
+        output_dir=runs/vqa_rad/eval
+
+(the recipe's ``data`` and ``eval.downstream`` sections are used; its other sections are ignored).
+How each task is decoded (``TASK_DEFAULTS``, overridable per task under ``downstream.tasks``):
+VQA beam search inside a trie of the answer set (or every answer scored), captions and summaries by
+beam search with n-gram blocking, NLI / classification / matching by scoring each closed answer,
+grounding by beam search over location bins only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Optional
+
+import torch
+import yaml
+
+from data.config import DataConfig
+from data.tasks import TASK_NAMES
+from engine import task_metrics
+from engine.config import ConfigError, from_dict, parse_cli, to_dict
+from models.generation import (GenerationConfig, TokenRange, Trie, decoder_prefixes, generate,
+                               score_candidates)
+
+Inference = Literal["generate", "trie", "candidates"]
+
+
+@dataclass
+class TaskEvalConfig:
+    """How one task is decoded: free generation, beam search inside the answer trie, or scoring of
+    every closed answer; ``zero_shot`` masks the answer set after the log-softmax (pretrained models)."""
+
+    inference: Inference = "generate"
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    zero_shot: bool = False
+    answers: Optional[str] = None  # answer-set file (JSON list / ans2label JSON or pickle / lines); None: see below
+
+
+#: The spec's inference settings per task. Closed sets without a file: NLI / matching answers are fixed,
+#: VQA and classification take every reference answer / class name seen in the evaluation data.
+TASK_DEFAULTS: dict[str, TaskEvalConfig] = {
+    "vqa": TaskEvalConfig("trie", GenerationConfig(beam_size=5, max_len=16)),
+    "caption": TaskEvalConfig("generate", GenerationConfig(beam_size=5, max_len=32, no_repeat_ngram_size=3)),
+    "grounded_caption": TaskEvalConfig("generate", GenerationConfig(beam_size=5, max_len=32,
+                                                                    no_repeat_ngram_size=3)),
+    "summarization": TaskEvalConfig("generate", GenerationConfig(beam_size=5, max_len=128, len_penalty=0.7,
+                                                                 no_repeat_ngram_size=3)),
+    "instruction": TaskEvalConfig("generate", GenerationConfig(beam_size=5, max_len=256, no_repeat_ngram_size=3)),
+    "nli": TaskEvalConfig("candidates"),
+    "classification": TaskEvalConfig("candidates"),
+    "itm": TaskEvalConfig("candidates"),
+    "vqa_matching": TaskEvalConfig("candidates"),
+    "grounding": TaskEvalConfig("generate", GenerationConfig(beam_size=5, min_len=4, max_len=4)),
+}
+FIXED_ANSWERS = {"nli": ["yes", "no", "maybe"], "itm": ["yes", "no"], "vqa_matching": ["yes", "no"]}
+OPEN_SET_TASKS = ("vqa", "classification")  # closed answer set taken from the data when no file is given
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@dataclass
+class DownstreamConfig:
+    """Per-task settings over ``TASK_DEFAULTS`` (only what changes, e.g. ``{vqa: {inference: candidates}}``)."""
+
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    max_batches: Optional[int] = None  # cap per evaluation (None: the whole evaluation set)
+    candidate_rows: int = 256  # decoder rows per chunk when scoring candidates (memory bound)
+
+    def __post_init__(self) -> None:
+        for name in self.tasks:
+            self.task(name)  # unknown tasks / keys are errors now, not mid-evaluation
+
+    def task(self, name: str) -> TaskEvalConfig:
+        if name not in TASK_DEFAULTS:
+            raise ValueError(f"task {name!r} has no downstream evaluation; evaluable: {sorted(TASK_DEFAULTS)}")
+        merged = _merge(to_dict(TASK_DEFAULTS[name]), self.tasks.get(name, {}))
+        return from_dict(TaskEvalConfig, merged, prefix=f"downstream.tasks.{name}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Answer sets
+# ----------------------------------------------------------------------------------------------
+
+
+def read_answers(path: str | Path) -> list[str]:
+    """A closed answer set: JSON list, JSON / pickle ``answer -> index`` (OFA's trainval_ans2label.pkl,
+    ordered by index), or one answer per line."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"answer set file {path} not found") from None
+    if path.suffix == ".pkl":
+        data = pickle.loads(raw)  # the released answer lists are pickles; only read files you trust
+    elif path.suffix == ".json":
+        data = json.loads(raw)
+    else:
+        data = [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]
+    if isinstance(data, dict):
+        data = sorted(data, key=data.get)
+    if not isinstance(data, list) or not data or not all(isinstance(a, str) for a in data):
+        raise ValueError(f"{path}: expected a non-empty list of answers or an answer -> index mapping")
+    return list(dict.fromkeys(a.strip() for a in data))
+
+
+def answer_sets(cfg: DownstreamConfig, batches: Iterable[dict], gather: Callable[[list], list]) -> dict[str, list[str]]:
+    """Closed answer set of each task that needs one: file, fixed list, or the data's references."""
+    sets = dict(FIXED_ANSWERS)
+    from_data = []
+    for name in TASK_DEFAULTS:
+        task = cfg.task(name)
+        if task.answers is not None:
+            sets[name] = read_answers(task.answers)
+        elif name in OPEN_SET_TASKS and task.inference in ("trie", "candidates"):
+            from_data.append(name)
+    if from_data:
+        seen: list[tuple[str, str]] = []
+        for batch in _limited(batches, cfg.max_batches):
+            for task_id, refs in zip(batch["task_ids"].tolist(), batch["references"]):
+                if TASK_NAMES[task_id] in from_data:
+                    seen.extend((TASK_NAMES[task_id], r.strip()) for r in refs)
+        for name, answer in gather(seen):
+            sets.setdefault(name, [])
+            if answer not in sets[name]:
+                sets[name].append(answer)
+    return {name: sorted(values) if name in from_data else values for name, values in sets.items()}
+
+
+def _limited(batches: Iterable[dict], max_batches: Optional[int]) -> Iterable[dict]:
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Prediction
+# ----------------------------------------------------------------------------------------------
+
+
+def select_rows(batch: dict, rows: list[int], device: torch.device, dtype: torch.dtype) -> dict:
+    """The model inputs, ids and references of some rows of a collated batch, on ``device``."""
+    index = torch.tensor(rows)
+    out = {}
+    for key in ("src_tokens", "patch_images", "patch_masks", "prev_output_tokens", "target", "code_masks"):
+        value = batch[key].index_select(0, index).to(device)
+        out[key] = value.to(dtype) if key == "patch_images" else value
+    out["ids"] = [batch["ids"][i] for i in rows]
+    out["references"] = [batch["references"][i] for i in rows] if "references" in batch else [[] for _ in rows]
+    return out
+
+
+def predict_task(model, tokenizer, name: str, sub: dict, task: TaskEvalConfig, answers: Optional[list[str]],
+                 candidate_rows: int = 256) -> list[dict]:
+    """Prediction records of one task's rows (a ``select_rows`` batch): text, answer, or box."""
+    prefixes = decoder_prefixes(sub["prev_output_tokens"], sub["target"])
+    image = dict(patch_images=sub["patch_images"], patch_masks=sub["patch_masks"])
+    mode = "after" if task.zero_shot else "before"
+    records = [{"id": uid, "task": name, "references": refs} for uid, refs in zip(sub["ids"], sub["references"])]
+    if task.inference in ("trie", "candidates"):
+        if not answers:
+            raise ValueError(f"task {name}: {task.inference} inference needs an answer set (set "
+                             f"downstream.tasks.{name}.answers or evaluate data with references)")
+        encoded = [tokenizer.encode(" " + a) for a in answers]
+        trie = Trie(encoded)
+    if task.inference == "candidates":
+        scores = score_candidates(model, sub["src_tokens"], encoded, prefix=prefixes, constraint=trie,
+                                  constraint_mode=mode, max_rows=candidate_rows, **image)
+        best = scores.argmax(1).tolist()
+        for record, b, row in zip(records, best, scores.tolist()):
+            record.update(prediction=answers[b], score=row[b])
+        return records
+    gen = dataclasses.replace(task.generation, constraint_mode=mode)
+    constraint = None
+    if task.inference == "trie":
+        constraint = trie
+        gen = dataclasses.replace(gen, max_len=max(len(e) for e in encoded), min_len=min(gen.min_len, 1))
+    elif name == "grounding":
+        constraint = TokenRange(tokenizer.first_bin_id, tokenizer.vocab_size)
+    hyps = generate(model, sub["src_tokens"], cfg=gen, prefix=prefixes, constraint=constraint,
+                    code_masks=sub["code_masks"], **image)
+    for record, options, target in zip(records, hyps, sub["target"].tolist()):
+        tokens = options[0].tokens if options else []
+        record["score"] = options[0].score if options else float("-inf")
+        if name == "grounding":
+            record["prediction"] = _box(tokenizer, tokens)
+            record["references"] = _box(tokenizer, [t for t in target if tokenizer.is_bin(t)])
+        else:
+            record["prediction"] = tokenizer.decode(tokens).strip()
+    return records
+
+
+def _box(tokenizer, tokens: list[int]) -> Optional[list[float]]:
+    bins = [t for t in tokens if tokenizer.is_bin(t)]
+    return [tokenizer.bin_to_coord(t) for t in bins[:4]] if len(bins) >= 4 else None
+
+
+@torch.no_grad()
+def predict(model, tokenizer, batches: Iterable[dict], cfg: DownstreamConfig, sets: dict[str, list[str]],
+            device: torch.device) -> list[dict]:
+    """Per-sample prediction records (id, task, prediction, references, score) over ``batches``."""
+    was_training = model.training
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    records: list[dict] = []
+    try:
+        for batch in _limited(batches, cfg.max_batches):
+            by_task: dict[str, list[int]] = {}
+            for row, task_id in enumerate(batch["task_ids"].tolist()):
+                by_task.setdefault(TASK_NAMES[task_id], []).append(row)
+            for name, rows in by_task.items():
+                sub = select_rows(batch, rows, device, dtype)
+                records.extend(predict_task(model, tokenizer, name, sub, cfg.task(name), sets.get(name),
+                                             cfg.candidate_rows))
+    finally:
+        model.train(was_training)
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def compute_metrics(records: list[dict]) -> dict[str, float]:
+    """``<task>/<metric>`` for every task present (each sample id counted once)."""
+    unique: dict[tuple[str, str], dict] = {}
+    for record in records:
+        unique.setdefault((record["task"], record["id"]), record)
+    by_task: dict[str, list[dict]] = {}
+    for record in unique.values():
+        by_task.setdefault(record["task"], []).append(record)
+    metrics: dict[str, float] = {}
+    for name, rows in sorted(by_task.items()):
+        preds = [r["prediction"] for r in rows]
+        refs = [r["references"] for r in rows]
+        if name == "vqa":
+            values = task_metrics.vqa_accuracy(preds, refs)
+        elif name in ("caption", "grounded_caption"):
+            values = task_metrics.caption_metrics(preds, refs)
+        elif name in ("summarization", "instruction"):
+            values = task_metrics.rouge_metrics(preds, refs)
+        elif name == "grounding":
+            values = task_metrics.grounding_accuracy(preds, refs)
+        else:
+            values = {"accuracy": task_metrics.accuracy(preds, [r[0] if r else "" for r in refs])}
+        metrics.update({f"{name}/{k}": v for k, v in values.items()})
+        metrics[f"{name}/samples"] = float(len(rows))
+    return metrics
+
+
+def evaluate_model(model, tokenizer, batches: Iterable[dict], cfg: DownstreamConfig, device: torch.device,
+                   gather: Callable[[list], list] = lambda part: part) -> tuple[dict[str, float], list[dict]]:
+    """One evaluation: answer sets, predictions, metrics. In a multi-rank run pass ``gather`` (this
+    rank's list -> every rank's lists concatenated); ``batches`` must then be re-iterable. Generation
+    takes a different number of decoder calls per rank, so it needs parameters that are whole on every
+    rank (ZeRO stage <= 2)."""
+    sets = answer_sets(cfg, batches, gather)
+    records = gather(predict(model, tokenizer, batches, cfg, sets, device))
+    return compute_metrics(records), records
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluate a model directory on the evaluation streams of a fine-tuning recipe (or given data)."""
+
+    model_dir: str = ""
+    recipe: Optional[str] = None  # a run config YAML: its data and eval.downstream sections are used
+    data: Optional[DataConfig] = None  # replaces the recipe's data section
+    downstream: Optional[DownstreamConfig] = None  # replaces the recipe's eval.downstream section
+    output_dir: str = "eval"
+    device: str = "auto"  # auto: cuda when available
+    bpe_dir: str = "../shared/bpe"  # tokenizer when the model directory has none
+
+    def __post_init__(self) -> None:
+        if not self.model_dir:
+            raise ValueError("model_dir is required")
+
+
+def resolve(cfg: EvaluateConfig) -> tuple[DataConfig, DownstreamConfig]:
+    """The data and downstream settings: explicit ones, else the recipe's."""
+    recipe: dict = {}
+    if cfg.recipe is not None:
+        try:
+            recipe = yaml.safe_load(Path(cfg.recipe).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"recipe {cfg.recipe}: {exc}") from None
+    data = cfg.data
+    if data is None:
+        if "data" not in recipe:
+            raise ConfigError("give data (eval_streams) or a recipe with a data section")
+        data = from_dict(DataConfig, recipe["data"], prefix="recipe data.")
+    downstream = cfg.downstream
+    if downstream is None:
+        section = (recipe.get("eval") or {}).get("downstream") or {}
+        downstream = from_dict(DownstreamConfig, section, prefix="recipe eval.downstream.")
+    if not data.eval_streams:
+        raise ConfigError("no data.eval_streams to evaluate")
+    return data, downstream
+
+
+def load_model_and_tokenizer(model_dir: str | Path, bpe_dir: str | Path, device: torch.device):
+    """A model directory's fp32 model (eval mode) and its tokenizer (or the canonical one)."""
+    from models.checkpoint import load_pretrained
+    from models.tokenizer import Tokenizer
+
+    model = load_pretrained(model_dir).to(device).eval()
+    tok_dir = Path(model_dir) / "tokenizer"
+    tokenizer = Tokenizer.load(tok_dir) if tok_dir.is_dir() else Tokenizer.from_gpt2_files(bpe_dir)
+    if tokenizer.vocab_size != model.cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but {model_dir} has vocab_size "
+                         f"{model.cfg.vocab_size}")
+    return model, tokenizer
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    """Evaluate and write ``results.json`` and ``predictions.jsonl`` into ``output_dir``."""
+    from data.loader import build_eval_loader
+
+    data, downstream = resolve(cfg)
+    device = pick_device(cfg.device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model_dir, cfg.bpe_dir, device)
+    loader = build_eval_loader(data, tokenizer)
+    start = time.perf_counter()
+    metrics, records = evaluate_model(model, tokenizer, loader, downstream, device)
+    elapsed = time.perf_counter() - start
+    results = {"model_dir": str(cfg.model_dir), "metrics": metrics, "samples": len({r["id"] for r in records}),
+               "seconds": elapsed, "eval_streams": [to_dict(s) for s in data.eval_streams],
+               "downstream": {name: to_dict(downstream.task(name))
+                              for name in sorted({r["task"] for r in records})}}
+    out = Path(cfg.output_dir)
+    write_atomic(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_cli(EvaluateConfig, argv, description=__doc__.split("\n\n")[0])
+    results = run(cfg)
+    json.dump(results["metrics"], sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()

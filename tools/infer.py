@@ -1,0 +1,159 @@
+"""Ask a model about images: answer a question, write a caption, find a region, or name the class.
+
+    python -m tools.infer model_dir=runs/vqa_rad/best image=scan.dcm task=vqa 'question=what modality is this?'
+    python -m tools.infer model_dir=runs/iu_xray/best images_dir=xrays/ task=caption output=captions.jsonl
+    python -m tools.infer model_dir=M image=cxr.png task=grounding 'text=the left lung'
+
+Images may be PNG, JPEG or DICOM (windowed as in the data converter). Prompts are built by the same
+task processors as training (``data.tasks``), so they match what the model was fine-tuned on. VQA
+and classification are constrained to ``answers`` (a file, as ``engine.downstream.read_answers``)
+when given, else generated freely. Prints one JSON line per image (or writes them to ``output``); an
+unreadable image gets a line with its ``error`` and the command exits non-zero after the others.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from data.collate import collate
+from data.config import DataConfig
+from data.images import decode_image
+from data.records import make_record
+from data.tasks import TaskContext, process
+from engine.config import parse_cli
+from engine.downstream import (TASK_DEFAULTS, load_model_and_tokenizer, pick_device,
+                               predict_task, read_answers, select_rows, write_atomic)
+from models.generation import GenerationConfig
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+InferTask = Literal["vqa", "caption", "grounding", "classification"]
+
+
+@dataclass
+class InferConfig:
+    """Run a model directory on one image or every image of a folder."""
+
+    model_dir: str = ""
+    image: Optional[str] = None  # one PNG / JPEG / DICOM file
+    images_dir: Optional[str] = None  # batch mode: every image file in this folder (sorted by name)
+    task: InferTask = "vqa"
+    question: str = ""  # vqa
+    text: str = ""  # grounding: the region's description
+    answers: Optional[str] = None  # closed answer set (vqa, classification)
+    generation: Optional[GenerationConfig] = None  # None: the task's evaluation defaults
+    image_size: int = 256  # the fine-tuning patch_image_size
+    max_src_tokens: int = 80
+    prompt_type: Literal["none", "prev_output"] = "none"  # VQA models fine-tuned with the decoder prompt
+    max_image_size: int = 512  # the bins' coordinate range (grounding)
+    batch_size: int = 8
+    output: Optional[str] = None  # JSONL file; None: standard output
+    device: str = "auto"
+    bpe_dir: str = "../shared/bpe"
+
+    def __post_init__(self) -> None:
+        if not self.model_dir:
+            raise ValueError("model_dir is required")
+        if (self.image is None) == (self.images_dir is None):
+            raise ValueError("give exactly one of image= or images_dir=")
+        if self.task == "vqa" and not self.question.strip():
+            raise ValueError("task vqa needs question=")
+        if self.task == "grounding" and not self.text.strip():
+            raise ValueError("task grounding needs text=")
+        if self.task == "classification" and self.answers is None:
+            raise ValueError("task classification needs answers= (the class names)")
+
+
+def image_files(cfg: InferConfig) -> list[Path]:
+    if cfg.image is not None:
+        path = Path(cfg.image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} not found")
+        return [path]
+    folder = Path(cfg.images_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"images_dir {folder} is not a directory")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} files in {folder}")
+    return files
+
+
+def _record(cfg: InferConfig, path: Path, data: bytes) -> dict:
+    """A shard-style row for the task processor; its target fields are placeholders (never scored)."""
+    meta = {"vqa": {"question": cfg.question, "answers": {"?": 1.0}},
+            "caption": {"captions": ["?"]},
+            "grounding": {"caption": cfg.text, "box": [0.0, 0.0, 1.0, 1.0]},
+            "classification": {"label": 0, "label_name": "?"}}[cfg.task]
+    return make_record(str(path), cfg.task, meta, data)
+
+
+def _row(path: Path, prediction, score: float, original_size: tuple[int, int], cfg: InferConfig) -> dict:
+    out = {"image": str(path), "task": cfg.task, "prediction": prediction, "score": score}
+    if cfg.task == "vqa":
+        out["question"] = cfg.question
+    if cfg.task == "grounding":
+        out["text"] = cfg.text
+        if prediction is not None:  # patch pixels -> pixels of the original image
+            w, h = original_size
+            sx, sy = w / cfg.image_size, h / cfg.image_size
+            out["prediction"] = [prediction[0] * sx, prediction[1] * sy, prediction[2] * sx, prediction[3] * sy]
+    return out
+
+
+def run(cfg: InferConfig) -> list[dict]:
+    device = pick_device(cfg.device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model_dir, cfg.bpe_dir, device)
+    data_cfg = DataConfig(patch_image_size=cfg.image_size, max_src_tokens=cfg.max_src_tokens, augment=False,
+                          vqa_prompt_type=cfg.prompt_type, max_image_size=cfg.max_image_size)
+    answers = read_answers(cfg.answers) if cfg.answers is not None else None
+    task = dataclasses.replace(TASK_DEFAULTS[cfg.task], generation=cfg.generation or TASK_DEFAULTS[cfg.task].generation)
+    if cfg.task == "vqa":  # inside the answer trie when an answer set is given, else free (zero-shot style)
+        task = dataclasses.replace(task, inference="trie" if answers is not None else "generate")
+    dtype = next(model.parameters()).dtype
+    results: list[dict] = []
+    files = image_files(cfg)
+    for start in range(0, len(files), cfg.batch_size):
+        examples, readable, sizes = [], [], []
+        for path in files[start:start + cfg.batch_size]:
+            try:
+                data = path.read_bytes()
+                sizes.append(decode_image(data).size)
+                record = _record(cfg, path, data)
+            except Exception as exc:  # noqa: BLE001  one unreadable file must not stop a folder
+                results.append({"image": str(path), "task": cfg.task, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            ctx = TaskContext(tokenizer=tokenizer, cfg=data_cfg, rng=random.Random(0), train=False,
+                              other_row=lambda rng, record=record: record)
+            examples.extend(process(cfg.task, record, ctx))
+            readable.append(path)
+        if not examples:
+            continue
+        batch = collate(examples, cfg.image_size, [1.0], with_references=True)
+        sub = select_rows(batch, list(range(len(examples))), device, dtype)
+        predictions = predict_task(model, tokenizer, cfg.task, sub, task, answers)
+        results.extend(_row(path, p["prediction"], p["score"], size, cfg)
+                       for path, p, size in zip(readable, predictions, sizes))
+    text = "".join(json.dumps(r) + "\n" for r in results)
+    if cfg.output is not None:
+        write_atomic(Path(cfg.output), text)
+    else:
+        sys.stdout.write(text)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    results = run(parse_cli(InferConfig, argv, description=__doc__.split("\n\n")[0]))
+    failed = [r["image"] for r in results if "error" in r]
+    if failed:
+        sys.exit(f"tools.infer: {len(failed)} of {len(results)} images could not be read (see their error rows)")
+
+
+if __name__ == "__main__":
+    main()
