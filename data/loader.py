@@ -8,10 +8,12 @@ kept (it is stored in the state). Augmentation randomness is a pure function of
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
@@ -60,6 +62,23 @@ def _ranks_on_this_host(world_size: int) -> int:
     return hosts.count(socket.gethostname())
 
 
+@contextlib.contextmanager
+def _registration_lock():
+    """Serialise streaming's shared-memory registration between unrelated processes of one machine.
+
+    streaming picks a free shared-memory prefix and then creates it, with no lock in between, so two
+    jobs (or test workers) starting together can pick the same one (FileExistsError). Only each job's
+    local leader registers; the other local ranks attach after a barrier, so they must not wait here.
+    """
+    if int(os.environ.get("LOCAL_RANK", 0)) != 0:
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(os.path.join(tempfile.gettempdir(), "biomedgpt-streaming-register.lock")):
+        yield
+
+
 class TaskStreamingDataset(StreamingDataset):
     """Mixed task streams; ``__getitem__`` gives the row's processed examples (a list)."""
 
@@ -77,13 +96,14 @@ class TaskStreamingDataset(StreamingDataset):
             built.append(Stream(remote=remote, local=local, proportion=s.proportion,
                                 download_retry=cfg.download_retry, download_timeout=cfg.download_timeout))
         try:
-            super().__init__(
-                streams=built, batch_size=cfg.batch_size if train else cfg.eval_batch_size,
-                shuffle=cfg.shuffle and train, shuffle_seed=cfg.shuffle_seed, shuffle_algo=cfg.shuffle_algo,
-                shuffle_block_size=cfg.shuffle_block_size, num_canonical_nodes=cfg.num_canonical_nodes,
-                epoch_size=cfg.epoch_size if train else None, predownload=cfg.predownload,
-                cache_limit=cfg.cache_limit, download_retry=cfg.download_retry,
-                download_timeout=cfg.download_timeout)
+            with _registration_lock():
+                super().__init__(
+                    streams=built, batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+                    shuffle=cfg.shuffle and train, shuffle_seed=cfg.shuffle_seed, shuffle_algo=cfg.shuffle_algo,
+                    shuffle_block_size=cfg.shuffle_block_size, num_canonical_nodes=cfg.num_canonical_nodes,
+                    epoch_size=cfg.epoch_size if train else None, predownload=cfg.predownload,
+                    cache_limit=cfg.cache_limit, download_retry=cfg.download_retry,
+                    download_timeout=cfg.download_timeout)
         except Exception as exc:
             where = ", ".join(f"{s.name}={s.remote}" for s in streams)
             raise DataSourceError(f"cannot open streams ({where}): {type(exc).__name__}: {exc}") from exc

@@ -41,9 +41,6 @@ def b64(data: bytes) -> str:
 
 def read_rows(remote: str, tmp_path: Path, name: str = "s") -> list[dict]:
     """Every row of a converted dataset, in order, through our streaming dataset (no processing)."""
-    from streaming.base.util import clean_stale_shared_memory
-
-    clean_stale_shared_memory()
     cfg = DataConfig(cache_dir=str(tmp_path / "cache"), download_retry=1, download_timeout=10, num_workers=0)
     ds = TaskStreamingDataset([StreamConfig(name=name, task="caption", remote=remote)], cfg, None, train=False,
                               cache_subdir=f"read-{time.monotonic_ns()}")
