@@ -1,0 +1,271 @@
+"""Scaling sweeps from one command: expand a grid into run configs, train them, collect, fit, report.
+
+    python -m tools.sweep --config configs/sweeps/demo_sizes.yaml
+    python -m tools.sweep --config configs/sweeps/sizes_x_lr.yaml launcher=slurm sbatch_args='[--partition=gpu]'
+    python -m tools.sweep --config configs/sweeps/demo_sizes.yaml launcher=plan   # configs + list only
+
+A sweep is a base run config (a ``RunConfig`` YAML, or the engine's demo config) with ``overrides``
+applied to every run and ``axes``: each axis sets one dotted RunConfig key to each of its values
+(aliases: size, model, lr, steps, batch_size, zero_stage, position_scheme, attention_backend,
+image_size). A size axis drops the base config's own width/depth overrides (``overrides`` of the
+sweep still apply). A mapping value sets several keys under the axis key at once: the ``model`` axis with
+``{d_model: 64, encoder_layers: 2, ...}`` is a custom width/depth. Axes combine as a product (or
+``zip``). Every run config is validated before anything starts.
+
+Writes ``<root>/<name>/``: ``sweep.json`` (the manifest), ``configs/<run>.yaml``, ``runs.txt`` (one config
+per line: the job-array list of ``launchers/slurm_sweep.sbatch``) and ``runs/<run>/`` (each run's
+output_dir). ``local`` trains the runs one after another (``python -m engine.train``, or
+``launchers/local.sh -n RANKS`` for several ranks), then collects (``tools.collect``) and fits
+(``tools.scaling_fit``). ``slurm`` submits the unfinished runs as one job array; collect and fit
+afterwards. Rerunning skips finished runs; unfinished ones resume from their own checkpoints.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from engine.config import ConfigError, _set_dotted, from_dict, load, parse_cli, to_dict
+from engine.run_config import RunConfig, demo_config
+from tools.collect import STATUS_FILE, collect, is_finished, summary
+from tools.scaling_fit import atomic_write_text
+
+#: Short axis names and the RunConfig key each sets.
+AXIS_KEYS = {
+    "size": "model.size",
+    "model": "model.overrides",
+    "lr": "optim.lr",
+    "steps": "optim.max_steps",
+    "batch_size": "data.batch_size",
+    "zero_stage": "deepspeed.zero_stage",
+    "position_scheme": "model.overrides.position_scheme",
+    "attention_backend": "model.overrides.attention_backend",
+    "image_size": "data.patch_image_size",
+}
+
+
+#: The fields the size table sets: a size axis drops the base config's overrides of them.
+SIZE_FIELDS = ("d_model", "ffn_dim", "encoder_layers", "decoder_layers", "heads", "resnet_layers")
+
+
+@dataclass
+class Axis:
+    """One swept setting: a RunConfig key (``key``, or the alias of ``name``) and its values."""
+
+    name: str
+    values: list[Any]
+    key: Optional[str] = None
+    labels: Optional[list[str]] = None  # names of the values in run names; default: from the values
+
+    def __post_init__(self) -> None:
+        if self.key is None:
+            if self.name not in AXIS_KEYS:
+                raise ValueError(f"axis {self.name!r}: give its RunConfig key (known aliases: {sorted(AXIS_KEYS)})")
+            self.key = AXIS_KEYS[self.name]
+        if not self.values:
+            raise ValueError(f"axis {self.name!r} has no values")
+        if self.labels is None:
+            self.labels = [_label(v) for v in self.values]
+        if len(self.labels) != len(self.values) or len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"axis {self.name!r}: labels {self.labels} must be unique, one per value")
+
+
+@dataclass
+class SweepConfig:
+    """A grid of training runs and how to launch them."""
+
+    name: str = "sweep"
+    base: Optional[str] = None  # a RunConfig YAML; None: the engine's demo config
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted RunConfig key -> value, for every run
+    axes: list[Axis] = field(default_factory=list)
+    combine: Literal["product", "zip"] = "product"
+    root: str = "runs/sweeps"  # the sweep lives in <root>/<name>
+    launcher: Literal["local", "slurm", "plan"] = "local"
+    ranks: int = 1  # processes per run (local: launchers/local.sh -n RANKS when > 1; SLURM: the script's)
+    analyse: bool = True  # local: collect, fit, plot and report after the runs
+    stop_on_failure: bool = False  # local: stop the sweep at the first failed run (default: go on)
+    slurm_script: str = "launchers/slurm_sweep.sbatch"
+    sbatch_args: list[str] = field(default_factory=list)  # e.g. [--partition=gpu, --time=04:00:00]
+    max_parallel: int = 0  # SLURM array throttle (``%N``); 0: no limit
+    bootstrap: int = 200  # residual-bootstrap resamples of each fit
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.name):
+            raise ValueError(f"sweep name {self.name!r}: use letters, digits, '.', '_' and '-' only")
+        names = [a.name for a in self.axes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"axis names must be unique, got {names}")
+        if self.combine == "zip" and len({len(a.values) for a in self.axes}) > 1:
+            raise ValueError(f"combine: zip needs axes of equal length, got "
+                             f"{ {a.name: len(a.values) for a in self.axes} }")
+        if self.ranks < 1:
+            raise ValueError(f"ranks must be positive, got {self.ranks}")
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.root) / self.name
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, dict):
+        return "-".join(f"{k}{_label(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "x".join(_label(v) for v in value)
+    return re.sub(r"[^A-Za-z0-9.=-]+", "", str(value))
+
+
+def _set(data: dict, dotted: str, value: Any) -> None:
+    """Set ``dotted`` in nested ``data``; a mapping value sets each of its keys below ``dotted``."""
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _set(data, f"{dotted}.{key}", sub)
+    else:
+        _set_dotted(data, dotted, copy.deepcopy(value))
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    axes: dict[str, str]  # axis name -> value label
+    config: RunConfig
+    config_path: Path
+
+
+def expand(cfg: SweepConfig) -> list[PlannedRun]:
+    """Every run of the grid as a validated RunConfig (errors name the run and the key)."""
+    base = to_dict(load(RunConfig, cfg.base)) if cfg.base else to_dict(demo_config())
+    if any(a.key == "model.size" for a in cfg.axes):  # the base's own width/depth would mask the swept size
+        for name in SIZE_FIELDS:
+            base["model"]["overrides"].pop(name, None)
+    for key, value in cfg.overrides.items():
+        _set(base, key, value)
+    indices = [range(len(a.values)) for a in cfg.axes]
+    combos = zip(*indices) if cfg.combine == "zip" else itertools.product(*indices)
+    runs = []
+    for combo in combos:
+        data = copy.deepcopy(base)
+        labels = {}
+        for axis, i in zip(cfg.axes, combo):
+            _set(data, axis.key, axis.values[i])
+            labels[axis.name] = axis.labels[i]
+        name = "_".join(f"{axis}-{label}" for axis, label in labels.items()) or "base"
+        data["output_dir"] = str(cfg.directory / "runs" / name)
+        try:
+            run_cfg = from_dict(RunConfig, data)
+        except ConfigError as exc:
+            raise ConfigError(f"sweep {cfg.name}, run {name}: {exc}") from None
+        if run_cfg.optim.max_steps is None:
+            raise ConfigError(f"sweep {cfg.name}, run {name}: set optim.max_steps (a sweep run needs a fixed budget)")
+        run_cfg.model.build()  # unknown or inconsistent model fields fail here, before any run starts
+        runs.append(PlannedRun(name, labels, run_cfg, cfg.directory / "configs" / f"{name}.yaml"))
+    if len({r.name for r in runs}) != len(runs):
+        raise ConfigError(f"sweep {cfg.name}: two runs got the same name; give the axes distinct labels")
+    return runs
+
+
+def write_plan(cfg: SweepConfig, runs: list[PlannedRun]) -> Path:
+    """Run configs, the job-array list and the manifest, each written atomically."""
+    directory = cfg.directory
+    (directory / "configs").mkdir(parents=True, exist_ok=True)
+    for run in runs:
+        atomic_write_text(run.config_path, yaml.safe_dump(to_dict(run.config), sort_keys=False))
+    atomic_write_text(directory / "runs.txt", "".join(f"{r.config_path}\n" for r in runs))
+    manifest = {"name": cfg.name, "ranks": cfg.ranks, "axes": [a.name for a in cfg.axes],
+                "sweep": to_dict(cfg),
+                "runs": [{"run": r.name, "axes": r.axes, "config_path": str(r.config_path),
+                          "output_dir": r.config.output_dir, "config": to_dict(r.config)} for r in runs]}
+    atomic_write_text(directory / "sweep.json", json.dumps(manifest, indent=2, default=list))
+    return directory
+
+
+def pending(runs: list[PlannedRun]) -> list[PlannedRun]:
+    return [r for r in runs if not is_finished(Path(r.config.output_dir), r.config.optim.max_steps)]
+
+
+def train_command(cfg: SweepConfig, run: PlannedRun) -> list[str]:
+    if cfg.ranks == 1:
+        return [sys.executable, "-m", "engine.train", "--config", str(run.config_path)]
+    return ["bash", "launchers/local.sh", "-n", str(cfg.ranks), "--", "--config", str(run.config_path)]
+
+
+def run_local(cfg: SweepConfig, run: PlannedRun) -> int:
+    """Train one run, its output in <output_dir>/train.log, its outcome in <output_dir>/sweep_status.json."""
+    out = Path(run.config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    command = train_command(cfg, run)
+    started = time.time()
+    status = {"status": "running", "command": command, "started": started}
+    atomic_write_text(out / STATUS_FILE, json.dumps(status))
+    with open(out / "train.log", "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    status.update(status="exited", returncode=returncode, wall_s=time.time() - started)
+    atomic_write_text(out / STATUS_FILE, json.dumps(status))
+    return returncode
+
+
+def submit_slurm(cfg: SweepConfig, todo: list[PlannedRun]) -> str:
+    """One job array over the unfinished runs; returns sbatch's output (the job id)."""
+    listing = cfg.directory / "pending.txt"
+    atomic_write_text(listing, "".join(f"{r.config_path}\n" for r in todo))
+    array = f"0-{len(todo) - 1}" + (f"%{cfg.max_parallel}" if cfg.max_parallel else "")
+    command = ["sbatch", f"--array={array}", f"--job-name=sweep-{cfg.name}", *cfg.sbatch_args, cfg.slurm_script,
+               str(listing)]
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({out.returncode}): {out.stderr.strip()}")
+    return out.stdout.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_cli(SweepConfig, argv, description=__doc__)
+    runs = expand(cfg)
+    directory = write_plan(cfg, runs)
+    todo = pending(runs)
+    print(f"sweep {cfg.name}: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run "
+          f"({directory})", flush=True)
+    if cfg.launcher == "plan":
+        return 0
+    if cfg.launcher == "slurm":
+        if todo:
+            print(submit_slurm(cfg, todo))
+        print(f"when the array is done: python -m tools.collect sweep_dir={directory} && "
+              f"python -m tools.scaling_fit sweep_dir={directory}")
+        return 0
+    failed = []
+    for i, run in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {run.name}", flush=True)
+        returncode = run_local(cfg, run)
+        if returncode != 0:
+            failed.append(run.name)
+            print(f"  failed with exit status {returncode}: see {Path(run.config.output_dir) / 'train.log'}",
+                  flush=True)
+            if cfg.stop_on_failure:
+                break
+    if cfg.analyse:
+        from tools.scaling_fit import FitConfig, run as fit_and_report
+
+        rows, _ = collect(directory)
+        print(summary(rows))
+        analysis = fit_and_report(FitConfig(sweep_dir=str(directory), bootstrap=cfg.bootstrap))
+        for name, fit in analysis.fits.items():
+            print(f"L vs {name}: {fit.describe()}")
+        for name, why in analysis.failures.items():
+            print(f"L vs {name}: not fitted ({why})")
+        print(f"report: {directory / 'report.md'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
