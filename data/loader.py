@@ -42,10 +42,10 @@ def set_distributed_env(rank: int, world_size: int, local_rank: Optional[int] = 
     memory. When not given, the local world size is the number of ranks on this host (all-gathered
     host names when torch.distributed is up, else 1 for a single process).
     """
-    if local_rank is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", rank if world_size == 1 else 0))
     if local_world_size is None:
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or _ranks_on_this_host(world_size)
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", rank % local_world_size))
     if world_size % local_world_size:
         raise ValueError(f"world size {world_size} is not a multiple of the local world size {local_world_size}")
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
