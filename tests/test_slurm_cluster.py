@@ -141,13 +141,13 @@ def _sbatch_args(tmp_path: Path, *extra: str) -> list[str]:
 
 
 def test_sbatch_trains_two_ranks_with_srun(slurm, train_data, tmp_path):
-    cfg = _config(tmp_path, train_data, "run", max_steps=6, checkpoint_interval=3)
+    cfg = _config(tmp_path, train_data, "run", max_steps=4, checkpoint_interval=2)
     job = slurm.submit(*_sbatch_args(tmp_path, "--partition=debug", "--ntasks-per-node=2"),
                        "launchers/slurm_train.sbatch", "--config", str(cfg))
     info = slurm.wait(job, _done, 300, "finished")
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _batch_log(info)
     run = tmp_path / "run"
-    assert _steps(run) == [1, 2, 3, 4, 5, 6]
+    assert _steps(run) == [1, 2, 3, 4]
     assert (run / "checkpoints" / "latest").is_file()
     assert (run / "config.yaml").is_file()
     logs = run / "slurm" / "logs"
@@ -155,12 +155,12 @@ def test_sbatch_trains_two_ranks_with_srun(slurm, train_data, tmp_path):
     capture = run / "slurm" / f"job{job}-attempt0"
     environment = (capture / "environment.txt").read_text()
     assert f"SLURM_JOB_ID={job}" in environment and "SLURM_TASKS_PER_NODE=2" in environment
-    assert yaml.safe_load((capture / "config.yaml").read_text())["optim"]["max_steps"] == 6
+    assert yaml.safe_load((capture / "config.yaml").read_text())["optim"]["max_steps"] == 4
 
 
 def test_preemption_checkpoints_requeues_and_resumes(slurm, train_data, tmp_path):
     """The deepspeed launcher's processes get SIGUSR1 from SLURM too; they must outlive it."""
-    cfg = _config(tmp_path, train_data, "run", max_steps=8, checkpoint_interval=1000)
+    cfg = _config(tmp_path, train_data, "run", max_steps=6, checkpoint_interval=1000)
     job = slurm.submit(*_sbatch_args(tmp_path, "--partition=debug", "--ntasks-per-node=2"),
                        "launchers/slurm_train.sbatch", "--config", str(cfg),
                        env={"BIOMEDGPT_LAUNCHER": "deepspeed"})
@@ -175,12 +175,12 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, train_data, tmp_path
     info = slurm.wait(job, _done, 300, "finished after the requeue")
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", _batch_log(info)
     steps = _steps(run)
-    assert steps == list(range(1, 9)), f"logged steps have a gap or a repeat: {steps}"
+    assert steps == list(range(1, 7)), f"logged steps have a gap or a repeat: {steps}"
     batch_log = _batch_log(info)
     assert "requeueing job" in batch_log and "ranks exited with status 75" in batch_log
     resumed = int(re.search(r"resumed from \S+ at step (\d+)", (run / "metrics.jsonl").read_text()
                             + "".join(p.read_text() for p in (run / "slurm" / "logs").iterdir())).group(1))
-    assert 2 <= resumed < 8
+    assert 2 <= resumed < 6
     assert (run / "slurm" / f"job{job}-attempt1" / "environment.txt").is_file()
 
 
@@ -188,14 +188,14 @@ def test_two_nodes_in_separate_network_namespaces(slurm, train_data, tmp_path):
     """n1 and n2 are slurmd daemons in their own network namespaces: ranks rendezvous across them."""
     if "multi" not in slurm.partitions:
         pytest.skip("the cluster has no two-node partition (network namespaces could not be made)")
-    cfg = _config(tmp_path, train_data, "run", max_steps=4, checkpoint_interval=2)
+    cfg = _config(tmp_path, train_data, "run", max_steps=3, checkpoint_interval=2)
     job = slurm.submit(*_sbatch_args(tmp_path, "--partition=multi", "--nodes=2", "--ntasks-per-node=1",
                                      "--export=ALL,BIOMEDGPT_LAUNCHER=deepspeed,GLOO_SOCKET_IFNAME=eth0"),
                        "launchers/slurm_train.sbatch", "--config", str(cfg))
     info = slurm.wait(job, _done, 300, "finished")
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _batch_log(info)
     run = tmp_path / "run"
-    assert _steps(run) == [1, 2, 3, 4]
+    assert _steps(run) == [1, 2, 3]
     capture = run / "slurm" / f"job{job}-attempt0"
     assert (capture / "hostfile").read_text() == "n1 slots=1\nn2 slots=1\n"
     assert "MASTER_ADDR" not in (capture / "environment.txt").read_text()  # chosen by prepare: n1
@@ -207,14 +207,14 @@ def test_two_nodes_in_separate_network_namespaces(slurm, train_data, tmp_path):
 
 
 def test_sweep_array_runs_one_config_per_index(slurm, train_data, tmp_path):
-    first = _config(tmp_path, train_data, "a", max_steps=2, checkpoint_interval=1000)
-    second = _config(tmp_path, train_data, "b", max_steps=2, checkpoint_interval=1000)
+    first = _config(tmp_path, train_data, "a", max_steps=1, checkpoint_interval=1000)
+    second = _config(tmp_path, train_data, "b", max_steps=1, checkpoint_interval=1000)
     sweep = tmp_path / "sweep.txt"
-    sweep.write_text(f"# two runs\n{first}\n\n{second} optim.max_steps=3\n")
+    sweep.write_text(f"# two runs\n{first}\n\n{second} optim.max_steps=2\n")
     job = slurm.submit(*_sbatch_args(tmp_path, "--partition=debug", "--ntasks-per-node=1", "--array=0-1"),
                        "launchers/slurm_sweep.sbatch", str(sweep))
     for index in (0, 1):
         info = slurm.wait(f"{job}_{index}", _done, 300, "finished")
         assert info["JobState"] == "COMPLETED", _batch_log(info)
-    assert _steps(tmp_path / "a") == [1, 2]
-    assert _steps(tmp_path / "b") == [1, 2, 3]
+    assert _steps(tmp_path / "a") == [1]
+    assert _steps(tmp_path / "b") == [1, 2]
