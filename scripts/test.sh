@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# The test command: install the pinned environment, then run the whole suite.
+# The test command: install the pinned environment, start the one-machine SLURM test cluster
+# (Debian slurm-wlm + munge, installed on first use), run the whole suite, stop the cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline
-exec python3 -m pytest tests "$@"
+if bash tests/slurm/cluster.sh start; then
+    trap 'bash tests/slurm/cluster.sh stop >/dev/null 2>&1 || true' EXIT
+else
+    echo "warning: the SLURM test cluster did not start; its tests will say why they skip" >&2
+fi
+python3 -m pytest tests "$@"
