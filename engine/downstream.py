@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pickle
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ import yaml
 from data.config import DataConfig
 from data.tasks import TASK_NAMES
 from engine import task_metrics
+from engine.checkpointing import atomic_write_text
 from engine.config import ConfigError, from_dict, parse_cli, to_dict
 from models.generation import (GenerationConfig, TokenRange, Trie, decoder_prefixes, generate,
                                score_candidates)
@@ -343,18 +342,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run(cfg: EvaluateConfig) -> dict:
     """Evaluate and write ``results.json`` and ``predictions.jsonl`` into ``output_dir``."""
     from data.loader import build_eval_loader
@@ -371,8 +358,9 @@ def run(cfg: EvaluateConfig) -> dict:
                "downstream": {name: to_dict(downstream.task(name))
                               for name in sorted({r["task"] for r in records})}}
     out = Path(cfg.output_dir)
-    write_atomic(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
 
 

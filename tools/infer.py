@@ -27,9 +27,10 @@ from data.config import DataConfig
 from data.images import decode_image
 from data.records import make_record
 from data.tasks import TaskContext, process
+from engine.checkpointing import atomic_write_text
 from engine.config import parse_cli
 from engine.downstream import (TASK_DEFAULTS, load_model_and_tokenizer, pick_device,
-                               predict_task, read_answers, select_rows, write_atomic)
+                               predict_task, read_answers, select_rows)
 from models.generation import GenerationConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -142,7 +143,8 @@ def run(cfg: InferConfig) -> list[dict]:
                        for path, p, size in zip(readable, predictions, sizes))
     text = "".join(json.dumps(r) + "\n" for r in results)
     if cfg.output is not None:
-        write_atomic(Path(cfg.output), text)
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(cfg.output), text)
     else:
         sys.stdout.write(text)
     return results

@@ -1,0 +1,118 @@
+"""engine.downstream without training: settings, answer sets, per-task decoding of collated batches, metrics."""
+from __future__ import annotations
+
+import json
+import pickle
+import random
+
+import pytest
+import torch
+
+from data.collate import collate
+from data.config import DataConfig
+from data.records import make_record
+from data.tasks import TaskContext, process
+from engine.config import ConfigError, load
+from engine.downstream import (DownstreamConfig, EvaluateConfig, answer_sets, compute_metrics, evaluate_model,
+                               read_answers)
+from models.config import model_config
+from models.ofa import BiomedGPT
+from models.tokenizer import Tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_task_settings_merge_over_the_spec_defaults():
+    cfg = load(DownstreamConfig, overrides=["tasks.summarization.generation.beam_size=2"])
+    summary = cfg.task("summarization").generation
+    assert (summary.beam_size, summary.len_penalty, summary.max_len, summary.no_repeat_ngram_size) == (2, 0.7, 128, 3)
+    assert cfg.task("vqa").inference == "trie" and cfg.task("nli").inference == "candidates"
+    with pytest.raises(ConfigError, match="beam_sise"):
+        load(DownstreamConfig, overrides=["tasks.caption.generation.beam_sise=2"])
+    with pytest.raises(ConfigError, match="no downstream evaluation"):
+        load(DownstreamConfig, overrides=["tasks.text_infilling.inference=generate"])
+    with pytest.raises(ConfigError, match="model_dir is required"):
+        load(EvaluateConfig)
+
+
+def test_answer_files_in_every_format(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(["yes", "no", "ct"]))
+    (tmp_path / "b.json").write_text(json.dumps({"ct": 1, "yes": 0}))
+    (tmp_path / "c.pkl").write_bytes(pickle.dumps({"mri": 1, "x ray": 0}))
+    (tmp_path / "d.txt").write_text("left\n\nright\nleft\n")
+    assert read_answers(tmp_path / "a.json") == ["yes", "no", "ct"]
+    assert read_answers(tmp_path / "b.json") == ["yes", "ct"]
+    assert read_answers(tmp_path / "c.pkl") == ["x ray", "mri"]
+    assert read_answers(tmp_path / "d.txt") == ["left", "right"]
+    (tmp_path / "e.json").write_text("{}")
+    with pytest.raises(ValueError, match="e.json"):
+        read_answers(tmp_path / "e.json")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(shared_dir):
+    return Tokenizer.from_gpt2_files(shared_dir / "bpe")
+
+
+def _batch(tokenizer, rows: list[tuple[str, dict, bool]], prompt: str = "none") -> dict:
+    """A collated evaluation batch built by the real task processors from shard-style rows."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    cfg = DataConfig(patch_image_size=32, augment=False, vqa_prompt_type=prompt)
+    png = _png(Image.fromarray(skdata.retina()[::16, ::16]))
+    examples = []
+    for i, (kind, meta, image) in enumerate(rows):
+        record = make_record(f"{kind}{i}", kind, meta, png if image else b"")
+        ctx = TaskContext(tokenizer=tokenizer, cfg=cfg, rng=random.Random(0), train=False, other_row=lambda r: record)
+        examples.extend(process(kind, record, ctx))
+    return collate(examples, 32, [1.0], with_references=True)
+
+
+def _png(image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_mixed_batch_is_decoded_per_task_and_scored(tokenizer):
+    torch.manual_seed(0)
+    model = BiomedGPT(model_config("tiny", d_model=64, ffn_dim=128, encoder_layers=1, decoder_layers=1, heads=2,
+                                   resnet_layers=[1, 1, 1], vocab_size=tokenizer.vocab_size)).eval()
+    rows = [("vqa", {"question": "is this a fundus photo", "answers": {"yes": 1.0}}, True),
+            ("vqa", {"question": "what organ is shown", "answers": {"retina": 1.0}}, True),
+            ("nli", {"s1": "the heart is normal", "s2": "no cardiomegaly", "label": "entailment"}, False),
+            ("summarization", {"source": "the lungs are clear. no effusion.", "summary": "normal chest"}, False),
+            ("caption", {"captions": ["fundus photograph", "retina"]}, True),
+            ("classification", {"label": 1, "label_name": "fundus"}, True),
+            ("classification", {"label": 0, "label_name": "histology"}, True)]
+    batch = _batch(tokenizer, rows, prompt="prev_output")
+    cfg = load(DownstreamConfig, overrides=["tasks.caption.generation.max_len=4",
+                                            "tasks.summarization.generation.max_len=4"])
+    batches = [batch, batch]  # the second repeats every id: each sample must count once
+    metrics, records = evaluate_model(model, tokenizer, batches, cfg, torch.device("cpu"))
+    by_task = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append(r)
+    assert {r["prediction"] for r in by_task["vqa"]} <= {"yes", "retina"}
+    assert {r["prediction"] for r in by_task["nli"]} <= {"yes", "no", "maybe"}
+    assert {r["prediction"] for r in by_task["classification"]} <= {"fundus", "histology"}
+    assert metrics["vqa/samples"] == 2 and metrics["classification/samples"] == 2
+    assert {"caption/cider", "summarization/rougeL", "nli/accuracy", "vqa/closed_accuracy"} <= set(metrics)
+    sets = answer_sets(cfg, [batch], lambda part: part)
+    assert sets["vqa"] == ["retina", "yes"] and sets["classification"] == ["fundus", "histology"]
+
+
+def test_metrics_count_each_sample_once():
+    records = [{"id": "a", "task": "nli", "prediction": "yes", "references": ["yes"]},
+               {"id": "a", "task": "nli", "prediction": "yes", "references": ["yes"]},
+               {"id": "b", "task": "nli", "prediction": "no", "references": ["maybe"]}]
+    assert compute_metrics(records) == {"nli/accuracy": 0.5, "nli/samples": 2.0}
