@@ -59,7 +59,7 @@ DS_MODEL_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_
                  "checkpoint_parallel_dimensions", "ds_config", "ds_version", "universal_checkpoint_info"}
 # Pickled globals a training checkpoint may reference (DeepSpeed enums, numpy RNG state, our configs).
 TRUSTED_MODULES = ("torch", "deepspeed", "collections", "numpy", "_codecs", "engine", "data", "models",
-                   "argparse", "pathlib", "datetime")
+                   "streaming", "argparse", "pathlib", "datetime")
 SAFE_BUILTINS = {"set", "frozenset", "slice", "complex", "bytearray", "range", "tuple", "list", "dict"}
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -883,7 +883,7 @@ def describe(ckpt: ZeroCheckpoint) -> dict[str, Any]:
     return {"tag": ckpt.tag, "directory": str(ckpt.directory), "zero_stage": ckpt.stage,
             "world_size": ckpt.world_size, "universal": ckpt.universal, "step": ckpt.step,
             "ds_version": ckpt.model_state.get("ds_version"), "parameters": ckpt.num_parameters(),
-            "complete": ckpt.engine_meta() is not None if (ckpt.directory / "rank_00000.pt").exists() else None,
+            "engine_meta": ckpt.engine_meta(),  # written last by the engine: None for a plain DeepSpeed tag
             "has_ema": _has_ema(ckpt), "has_universal": (ckpt.directory / "universal").is_dir(),
             "files": {p.name: p.stat().st_size for p in files},
             "bytes": sum(p.stat().st_size for p in ckpt.directory.rglob("*") if p.is_file()),
