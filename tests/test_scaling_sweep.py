@@ -19,6 +19,7 @@ SIZES = [  # micro to tiny's transformer width/depth; a one-block ResNet keeps C
     {"d_model": 256, "ffn_dim": 1024, "encoder_layers": 4, "decoder_layers": 4, "heads": 4},
 ]
 STEPS = 3
+pytestmark = pytest.mark.timeout(600)  # ~90 s on two idle cores; the demo data build is ~40 s of it
 
 
 def _run(args: list[str], repo_root: Path, timeout: int) -> subprocess.CompletedProcess:
