@@ -214,7 +214,7 @@ def model_state(model: BiomedGPT) -> dict[str, Tensor]:
     return {k: v for k, v in model.state_dict().items() if k not in TIED_ALIASES}
 
 
-def _write_dir_atomically(out_dir: Path, write, overwrite: bool) -> Path:
+def write_dir_atomically(out_dir: Path, write, overwrite: bool) -> Path:
     """Write into a temporary sibling, then rename: a crash never leaves a complete-looking directory."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -269,7 +269,7 @@ def save_pretrained(model: BiomedGPT, out_dir: str | Path, tokenizer=None, dtype
     """Write a model directory atomically (optionally cast floating tensors to ``dtype``)."""
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu()
              for k, v in model_state(model).items()}
-    return _write_dir_atomically(Path(out_dir), lambda d: write_model_files(d, state, model.cfg, tokenizer,
+    return write_dir_atomically(Path(out_dir), lambda d: write_model_files(d, state, model.cfg, tokenizer,
                                                                             max_shard_bytes), overwrite)
 
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from engine.config import parse_cli
 from models.checkpoint import (HF_DECODER_LAYER, HF_ENCODER_LAYER, TIED_ALIASES, TIED_KEY, CheckpointError,
-                               _write_dir_atomically, read_model_config, read_model_weights)
+                               write_dir_atomically, read_model_config, read_model_weights)
 from models.config import ModelConfig
 from tools.zero_checkpoint import DTYPES
 
@@ -92,7 +92,7 @@ def export(model_dir: str | Path, output: str | Path, dtype: str | None = None, 
         if (model_dir / "tokenizer").is_dir():
             shutil.copytree(model_dir / "tokenizer", directory / "tokenizer")
 
-    return _write_dir_atomically(Path(output), write, overwrite)
+    return write_dir_atomically(Path(output), write, overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from models.checkpoint import (TIED_ALIASES, TIED_KEY, CheckpointError, _write_dir_atomically,
+from models.checkpoint import (TIED_ALIASES, TIED_KEY, CheckpointError, write_dir_atomically,
                                read_model_config, read_model_weights)
 from models.config import ModelConfig, ModelSpec
 from models.ofa import BiomedGPT
@@ -730,7 +730,7 @@ def consolidate(ckpt: ZeroCheckpoint, output: str | Path, cfg: ModelConfig, dtyp
         if verify_output:
             verify(directory, ckpt)
 
-    out = _write_dir_atomically(Path(output), write, overwrite)
+    out = write_dir_atomically(Path(output), write, overwrite)
     return ConsolidationResult(out, len(entries), total, cfg)
 
 
@@ -864,7 +864,7 @@ def to_universal(ckpt: ZeroCheckpoint, output: str | Path | None = None, overwri
         target.rmdir()
         (tmp / "latest_universal").unlink(missing_ok=True)
 
-    return _write_dir_atomically(out, convert, overwrite)
+    return write_dir_atomically(out, convert, overwrite)
 
 
 # ----------------------------------------------------------------------------------------------
