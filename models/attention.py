@@ -1,93 +1,227 @@
-"""Attention with OFA's position biases, behind one entry point with interchangeable backends.
+"""Attention with OFA's position biases (or rotary positions), behind one entry point with backends.
 
 The OFA bias of one attention call is the sum of
 - an absolute part, a low-rank product ``pos_q · pos_kᵀ`` (per head) shared by all layers, and
-- relative parts: per-layer tables (rows × heads) gathered by a bucket index over a block of the
-  (query, key) grid, optionally only for some samples (the decoder's image-code samples).
+- relative parts: per-layer tables (rows × heads) indexed by a bucket of (query position, key position)
+  over a block of the (query, key) grid, optionally only for some samples (the decoder's image codes).
 ``AttentionBias`` keeps those small factors; a backend decides how (and whether) to materialise them.
 
-Backends: ``eager`` (the explicit reference computation, the parity oracle) and ``sdpa``
-(``torch.nn.functional.scaled_dot_product_attention`` with the bias as a float mask).
+Backends, all ``(q, k, v, bias, key_padding_mask, causal, dropout_p) -> out`` on ``[B, H, L, Dh]``:
+- ``eager``: the explicit reference computation (the parity oracle);
+- ``sdpa``: ``scaled_dot_product_attention``; the absolute bias and the key padding are folded into the
+  head dimension (``q' = [q, pos_q, 1]``, ``k' = [k, pos_k, pad·-big]``), so only relative biases (and
+  causal masks with an offset) remain for a float mask, which is batch-shared where the positions are;
+- ``flex``: FlexAttention with the same folding and a ``score_mod`` that looks the relative biases up in
+  the small tables inside the kernel: no L×L tensor at all. Forward and backward on GPU; forward only on
+  CPU (PyTorch has no CPU backward for it);
+- ``flash``: the flash-attn package for calls without relative bias (rotary positions, and OFA's
+  cross-attention once folded); calls with relative biases, or inputs flash-attn cannot take, use ``sdpa``.
+``auto`` resolves per machine (``resolve_backend``).
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+import logging
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+log = logging.getLogger(__name__)
+
+HEAD_DIM_MULTIPLE = 8  # fused GPU kernels want head dims aligned to 8 elements
+
+
+@dataclass
+class RelativePositions:
+    """Buckets of one block of the (query, key) grid: ``index[q_ids[i], k_ids[j]]``.
+
+    ``index`` is the model's deterministic bucket buffer, ``q_ids``/``k_ids`` the block's position ids,
+    so a kernel can look a bucket up per (query, key) pair without an L×L index tensor.
+    """
+
+    index: Tensor  # [N, N] long
+    q_ids: Tensor  # [1 or B, lq] long
+    k_ids: Tensor  # [1 or B, lk] long
+    q_start: int = 0  # the block's first query / key in the attention call
+    k_start: int = 0
+    _bucket: Tensor | None = field(default=None, repr=False)
+
+    def bucket(self) -> Tensor:
+        """``[1 or B, lq, lk]`` bucket ids, computed once for every layer that shares these positions.
+
+        Caching is safe under activation-checkpoint recomputation: an integer tensor outside autograd.
+        """
+        if self._bucket is None:
+            self._bucket = self.index[self.q_ids[:, :, None], self.k_ids[:, None, :]]
+        return self._bucket
+
 
 @dataclass
 class RelativeBias:
-    """``table[bucket]`` added to the block ``[q_slice, k_slice]``; only for ``samples`` if given."""
+    """``table[bucket]`` added to the block of ``positions``; only for ``samples`` if given."""
 
     table: Tensor  # [rows, heads]
-    bucket: Tensor  # [1 or B, lq, lk] long
-    q_slice: slice = field(default_factory=lambda: slice(None))
-    k_slice: slice = field(default_factory=lambda: slice(None))
+    positions: RelativePositions
     samples: Tensor | None = None  # [B] bool
 
     def values(self) -> Tensor:
-        vals = F.embedding(self.bucket, self.table).permute(0, 3, 1, 2)  # [1|B, H, lq, lk]
+        vals = F.embedding(self.positions.bucket(), self.table).permute(0, 3, 1, 2)  # [1|B, H, lq, lk]
         if self.samples is not None:
             vals = vals * self.samples.to(vals.dtype)[:, None, None, None]
         return vals
+
+    def add_to(self, dense: Tensor) -> Tensor:
+        """``dense`` (``[B', H, Lq, Lk]``) with this block added."""
+        pos = self.positions
+        block = (slice(None), slice(None), slice(pos.q_start, pos.q_start + pos.q_ids.shape[1]),
+                 slice(pos.k_start, pos.k_start + pos.k_ids.shape[1]))
+        dense[block] += self.values()
+        return dense
 
 
 @dataclass
 class AttentionBias:
     """Additive attention bias in factored form: ``pos_q @ pos_kᵀ`` plus relative blocks."""
 
-    pos_q: Tensor  # [B, H, Lq, Dp], already scaled
-    pos_k: Tensor  # [B, H, Lk, Dp]
+    pos_q: Tensor  # [1 or B, H, Lq, Dp], already scaled
+    pos_k: Tensor  # [1 or B, H, Lk, Dp]
     relative: list[RelativeBias] = field(default_factory=list)
-    _absolute: Tensor | None = field(default=None, repr=False)
-
-    def absolute(self) -> Tensor:
-        """The low-rank product, computed once and shared by every layer that uses this bias."""
-        if self._absolute is None:
-            self._absolute = torch.matmul(self.pos_q, self.pos_k.transpose(-1, -2))
-        return self._absolute
 
     def with_relative(self, relative: list[RelativeBias]) -> "AttentionBias":
-        return AttentionBias(self.pos_q, self.pos_k, relative, self._absolute)
+        return AttentionBias(self.pos_q, self.pos_k, relative)
+
+    def absolute(self) -> Tensor:
+        """The low-rank product, computed where it is used (no state kept across layers)."""
+        return torch.matmul(self.pos_q, self.pos_k.transpose(-1, -2))
 
     def dense(self) -> Tensor:
-        """The full ``[B, H, Lq, Lk]`` bias."""
+        """The full ``[B, H, Lq, Lk]`` bias (the reference's explicit matrix)."""
         bias = self.absolute()
         if not self.relative:
             return bias
-        bias = bias.clone()
+        batch = max([bias.shape[0]] + [_rel_batch(rel) for rel in self.relative])
+        bias = bias.expand(batch, -1, -1, -1).clone()
         for rel in self.relative:
-            bias[:, :, rel.q_slice, rel.k_slice] += rel.values()
+            bias = rel.add_to(bias)
         return bias
 
+    def dense_relative(self, dtype: torch.dtype) -> Tensor | None:
+        """Only the relative blocks as a ``[1 or B, H, Lq, Lk]`` tensor (zero elsewhere), or None."""
+        if not self.relative:
+            return None
+        batch = max(_rel_batch(rel) for rel in self.relative)
+        heads, lq, lk = self.pos_q.shape[1], self.pos_q.shape[2], self.pos_k.shape[2]
+        dense = torch.zeros(batch, heads, lq, lk, dtype=dtype, device=self.pos_q.device)
+        for rel in self.relative:
+            dense = rel.add_to(dense)
+        return dense
 
-def _masked_bias(bias: AttentionBias | None, q: Tensor, k: Tensor, key_padding_mask: Tensor | None,
-                 causal: bool) -> Tensor | None:
-    """Dense additive mask: bias, then -inf on padded keys and (for causal) future keys."""
-    lq, lk = q.shape[-2], k.shape[-2]
-    out = bias.dense() if bias is not None else None
-    neg_inf = float("-inf")
-    if causal:
-        future = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(lk - lq + 1)
-        causal_mask = torch.zeros(lq, lk, dtype=q.dtype, device=q.device).masked_fill(future, neg_inf)
-        out = causal_mask if out is None else out + causal_mask
+
+def _rel_batch(rel: RelativeBias) -> int:
+    pos = rel.positions
+    return max(pos.q_ids.shape[0], pos.k_ids.shape[0], 1 if rel.samples is None else rel.samples.shape[0])
+
+
+@dataclass
+class Rotary:
+    """Rotary position embedding (GPT-NeoX half-split layout): ``x·cos + rotate_half(x)·sin``."""
+
+    cos: Tensor  # [1 or B, 1, L, Dh]
+    sin: Tensor
+
+    def rotate(self, x: Tensor) -> Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * self.cos + torch.cat([-x2, x1], dim=-1) * self.sin
+
+    def slice(self, start: int) -> "Rotary":
+        return Rotary(self.cos[:, :, start:], self.sin[:, :, start:])
+
+
+def rotary_angles(coords: Tensor, head_dim: int, theta: float = 10000.0) -> Rotary:
+    """Rotary tables for ``coords`` ``[1 or B, L, A]`` (A axes: 1 for text, 2 for (row, col) patches).
+
+    Each axis rotates an equal share of the half-dimension's frequency pairs, so a 2-D position rotates
+    by row in the first share and by column in the second; text given equal coordinates on both axes
+    gets plain 1-D rotary behaviour.
+    """
+    axes = coords.shape[-1]
+    half = head_dim // 2
+    if half % axes:
+        raise ValueError(f"head_dim {head_dim} cannot be split into {axes} rotary axes of frequency pairs")
+    per_axis = half // axes
+    inv_freq = theta ** (-torch.arange(per_axis, dtype=torch.float32, device=coords.device) / per_axis)
+    angles = torch.cat([coords[..., a, None].float() * inv_freq for a in range(axes)], dim=-1)  # [.., L, half]
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # [1|B, 1, L, Dh]
+    return Rotary(angles.cos(), angles.sin())
+
+
+# ----------------------------------------------------------------------------------------------
+# Folding the low-rank absolute bias and the key padding into the head dimension
+# ----------------------------------------------------------------------------------------------
+
+
+def _padding_value(dtype: torch.dtype) -> float:
+    """A finite score that makes a key's softmax weight exactly 0 (finite, so no 0·inf NaN in gradients)."""
+    return torch.finfo(dtype).min / 4
+
+
+def fold_into_heads(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None,
+                    key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``q' k'ᵀ = q kᵀ + pos_q pos_kᵀ + padding``; v zero-padded to the same width (kernels want equal dims).
+
+    Widths are rounded up to ``HEAD_DIM_MULTIPLE`` with zeros. Returns (q', k', v'); the caller keeps the
+    first ``v.shape[-1]`` output channels.
+    """
+    q_parts, k_parts = [q], [k]
+    if bias is not None:
+        b = max(q.shape[0], bias.pos_q.shape[0])
+        q_parts.append(bias.pos_q.to(q.dtype).expand(b, -1, -1, -1))
+        k_parts.append(bias.pos_k.to(k.dtype).expand(max(k.shape[0], bias.pos_k.shape[0]), -1, -1, -1))
     if key_padding_mask is not None:
-        pad = key_padding_mask[:, None, None, :]
-        out = (torch.zeros(pad.shape, dtype=q.dtype, device=q.device) if out is None else out)
-        out = out.masked_fill(pad, neg_inf)
-    return out
+        q_parts.append(q.new_ones(q.shape[:-1] + (1,)))
+        pad = key_padding_mask.to(k.dtype) * _padding_value(k.dtype)
+        k_parts.append(pad[:, None, :, None].expand(-1, k.shape[1], -1, -1))
+    width = sum(part.shape[-1] for part in q_parts)
+    width = -(-width // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
+    q2, k2 = _cat_padded(q_parts, width), _cat_padded(k_parts, width)
+    return q2, k2, F.pad(v, (0, width - v.shape[-1]))
+
+
+def _cat_padded(parts: list[Tensor], width: int) -> Tensor:
+    used = sum(part.shape[-1] for part in parts)
+    if used < width:
+        parts = parts + [parts[0].new_zeros(parts[0].shape[:-1] + (width - used,))]
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+
+def _causal_offset(q: Tensor, k: Tensor) -> int:
+    """Queries are the last ``lq`` of ``lk`` positions: query i sees keys ``j <= i + offset``."""
+    return k.shape[-2] - q.shape[-2]
+
+
+def _causal_mask(lq: int, lk: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    future = torch.ones(lq, lk, dtype=torch.bool, device=device).triu(lk - lq + 1)
+    return torch.zeros(lq, lk, dtype=dtype, device=device).masked_fill(future, float("-inf"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends
+# ----------------------------------------------------------------------------------------------
 
 
 def eager_attention(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None,
                     key_padding_mask: Tensor | None, causal: bool, dropout_p: float) -> Tensor:
     """Reference: weights = q kᵀ + bias, masked, softmax in fp32, dropout, times v."""
     weights = torch.matmul(q, k.transpose(-1, -2))
-    mask = _masked_bias(bias, q, k, key_padding_mask, causal)
-    if mask is not None:
-        weights = weights + mask
+    if bias is not None:
+        weights = weights + bias.dense()
+    if causal:
+        weights = weights + _causal_mask(q.shape[-2], k.shape[-2], weights.dtype, q.device)
+    if key_padding_mask is not None:
+        weights = weights.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(weights.float(), dim=-1).type_as(weights)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
@@ -96,22 +230,136 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None,
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None,
                    key_padding_mask: Tensor | None, causal: bool, dropout_p: float) -> Tensor:
-    """PyTorch's fused kernels; the bias goes in as a float mask (q is pre-scaled, so scale=1)."""
-    if bias is None and key_padding_mask is None and (not causal or q.shape[-2] == k.shape[-2]):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=1.0)
-    mask = _masked_bias(bias, q, k, key_padding_mask, causal)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
+    """PyTorch's fused kernels; relative biases go in as a float mask (q is pre-scaled, so scale=1)."""
+    dv = v.shape[-1]
+    if bias is not None or key_padding_mask is not None:
+        q, k, v = fold_into_heads(q, k, v, bias, key_padding_mask)
+    mask = bias.dense_relative(q.dtype) if bias is not None else None
+    is_causal = False
+    if causal and (mask is not None or q.shape[-2] != k.shape[-2]):
+        if q.shape[-2] > 1:  # a single new query may see every cached key
+            causal_mask = _causal_mask(q.shape[-2], k.shape[-2], q.dtype, q.device)
+            mask = causal_mask if mask is None else mask + causal_mask
+    else:
+        is_causal = causal
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                         scale=1.0)
+    return out[..., :dv]
 
 
-BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention}
+@functools.lru_cache(maxsize=None)
+def _flex_kernel(device_type: str):
+    """``flex_attention`` compiled once per process and device type (uncompiled it runs an L×L reference).
+
+    On CPU with static shapes: inductor's CPU flex template miscompiles symbolic (dynamic) sequence lengths.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
 
 
-def resolve_backend(name: str) -> str:
-    """``auto`` picks the fastest backend that handles the OFA biases on this machine."""
+def _flex_score_mod(relative: list[RelativeBias], causal_offset: int | None):
+    """Adds each relative block's ``table[index[q_id, k_id], head]`` inside the kernel; causal as -inf."""
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        for rel in relative:
+            pos = rel.positions
+            lq, lk = pos.q_ids.shape[1], pos.k_ids.shape[1]
+            qi, ki = q_idx - pos.q_start, kv_idx - pos.k_start
+            inside = (qi >= 0) & (qi < lq) & (ki >= 0) & (ki < lk)
+            q_id = pos.q_ids[b if pos.q_ids.shape[0] > 1 else 0, qi.clamp(0, lq - 1)]
+            k_id = pos.k_ids[b if pos.k_ids.shape[0] > 1 else 0, ki.clamp(0, lk - 1)]
+            value = rel.table[pos.index[q_id, k_id], h]
+            if rel.samples is not None:
+                value = torch.where(rel.samples[b], value, torch.zeros_like(value))
+            score = score + torch.where(inside, value, torch.zeros_like(value))
+        if causal_offset is not None:
+            score = torch.where(kv_idx > q_idx + causal_offset, float("-inf"), score)
+        return score
+
+    return score_mod
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None,
+                   key_padding_mask: Tensor | None, causal: bool, dropout_p: float) -> Tensor:
+    """FlexAttention: absolute bias and padding folded into q/k, relative biases looked up in-kernel."""
+    if dropout_p > 0.0:
+        raise ValueError("the flex backend has no attention dropout; use sdpa or set attention_dropout=0")
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(
+            t.requires_grad for t in _flex_inputs(q, k, v, bias)):
+        raise RuntimeError("FlexAttention has no CPU backward in PyTorch: train on CPU with attention_backend "
+                           "sdpa (flex runs CPU inference, and training on GPUs)")
+    dv = v.shape[-1]
+    if bias is not None or key_padding_mask is not None:
+        q, k, v = fold_into_heads(q, k, v, bias, key_padding_mask)
+    relative = [rel if rel.samples is None else RelativeBias(rel.table, rel.positions, rel.samples.bool())
+                for rel in (bias.relative if bias is not None else [])]
+    offset = _causal_offset(q, k) if causal else None
+    score_mod = _flex_score_mod(relative, offset) if relative or causal else None
+    b = max(q.shape[0], k.shape[0])
+    q, k, v = (t.expand(b, -1, -1, -1) for t in (q, k, v))
+    return _flex_kernel(q.device.type)(q, k, v, score_mod=score_mod, scale=1.0)[..., :dv]
+
+
+def _flex_inputs(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None) -> list[Tensor]:
+    tensors = [q, k, v]
+    if bias is not None:
+        tensors += [bias.pos_q, bias.pos_k] + [rel.table for rel in bias.relative]
+    return tensors
+
+
+@functools.lru_cache(maxsize=None)
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None,
+                    key_padding_mask: Tensor | None, causal: bool, dropout_p: float) -> Tensor:
+    """flash-attn for calls without relative bias on CUDA half precision; ``sdpa`` for the others."""
+    if (bias is not None and bias.relative) or q.device.type != "cuda" or q.dtype not in (torch.float16,
+                                                                                          torch.bfloat16):
+        return sdpa_attention(q, k, v, bias, key_padding_mask, causal, dropout_p)
+    from flash_attn import flash_attn_func
+
+    dv = v.shape[-1]
+    if bias is not None or key_padding_mask is not None:
+        q, k, v = fold_into_heads(q, k, v, bias, key_padding_mask)
+    b = max(q.shape[0], k.shape[0])
+    q, k, v = (t.expand(b, -1, -1, -1).transpose(1, 2) for t in (q, k, v))  # flash-attn wants [B, L, H, D]
+    # flash-attn aligns a causal mask to the bottom right, as a decoder with cached keys needs.
+    out = flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=1.0, causal=causal)
+    return out.transpose(1, 2)[..., :dv]
+
+
+BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention, "flex": flex_attention, "flash": flash_attention}
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def resolve_backend(name: str, position_scheme: str = "ofa") -> str:
+    """The backend to run for a configured name on this machine.
+
+    ``auto``: on CUDA, ``flex`` (OFA biases in-kernel, fused backward), or for ``rope`` (no additive bias)
+    ``flash`` where flash-attn is installed; ``sdpa`` elsewhere. ``flash`` without the flash-attn
+    package falls back to ``sdpa``, logged once per process.
+    """
     if name == "auto":
-        return "sdpa"
+        if not torch.cuda.is_available():
+            return "sdpa"
+        if position_scheme == "rope":
+            return "flash" if flash_attn_available() else "sdpa"
+        return "flex"
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r} is not available here; available: {sorted(BACKENDS)}")
+    if name == "flash" and not flash_attn_available():
+        _warn_once("attention_backend 'flash': the flash-attn package is not installed, using 'sdpa' instead")
+        return "sdpa"
     return name
 
 

@@ -36,13 +36,18 @@ class ModelConfig:
     decoder_drop_path_rate: float = 0.0
     resnet_drop_path_rate: float = 0.0
     attention_backend: AttentionBackend = "auto"
-    position_scheme: PositionScheme = "ofa"
+    position_scheme: PositionScheme = "ofa"  # ofa: released checkpoints' biases; rope: rotary, no additive bias
+    rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
         if self.d_model % self.heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by heads {self.heads}")
         if len(self.resnet_layers) != 3 or min(self.resnet_layers) < 1:
             raise ValueError(f"resnet_layers must be three positive block counts, got {self.resnet_layers}")
+        if self.position_scheme == "rope" and self.head_dim % 4:
+            raise ValueError(f"position_scheme rope needs head_dim ({self.head_dim}) divisible by 4 (2-D rotary pairs)")
+        if self.attention_backend == "flex" and self.attention_dropout > 0:
+            raise ValueError("attention_backend flex has no attention dropout: set attention_dropout 0 or use sdpa")
         for name in ("encoder_layers", "decoder_layers", "heads", "ffn_dim", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

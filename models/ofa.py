@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.attention import AttentionBias, RelativeBias, attention, resolve_backend
+from models.attention import (AttentionBias, RelativeBias, RelativePositions, Rotary, attention, resolve_backend,
+                              rotary_angles)
 from models.config import ModelConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -53,6 +54,19 @@ def image_bucket_positions(bucket_size: int) -> Tensor:
 def image_position_ids(rows: int, cols: int, bucket_size: int) -> Tensor:
     """Row-major patch position ids r*bucket + c + 1 (0 is reserved)."""
     return (torch.arange(cols)[None, :] + torch.arange(rows)[:, None] * bucket_size + 1).view(-1)
+
+
+def image_id_coords(ids: Tensor, bucket_size: int) -> Tensor:
+    """(row, col) + 1 of patch position ids (``[..., 2]``); the reserved id 0 (the decoder's ``<s>``) is (0, 0)."""
+    cell = (ids - 1).clamp(min=0)
+    coords = torch.stack([cell // bucket_size + 1, cell % bucket_size + 1], dim=-1)
+    return coords * (ids > 0)[..., None]
+
+
+def text_coords(start: int, stop: int, offset: int, device: torch.device) -> Tensor:
+    """``[1, n, 2]`` rotary coordinates of text positions: the same on both axes (1-D rotary), + offset."""
+    pos = torch.arange(start, stop, device=device) + offset
+    return torch.stack([pos, pos], dim=-1)[None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,17 +152,20 @@ class MultiheadAttention(nn.Module):
         self.k_proj, self.v_proj, self.q_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
         self.c_attn = nn.Parameter(torch.ones(cfg.heads))
         self.dropout = cfg.attention_dropout
-        self.backend = resolve_backend(cfg.attention_backend)
+        self.backend = resolve_backend(cfg.attention_backend, cfg.position_scheme)
 
     def split(self, x: Tensor) -> Tensor:
         return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
 
-    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.split(self.k_proj(x)), self.split(self.v_proj(x))
+    def project_kv(self, x: Tensor, rotary: Rotary | None = None) -> tuple[Tensor, Tensor]:
+        k = self.split(self.k_proj(x))
+        return (k if rotary is None else rotary.rotate(k)), self.split(self.v_proj(x))
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None,
-                key_padding_mask: Tensor | None, causal: bool = False) -> Tensor:
+                key_padding_mask: Tensor | None, causal: bool = False, rotary: Rotary | None = None) -> Tensor:
         q = self.split(self.q_proj(x) * self.scaling)
+        if rotary is not None:
+            q = rotary.rotate(q)
         out = attention(q, k, v, bias, key_padding_mask, causal, self.dropout if self.training else 0.0,
                         self.backend)
         out = out * self.c_attn[None, :, None, None]
@@ -176,10 +193,11 @@ class EncoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(d)
         self.dropout, self.activation_dropout, self.drop_path_rate = cfg.dropout, cfg.activation_dropout, drop_path_rate
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None, bias: AttentionBias) -> Tensor:
+    def forward(self, x: Tensor, padding_mask: Tensor | None, bias: AttentionBias | None,
+                rotary: Rotary | None = None) -> Tensor:
         h = self.self_attn_layer_norm(x)
-        k, v = self.self_attn.project_kv(h)
-        h = self.attn_ln(self.self_attn(h, k, v, bias, padding_mask))
+        k, v = self.self_attn.project_kv(h, rotary)
+        h = self.attn_ln(self.self_attn(h, k, v, bias, padding_mask, rotary=rotary))
         x = x + drop_path(F.dropout(h, self.dropout, self.training), self.drop_path_rate, self.training)
         return x + drop_path(_ffn(self, x), self.drop_path_rate, self.training)
 
@@ -202,11 +220,12 @@ class DecoderLayer(nn.Module):
     def _residual(self, x: Tensor, h: Tensor) -> Tensor:
         return x + drop_path(F.dropout(h, self.dropout, self.training), self.drop_path_rate, self.training)
 
-    def forward(self, x: Tensor, self_kv: tuple[Tensor, Tensor], self_bias: AttentionBias,
-                self_padding_mask: Tensor | None, cross_kv: tuple[Tensor, Tensor], cross_bias: AttentionBias,
-                encoder_padding_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, self_kv: tuple[Tensor, Tensor], self_bias: AttentionBias | None,
+                self_padding_mask: Tensor | None, cross_kv: tuple[Tensor, Tensor], cross_bias: AttentionBias | None,
+                encoder_padding_mask: Tensor | None, rotary: Rotary | None = None) -> Tensor:
+        """``rotary``: the new tokens' rotary tables (``self_kv`` holds keys already rotated)."""
         h = self.self_attn_layer_norm(x)
-        h = self.self_attn(h, *self_kv, self_bias, self_padding_mask, causal=True)
+        h = self.self_attn(h, *self_kv, self_bias, self_padding_mask, causal=True, rotary=rotary)
         x = self._residual(x, self.self_attn_ln(h))
         h = self.encoder_attn(self.encoder_attn_layer_norm(x), *cross_kv, cross_bias, encoder_padding_mask)
         x = self._residual(x, self.cross_attn_ln(h))
@@ -220,15 +239,15 @@ class DecoderLayer(nn.Module):
 
 @dataclass
 class EncoderOutput:
-    """Encoder states, their padding mask, and the normalised positions P for cross-attention."""
+    """Encoder states, their padding mask, and the normalised positions P for cross-attention (None: rope)."""
 
     states: Tensor  # [B, L, d]
     padding_mask: Tensor  # [B, L] bool, True = masked
-    positions: Tensor  # [B, L, d]
+    positions: Tensor | None  # [B, L, d]
 
     def reorder(self, index: Tensor) -> "EncoderOutput":
-        return EncoderOutput(self.states.index_select(0, index), self.padding_mask.index_select(0, index),
-                             self.positions.index_select(0, index))
+        positions = None if self.positions is None else self.positions.index_select(0, index)
+        return EncoderOutput(self.states.index_select(0, index), self.padding_mask.index_select(0, index), positions)
 
 
 def _pos_linear_heads(linear: nn.Linear, positions: Tensor, heads: int) -> Tensor:
@@ -241,42 +260,45 @@ class Encoder(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.cfg = cfg
+        ofa = cfg.position_scheme == "ofa"
         self.embed_tokens = embed_tokens
         self.layernorm_embedding = nn.LayerNorm(d)
         self.type_embedding = nn.Embedding(2, d)
         self.embed_images = ResNet(cfg.resnet_layers, cfg.resnet_drop_path_rate)
         self.image_proj = nn.Linear(1024, d)
         self.patch_layernorm_embedding = nn.LayerNorm(d)
-        self.embed_positions = nn.Embedding(cfg.max_source_positions + 2, d)
-        self.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, d)
-        self.pos_ln, self.image_pos_ln = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.pos_q_linear, self.pos_k_linear = nn.Linear(d, d), nn.Linear(d, d)
-        self.pos_scaling = (d / cfg.heads * cfg.attn_scale_factor) ** -0.5
+        if ofa:
+            self.embed_positions = nn.Embedding(cfg.max_source_positions + 2, d)
+            self.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, d)
+            self.pos_ln, self.image_pos_ln = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.pos_q_linear, self.pos_k_linear = nn.Linear(d, d), nn.Linear(d, d)
+            self.pos_scaling = (d / cfg.heads * cfg.attn_scale_factor) ** -0.5
         rates = linear_rates(cfg.encoder_drop_path_rate, cfg.encoder_layers)
         self.layers = nn.ModuleList(EncoderLayer(cfg, r) for r in rates)
         self.layer_norm = nn.LayerNorm(d)
-        self.token_rel_pos_table_list = nn.ModuleList(
-            nn.Embedding(2 * cfg.token_bucket_size - 1, cfg.heads) for _ in range(cfg.encoder_layers))
-        self.image_rel_pos_table_list = nn.ModuleList(
-            nn.Embedding((2 * cfg.image_bucket_size - 1) ** 2 + 3, cfg.heads) for _ in range(cfg.encoder_layers))
-        self.register_buffer("token_rp_bucket", token_bucket_positions(cfg.token_bucket_size,
-                                                                       cfg.max_source_positions), persistent=False)
-        self.register_buffer("image_rp_bucket", image_bucket_positions(cfg.image_bucket_size), persistent=False)
+        if ofa:
+            self.token_rel_pos_table_list = nn.ModuleList(
+                nn.Embedding(2 * cfg.token_bucket_size - 1, cfg.heads) for _ in range(cfg.encoder_layers))
+            self.image_rel_pos_table_list = nn.ModuleList(
+                nn.Embedding((2 * cfg.image_bucket_size - 1) ** 2 + 3, cfg.heads) for _ in range(cfg.encoder_layers))
+            self.register_buffer("token_rp_bucket", token_bucket_positions(cfg.token_bucket_size,
+                                                                           cfg.max_source_positions), persistent=False)
+            self.register_buffer("image_rp_bucket", image_bucket_positions(cfg.image_bucket_size), persistent=False)
 
     def embed_image(self, patch_images: Tensor, patch_masks: Tensor | None, sample_patch_num: int | None):
-        """Image tokens, their padding mask and position ids; optionally a random subset of patches."""
+        """Image tokens, their padding mask and position ids (``[1, n]``, or ``[B, k]`` for a random subset)."""
         features = self.embed_images(patch_images)
         b, _, rows, cols = features.shape
         if rows > self.cfg.image_bucket_size or cols > self.cfg.image_bucket_size:
             raise ValueError(f"image grid {rows}x{cols} exceeds image_bucket_size {self.cfg.image_bucket_size} "
                              f"(images up to {16 * self.cfg.image_bucket_size} px)")
         tokens = features.flatten(2).transpose(1, 2)
-        ids = image_position_ids(rows, cols, self.cfg.image_bucket_size).to(tokens.device).expand(b, -1)
+        ids = image_position_ids(rows, cols, self.cfg.image_bucket_size).to(tokens.device)[None]
         if sample_patch_num is not None and sample_patch_num < ids.shape[1]:
             order = torch.rand(b, ids.shape[1], device=tokens.device).argsort(dim=1)[:, :sample_patch_num]
             tokens = tokens.gather(1, order[:, :, None].expand(-1, -1, tokens.shape[2]))
-            ids = ids.gather(1, order)
-        padding = torch.zeros(ids.shape, dtype=torch.bool, device=tokens.device)
+            ids = ids.expand(b, -1).gather(1, order)
+        padding = torch.zeros((b, ids.shape[1]), dtype=torch.bool, device=tokens.device)
         if patch_masks is not None:
             padding = padding | ~patch_masks.bool()[:, None]
         x = self.image_proj(tokens) + self.type_embedding.weight[1]
@@ -291,30 +313,55 @@ class Encoder(nn.Module):
         x = self.embed_tokens(src_tokens) + self.type_embedding.weight[0]
         x = F.dropout(self.layernorm_embedding(x), self.cfg.dropout, self.training)
         padding = src_tokens.eq(self.cfg.pad_id)
-        positions = self.pos_ln(self.embed_positions.weight[:s]).expand(b, -1, -1)
-        n_img = 0
+        image_ids = None
         if patch_images is not None:
             image_x, image_padding, image_ids = self.embed_image(patch_images, patch_masks, sample_patch_num)
-            n_img = image_x.shape[1]
             x = torch.cat([image_x, x], dim=1)
             padding = torch.cat([image_padding, padding], dim=1)
-            positions = torch.cat([self.image_pos_ln(self.embed_image_positions(image_ids)), positions], dim=1)
         x = x * (1 - padding.unsqueeze(-1).type_as(x))
-        base = AttentionBias(_pos_linear_heads(self.pos_q_linear, positions, self.cfg.heads) * self.pos_scaling,
-                             _pos_linear_heads(self.pos_k_linear, positions, self.cfg.heads))
-        text_bucket = self.token_rp_bucket[:s, :s][None]
-        image_bucket = None
-        if n_img:
-            image_bucket = self.image_rp_bucket[image_ids[:, :, None], image_ids[:, None, :]]
         key_padding = padding if padding.any() else None
-        for idx, layer in enumerate(self.layers):
-            rel = [RelativeBias(self.token_rel_pos_table_list[idx].weight, text_bucket, slice(n_img, None),
-                                slice(n_img, None))]
-            if n_img:
-                rel.append(RelativeBias(self.image_rel_pos_table_list[idx].weight, image_bucket, slice(0, n_img),
-                                        slice(0, n_img)))
-            x = layer(x, key_padding, base.with_relative(rel))
-        return EncoderOutput(self.layer_norm(x), padding, positions)
+        if self.cfg.position_scheme == "rope":
+            rotary = self.rotary(s, image_ids, x.device)
+            for layer in self.layers:
+                x = layer(x, key_padding, None, rotary)
+            return EncoderOutput(self.layer_norm(x), padding, None)
+        positions, biases = self.ofa_biases(s, image_ids)
+        for layer, bias in zip(self.layers, biases):
+            x = layer(x, key_padding, bias)
+        return EncoderOutput(self.layer_norm(x), padding, positions.expand(b, -1, -1))
+
+    def rotary(self, s: int, image_ids: Tensor | None, device: torch.device) -> Rotary:
+        """2-D rotary over patch (row, col), 1-D rotary over text positions placed after the image grid."""
+        coords = text_coords(0, s, self.cfg.image_bucket_size + 1, device)
+        if image_ids is not None:
+            image = image_id_coords(image_ids, self.cfg.image_bucket_size)
+            coords = torch.cat([image, coords.expand(image.shape[0], -1, -1)], dim=1)
+        return rotary_angles(coords, self.cfg.head_dim, self.cfg.rope_theta)
+
+    def ofa_biases(self, s: int, image_ids: Tensor | None) -> tuple[Tensor, list[AttentionBias]]:
+        """Positions P ``[1 or B, L, d]`` and each layer's bias: shared absolute part + its relative tables.
+
+        Positions are batch-shared (batch 1) unless patches were sampled per sample.
+        """
+        heads, device = self.cfg.heads, self.token_rp_bucket.device
+        positions = self.pos_ln(self.embed_positions.weight[:s])[None]
+        n_img = 0
+        if image_ids is not None:
+            n_img = image_ids.shape[1]
+            image_positions = self.image_pos_ln(self.embed_image_positions(image_ids))
+            positions = torch.cat([image_positions, positions.expand(image_ids.shape[0], -1, -1)], dim=1)
+        base = AttentionBias(_pos_linear_heads(self.pos_q_linear, positions, heads) * self.pos_scaling,
+                             _pos_linear_heads(self.pos_k_linear, positions, heads))
+        text_ids = torch.arange(s, device=device)[None]
+        text = RelativePositions(self.token_rp_bucket, text_ids, text_ids, n_img, n_img)
+        image = RelativePositions(self.image_rp_bucket, image_ids, image_ids) if n_img else None
+        biases = []
+        for idx in range(len(self.layers)):
+            rel = [RelativeBias(self.token_rel_pos_table_list[idx].weight, text)]
+            if image is not None:
+                rel.append(RelativeBias(self.image_rel_pos_table_list[idx].weight, image))
+            biases.append(base.with_relative(rel))
+        return positions, biases
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,34 +392,37 @@ class Decoder(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.cfg = cfg
+        ofa = cfg.position_scheme == "ofa"
         self.embed_tokens = embed_tokens
         self.layernorm_embedding = nn.LayerNorm(d)
         self.code_layernorm_embedding = nn.LayerNorm(d)
-        self.embed_positions = nn.Embedding(cfg.max_target_positions + 2, d)
-        self.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, d)
-        self.pos_ln, self.image_pos_ln = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.self_pos_q_linear, self.self_pos_k_linear = nn.Linear(d, d), nn.Linear(d, d)
-        self.cross_pos_q_linear, self.cross_pos_k_linear = nn.Linear(d, d), nn.Linear(d, d)
-        self.pos_scaling = (d / cfg.heads * cfg.attn_scale_factor) ** -0.5
+        if ofa:
+            self.embed_positions = nn.Embedding(cfg.max_target_positions + 2, d)
+            self.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, d)
+            self.pos_ln, self.image_pos_ln = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.self_pos_q_linear, self.self_pos_k_linear = nn.Linear(d, d), nn.Linear(d, d)
+            self.cross_pos_q_linear, self.cross_pos_k_linear = nn.Linear(d, d), nn.Linear(d, d)
+            self.pos_scaling = (d / cfg.heads * cfg.attn_scale_factor) ** -0.5
         rates = linear_rates(cfg.decoder_drop_path_rate, cfg.decoder_layers)
         self.layers = nn.ModuleList(DecoderLayer(cfg, r) for r in rates)
         self.layer_norm = nn.LayerNorm(d)
-        self.token_rel_pos_table_list = nn.ModuleList(
-            nn.Embedding(2 * cfg.token_bucket_size - 1, cfg.heads) for _ in range(cfg.decoder_layers))
-        self.image_rel_pos_table_list = nn.ModuleList(
-            nn.Embedding((2 * cfg.image_bucket_size - 1) ** 2 + 3, cfg.heads) for _ in range(cfg.decoder_layers))
-        self.register_buffer("token_rp_bucket", token_bucket_positions(cfg.token_bucket_size,
-                                                                       cfg.max_target_positions), persistent=False)
-        self.register_buffer("image_rp_bucket", image_bucket_positions(cfg.image_bucket_size), persistent=False)
+        if ofa:
+            self.token_rel_pos_table_list = nn.ModuleList(
+                nn.Embedding(2 * cfg.token_bucket_size - 1, cfg.heads) for _ in range(cfg.decoder_layers))
+            self.image_rel_pos_table_list = nn.ModuleList(
+                nn.Embedding((2 * cfg.image_bucket_size - 1) ** 2 + 3, cfg.heads) for _ in range(cfg.decoder_layers))
+            self.register_buffer("token_rp_bucket", token_bucket_positions(cfg.token_bucket_size,
+                                                                           cfg.max_target_positions), persistent=False)
+            self.register_buffer("image_rp_bucket", image_bucket_positions(cfg.image_bucket_size), persistent=False)
         # Position ids of generated image codes: 0 for <s>, then the code window row-major, then a filler.
         window = image_position_ids(cfg.code_grid, cfg.code_grid, cfg.image_bucket_size)
         filler = torch.full((cfg.max_target_positions + 1 - window.numel(),), 1024)
         self.register_buffer("image_position_idx", torch.cat([torch.zeros(1, dtype=torch.long), window, filler]),
                              persistent=False)
 
-    def target_positions(self, length: int, batch: int, code_masks: Tensor | None) -> Tensor:
-        """Normalised target positions: text positions, or the code window for image-code samples."""
-        positions = self.pos_ln(self.embed_positions.weight[:length]).expand(batch, -1, -1)
+    def target_positions(self, length: int, code_masks: Tensor | None) -> Tensor:
+        """Normalised target positions ``[1 or B, T, d]``: text positions, or the code window for image codes."""
+        positions = self.pos_ln(self.embed_positions.weight[:length])[None]
         if code_masks is not None and code_masks.any():
             code_pos = self.image_pos_ln(self.embed_image_positions(self.image_position_idx[:length]))
             positions = torch.where(code_masks.bool()[:, None, None], code_pos[None], positions)
@@ -381,24 +431,10 @@ class Decoder(nn.Module):
     def forward(self, prev_output_tokens: Tensor, encoder_out: EncoderOutput, code_masks: Tensor | None = None,
                 cache: DecoderCache | None = None) -> Tensor:
         """Hidden states of the tokens after ``cache.length`` (all tokens without a cache)."""
-        b, t = prev_output_tokens.shape
+        t = prev_output_tokens.shape[1]
         if t > self.cfg.max_target_positions:
             raise ValueError(f"target length {t} exceeds max_target_positions {self.cfg.max_target_positions}")
         start = cache.length if cache is not None else 0
-        heads = self.cfg.heads
-        positions = self.target_positions(t, b, code_masks)
-        self_base = AttentionBias(
-            _pos_linear_heads(self.self_pos_q_linear, positions[:, start:], heads) * self.pos_scaling,
-            _pos_linear_heads(self.self_pos_k_linear, positions, heads))
-        if cache is not None and cache.cross_pos_k is not None:
-            cross_pos_k = cache.cross_pos_k
-        else:
-            cross_pos_k = _pos_linear_heads(self.cross_pos_k_linear, encoder_out.positions, heads)
-            if cache is not None:
-                cache.cross_pos_k = cross_pos_k
-        cross_bias = AttentionBias(
-            _pos_linear_heads(self.cross_pos_q_linear, positions[:, start:], heads) * self.pos_scaling, cross_pos_k)
-
         tokens = prev_output_tokens[:, start:]
         x = self.embed_tokens(tokens)
         if code_masks is not None and code_masks.any():
@@ -411,28 +447,67 @@ class Decoder(nn.Module):
         self_padding = prev_output_tokens.eq(self.cfg.pad_id)
         self_padding = self_padding if self_padding.any() else None
         encoder_padding = encoder_out.padding_mask if encoder_out.padding_mask.any() else None
-        text_bucket = self.token_rp_bucket[start:t, :t][None]
-        image_ids = self.image_position_idx[:t]
-        image_bucket = self.image_rp_bucket[image_ids[start:, None], image_ids[None, :]][None]
-        any_code = code_masks is not None and bool(code_masks.any())
+        if self.cfg.position_scheme == "rope":
+            rotary = self.rotary(start, t, code_masks, x.device)
+            self_biases, cross_bias = [None] * len(self.layers), None
+        else:
+            rotary = None
+            self_biases, cross_bias = self.ofa_biases(start, t, code_masks, encoder_out, cache)
         for idx, layer in enumerate(self.layers):
-            if any_code:
-                code = code_masks.bool()
-                rel = [RelativeBias(self.token_rel_pos_table_list[idx].weight, text_bucket, samples=~code),
-                       RelativeBias(self.image_rel_pos_table_list[idx].weight, image_bucket, samples=code)]
-            else:
-                rel = [RelativeBias(self.token_rel_pos_table_list[idx].weight, text_bucket)]
-            x = self._layer(layer, idx, x, self_base.with_relative(rel), self_padding, cross_bias, encoder_out,
-                            encoder_padding, cache)
+            x = self._layer(layer, idx, x, self_biases[idx], self_padding, cross_bias, encoder_out, encoder_padding,
+                            cache, rotary)
         if cache is not None:
             cache.length = t
         return self.layer_norm(x)
 
-    def _layer(self, layer: DecoderLayer, idx: int, x: Tensor, self_bias: AttentionBias,
-               self_padding: Tensor | None, cross_bias: AttentionBias, encoder_out: EncoderOutput,
-               encoder_padding: Tensor | None, cache: DecoderCache | None) -> Tensor:
+    def rotary(self, start: int, t: int, code_masks: Tensor | None, device: torch.device) -> Rotary:
+        """Rotary tables of target positions ``start..t-1``: 1-D for text, 2-D over the code window for codes."""
+        coords = text_coords(start, t, 0, device)
+        if code_masks is not None and code_masks.any():
+            code = image_id_coords(self.image_position_idx[start:t], self.cfg.image_bucket_size)[None]
+            coords = torch.where(code_masks.bool()[:, None, None], code, coords)
+        return rotary_angles(coords, self.cfg.head_dim, self.cfg.rope_theta)
+
+    def ofa_biases(self, start: int, t: int, code_masks: Tensor | None, encoder_out: EncoderOutput,
+                   cache: DecoderCache | None) -> tuple[list[AttentionBias], AttentionBias]:
+        """Each layer's self-attention bias (absolute + its relative tables) and the cross-attention bias."""
+        heads = self.cfg.heads
+        positions = self.target_positions(t, code_masks)
+        self_base = AttentionBias(
+            _pos_linear_heads(self.self_pos_q_linear, positions[:, start:], heads) * self.pos_scaling,
+            _pos_linear_heads(self.self_pos_k_linear, positions, heads))
+        if cache is not None and cache.cross_pos_k is not None:
+            cross_pos_k = cache.cross_pos_k
+        else:
+            cross_pos_k = _pos_linear_heads(self.cross_pos_k_linear, encoder_out.positions, heads)
+            if cache is not None:
+                cache.cross_pos_k = cross_pos_k
+        cross_bias = AttentionBias(
+            _pos_linear_heads(self.cross_pos_q_linear, positions[:, start:], heads) * self.pos_scaling, cross_pos_k)
+
+        device = self.token_rp_bucket.device
+        text = RelativePositions(self.token_rp_bucket, torch.arange(start, t, device=device)[None],
+                                 torch.arange(t, device=device)[None])
+        code = code_masks.bool() if code_masks is not None and code_masks.any() else None
+        if code is not None:
+            ids = self.image_position_idx[:t]
+            image = RelativePositions(self.image_rp_bucket, ids[start:][None], ids[None])
+        biases = []
+        for idx in range(len(self.layers)):
+            token_table = self.token_rel_pos_table_list[idx].weight
+            if code is None:
+                rel = [RelativeBias(token_table, text)]
+            else:
+                rel = [RelativeBias(token_table, text, samples=~code),
+                       RelativeBias(self.image_rel_pos_table_list[idx].weight, image, samples=code)]
+            biases.append(self_base.with_relative(rel))
+        return biases, cross_bias
+
+    def _layer(self, layer: DecoderLayer, idx: int, x: Tensor, self_bias: AttentionBias | None,
+               self_padding: Tensor | None, cross_bias: AttentionBias | None, encoder_out: EncoderOutput,
+               encoder_padding: Tensor | None, cache: DecoderCache | None, rotary: Rotary | None) -> Tensor:
         """One layer, with this step's keys/values appended to (and read from) the cache."""
-        k, v = layer.self_attn.project_kv(layer.self_attn_layer_norm(x))
+        k, v = layer.self_attn.project_kv(layer.self_attn_layer_norm(x), rotary)
         if cache is not None:
             if cache.self_kv[idx] is not None:
                 pk, pv = cache.self_kv[idx]
@@ -443,7 +518,7 @@ class Decoder(nn.Module):
             cross_kv = layer.encoder_attn.project_kv(encoder_out.states)
             if cache is not None:
                 cache.cross_kv[idx] = cross_kv
-        return layer(x, (k, v), self_bias, self_padding, cross_kv, cross_bias, encoder_padding)
+        return layer(x, (k, v), self_bias, self_padding, cross_kv, cross_bias, encoder_padding, rotary)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,9 +557,10 @@ class BiomedGPT(nn.Module):
                     nn.init.zeros_(fc.bias)
             elif isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        for coder in (self.encoder, self.decoder):
-            for table in [*coder.token_rel_pos_table_list, *coder.image_rel_pos_table_list]:
-                nn.init.zeros_(table.weight)
+        if self.cfg.position_scheme == "ofa":
+            for coder in (self.encoder, self.decoder):
+                for table in [*coder.token_rel_pos_table_list, *coder.image_rel_pos_table_list]:
+                    nn.init.zeros_(table.weight)
 
     def encode(self, src_tokens: Tensor, patch_images: Tensor | None = None, patch_masks: Tensor | None = None,
                sample_patch_num: int | None = None) -> EncoderOutput:
