@@ -207,6 +207,20 @@ def _causal_mask(lq: int, lk: int, dtype: torch.dtype, device: torch.device) -> 
     return torch.zeros(lq, lk, dtype=dtype, device=device).masked_fill(future, float("-inf"))
 
 
+def _dense_mask(bias: AttentionBias | None, q: Tensor, k: Tensor, key_padding_mask: Tensor | None,
+                causal: bool) -> Tensor | None:
+    """The explicit additive mask: dense bias, -inf on future keys (causal) and on padded keys."""
+    out = bias.dense() if bias is not None else None
+    if causal:
+        causal_mask = _causal_mask(q.shape[-2], k.shape[-2], q.dtype, q.device)
+        out = causal_mask if out is None else out + causal_mask
+    if key_padding_mask is not None:
+        pad = key_padding_mask[:, None, None, :]
+        out = torch.zeros(pad.shape, dtype=q.dtype, device=q.device) if out is None else out
+        out = out.masked_fill(pad, float("-inf"))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Backends
 # ----------------------------------------------------------------------------------------------
@@ -216,12 +230,9 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None,
                     key_padding_mask: Tensor | None, causal: bool, dropout_p: float) -> Tensor:
     """Reference: weights = q kᵀ + bias, masked, softmax in fp32, dropout, times v."""
     weights = torch.matmul(q, k.transpose(-1, -2))
-    if bias is not None:
-        weights = weights + bias.dense()
-    if causal:
-        weights = weights + _causal_mask(q.shape[-2], k.shape[-2], weights.dtype, q.device)
-    if key_padding_mask is not None:
-        weights = weights.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    mask = _dense_mask(bias, q, k, key_padding_mask, causal)
+    if mask is not None:
+        weights = weights + mask
     probs = torch.softmax(weights.float(), dim=-1).type_as(weights)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
@@ -230,7 +241,16 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None,
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None,
                    key_padding_mask: Tensor | None, causal: bool, dropout_p: float) -> Tensor:
-    """PyTorch's fused kernels; relative biases go in as a float mask (q is pre-scaled, so scale=1)."""
+    """PyTorch's fused kernels; relative biases go in as a float mask (q is pre-scaled, so scale=1).
+
+    PyTorch's CPU kernels cannot return the gradient of a mask, so CPU training with trainable relative
+    tables runs the math kernel whatever the inputs: it gets the plain dense mask (folding would only
+    widen its matmuls).
+    """
+    if q.device.type == "cpu" and bias is not None and torch.is_grad_enabled() and any(
+            rel.table.requires_grad for rel in bias.relative):
+        mask = _dense_mask(bias, q, k, key_padding_mask, causal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
     dv = v.shape[-1]
     if bias is not None or key_padding_mask is not None:
         q, k, v = fold_into_heads(q, k, v, bias, key_padding_mask)
