@@ -66,7 +66,6 @@ TASK_DEFAULTS: dict[str, TaskEvalConfig] = {
     "grounding": TaskEvalConfig("generate", GenerationConfig(beam_size=5, min_len=4, max_len=4)),
 }
 FIXED_ANSWERS = {"nli": ["yes", "no", "maybe"], "itm": ["yes", "no"], "vqa_matching": ["yes", "no"]}
-OPEN_SET_TASKS = ("vqa", "classification")  # closed answer set taken from the data when no file is given
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -121,27 +120,22 @@ def read_answers(path: str | Path) -> list[str]:
     return list(dict.fromkeys(a.strip() for a in data))
 
 
-def answer_sets(cfg: DownstreamConfig, batches: Iterable[dict], gather: Callable[[list], list]) -> dict[str, list[str]]:
-    """Closed answer set of each task that needs one: file, fixed list, or the data's references."""
-    sets = dict(FIXED_ANSWERS)
-    from_data = []
+def answer_sets(cfg: DownstreamConfig) -> dict[str, list[str]]:
+    """The closed answer sets known before reading the data: fixed lists and answer files."""
+    sets = {name: list(values) for name, values in FIXED_ANSWERS.items()}
     for name in TASK_DEFAULTS:
         task = cfg.task(name)
         if task.answers is not None:
             sets[name] = read_answers(task.answers)
-        elif name in OPEN_SET_TASKS and task.inference in ("trie", "candidates"):
-            from_data.append(name)
-    if from_data:
-        seen: list[tuple[str, str]] = []
-        for batch in _limited(batches, cfg.max_batches):
-            for task_id, refs in zip(batch["task_ids"].tolist(), batch["references"]):
-                if TASK_NAMES[task_id] in from_data:
-                    seen.extend((TASK_NAMES[task_id], r.strip()) for r in refs)
-        for name, answer in gather(seen):
-            sets.setdefault(name, [])
-            if answer not in sets[name]:
-                sets[name].append(answer)
-    return {name: sorted(values) if name in from_data else values for name, values in sets.items()}
+    return sets
+
+
+def sets_from_references(seen: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """Answer sets of (task, reference) pairs seen in the data (sorted, so every rank agrees)."""
+    sets: dict[str, set[str]] = {}
+    for name, answer in seen:
+        sets.setdefault(name, set()).add(answer)
+    return {name: sorted(values) for name, values in sets.items()}
 
 
 def _limited(batches: Iterable[dict], max_batches: Optional[int]) -> Iterable[dict]:
@@ -215,24 +209,34 @@ def _box(tokenizer, tokens: list[int]) -> Optional[list[float]]:
 
 @torch.no_grad()
 def predict(model, tokenizer, batches: Iterable[dict], cfg: DownstreamConfig, sets: dict[str, list[str]],
-            device: torch.device) -> list[dict]:
-    """Per-sample prediction records (id, task, prediction, references, score) over ``batches``."""
+            device: torch.device, only: Optional[set[str]] = None) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Per-sample prediction records (id, task, prediction, references, score) over ``batches``.
+
+    Rows of a task that needs a closed answer set not yet in ``sets`` are not decoded: their
+    (task, reference) pairs are returned instead, to build the set for a second pass (``only``).
+    """
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
     records: list[dict] = []
+    seen: list[tuple[str, str]] = []
     try:
         for batch in _limited(batches, cfg.max_batches):
             by_task: dict[str, list[int]] = {}
             for row, task_id in enumerate(batch["task_ids"].tolist()):
                 by_task.setdefault(TASK_NAMES[task_id], []).append(row)
             for name, rows in by_task.items():
+                task = cfg.task(name)
+                if only is not None and name not in only:
+                    continue
+                if task.inference in ("trie", "candidates") and name not in sets:
+                    seen.extend((name, r.strip()) for i in rows for r in batch["references"][i])
+                    continue
                 sub = select_rows(batch, rows, device, dtype)
-                records.extend(predict_task(model, tokenizer, name, sub, cfg.task(name), sets.get(name),
-                                             cfg.candidate_rows))
+                records.extend(predict_task(model, tokenizer, name, sub, task, sets.get(name), cfg.candidate_rows))
     finally:
         model.train(was_training)
-    return records
+    return records, seen
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,12 +273,19 @@ def compute_metrics(records: list[dict]) -> dict[str, float]:
 
 def evaluate_model(model, tokenizer, batches: Iterable[dict], cfg: DownstreamConfig, device: torch.device,
                    gather: Callable[[list], list] = lambda part: part) -> tuple[dict[str, float], list[dict]]:
-    """One evaluation: answer sets, predictions, metrics. In a multi-rank run pass ``gather`` (this
-    rank's list -> every rank's lists concatenated); ``batches`` must then be re-iterable. Generation
-    takes a different number of decoder calls per rank, so it needs parameters that are whole on every
-    rank (ZeRO stage <= 2)."""
-    sets = answer_sets(cfg, batches, gather)
-    records = gather(predict(model, tokenizer, batches, cfg, sets, device))
+    """One evaluation: predictions and metrics. A task whose closed answer set comes from the data
+    (VQA, classification without an answers file) costs a second pass over ``batches`` (so they must
+    be re-iterable). In a multi-rank run pass ``gather`` (this rank's list -> every rank's lists
+    concatenated; called the same number of times on every rank). Generation takes a different number
+    of decoder calls per rank, so parameters must be whole on every rank (ZeRO stage <= 2)."""
+    sets = answer_sets(cfg)
+    records, seen = predict(model, tokenizer, batches, cfg, sets, device)
+    seen = gather(seen)
+    if seen:
+        found = sets_from_references(seen)
+        sets.update(found)
+        records += predict(model, tokenizer, batches, cfg, sets, device, only=set(found))[0]
+    records = gather(records)
     return compute_metrics(records), records
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 from typing import Mapping, Sequence, Union
 
 References = Union[Sequence[str], Mapping[str, float]]
@@ -73,6 +74,9 @@ def caption_metrics(predictions: Sequence[str], references: Sequence[Sequence[st
     _check_lengths(predictions, references)
     if any(not refs for refs in references):
         raise ValueError("every caption needs at least one reference")
+    if shutil.which("java") is None:
+        raise RuntimeError("caption metrics need Java on PATH (pycocoevalcap's PTB tokenizer and METEOR run it); "
+                           "install a JRE, e.g. apt-get install default-jre-headless")
     tokenizer = PTBTokenizer()
     gts = tokenizer.tokenize({i: [{"caption": r} for r in refs] for i, refs in enumerate(references)})
     res = tokenizer.tokenize({i: [{"caption": p}] for i, p in enumerate(predictions)})

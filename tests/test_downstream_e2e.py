@@ -113,8 +113,13 @@ def _shards(tmp: Path, task: str) -> Path:
     return out
 
 
+#: Rank layout that the evaluation loader puts into the environment (streaming reads it from there).
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _run(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(cwd)}
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(cwd))
     proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(args[:3])} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -136,8 +141,10 @@ CASES = {
 
 
 @pytest.mark.parametrize("task", list(CASES))
-def test_finetune_then_evaluate(task, tmp_path, repo_root, shared_dir):
+def test_finetune_then_evaluate(task, tmp_path, repo_root, shared_dir, monkeypatch):
     recipe, data_overrides, eval_overrides, keys = CASES[task]
+    for name in RANK_VARIABLES:  # restored after the test: the in-process evaluation sets them
+        monkeypatch.delenv(name, raising=False)
     shards = _shards(tmp_path, task)
     stream = f"[{{name: {task}, task: {task}, remote: {shards}}}]"
     run_dir = tmp_path / "run"

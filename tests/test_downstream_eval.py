@@ -14,7 +14,7 @@ from data.records import make_record
 from data.tasks import TaskContext, process
 from engine.config import ConfigError, load
 from engine.downstream import (DownstreamConfig, EvaluateConfig, answer_sets, compute_metrics, evaluate_model,
-                               read_answers)
+                               predict, read_answers, sets_from_references)
 from models.config import model_config
 from models.ofa import BiomedGPT
 from models.tokenizer import Tokenizer
@@ -107,8 +107,8 @@ def test_mixed_batch_is_decoded_per_task_and_scored(tokenizer):
     assert {r["prediction"] for r in by_task["classification"]} <= {"fundus", "histology"}
     assert metrics["vqa/samples"] == 2 and metrics["classification/samples"] == 2
     assert {"caption/cider", "summarization/rougeL", "nli/accuracy", "vqa/closed_accuracy"} <= set(metrics)
-    sets = answer_sets(cfg, [batch], lambda part: part)
-    assert sets["vqa"] == ["retina", "yes"] and sets["classification"] == ["fundus", "histology"]
+    _, seen = predict(model, tokenizer, [batch], cfg, answer_sets(cfg), torch.device("cpu"))
+    assert sets_from_references(seen) == {"vqa": ["retina", "yes"], "classification": ["fundus", "histology"]}
 
 
 def test_metrics_count_each_sample_once():
