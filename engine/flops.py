@@ -107,8 +107,9 @@ def measure_matmul_tflops(dtype: torch.dtype = torch.float32, size: int = 1024, 
     """A quick matmul throughput measurement: the practical peak where no table entry fits (CPUs)."""
     import time
 
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
+    generator = torch.Generator(device=device).manual_seed(0)  # leaves the training RNG streams alone
+    a = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
+    b = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
     torch.matmul(a, b)
     if device == "cuda":
         torch.cuda.synchronize()

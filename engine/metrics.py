@@ -58,8 +58,8 @@ class MetricsLogger:
         try:
             import wandb
 
-            settings = wandb.Settings(init_timeout=60, silent=True, console="off",
-                                      finish_timeout=60)
+            timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", 60))
+            settings = wandb.Settings(init_timeout=timeout, silent=True, console="off", finish_timeout=timeout)
             return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, dir=str(out), mode=mode,
                               config=run_config, resume="allow", id=_run_id(out), settings=settings)
         except Exception as exc:  # wandb must never stop a training run

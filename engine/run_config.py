@@ -6,6 +6,7 @@ config and written into the ``ds_configs/*.json`` template by the engine, so the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 from data.config import DataConfig, StreamConfig
@@ -27,7 +28,7 @@ class OptimConfig:
     schedule: Literal["linear", "polynomial", "constant"] = "polynomial"
     power: float = 1.0  # polynomial decay exponent (1.0 = linear)
     end_lr: float = 0.0
-    max_steps: Optional[int] = None  # optimizer steps; with max_epochs the smaller limit wins
+    max_steps: Optional[int] = 1000  # optimizer steps; with max_epochs the smaller wins (null: epochs only)
     max_epochs: Optional[int] = None
     grad_accum: int = 1
     clip_norm: float = 1.0  # 0 disables clipping
@@ -105,6 +106,7 @@ class LogConfig:
     wandb_project: str = "biomedgpt"
     wandb_run_name: Optional[str] = None
     peak_tflops: Optional[float] = None  # per device, for MFU; None: from the device table / a measurement
+    sample_ids: bool = False  # write each rank's sample ids per step to sample_ids/rank_NNNNN.jsonl (data audit)
 
 
 @dataclass
@@ -113,6 +115,7 @@ class CheckpointConfig:
     keep_last_n: int = 2
     at_end: bool = True
     resume: Literal["auto", "never"] = "auto"  # auto: continue from <output_dir>/checkpoints/latest
+    stop_after: Optional[int] = None  # steps to run in this invocation, then checkpoint and exit 75 (chunked jobs)
     init_from: Optional[str] = None  # a model directory (models.checkpoint) to start a fresh run from
 
     def __post_init__(self) -> None:
@@ -126,7 +129,7 @@ class RunConfig:
 
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(max_steps=1000))
+    optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -138,27 +141,14 @@ class RunConfig:
     max_nonfinite_steps: int = 20  # skipped NaN/inf losses tolerated before the run fails
     seed: int = 1
     output_dir: str = "runs/default"
-    demo_data: bool = False  # build the demo shards (tools.make_demo_data) into data paths when absent
+    demo_data_dir: Optional[str] = None  # build the demo shards (tools.make_demo_data) here when absent
+
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def demo_config() -> RunConfig:
-    """The README's main job: tiny-shaped model, demo shards from the packaged data, minutes on 2 CPUs."""
-    demo_root = "runs/demo-data"
-    streams = [StreamConfig(name=task, task=task, remote=f"{demo_root}/train/{task}")
-               for task in ("vqa", "caption", "summarization")]
-    eval_streams = [StreamConfig(name=task, task=task, remote=f"{demo_root}/eval/{task}")
-                    for task in ("vqa", "caption", "summarization")]
-    return RunConfig(
-        model=ModelSpec(size="tiny", overrides={"d_model": 128, "ffn_dim": 512, "encoder_layers": 2,
-                                                "decoder_layers": 2, "heads": 4, "resnet_layers": [1, 1, 1],
-                                                "dropout": 0.1}),
-        data=DataConfig(streams=streams, eval_streams=eval_streams, batch_size=8, eval_batch_size=16,
-                        patch_image_size=128, max_src_tokens=80, max_tgt_tokens=40, num_workers=0,
-                        group_weights=[1.0]),
-        optim=OptimConfig(lr=5e-4, warmup_ratio=0.05, max_steps=200, clip_norm=1.0, label_smoothing=0.1),
-        eval=EvalConfig(interval=100, metric="loss"),
-        log=LogConfig(interval=10),
-        checkpoint=CheckpointConfig(interval=100, keep_last_n=1),
-        output_dir="runs/demo",
-        demo_data=True,
-    )
+    """The demo recipe (configs/demo.yaml): what ``python -m engine.train`` runs without --config."""
+    from engine.config import load
+
+    return load(RunConfig, DEMO_CONFIG)

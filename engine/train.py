@@ -1,6 +1,6 @@
 """Training entry point: ``python -m engine.train [--config configs/X.yaml] [key.sub=value ...]``.
 
-Without ``--config`` it runs the embedded demo (the README's main job): it builds the demo shards from
+Without ``--config`` it runs configs/demo.yaml (the README's main job): it builds the demo shards from
 the packaged real data when they are missing, trains a small model, evaluates it and prints the metrics.
 Under a launcher (launchers/local.sh, SLURM) every rank runs this same command.
 """
@@ -8,42 +8,44 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from engine import distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
-from engine.config import ConfigError, load, parse_cli, to_dict
-from engine.run_config import RunConfig, demo_config
+from engine.config import parse_cli
+from engine.run_config import DEMO_CONFIG, RunConfig
 from engine.trainer import Trainer
 
 
-def _demo_with_overrides(overrides: Sequence[str]) -> RunConfig:
-    """The demo config with command-line overrides applied through the same typed loader."""
-    import tempfile
+def ensure_demo_data(directory: str) -> None:
+    """Build the demo shards once (every rank of a local job calls this; a file lock lets one build)."""
+    import fcntl
 
-    import yaml
+    root = Path(directory)
+    if (root / "data_config.yaml").exists():
+        return
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "data_config.yaml").exists():
+            from tools.make_demo_data import DemoConfig, build
 
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-        yaml.safe_dump(to_dict(demo_config()), f)
-        f.flush()
-        return load(RunConfig, f.name, overrides)
+            print(f"building the demo dataset in {root} (once, about a minute)", flush=True)
+            build(DemoConfig(output_dir=str(root)))
 
 
 def parse(argv: Sequence[str] | None = None) -> RunConfig:
+    """``--config FILE`` and overrides; without ``--config``, configs/demo.yaml with the overrides."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a == "--config" or a.startswith("--config=") or a in ("-h", "--help") for a in argv):
-        return parse_cli(RunConfig, argv, description=__doc__)
-    try:
-        return _demo_with_overrides(argv)
-    except ConfigError as exc:
-        sys.exit(f"engine.train: error: {exc}")
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        argv = ["--config", str(DEMO_CONFIG), *argv]
+    return parse_cli(RunConfig, argv, description=__doc__)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse(argv)
-    if cfg.demo_data:
-        from engine.demo import ensure_demo_data
-
-        ensure_demo_data(cfg)
+    if cfg.demo_data_dir:
+        ensure_demo_data(cfg.demo_data_dir)
     trainer = Trainer(cfg)
     metrics = trainer.train()
     if trainer.is_main and metrics:

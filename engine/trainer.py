@@ -1,6 +1,7 @@
 """The DeepSpeed trainer: one code path for every model size, ZeRO stage, precision and device type."""
 from __future__ import annotations
 
+import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -103,6 +104,7 @@ class Trainer:
         self.step, self.epoch, self.nonfinite = 0, 0, 0
         self.best: Optional[float] = None
         self.notes: list[str] = []
+        self.resumed_rng: Optional[dict] = None
         if resume_tag is not None:
             self._resume(load_dir, load_tag, resume_tag)
         elif self.is_main:
@@ -110,6 +112,7 @@ class Trainer:
         self.peak = device_peak(ds.precision, cfg.log.peak_tflops)
         self.stop = dist_utils.StopRequest().install()
         self.logger = MetricsLogger(cfg.log, self.out, to_dict(cfg), self.total_steps, self.step, self.is_main)
+        self.sample_log = self._open_sample_log() if cfg.log.sample_ids else None
         if resume_tag is not None:
             self.notes.insert(0, f"resumed from {resume_tag} at step {self.step}"
                               + (" through a universal checkpoint" if load_tag == "universal" else ""))
@@ -180,7 +183,8 @@ class Trainer:
         if optim.implementation == "torch":
             optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
                                           weight_decay=optim.weight_decay,
-                                          fused=self.dist.device.type == "cuda" and ds.offload_optimizer == "none")
+                                          fused=self.dist.device.type == "cuda" and ds.offload_optimizer == "none",
+                                          foreach=None if self.dist.device.type == "cuda" else True)
         schedule = lr_lambda(optim, self.total_steps)
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=params if optimizer is None else None,
@@ -229,20 +233,44 @@ class Trainer:
             else:
                 self.notes.append("EMA restarted from the current weights (its ZeRO-3 partitions were saved "
                                   "by another world size)")
-        set_rng_state(state["rng"])
+        self.resumed_rng = state["rng"]
+
+    def _open_sample_log(self):
+        """This rank's sample-id log, cut back to the resumed step (a crashed run may have logged past it)."""
+        path = self.out / "sample_ids" / f"rank_{self.rank:05d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        return open(path, "a", buffering=1)
 
     # -- the loop ------------------------------------------------------------------------------
 
     def _batches(self) -> Iterator[dict]:
-        """Training batches forever, counting epochs (the loader's state resumes mid-epoch)."""
+        """Training batches forever, counting epochs (the loader's state resumes mid-epoch).
+
+        Starting an epoch (the first batch of a new iterator) draws from torch's RNG (the loader's
+        base seed), so a resumed run fetches its first batch and only then restores the saved RNG
+        states: from there on it draws exactly what the uninterrupted run drew.
+        """
+        iterator = iter(self.train_loader)
+        pending = next(iterator, None)
+        if self.resumed_rng is not None:
+            set_rng_state(self.resumed_rng)
+            self.resumed_rng = None
+        produced = True  # a run resumed exactly at an epoch's end starts with an empty remainder
         while True:
-            yielded = False
-            for batch in self.train_loader:
-                yielded = True
-                yield batch
-            if not yielded:
+            while pending is not None:
+                produced = True
+                yield pending
+                pending = next(iterator, None)
+            if not produced:
                 raise RuntimeError("the training loader yielded no batch in a whole epoch")
             self.epoch += 1
+            produced = False
+            iterator = iter(self.train_loader)
+            pending = next(iterator, None)
 
     def _forward_loss(self, batch: dict, train: bool):
         logits = self.engine(src_tokens=batch["src_tokens"], prev_output_tokens=batch["prev_output_tokens"],
@@ -268,6 +296,8 @@ class Trainer:
         batches = self._batches()
         window = self._new_window()
         last_eval_step, last_save_step = -1, self.step
+        stop_at = self.step + cfg.checkpoint.stop_after if cfg.checkpoint.stop_after else None
+        step_ids: list[str] = []
         try:
             while self.step < self.total_steps:
                 self.engine.train()
@@ -290,10 +320,14 @@ class Trainer:
                     window["grad_norm"] = self._unclipped_grad_norm()
                 self.engine.step()
                 self._accumulate(window, batch, out)
+                step_ids.extend(batch.get("ids", []))
                 if not boundary:
                     continue
                 self.step += 1
                 window["steps"] += 1
+                if self.sample_log is not None:
+                    self.sample_log.write(json.dumps({"step": self.step, "ids": step_ids}) + "\n")
+                step_ids = []
                 if self.ema is not None:
                     self.ema.update(self.engine.module, self.step)
                 self.logger.advance(1)
@@ -303,9 +337,10 @@ class Trainer:
                 if self.eval_loader is not None and cfg.eval.interval and self.step % cfg.eval.interval == 0:
                     metrics = self.evaluate_and_track()
                     last_eval_step = self.step
-                if flags[1] > 0:
+                if flags[1] > 0 or (stop_at is not None and self.step >= stop_at and self.step < self.total_steps):
                     self.save()
-                    self.logger.write(f"stopping on signal at step {self.step}: checkpoint saved, exit "
+                    reason = "on signal" if flags[1] > 0 else f"after {cfg.checkpoint.stop_after} steps (stop_after)"
+                    self.logger.write(f"stopping {reason} at step {self.step}: checkpoint saved, exit "
                                       f"{EXIT_RESUME} (resume to continue)")
                     raise TrainingStopped()
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
@@ -318,6 +353,8 @@ class Trainer:
         finally:
             self.logger.close()
             self.stop.uninstall()
+            if self.sample_log is not None:
+                self.sample_log.close()
         return metrics
 
     def _accumulate(self, window: dict, batch: dict, out) -> None:

@@ -69,7 +69,7 @@ while [ "${#live[@]}" -gt 0 ]; do
     finished=""
     wait -n -p finished "${live[@]}"
     rc=$?
-    if [ -z "$finished" ]; then
+    if [ -z "${finished:-}" ]; then
         continue  # a forwarded signal interrupted the wait
     fi
     still=()
@@ -79,7 +79,8 @@ while [ "${#live[@]}" -gt 0 ]; do
         status=$rc
         if [ "$rc" -eq 75 ]; then grace="${RESUME_GRACE_S:-600}"; else grace=5; fi
         echo "local.sh: rank with pid $finished exited with status $rc; stopping the job (grace ${grace}s)" >&2
-        ( sleep "$grace"; for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null; done ) &
+        # (detached from our stdout/stderr, so whoever reads this job's output sees it end with the job)
+        ( sleep "$grace"; for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null; done ) >/dev/null 2>&1 &
         killer=$!
     fi
 done

@@ -1,0 +1,223 @@
+"""Real multi-process DeepSpeed on CPU (gloo, 2 ranks) through launchers/local.sh and ``python -m engine.train``.
+
+Each test trains a tiny-shaped model on MDS shards the module writes (captions with small PNG images,
+text-only summarisation), so the image branch, text-only samples, the streaming loader and the
+trainer are the real ones.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import yaml
+
+pytestmark = pytest.mark.timeout(600)
+
+TINY_MODEL = {"size": "tiny", "overrides": {"d_model": 64, "ffn_dim": 128, "encoder_layers": 1, "decoder_layers": 1,
+                                            "resnet_layers": [1, 1, 1], "dropout": 0.1}}
+WORDS = ("chest lung heart normal opacity effusion left right lower upper lobe mild severe no acute finding "
+         "consolidation pneumothorax cardiomegaly stable").split()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from data.images import encode_png
+    from data.mds import ShardWriter
+    from data.records import make_record
+
+    root = tmp_path_factory.mktemp("engine_shards")
+    rng = np.random.default_rng(0)
+    for split, rows in (("train", 48), ("eval", 12)):
+        captions = ShardWriter(str(root / split / "caption"))
+        texts = ShardWriter(str(root / split / "summ"))
+        for i in range(rows):
+            image = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+            caption = " ".join(rng.choice(WORDS, 5))
+            captions.write(make_record(f"{split}-cap-{i}", "caption", {"captions": [caption]}, encode_png(image)))
+            texts.write(make_record(f"{split}-sum-{i}", "summarization",
+                                    {"source": " ".join(rng.choice(WORDS, 12)), "summary": " ".join(rng.choice(WORDS, 4))}))
+        captions.commit()
+        texts.commit()
+    return root
+
+
+def run_config(shards: Path, out: Path, shared_dir: Path, **sections) -> dict:
+    cfg = {
+        "model": TINY_MODEL,
+        "data": {"streams": [{"name": "caption", "task": "caption", "remote": str(shards / "train/caption")},
+                             {"name": "summ", "task": "summarization", "remote": str(shards / "train/summ")}],
+                 "eval_streams": [{"name": "caption", "task": "caption", "remote": str(shards / "eval/caption")},
+                                  {"name": "summ", "task": "summarization", "remote": str(shards / "eval/summ")}],
+                 "batch_size": 4, "eval_batch_size": 8, "patch_image_size": 64, "num_workers": 0, "augment": False,
+                 "group_weights": [1.0], "cache_dir": str(out.parent / "cache")},
+        "optim": {"lr": 2e-3, "max_steps": 8, "warmup_steps": 1},
+        "log": {"interval": 1, "wandb_mode": "disabled", "progress_bar": False},
+        "checkpoint": {"interval": 0},
+        "eval": {"interval": 0, "at_end": False, "export_best": False},
+        "bpe_dir": str(shared_dir / "bpe"),
+        "output_dir": str(out),
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg[section] = {**cfg.get(section, {}), **values}
+        else:
+            cfg[section] = values
+    return cfg
+
+
+def launch(repo_root: Path, cfg: dict, ranks: int, *overrides: str, wait: bool = True, timeout: float = 300,
+           expect: int = 0):
+    out = Path(cfg["output_dir"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WANDB_MODE", None)
+    cmd = [str(repo_root / "launchers/local.sh"), "-n", str(ranks), "--", "--config", str(path), *overrides]
+    proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return proc
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == expect, output[-6000:]
+    return output
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(out) if "loss" in m}
+
+
+@pytest.fixture(scope="module")
+def zero_runs(shards, tmp_path_factory, repo_root, shared_dir) -> dict[int, Path]:
+    """Eight steps at ZeRO stages 0-3 on 2 ranks; stage 3 also with activation checkpointing and EMA."""
+    base = tmp_path_factory.mktemp("zero")
+    runs = {}
+    for stage in (0, 1, 2, 3):
+        out = base / f"stage{stage}"
+        extra = {"activation_checkpointing": True} if stage == 3 else {}
+        cfg = run_config(shards, out, shared_dir, deepspeed={"zero_stage": stage, **extra},
+                         ema={"enabled": stage == 3, "decay": 0.9},
+                         eval={"interval": 0, "at_end": stage == 3, "export_best": stage == 3})
+        launch(repo_root, cfg, 2)
+        runs[stage] = out
+    return runs
+
+
+def test_every_zero_stage_trains_and_matches_stage_0(zero_runs):
+    reference = train_losses(zero_runs[0])
+    assert sorted(reference) == list(range(1, 9))
+    for stage, out in zero_runs.items():
+        losses = train_losses(out)
+        values = [losses[s] for s in sorted(losses)]
+        assert np.mean(values[-3:]) < np.mean(values[:3]) - 0.5, (stage, values)
+        # fp32 everywhere; only the order of the gradient reductions differs between stages.
+        for step, loss in reference.items():
+            assert losses[step] == pytest.approx(loss, rel=2e-4, abs=2e-4), (stage, step)
+    logged = metrics(zero_runs[3])
+    last = [m for m in logged if "loss" in m][-1]
+    for key in ("lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "memory_gb", "loss/caption",
+                "loss/summarization"):
+        assert key in last and np.isfinite(last[key]), key
+    evaluation = [m for m in logged if "eval/loss" in m]
+    assert evaluation and np.isfinite(evaluation[-1]["eval/loss"])
+    assert (zero_runs[3] / "best" / "model.safetensors").exists()  # gathered from ZeRO-3 shards (EMA weights)
+
+
+def test_two_rank_zero3_checkpoint_resumes_on_one_rank(zero_runs, tmp_path, repo_root, shards, shared_dir):
+    out = tmp_path / "resumed"
+    shutil.copytree(zero_runs[3], out)
+    saved = train_losses(out)
+    cfg = run_config(shards, out, shared_dir, deepspeed={"zero_stage": 3}, optim={"lr": 2e-3, "max_steps": 10,
+                                                                                   "warmup_steps": 1},
+                     ema={"enabled": True, "decay": 0.9})
+    output = launch(repo_root, cfg, 1)
+    assert "through a universal checkpoint" in output
+    assert (out / "checkpoints" / "step_00000008" / "universal").is_dir()
+    losses = train_losses(out)
+    assert sorted(losses)[-2:] == [9, 10]
+    # Trained weights were loaded: the resumed loss is far below the first steps' loss.
+    assert losses[9] < saved[1] - 1.0 and np.isfinite(losses[10])
+    assert json.loads((out / "checkpoints" / "step_00000010" / "meta.json").read_text())["world_size"] == 1
+
+
+def test_resume_gives_identical_losses_and_data_order(shards, tmp_path, repo_root, shared_dir):
+    """2N steps straight vs N steps, stop, resume for N (ZeRO-2, dropout on, fp32): the same numbers."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = dict(deepspeed={"zero_stage": 2}, log={"interval": 1, "wandb_mode": "offline", "progress_bar": False,
+                                                    "sample_ids": True})
+    launch(repo_root, run_config(shards, straight, shared_dir, **common), 2)
+    launch(repo_root, run_config(shards, split, shared_dir, **common), 2, "checkpoint.stop_after=4", expect=75)
+    launch(repo_root, run_config(shards, split, shared_dir, **common), 2)
+    a, b = train_losses(straight), train_losses(split)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-6), step
+    for rank in (0, 1):
+        ids_a = (straight / "sample_ids" / f"rank_{rank:05d}.jsonl").read_text().splitlines()
+        ids_b = (split / "sample_ids" / f"rank_{rank:05d}.jsonl").read_text().splitlines()
+        assert ids_a == ids_b and len(ids_a) == 8
+
+    # wandb ran offline and recorded the metrics.
+    runs = list((straight / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    blob = runs[0].read_bytes()
+    for key in (b"loss", b"grad_norm", b"tokens_per_s", b"mfu", b"loss/caption"):
+        assert key in blob, key
+
+
+def _wait_for_step(out: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = out / "metrics.jsonl"
+        if path.exists() and path.read_text().strip():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {proc.stdout.read()[-4000:]}")
+        time.sleep(0.5)
+    raise AssertionError("no step was logged in time")
+
+
+def test_a_killed_rank_ends_the_job_with_an_error(shards, tmp_path, repo_root, shared_dir):
+    out = tmp_path / "killed"
+    cfg = run_config(shards, out, shared_dir, optim={"lr": 1e-3, "max_steps": 100000, "warmup_steps": 1})
+    proc = launch(repo_root, cfg, 2, wait=False)
+    _wait_for_step(out, proc)
+    ranks = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") == "1"]
+    assert len(ranks) == 1
+    ranks[0].kill()
+    start = time.time()
+    proc.communicate(timeout=60)
+    assert proc.returncode not in (0, 75)
+    assert time.time() - start < 60
+
+
+def test_sigterm_writes_a_checkpoint_that_resumes(shards, tmp_path, repo_root, shared_dir):
+    out = tmp_path / "preempted"
+    cfg = run_config(shards, out, shared_dir, optim={"lr": 1e-3, "max_steps": 100000, "warmup_steps": 1},
+                     deepspeed={"zero_stage": 3})
+    proc = launch(repo_root, cfg, 2, wait=False)
+    _wait_for_step(out, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, output[-4000:]
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    saved_step = json.loads((out / "checkpoints" / tag / "meta.json").read_text())["step"]
+    assert saved_step >= 1
+    resumed = launch(repo_root, cfg, 2, f"optim.max_steps={saved_step + 1}")
+    assert f"resumed from {tag}" in resumed
+    assert max(train_losses(out)) == saved_step + 1
