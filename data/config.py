@@ -12,7 +12,7 @@ StreamTask = Literal[
     "pretrain_vl",  # vision_language rows: caption+ITM, VQA+VQA matching, grounding+grounded captioning
     "caption", "itm", "vqa", "vqa_matching", "grounding", "grounded_caption",
     "text_infilling", "image_infilling", "detection",
-    "nli", "summarization", "classification",
+    "nli", "summarization", "classification", "instruction",
 ]
 
 

@@ -7,23 +7,27 @@ schema for every task keeps converters, readers and mixing simple; tasks read fi
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 MDS_COLUMNS = {"id": "str", "kind": "str", "image": "bytes", "meta": "json"}
 NUM_CODES = 8192
 
-#: kind -> (meta fields that must be present, whether the row needs an image)
-KINDS: dict[str, tuple[tuple[str, ...], bool]] = {
-    "caption": (("captions",), True),  # captions: list of references
-    "vqa": (("question", "answers"), True),  # answers: {answer: confidence}
-    "grounding": (("caption", "box"), True),  # box: [x0, y0, x1, y1] in source pixels
-    "text": (("text",), False),
-    "image_codes": (("codes",), True),  # 256 VQGAN codes of the image's centre
-    "detection": (("boxes", "labels"), True),
-    "classification": (("label", "label_name"), True),
-    "nli": (("s1", "s2", "label"), False),  # label: entailment | neutral | contradiction
-    "summarization": (("source", "summary"), False),
+ImageUse = Literal["required", "optional", "none"]
+#: kind -> (meta fields that must be present, whether the row has an image)
+KINDS: dict[str, tuple[tuple[str, ...], ImageUse]] = {
+    "caption": (("captions",), "required"),  # captions: list of references
+    "vqa": (("question", "answers"), "required"),  # answers: {answer: confidence}; optional answer_type
+    "grounding": (("caption", "box"), "required"),  # box: [x0, y0, x1, y1] in source pixels
+    "text": (("text",), "none"),
+    "image_codes": (("codes",), "required"),  # 256 VQGAN codes of the image's centre
+    "detection": (("boxes", "labels"), "required"),
+    "classification": (("label", "label_name"), "required"),
+    "nli": (("s1", "s2", "label"), "none"),  # label: entailment | neutral | contradiction
+    "summarization": (("source", "summary"), "none"),
+    "instruction": (("instruction", "response"), "optional"),  # one instruction / response turn
 }
+#: VQA question types as SLAKE / VQA-RAD annotate them (``answer_type``: OPEN / CLOSED)
+ANSWER_TYPES = ("open", "closed")
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 MEDNLI_LABEL_INDEX = {0: "neutral", 1: "entailment", 2: "contradiction"}  # the MedNLI TSV's ints
 
@@ -43,16 +47,18 @@ def make_record(uid: str, kind: str, meta: dict[str, Any], image: bytes = b"") -
     """Validated shard row; raises BadRecord naming the missing / malformed field."""
     if kind not in KINDS:
         raise BadRecord(f"unknown record kind {kind!r}; known: {sorted(KINDS)}")
-    required, needs_image = KINDS[kind]
+    required, image_use = KINDS[kind]
     missing = [k for k in required if meta.get(k) in (None, "", [], {})]
     if missing:
         raise BadRecord(f"{kind} row {uid!r} lacks {missing}", "missing field")
-    if needs_image and not image:
+    if image_use == "required" and not image:
         raise BadRecord(f"{kind} row {uid!r} has no image", "missing image")
     if not str(uid):
         raise BadRecord(f"{kind} row has an empty id")
     if kind == "nli" and meta["label"] not in NLI_LABELS:
         raise BadRecord(f"nli row {uid!r}: label {meta['label']!r} is not one of {NLI_LABELS}")
+    if kind == "vqa" and meta.get("answer_type") not in (None, *ANSWER_TYPES):
+        raise BadRecord(f"vqa row {uid!r}: answer_type {meta['answer_type']!r} is not one of {ANSWER_TYPES}")
     if kind == "image_codes":
         codes = meta["codes"]
         if len(codes) != 256 or not all(0 <= c < NUM_CODES for c in codes):
@@ -90,6 +96,16 @@ def parse_answers(text: str) -> dict[str, float]:
     if not answers:
         raise BadRecord(f"no answer in {text!r}")
     return answers
+
+
+def parse_answer_type(value: Any) -> str | None:
+    """SLAKE / VQA-RAD ``answer_type`` (OPEN / CLOSED, any case) -> "open" / "closed"; None when absent."""
+    if value is None or not str(value).strip():
+        return None
+    kind = str(value).strip().lower()
+    if kind not in ANSWER_TYPES:
+        raise BadRecord(f"answer_type {value!r} is not one of {ANSWER_TYPES}")
+    return kind
 
 
 def parse_floats(text: str, count: int, what: str) -> list[float]:

@@ -23,7 +23,7 @@ BOS, PAD, EOS = 0, 1, 2
 TEXT_INFILL_MAX_TOKENS = 256
 #: Example-level tasks; a batch's ``task_ids`` index this tuple.
 TASK_NAMES = ("caption", "itm", "vqa", "vqa_matching", "grounding", "grounded_caption", "text_infilling",
-              "image_infilling", "detection", "nli", "summarization", "classification")
+              "image_infilling", "detection", "nli", "summarization", "classification", "instruction")
 NLI_ANSWERS = {"entailment": " yes", "contradiction": " no", "neutral": " maybe"}
 
 
@@ -41,6 +41,7 @@ class Example:
     conf: float = 1.0
     loss_group: int = 0
     references: list[str] = field(default_factory=list)
+    answer_type: Optional[str] = None  # VQA: "open" / "closed" when the dataset annotates it
 
 
 @dataclass
@@ -144,6 +145,7 @@ def vqa(record: dict, ctx: TaskContext, image=None, finetune: bool = True) -> li
     image = ctx.image(record) if image is None else image
     example = text_example(ctx, record, "vqa", src, f" {answer}", image, conf=answers[answer],
                            references=list(answers))
+    example.answer_type = meta.get("answer_type")
     if finetune and ctx.cfg.vqa_prompt_type == "prev_output":
         prefix = src[1:-1]  # the question (and objects) without <s> / </s>
         answer_ids = example.target[:-1]
@@ -316,6 +318,19 @@ def classification(record: dict, ctx: TaskContext) -> list[Example]:
     return [text_example(ctx, record, "classification", src, f" {name}", ctx.image(record), references=[name])]
 
 
+def instruction(record: dict, ctx: TaskContext) -> list[Example]:
+    """Free-form instruction tuning: `` {instruction}`` -> `` {response}``, judged against the whole response.
+
+    The text is kept as written (case, punctuation, line breaks: responses are free text); a row without
+    an image is text-only.
+    """
+    meta = record["meta"]
+    text, response = str(meta["instruction"]).strip(), str(meta["response"]).strip()
+    src = source_ids(ctx, "", " " + text)
+    image = ctx.image(record) if record["image"] else None
+    return [text_example(ctx, record, "instruction", src, f" {response}", image, references=[response])]
+
+
 def _single(fn):
     return lambda record, ctx: fn(record, ctx)
 
@@ -335,6 +350,7 @@ PROCESSORS: dict[str, tuple[Callable[[dict, TaskContext], list[Example]], tuple[
     "nli": (nli, ("nli",)),
     "summarization": (summarization, ("summarization",)),
     "classification": (classification, ("classification",)),
+    "instruction": (instruction, ("instruction",)),
 }
 
 

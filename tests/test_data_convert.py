@@ -131,6 +131,37 @@ def test_jsonl_with_image_files_reports_file_and_line(tmp_path, capsys):
     assert rows[1]["meta"]["captions"] == ["report 1", "alt 1"] and rows[1]["image"] == png(1)
 
 
+def test_llava_json_one_row_per_turn(tmp_path, capsys):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(png(1))
+    entries = [
+        {"id": "a", "image": "a.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A chest X-ray."},
+            {"from": "human", "value": "Any effusion? <image>"}, {"from": "gpt", "value": "No.\nLungs are clear."}]},
+        {"id": "t", "conversations": [{"from": "human", "value": "Define CT."}, {"from": "gpt", "value": "Tomography."}]},
+        {"id": "m", "image": "missing.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        ["not", "an", "entry"],
+        {"id": "h", "conversations": [{"from": "human", "value": "q1"}, {"from": "human", "value": "q2"}]},
+    ]
+    source = tmp_path / "llava.json"
+    source.write_text(json.dumps(entries))
+    summary = convert(PrepareConfig(input=str(source), format="llava_json", image_root=str(tmp_path / "img"),
+                                    output=str(tmp_path / "out"), progress=False, max_bad_fraction=0.5))
+    assert summary.written == 3 and dict(summary.skipped) == {"missing image": 1, "malformed row": 2}
+    err = capsys.readouterr().err
+    assert f"{source}:entry 3, turn 1: missing image" in err and f"{source}:entry 4: malformed row" in err
+    assert f"{source}:entry 5, turn 1: malformed row: conversation 'h': turn 1 has roles ['human', 'human']" in err
+    rows = read_rows(str(tmp_path / "out"), tmp_path)
+    assert [(r["id"], r["kind"], r["meta"]["instruction"], r["meta"]["response"]) for r in rows] == [
+        ("a-0", "instruction", "What is shown?", "A chest X-ray."),
+        ("a-1", "instruction", "Any effusion?", "No.\nLungs are clear."),
+        ("t-0", "instruction", "Define CT.", "Tomography.")]
+    assert rows[0]["image"] == rows[1]["image"] == png(1) and rows[2]["image"] == b""
+    source.write_text(json.dumps({"id": "a"}))
+    with pytest.raises(ValueError, match="llava.json: expected a JSON list of conversations"):
+        convert(PrepareConfig(input=str(source), format="llava_json", output=str(tmp_path / "out2"), progress=False))
+
+
 def test_dicom_folder_windowing_and_inversion(tmp_path):
     import pydicom
     from pydicom.data import get_testdata_file

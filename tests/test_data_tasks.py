@@ -147,6 +147,20 @@ def test_nli_summarization_classification(tok):
     check(ex, tok, src(tok, " what does the image describe?"), " basophil")
 
 
+def test_instruction_with_and_without_image(tok):
+    """Free text kept as written (no lower-casing), a leading space on both sides, the whole response as reference."""
+    meta = {"instruction": "What does the CT show?\n", "response": "A normal CT of the head.\nNo bleed."}
+    ex = process("instruction", make_record("i", "instruction", meta, png()), context(tok))[0]
+    check(ex, tok, src(tok, " What does the CT show?"), " A normal CT of the head.\nNo bleed.")
+    assert ex.references == ["A normal CT of the head.\nNo bleed."] and ex.image.shape == (3, 64, 64)
+    text_only = process("instruction", make_record("t", "instruction", meta), context(tok, max_tgt_tokens=4))[0]
+    assert text_only.image is None and text_only.target == tok.encode(" A normal CT")[:3] + [2]
+    assert text_only.references == ex.references  # judged against the whole response, not the cut target
+    batch = collate([ex, text_only], 64, [1.0])
+    assert batch["patch_masks"].tolist() == [True, False] and batch["patch_images"][1].abs().sum() == 0
+    assert [TASK_NAMES[i] for i in batch["task_ids"]] == ["instruction", "instruction"]
+
+
 def test_length_limits_keep_the_prompt(tok):
     long = " ".join(["finding"] * 300)
     ex = process("summarization", make_record("s", "summarization", {"source": long, "summary": long}),

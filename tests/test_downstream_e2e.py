@@ -7,6 +7,7 @@ NLI real IU X-ray reports (torchxrayvision's data folder), classification the DI
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import random
@@ -126,6 +127,28 @@ def _run(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.Completed
     return proc
 
 
+def _finetune_and_evaluate(recipe: str, task: str, shards: Path, tmp_path: Path, repo_root: Path, shared_dir: Path,
+                           data_overrides: list[str], eval_overrides: list[str]) -> tuple[dict, list[dict]]:
+    """A few fine-tuning steps of ``recipe`` on ``shards`` (tiny model), then python -m engine.downstream on the
+    same shards: (results JSON, per-sample predictions)."""
+    stream = f"[{{name: {task}, task: {task}, remote: {shards}}}]"
+    run_dir = tmp_path / "run"
+    _run(["-m", "engine.train", "--config", f"configs/finetune/{recipe}", f"model.overrides={TINY}",
+          f"data.streams={stream}", f"data.eval_streams={stream}", "data.batch_size=4", "data.eval_batch_size=8",
+          "data.patch_image_size=64", "data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}",
+          "optim.max_steps=4", "optim.max_epochs=null", "optim.grad_accum=1", "optim.lr=0.001",
+          "deepspeed.precision=fp32", "checkpoint.init_from=null", "checkpoint.interval=0", "eval.interval=0",
+          "log.interval=1", "log.progress_bar=false", "log.wandb_mode=disabled", f"bpe_dir={shared_dir / 'bpe'}",
+          f"output_dir={run_dir}", *data_overrides], cwd=repo_root)
+    assert (run_dir / "best" / "model.safetensors").is_file()
+    out = tmp_path / "eval"
+    downstream.main([f"model_dir={run_dir / 'best'}", f"recipe={run_dir / 'config.yaml'}", f"output_dir={out}",
+                     f"bpe_dir={shared_dir / 'bpe'}", *eval_overrides])
+    results = json.loads((out / "results.json").read_text())
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return results, predictions
+
+
 # recipe, task, data overrides, evaluation overrides, the metric keys the results must hold
 CASES = {
     "vqa": ("vqa_rad.yaml", [], [],
@@ -145,22 +168,8 @@ def test_finetune_then_evaluate(task, tmp_path, repo_root, shared_dir, monkeypat
     recipe, data_overrides, eval_overrides, keys = CASES[task]
     for name in RANK_VARIABLES:  # restored after the test: the in-process evaluation sets them
         monkeypatch.delenv(name, raising=False)
-    shards = _shards(tmp_path, task)
-    stream = f"[{{name: {task}, task: {task}, remote: {shards}}}]"
-    run_dir = tmp_path / "run"
-    _run(["-m", "engine.train", "--config", f"configs/finetune/{recipe}", f"model.overrides={TINY}",
-          f"data.streams={stream}", f"data.eval_streams={stream}", "data.batch_size=4", "data.eval_batch_size=8",
-          "data.patch_image_size=64", "data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}",
-          "optim.max_steps=4", "optim.max_epochs=null", "optim.grad_accum=1", "optim.lr=0.001",
-          "deepspeed.precision=fp32", "checkpoint.init_from=null", "checkpoint.interval=0", "eval.interval=0",
-          "log.interval=1", "log.progress_bar=false", "log.wandb_mode=disabled", f"bpe_dir={shared_dir / 'bpe'}",
-          f"output_dir={run_dir}", *data_overrides], cwd=repo_root)
-    assert (run_dir / "best" / "model.safetensors").is_file()
-    out = tmp_path / "eval"
-    downstream.main([f"model_dir={run_dir / 'best'}", f"recipe={run_dir / 'config.yaml'}", f"output_dir={out}",
-                     f"bpe_dir={shared_dir / 'bpe'}", *eval_overrides])
-    results = json.loads((out / "results.json").read_text())
-    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    results, predictions = _finetune_and_evaluate(recipe, task, _shards(tmp_path, task), tmp_path, repo_root,
+                                                  shared_dir, data_overrides, eval_overrides)
     for key in keys:
         assert key in results["metrics"], (key, results["metrics"])
     assert results["samples"] == len({p["id"] for p in predictions}) == len(_rows(task)[1])
@@ -168,3 +177,85 @@ def test_finetune_then_evaluate(task, tmp_path, repo_root, shared_dir, monkeypat
         allowed = {a for p in predictions for a in p["references"]} if task != "nli" else {"yes", "no", "maybe"}
         assert {p["prediction"] for p in predictions} <= allowed
     print(json.dumps({task: results["metrics"]}))
+
+
+SKIMAGE_DESCRIPTIONS = {  # what the scikit-image data docs say each packaged image shows
+    "immunohistochemistry": "Immunohistochemical staining of colonic glands.",
+    "microaneurysms": "Retinal microaneurysms seen in a fundus image.",
+    "cell": "A cell imaged by phase contrast microscopy.",
+}
+TEXT_ONLY = [("What does CT stand for?", "CT stands for computed tomography."),
+             ("What does MRI measure?", "MRI measures the magnetic resonance signal of hydrogen nuclei.")]
+
+
+def _llava_med_json(tmp: Path) -> tuple[Path, dict[str, tuple[str, str, bool]]]:
+    """A LLaVA-Med style conversation file over real images (packaged DICOMs as PNG, scikit-image samples) with
+    turns from the DICOM headers, two text-only conversations and one malformed entry; returns it and the
+    expected rows {id: (instruction, response, has image)}."""
+    import numpy as np
+    import pydicom
+    import skimage.data
+    from PIL import Image
+
+    from data.images import dicom_to_uint8
+
+    images = tmp / "images"
+    images.mkdir()
+    entries, expected = [], {}
+
+    def add(uid: str, image: str | None, turns: list[tuple[str, str]]) -> None:
+        conversation = []
+        for k, (question, answer) in enumerate(turns):
+            shown = f"<image>\n{question}" if image and k == 0 else question
+            conversation += [{"from": "human", "value": shown}, {"from": "gpt", "value": answer}]
+            expected[f"{uid}-{k}"] = (question, answer, image is not None)
+        entries.append({"id": uid, **({"image": image} if image else {}), "conversations": conversation})
+
+    def save(name: str, pixels: np.ndarray) -> str:
+        image = Image.fromarray(pixels)
+        image.thumbnail((96, 96))
+        image.save(images / name)
+        return name
+
+    for path, modality, part in _readable_dicoms()[:6]:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        turns = [("What imaging modality was used?", f"This is a {modality} image.")]
+        if part:
+            turns.append(("Which part of the body was examined?", f"The {part} was examined."))
+        elif str(ds.get("PatientSex", "")) in ("M", "F"):
+            sex = "male" if ds.PatientSex == "M" else "female"
+            turns.append(("Is the patient male or female?", f"The patient is {sex}."))
+        add(path.stem, save(f"{path.stem}.png", dicom_to_uint8(str(path))), turns)
+    for name, text in SKIMAGE_DESCRIPTIONS.items():
+        add(name, save(f"{name}.png", getattr(skimage.data, name)()), [("Describe this image.", text)])
+    for i, (question, answer) in enumerate(TEXT_ONLY):
+        add(f"text{i}", None, [(question, answer)])
+    entries.append({"id": "bad", "conversations": [{"from": "gpt", "value": "an answer without a question"}]})
+    source = tmp / "llava_med.json"
+    source.write_text(json.dumps(entries, indent=1))
+    return source, expected
+
+
+def test_instruction_tuning_end_to_end(tmp_path, repo_root, shared_dir, monkeypatch):
+    """LLaVA-Med style JSON -> tools.prepare_data -> a few fine-tuning steps of the instruction recipe -> free
+    generation -> ROUGE in the results JSON."""
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    source, expected = _llava_med_json(tmp_path)
+    shards, log = tmp_path / "shards" / "instruction", io.StringIO()
+    summary = convert(PrepareConfig(input=str(source), format="llava_json", image_root=str(tmp_path / "images"),
+                                    output=str(shards), progress=False, max_bad_fraction=0.1), log=log)
+    assert summary.written == len(expected) and dict(summary.skipped) == {"malformed row": 1}, summary.text()
+    assert f"{source}:entry {len(json.loads(source.read_text()))}, turn 1: malformed row" in log.getvalue()
+
+    results, predictions = _finetune_and_evaluate(
+        "instruction.yaml", "instruction", shards, tmp_path, repo_root, shared_dir,
+        ["data.max_src_tokens=48", "data.max_tgt_tokens=24", "optim.max_steps=30"],
+        ["downstream.tasks.instruction.generation.max_len=8", "downstream.tasks.instruction.generation.beam_size=2"])
+    for key in ("instruction/rouge1", "instruction/rouge2", "instruction/rougeL"):
+        assert 0.0 <= results["metrics"][key] <= 1.0
+    assert results["metrics"]["instruction/rouge1"] > 0.05  # it learnt some of the responses' words (untrained: 0)
+    assert results["samples"] == len(predictions) == len(expected)
+    assert results["downstream"]["instruction"]["inference"] == "generate"
+    assert {p["id"]: p["references"] for p in predictions} == {uid: [resp] for uid, (_, resp, _) in expected.items()}
+    print(json.dumps({"instruction": results["metrics"]}))

@@ -5,10 +5,11 @@
         'columns={answers: answer, image: image}'
     python -m tools.prepare_data input=reports.jsonl format=jsonl kind=caption image_root=images/ output=...
     python -m tools.prepare_data input=dicoms/ format=dicom kind=caption 'columns={captions: StudyDescription}'
+    python -m tools.prepare_data input=llava_med_instruct.json format=llava_json image_root=images/ output=...
 
 Formats: the original BiomedGPT/OFA TSVs (no header, url-safe base64 images; see
 ../shared/spec/tasks-and-data.md), Parquet (read in batches), JSONL / CSV records with image paths,
-DICOM folders. Images are stored encoded as found (JPEG/PNG are not re-encoded; DICOM is windowed and
+DICOM folders, LLaVA(-Med) instruction conversations (JSON). Images are stored encoded as found (JPEG/PNG are not re-encoded; DICOM is windowed and
 written as PNG once). A malformed row or corrupt image is reported as ``file:line: reason: message``
 and skipped; the run exits non-zero, publishing nothing, when more than ``max_bad_fraction`` of the
 rows were bad. The output becomes visible only when complete (``data.mds``).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import functools
 import glob
 import json
 import sys
@@ -28,11 +30,11 @@ from typing import Any, Callable, Iterator, Literal, Optional
 
 from data.images import dicom_to_uint8, encode_png, storable_image
 from data.mds import ShardWriter
-from data.records import (KINDS, MEDNLI_LABEL_INDEX, BadRecord, make_record, parse_answers, parse_codes,
-                          parse_detections, parse_floats, split_objects)
+from data.records import (KINDS, MEDNLI_LABEL_INDEX, BadRecord, make_record, parse_answer_type, parse_answers,
+                          parse_codes, parse_detections, parse_floats, split_objects)
 
 Format = Literal["vision_language_tsv", "text_tsv", "image_tsv", "detection_tsv", "vqa_tsv", "caption_tsv",
-                 "medmnist_tsv", "mednli_tsv", "meqsum_tsv", "parquet", "jsonl", "csv", "dicom"]
+                 "medmnist_tsv", "mednli_tsv", "meqsum_tsv", "parquet", "jsonl", "csv", "dicom", "llava_json"]
 
 
 @dataclass
@@ -42,7 +44,7 @@ class PrepareConfig:
     input: str = ""
     format: Format = "jsonl"
     output: str = ""
-    kind: str = ""  # row kind for parquet / jsonl / csv / dicom input (data.records.KINDS)
+    kind: str = ""  # row kind for parquet / jsonl / csv / dicom input (data.records.KINDS); others imply it
     columns: dict[str, str] = field(default_factory=dict)  # our field -> source column (or DICOM keyword)
     image_root: str = ""  # base of relative image paths in jsonl / csv
     compression: Optional[str] = None  # e.g. zstd; None keeps shards directly readable
@@ -203,6 +205,9 @@ def field_record(cfg: PrepareConfig, values: dict[str, Any], fallback_id: str, b
         elif answers is not None:
             meta["answers"] = parse_answers(str(answers))
         meta["objects"] = split_objects(get("objects"))
+        answer_type = parse_answer_type(get("answer_type"))
+        if answer_type is not None:
+            meta["answer_type"] = answer_type
     elif kind == "grounding" and isinstance(meta["box"], str):
         meta["box"] = parse_floats(meta["box"], 4, "box")
     elif kind == "image_codes" and isinstance(meta["codes"], str):
@@ -214,7 +219,7 @@ def field_record(cfg: PrepareConfig, values: dict[str, Any], fallback_id: str, b
     elif kind == "classification" and meta["label"] is not None:
         meta["label"] = int(meta["label"])
     meta = {k: (list(v) if isinstance(v, tuple) else v) for k, v in meta.items()}
-    image = _field_image(get("image"), base) if KINDS[kind][1] else b""
+    image = _field_image(get("image"), base) if KINDS[kind][1] != "none" else b""
     uid = get("id")
     return make_record(str(uid) if uid not in (None, "") else fallback_id, kind, _jsonable(meta), image)
 
@@ -312,10 +317,55 @@ def _dicom_value(ds, keyword: str) -> Any:
     return None if value in (None, "") else str(value)
 
 
+# ----- LLaVA(-Med) instruction conversations ----------------------------------------------------------
+
+def llava_rows(path: Path, cfg: PrepareConfig) -> Iterator[Row]:
+    """A JSON list of ``{"id", "image", "conversations": [{"from": "human" | "gpt", "value"}, …]}``.
+
+    Each human turn with the gpt reply after it becomes one ``instruction`` row ``<id>-<pair index>``
+    (the ``<image>`` marker dropped); an entry without ``image`` gives text-only rows. Rows are reported
+    as ``file:entry N, turn K`` (1-based). A file that is not such a list stops the conversion.
+    """
+    base = Path(cfg.image_root) if cfg.image_root else path.parent
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a JSON file: {exc}") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a JSON list of conversations, got {type(entries).__name__}")
+    for n, entry in enumerate(entries, start=1):
+        turns = entry.get("conversations") if isinstance(entry, dict) else None
+        if not isinstance(turns, list) or not turns:
+            yield f"{path}:entry {n}", _bad("an entry must be an object with a non-empty conversations list")
+            continue
+        uid = str(entry.get("id") or f"{path.stem}-{n}")
+        image = functools.lru_cache(maxsize=1)(lambda e=entry: _field_image(e.get("image"), base))
+        for k in range((len(turns) + 1) // 2):
+            pair = turns[2 * k: 2 * k + 2]
+            yield f"{path}:entry {n}, turn {k + 1}", (lambda u=uid, k=k, p=pair, i=image: _llava_turn(u, k, p, i))
+
+
+def _llava_turn(uid: str, k: int, pair: list, image: Callable[[], bytes]) -> dict:
+    roles = [turn.get("from") if isinstance(turn, dict) else None for turn in pair]
+    if roles != ["human", "gpt"]:
+        raise BadRecord(f"conversation {uid!r}: turn {k + 1} has roles {roles}, expected ['human', 'gpt']")
+    instruction = str(pair[0].get("value") or "").replace("<image>", "").strip()
+    meta = {"instruction": instruction, "response": str(pair[1].get("value") or "").strip(), "conversation": uid,
+            "turn": k}
+    return make_record(f"{uid}-{k}", "instruction", meta, image())
+
+
+def _bad(message: str) -> Callable[[], dict]:
+    def build() -> dict:
+        raise BadRecord(message)
+    return build
+
+
 def input_files(pattern: str, fmt: str) -> list[Path]:
     path = Path(pattern)
     if path.is_dir():
-        suffix = {"dicom": "*.dcm", "parquet": "*.parquet", "jsonl": "*.jsonl", "csv": "*.csv"}.get(fmt, "*.tsv")
+        suffix = {"dicom": "*.dcm", "parquet": "*.parquet", "jsonl": "*.jsonl", "csv": "*.csv",
+                  "llava_json": "*.json"}.get(fmt, "*.tsv")
         files = sorted(path.rglob(suffix))
     elif path.is_file():
         files = [path]
@@ -336,6 +386,8 @@ def rows(cfg: PrepareConfig) -> Iterator[Row]:
             yield from jsonl_rows(path, cfg)
         elif cfg.format == "csv":
             yield from csv_rows(path, cfg)
+        elif cfg.format == "llava_json":
+            yield from llava_rows(path, cfg)
         else:
             yield from dicom_rows(path, cfg)
 
@@ -345,7 +397,7 @@ def convert(cfg: PrepareConfig, log=None) -> Summary:
     log = log or sys.stderr
     if not cfg.input or not cfg.output:
         raise ValueError("input and output are required")
-    if cfg.format not in TSV_PARSERS and cfg.kind not in KINDS:
+    if cfg.format not in TSV_PARSERS and cfg.format != "llava_json" and cfg.kind not in KINDS:
         raise ValueError(f"format {cfg.format} needs kind= one of {sorted(KINDS)}")
     from tqdm import tqdm
 
