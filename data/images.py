@@ -9,7 +9,9 @@ so a sample's augmentation is a pure function of (seed, epoch, sample id): exact
 from __future__ import annotations
 
 import io
+import os
 import random
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -22,15 +24,15 @@ RANDAUG_OPS = ("identity", "autocontrast", "equalize", "brightness", "sharpness"
                "shear_x", "shear_y", "translate_x", "translate_y", "rotate")
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Encoded bytes (PNG/JPEG/..., or a DICOM file) -> RGB PIL image; BadRecord if unreadable."""
+def decode_image(data: bytes, name: str = "") -> Image.Image:
+    """Encoded bytes (PNG/JPEG/..., or a DICOM file) -> RGB PIL image; BadRecord (naming ``name``) if unreadable."""
     if is_dicom(data):
-        return Image.fromarray(dicom_to_uint8(data)).convert("RGB")
+        return Image.fromarray(dicom_to_uint8(data, name)).convert("RGB")
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
     except Exception as exc:  # PIL raises many types for corrupt data
-        raise BadRecord(f"corrupt image ({len(data)} bytes): {exc}", "corrupt image") from None
+        raise BadRecord(f"{_label(data, name)}: corrupt image: {exc}", "corrupt image") from None
     return _eight_bit(image).convert("RGB")
 
 
@@ -38,31 +40,49 @@ def is_dicom(data: bytes) -> bool:
     return len(data) > 132 and data[128:132] == b"DICM"
 
 
-def dicom_to_uint8(data: bytes | str) -> np.ndarray:
-    """DICOM pixels -> uint8 (H, W) or (H, W, 3): rescale slope/intercept, VOI window, MONOCHROME1 inversion.
+def _label(data: bytes | str | os.PathLike, name: str) -> str:
+    if name:
+        return name
+    return f"image of {len(data)} bytes" if isinstance(data, bytes) else str(data)
 
-    Multi-frame files give their middle frame. The window comes from WindowCenter/WindowWidth when the
-    header has them, else the pixel range.
+
+def dicom_to_uint8(data: bytes | str | os.PathLike, name: str = "") -> np.ndarray:
+    """DICOM pixels -> uint8 (H, W) or (H, W, 3); BadRecord naming the file (or ``name``) if it cannot be.
+
+    Greyscale: rescale slope/intercept, VOI window (the first WindowCenter/WindowWidth when the header
+    has several, else the pixel range), MONOCHROME1 inverted. Colour: YBR (incl. JPEG 2000's ICT/RCT)
+    converted to RGB, palette colour through its lookup table. Multi-frame files give their middle frame.
     """
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
-
     try:
-        ds = pydicom.dcmread(io.BytesIO(data) if isinstance(data, bytes) else data)
-        pixels = ds.pixel_array
-    except Exception as exc:
-        raise BadRecord(f"unreadable DICOM: {exc}", "corrupt image") from None
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    if frames > 1:
-        pixels = pixels[frames // 2]
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+        return _dicom_pixels(data)
+    except Exception as exc:  # pydicom and its decoder plugins raise many types for what they cannot read
+        raise BadRecord(f"{_label(data, name)}: unreadable DICOM: {type(exc).__name__}: {exc}",
+                        "corrupt image") from None
+
+
+def _dicom_pixels(data: bytes | str | os.PathLike) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, convert_color_space, get_decoder
+
+    ds = pydicom.dcmread(io.BytesIO(data) if isinstance(data, bytes) else data)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
+    pixels, decoded = decoder.as_array(ds, index=frames // 2, as_rgb=True)
+    photometric = str(decoded.get("photometric_interpretation") or ds.get("PhotometricInterpretation", ""))
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(pixels, ds)
+        return _to_uint8(rgb.astype(np.float64), 0.0, float(np.iinfo(rgb.dtype).max))
+    if photometric.startswith("YBR"):
+        pixels = convert_color_space(pixels, photometric, "RGB")
     if pixels.ndim == 3 and pixels.shape[-1] == 3:
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
-            pixels = convert_color_space(pixels, photometric, "RGB")
+        if pixels.dtype == np.uint8:
+            return pixels
         return _to_uint8(pixels.astype(np.float64), float(pixels.min()), float(pixels.max()))
+    if pixels.ndim != 2:
+        raise ValueError(f"expected one greyscale or RGB frame, got pixel array shape {pixels.shape} "
+                         f"({photometric})")
     values = apply_modality_lut(pixels, ds).astype(np.float64)
-    center, width = _first(getattr(ds, "WindowCenter", None)), _first(getattr(ds, "WindowWidth", None))
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
     if center is not None and width is not None and width > 1:
         low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
     else:
@@ -73,12 +93,12 @@ def dicom_to_uint8(data: bytes | str) -> np.ndarray:
     return out
 
 
-def _first(value) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)) or getattr(value, "VM", 1) > 1:
-        value = value[0]
-    return float(value)
+def _first(element) -> float | None:
+    """A header element's (first) number: WindowCenter / WindowWidth may hold one value per VOI window."""
+    value = getattr(element, "value", element)
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        value = value[0] if len(value) else None
+    return None if value in (None, "") else float(value)
 
 
 def _to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -93,15 +113,15 @@ def encode_png(array_or_image) -> bytes:
     return buf.getvalue()
 
 
-def storable_image(data: bytes) -> bytes:
+def storable_image(data: bytes, name: str = "") -> bytes:
     """Bytes to keep in a shard: JPEG/PNG as they are (checked by decoding), DICOM and others as PNG."""
     if is_dicom(data):
-        return encode_png(dicom_to_uint8(data))
+        return encode_png(dicom_to_uint8(data, name))
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
     except Exception as exc:
-        raise BadRecord(f"corrupt image ({len(data)} bytes): {exc}", "corrupt image") from None
+        raise BadRecord(f"{_label(data, name)}: corrupt image: {exc}", "corrupt image") from None
     if image.format in ("JPEG", "PNG"):
         return bytes(data)
     return encode_png(_eight_bit(image))

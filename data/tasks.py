@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
 from data.config import DataConfig
 from data.images import boxed_transform, decode_image, eval_transform, train_transform
@@ -60,7 +61,7 @@ class TaskContext:
         return list(self.tokenizer.encode(text)) if text else []
 
     def image(self, record: dict) -> torch.Tensor:
-        image = decode_image(record["image"])
+        image = row_image(record)
         size = self.cfg.patch_image_size
         if self.train and self.cfg.augment:
             return train_transform(image, size, self.rng)
@@ -75,6 +76,11 @@ class TaskContext:
         if token not in self._word_start:
             self._word_start[token] = self.tokenizer.id_to_token(token).startswith("\u0120")  # GPT-2's space
         return self._word_start[token]
+
+
+def row_image(record: dict) -> Image.Image:
+    """The row's decoded RGB image; a corrupt one raises BadRecord naming the row."""
+    return decode_image(record["image"], f"row {record['id']!r}")
 
 
 def source_ids(ctx: TaskContext, prefix: str, text: str = "", suffix: str = "",
@@ -189,7 +195,7 @@ def _negative_answer(ctx: TaskContext, answer: str, tries: int = 8) -> Optional[
 
 
 def _grounding_view(record: dict, ctx: TaskContext) -> tuple[torch.Tensor, list[int]]:
-    image = decode_image(record["image"])
+    image = row_image(record)
     rng = ctx.rng if (ctx.train and ctx.cfg.augment) else None
     tensor, boxes = boxed_transform(image, [record["meta"]["box"]], ctx.cfg.patch_image_size, rng)
     return tensor, ctx.bins(boxes[0])
@@ -262,7 +268,7 @@ def mask_spans(ids: list[int], ctx: TaskContext) -> list[int]:
 def image_infilling(record: dict, ctx: TaskContext) -> list[Example]:
     """Centre half of the image zeroed; target: the 256 VQGAN codes of the centre."""
     size = ctx.cfg.patch_image_size
-    image = eval_transform(decode_image(record["image"]), size)
+    image = eval_transform(row_image(record), size)
     lo, hi = size // 4, size - size // 4
     image[:, lo:hi, lo:hi] = 0.0
     codes = [ctx.tokenizer.code_id(int(c)) for c in record["meta"]["codes"]]
@@ -275,7 +281,7 @@ def detection(record: dict, ctx: TaskContext) -> list[Example]:
     """Per box (as many whole boxes as fit max_tgt_tokens): 4 bins + BPE(" label")."""
     meta = record["meta"]
     rng = ctx.rng if (ctx.train and ctx.cfg.augment) else None
-    image, boxes = boxed_transform(decode_image(record["image"]), meta["boxes"], ctx.cfg.patch_image_size, rng)
+    image, boxes = boxed_transform(row_image(record), meta["boxes"], ctx.cfg.patch_image_size, rng)
     ids: list[int] = []
     for box in boxes:
         piece = ctx.bins(box) + ctx.encode(" " + meta["labels"][int(box[4])])

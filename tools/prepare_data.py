@@ -9,10 +9,11 @@
 
 Formats: the original BiomedGPT/OFA TSVs (no header, url-safe base64 images; see
 ../shared/spec/tasks-and-data.md), Parquet (read in batches), JSONL / CSV records with image paths,
-DICOM folders, LLaVA(-Med) instruction conversations (JSON). Images are stored encoded as found (JPEG/PNG are not re-encoded; DICOM is windowed and
-written as PNG once). A malformed row or corrupt image is reported as ``file:line: reason: message``
-and skipped; the run exits non-zero, publishing nothing, when more than ``max_bad_fraction`` of the
-rows were bad. The output becomes visible only when complete (``data.mds``).
+DICOM folders, LLaVA(-Med) instruction conversations (JSON). Images are stored encoded as found
+(JPEG/PNG are not re-encoded; DICOM is windowed and written as PNG once). A malformed row or corrupt
+image is reported as ``file:line: reason: message`` and skipped; the run exits non-zero, publishing
+nothing, when more than ``max_bad_fraction`` of the rows were bad. The output becomes visible only
+when complete (``data.mds``).
 """
 from __future__ import annotations
 
@@ -247,7 +248,7 @@ def _field_image(value: Any, base: Path) -> bytes:
     path = Path(str(value))
     path = path if path.is_absolute() else base / path
     try:
-        return storable_image(path.read_bytes())
+        return storable_image(path.read_bytes(), str(path))
     except FileNotFoundError:
         raise BadRecord(f"image file {path} not found", "missing image") from None
 

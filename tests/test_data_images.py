@@ -1,0 +1,84 @@
+"""DICOM decoding on every real file pydicom-data ships: each one becomes an 8-bit greyscale / RGB image or a
+BadRecord naming the file (never a bare decoder exception), and the colour / multi-frame / windowing cases
+give the right pixels."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.images import decode_image, dicom_to_uint8
+from data.records import BadRecord
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the malformed files on purpose
+
+MAX_BYTES = 5_000_000  # the few larger radiographs only cost time; the smaller ones cover every code path
+#: Files whose decoding needs the colour / window / frame handling (each failed before it existed).
+MUST_DECODE = ("US1_J2KI.dcm", "US1_J2KR.dcm", "examples_jpeg2k.dcm", "SC_ybr_full_uncompressed.dcm",
+               "OBXXXX1A.dcm", "OBXXXX1A_2frame.dcm", "MR-SIEMENS-DICOM-WithOverlays.dcm", "examples_overlay.dcm",
+               "emri_small.dcm", "examples_ybr_color.dcm", "gdcm-US-ALOKA-16.dcm")
+
+
+@pytest.fixture(scope="module")
+def packaged_dicoms() -> dict[str, Path]:
+    """Every ``*.dcm`` of pydicom's data stores. pydicom would also try to download its online-only files;
+    simulating an outage keeps the test offline and fast (~15 s of failing requests otherwise)."""
+    import pydicom.data.download as download
+    from pydicom.data import get_testdata_files
+
+    before = download._SIMULATE_NETWORK_OUTAGE
+    download._SIMULATE_NETWORK_OUTAGE = True
+    try:
+        paths = [Path(p) for p in get_testdata_files("*.dcm")]
+    finally:
+        download._SIMULATE_NETWORK_OUTAGE = before
+    return {p.name: p for p in sorted(paths) if p.stat().st_size <= MAX_BYTES}
+
+
+def test_every_packaged_dicom_decodes_or_is_named(packaged_dicoms):
+    decoded, refused = {}, {}
+    for name, path in packaged_dicoms.items():
+        try:
+            pixels = dicom_to_uint8(path)
+        except BadRecord as exc:
+            assert str(path) in str(exc) and exc.reason == "corrupt image", exc
+            refused[name] = str(exc)
+            continue
+        assert pixels.dtype == np.uint8 and pixels.size > 0, name
+        assert pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[-1] == 3), (name, pixels.shape)
+        decoded[name] = pixels
+    assert not [n for n in MUST_DECODE if n not in decoded], {n: refused.get(n) for n in MUST_DECODE}
+    assert len(decoded) >= 90 and len(refused) <= 40, (len(decoded), sorted(refused))
+    assert "no pixel data" in refused["rtplan.dcm"]  # files without an image are refused, by name
+    path = packaged_dicoms["MR_truncated.dcm"]  # in-memory bytes: the caller's name is used
+    with pytest.raises(BadRecord, match=f"^{path}: unreadable DICOM"):
+        decode_image(path.read_bytes(), name=str(path))
+
+
+def test_colour_multiframe_and_window_pixels(packaged_dicoms):
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    def pixels(name: str) -> np.ndarray:
+        return dicom_to_uint8(packaged_dicoms[name]).astype(int)
+
+    rgb = pixels("SC_rgb.dcm")
+    assert np.abs(pixels("SC_ybr_full_uncompressed.dcm") - rgb).max() <= 8  # YBR_FULL -> the same RGB image
+    assert np.array_equal(pixels("US1_J2KR.dcm"), pixels("US1_UNCR.dcm"))  # JPEG 2000 RCT, lossless
+    assert np.abs(pixels("US1_J2KI.dcm") - pixels("US1_UNCI.dcm")).max() <= 8  # JPEG 2000 ICT
+    palette = pixels("OBXXXX1A.dcm")  # palette colour through its LUT: a colour image, not the indices
+    assert palette.shape == (600, 800, 3) and (np.abs(palette[..., 0] - palette[..., 2]) > 10).mean() > 0.02
+    assert np.array_equal(pixels("SC_rgb_2frame.dcm"), 255 - rgb)  # the middle (second) frame: the inverse
+
+    ds = pydicom.dcmread(packaged_dicoms["emri_small.dcm"])  # 10 frames, no window: the middle frame's range
+    middle = apply_modality_lut(ds.pixel_array[5], ds).astype(float)
+    expected = np.round((middle - middle.min()) * 255 / (middle.max() - middle.min()))
+    assert np.array_equal(pixels("emri_small.dcm"), expected.astype(int))
+
+    ds = pydicom.dcmread(packaged_dicoms["MR-SIEMENS-DICOM-WithOverlays.dcm"])  # two VOI windows: the first
+    center, width = float(ds.WindowCenter[0]), float(ds.WindowWidth[0])
+    values = apply_modality_lut(ds.pixel_array, ds).astype(float)
+    low = center - 0.5 - (width - 1) / 2
+    expected = np.clip(np.round((values - low) * 255 / (width - 1)), 0, 255)
+    assert np.abs(pixels("MR-SIEMENS-DICOM-WithOverlays.dcm") - expected).max() <= 1
