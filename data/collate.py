@@ -22,8 +22,8 @@ def collate(examples: Sequence[Example], patch_image_size: int, group_weights: S
     """Right-pad tokens with 1; text-only examples get a zero image and ``patch_masks`` False.
 
     ``group_weights`` is carried whole even when a group has no example in this batch, so every rank
-    sees the same structure. ``with_references`` adds ``references`` (list of reference strings per
-    example) for evaluation.
+    sees the same structure. ``with_references`` adds, for evaluation, ``references`` (list of reference
+    strings per example) and ``answer_types`` (the VQA "open" / "closed" annotation, or None).
     """
     if not examples:
         raise ValueError("cannot collate an empty batch")
@@ -53,4 +53,5 @@ def collate(examples: Sequence[Example], patch_image_size: int, group_weights: S
     }
     if with_references:
         batch["references"] = [list(ex.references) for ex in examples]
+        batch["answer_types"] = [ex.answer_type for ex in examples]
     return batch

@@ -159,6 +159,7 @@ def select_rows(batch: dict, rows: list[int], device: torch.device, dtype: torch
         out[key] = value.to(dtype) if key == "patch_images" else value
     out["ids"] = [batch["ids"][i] for i in rows]
     out["references"] = [batch["references"][i] for i in rows] if "references" in batch else [[] for _ in rows]
+    out["answer_types"] = [batch["answer_types"][i] for i in rows] if "answer_types" in batch else [None] * len(rows)
     return out
 
 
@@ -169,6 +170,9 @@ def predict_task(model, tokenizer, name: str, sub: dict, task: TaskEvalConfig, a
     image = dict(patch_images=sub["patch_images"], patch_masks=sub["patch_masks"])
     mode = "after" if task.zero_shot else "before"
     records = [{"id": uid, "task": name, "references": refs} for uid, refs in zip(sub["ids"], sub["references"])]
+    for record, answer_type in zip(records, sub["answer_types"]):
+        if answer_type is not None:
+            record["answer_type"] = answer_type
     if task.inference in ("trie", "candidates"):
         if not answers:
             raise ValueError(f"task {name}: {task.inference} inference needs an answer set (set "
@@ -257,7 +261,7 @@ def compute_metrics(records: list[dict]) -> dict[str, float]:
         preds = [r["prediction"] for r in rows]
         refs = [r["references"] for r in rows]
         if name == "vqa":
-            values = task_metrics.vqa_accuracy(preds, refs)
+            values = task_metrics.vqa_accuracy(preds, refs, [r.get("answer_type") for r in rows])
         elif name in ("caption", "grounded_caption"):
             values = task_metrics.caption_metrics(preds, refs)
         elif name in ("summarization", "instruction"):

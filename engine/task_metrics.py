@@ -3,8 +3,9 @@
 Captioning: BLEU-1..4, METEOR, ROUGE-L and CIDEr from pycocoevalcap on PTB-tokenized text (the COCO
 caption evaluation; METEOR and the tokenizer run Java). Summaries: ROUGE-1/2/L F-measure with Porter
 stemming from ``rouge_score`` (best over references, averaged). VQA: exact match against the reference
-answers (the answer's confidence when references carry one), split into closed (yes/no) and open
-questions. Grounding: a predicted box is right when its IoU with the reference exceeds 0.5.
+answers (the answer's confidence when references carry one), split into closed and open questions
+(the dataset's answer type when given, else yes/no answers are closed). Grounding: a predicted box is
+right when its IoU with the reference exceeds 0.5.
 All values are fractions (CIDEr is unbounded); multiply by 100 for the paper's tables.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 References = Union[Sequence[str], Mapping[str, float]]
 
@@ -49,11 +50,19 @@ def is_closed(references: References) -> bool:
     return best.strip().lower() in CLOSED_ANSWERS
 
 
-def vqa_accuracy(predictions: Sequence[str], references: Sequence[References]) -> dict[str, float]:
-    """``accuracy`` overall, ``closed_accuracy`` / ``open_accuracy`` and the counts of each split."""
+def vqa_accuracy(predictions: Sequence[str], references: Sequence[References],
+                 answer_types: Optional[Sequence[Optional[str]]] = None) -> dict[str, float]:
+    """``accuracy`` overall, ``closed_accuracy`` / ``open_accuracy`` and the counts of each split.
+
+    A question is closed when the dataset says so (``answer_types``: "open" / "closed", as SLAKE and
+    VQA-RAD annotate them: "left or right?" is closed), else when its answer is yes / no.
+    """
     _check_lengths(predictions, references)
+    answer_types = answer_types if answer_types is not None else [None] * len(references)
+    if len(answer_types) != len(references):
+        raise ValueError(f"{len(answer_types)} answer types but {len(references)} references")
     scores = [vqa_score(p, r) for p, r in zip(predictions, references)]
-    closed = [is_closed(r) for r in references]
+    closed = [t == "closed" if t is not None else is_closed(r) for t, r in zip(answer_types, references)]
     out = {"accuracy": sum(scores) / len(scores), "closed_count": float(sum(closed)),
            "open_count": float(len(closed) - sum(closed))}
     for name, want in (("closed", True), ("open", False)):

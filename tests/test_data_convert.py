@@ -138,8 +138,10 @@ def test_llava_json_one_row_per_turn(tmp_path, capsys):
         {"id": "a", "image": "a.png", "conversations": [
             {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A chest X-ray."},
             {"from": "human", "value": "Any effusion? <image>"}, {"from": "gpt", "value": "No.\nLungs are clear."}]},
-        {"id": "t", "conversations": [{"from": "human", "value": "Define CT."}, {"from": "gpt", "value": "Tomography."}]},
-        {"id": "m", "image": "missing.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"id": "t", "conversations": [{"from": "human", "value": "Define CT."},
+                                      {"from": "gpt", "value": "Tomography."}]},
+        {"id": "m", "image": "missing.png", "conversations": [{"from": "human", "value": "q"},
+                                                              {"from": "gpt", "value": "a"}]},
         ["not", "an", "entry"],
         {"id": "h", "conversations": [{"from": "human", "value": "q1"}, {"from": "human", "value": "q2"}]},
     ]
@@ -160,6 +162,22 @@ def test_llava_json_one_row_per_turn(tmp_path, capsys):
     source.write_text(json.dumps({"id": "a"}))
     with pytest.raises(ValueError, match="llava.json: expected a JSON list of conversations"):
         convert(PrepareConfig(input=str(source), format="llava_json", output=str(tmp_path / "out2"), progress=False))
+
+
+def test_vqa_answer_types_are_kept(tmp_path, capsys):
+    """SLAKE / VQA-RAD ``answer_type`` (OPEN / CLOSED) goes into the rows, normalised; anything else is a bad row."""
+    (tmp_path / "i.png").write_bytes(png(0))
+    rows = [{"id": "o", "image": "i.png", "question": "what organ?", "answer": "liver", "answer_type": "OPEN"},
+            {"id": "c", "image": "i.png", "question": "left or right?", "answer": "left", "answer_type": "CLOSED "},
+            {"id": "n", "image": "i.png", "question": "is it normal?", "answer": "yes"},
+            {"id": "b", "image": "i.png", "question": "q?", "answer": "a", "answer_type": "OTHER"}]
+    source = tmp_path / "vqa.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    convert(PrepareConfig(input=str(source), format="jsonl", kind="vqa", output=str(tmp_path / "out"),
+                          progress=False, max_bad_fraction=0.3))
+    assert "vqa.jsonl:4: malformed row: answer_type 'OTHER' is not one of ('open', 'closed')" in capsys.readouterr().err
+    got = {r["id"]: r["meta"].get("answer_type") for r in read_rows(str(tmp_path / "out"), tmp_path)}
+    assert got == {"o": "open", "c": "closed", "n": None}
 
 
 def test_dicom_folder_windowing_and_inversion(tmp_path):

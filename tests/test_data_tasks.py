@@ -11,7 +11,7 @@ from PIL import Image
 
 from data.collate import collate
 from data.config import DataConfig
-from data.records import make_record
+from data.records import BadRecord, make_record
 from data.tasks import TASK_NAMES, TaskContext, process
 from models.tokenizer import Tokenizer
 
@@ -89,6 +89,12 @@ def test_finetune_vqa_prompt_prev_output_and_objects(tok):
     answer = tok.encode(" yes")
     assert ex.prev_output == [0] + question + answer
     assert ex.target == [1] * len(question) + answer + [2]
+    assert ex.answer_type is None  # not annotated: evaluation falls back to yes/no
+    typed = make_record("q3", "vqa", {"question": "left or right?", "answers": {"left": 1.0}, "answer_type": "closed"},
+                        png())
+    assert process("vqa", typed, context(tok))[0].answer_type == "closed"
+    with pytest.raises(BadRecord, match="answer_type 'yes' is not one of"):
+        make_record("q4", "vqa", {"question": "q", "answers": {"a": 1.0}, "answer_type": "yes"}, png())
 
 
 def test_grounding_bins_and_grounded_caption(tok):
@@ -181,7 +187,8 @@ def test_collate_batch_layout(tok):
     examples[-1].loss_group = 1
     batch = collate(examples, 64, [1.0, 2.0], with_references=True)
     assert set(batch) == {"src_tokens", "src_lengths", "patch_images", "patch_masks", "prev_output_tokens", "target",
-                          "code_masks", "conf", "loss_groups", "group_weights", "task_ids", "ids", "references"}
+                          "code_masks", "conf", "loss_groups", "group_weights", "task_ids", "ids", "references",
+                          "answer_types"}
     assert batch["patch_images"].shape == (3, 3, 64, 64) and batch["patch_images"][2].abs().sum() == 0
     assert batch["patch_masks"].tolist() == [True, True, False]
     assert batch["loss_groups"].tolist() == [0, 0, 1] and batch["group_weights"] == [1.0, 2.0]

@@ -87,8 +87,9 @@ def test_mixed_batch_is_decoded_per_task_and_scored(tokenizer):
     torch.manual_seed(0)
     model = BiomedGPT(model_config("tiny", d_model=64, ffn_dim=128, encoder_layers=1, decoder_layers=1, heads=2,
                                    resnet_layers=[1, 1, 1], vocab_size=tokenizer.vocab_size)).eval()
-    rows = [("vqa", {"question": "is this a fundus photo", "answers": {"yes": 1.0}}, True),
-            ("vqa", {"question": "what organ is shown", "answers": {"retina": 1.0}}, True),
+    rows = [("vqa", {"question": "is this a fundus photo", "answers": {"yes": 1.0}}, True),  # closed: yes/no
+            ("vqa", {"question": "is this the retina or the lung", "answers": {"retina": 1.0},
+                     "answer_type": "closed"}, True),  # closed: the dataset says so
             ("nli", {"s1": "the heart is normal", "s2": "no cardiomegaly", "label": "entailment"}, False),
             ("summarization", {"source": "the lungs are clear. no effusion.", "summary": "normal chest"}, False),
             ("caption", {"captions": ["fundus photograph", "retina"]}, True),
@@ -107,6 +108,8 @@ def test_mixed_batch_is_decoded_per_task_and_scored(tokenizer):
     assert {r["prediction"] for r in by_task["classification"]} <= {"fundus", "histology"}
     assert metrics["vqa/samples"] == 2 and metrics["classification/samples"] == 2
     assert {"caption/cider", "summarization/rougeL", "nli/accuracy", "vqa/closed_accuracy"} <= set(metrics)
+    assert metrics["vqa/closed_count"] == 2 and metrics["vqa/open_count"] == 0
+    assert [r.get("answer_type") for r in by_task["vqa"][:2]] == [None, "closed"]
     _, seen = predict(model, tokenizer, [batch], cfg, answer_sets(cfg), torch.device("cpu"))
     assert sets_from_references(seen) == {"vqa": ["retina", "yes"], "classification": ["fundus", "histology"]}
 

@@ -16,6 +16,13 @@ def test_accuracy_and_vqa_split():
     assert out["accuracy"] == pytest.approx((1 + 0 + 1 + 0.3 + 0) / 5)
     assert out["closed_accuracy"] == pytest.approx(0.5) and out["closed_count"] == 2
     assert out["open_accuracy"] == pytest.approx(1.3 / 3) and out["open_count"] == 3
+    # the dataset's answer types decide the split where given: "left or right?" is closed, the others fall back
+    typed = tm.vqa_accuracy(["yes", "left", "chest"], [["yes"], ["right"], ["chest"]], [None, "closed", "open"])
+    assert typed["closed_count"] == 2 and typed["closed_accuracy"] == pytest.approx(0.5)
+    assert typed["open_count"] == 1 and typed["open_accuracy"] == 1.0
+    assert tm.vqa_accuracy(["yes"], [["yes"]], ["open"])["open_count"] == 1  # a yes/no answer to an open question
+    with pytest.raises(ValueError, match="2 answer types but 1 references"):
+        tm.vqa_accuracy(["yes"], [["yes"]], ["open", "closed"])
 
 
 def test_rouge_with_stemming_by_hand():
