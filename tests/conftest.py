@@ -28,3 +28,14 @@ def canonical_tokenizer(shared_dir):
     from models.tokenizer import Tokenizer
 
     return Tokenizer.from_gpt2_files(shared_dir / "bpe")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of microscopic ops: far faster than a contended pool on a shared machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

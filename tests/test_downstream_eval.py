@@ -20,12 +20,7 @@ from models.ofa import BiomedGPT
 from models.tokenizer import Tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_task_settings_merge_over_the_spec_defaults():

@@ -15,13 +15,7 @@ PREFIXES = [[5, 6, 7], [8], [9, 10]]
 ANSWERS = [[10, 11], [10, 12, 13], [20], [21, 22], [300]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Microscopic ops: one intra-op thread is far faster than a contended pool on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
