@@ -1,7 +1,8 @@
 """Run logging on rank 0: a console progress bar and lines, ``metrics.jsonl``, and wandb.
 
 wandb is offline unless the user asks otherwise (``WANDB_MODE``, an API key, or ``log.wandb_mode``);
-any wandb failure (no network, no service) turns wandb off with one warning and never fails the run.
+an online start that fails (no network: it waits WANDB_INIT_TIMEOUT seconds, 60 by default) falls back
+to offline; any other wandb failure turns wandb off with one warning and never fails the run.
 """
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ class MetricsLogger:
         mode = resolve_wandb_mode(cfg.wandb_mode)
         if mode != "disabled":
             self.wandb_run = self._start_wandb(cfg, out, run_config, mode)
+            if self.wandb_run is None and mode == "online":
+                self.wandb_run = self._start_wandb(cfg, out, run_config, "offline")  # sync it later
 
     @staticmethod
     def _start_wandb(cfg: LogConfig, out: Path, run_config: dict, mode: str):
@@ -63,7 +66,11 @@ class MetricsLogger:
             return wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, dir=str(out), mode=mode,
                               config=run_config, resume="allow", id=_run_id(out), settings=settings)
         except Exception as exc:  # wandb must never stop a training run
-            warnings.warn(f"wandb disabled: could not start it in {mode} mode ({exc})")
+            warnings.warn(f"wandb: could not start it in {mode} mode ({exc})")
+            try:
+                wandb.teardown()  # forget the failed run, so an offline start can take its id
+            except Exception:
+                pass
             return None
 
     def log(self, step: int, metrics: dict[str, Any], console: bool = True) -> None:

@@ -25,18 +25,25 @@ def approx_parameters(cfg: ModelConfig) -> float:
     return enc + dec + cfg.vocab_size * d + resnet
 
 
-def use_zero_init(cfg: ModelConfig, zero_stage: int, setting: str) -> bool:
-    if setting == "auto":
-        return zero_stage == 3 and approx_parameters(cfg) >= ZERO_INIT_AUTO_PARAMS
-    return setting == "on"
+def use_zero_init(cfg: ModelConfig, zero_stage: int, setting: bool | None) -> bool:
+    if zero_stage != 3:
+        return False
+    return approx_parameters(cfg) >= ZERO_INIT_AUTO_PARAMS if setting is None else setting
+
+
+class _InitLater(BiomedGPT):
+    """BiomedGPT whose constructor leaves the weight init for later (it runs on gathered parameters)."""
+
+    def reset_parameters(self) -> None:
+        return None
 
 
 def build_model(cfg: ModelConfig, ds_config: dict, zero_init: bool, init_state: dict | None) -> BiomedGPT:
     """The model, partitioned at construction under ZeRO-3 zero.Init, with its initial weights.
 
     Under zero.Init every parameter is partitioned as soon as its module is built, so the model's own
-    initialisation in ``__init__`` sees empty tensors: it is run again here with the parameters gathered
-    (rank 0's values are broadcast), and a given ``init_state`` is loaded the same way.
+    initialisation cannot run in ``__init__`` (it would see empty tensors): it runs here on the gathered
+    parameters (rank 0's values are broadcast), and a given ``init_state`` is loaded the same way.
     """
     from models.checkpoint import load_into
 
@@ -48,12 +55,14 @@ def build_model(cfg: ModelConfig, ds_config: dict, zero_init: bool, init_state: 
     import deepspeed
 
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = BiomedGPT(cfg)
+        model = _InitLater(cfg)
+    model.__class__ = BiomedGPT
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
-        if torch.distributed.get_rank() == 0:
-            model.reset_parameters()
-            if init_state is not None:
-                load_into(model, init_state)
+        # Every rank draws (rank 0's values are kept), so all ranks' RNG streams stay where a run
+        # without zero.Init would have them.
+        model.reset_parameters()
+        if init_state is not None:
+            load_into(model, init_state)
     return model
 
 

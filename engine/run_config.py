@@ -55,7 +55,7 @@ class DeepSpeedConfig:
     template: Optional[str] = None  # a ds_configs/*.json file; None: ds_configs/zero{stage}[_offload].json
     offload_optimizer: Literal["none", "cpu"] = "none"
     offload_param: Literal["none", "cpu"] = "none"  # ZeRO-3 only
-    zero_init: Literal["auto", "on", "off"] = "auto"  # auto: build under zero.Init at stage 3 past 300M params
+    zero_init: Optional[bool] = None  # build under zero.Init (ZeRO-3); None: from 300M parameters up
     precision: Precision = "fp32"
     activation_checkpointing: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPUs, gloo on CPUs

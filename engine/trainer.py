@@ -189,6 +189,8 @@ class Trainer:
         engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=params if optimizer is None else None,
             config=self.ds_config, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        if ds.precision != "fp32":
+            _match_buffer_dtype(engine.module)
         return engine
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -486,6 +488,15 @@ class Trainer:
                 if self.is_main:
                     save_pretrained(module, directory, self.tokenizer, overwrite=True)
         dist_utils.barrier()
+
+
+def _match_buffer_dtype(module: torch.nn.Module) -> None:
+    """DeepSpeed casts parameters to bf16/fp16 but not buffers; BatchNorm needs its statistics in the same dtype."""
+    dtype = next(module.parameters()).dtype
+    for sub in module.modules():
+        for name, buf in sub.named_buffers(recurse=False):
+            if buf.is_floating_point() and buf.dtype != dtype:
+                setattr(sub, name, buf.to(dtype))
 
 
 def _gathered(module, zero_stage: int):

@@ -109,25 +109,31 @@ def zero_runs(shards, tmp_path_factory, repo_root, shared_dir) -> dict[int, Path
     runs = {}
     for stage in (0, 1, 2, 3):
         out = base / f"stage{stage}"
-        extra = {"activation_checkpointing": True} if stage == 3 else {}
+        extra = {"activation_checkpointing": True, "zero_init": True} if stage == 3 else {}
         cfg = run_config(shards, out, shared_dir, deepspeed={"zero_stage": stage, **extra},
                          ema={"enabled": stage == 3, "decay": 0.9},
                          eval={"interval": 0, "at_end": stage == 3, "export_best": stage == 3})
         launch(repo_root, cfg, 2)
         runs[stage] = out
+    out = base / "stage3_bf16"
+    launch(repo_root, run_config(shards, out, shared_dir, deepspeed={"zero_stage": 3, "precision": "bf16"}), 2)
+    runs["bf16"] = out
     return runs
 
 
 def test_every_zero_stage_trains_and_matches_stage_0(zero_runs):
+    """Stages 1-3 (stage 3 built under zero.Init, with activation checkpointing and EMA) against stage 0."""
     reference = train_losses(zero_runs[0])
     assert sorted(reference) == list(range(1, 9))
     for stage, out in zero_runs.items():
         losses = train_losses(out)
         values = [losses[s] for s in sorted(losses)]
         assert np.mean(values[-3:]) < np.mean(values[:3]) - 0.5, (stage, values)
-        # fp32 everywhere; only the order of the gradient reductions differs between stages.
+        # fp32: only the order of the gradient reductions differs between stages (observed: equal to
+        # the printed digits); bf16 (8-bit mantissa weights and activations): within 2% over 8 steps.
+        tolerance = 2e-2 if stage == "bf16" else 2e-4
         for step, loss in reference.items():
-            assert losses[step] == pytest.approx(loss, rel=2e-4, abs=2e-4), (stage, step)
+            assert losses[step] == pytest.approx(loss, rel=tolerance, abs=tolerance), (stage, step)
     logged = metrics(zero_runs[3])
     last = [m for m in logged if "loss" in m][-1]
     for key in ("lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "memory_gb", "loss/caption",

@@ -225,3 +225,21 @@ def test_activation_checkpointing_keeps_outputs_gradients_and_names():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_unreachable_wandb_server_never_fails_the_run(tmp_path):
+    """Online mode against a closed port: wandb falls back to offline files and the metrics still land."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("from engine.metrics import MetricsLogger\nfrom engine.run_config import LogConfig\n"
+              f"log = MetricsLogger(LogConfig(wandb_mode='online', progress_bar=False), {str(tmp_path)!r}, {{}}, 3, 0, True)\n"
+              "log.log(1, {'loss': 2.5})\nlog.close()\n")
+    env = {**os.environ, "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "5"}
+    env.pop("WANDB_MODE", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=__import__("pathlib").Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 2.5}
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
