@@ -31,7 +31,7 @@ from data.config import DataConfig
 from data.tasks import TASK_NAMES
 from engine import task_metrics
 from engine.checkpointing import atomic_write_text
-from engine.config import ConfigError, from_dict, parse_cli, to_dict
+from engine.config import ConfigError, deep_merge, from_dict, parse_cli, to_dict
 from models.generation import (GenerationConfig, TokenRange, Trie, decoder_prefixes, generate,
                                score_candidates)
 
@@ -68,13 +68,6 @@ TASK_DEFAULTS: dict[str, TaskEvalConfig] = {
 FIXED_ANSWERS = {"nli": ["yes", "no", "maybe"], "itm": ["yes", "no"], "vqa_matching": ["yes", "no"]}
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 @dataclass
 class DownstreamConfig:
     """Per-task settings over ``TASK_DEFAULTS`` (only what changes, e.g. ``{vqa: {inference: candidates}}``)."""
@@ -90,7 +83,7 @@ class DownstreamConfig:
     def task(self, name: str) -> TaskEvalConfig:
         if name not in TASK_DEFAULTS:
             raise ValueError(f"task {name!r} has no downstream evaluation; evaluable: {sorted(TASK_DEFAULTS)}")
-        merged = _merge(to_dict(TASK_DEFAULTS[name]), self.tasks.get(name, {}))
+        merged = deep_merge(to_dict(TASK_DEFAULTS[name]), self.tasks.get(name, {}))
         return from_dict(TaskEvalConfig, merged, prefix=f"downstream.tasks.{name}.")
 
 

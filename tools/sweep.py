@@ -35,7 +35,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from engine.config import ConfigError, _set_dotted, from_dict, load, parse_cli, to_dict
+from engine.config import ConfigError, set_dotted, from_dict, load, parse_cli, to_dict
 from engine.run_config import RunConfig, demo_config
 from tools.collect import STATUS_FILE, collect, is_finished, summary
 from tools.scaling_fit import atomic_write_text
@@ -130,7 +130,7 @@ def _set(data: dict, dotted: str, value: Any) -> None:
         for key, sub in value.items():
             _set(data, f"{dotted}.{key}", sub)
     else:
-        _set_dotted(data, dotted, copy.deepcopy(value))
+        set_dotted(data, dotted, copy.deepcopy(value))
 
 
 @dataclass
