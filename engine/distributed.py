@@ -40,10 +40,17 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     """
     import deepspeed
 
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # One process: fill in whatever a launcher would have set (some may be there already).
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
+                           ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but the launcher did not set {missing}: "
+                           "start ranks with launchers/local.sh, the SLURM scripts, torchrun or deepspeed")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     use_cuda = torch.cuda.is_available()
@@ -58,7 +65,7 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
         device = torch.device("cpu")
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                   verbose=False)
+                                   auto_mpi_discovery=False, verbose=False)
     return DistInfo(rank, local_rank, world, device, backend)
 
 
