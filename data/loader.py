@@ -75,7 +75,11 @@ def _registration_lock():
         return
     from filelock import FileLock
 
-    with FileLock(os.path.join(tempfile.gettempdir(), "biomedgpt-streaming-register.lock")):
+    # The lock lives beside what it protects: processes that share /dev/shm share the lock, while nodes
+    # with their own /dev/shm (but perhaps a shared /tmp) never wait for each other here -- the leader
+    # holds it across streaming's cross-node barrier, so a lock shared between nodes would deadlock.
+    lock_dir = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    with FileLock(os.path.join(lock_dir, "biomedgpt-streaming-register.lock")):
         yield
 
 

@@ -29,6 +29,13 @@ class Slurm:
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
+        self.submitted: list[str] = []
+
+    def cancel_all(self) -> None:
+        """Cancel what a test submitted, so a failed test never leaves jobs that block the next ones."""
+        if self.submitted:
+            self.run("scancel", *self.submitted, check=False)
+            self.submitted.clear()
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         done = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=60)
@@ -44,7 +51,9 @@ class Slurm:
         done = subprocess.run(["sbatch", "--parsable", *args], env={**self.env, **(env or {})}, cwd=REPO,
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, f"sbatch failed: {done.stderr}"
-        return done.stdout.strip().split(";")[0]
+        job_id = done.stdout.strip().split(";")[0]
+        self.submitted.append(job_id)
+        return job_id
 
     def job(self, job_id: str) -> dict[str, str]:
         out = self.run("scontrol", "-o", "show", "job", job_id).stdout
@@ -71,6 +80,13 @@ def _done(info: dict[str, str]) -> bool:
     return info["JobState"] in FINAL_STATES
 
 
+@pytest.fixture(autouse=True)
+def _cancel_jobs_after_each_test(request):
+    yield
+    if "slurm" in request.fixturenames:
+        request.getfixturevalue("slurm").cancel_all()
+
+
 @pytest.fixture(scope="module")
 def slurm():
     env = {**os.environ, "SLURM_CONF": str(SLURM_DIR / "slurm.conf")}
@@ -83,7 +99,9 @@ def slurm():
         pytest.skip(f"the SLURM daemons could not start: {exc}")
     if started.returncode != 0:
         pytest.skip(f"the SLURM daemons could not start: {started.stderr[-2000:]}")
-    yield Slurm(env)
+    cluster = Slurm(env)
+    yield cluster
+    cluster.cancel_all()
     if not already_up:
         subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, timeout=120)
 
