@@ -15,7 +15,10 @@ Backends, all ``(q, k, v, bias, key_padding_mask, causal, dropout_p) -> out`` on
   the small tables inside the kernel: no L×L tensor at all. Forward and backward on GPU; forward only on
   CPU (PyTorch has no CPU backward for it);
 - ``flash``: the flash-attn package for calls without relative bias (rotary positions, and OFA's
-  cross-attention once folded); calls with relative biases, or inputs flash-attn cannot take, use ``sdpa``.
+  cross-attention once folded); calls with relative biases, or inputs flash-attn cannot take, use ``sdpa``;
+- ``chunked``: plain PyTorch over query chunks with the same folding, relative biases looked up per chunk,
+  and a backward that recomputes each chunk's probabilities and scatters their gradient into the tables:
+  memory-efficient training with OFA biases where no fused kernel has a backward for them (CPU).
 ``auto`` resolves per machine (``resolve_backend``).
 """
 from __future__ import annotations
@@ -278,6 +281,12 @@ def _flex_kernel(device_type: str):
     return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
 
 
+#: Compiled flex graphs kept per process before dynamo falls back to the unfused L×L reference. Static
+#: CPU shapes compile once per (batch, lengths, bias layout): dynamo's default of 8 is spent by one model
+#: (encoder, decoder self and cross) at two batch sizes.
+FLEX_RECOMPILE_LIMIT = 64
+
+
 def _flex_score_mod(relative: list[RelativeBias], causal_offset: int | None):
     """Adds each relative block's ``table[index[q_id, k_id], head]`` inside the kernel; causal as -inf."""
 
@@ -318,7 +327,8 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None,
     score_mod = _flex_score_mod(relative, offset) if relative or causal else None
     b = max(q.shape[0], k.shape[0])
     q, k, v = (t.expand(b, -1, -1, -1) for t in (q, k, v))
-    return _flex_kernel(q.device.type)(q, k, v, score_mod=score_mod, scale=1.0)[..., :dv]
+    with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT):
+        return _flex_kernel(q.device.type)(q, k, v, score_mod=score_mod, scale=1.0)[..., :dv]
 
 
 def _flex_inputs(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None) -> list[Tensor]:
@@ -326,6 +336,133 @@ def _flex_inputs(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None) ->
     if bias is not None:
         tensors += [bias.pos_q, bias.pos_k] + [rel.table for rel in bias.relative]
     return tensors
+
+
+#: Scores per query chunk of the ``chunked`` backend (fp32 elements, batch × heads × rows × keys): 16 MiB.
+CHUNK_SCORES = 1 << 22
+
+
+def _query_chunks(b: int, h: int, lq: int, lk: int) -> list[tuple[int, int]]:
+    rows = max(1, min(lq, CHUNK_SCORES // max(1, b * h * lk)))
+    return [(start, min(start + rows, lq)) for start in range(0, lq, rows)]
+
+
+def _block_in_chunk(pos: RelativePositions, c0: int, c1: int) -> tuple[Tensor, tuple[slice, slice]] | None:
+    """The bucket ids (``[1 or B, rows, lk]``) of the block's queries inside query chunk ``[c0, c1)`` and
+    where they sit in the chunk's ``[..., c1 - c0, Lk]`` scores; None when the chunk misses the block.
+    Recomputed per chunk, so no L×L index exists either."""
+    lo, hi = max(c0, pos.q_start), min(c1, pos.q_start + pos.q_ids.shape[1])
+    if lo >= hi:
+        return None
+    bucket = pos.index[pos.q_ids[:, lo - pos.q_start:hi - pos.q_start, None], pos.k_ids[:, None, :]]
+    return bucket, (slice(lo - c0, hi - c0), slice(pos.k_start, pos.k_start + pos.k_ids.shape[1]))
+
+
+def _chunk_probs(q: Tensor, k: Tensor, heads: int, c0: int, c1: int, relative: list[RelativeBias],
+                 causal_offset: int | None, lse: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Softmax probabilities (fp32, ``[B·H, c1 - c0, Lk]``) of one query chunk of ``q``/``k`` (``[B·H, L, D]``),
+    and the chunk's row logsumexp. With ``lse`` given (the backward) the forward's is reused: exact recomputation.
+    """
+    scores = torch.bmm(q[:, c0:c1], k.transpose(1, 2)).float()
+    per_head = scores.view(-1, heads, c1 - c0, k.shape[1])
+    for rel in relative:
+        block = _block_in_chunk(rel.positions, c0, c1)
+        if block is None:
+            continue
+        bucket, (rows, cols) = block
+        values = rel.table[bucket].permute(0, 3, 1, 2).float()  # [1|B, H, rows, lk]
+        if rel.samples is not None:
+            values = values * rel.samples.to(values.dtype)[:, None, None, None]
+        per_head[:, :, rows, cols] += values
+    if causal_offset is not None:
+        q_pos = torch.arange(c0, c1, device=q.device)[:, None] + causal_offset
+        scores.masked_fill_(torch.arange(k.shape[1], device=q.device)[None, :] > q_pos, float("-inf"))
+    if lse is not None:
+        return scores.sub_(lse[..., None]).exp_(), lse
+    row_max = scores.amax(dim=-1, keepdim=True)
+    total = scores.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
+    return scores.div_(total), (row_max + total.log()).squeeze(-1)
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    """Attention with relative biases over query chunks; saves q, k, v, out and the row logsumexp only.
+
+    The backward recomputes each chunk's probabilities from the small tables and scatters the chunk's
+    score gradient into the tables' gradients (per head), so neither pass holds a full L×L tensor.
+    ``q``/``k`` carry the absolute bias and the key padding folded in (``fold_into_heads``).
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, relative: list[RelativeBias], causal_offset: int | None,
+                *tables: Tensor) -> Tensor:
+        b, h, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        q3, k3, v3 = (t.reshape(b * h, t.shape[2], t.shape[3]) for t in (q, k, v))
+        out = v3.new_empty(b * h, lq, v3.shape[-1])
+        lse = q3.new_empty(b * h, lq, dtype=torch.float32)
+        for c0, c1 in _query_chunks(b, h, lq, lk):
+            probs, lse[:, c0:c1] = _chunk_probs(q3, k3, h, c0, c1, relative, causal_offset, None)
+            out[:, c0:c1] = torch.bmm(probs.to(v3.dtype), v3)
+        ctx.save_for_backward(q3, k3, v3, out, lse)
+        ctx.relative, ctx.causal_offset, ctx.shape = relative, causal_offset, (b, h)
+        return out.view(b, h, lq, -1)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        relative, causal_offset, (b, h) = ctx.relative, ctx.causal_offset, ctx.shape
+        lq, lk = q.shape[1], k.shape[1]
+        grad_out = grad_out.reshape(out.shape)
+        grad_q, grad_k, grad_v = q.new_empty(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+        grad_tables = [torch.zeros_like(rel.table, dtype=torch.float32) if ctx.needs_input_grad[5 + i] else None
+                       for i, rel in enumerate(relative)]  # accumulated in fp32 whatever the tables' dtype
+        delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)  # rowsum(P ∘ dP), [B·H, Lq, 1]
+        for c0, c1 in _query_chunks(b, h, lq, lk):
+            probs, _ = _chunk_probs(q, k, h, c0, c1, relative, causal_offset, lse[:, c0:c1])
+            d_out = grad_out[:, c0:c1]
+            grad_v.baddbmm_(probs.to(v.dtype).transpose(1, 2), d_out)
+            d_scores = torch.bmm(d_out, v.transpose(1, 2)).float().sub_(delta[:, c0:c1]).mul_(probs)
+            for rel, grad_table in zip(relative, grad_tables):
+                if grad_table is not None:
+                    _scatter_table_grad(grad_table, rel, d_scores.view(b, h, c1 - c0, lk), c0, c1)
+            d_scores = d_scores.to(q.dtype)
+            grad_q[:, c0:c1] = torch.bmm(d_scores, k)
+            grad_k.baddbmm_(d_scores.transpose(1, 2), q[:, c0:c1])
+        grads = (g.view(b, h, g.shape[1], g.shape[2]) for g in (grad_q, grad_k, grad_v))
+        grad_tables = (None if g is None else g.to(rel.table.dtype) for g, rel in zip(grad_tables, relative))
+        return *grads, None, None, *grad_tables
+
+
+def _scatter_table_grad(grad_table: Tensor, rel: RelativeBias, d_scores: Tensor, c0: int, c1: int) -> None:
+    """Adds the chunk's score gradient (``[B, H, c1 - c0, Lk]``) inside ``rel``'s block to
+    ``grad_table[bucket, head]``."""
+    block = _block_in_chunk(rel.positions, c0, c1)
+    if block is None:
+        return
+    bucket, (rows, cols) = block
+    d_block = d_scores[:, :, rows, cols]
+    if rel.samples is not None:
+        d_block = d_block * rel.samples.to(d_block.dtype)[:, None, None, None]
+    if bucket.shape[0] == 1:
+        d_block = d_block.sum(0, keepdim=True)
+    grad_table.index_add_(0, bucket.expand(d_block.shape[0], -1, -1).reshape(-1),
+                          d_block.permute(0, 2, 3, 1).reshape(-1, grad_table.shape[1]))
+
+
+def chunked_attention(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None,
+                      key_padding_mask: Tensor | None, causal: bool, dropout_p: float) -> Tensor:
+    """Memory-efficient OFA attention without GPU kernels (CPU training): query chunks, relative biases
+    looked up per chunk, a backward that recomputes the probabilities. Calls without relative biases
+    (cross-attention, rotary positions) are fused ``sdpa`` calls, which already keep no L×L tensor.
+    """
+    if dropout_p > 0.0:
+        raise ValueError("the chunked backend has no attention dropout; use sdpa or set attention_dropout=0")
+    if bias is None or not bias.relative:
+        return sdpa_attention(q, k, v, bias, key_padding_mask, causal, dropout_p)
+    q, k, _ = fold_into_heads(q, k, v, bias, key_padding_mask)
+    b = max(q.shape[0], k.shape[0], v.shape[0])
+    q, k, v = (t.expand(b, -1, -1, -1) for t in (q, k, v))
+    offset = _causal_offset(q, k) if causal else None
+    return _ChunkedAttention.apply(q, k, v, bias.relative, offset, *(rel.table for rel in bias.relative))
 
 
 @functools.lru_cache(maxsize=None)
@@ -351,7 +488,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None,
     return out.transpose(1, 2)[..., :dv]
 
 
-BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention, "flex": flex_attention, "flash": flash_attention}
+BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention, "flex": flex_attention, "flash": flash_attention,
+            "chunked": chunked_attention}
 
 _warned: set[str] = set()
 
@@ -362,16 +500,17 @@ def _warn_once(message: str) -> None:
         log.warning(message)
 
 
-def resolve_backend(name: str, position_scheme: str = "ofa") -> str:
+def resolve_backend(name: str, position_scheme: str = "ofa", attention_dropout: float = 0.0) -> str:
     """The backend to run for a configured name on this machine.
 
     ``auto``: on CUDA, ``flex`` (OFA biases in-kernel, fused backward), or for ``rope`` (no additive bias)
-    ``flash`` where flash-attn is installed; ``sdpa`` elsewhere. ``flash`` without the flash-attn
-    package falls back to ``sdpa``, logged once per process.
+    ``flash`` where flash-attn is installed; without CUDA, ``chunked`` for OFA biases (the only CPU
+    backward that keeps no L×L tensor, and no slower than eager) unless attention dropout is on, ``sdpa``
+    otherwise. ``flash`` without the flash-attn package falls back to ``sdpa``, logged once per process.
     """
     if name == "auto":
         if not torch.cuda.is_available():
-            return "sdpa"
+            return "chunked" if position_scheme == "ofa" and attention_dropout == 0.0 else "sdpa"
         if position_scheme == "rope":
             return "flash" if flash_attn_available() else "sdpa"
         return "flex"

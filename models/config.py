@@ -7,7 +7,7 @@ from typing import Literal
 
 CANONICAL_VOCAB_SIZE = 59457  # GPT-2 BPE in fairseq order + <mask> + 8192 codes + 1000 bins
 
-AttentionBackend = Literal["auto", "eager", "sdpa", "flex", "flash"]
+AttentionBackend = Literal["auto", "eager", "sdpa", "flex", "flash", "chunked"]
 PositionScheme = Literal["ofa", "rope"]
 
 
@@ -46,8 +46,9 @@ class ModelConfig:
             raise ValueError(f"resnet_layers must be three positive block counts, got {self.resnet_layers}")
         if self.position_scheme == "rope" and self.head_dim % 4:
             raise ValueError(f"position_scheme rope needs head_dim ({self.head_dim}) divisible by 4 (2-D rotary pairs)")
-        if self.attention_backend == "flex" and self.attention_dropout > 0:
-            raise ValueError("attention_backend flex has no attention dropout: set attention_dropout 0 or use sdpa")
+        if self.attention_backend in ("flex", "chunked") and self.attention_dropout > 0:
+            raise ValueError(f"attention_backend {self.attention_backend} has no attention dropout: set "
+                             f"attention_dropout 0 or use sdpa")
         for name in ("encoder_layers", "decoder_layers", "heads", "ffn_dim", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -152,7 +152,7 @@ class MultiheadAttention(nn.Module):
         self.k_proj, self.v_proj, self.q_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
         self.c_attn = nn.Parameter(torch.ones(cfg.heads))
         self.dropout = cfg.attention_dropout
-        self.backend = resolve_backend(cfg.attention_backend, cfg.position_scheme)
+        self.backend = resolve_backend(cfg.attention_backend, cfg.position_scheme, cfg.attention_dropout)
 
     def split(self, x: Tensor) -> Tensor:
         return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)

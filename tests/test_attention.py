@@ -1,7 +1,8 @@
-"""Attention backends: parity of sdpa / flex with the eager reference, the rotary scheme, activation
-checkpointing with every backend, the flash fallback, and attention memory at base size (CPU)."""
+"""Attention backends: parity of sdpa / chunked / flex with the eager reference, the rotary scheme, activation
+checkpointing with every backend, the flash fallback, and attention memory at base width (CPU)."""
 from __future__ import annotations
 
+import functools
 import logging
 
 import pytest
@@ -12,12 +13,22 @@ from engine.model_setup import apply_activation_checkpointing
 from models import attention
 from models.checkpoint import import_released
 from models.config import model_config
-from models.ofa import BiomedGPT
+from models.ofa import BiomedGPT, MultiheadAttention, image_bucket_positions, image_position_ids, token_bucket_positions
 from tools import bench_attention
 
 SMALL = dict(d_model=64, ffn_dim=128, encoder_layers=2, decoder_layers=2, heads=4, resnet_layers=[1, 1, 1],
              vocab_size=300, dropout=0.0)
 TOL = dict(rtol=0.0, atol=1e-5)
+FIXTURE = "fixtures/ofa_parity_mini.pt"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes run fastest on one thread (and two xdist workers then share two cores without contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def build(backend: str, scheme: str = "ofa", **overrides) -> BiomedGPT:
@@ -30,6 +41,14 @@ def build(backend: str, scheme: str = "ofa", **overrides) -> BiomedGPT:
     return model
 
 
+def set_backend(model: BiomedGPT, backend: str) -> BiomedGPT:
+    """The same weights run by another backend."""
+    for module in model.modules():
+        if isinstance(module, MultiheadAttention):
+            module.backend = backend
+    return model
+
+
 def mixed_batch(codes: bool) -> dict:
     """Image+text and text-only samples, padded sources and targets; optionally image-code targets."""
     g = torch.Generator().manual_seed(1)
@@ -38,7 +57,7 @@ def mixed_batch(codes: bool) -> dict:
     src[3, 5:] = 1
     prev = torch.randint(4, 300, (4, 9), generator=g)
     prev[2, 6:] = 1
-    return dict(src_tokens=src, prev_output_tokens=prev, patch_images=torch.randn(4, 3, 64, 64, generator=g),
+    return dict(src_tokens=src, prev_output_tokens=prev, patch_images=torch.randn(4, 3, 48, 48, generator=g),
                 patch_masks=torch.tensor([True, False, True, True]),
                 code_masks=torch.tensor([False, True, False, True]) if codes else None)
 
@@ -49,23 +68,130 @@ def forward_backward(model: BiomedGPT, batch: dict) -> tuple[torch.Tensor, dict]
     return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("scheme", ["ofa", "rope"])
+@functools.lru_cache(maxsize=None)
+def eager_reference(scheme: str, codes: bool) -> tuple[torch.Tensor, dict]:
+    return forward_backward(build("eager", scheme).train(), mixed_batch(codes))
+
+
 @pytest.mark.parametrize("codes", [False, True])
-def test_sdpa_matches_eager_forward_and_gradients(scheme, codes):
-    batch = mixed_batch(codes)
-    ref_out, ref_grads = forward_backward(build("eager", scheme).train(), batch)
-    out, grads = forward_backward(build("sdpa", scheme).train(), batch)
+@pytest.mark.parametrize("scheme,backend", [("ofa", "sdpa"), ("ofa", "chunked"), ("rope", "sdpa")])
+def test_backend_matches_eager_forward_and_gradients(scheme, backend, codes, monkeypatch):
+    monkeypatch.setattr(attention, "CHUNK_SCORES", 4 * 4 * 21 * 2)  # chunks of 2 (encoder) and 4 rows (decoder)
+    ref_out, ref_grads = eager_reference(scheme, codes)
+    out, grads = forward_backward(build(backend, scheme).train(), mixed_batch(codes))
     torch.testing.assert_close(out, ref_out, **TOL)
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
 
 
-def test_flex_forward_matches_eager():
-    batch = mixed_batch(codes=True)
+def bias_inputs(lq: int, per_sample_patches: bool, code_samples: bool) -> tuple[list[torch.Tensor], dict]:
+    """Leaf tensors (q, k, v, pos_q, pos_k, text table, image table) and the call's other arguments for
+    9 image + 7 text keys with key padding; the last ``lq`` positions are the queries (a cache offset)."""
+    g = torch.Generator().manual_seed(0)
+    b, h, dh, n_img, s = 3, 4, 8, 9, 7
+    length = n_img + s
+    leaves = [torch.randn(b, h, lq, dh, generator=g) * 0.3, torch.randn(b, h, length, dh, generator=g),
+              torch.randn(b, h, length, dh, generator=g), torch.randn(1, h, lq, dh, generator=g) * 0.3,
+              torch.randn(1, h, length, dh, generator=g) * 0.3, torch.randn(31, h, generator=g),
+              torch.randn(15 ** 2 + 3, h, generator=g)]
+    leaves = [t.requires_grad_() for t in leaves]
+    if per_sample_patches:  # random patch subsets per sample (sample_patch_num)
+        image_ids = torch.stack([torch.randperm(64, generator=g)[:n_img] + 1 for _ in range(b)])
+    else:
+        image_ids = image_position_ids(3, 3, 8)[None]
+    first = length - lq  # position of the first query
+    text_ids = torch.arange(s)[None]
+    text = attention.RelativePositions(token_bucket_positions(16, 64), text_ids[:, max(0, first - n_img):], text_ids,
+                                       max(0, n_img - first), n_img)
+    image = attention.RelativePositions(image_bucket_positions(8), image_ids[:, min(first, n_img):], image_ids)
+    codes = torch.tensor([False, True, True]) if code_samples else None
+    bias = attention.AttentionBias(leaves[3], leaves[4], [
+        attention.RelativeBias(leaves[5], text, None if codes is None else ~codes),
+        attention.RelativeBias(leaves[6], image, codes)])
+    padding = torch.zeros(b, length, dtype=torch.bool)
+    padding[1, -3:] = True
+    padding[2, -1:] = True
+    return leaves, dict(bias=bias, key_padding_mask=padding)
+
+
+@pytest.mark.parametrize("chunk_scores", [1, 4 * 4 * 16 * 5, 1 << 22], ids=["rows1", "rows5", "one-chunk"])
+@pytest.mark.parametrize("layout", ["encoder", "sampled-patches", "decoder-codes", "decoder-cache"])
+def test_chunked_attention_gradients_match_eager(layout, chunk_scores, monkeypatch):
+    """q, k, v, the absolute positions and both relative tables, for every block layout the model makes."""
+    monkeypatch.setattr(attention, "CHUNK_SCORES", chunk_scores)
+    lq, causal = {"encoder": (16, False), "sampled-patches": (16, False), "decoder-codes": (16, True),
+                  "decoder-cache": (5, True)}[layout]
+    results = []
+    for backend in ("eager", "chunked"):
+        leaves, kwargs = bias_inputs(lq, layout == "sampled-patches", layout.startswith("decoder"))
+        out = attention.attention(leaves[0], leaves[1], leaves[2], causal=causal, dropout_p=0.0, backend=backend,
+                                  **kwargs)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach()] + [leaf.grad for leaf in leaves])
+    names = ["out", "q", "k", "v", "pos_q", "pos_k", "text table", "image table"]
+    for name, got, ref in zip(names, results[1], results[0]):
+        torch.testing.assert_close(got, ref, **TOL, msg=name)
+
+
+def test_chunked_attention_in_bf16_stays_close_to_fp32_eager():
+    """Mixed precision (DeepSpeed bf16 on CPU): bf16 inputs, fp32 softmax and table-gradient accumulation."""
+    results = []
+    for backend, dtype in (("eager", torch.float32), ("chunked", torch.bfloat16)):
+        leaves, kwargs = bias_inputs(16, False, True)
+        leaves = [leaf.detach().to(dtype).requires_grad_() for leaf in leaves]
+        bias = kwargs["bias"]
+        relative = [attention.RelativeBias(table, rel.positions, rel.samples)
+                    for table, rel in zip(leaves[5:], bias.relative)]
+        kwargs["bias"] = attention.AttentionBias(leaves[3], leaves[4], relative)
+        out = attention.attention(*leaves[:3], **kwargs, causal=True, dropout_p=0.0, backend=backend)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out] + [leaf.grad for leaf in leaves])
+    for got, ref in zip(results[1], results[0]):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), ref, rtol=0.0, atol=0.03 * ref.abs().max().item())
+
+
+def test_chunked_backend_choice_and_dropout():
+    """``auto`` trains OFA biases with ``chunked`` on CPU unless attention dropout is on (it has none)."""
+    if not torch.cuda.is_available():
+        assert attention.resolve_backend("auto", "ofa") == "chunked"
+        assert attention.resolve_backend("auto", "ofa", attention_dropout=0.1) == "sdpa"
+        assert attention.resolve_backend("auto", "rope") == "sdpa"
+    with pytest.raises(ValueError, match="chunked has no attention dropout"):
+        model_config("tiny", attention_backend="chunked", attention_dropout=0.1)
+    leaves, kwargs = bias_inputs(16, False, False)
+    with pytest.raises(ValueError, match="chunked backend has no attention dropout"):
+        attention.attention(*leaves[:3], **kwargs, causal=False, dropout_p=0.1, backend="chunked")
+
+
+@pytest.fixture(scope="module")
+def fixture_model(shared_dir):
+    """The released-format mini checkpoint and its inputs: every flex test shares its shapes (one compile each)."""
+    data = torch.load(shared_dir / FIXTURE, weights_only=True)
+    return import_released(shared_dir / FIXTURE, attention_backend="eager").eval(), data
+
+
+@pytest.mark.parametrize("backend", ["flex", "chunked", "flash"])
+def test_fixture_parity_with_fused_backends(fixture_model, backend):
+    if backend == "flash" and not attention.flash_attn_available():
+        pytest.skip("flash-attn is not installed here: the flash backend resolves to sdpa (covered by test_model)")
+    model, data = fixture_model
     with torch.no_grad():
-        ref = build("eager").eval()(**batch)
-        out = build("flex").eval()(**batch)
+        ref = set_backend(model, "eager")(**data["inputs"])
+        out = set_backend(model, backend)(**data["inputs"])
+    for i, n in enumerate(data["target_lengths"].tolist()):
+        torch.testing.assert_close(out[i, :n], ref[i, :n], **TOL)
+        assert (out[i, :n] - data["logits"][i, :n]).abs().max().item() <= 1e-3
+
+
+def test_flex_forward_matches_eager(fixture_model):
+    """A text-only sample (every image key padded), source/target padding and an image-code target."""
+    model, data = fixture_model
+    batch = dict(data["inputs"], patch_masks=torch.tensor([True, False]), code_masks=torch.tensor([False, True]))
+    with torch.no_grad():
+        ref = set_backend(model, "eager")(**batch)
+        out = set_backend(model, "flex")(**batch)
     torch.testing.assert_close(out, ref, **TOL)
 
 
@@ -73,20 +199,6 @@ def test_flex_refuses_cpu_training_with_a_clear_error():
     model = build("flex").train()
     with pytest.raises(RuntimeError, match="no CPU backward"):
         model(**mixed_batch(codes=False))
-
-
-@pytest.mark.parametrize("backend", ["flex", "flash"])
-def test_fixture_parity_with_fused_backends(shared_dir, backend):
-    if backend == "flash" and not attention.flash_attn_available():
-        pytest.skip("flash-attn is not installed here: the flash backend resolves to sdpa (covered by test_model)")
-    data = torch.load(shared_dir / "fixtures/ofa_parity_mini.pt", weights_only=True)
-    inputs = data["inputs"]
-    with torch.no_grad():
-        ref = import_released(shared_dir / "fixtures/ofa_parity_mini.pt", attention_backend="eager").eval()(**inputs)
-        out = import_released(shared_dir / "fixtures/ofa_parity_mini.pt", attention_backend=backend).eval()(**inputs)
-    for i, n in enumerate(data["target_lengths"].tolist()):
-        torch.testing.assert_close(out[i, :n], ref[i, :n], **TOL)
-        assert (out[i, :n] - data["logits"][i, :n]).abs().max().item() <= 1e-3
 
 
 def test_flash_without_the_package_falls_back_to_sdpa_once(monkeypatch, caplog):
@@ -115,9 +227,9 @@ def test_rope_has_no_position_bias_so_every_call_is_mask_free(monkeypatch):
     assert len(masks) == 3 * 2 and all(m is None for m in masks)  # encoder self, decoder self + cross
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
-def test_rope_incremental_decoding_matches_full(backend):
-    model = build(backend, "rope").eval()
+@pytest.mark.parametrize("scheme,backend", [("rope", "eager"), ("rope", "sdpa"), ("ofa", "chunked")])
+def test_incremental_decoding_matches_full(scheme, backend):
+    model = build(backend, scheme).eval()
     batch = mixed_batch(codes=True)
     prev = batch["prev_output_tokens"][:, :6]
     with torch.no_grad():
@@ -128,8 +240,7 @@ def test_rope_incremental_decoding_matches_full(backend):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("scheme", ["ofa", "rope"])
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("scheme,backend", [("ofa", "eager"), ("ofa", "sdpa"), ("ofa", "chunked"), ("rope", "sdpa")])
 def test_activation_checkpointing_gives_the_same_gradients(scheme, backend):
     overrides = dict(dropout=0.1, encoder_drop_path_rate=0.1, decoder_drop_path_rate=0.1)
     plain, recomputed = build(backend, scheme, **overrides).train(), build(backend, scheme, **overrides).train()
@@ -143,14 +254,18 @@ def test_activation_checkpointing_gives_the_same_gradients(scheme, backend):
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_attention_memory_of_fused_backends():
-    """Base width, reduced sequence (the full 900 + 80 tokens, batch 8 run is ``python -m tools.bench_attention
-    mode=memory``, which adds flex: minutes of CPU compilation): the sdpa forward holds no [B, H, L, L]
-    tensor, eager holds its probabilities for the backward."""
-    cfg = bench_attention.MemoryConfig(batch=4, image_grid=20, text_tokens=40, backends=["eager", "sdpa"])
+def test_attention_memory_of_fused_backends(monkeypatch):
+    """Base width, 900 + 80 tokens at batch 2 (the batch 8 run is ``python -m tools.bench_attention mode=memory``,
+    which adds flex: minutes of CPU compilation): the sdpa forward holds no [B, H, L, L] tensor, eager holds
+    its probabilities for the backward, chunked keeps no L×L tensor in either pass."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the measuring process: one thread, like this module
+    cfg = bench_attention.MemoryConfig(batch=2, backends=["eager", "sdpa", "chunked"])
     rows = bench_attention.memory_table(cfg)
     print("\n" + bench_attention.format_memory(rows))
     by = {r["backend"]: r for r in rows}
     lxl = by["eager"]["lxl_MiB"]
     assert by["eager"]["fwd_peak_MiB"] >= lxl and by["eager"]["saved_lxl"] == 1  # its probabilities
     assert by["sdpa"]["fwd_peak_MiB"] <= by["eager"]["fwd_peak_MiB"] - lxl / 2
+    assert by["chunked"]["saved_lxl"] == 0
+    assert by["chunked"]["saved_MiB"] <= by["eager"]["saved_MiB"] - lxl / 2
+    assert by["chunked"]["train_peak_MiB"] <= by["eager"]["train_peak_MiB"] - lxl / 2

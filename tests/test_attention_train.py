@@ -45,7 +45,7 @@ def test_rope_trains_under_deepspeed_on_two_cpu_ranks(backend, tmp_path, repo_ro
     run_dir = tmp_path / "run"
     args = ["--config", "configs/finetune/vqa_rad.yaml", f"model.overrides={TINY_ROPE.replace('BACKEND', backend)}",
             f"data.streams={stream}", "data.eval_streams=[]", "data.batch_size=4", "data.patch_image_size=48",
-            "data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}", "optim.max_steps=12", "optim.max_epochs=null",
+            "data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}", "optim.max_steps=5", "optim.max_epochs=null",
             "optim.grad_accum=1", "optim.lr=0.002", "optim.warmup_ratio=0.0", "optim.freeze_embeddings=false",
             "optim.label_smoothing=0.0", "ema.enabled=false", "deepspeed.precision=fp32", "deepspeed.zero_stage=2",
             "checkpoint.init_from=null", "checkpoint.interval=0", "eval.interval=0", "log.interval=1",
@@ -57,5 +57,5 @@ def test_rope_trains_under_deepspeed_on_two_cpu_ranks(backend, tmp_path, repo_ro
     assert proc.returncode == 0, f"training failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
-    assert len(losses) >= 10, losses
-    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    assert len(losses) == 5, losses
+    assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses

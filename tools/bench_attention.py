@@ -5,8 +5,8 @@
 
 ``time``: forward and forward+backward seconds of a whole model step per backend (``flex`` has no CPU
 backward in PyTorch, so it gets a forward time only). ``memory``: one encoder layer's self-attention with
-the full OFA bias (absolute + text and image relative tables, padded text), each backend in a fresh
-process: peak resident memory of a forward (no grad) and of a forward+backward, the bytes autograd keeps
+the full OFA bias (absolute + text and image relative tables, padded text), in a fresh process: peak
+resident memory (and seconds) of a forward (no grad) and of a forward+backward, the bytes autograd keeps
 for the backward, and how many of those tensors are L×L-sized.
 """
 from __future__ import annotations
@@ -27,6 +27,9 @@ from models.config import model_config
 from models.ofa import BiomedGPT, image_bucket_positions, image_position_ids, token_bucket_positions
 
 
+CPU_BACKENDS = ("eager", "sdpa", "chunked", "flex")
+
+
 @dataclass
 class MemoryConfig:
     """One encoder self-attention call at a model size's width."""
@@ -35,7 +38,7 @@ class MemoryConfig:
     batch: int = 8
     image_grid: int = 30  # 30 x 30 = 900 image tokens (480 px images)
     text_tokens: int = 80
-    backends: list[str] = field(default_factory=lambda: ["eager", "sdpa", "flex"])
+    backends: list[str] = field(default_factory=lambda: list(CPU_BACKENDS))
 
 
 @dataclass
@@ -43,7 +46,7 @@ class BenchAttentionConfig:
     mode: str = "time"  # time | memory
     sizes: list[str] = field(default_factory=lambda: ["tiny", "base"])
     image_sizes: list[int] = field(default_factory=lambda: [256, 480])
-    backends: list[str] = field(default_factory=lambda: ["eager", "sdpa", "flex"])
+    backends: list[str] = field(default_factory=lambda: list(CPU_BACKENDS))
     batch: int = 2
     src_len: int = 40
     tgt_len: int = 20
@@ -90,14 +93,17 @@ def _rss_kib(field_name: str) -> int:
     raise RuntimeError(f"{field_name} not in /proc/self/status")
 
 
-def peak_rss_mib(fn) -> float:
-    """Peak resident memory above the current level while ``fn`` runs (Linux: VmHWM reset by clear_refs)."""
+def peak_rss_mib(fn) -> tuple[float, float]:
+    """(peak resident MiB above the current level while ``fn`` runs, its seconds); Linux: VmHWM reset by
+    clear_refs."""
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _rss_kib("VmRSS")
+    start = time.perf_counter()
     fn()
-    return (_rss_kib("VmHWM") - base) / 1024
+    seconds = time.perf_counter() - start
+    return (_rss_kib("VmHWM") - base) / 1024, seconds
 
 
 def saved_for_backward(fn, lxl_numel: int) -> tuple[float, int]:
@@ -129,38 +135,38 @@ def measure_memory(cfg: MemoryConfig, backend: str) -> dict:
         attention(q, k, v, bias, padding, False, 0.0, backend).sum().backward()
 
     forward()  # warm-up (flex compiles here)
-    row = {"backend": backend, "fwd_peak_MiB": round(peak_rss_mib(forward), 1), "train_peak_MiB": None,
-           "saved_MiB": None, "saved_lxl": None, "lxl_MiB": round(lxl * 4 / 2**20, 1)}
+    fwd_mib, fwd_s = peak_rss_mib(forward)
+    row = {"backend": backend, "fwd_peak_MiB": round(fwd_mib, 1), "train_peak_MiB": None, "saved_MiB": None,
+           "saved_lxl": None, "lxl_MiB": round(lxl * 4 / 2**20, 1), "fwd_s": round(fwd_s, 3), "fwd_bwd_s": None}
     if backend != "flex":  # no CPU backward for FlexAttention in PyTorch
         train()
-        row["train_peak_MiB"] = round(peak_rss_mib(train), 1)
+        train_mib, train_s = peak_rss_mib(train)
+        row["train_peak_MiB"], row["fwd_bwd_s"] = round(train_mib, 1), round(train_s, 3)
         saved, big = saved_for_backward(lambda: attention(q, k, v, bias, padding, False, 0.0, backend), lxl)
         row["saved_MiB"], row["saved_lxl"] = round(saved, 1), big
     return row
 
 
 def memory_table(cfg: MemoryConfig) -> list[dict]:
-    """Each backend measured in a fresh process (peak RSS is per process); large frees go back to the OS."""
+    """Every backend measured in one fresh process whose large frees go back to the OS at once, so the
+    peak (reset before each measurement) is each backend's own."""
     env = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    rows = []
-    for backend in cfg.backends:
-        out = subprocess.run([sys.executable, "-m", "tools.bench_attention", "--memory-one",
-                              json.dumps(asdict(cfg)), backend], capture_output=True, text=True,
-                             env={**os.environ, **env})
-        if out.returncode != 0:
-            raise RuntimeError(f"memory measurement of {backend} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return rows
+    out = subprocess.run([sys.executable, "-m", "tools.bench_attention", "--memory-rows", json.dumps(asdict(cfg))],
+                         capture_output=True, text=True, env={**os.environ, **env})
+    if out.returncode != 0:
+        raise RuntimeError(f"memory measurement failed:\n{out.stderr[-3000:]}")
+    return [json.loads(line) for line in out.stdout.strip().splitlines()]
 
 
 def format_memory(rows: list[dict]) -> str:
     head = (f"{'backend':<8}{'fwd peak MiB':>14}{'fwd+bwd peak MiB':>18}{'saved for bwd MiB':>19}"
-            f"{'saved L×L tensors':>19}   (one fp32 [B,H,L,L] = {rows[0]['lxl_MiB']} MiB)")
+            f"{'saved L×L tensors':>19}{'fwd s':>8}{'fwd+bwd s':>11}   (one fp32 [B,H,L,L] = {rows[0]['lxl_MiB']} MiB)")
     lines = [head]
     for r in rows:
-        cells = [r["fwd_peak_MiB"], r["train_peak_MiB"], r["saved_MiB"], r["saved_lxl"]]
-        cells = ["n/a (no CPU bwd)" if c is None else c for c in cells]
-        lines.append(f"{r['backend']:<8}{cells[0]:>14}{cells[1]:>18}{cells[2]:>19}{cells[3]:>19}")
+        cells = [r["fwd_peak_MiB"], r["train_peak_MiB"], r["saved_MiB"], r["saved_lxl"], r["fwd_s"], r["fwd_bwd_s"]]
+        cells = [("n/a (no CPU bwd)" if i == 1 else "n/a") if c is None else c for i, c in enumerate(cells)]
+        lines.append(f"{r['backend']:<8}{cells[0]:>14}{cells[1]:>18}{cells[2]:>19}{cells[3]:>19}{cells[4]:>8}"
+                     f"{cells[5]:>11}")
     return "\n".join(lines)
 
 
@@ -200,8 +206,10 @@ def time_model(cfg: BenchAttentionConfig, size: str, image_size: int, backend: s
 
 
 def main(argv: list[str] | None = None) -> None:
-    if argv is None and len(sys.argv) > 3 and sys.argv[1] == "--memory-one":
-        print(json.dumps(measure_memory(from_dict(MemoryConfig, json.loads(sys.argv[2])), sys.argv[3])))
+    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--memory-rows":
+        memory_cfg = from_dict(MemoryConfig, json.loads(sys.argv[2]))
+        for backend in memory_cfg.backends:
+            print(json.dumps(measure_memory(memory_cfg, backend)), flush=True)
         return
     cfg = parse_cli(BenchAttentionConfig, argv)
     if cfg.mode == "memory":
