@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from data.config import DataConfig, StreamConfig
+from engine.downstream import DownstreamConfig
 from models.config import ModelSpec
 
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -94,6 +95,10 @@ class EvalConfig:
     max_batches: Optional[int] = None  # cap per evaluation (None: the whole eval set)
     use_ema: bool = True  # evaluate the EMA weights when EMA is enabled
     export_best: bool = True  # write <output_dir>/best (a model directory) when the metric improves
+    # The paper's task metrics (VQA accuracy, BLEU/CIDEr, ROUGE, ...) by generation, added to the results
+    # under their names (e.g. metric: vqa/accuracy, mode: max). Needs ZeRO stage <= 2: generation takes
+    # a different number of decoder calls per rank.
+    downstream: Optional[DownstreamConfig] = None
 
 
 @dataclass
@@ -142,6 +147,11 @@ class RunConfig:
     seed: int = 1
     output_dir: str = "runs/default"
     demo_data_dir: Optional[str] = None  # build the demo shards (tools.make_demo_data) here when absent
+
+    def __post_init__(self) -> None:
+        if self.eval.downstream is not None and self.deepspeed.zero_stage == 3:
+            raise ValueError("eval.downstream generates text, which ZeRO-3 cannot do rank by rank: "
+                             "use zero_stage <= 2 for this run, or evaluate afterwards with engine.downstream")
 
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

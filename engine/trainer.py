@@ -453,11 +453,22 @@ class Trainer:
                 task_ids = batch.get("task_ids", torch.zeros(len(batch["ids"]), dtype=torch.long)).tolist()
                 records.extend(zip(batch["ids"], task_ids, out.sample_loss.tolist(), out.sample_nll.tolist(),
                                    out.sample_tokens.tolist(), out.sample_correct.tolist()))
-        gathered = [records]
-        if self.world > 1:
-            gathered = [None] * self.world
-            torch.distributed.all_gather_object(gathered, records)
-        return eval_metrics([r for part in gathered for r in part], self.task_names)
+            metrics = eval_metrics(self._gather(records), self.task_names)
+            if self.cfg.eval.downstream is not None:
+                from engine.downstream import evaluate_model
+
+                task_results, _ = evaluate_model(self.engine.module, self.tokenizer, self.eval_loader,
+                                                 self.cfg.eval.downstream, self.dist.device, self._gather)
+                metrics.update(task_results)
+        return metrics
+
+    def _gather(self, part: list) -> list:
+        """Every rank's list, concatenated in rank order (the same on every rank)."""
+        if self.world == 1:
+            return part
+        parts: list = [None] * self.world
+        torch.distributed.all_gather_object(parts, part)
+        return [item for p in parts for item in p]
 
     def evaluate_and_track(self) -> dict:
         start = time.perf_counter()

@@ -18,6 +18,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import yaml
 
 from engine import downstream
 from tools.prepare_data import PrepareConfig, convert
@@ -139,8 +140,12 @@ def _finetune_and_evaluate(recipe: str, task: str, shards: Path, tmp_path: Path,
           "optim.max_steps=4", "optim.max_epochs=null", "optim.grad_accum=1", "optim.lr=0.001",
           "deepspeed.precision=fp32", "checkpoint.init_from=null", "checkpoint.interval=0", "eval.interval=0",
           "log.interval=1", "log.progress_bar=false", "log.wandb_mode=disabled", f"bpe_dir={shared_dir / 'bpe'}",
-          f"output_dir={run_dir}", *data_overrides], cwd=repo_root)
+          f"output_dir={run_dir}", *data_overrides, *[f"eval.{o}" for o in eval_overrides]], cwd=repo_root)
     assert (run_dir / "best" / "model.safetensors").is_file()
+    # In-training evaluation scored the recipe's task metric by generation and picked the best model by it.
+    metric = yaml.safe_load((run_dir / "config.yaml").read_text())["eval"]["metric"]
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(f"eval/{metric}" in row for row in logged), (metric, logged[-1])
     out = tmp_path / "eval"
     downstream.main([f"model_dir={run_dir / 'best'}", f"recipe={run_dir / 'config.yaml'}", f"output_dir={out}",
                      f"bpe_dir={shared_dir / 'bpe'}", *eval_overrides])

@@ -114,3 +114,13 @@ def test_metrics_count_each_sample_once():
                {"id": "a", "task": "nli", "prediction": "yes", "references": ["yes"]},
                {"id": "b", "task": "nli", "prediction": "no", "references": ["maybe"]}]
     assert compute_metrics(records) == {"nli/accuracy": 0.5, "nli/samples": 2.0}
+
+
+def test_in_training_task_metrics_refuse_zero3():
+    from engine.config import ConfigError, load
+    from engine.run_config import RunConfig
+
+    recipe = "configs/finetune/vqa_rad.yaml"
+    assert load(RunConfig, recipe).eval.downstream is not None
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        load(RunConfig, recipe, ["deepspeed.zero_stage=3"])
