@@ -227,3 +227,14 @@ def test_sigterm_writes_a_checkpoint_that_resumes(shards, tmp_path, repo_root, s
     resumed = launch(repo_root, cfg, 2, f"optim.max_steps={saved_step + 1}")
     assert f"resumed from {tag}" in resumed
     assert max(train_losses(out)) == saved_step + 1
+
+
+def test_diverged_run_skips_nonfinite_losses_then_stops(shards, tmp_path, repo_root, shared_dir):
+    """lr 1e30 blows the weights up after the first update: the following non-finite losses are skipped
+    (counted, logged) until max_nonfinite_steps is passed, then the job fails instead of training on NaN."""
+    out = tmp_path / "diverged"
+    cfg = run_config(shards, out, shared_dir, optim={"lr": 1e30, "max_steps": 8, "warmup_steps": 0, "clip_norm": 0.0},
+                     max_nonfinite_steps=2)
+    output = launch(repo_root, cfg, 1, expect=1)
+    assert output.count("non-finite loss, micro-batch skipped") >= 3, output[-3000:]
+    assert "3 non-finite losses (limit max_nonfinite_steps=2)" in output, output[-3000:]
