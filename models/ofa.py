@@ -232,6 +232,17 @@ class DecoderLayer(nn.Module):
         return x + drop_path(_ffn(self, x), self.drop_path_rate, self.training)
 
 
+def add_relative_tables(module: nn.Module, cfg: ModelConfig, layers: int, max_positions: int) -> None:
+    """Per-layer text and image relative-position tables (rows × heads) and their bucket buffers."""
+    module.token_rel_pos_table_list = nn.ModuleList(
+        nn.Embedding(2 * cfg.token_bucket_size - 1, cfg.heads) for _ in range(layers))
+    module.image_rel_pos_table_list = nn.ModuleList(
+        nn.Embedding((2 * cfg.image_bucket_size - 1) ** 2 + 3, cfg.heads) for _ in range(layers))
+    module.register_buffer("token_rp_bucket", token_bucket_positions(cfg.token_bucket_size, max_positions),
+                           persistent=False)
+    module.register_buffer("image_rp_bucket", image_bucket_positions(cfg.image_bucket_size), persistent=False)
+
+
 # ----------------------------------------------------------------------------------------------
 # Encoder
 # ----------------------------------------------------------------------------------------------
@@ -277,13 +288,7 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg, r) for r in rates)
         self.layer_norm = nn.LayerNorm(d)
         if ofa:
-            self.token_rel_pos_table_list = nn.ModuleList(
-                nn.Embedding(2 * cfg.token_bucket_size - 1, cfg.heads) for _ in range(cfg.encoder_layers))
-            self.image_rel_pos_table_list = nn.ModuleList(
-                nn.Embedding((2 * cfg.image_bucket_size - 1) ** 2 + 3, cfg.heads) for _ in range(cfg.encoder_layers))
-            self.register_buffer("token_rp_bucket", token_bucket_positions(cfg.token_bucket_size,
-                                                                           cfg.max_source_positions), persistent=False)
-            self.register_buffer("image_rp_bucket", image_bucket_positions(cfg.image_bucket_size), persistent=False)
+            add_relative_tables(self, cfg, cfg.encoder_layers, cfg.max_source_positions)
 
     def embed_image(self, patch_images: Tensor, patch_masks: Tensor | None, sample_patch_num: int | None):
         """Image tokens, their padding mask and position ids (``[1, n]``, or ``[B, k]`` for a random subset)."""
@@ -407,13 +412,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, r) for r in rates)
         self.layer_norm = nn.LayerNorm(d)
         if ofa:
-            self.token_rel_pos_table_list = nn.ModuleList(
-                nn.Embedding(2 * cfg.token_bucket_size - 1, cfg.heads) for _ in range(cfg.decoder_layers))
-            self.image_rel_pos_table_list = nn.ModuleList(
-                nn.Embedding((2 * cfg.image_bucket_size - 1) ** 2 + 3, cfg.heads) for _ in range(cfg.decoder_layers))
-            self.register_buffer("token_rp_bucket", token_bucket_positions(cfg.token_bucket_size,
-                                                                           cfg.max_target_positions), persistent=False)
-            self.register_buffer("image_rp_bucket", image_bucket_positions(cfg.image_bucket_size), persistent=False)
+            add_relative_tables(self, cfg, cfg.decoder_layers, cfg.max_target_positions)
         # Position ids of generated image codes: 0 for <s>, then the code window row-major, then a filler.
         window = image_position_ids(cfg.code_grid, cfg.code_grid, cfg.image_bucket_size)
         filler = torch.full((cfg.max_target_positions + 1 - window.numel(),), 1024)
