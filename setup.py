@@ -4,6 +4,19 @@ Compatible ranges here; requirements.txt pins the exact versions the README and 
 """
 from setuptools import find_packages, setup
 
+# The repository keeps its top-level folders; installed, they are subpackages of one namespace,
+# ``biomedgpt`` (no top-level ``models``/``data``/... that could clash with an OFA checkout's own).
+SUBPACKAGES = ("models", "data", "engine", "tools", "launchers")
+DATA_FOLDERS = ("configs", "ds_configs")  # package data only (YAML recipes, DeepSpeed templates)
+packages, package_dir = [], {}
+for sub in SUBPACKAGES:
+    for found in [sub, *(f"{sub}.{p}" for p in find_packages(sub))]:
+        packages.append(f"biomedgpt.{found}")
+        package_dir[f"biomedgpt.{found}"] = found.replace(".", "/")
+for folder in DATA_FOLDERS:
+    packages.append(f"biomedgpt.{folder}")
+    package_dir[f"biomedgpt.{folder}"] = folder
+
 setup(
     name="biomedgpt-scale",
     version="0.1.0",
@@ -11,8 +24,15 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["models", "models.*", "data", "data.*", "engine", "engine.*",
-                                    "tools", "tools.*"]),
+    packages=packages,
+    package_dir=package_dir,
+    package_data={
+        "biomedgpt.configs": ["*.yaml", "*/*.yaml"],
+        "biomedgpt.ds_configs": ["*.json"],
+        "biomedgpt.models": ["vocab/gpt2/*"],
+        "biomedgpt.launchers": ["*.sh", "*.sbatch"],
+    },
+    entry_points={"console_scripts": ["biomedgpt = biomedgpt.tools.cli:main"]},
     install_requires=[
         "torch>=2.4,<2.15",
         "torchvision>=0.19,<0.30",

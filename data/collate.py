@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-from data.tasks import PAD, TASK_NAMES, Example
+from biomedgpt.data.tasks import PAD, TASK_NAMES, Example
 
 _TASK_INDEX = {name: i for i, name in enumerate(TASK_NAMES)}
 

@@ -1,13 +1,15 @@
 """Settings of the training / evaluation data: one stream of MDS shards per task, mixed by proportion.
 
-Plain dataclasses, built by ``engine.config.from_dict`` (unknown keys are errors).
+Plain dataclasses, built by ``biomedgpt.engine.config.from_dict`` (unknown keys are errors).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-#: What one stream's rows are turned into (see ``data.tasks``).
+from biomedgpt.engine.config import PathStr
+
+#: What one stream's rows are turned into (see ``biomedgpt.data.tasks``).
 StreamTask = Literal[
     "pretrain_vl",  # vision_language rows: caption+ITM, VQA+VQA matching, grounding+grounded captioning
     "caption", "itm", "vqa", "vqa_matching", "grounding", "grounded_caption",
@@ -22,8 +24,8 @@ class StreamConfig:
 
     name: str
     task: StreamTask
-    remote: str
-    local: Optional[str] = None  # cache dir for a remote; default: <DataConfig.cache_dir>/<name>
+    remote: PathStr  # a local or shared folder, or s3://bucket/prefix
+    local: Optional[PathStr] = None  # cache dir for a remote; default: <DataConfig.cache_dir>/<name>
     proportion: Optional[float] = None  # share of the mixture; None: all streams by their size
     loss_group: int = 0  # index into DataConfig.group_weights (the pretraining ×2 sub-batch is group 1)
 
@@ -40,7 +42,7 @@ class DataConfig:
 
     streams: list[StreamConfig] = field(default_factory=list)
     eval_streams: list[StreamConfig] = field(default_factory=list)
-    cache_dir: str = "/tmp/biomedgpt-mds-cache"
+    cache_dir: PathStr = "/tmp/biomedgpt-mds-cache"
     batch_size: int = 16  # rows drawn per rank per step (a pretraining row can give two examples)
     eval_batch_size: int = 16
     patch_image_size: int = 256

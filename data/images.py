@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from data.records import BadRecord
+from biomedgpt.data.records import BadRecord
 
 MAX_RESIZE, MAX_LONG_SIDE = 480, 672
 RANDAUG_OPS = ("identity", "autocontrast", "equalize", "brightness", "sharpness",

@@ -1,7 +1,7 @@
 """Streaming multi-task datasets and resumable loaders over MDS shards (local paths or object storage).
 
 One ``streaming.Stream`` per task, mixed by proportion; each row becomes one or more examples through
-``data.tasks``; a resumable ``StreamingDataLoader`` whose ``state_dict()`` goes into the training
+``biomedgpt.data.tasks``; a resumable ``StreamingDataLoader`` whose ``state_dict()`` goes into the training
 checkpoint. Resuming with a different number of ranks works as long as ``num_canonical_nodes`` is
 kept (it is stored in the state). Augmentation randomness is a pure function of
 (shuffle seed, epoch, sample id), so a resumed run sees exactly the batches an uninterrupted one would.
@@ -20,9 +20,9 @@ from urllib.parse import urlparse
 
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 
-from data.collate import collate
-from data.config import DataConfig, StreamConfig
-from data.tasks import TaskContext, process
+from biomedgpt.data.collate import collate
+from biomedgpt.data.config import DataConfig, StreamConfig
+from biomedgpt.data.tasks import TaskContext, process
 
 
 class DataSourceError(RuntimeError):

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 from streaming import MDSWriter
 from streaming.base.storage.upload import CloudUploader
 
-from data.records import MDS_COLUMNS
+from biomedgpt.data.records import MDS_COLUMNS
 
 INDEX = "index.json"
 

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.config import DataConfig
-from data.images import boxed_transform, decode_image, eval_transform, train_transform
-from data.records import clean_caption, clean_question
+from biomedgpt.data.config import DataConfig
+from biomedgpt.data.images import boxed_transform, decode_image, eval_transform, train_transform
+from biomedgpt.data.records import clean_caption, clean_question
 
 BOS, PAD, EOS = 0, 1, 2
 TEXT_INFILL_MAX_TOKENS = 256

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.distributed import barrier
+from biomedgpt.engine.distributed import barrier
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 

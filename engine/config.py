@@ -3,6 +3,12 @@
 A config is a (nested) dataclass. Values come from, in order: the dataclass defaults, an optional YAML
 file, then ``dotted.key=value`` overrides from the command line. Unknown keys and values of the wrong
 type are errors that name the key, so a typo never silently trains the wrong run.
+
+``--config`` takes a file path or the name of a packaged recipe (``demo``, ``pretrain_base``,
+``finetune/vqa_rad``: the files under ``configs/``). Fields typed ``PathStr`` are file-system paths:
+a relative one written in a config *file* resolves against that file's folder; in a packaged recipe and
+on the command line it resolves against the current directory (packaged recipes are templates that
+write under ``./runs/``). URLs (``s3://...``) are left alone.
 """
 from __future__ import annotations
 
@@ -16,6 +22,32 @@ from typing import Any, Sequence, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+#: The installed package's root (``site-packages/biomedgpt``, or the repository in a checkout).
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = PACKAGE_ROOT / "configs"
+
+
+class PathStr(str):
+    """Annotation for a setting that is a file-system path (resolved as the module docstring says)."""
+
+
+def packaged_configs() -> list[str]:
+    """Names of the packaged recipes (``--config NAME``)."""
+    return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
+
+
+def resolve_config(name_or_path: str | Path) -> tuple[Path, bool]:
+    """``(file, packaged)`` for ``--config``: an existing path, else a packaged recipe's name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path, path.resolve().is_relative_to(CONFIG_DIR)
+    name = str(name_or_path).removeprefix("configs/")
+    packaged = CONFIG_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if packaged.is_file():
+        return packaged, True
+    raise ConfigError(f"config file not found: {name_or_path} (neither a file nor a packaged recipe; "
+                      f"packaged: {', '.join(packaged_configs())})")
 
 
 class ConfigError(ValueError):
@@ -81,7 +113,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
         return value
-    if tp is str:
+    if tp is str or tp is PathStr:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
@@ -137,20 +169,63 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _is_path_type(tp: Any) -> bool:
+    return tp is PathStr or (typing.get_origin(tp) in (typing.Union, types.UnionType)
+                             and PathStr in typing.get_args(tp))
+
+
+def _item_dataclass(tp: Any) -> Any:
+    """The dataclass inside ``tp`` (itself, Optional[...] of it, or list[...] of it), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def resolve_paths(cls: type, data: Any, root: Path) -> Any:
+    """``data`` with every relative ``PathStr`` value of ``cls`` made absolute against ``root``."""
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return data
+    hints = typing.get_type_hints(cls)
+    out = dict(data)
+    for key, value in data.items():
+        tp = hints.get(key)
+        if tp is None:
+            continue
+        if _is_path_type(tp) and isinstance(value, str) and value and "://" not in value:
+            path = Path(value).expanduser()
+            out[key] = str(path if path.is_absolute() else root / path)
+        elif (sub := _item_dataclass(tp)) is not None:
+            if isinstance(value, list):
+                out[key] = [resolve_paths(sub, v, root) for v in value]
+            else:
+                out[key] = resolve_paths(sub, value, root)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A config file's top-level mapping (one-line errors for a missing file or bad YAML)."""
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return loaded
+
+
 def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults <- YAML file <- ``key.sub=value`` overrides (values parsed as YAML scalars)."""
+    """Defaults <- YAML file or packaged recipe <- ``key.sub=value`` overrides (YAML scalars)."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-        data = loaded
+        path, packaged = resolve_config(path)
+        root = Path.cwd() if packaged else path.resolve().parent
+        data = resolve_paths(cls, read_yaml(path), root)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -168,9 +243,12 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None, description: str 
         description=description or cls.__doc__,
         epilog="Settings (key=value overrides): " + ", ".join(_field_paths(cls)),
     )
-    parser.add_argument("--config", help="YAML file with settings")
+    parser.add_argument("--config", help="YAML file with settings, or a packaged recipe's name "
+                                             "(e.g. pretrain_base, finetune/vqa_rad)")
+    # The DeepSpeed launcher passes --local_rank (LOCAL_RANK is also in the environment, which is read).
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         return load(cls, args.config, args.overrides)
     except ConfigError as exc:

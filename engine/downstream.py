@@ -4,7 +4,7 @@ paper's metrics, write a results JSON and per-sample predictions.
 Used two ways: inside training (``evaluate_model``, one call per evaluation, its metrics such as
 ``vqa/accuracy`` select the best checkpoint) and as a command on a model directory::
 
-    python -m engine.downstream --config configs/finetune/vqa_rad.yaml model_dir=runs/vqa_rad/best \\
+    python -m biomedgpt.engine.downstream --config configs/finetune/vqa_rad.yaml model_dir=runs/vqa_rad/best \\
         output_dir=runs/vqa_rad/eval
 
 (the recipe's ``data`` and ``eval.downstream`` sections are used; its other sections are ignored).
@@ -27,12 +27,13 @@ from typing import Any, Callable, Iterable, Literal, Optional
 import torch
 import yaml
 
-from data.config import DataConfig
-from data.tasks import TASK_NAMES
-from engine import task_metrics
-from engine.checkpointing import atomic_write_text
-from engine.config import ConfigError, deep_merge, from_dict, parse_cli, to_dict
-from models.generation import (GenerationConfig, TokenRange, Trie, decoder_prefixes, generate,
+from biomedgpt.data.config import DataConfig
+from biomedgpt.data.tasks import TASK_NAMES
+from biomedgpt.engine import task_metrics
+from biomedgpt.engine.checkpointing import atomic_write_text
+from biomedgpt.engine.config import (ConfigError, PathStr, deep_merge, from_dict, parse_cli, read_yaml, resolve_config,
+                                     resolve_paths, to_dict)
+from biomedgpt.models.generation import (GenerationConfig, TokenRange, Trie, decoder_prefixes, generate,
                                score_candidates)
 
 Inference = Literal["generate", "trie", "candidates"]
@@ -46,7 +47,7 @@ class TaskEvalConfig:
     inference: Inference = "generate"
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     zero_shot: bool = False
-    answers: Optional[str] = None  # answer-set file (JSON list / ans2label JSON or pickle / lines); None: see below
+    answers: Optional[PathStr] = None  # answer-set file (JSON list / ans2label JSON or pickle / lines); None: see below
 
 
 #: The spec's inference settings per task. Closed sets without a file: NLI / matching answers are fixed,
@@ -295,13 +296,13 @@ def evaluate_model(model, tokenizer, batches: Iterable[dict], cfg: DownstreamCon
 class EvaluateConfig:
     """Evaluate a model directory on the evaluation streams of a fine-tuning recipe (or given data)."""
 
-    model_dir: str = ""
+    model_dir: PathStr = ""
     recipe: Optional[str] = None  # a run config YAML: its data and eval.downstream sections are used
     data: Optional[DataConfig] = None  # replaces the recipe's data section
     downstream: Optional[DownstreamConfig] = None  # replaces the recipe's eval.downstream section
-    output_dir: str = "eval"
+    output_dir: PathStr = "eval"
     device: str = "auto"  # auto: cuda when available
-    bpe_dir: str = "../shared/bpe"  # tokenizer when the model directory has none
+    bpe_dir: Optional[PathStr] = None  # tokenizer when the model directory has none (None: packaged GPT-2)
 
     def __post_init__(self) -> None:
         if not self.model_dir:
@@ -313,9 +314,13 @@ def resolve(cfg: EvaluateConfig) -> tuple[DataConfig, DownstreamConfig]:
     recipe: dict = {}
     if cfg.recipe is not None:
         try:
-            recipe = yaml.safe_load(Path(cfg.recipe).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+            path, packaged = resolve_config(cfg.recipe)
+            recipe = read_yaml(path)
+        except ConfigError as exc:
             raise ConfigError(f"recipe {cfg.recipe}: {exc}") from None
+        from biomedgpt.engine.run_config import RunConfig
+
+        recipe = resolve_paths(RunConfig, recipe, Path.cwd() if packaged else path.resolve().parent)
     data = cfg.data
     if data is None:
         if "data" not in recipe:
@@ -330,10 +335,10 @@ def resolve(cfg: EvaluateConfig) -> tuple[DataConfig, DownstreamConfig]:
     return data, downstream
 
 
-def load_model_and_tokenizer(model_dir: str | Path, bpe_dir: str | Path, device: torch.device):
+def load_model_and_tokenizer(model_dir: str | Path, bpe_dir: str | Path | None, device: torch.device):
     """A model directory's fp32 model (eval mode) and its tokenizer (or the canonical one)."""
-    from models.checkpoint import load_pretrained
-    from models.tokenizer import Tokenizer
+    from biomedgpt.models.checkpoint import load_pretrained
+    from biomedgpt.models.tokenizer import Tokenizer
 
     model = load_pretrained(model_dir).to(device).eval()
     tok_dir = Path(model_dir) / "tokenizer"
@@ -352,7 +357,7 @@ def pick_device(name: str) -> torch.device:
 
 def run(cfg: EvaluateConfig) -> dict:
     """Evaluate and write ``results.json`` and ``predictions.jsonl`` into ``output_dir``."""
-    from data.loader import build_eval_loader
+    from biomedgpt.data.loader import build_eval_loader
 
     data, downstream = resolve(cfg)
     device = pick_device(cfg.device)

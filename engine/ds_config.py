@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine.run_config import RunConfig
+from biomedgpt.engine.run_config import RunConfig
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 

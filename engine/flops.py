@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.config import ModelConfig
+from biomedgpt.models.config import ModelConfig
 
 IMAGE_FEATURES = 1024  # channels out of ResNet layer3
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from engine.run_config import LogConfig
+from biomedgpt.engine.run_config import LogConfig
 
 
 def resolve_wandb_mode(requested: str) -> str:

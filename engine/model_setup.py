@@ -10,8 +10,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from models.config import ModelConfig
-from models.ofa import BiomedGPT
+from biomedgpt.models.config import ModelConfig
+from biomedgpt.models.ofa import BiomedGPT
 
 ZERO_INIT_AUTO_PARAMS = 300e6  # build under zero.Init at ZeRO-3 from this size up
 
@@ -45,7 +45,7 @@ def build_model(cfg: ModelConfig, ds_config: dict, zero_init: bool, init_state: 
     initialisation cannot run in ``__init__`` (it would see empty tensors): it runs here on the gathered
     parameters (rank 0's values are broadcast), and a given ``init_state`` is loaded the same way.
     """
-    from models.checkpoint import load_into
+    from biomedgpt.models.checkpoint import load_into
 
     if not zero_init:
         model = BiomedGPT(cfg)

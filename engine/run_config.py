@@ -1,4 +1,4 @@
-"""The settings of one training run, as the typed dataclasses that ``engine.config`` parses.
+"""The settings of one training run, as the typed dataclasses that ``biomedgpt.engine.config`` parses.
 
 Every value DeepSpeed needs (batch sizes, clipping, precision, ZeRO stage, offload) is derived from this
 config and written into the ``ds_configs/*.json`` template by the engine, so the two cannot disagree.
@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from data.config import DataConfig, StreamConfig
-from engine.downstream import DownstreamConfig
-from models.config import ModelSpec
+from biomedgpt.data.config import DataConfig, StreamConfig
+from biomedgpt.engine.config import PathStr
+from biomedgpt.engine.downstream import DownstreamConfig
+from biomedgpt.models.config import ModelSpec
 
 Precision = Literal["fp32", "fp16", "bf16"]
 
@@ -53,7 +54,7 @@ class DeepSpeedConfig:
     """ZeRO stage, offload, precision and the distributed run's failure handling."""
 
     zero_stage: int = 0
-    template: Optional[str] = None  # a ds_configs/*.json file; None: ds_configs/zero{stage}[_offload].json
+    template: Optional[PathStr] = None  # a ds_configs/*.json file; None: ds_configs/zero{stage}[_offload].json
     offload_optimizer: Literal["none", "cpu"] = "none"
     offload_param: Literal["none", "cpu"] = "none"  # ZeRO-3 only
     zero_init: Optional[bool] = None  # build under zero.Init (ZeRO-3); None: from 300M parameters up
@@ -121,7 +122,7 @@ class CheckpointConfig:
     at_end: bool = True
     resume: Literal["auto", "never"] = "auto"  # auto: continue from <output_dir>/checkpoints/latest
     stop_after: Optional[int] = None  # steps to run in this invocation, then checkpoint and exit 75 (chunked jobs)
-    init_from: Optional[str] = None  # a model directory (models.checkpoint) to start a fresh run from
+    init_from: Optional[PathStr] = None  # a model directory (biomedgpt.models.checkpoint) to start a fresh run from
 
     def __post_init__(self) -> None:
         if self.keep_last_n < 1:
@@ -140,25 +141,25 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    tokenizer: Optional[str] = None  # a saved tokenizer dir; None: the canonical one from bpe_dir
-    bpe_dir: str = "../shared/bpe"  # GPT-2 BPE files (encoder.json, vocab.bpe, dict.txt)
+    tokenizer: Optional[PathStr] = None  # a saved tokenizer dir; None: the canonical one from bpe_dir
+    bpe_dir: Optional[PathStr] = None  # GPT-2 BPE files (encoder.json, vocab.bpe, dict.txt); None: packaged
     sample_patch_num: Optional[int] = None  # random image patches per sample in training (196 in pretraining)
     max_nonfinite_steps: int = 20  # skipped NaN/inf losses tolerated before the run fails
     seed: int = 1
-    output_dir: str = "runs/default"
-    demo_data_dir: Optional[str] = None  # build the demo shards (tools.make_demo_data) here when absent
+    output_dir: PathStr = "runs/default"
+    demo_data_dir: Optional[PathStr] = None  # build the demo shards (biomedgpt.tools.make_demo_data) here when absent
 
     def __post_init__(self) -> None:
         if self.eval.downstream is not None and self.deepspeed.zero_stage == 3:
             raise ValueError("eval.downstream generates text, which ZeRO-3 cannot do rank by rank: "
-                             "use zero_stage <= 2 for this run, or evaluate afterwards with engine.downstream")
+                             "use zero_stage <= 2 for this run, or evaluate afterwards with biomedgpt.engine.downstream")
 
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def demo_config() -> RunConfig:
-    """The demo recipe (configs/demo.yaml): what ``python -m engine.train`` runs without --config."""
-    from engine.config import load
+    """The demo recipe (configs/demo.yaml): what ``python -m biomedgpt.engine.train`` runs without --config."""
+    from biomedgpt.engine.config import load
 
     return load(RunConfig, DEMO_CONFIG)

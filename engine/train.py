@@ -1,4 +1,4 @@
-"""Training entry point: ``python -m engine.train [--config configs/X.yaml] [key.sub=value ...]``.
+"""Training entry point: ``python -m biomedgpt.engine.train [--config configs/X.yaml] [key.sub=value ...]``.
 
 Without ``--config`` it runs configs/demo.yaml (the README's main job): it builds the demo shards from
 the packaged real data when they are missing, trains a small model, evaluates it and prints the metrics.
@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from engine import distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
-from engine.config import parse_cli
-from engine.run_config import DEMO_CONFIG, RunConfig
-from engine.trainer import Trainer
+from biomedgpt.engine import distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
+from biomedgpt.engine.config import parse_cli
+from biomedgpt.engine.run_config import DEMO_CONFIG, RunConfig
+from biomedgpt.engine.trainer import Trainer
 
 
 def ensure_demo_data(directory: str) -> None:
@@ -28,7 +28,7 @@ def ensure_demo_data(directory: str) -> None:
     with open(root.parent / f".{root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (root / "data_config.yaml").exists():
-            from tools.make_demo_data import DemoConfig, build
+            from biomedgpt.tools.make_demo_data import DemoConfig, build
 
             print(f"building the demo dataset in {root} (once, about a minute)", flush=True)
             build(DemoConfig(output_dir=str(root)))

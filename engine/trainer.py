@@ -12,17 +12,17 @@ import psutil
 import torch
 import yaml
 
-from engine import distributed as dist_utils  # sets DS_ACCELERATOR before deepspeed is imported
-from engine.checkpointing import CheckpointManager, ResumeError, atomic_write_text, rng_state, set_rng_state
-from engine.config import to_dict
-from engine.ds_config import build_ds_config
-from engine.ema import EMA
-from engine.flops import batch_train_flops, device_peak
-from engine.loss import label_smoothed_cross_entropy
-from engine.metrics import MetricsLogger
-from engine.model_setup import (apply_activation_checkpointing, build_model, register_external_parameters,
+from biomedgpt.engine import distributed as dist_utils  # sets DS_ACCELERATOR before deepspeed is imported
+from biomedgpt.engine.checkpointing import CheckpointManager, ResumeError, atomic_write_text, rng_state, set_rng_state
+from biomedgpt.engine.config import to_dict
+from biomedgpt.engine.ds_config import build_ds_config
+from biomedgpt.engine.ema import EMA
+from biomedgpt.engine.flops import batch_train_flops, device_peak
+from biomedgpt.engine.loss import label_smoothed_cross_entropy
+from biomedgpt.engine.metrics import MetricsLogger
+from biomedgpt.engine.model_setup import (apply_activation_checkpointing, build_model, register_external_parameters,
                                 use_zero_init)
-from engine.run_config import OptimConfig, RunConfig
+from biomedgpt.engine.run_config import OptimConfig, RunConfig
 
 EXIT_RESUME = 75  # EX_TEMPFAIL: checkpoint written after a signal, resume to continue
 
@@ -68,7 +68,7 @@ def _move(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, train_loader=None, eval_loader=None):
-        """Loaders default to ``data.loader.build_{train,eval}_loader`` over ``cfg.data``; tests and tools
+        """Loaders default to ``biomedgpt.data.loader.build_{train,eval}_loader`` over ``cfg.data``; tests and tools
         may pass any iterable with ``state_dict()``/``load_state_dict()``."""
         self.cfg = cfg
         ds = cfg.deepspeed
@@ -122,30 +122,26 @@ class Trainer:
     # -- construction --------------------------------------------------------------------------
 
     def _load_tokenizer(self):
-        from models.tokenizer import Tokenizer
+        from biomedgpt.models.tokenizer import Tokenizer
 
         if self.cfg.tokenizer:
             return Tokenizer.load(self.cfg.tokenizer)
-        if Path(self.cfg.bpe_dir).is_dir():
-            return Tokenizer.from_gpt2_files(self.cfg.bpe_dir)
-        return None
+        return Tokenizer.from_gpt2_files(self.cfg.bpe_dir)
 
     def _task_names(self) -> list[str]:
-        from data.tasks import TASK_NAMES
+        from biomedgpt.data.tasks import TASK_NAMES
 
         return list(TASK_NAMES)
 
     def _build_train_loader(self):
-        from data.loader import build_train_loader
+        from biomedgpt.data.loader import build_train_loader
 
         if not self.cfg.data.streams:
             raise ValueError("data.streams is empty: nothing to train on")
-        if self.tokenizer is None:
-            raise ValueError(f"no tokenizer: set tokenizer=<dir> or bpe_dir (not found: {self.cfg.bpe_dir})")
         return build_train_loader(self.cfg.data, self.tokenizer, self.rank, self.world)
 
     def _build_eval_loader(self):
-        from data.loader import build_eval_loader
+        from biomedgpt.data.loader import build_eval_loader
 
         if not self.cfg.data.eval_streams:
             return None
@@ -166,7 +162,7 @@ class Trainer:
         cfg, ds = self.cfg, self.cfg.deepspeed
         init_state = None
         if cfg.checkpoint.init_from:
-            from models.checkpoint import read_model_weights
+            from biomedgpt.models.checkpoint import read_model_weights
 
             init_state = read_model_weights(cfg.checkpoint.init_from)
         zero_init = use_zero_init(self.model_cfg, ds.zero_stage, ds.zero_init)
@@ -427,7 +423,7 @@ class Trainer:
         Every rank runs a forward each round, also when its share is exhausted (it repeats its last
         batch and discards the result): ZeRO-3 gathers parameters collectively inside the forward.
         """
-        from engine.evaluate import eval_metrics
+        from biomedgpt.engine.evaluate import eval_metrics
 
         use_ema = self.ema is not None and self.cfg.eval.use_ema
         self.engine.eval()
@@ -455,7 +451,7 @@ class Trainer:
                                    out.sample_tokens.tolist(), out.sample_correct.tolist()))
             metrics = eval_metrics(self._gather(records), self.task_names)
             if self.cfg.eval.downstream is not None:
-                from engine.downstream import evaluate_model
+                from biomedgpt.engine.downstream import evaluate_model
 
                 task_results, _ = evaluate_model(self.engine.module, self.tokenizer, self.eval_loader,
                                                  self.cfg.eval.downstream, self.dist.device, self._gather)
@@ -489,8 +485,8 @@ class Trainer:
         return metrics
 
     def export(self, directory: Path) -> None:
-        """Write a model directory (models.checkpoint format) with the evaluated weights (EMA if used)."""
-        from models.checkpoint import save_pretrained
+        """Write a model directory (biomedgpt.models.checkpoint format) with the evaluated weights (EMA if used)."""
+        from biomedgpt.models.checkpoint import save_pretrained
 
         use_ema = self.ema is not None and self.cfg.eval.use_ema
         module = self.engine.module

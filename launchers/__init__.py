@@ -1,1 +1,1 @@
-"""SLURM and local launch helpers (the sbatch scripts call ``python -m launchers.slurm_env``)."""
+"""SLURM and local launch helpers (the sbatch scripts call ``python -m biomedgpt.launchers.slurm_env``)."""

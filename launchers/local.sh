@@ -3,7 +3,7 @@
 #
 #   launchers/local.sh [-n RANKS] [-m MODULE] [--] [ARGS...]
 #
-# RANKS defaults to the number of GPUs, or 2 without GPUs; MODULE defaults to engine.train, so with no
+# RANKS defaults to the number of GPUs, or 2 without GPUs; MODULE defaults to biomedgpt.engine.train, so with no
 # arguments this runs the demo (the README's main job). ARGS go to every rank: --config FILE key=value ...
 #
 # Failure handling: when a rank exits non-zero the others get 5 s to exit on their own, then SIGKILL,
@@ -14,7 +14,7 @@
 set -u
 
 ranks=""
-module="engine.train"
+module="biomedgpt.engine.train"
 while getopts "n:m:h" opt; do
     case "$opt" in
         n) ranks="$OPTARG" ;;

@@ -6,11 +6,11 @@ and the tasks per node in its compressed forms); torch and the streaming loader 
 DeepSpeed launcher's ``--launcher slurm`` nor ``srun`` sets those, so this module translates, in pure
 Python (no ``scontrol``), and is what the sbatch scripts in ``launchers/`` call::
 
-    python -m launchers.slurm_env action=prepare -- --config X.yaml k=v    # batch step: prints exports
-    srun python -m launchers.slurm_env action=rank-exec -- --config X.yaml k=v   # one task per rank
-    srun --ntasks-per-node=1 python -m launchers.slurm_env action=node-exec -- --config X.yaml k=v
+    python -m biomedgpt.launchers.slurm_env action=prepare -- --config X.yaml k=v    # batch step: prints exports
+    srun python -m biomedgpt.launchers.slurm_env action=rank-exec -- --config X.yaml k=v   # one task per rank
+    srun --ntasks-per-node=1 python -m biomedgpt.launchers.slurm_env action=node-exec -- --config X.yaml k=v
                                                        # one task per node, ranks by the deepspeed launcher
-    python -m launchers.slurm_env action=show        # print what this task would get
+    python -m biomedgpt.launchers.slurm_env action=show        # print what this task would get
 
 Everything after ``--`` is the training command line (``python -m <module>`` runs it).
 """
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping, Optional, Sequence
 
-from engine.config import parse_cli
+from biomedgpt.engine.config import parse_cli
 
 # Environment variables whose values must not land in a run directory.
 _SECRET = re.compile(r"KEY|SECRET|TOKEN|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
@@ -187,7 +187,7 @@ class SlurmEnvConfig:
     """Translate SLURM's variables for the training ranks (see the module docstring)."""
 
     action: Literal["prepare", "rank-exec", "node-exec", "show"] = "show"
-    module: str = "engine.train"  # the training entry point, run as ``python -m module``
+    module: str = "biomedgpt.engine.train"  # the training entry point, run as ``python -m module``
     hostfile: Optional[str] = None  # node-exec: the hostfile ``prepare`` wrote
     log_dir: Optional[str] = None  # node-exec: where the deepspeed launcher writes one log per rank
 
@@ -214,7 +214,7 @@ def prepare(module: str, train_args: Sequence[str], env: Mapping[str, str]) -> s
 
     import yaml
 
-    from engine.config import to_dict
+    from biomedgpt.engine.config import to_dict
 
     cfg = importlib.import_module(module).parse(list(train_args))
     run_dir = Path(cfg.output_dir).resolve()
@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             print(json.dumps(rank_env(os.environ), indent=1))
     except SlurmEnvError as exc:
-        print(f"launchers.slurm_env: {exc}", file=sys.stderr)
+        print(f"biomedgpt.launchers.slurm_env: {exc}", file=sys.stderr)
         sys.exit(2)
 
 

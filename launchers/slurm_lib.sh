@@ -1,7 +1,7 @@
 # Shared by the sbatch scripts (sourced from the repository root): run one training job step.
 #
-# biomedgpt_train TRAIN_ARGS...   (TRAIN_ARGS: what `python -m engine.train` takes)
-#   1. `launchers.slurm_env action=prepare` validates the config, captures config / command /
+# biomedgpt_train TRAIN_ARGS...   (TRAIN_ARGS: what `python -m biomedgpt.engine.train` takes)
+#   1. `biomedgpt.launchers.slurm_env action=prepare` validates the config, captures config / command /
 #      environment / hostfile under <output_dir>/slurm/job<ID>-attempt<N>/ and picks MASTER_ADDR
 #      (the first node) and a free MASTER_PORT;
 #   2. starts the ranks: BIOMEDGPT_LAUNCHER=srun (default) runs one srun task per rank (the rank
@@ -36,7 +36,7 @@ biomedgpt_train() {
     _biomedgpt_step=
     trap _biomedgpt_on_usr1 USR1
     trap _biomedgpt_on_term TERM
-    exports=$(python -m launchers.slurm_env action=prepare -- "$@") || return $?
+    exports=$(python -m biomedgpt.launchers.slurm_env action=prepare -- "$@") || return $?
     eval "$exports"
     echo "[biomedgpt] $(date +%T) job $SLURM_JOB_ID attempt ${SLURM_RESTART_COUNT:-0}: launcher $launcher," \
         "nodes $SLURM_JOB_NODELIST (tasks per node $SLURM_TASKS_PER_NODE), master $MASTER_ADDR:$MASTER_PORT," \
@@ -48,13 +48,13 @@ biomedgpt_train() {
     case $launcher in
         srun)
             srun --kill-on-bad-exit=0 --open-mode=append --output="$BIOMEDGPT_LOG_DIR/rank-%t.log" \
-                python -m launchers.slurm_env action=rank-exec -- "$@" &
+                python -m biomedgpt.launchers.slurm_env action=rank-exec -- "$@" &
             ;;
         deepspeed)
             srun --kill-on-bad-exit=0 --open-mode=append --output="$BIOMEDGPT_LOG_DIR/node-%n.log" \
                 --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \
                 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \
-                python -m launchers.slurm_env action=node-exec hostfile="$BIOMEDGPT_HOSTFILE" \
+                python -m biomedgpt.launchers.slurm_env action=node-exec hostfile="$BIOMEDGPT_HOSTFILE" \
                 log_dir="$BIOMEDGPT_LOG_DIR" -- "$@" &
             ;;
         *)

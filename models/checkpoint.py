@@ -23,8 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from models.config import ModelConfig
-from models.ofa import BiomedGPT
+from biomedgpt.models.config import ModelConfig
+from biomedgpt.models.ofa import BiomedGPT
 
 
 class CheckpointError(ValueError):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.ofa import BiomedGPT, DecoderCache, EncoderOutput
+from biomedgpt.models.ofa import BiomedGPT, DecoderCache, EncoderOutput
 
 BOS, PAD, EOS = 0, 1, 2
 NEG_INF = float("-inf")

@@ -1,7 +1,7 @@
 """The BiomedGPT / OFA unified encoder-decoder in plain PyTorch.
 
 Module and parameter names follow the released fairseq checkpoints (``encoder.layers.0.attn_ln`` …),
-so those load without renaming; ``models.checkpoint`` maps the HF-port names. Tensors are batch-first.
+so those load without renaming; ``biomedgpt.models.checkpoint`` maps the HF-port names. Tensors are batch-first.
 See ``../shared/spec/architecture.md`` for the structure this file implements.
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.attention import (AttentionBias, RelativeBias, RelativePositions, Rotary, attention, resolve_backend,
+from biomedgpt.models.attention import (AttentionBias, RelativeBias, RelativePositions, Rotary, attention, resolve_backend,
                               rotary_angles)
-from models.config import ModelConfig
+from biomedgpt.models.config import ModelConfig
 
 # ----------------------------------------------------------------------------------------------
 # Deterministic position buckets (recomputed, never loaded from a checkpoint)

@@ -40,6 +40,8 @@ MERGES_HEADER = "#version: 0.2"
 _GPT2_ENCODER = "encoder.json"
 _GPT2_MERGES = "vocab.bpe"
 _FAIRSEQ_DICT = "dict.txt"
+#: The public GPT-2 vocabulary and fairseq's GPT-2 dictionary (the released checkpoints' id space), shipped.
+GPT2_VOCAB_DIR = Path(__file__).resolve().parent / "vocab" / "gpt2"
 _FILLER = "madeupword{:04d}"  # fairseq's name for ids that exist but no text produces
 
 
@@ -111,10 +113,12 @@ class Tokenizer:
     # ---- construction from files -------------------------------------------------------------------
 
     @classmethod
-    def from_gpt2_files(cls, directory: str | os.PathLike, num_codes: int = NUM_CODES,
+    def from_gpt2_files(cls, directory: str | os.PathLike | None = None, num_codes: int = NUM_CODES,
                         num_bins: int = NUM_BINS) -> "Tokenizer":
-        """GPT-2 BPE (encoder.json + vocab.bpe) in fairseq order (dict.txt), as in released checkpoints."""
-        directory = Path(directory)
+        """GPT-2 BPE (encoder.json + vocab.bpe) in fairseq order (dict.txt), as in released checkpoints.
+
+        ``directory`` None: the copy packaged with the project (``GPT2_VOCAB_DIR``)."""
+        directory = Path(GPT2_VOCAB_DIR if directory is None else directory)
         encoder = _read_json_mapping(directory / _GPT2_ENCODER)
         by_gpt2_id = {}
         for token, gpt2_id in encoder.items():

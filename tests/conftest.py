@@ -1,4 +1,4 @@
-"""Shared test fixtures: where ../shared lies, and the canonical tokenizer built from it."""
+"""Shared test fixtures: the packaged GPT-2 vocabulary and the canonical tokenizer built from it."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = Path(os.environ.get("BIOMEDGPT_SHARED", REPO_ROOT.parent / "shared"))
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(autouse=True)
@@ -20,10 +20,11 @@ def _restore_environment():
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED_DIR.is_dir():
-        pytest.fail(f"../shared not found at {SHARED_DIR} (set BIOMEDGPT_SHARED)")
-    return SHARED_DIR
+def vocab_dir() -> Path:
+    """The GPT-2 BPE files shipped as package data (encoder.json, vocab.bpe, dict.txt)."""
+    from biomedgpt.models.tokenizer import GPT2_VOCAB_DIR
+
+    return GPT2_VOCAB_DIR
 
 
 @pytest.fixture(scope="session")
@@ -34,9 +35,9 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def canonical_tokenizer(shared_dir):
     """The released checkpoints' id space (GPT-2 BPE in fairseq order + mask, codes, bins)."""
-    from models.tokenizer import Tokenizer
+    from biomedgpt.models.tokenizer import Tokenizer
 
-    return Tokenizer.from_gpt2_files(shared_dir / "bpe")
+    return Tokenizer.from_gpt2_files(vocab_dir)
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.model_setup import apply_activation_checkpointing
-from models import attention
-from models.checkpoint import import_released
-from models.config import model_config
-from models.ofa import BiomedGPT, MultiheadAttention, image_bucket_positions, image_position_ids, token_bucket_positions
-from tools import bench_attention
+from biomedgpt.engine.model_setup import apply_activation_checkpointing
+from biomedgpt.models import attention
+from biomedgpt.models.checkpoint import import_released
+from biomedgpt.models.config import model_config
+from biomedgpt.models.ofa import BiomedGPT, MultiheadAttention, image_bucket_positions, image_position_ids, token_bucket_positions
+from biomedgpt.tools import bench_attention
 
 SMALL = dict(d_model=64, ffn_dim=128, encoder_layers=2, decoder_layers=2, heads=4, resnet_layers=[1, 1, 1],
              vocab_size=300, dropout=0.0)
@@ -205,7 +205,7 @@ def test_flash_without_the_package_falls_back_to_sdpa_once(monkeypatch, caplog):
     if attention.flash_attn_available():
         pytest.skip("flash-attn is installed: no fallback to test")
     monkeypatch.setattr(attention, "_warned", set())
-    with caplog.at_level(logging.WARNING, logger="models.attention"):
+    with caplog.at_level(logging.WARNING, logger="biomedgpt.models.attention"):
         model = build("flash", "rope")
     assert {layer.self_attn.backend for layer in model.encoder.layers} == {"sdpa"}
     assert [r.getMessage() for r in caplog.records].count(
@@ -255,7 +255,7 @@ def test_activation_checkpointing_gives_the_same_gradients(scheme, backend):
 
 
 def test_attention_memory_of_fused_backends(monkeypatch):
-    """Base width, 900 + 80 tokens at batch 2 (the batch 8 run is ``python -m tools.bench_attention mode=memory``,
+    """Base width, 900 + 80 tokens at batch 2 (the batch 8 run is ``python -m biomedgpt.tools.bench_attention mode=memory``,
     which adds flex: minutes of CPU compilation): the sdpa forward holds no [B, H, L, L] tensor, eager holds
     its probabilities for the backward, chunked keeps no L×L tensor in either pass."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the measuring process: one thread, like this module

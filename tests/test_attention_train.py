@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models import attention
-from tools.prepare_data import PrepareConfig, convert
+from biomedgpt.models import attention
+from biomedgpt.tools.prepare_data import PrepareConfig, convert
 
 TINY_ROPE = ("{d_model: 64, ffn_dim: 128, encoder_layers: 1, decoder_layers: 1, heads: 2, resnet_layers: [1, 1, 1], "
              "dropout: 0.0, encoder_drop_path_rate: 0.0, decoder_drop_path_rate: 0.0, position_scheme: rope, "
@@ -36,7 +36,7 @@ def _shape_vqa_shards(tmp_path) -> str:
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flash"])
-def test_rope_trains_under_deepspeed_on_two_cpu_ranks(backend, tmp_path, repo_root, shared_dir):
+def test_rope_trains_under_deepspeed_on_two_cpu_ranks(backend, tmp_path, repo_root, vocab_dir):
     if backend == "flash" and not attention.flash_attn_available():
         pytest.skip("flash-attn is not installed here (and its kernels need a CUDA GPU): the flash path of rope "
                     "runs where it is; without it the flash backend is sdpa, trained by the sdpa case")
@@ -49,7 +49,7 @@ def test_rope_trains_under_deepspeed_on_two_cpu_ranks(backend, tmp_path, repo_ro
             "optim.grad_accum=1", "optim.lr=0.002", "optim.warmup_ratio=0.0", "optim.freeze_embeddings=false",
             "optim.label_smoothing=0.0", "ema.enabled=false", "deepspeed.precision=fp32", "deepspeed.zero_stage=2",
             "checkpoint.init_from=null", "checkpoint.interval=0", "eval.interval=0", "log.interval=1",
-            "log.progress_bar=false", "log.wandb_mode=disabled", f"bpe_dir={shared_dir / 'bpe'}",
+            "log.progress_bar=false", "log.wandb_mode=disabled", f"bpe_dir={vocab_dir}",
             f"output_dir={run_dir}"]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(repo_root)}
     proc = subprocess.run(["bash", "launchers/local.sh", "-n", "2", "--", *args], cwd=repo_root, env=env,

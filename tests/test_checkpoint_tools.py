@@ -64,7 +64,7 @@ def _engine(model, stage: int, world: int, extra: dict | None = None):
 
 
 def _train_step(engine, step: int, cfg, rank: int, world: int, images: bool) -> float:
-    from engine.distributed import all_reduce
+    from biomedgpt.engine.distributed import all_reduce
 
     batch = _batch(step, cfg, rank, world, images)
     target = batch.pop("target")
@@ -89,7 +89,7 @@ def _full_state(module, stage: int) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def _logits(module, cfg) -> torch.Tensor:
-    from tools.zero_checkpoint import sample_batch
+    from biomedgpt.tools.zero_checkpoint import sample_batch
 
     module.eval()
     out = module(**sample_batch(cfg))
@@ -100,12 +100,12 @@ def _logits(module, cfg) -> torch.Tensor:
 def worker_train(root: Path, stages: list[int]) -> None:
     """Each stage: 2 steps (with images), an engine checkpoint with EMA, the live logits; ZeRO-3 goes on
     text-only (BatchNorm statistics differ per rank, text steps do not touch them) to ``LAST_STEP``."""
-    from engine.checkpointing import CheckpointManager
-    from engine.distributed import init_distributed
-    from engine.ema import EMA
-    from models.checkpoint import TIED_ALIASES, load_into
-    from models.config import ModelSpec
-    from models.ofa import BiomedGPT
+    from biomedgpt.engine.checkpointing import CheckpointManager
+    from biomedgpt.engine.distributed import init_distributed
+    from biomedgpt.engine.ema import EMA
+    from biomedgpt.models.checkpoint import TIED_ALIASES, load_into
+    from biomedgpt.models.config import ModelSpec
+    from biomedgpt.models.ofa import BiomedGPT
 
     info = init_distributed("gloo")
     cfg = ModelSpec(**MODEL).build()
@@ -140,9 +140,9 @@ def worker_train(root: Path, stages: list[int]) -> None:
 
 def worker_resume(load_dir: Path, out: Path) -> None:
     """One rank resumes ZeRO-3 from a universal checkpoint and trains to ``LAST_STEP``."""
-    from engine.distributed import init_distributed
-    from models.config import ModelSpec
-    from models.ofa import BiomedGPT
+    from biomedgpt.engine.distributed import init_distributed
+    from biomedgpt.models.config import ModelSpec
+    from biomedgpt.models.ofa import BiomedGPT
 
     info = init_distributed("gloo")
     cfg = ModelSpec(**MODEL).build()
@@ -192,7 +192,7 @@ def tag_dir(runs: Path, stage: int) -> Path:
 
 @pytest.fixture
 def model_cfg():
-    from models.config import ModelSpec
+    from biomedgpt.models.config import ModelSpec
 
     return ModelSpec(**MODEL).build()
 
@@ -204,8 +204,8 @@ def model_cfg():
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_round_trip_matches_live_model(runs, stage, tmp_path, model_cfg):
-    from models.checkpoint import TIED_ALIASES, load_pretrained, read_model_weights
-    from tools.zero_checkpoint import consolidate, open_checkpoint, sample_batch
+    from biomedgpt.models.checkpoint import TIED_ALIASES, load_pretrained, read_model_weights
+    from biomedgpt.tools.zero_checkpoint import consolidate, open_checkpoint, sample_batch
 
     ckpt = open_checkpoint(runs / f"zero{stage}")  # the run directory: checkpoints/latest picks the tag
     assert (ckpt.stage, ckpt.world_size, ckpt.step, ckpt.tag) == (stage, 2, SAVE_STEP, f"step_{SAVE_STEP:08d}")
@@ -222,9 +222,9 @@ def test_round_trip_matches_live_model(runs, stage, tmp_path, model_cfg):
 
 def test_ema_and_bf16(runs, tmp_path, model_cfg):
     """ZeRO-3's EMA is partitioned per rank; ZeRO-1's is whole on every rank."""
-    from models.checkpoint import load_pretrained
+    from biomedgpt.models.checkpoint import load_pretrained
     from safetensors import safe_open
-    from tools.zero_checkpoint import consolidate, open_checkpoint, sample_batch
+    from biomedgpt.tools.zero_checkpoint import consolidate, open_checkpoint, sample_batch
 
     batch = sample_batch(model_cfg)
     for stage in (1, 3):
@@ -246,9 +246,9 @@ def test_ema_and_bf16(runs, tmp_path, model_cfg):
 
 
 def test_verify_against_deepspeed_live_model_and_checksums(runs, tmp_path, model_cfg):
-    from models.checkpoint import CheckpointError, load_into
-    from models.ofa import BiomedGPT
-    from tools.zero_checkpoint import consolidate, open_checkpoint, reference_state, verify
+    from biomedgpt.models.checkpoint import CheckpointError, load_into
+    from biomedgpt.models.ofa import BiomedGPT
+    from biomedgpt.tools.zero_checkpoint import consolidate, open_checkpoint, reference_state, verify
 
     ckpt = open_checkpoint(tag_dir(runs, 3))
     # verified against DeepSpeed's zero_to_fp32 before the directory is published
@@ -279,8 +279,8 @@ def _assert_no_output(parent: Path) -> None:
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_broken_checkpoints_name_the_file(runs, tmp_path, model_cfg, stage):
-    from models.checkpoint import CheckpointError
-    from tools.zero_checkpoint import consolidate, open_checkpoint
+    from biomedgpt.models.checkpoint import CheckpointError
+    from biomedgpt.tools.zero_checkpoint import consolidate, open_checkpoint
 
     out_parent = tmp_path / "out"
     out_parent.mkdir()
@@ -323,8 +323,8 @@ def test_broken_checkpoints_name_the_file(runs, tmp_path, model_cfg, stage):
 
 
 def test_universal_reshard_resumes_on_one_rank(runs, tmp_path, model_cfg):
-    from models.checkpoint import load_pretrained
-    from tools.zero_checkpoint import consolidate, open_checkpoint, sample_batch, to_universal
+    from biomedgpt.models.checkpoint import load_pretrained
+    from biomedgpt.tools.zero_checkpoint import consolidate, open_checkpoint, sample_batch, to_universal
 
     source = _copy_tag(runs, 3, tmp_path / "checkpoints" / f"step_{SAVE_STEP:08d}")
     universal = to_universal(open_checkpoint(source))
@@ -345,11 +345,11 @@ def test_universal_reshard_resumes_on_one_rank(runs, tmp_path, model_cfg):
                                    rtol=0, atol=1e-5)
 
 
-def test_cli_consolidate_inspect_and_export(runs, tmp_path, model_cfg, capsys, shared_dir):
-    from models.checkpoint import import_released
-    from tools import consolidate as consolidate_cli
-    from tools import export_hf, inspect_checkpoint
-    from tools.zero_checkpoint import sample_batch
+def test_cli_consolidate_inspect_and_export(runs, tmp_path, model_cfg, capsys, vocab_dir):
+    from biomedgpt.models.checkpoint import import_released
+    from biomedgpt.tools import consolidate as consolidate_cli
+    from biomedgpt.tools import export_hf, inspect_checkpoint
+    from biomedgpt.tools.zero_checkpoint import sample_batch
 
     assert inspect_checkpoint.main([f"path={runs / 'zero3'}", "json=true"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -360,7 +360,7 @@ def test_cli_consolidate_inspect_and_export(runs, tmp_path, model_cfg, capsys, s
 
     out = tmp_path / "model"
     assert consolidate_cli.main([f"checkpoint={runs / 'zero1'}", f"output={out}", "verify=true",
-                                 f"tokenizer={shared_dir / 'bpe'}", "progress=false",
+                                 f"tokenizer={vocab_dir}", "progress=false",
                                  "model.overrides.vocab_size=1000"]) == 1  # the tokenizer does not fit
     assert "tokenizer" in capsys.readouterr().err and not out.exists()
     assert consolidate_cli.main([f"checkpoint={runs / 'zero1'}", f"output={out}", "verify=true",

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.config import DataConfig, StreamConfig
-from data.loader import DataSourceError, TaskStreamingDataset
-from data.mds import OutputExistsError
-from tools.prepare_data import PrepareConfig, convert
+from biomedgpt.data.config import DataConfig, StreamConfig
+from biomedgpt.data.loader import DataSourceError, TaskStreamingDataset
+from biomedgpt.data.mds import OutputExistsError
+from biomedgpt.tools.prepare_data import PrepareConfig, convert
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -185,7 +185,7 @@ def test_dicom_folder_windowing_and_inversion(tmp_path):
     from pydicom.data import get_testdata_file
     from pydicom.pixels import apply_modality_lut
 
-    from data.images import decode_image
+    from biomedgpt.data.images import decode_image
 
     folder = tmp_path / "dcm"
     folder.mkdir()
@@ -210,7 +210,7 @@ def test_killed_conversion_is_never_readable(tmp_path):
     rows = "".join(f"t{i}\tthe lungs are clear and the heart size is normal in study {i}\n" for i in range(200_000))
     (tmp_path / "text.tsv").write_text(rows)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "tools.prepare_data", f"input={tmp_path / 'text.tsv'}",
+    proc = subprocess.Popen([sys.executable, "-m", "biomedgpt.tools.prepare_data", f"input={tmp_path / 'text.tsv'}",
                              "format=text_tsv", f"output={out}", "shard_size=64kb", "progress=false"],
                             cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE)
     partial = tmp_path / ".out.partial"

@@ -4,17 +4,17 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from data.config import DataConfig
-from data.tasks import TASK_NAMES
-from engine.config import from_dict
+from biomedgpt.data.config import DataConfig
+from biomedgpt.data.tasks import TASK_NAMES
+from biomedgpt.engine.config import from_dict
 
 pytestmark = pytest.mark.timeout(180)
 
 
-def test_demo_data_builds_and_loads(tmp_path, shared_dir, monkeypatch):
-    from data.loader import build_eval_loader, build_train_loader
-    from models.tokenizer import Tokenizer
-    from tools.make_demo_data import DemoConfig, build
+def test_demo_data_builds_and_loads(tmp_path, vocab_dir, monkeypatch):
+    from biomedgpt.data.loader import build_eval_loader, build_train_loader
+    from biomedgpt.models.tokenizer import Tokenizer
+    from biomedgpt.tools.make_demo_data import DemoConfig, build
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.setenv(key, "1" if "SIZE" in key else "0")
@@ -24,7 +24,7 @@ def test_demo_data_builds_and_loads(tmp_path, shared_dir, monkeypatch):
     data = yaml.safe_load((tmp_path / "demo" / "data_config.yaml").read_text())
     cfg = from_dict(DataConfig, {**data, "batch_size": 8, "eval_batch_size": 8, "num_workers": 0,
                                  "patch_image_size": 64, "cache_dir": str(tmp_path / "cache")})
-    tok = Tokenizer.from_gpt2_files(shared_dir / "bpe")
+    tok = Tokenizer.from_gpt2_files(vocab_dir)
     train = build_train_loader(cfg, tok, clean_shared_memory=False)
     tasks = set()
     for step, batch in enumerate(train):

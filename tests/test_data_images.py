@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.images import decode_image, dicom_to_uint8
-from data.records import BadRecord
+from biomedgpt.data.images import decode_image, dicom_to_uint8
+from biomedgpt.data.records import BadRecord
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the malformed files on purpose
 

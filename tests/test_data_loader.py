@@ -19,15 +19,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data.config import DataConfig, StreamConfig  # noqa: E402
-from data.tasks import TASK_NAMES  # noqa: E402
+from biomedgpt.data.config import DataConfig, StreamConfig  # noqa: E402
+from biomedgpt.data.tasks import TASK_NAMES  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def write_text_streams(root: Path, sizes: dict[str, int]) -> dict[str, str]:
     """NLI / summarisation / report-text shards of the given row counts; returns name -> path."""
-    from tools.prepare_data import PrepareConfig, convert
+    from biomedgpt.tools.prepare_data import PrepareConfig, convert
 
     rows = {
         "nli": lambda i: f"the patient {i} has a fever\tthe patient is febrile\t{i % 3}\n",
@@ -48,7 +48,7 @@ def write_text_streams(root: Path, sizes: dict[str, int]) -> dict[str, str]:
 def write_caption_stream(root: Path, count: int) -> str:
     from PIL import Image
 
-    from tools.prepare_data import PrepareConfig, convert
+    from biomedgpt.tools.prepare_data import PrepareConfig, convert
 
     (root / "img").mkdir(exist_ok=True)
     lines = []
@@ -71,9 +71,9 @@ def single_rank_env(monkeypatch):
         monkeypatch.setenv(key, "1" if "SIZE" in key else "0")
 
 
-def test_mixing_proportions_over_10000_samples(tmp_path, shared_dir, single_rank_env):
-    from data.loader import build_train_loader
-    from models.tokenizer import Tokenizer
+def test_mixing_proportions_over_10000_samples(tmp_path, vocab_dir, single_rank_env):
+    from biomedgpt.data.loader import build_train_loader
+    from biomedgpt.models.tokenizer import Tokenizer
 
     paths = write_text_streams(tmp_path, {"nli": 50, "summ": 30, "text": 70})
     wanted = {"nli": 0.5, "summarization": 0.3, "text_infilling": 0.2}
@@ -82,7 +82,7 @@ def test_mixing_proportions_over_10000_samples(tmp_path, shared_dir, single_rank
                               for n, p in paths.items()],
                      batch_size=100, epoch_size=10_000, num_workers=0, cache_dir=str(tmp_path / "cache"),
                      patch_image_size=16)
-    loader = build_train_loader(cfg, Tokenizer.from_gpt2_files(shared_dir / "bpe"), clean_shared_memory=False)
+    loader = build_train_loader(cfg, Tokenizer.from_gpt2_files(vocab_dir), clean_shared_memory=False)
     counts: Counter = Counter()
     for batch in loader:
         counts.update(TASK_NAMES[i] for i in batch["task_ids"].tolist())
@@ -120,8 +120,8 @@ def run_ranks(world: int, args: dict, tmp_path: Path, tag: str) -> list[dict]:
 def run_epoch(args: dict, rank: int, world: int, state: dict | None = None, stop_after: int = 0):
     """Iterate one epoch (from ``state`` when given), recording each batch's ids and tensor checksums,
     and the loader state after ``stop_after`` batches."""
-    from data.loader import build_train_loader
-    from models.tokenizer import Tokenizer
+    from biomedgpt.data.loader import build_train_loader
+    from biomedgpt.models.tokenizer import Tokenizer
 
     cfg = DataConfig(streams=[StreamConfig(name="nli", task="nli", remote=args["nli"]),
                               StreamConfig(name="cap", task="caption", remote=args["cap"])],
@@ -154,9 +154,9 @@ def rank_main(args: dict) -> None:
     dist.destroy_process_group()
 
 
-def test_resume_exact_on_two_ranks_and_elastic_to_one(tmp_path, shared_dir, single_rank_env):
+def test_resume_exact_on_two_ranks_and_elastic_to_one(tmp_path, vocab_dir, single_rank_env):
     args = {"nli": write_text_streams(tmp_path, {"nli": 60})["nli"], "cap": write_caption_stream(tmp_path, 36),
-            "bpe": str(shared_dir / "bpe"), "cache": str(tmp_path / "cache")}
+            "bpe": str(vocab_dir), "cache": str(tmp_path / "cache")}
     ranks = run_ranks(2, args, tmp_path, "ranks")
     assert [r["local_world_size"] for r in ranks] == ["2", "2"]  # derived from host names, not the launcher
     assert all(len(r["full"]) == 12 for r in ranks)  # 96 rows / (2 ranks x 4)
@@ -172,7 +172,7 @@ def test_resume_exact_on_two_ranks_and_elastic_to_one(tmp_path, shared_dir, sing
 
 
 def test_config_from_dict_rejects_unknown_keys():
-    from engine.config import ConfigError, from_dict
+    from biomedgpt.engine.config import ConfigError, from_dict
 
     cfg = from_dict(DataConfig, {"streams": [{"name": "a", "task": "nli", "remote": "s3://b/a", "proportion": 1.0}],
                                  "batch_size": 8})

@@ -9,16 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from data.collate import collate
-from data.config import DataConfig
-from data.records import BadRecord, make_record
-from data.tasks import TASK_NAMES, TaskContext, process
-from models.tokenizer import Tokenizer
+from biomedgpt.data.collate import collate
+from biomedgpt.data.config import DataConfig
+from biomedgpt.data.records import BadRecord, make_record
+from biomedgpt.data.tasks import TASK_NAMES, TaskContext, process
+from biomedgpt.models.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def tok(shared_dir) -> Tokenizer:
-    return Tokenizer.from_gpt2_files(shared_dir / "bpe")
+def tok(vocab_dir) -> Tokenizer:
+    return Tokenizer.from_gpt2_files(vocab_dir)
 
 
 def png(width: int = 100, height: int = 50) -> bytes:

@@ -1,5 +1,5 @@
-"""Every downstream task end to end on CPU: real packaged data -> tools.prepare_data -> fine-tuning with the
-task's recipe (tiny-shaped model, a few steps) -> python -m engine.downstream -> results JSON.
+"""Every downstream task end to end on CPU: real packaged data -> biomedgpt.tools.prepare_data -> fine-tuning with the
+task's recipe (tiny-shaped model, a few steps) -> python -m biomedgpt.engine.downstream -> results JSON.
 
 VQA and captioning use real clinical DICOMs (pydicom-data, answers from their headers), summarisation and
 NLI real IU X-ray reports (torchxrayvision's data folder), classification the DICOMs' modalities.
@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine import downstream
-from tools.prepare_data import PrepareConfig, convert
+from biomedgpt.engine import downstream
+from biomedgpt.tools.prepare_data import PrepareConfig, convert
 
 TINY = ("{d_model: 64, ffn_dim: 128, encoder_layers: 1, decoder_layers: 1, heads: 2, resnet_layers: [1, 1, 1], "
         "dropout: 0.0}")
@@ -128,18 +128,18 @@ def _run(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.Completed
     return proc
 
 
-def _finetune_and_evaluate(recipe: str, task: str, shards: Path, tmp_path: Path, repo_root: Path, shared_dir: Path,
+def _finetune_and_evaluate(recipe: str, task: str, shards: Path, tmp_path: Path, repo_root: Path, vocab_dir: Path,
                            data_overrides: list[str], eval_overrides: list[str]) -> tuple[dict, list[dict]]:
-    """A few fine-tuning steps of ``recipe`` on ``shards`` (tiny model), then python -m engine.downstream on the
+    """A few fine-tuning steps of ``recipe`` on ``shards`` (tiny model), then python -m biomedgpt.engine.downstream on the
     same shards: (results JSON, per-sample predictions)."""
     stream = f"[{{name: {task}, task: {task}, remote: {shards}}}]"
     run_dir = tmp_path / "run"
-    _run(["-m", "engine.train", "--config", f"configs/finetune/{recipe}", f"model.overrides={TINY}",
+    _run(["-m", "biomedgpt.engine.train", "--config", f"configs/finetune/{recipe}", f"model.overrides={TINY}",
           f"data.streams={stream}", f"data.eval_streams={stream}", "data.batch_size=4", "data.eval_batch_size=8",
           "data.patch_image_size=64", "data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}",
           "optim.max_steps=4", "optim.max_epochs=null", "optim.grad_accum=1", "optim.lr=0.001",
           "deepspeed.precision=fp32", "checkpoint.init_from=null", "checkpoint.interval=0", "eval.interval=0",
-          "log.interval=1", "log.progress_bar=false", "log.wandb_mode=disabled", f"bpe_dir={shared_dir / 'bpe'}",
+          "log.interval=1", "log.progress_bar=false", "log.wandb_mode=disabled", f"bpe_dir={vocab_dir}",
           f"output_dir={run_dir}", *data_overrides, *[f"eval.{o}" for o in eval_overrides]], cwd=repo_root)
     assert (run_dir / "best" / "model.safetensors").is_file()
     # In-training evaluation scored the recipe's task metric by generation and picked the best model by it.
@@ -148,7 +148,7 @@ def _finetune_and_evaluate(recipe: str, task: str, shards: Path, tmp_path: Path,
     assert any(f"eval/{metric}" in row for row in logged), (metric, logged[-1])
     out = tmp_path / "eval"
     downstream.main([f"model_dir={run_dir / 'best'}", f"recipe={run_dir / 'config.yaml'}", f"output_dir={out}",
-                     f"bpe_dir={shared_dir / 'bpe'}", *eval_overrides])
+                     f"bpe_dir={vocab_dir}", *eval_overrides])
     results = json.loads((out / "results.json").read_text())
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     return results, predictions
@@ -169,12 +169,12 @@ CASES = {
 
 
 @pytest.mark.parametrize("task", list(CASES))
-def test_finetune_then_evaluate(task, tmp_path, repo_root, shared_dir, monkeypatch):
+def test_finetune_then_evaluate(task, tmp_path, repo_root, vocab_dir, monkeypatch):
     recipe, data_overrides, eval_overrides, keys = CASES[task]
     for name in RANK_VARIABLES:  # restored after the test: the in-process evaluation sets them
         monkeypatch.delenv(name, raising=False)
     results, predictions = _finetune_and_evaluate(recipe, task, _shards(tmp_path, task), tmp_path, repo_root,
-                                                  shared_dir, data_overrides, eval_overrides)
+                                                  vocab_dir, data_overrides, eval_overrides)
     for key in keys:
         assert key in results["metrics"], (key, results["metrics"])
     assert results["samples"] == len({p["id"] for p in predictions}) == len(_rows(task)[1])
@@ -202,7 +202,7 @@ def _llava_med_json(tmp: Path) -> tuple[Path, dict[str, tuple[str, str, bool]]]:
     import skimage.data
     from PIL import Image
 
-    from data.images import dicom_to_uint8
+    from biomedgpt.data.images import dicom_to_uint8
 
     images = tmp / "images"
     images.mkdir()
@@ -241,8 +241,8 @@ def _llava_med_json(tmp: Path) -> tuple[Path, dict[str, tuple[str, str, bool]]]:
     return source, expected
 
 
-def test_instruction_tuning_end_to_end(tmp_path, repo_root, shared_dir, monkeypatch):
-    """LLaVA-Med style JSON -> tools.prepare_data -> a few fine-tuning steps of the instruction recipe -> free
+def test_instruction_tuning_end_to_end(tmp_path, repo_root, vocab_dir, monkeypatch):
+    """LLaVA-Med style JSON -> biomedgpt.tools.prepare_data -> a few fine-tuning steps of the instruction recipe -> free
     generation -> ROUGE in the results JSON."""
     for name in RANK_VARIABLES:
         monkeypatch.delenv(name, raising=False)
@@ -254,7 +254,7 @@ def test_instruction_tuning_end_to_end(tmp_path, repo_root, shared_dir, monkeypa
     assert f"{source}:entry {len(json.loads(source.read_text()))}, turn 1: malformed row" in log.getvalue()
 
     results, predictions = _finetune_and_evaluate(
-        "instruction.yaml", "instruction", shards, tmp_path, repo_root, shared_dir,
+        "instruction.yaml", "instruction", shards, tmp_path, repo_root, vocab_dir,
         ["data.max_src_tokens=48", "data.max_tgt_tokens=24", "optim.max_steps=30"],
         ["downstream.tasks.instruction.generation.max_len=8", "downstream.tasks.instruction.generation.beam_size=2"])
     for key in ("instruction/rouge1", "instruction/rouge2", "instruction/rougeL"):

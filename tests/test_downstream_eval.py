@@ -1,4 +1,4 @@
-"""engine.downstream without training: settings, answer sets, per-task decoding of collated batches, metrics."""
+"""biomedgpt.engine.downstream without training: settings, answer sets, per-task decoding of collated batches, metrics."""
 from __future__ import annotations
 
 import json
@@ -8,16 +8,16 @@ import random
 import pytest
 import torch
 
-from data.collate import collate
-from data.config import DataConfig
-from data.records import make_record
-from data.tasks import TaskContext, process
-from engine.config import ConfigError, load
-from engine.downstream import (DownstreamConfig, EvaluateConfig, answer_sets, compute_metrics, evaluate_model,
+from biomedgpt.data.collate import collate
+from biomedgpt.data.config import DataConfig
+from biomedgpt.data.records import make_record
+from biomedgpt.data.tasks import TaskContext, process
+from biomedgpt.engine.config import ConfigError, load
+from biomedgpt.engine.downstream import (DownstreamConfig, EvaluateConfig, answer_sets, compute_metrics, evaluate_model,
                                predict, read_answers, sets_from_references)
-from models.config import model_config
-from models.ofa import BiomedGPT
-from models.tokenizer import Tokenizer
+from biomedgpt.models.config import model_config
+from biomedgpt.models.ofa import BiomedGPT
+from biomedgpt.models.tokenizer import Tokenizer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,8 +51,8 @@ def test_answer_files_in_every_format(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(shared_dir):
-    return Tokenizer.from_gpt2_files(shared_dir / "bpe")
+def tokenizer(vocab_dir):
+    return Tokenizer.from_gpt2_files(vocab_dir)
 
 
 def _batch(tokenizer, rows: list[tuple[str, dict, bool]], prompt: str = "none") -> dict:
@@ -117,8 +117,8 @@ def test_metrics_count_each_sample_once():
 
 
 def test_in_training_task_metrics_refuse_zero3():
-    from engine.config import ConfigError, load
-    from engine.run_config import RunConfig
+    from biomedgpt.engine.config import ConfigError, load
+    from biomedgpt.engine.run_config import RunConfig
 
     recipe = "configs/finetune/vqa_rad.yaml"
     assert load(RunConfig, recipe).eval.downstream is not None

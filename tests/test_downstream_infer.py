@@ -1,4 +1,4 @@
-"""tools.infer on real packaged images: a question about a clinical DICOM, a folder in batch mode."""
+"""biomedgpt.tools.infer on real packaged images: a question about a clinical DICOM, a folder in batch mode."""
 from __future__ import annotations
 
 import json
@@ -7,17 +7,17 @@ import shutil
 import pytest
 import torch
 
-from models.checkpoint import save_pretrained
-from models.config import model_config
-from models.ofa import BiomedGPT
-from models.tokenizer import Tokenizer
-from tools import infer
+from biomedgpt.models.checkpoint import save_pretrained
+from biomedgpt.models.config import model_config
+from biomedgpt.models.ofa import BiomedGPT
+from biomedgpt.models.tokenizer import Tokenizer
+from biomedgpt.tools import infer
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, shared_dir):
+def model_dir(tmp_path_factory, vocab_dir):
     torch.manual_seed(0)
-    tokenizer = Tokenizer.from_gpt2_files(shared_dir / "bpe")
+    tokenizer = Tokenizer.from_gpt2_files(vocab_dir)
     cfg = model_config("tiny", d_model=64, ffn_dim=128, encoder_layers=1, decoder_layers=1, heads=2,
                        resnet_layers=[1, 1, 1], vocab_size=tokenizer.vocab_size)
     return save_pretrained(BiomedGPT(cfg), tmp_path_factory.mktemp("model") / "tiny", tokenizer)
@@ -30,12 +30,12 @@ def chest_dicom():
     return get_testdata_file("RG1_UNCR.dcm")  # a real CR chest radiograph
 
 
-def test_answers_a_question_about_a_real_dicom(model_dir, chest_dicom, tmp_path, shared_dir):
+def test_answers_a_question_about_a_real_dicom(model_dir, chest_dicom, tmp_path, vocab_dir):
     answers = tmp_path / "answers.json"
     answers.write_text(json.dumps(["x ray", "ct", "mri", "ultrasound"]))
     rows = infer.run(infer.InferConfig(model_dir=str(model_dir), image=chest_dicom, task="vqa",
                                        question="what modality is this image?", answers=str(answers),
-                                       image_size=64, device="cpu", bpe_dir=str(shared_dir / "bpe")))
+                                       image_size=64, device="cpu", bpe_dir=str(vocab_dir)))
     assert len(rows) == 1 and rows[0]["prediction"] in {"x ray", "ct", "mri", "ultrasound"}
     assert rows[0]["question"] == "what modality is this image?" and rows[0]["score"] <= 0.0
 

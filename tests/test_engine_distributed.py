@@ -1,4 +1,4 @@
-"""Real multi-process DeepSpeed on CPU (gloo, 2 ranks) through launchers/local.sh and ``python -m engine.train``.
+"""Real multi-process DeepSpeed on CPU (gloo, 2 ranks) through launchers/local.sh and ``python -m biomedgpt.engine.train``.
 
 Each test trains a tiny-shaped model on MDS shards the module writes (captions with small PNG images,
 text-only summarisation), so the image branch, text-only samples, the streaming loader and the
@@ -29,9 +29,9 @@ WORDS = ("chest lung heart normal opacity effusion left right lower upper lobe m
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from data.images import encode_png
-    from data.mds import ShardWriter
-    from data.records import make_record
+    from biomedgpt.data.images import encode_png
+    from biomedgpt.data.mds import ShardWriter
+    from biomedgpt.data.records import make_record
 
     root = tmp_path_factory.mktemp("engine_shards")
     rng = np.random.default_rng(0)
@@ -49,7 +49,7 @@ def shards(tmp_path_factory) -> Path:
     return root
 
 
-def run_config(shards: Path, out: Path, shared_dir: Path, **sections) -> dict:
+def run_config(shards: Path, out: Path, vocab_dir: Path, **sections) -> dict:
     cfg = {
         "model": TINY_MODEL,
         "data": {"streams": [{"name": "caption", "task": "caption", "remote": str(shards / "train/caption")},
@@ -62,7 +62,7 @@ def run_config(shards: Path, out: Path, shared_dir: Path, **sections) -> dict:
         "log": {"interval": 1, "wandb_mode": "disabled", "progress_bar": False},
         "checkpoint": {"interval": 0},
         "eval": {"interval": 0, "at_end": False, "export_best": False},
-        "bpe_dir": str(shared_dir / "bpe"),
+        "bpe_dir": str(vocab_dir),
         "output_dir": str(out),
     }
     for section, values in sections.items():
@@ -103,20 +103,20 @@ def train_losses(out: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def zero_runs(shards, tmp_path_factory, repo_root, shared_dir) -> dict[int, Path]:
+def zero_runs(shards, tmp_path_factory, repo_root, vocab_dir) -> dict[int, Path]:
     """Eight steps at ZeRO stages 0-3 on 2 ranks; stage 3 also with activation checkpointing and EMA."""
     base = tmp_path_factory.mktemp("zero")
     runs = {}
     for stage in (0, 1, 2, 3):
         out = base / f"stage{stage}"
         extra = {"activation_checkpointing": True, "zero_init": True} if stage == 3 else {}
-        cfg = run_config(shards, out, shared_dir, deepspeed={"zero_stage": stage, **extra},
+        cfg = run_config(shards, out, vocab_dir, deepspeed={"zero_stage": stage, **extra},
                          ema={"enabled": stage == 3, "decay": 0.9},
                          eval={"interval": 0, "at_end": stage == 3, "export_best": stage == 3})
         launch(repo_root, cfg, 2)
         runs[stage] = out
     out = base / "stage3_bf16"
-    launch(repo_root, run_config(shards, out, shared_dir, deepspeed={"zero_stage": 3, "precision": "bf16"}), 2)
+    launch(repo_root, run_config(shards, out, vocab_dir, deepspeed={"zero_stage": 3, "precision": "bf16"}), 2)
     runs["bf16"] = out
     return runs
 
@@ -144,11 +144,11 @@ def test_every_zero_stage_trains_and_matches_stage_0(zero_runs):
     assert (zero_runs[3] / "best" / "model.safetensors").exists()  # gathered from ZeRO-3 shards (EMA weights)
 
 
-def test_two_rank_zero3_checkpoint_resumes_on_one_rank(zero_runs, tmp_path, repo_root, shards, shared_dir):
+def test_two_rank_zero3_checkpoint_resumes_on_one_rank(zero_runs, tmp_path, repo_root, shards, vocab_dir):
     out = tmp_path / "resumed"
     shutil.copytree(zero_runs[3], out)
     saved = train_losses(out)
-    cfg = run_config(shards, out, shared_dir, deepspeed={"zero_stage": 3}, optim={"lr": 2e-3, "max_steps": 10,
+    cfg = run_config(shards, out, vocab_dir, deepspeed={"zero_stage": 3}, optim={"lr": 2e-3, "max_steps": 10,
                                                                                    "warmup_steps": 1},
                      ema={"enabled": True, "decay": 0.9})
     output = launch(repo_root, cfg, 1)
@@ -161,14 +161,14 @@ def test_two_rank_zero3_checkpoint_resumes_on_one_rank(zero_runs, tmp_path, repo
     assert json.loads((out / "checkpoints" / "step_00000010" / "meta.json").read_text())["world_size"] == 1
 
 
-def test_resume_gives_identical_losses_and_data_order(shards, tmp_path, repo_root, shared_dir):
+def test_resume_gives_identical_losses_and_data_order(shards, tmp_path, repo_root, vocab_dir):
     """2N steps straight vs N steps, stop, resume for N (ZeRO-2, dropout on, fp32): the same numbers."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = dict(deepspeed={"zero_stage": 2}, log={"interval": 1, "wandb_mode": "offline", "progress_bar": False,
                                                     "sample_ids": True})
-    launch(repo_root, run_config(shards, straight, shared_dir, **common), 2)
-    launch(repo_root, run_config(shards, split, shared_dir, **common), 2, "checkpoint.stop_after=4", expect=75)
-    launch(repo_root, run_config(shards, split, shared_dir, **common), 2)
+    launch(repo_root, run_config(shards, straight, vocab_dir, **common), 2)
+    launch(repo_root, run_config(shards, split, vocab_dir, **common), 2, "checkpoint.stop_after=4", expect=75)
+    launch(repo_root, run_config(shards, split, vocab_dir, **common), 2)
     a, b = train_losses(straight), train_losses(split)
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for step in a:
@@ -198,9 +198,9 @@ def _wait_for_step(out: Path, proc: subprocess.Popen, timeout: float = 240) -> N
     raise AssertionError("no step was logged in time")
 
 
-def test_a_killed_rank_ends_the_job_with_an_error(shards, tmp_path, repo_root, shared_dir):
+def test_a_killed_rank_ends_the_job_with_an_error(shards, tmp_path, repo_root, vocab_dir):
     out = tmp_path / "killed"
-    cfg = run_config(shards, out, shared_dir, optim={"lr": 1e-3, "max_steps": 100000, "warmup_steps": 1})
+    cfg = run_config(shards, out, vocab_dir, optim={"lr": 1e-3, "max_steps": 100000, "warmup_steps": 1})
     proc = launch(repo_root, cfg, 2, wait=False)
     _wait_for_step(out, proc)
     ranks = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") == "1"]
@@ -212,9 +212,9 @@ def test_a_killed_rank_ends_the_job_with_an_error(shards, tmp_path, repo_root, s
     assert time.time() - start < 60
 
 
-def test_sigterm_writes_a_checkpoint_that_resumes(shards, tmp_path, repo_root, shared_dir):
+def test_sigterm_writes_a_checkpoint_that_resumes(shards, tmp_path, repo_root, vocab_dir):
     out = tmp_path / "preempted"
-    cfg = run_config(shards, out, shared_dir, optim={"lr": 1e-3, "max_steps": 100000, "warmup_steps": 1},
+    cfg = run_config(shards, out, vocab_dir, optim={"lr": 1e-3, "max_steps": 100000, "warmup_steps": 1},
                      deepspeed={"zero_stage": 3})
     proc = launch(repo_root, cfg, 2, wait=False)
     _wait_for_step(out, proc)
@@ -229,11 +229,11 @@ def test_sigterm_writes_a_checkpoint_that_resumes(shards, tmp_path, repo_root, s
     assert max(train_losses(out)) == saved_step + 1
 
 
-def test_diverged_run_skips_nonfinite_losses_then_stops(shards, tmp_path, repo_root, shared_dir):
+def test_diverged_run_skips_nonfinite_losses_then_stops(shards, tmp_path, repo_root, vocab_dir):
     """lr 1e30 blows the weights up after the first update: the following non-finite losses are skipped
     (counted, logged) until max_nonfinite_steps is passed, then the job fails instead of training on NaN."""
     out = tmp_path / "diverged"
-    cfg = run_config(shards, out, shared_dir, optim={"lr": 1e30, "max_steps": 8, "warmup_steps": 0, "clip_norm": 0.0},
+    cfg = run_config(shards, out, vocab_dir, optim={"lr": 1e30, "max_steps": 8, "warmup_steps": 0, "clip_norm": 0.0},
                      max_nonfinite_steps=2)
     output = launch(repo_root, cfg, 1, expect=1)
     assert output.count("non-finite loss, micro-batch skipped") >= 3, output[-3000:]

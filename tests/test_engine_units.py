@@ -8,19 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.checkpointing import CheckpointManager, ResumeError, atomic_write_text
-from engine.config import ConfigError, load
-from engine.ds_config import DeepSpeedConfigError, build_ds_config
-from engine.ema import EMA
-from engine.evaluate import eval_metrics
-from engine.flops import forward_flops, resnet_flops, train_step_flops
-from engine.loss import label_smoothed_cross_entropy
-from engine.model_setup import apply_activation_checkpointing
-from engine.run_config import RunConfig
-from engine.train import parse
-from engine.trainer import lr_lambda
-from models.config import model_config
-from models.ofa import BiomedGPT
+from biomedgpt.engine.checkpointing import CheckpointManager, ResumeError, atomic_write_text
+from biomedgpt.engine.config import ConfigError, load
+from biomedgpt.engine.ds_config import DeepSpeedConfigError, build_ds_config
+from biomedgpt.engine.ema import EMA
+from biomedgpt.engine.evaluate import eval_metrics
+from biomedgpt.engine.flops import forward_flops, resnet_flops, train_step_flops
+from biomedgpt.engine.loss import label_smoothed_cross_entropy
+from biomedgpt.engine.model_setup import apply_activation_checkpointing
+from biomedgpt.engine.run_config import RunConfig
+from biomedgpt.engine.train import parse
+from biomedgpt.engine.trainer import lr_lambda
+from biomedgpt.models.config import model_config
+from biomedgpt.models.ofa import BiomedGPT
 
 TINY = dict(d_model=64, ffn_dim=128, encoder_layers=1, decoder_layers=1, resnet_layers=[1, 1, 1], vocab_size=500)
 
@@ -233,7 +233,7 @@ def test_unreachable_wandb_server_never_fails_the_run(tmp_path):
     import subprocess
     import sys
 
-    script = ("from engine.metrics import MetricsLogger\nfrom engine.run_config import LogConfig\n"
+    script = ("from biomedgpt.engine.metrics import MetricsLogger\nfrom biomedgpt.engine.run_config import LogConfig\n"
               f"log = MetricsLogger(LogConfig(wandb_mode='online', progress_bar=False), {str(tmp_path)!r}, {{}}, 3, 0, True)\n"
               "log.log(1, {'loss': 2.5})\nlog.close()\n")
     env = {**os.environ, "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "5"}

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.config import model_config
-from models.generation import (BOS, EOS, PAD, GenerationConfig, TokenRange, Trie, decoder_prefixes, generate,
+from biomedgpt.models.config import model_config
+from biomedgpt.models.generation import (BOS, EOS, PAD, GenerationConfig, TokenRange, Trie, decoder_prefixes, generate,
                                score_candidates)
-from models.ofa import BiomedGPT
+from biomedgpt.models.ofa import BiomedGPT
 
 VOCAB = 512
 PREFIXES = [[5, 6, 7], [8], [9, 10]]

@@ -6,11 +6,11 @@ import re
 import pytest
 import torch
 
-from models.checkpoint import (CheckpointError, import_released, load_pretrained, read_model_weights,
+from biomedgpt.models.checkpoint import (CheckpointError, import_released, load_pretrained, read_model_weights,
                                save_pretrained)
-from models.config import PUBLISHED_PARAMS, model_config
-from models.ofa import BiomedGPT, count_parameters
-from tools import import_checkpoint
+from biomedgpt.models.config import PUBLISHED_PARAMS, model_config
+from biomedgpt.models.ofa import BiomedGPT, count_parameters
+from biomedgpt.tools import import_checkpoint
 
 FIXTURE = "fixtures/ofa_parity_mini.pt"
 
@@ -58,7 +58,7 @@ def to_hf_names(state):
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 def test_fixture_parity_through_import_tool(shared_dir, fixture_data, tmp_path, backend):
     out = tmp_path / "imported"
-    rc = import_checkpoint.main([f"source={shared_dir / FIXTURE}", f"output={out}", f"tokenizer={shared_dir / 'bpe'}"])
+    rc = import_checkpoint.main([f"source={shared_dir / FIXTURE}", f"output={out}", f"tokenizer={vocab_dir}"])
     assert rc == 0
     assert (out / "model.safetensors").exists() and (out / "tokenizer").is_dir()
     assert_parity(load_pretrained(out, attention_backend=backend), fixture_data)

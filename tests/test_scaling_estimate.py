@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from models.config import PUBLISHED_PARAMS, ModelSpec, model_config
-from tools.estimate import (EstimateConfig, communication_bytes, estimate, measure_model_states,
+from biomedgpt.models.config import PUBLISHED_PARAMS, ModelSpec, model_config
+from biomedgpt.tools.estimate import (EstimateConfig, communication_bytes, estimate, measure_model_states,
                             model_state_memory, parameter_counts)
 
 
@@ -118,12 +118,12 @@ def test_bad_settings_are_named():
 
 
 #: Measured fp32 AdamW model states on CPU agree with the estimate within this relative error
-#: (measured once: tiny +1.7 % steady, base +0.4 %; see tools.estimate measure=true).
+#: (measured once: tiny +1.7 % steady, base +0.4 %; see biomedgpt.tools.estimate measure=true).
 MEASURED_TOLERANCE = 0.05
 
 
 def test_model_states_match_measured_cpu_memory_tiny():
-    """tiny measured here (base, ~3 GiB, by ``python -m tools.estimate model.size=base ... measure=true``).
+    """tiny measured here (base, ~3 GiB, by ``python -m biomedgpt.tools.estimate model.size=base ... measure=true``).
 
     Steady state after the first step is the estimate (16 bytes per parameter); the peak adds AdamW's
     two per-parameter temporaries of the largest tensor (the tied embedding).

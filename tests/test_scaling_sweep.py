@@ -31,26 +31,26 @@ def _run(args: list[str], repo_root: Path, timeout: int) -> subprocess.Completed
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory, repo_root) -> Path:
     out = tmp_path_factory.mktemp("demo") / "data"
-    done = _run(["-m", "tools.make_demo_data", f"output_dir={out}", "max_reports=60"], repo_root, 300)
+    done = _run(["-m", "biomedgpt.tools.make_demo_data", f"output_dir={out}", "max_reports=60"], repo_root, 300)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
 
-def test_sweep_end_to_end_and_resume(tmp_path, demo_data, repo_root, shared_dir):
+def test_sweep_end_to_end_and_resume(tmp_path, demo_data, repo_root, vocab_dir):
     data = yaml.safe_load((demo_data / "data_config.yaml").read_text())
     data.update(batch_size=2, patch_image_size=64, max_src_tokens=32, max_tgt_tokens=12, num_workers=0,
                 group_weights=[1.0], augment=False, cache_dir=str(tmp_path / "cache"), eval_streams=[])
     base = {"model": {"size": "tiny", "overrides": {"resnet_layers": [1, 1, 1], "dropout": 0.0}},
             "data": data, "optim": {"lr": 2e-3, "max_steps": STEPS, "warmup_steps": 0},
             "eval": {"at_end": False}, "log": {"interval": 1, "progress_bar": False, "wandb_mode": "disabled"},
-            "checkpoint": {"interval": 0, "at_end": False}, "bpe_dir": str(shared_dir / "bpe")}
+            "checkpoint": {"interval": 0, "at_end": False}, "bpe_dir": str(vocab_dir)}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     sweep = {"name": "sizes", "base": str(tmp_path / "base.yaml"), "root": str(tmp_path / "sweeps"),
              "bootstrap": 50,
              "axes": [{"name": "model", "values": SIZES, "labels": ["micro", "mini", "small", "tinywidth"]}]}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
 
-    done = _run(["-m", "tools.sweep", "--config", str(tmp_path / "sweep.yaml")], repo_root, 600)
+    done = _run(["-m", "biomedgpt.tools.sweep", "--config", str(tmp_path / "sweep.yaml")], repo_root, 600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     directory = tmp_path / "sweeps" / "sizes"
     rows = pq.read_table(directory / "results.parquet").to_pylist()
@@ -74,7 +74,7 @@ def test_sweep_end_to_end_and_resume(tmp_path, demo_data, repo_root, shared_dir)
     assert (directory / "scaling.svg").stat().st_size > 10_000
 
     logs = {r["run"]: (Path(r["output_dir"]) / "metrics.jsonl").read_text() for r in rows}
-    again = _run(["-m", "tools.sweep", "--config", str(tmp_path / "sweep.yaml"), "analyse=false"], repo_root, 120)
+    again = _run(["-m", "biomedgpt.tools.sweep", "--config", str(tmp_path / "sweep.yaml"), "analyse=false"], repo_root, 120)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "4 already finished, 0 to run" in again.stdout
     assert logs == {r["run"]: (Path(r["output_dir"]) / "metrics.jsonl").read_text() for r in rows}

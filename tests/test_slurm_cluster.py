@@ -117,8 +117,8 @@ SOURCES = [
 @pytest.fixture(scope="module")
 def train_data(tmp_path_factory) -> Path:
     """A small summarization shard set (text only: no image decoding in a 2-CPU job)."""
-    from data.mds import ShardWriter
-    from data.records import make_record
+    from biomedgpt.data.mds import ShardWriter
+    from biomedgpt.data.records import make_record
 
     out = tmp_path_factory.mktemp("slurm-data") / "summarization"
     writer = ShardWriter(str(out))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launchers.slurm_env import (
+from biomedgpt.launchers.slurm_env import (
     SlurmEnvError,
     expand_nodelist,
     expand_tasks_per_node,
@@ -147,7 +147,7 @@ def test_prepare_captures_the_run_and_exports(tmp_path):
     out = tmp_path / "run"
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(f"output_dir: {out}\n")
-    exports = prepare("engine.train", ["--config", str(cfg_file), "optim.max_steps=3"], env)
+    exports = prepare("biomedgpt.engine.train", ["--config", str(cfg_file), "optim.max_steps=3"], env)
     values = dict(line.removeprefix("export ").split("=", 1) for line in exports.splitlines())
     assert values["BIOMEDGPT_RUN_DIR"] == str(out)
     assert values["MASTER_ADDR"] == "n1" and 1024 <= int(values["MASTER_PORT"]) < 65536
@@ -163,7 +163,7 @@ def test_prepare_captures_the_run_and_exports(tmp_path):
 
 def test_prepare_rejects_a_bad_config_before_anything_starts(tmp_path):
     with pytest.raises(SystemExit):
-        prepare("engine.train", [f"output_dir={tmp_path}", "optim.max_stepz=3"], _task_env("vm", "2", 0))
+        prepare("biomedgpt.engine.train", [f"output_dir={tmp_path}", "optim.max_stepz=3"], _task_env("vm", "2", 0))
     assert not (tmp_path / "slurm").exists()
 
 
@@ -176,7 +176,7 @@ def test_rank_exec_sets_the_environment_for_the_real_process(tmp_path):
         "                  'usr1_ignored': signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN}))\n")
     env = {**os.environ, **_task_env("gpu[01-03,07]", "8(x4)", 13),
            "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
-    done = subprocess.run([sys.executable, "-m", "launchers.slurm_env", "action=rank-exec", "module=dump_env",
+    done = subprocess.run([sys.executable, "-m", "biomedgpt.launchers.slurm_env", "action=rank-exec", "module=dump_env",
                            "--", "--config", "x.yaml", "a.b=1"], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.config import CANONICAL_VOCAB_SIZE
-from models.tokenizer import CONFIG_FILE, MERGES_FILE, VOCAB_FILE, Tokenizer, TokenizerError
-from tools import train_tokenizer
+from biomedgpt.models.config import CANONICAL_VOCAB_SIZE
+from biomedgpt.models.tokenizer import CONFIG_FILE, MERGES_FILE, VOCAB_FILE, Tokenizer, TokenizerError
+from biomedgpt.tools import train_tokenizer
 
 FIXED_TEXTS = [
     "",
@@ -35,8 +35,8 @@ PROMPT = ' which region does the text " left lung " describe?'
 
 
 @pytest.fixture(scope="module")
-def canonical(shared_dir: Path) -> Tokenizer:
-    return Tokenizer.from_gpt2_files(shared_dir / "bpe")
+def canonical(vocab_dir: Path) -> Tokenizer:
+    return Tokenizer.from_gpt2_files(vocab_dir)
 
 
 def _iu_xray_reports() -> list[str]:
@@ -161,9 +161,9 @@ def test_encode_rejects_non_text(canonical: Tokenizer) -> None:
 # ---- BART directory ----------------------------------------------------------------------------------------
 
 
-def _write_bart_dir(shared_dir: Path, out: Path, with_fillers: bool) -> Path:
+def _write_bart_dir(vocab_dir: Path, out: Path, with_fillers: bool) -> Path:
     """vocab.json + merges.txt laid out as HF's BART/RoBERTa files: fairseq ids, <mask> after the base."""
-    bpe = shared_dir / "bpe"
+    bpe = vocab_dir
     encoder = json.loads((bpe / "encoder.json").read_text(encoding="utf-8"))
     by_gpt2_id = {i: t for t, i in encoder.items()}
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
@@ -181,16 +181,16 @@ def _write_bart_dir(shared_dir: Path, out: Path, with_fillers: bool) -> Path:
 
 
 @pytest.mark.parametrize("with_fillers", [True, False])
-def test_bart_dir_gives_canonical_ids(canonical, shared_dir, tmp_path, with_fillers) -> None:
-    bart = Tokenizer.from_bart_dir(_write_bart_dir(shared_dir, tmp_path / "bart", with_fillers))
+def test_bart_dir_gives_canonical_ids(canonical, vocab_dir, tmp_path, with_fillers) -> None:
+    bart = Tokenizer.from_bart_dir(_write_bart_dir(vocab_dir, tmp_path / "bart", with_fillers))
     assert bart == canonical
     assert (bart.mask_id, bart.first_code_id, bart.first_bin_id, bart.vocab_size) == (50264, 50265, 58457, 59457)
     text = PROMPT + " region: <bin_3> <bin_4> yes 🩻"
     assert bart.encode(text) == canonical.encode(text)
 
 
-def test_bart_dir_with_misplaced_mask(shared_dir, tmp_path) -> None:
-    directory = _write_bart_dir(shared_dir, tmp_path / "bart", with_fillers=True)
+def test_bart_dir_with_misplaced_mask(vocab_dir, tmp_path) -> None:
+    directory = _write_bart_dir(vocab_dir, tmp_path / "bart", with_fillers=True)
     vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
     vocab["<mask>"] = 50300
     (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
@@ -247,8 +247,8 @@ def _with_config(source: Path, target: Path, config: dict) -> Path:
 # ---- bad GPT-2 files ---------------------------------------------------------------------------------------
 
 
-def _gpt2_copy(shared_dir: Path, target: Path) -> Path:
-    shutil.copytree(shared_dir / "bpe", target)
+def _gpt2_copy(vocab_dir: Path, target: Path) -> Path:
+    shutil.copytree(vocab_dir, target)
     for path in target.iterdir():
         path.chmod(0o644)
     return target
@@ -271,22 +271,22 @@ def _replace_line(path: Path, lineno: int, text: str) -> None:
         ("vocab.bpe", 4, "Ġ zzzzzz", r"vocab\.bpe:4: 'zzzzzz' is not in the vocabulary"),
     ],
 )
-def test_malformed_gpt2_files_name_file_and_line(shared_dir, tmp_path, file, lineno, text, message) -> None:
-    directory = _gpt2_copy(shared_dir, tmp_path / "bpe")
+def test_malformed_gpt2_files_name_file_and_line(vocab_dir, tmp_path, file, lineno, text, message) -> None:
+    directory = _gpt2_copy(vocab_dir, tmp_path / "bpe")
     _replace_line(directory / file, lineno, text)
     with pytest.raises(TokenizerError, match=message):
         Tokenizer.from_gpt2_files(directory)
 
 
-def test_missing_gpt2_file(shared_dir, tmp_path) -> None:
-    directory = _gpt2_copy(shared_dir, tmp_path / "bpe")
+def test_missing_gpt2_file(vocab_dir, tmp_path) -> None:
+    directory = _gpt2_copy(vocab_dir, tmp_path / "bpe")
     (directory / "encoder.json").unlink()
     with pytest.raises(TokenizerError, match=r"encoder\.json: file not found"):
         Tokenizer.from_gpt2_files(directory)
 
 
-def test_dict_missing_gpt2_ids(shared_dir, tmp_path) -> None:
-    directory = _gpt2_copy(shared_dir, tmp_path / "bpe")
+def test_dict_missing_gpt2_ids(vocab_dir, tmp_path) -> None:
+    directory = _gpt2_copy(vocab_dir, tmp_path / "bpe")
     lines = (directory / "dict.txt").read_text(encoding="utf-8").splitlines()
     (directory / "dict.txt").write_text("\n".join(lines[:-200]) + "\n", encoding="utf-8")
     with pytest.raises(TokenizerError, match=r"dict\.txt: 197 GPT-2 ids of encoder\.json have no line"):

@@ -1,6 +1,6 @@
 """Peak memory and time: this project's streaming consolidation vs DeepSpeed's ``zero_to_fp32``.
 
-    python -m tools.bench_consolidate [size=base] [workdir=runs/bench-consolidate]
+    python -m biomedgpt.tools.bench_consolidate [size=base] [workdir=runs/bench-consolidate]
 
 Makes (once) a ZeRO-3 checkpoint of a ``size`` model trained ``steps`` steps by ``world_size`` gloo CPU
 ranks, then consolidates it with each tool in its own subprocess and reports the subprocess's peak
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from engine.config import parse_cli
+from biomedgpt.engine.config import parse_cli
 
 
 @dataclass
@@ -36,12 +36,12 @@ def _train_rank(cfg: BenchConfig) -> None:
     """One rank: a few ZeRO-3 steps on random data, then an engine checkpoint."""
     import torch
 
-    from engine.checkpointing import CheckpointManager
-    from engine.distributed import init_distributed
+    from biomedgpt.engine.checkpointing import CheckpointManager
+    from biomedgpt.engine.distributed import init_distributed
 
     import deepspeed
-    from models.config import ModelSpec
-    from models.ofa import BiomedGPT
+    from biomedgpt.models.config import ModelSpec
+    from biomedgpt.models.ofa import BiomedGPT
 
     info = init_distributed("gloo")
     spec = ModelSpec(cfg.size, {"dropout": 0.0})
@@ -70,7 +70,7 @@ def _make_checkpoint(cfg: BenchConfig) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-m", "tools.bench_consolidate", f"size={cfg.size}",
+    procs = [subprocess.Popen([sys.executable, "-m", "biomedgpt.tools.bench_consolidate", f"size={cfg.size}",
                                f"steps={cfg.steps}", f"workdir={cfg.workdir}", "role=rank"],
                               env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(cfg.world_size),
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": str(root / tag), "checkpoint_mb": round(ckpt_bytes / 1e6, 1), "size": cfg.size,
         "world_size": cfg.world_size,
         "python_baseline": measure([sys.executable, "-c", "import torch, deepspeed, safetensors"]),
-        "streaming (tools.consolidate)": measure([sys.executable, "-m", "tools.consolidate",
+        "streaming (biomedgpt.tools.consolidate)": measure([sys.executable, "-m", "biomedgpt.tools.consolidate",
                                                    f"checkpoint={root}", f"output={ours_out}", "progress=false"]),
         # --safe_serialization fails on the tied embedding (shared tensors): pytorch_model.bin instead
         "deepspeed zero_to_fp32": measure([sys.executable, "-m", "deepspeed.utils.zero_to_fp32", str(root),

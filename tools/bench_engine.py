@@ -1,13 +1,13 @@
 """Engine benchmark: step time / tokens/s per ZeRO stage, checkpoint save/load cost, the MFU formula's check.
 
-    python -m tools.bench_engine                      # everything, on the demo shards (built if missing)
-    python -m tools.bench_engine parts=[flops]        # one part: zero | checkpoint | flops
+    python -m biomedgpt.tools.bench_engine                      # everything, on the demo shards (built if missing)
+    python -m biomedgpt.tools.bench_engine parts=[flops]        # one part: zero | checkpoint | flops
 
 - zero: the ``tiny`` model (real size) trained for a few steps at each ZeRO stage through
   launchers/local.sh (2 CPU ranks, or every GPU); the median step time and tokens/s after warm-up.
 - checkpoint: one training step of a model (``base`` by default) on one rank, then the time to save its
   checkpoint (weights + AdamW state + loader/RNG state), its size on disk, and the time to resume from it.
-- flops: engine.flops' formula against torch.utils.flop_counter on one forward+backward of the model.
+- flops: biomedgpt.engine.flops' formula against torch.utils.flop_counter on one forward+backward of the model.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
-from engine.config import parse_cli
-from engine.run_config import DEMO_CONFIG
+from biomedgpt.engine import distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
+from biomedgpt.engine.config import parse_cli
+from biomedgpt.engine.run_config import DEMO_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,8 +78,8 @@ def _dir_bytes(path: Path) -> int:
 
 
 def bench_checkpoint(cfg: BenchConfig) -> dict:
-    from engine.train import ensure_demo_data, parse
-    from engine.trainer import Trainer
+    from biomedgpt.engine.train import ensure_demo_data, parse
+    from biomedgpt.engine.trainer import Trainer
 
     out = Path(cfg.work_dir) / "checkpoint"
     shutil.rmtree(out, ignore_errors=True)
@@ -105,9 +105,9 @@ def bench_flops(cfg: BenchConfig) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from engine.flops import train_step_flops
-    from models.config import model_config
-    from models.ofa import BiomedGPT
+    from biomedgpt.engine.flops import train_step_flops
+    from biomedgpt.models.config import model_config
+    from biomedgpt.models.ofa import BiomedGPT
 
     model_cfg = model_config(cfg.flops_model, dropout=0.0)
     model = BiomedGPT(model_cfg)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"bench_engine: unknown parts {sorted(unknown)}")
     Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
     if "zero" in cfg.parts or "checkpoint" in cfg.parts:
-        from engine.train import ensure_demo_data, parse
+        from biomedgpt.engine.train import ensure_demo_data, parse
 
         ensure_demo_data(parse([]).demo_data_dir)
     results = {}

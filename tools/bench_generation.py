@@ -1,6 +1,6 @@
 """Generation throughput (samples/s): VQA beam search inside an answer trie, and captioning with beam 5.
 
-    python -m tools.bench_generation sizes=[tiny,base] batch_size=8 batches=2
+    python -m biomedgpt.tools.bench_generation sizes=[tiny,base] batch_size=8 batches=2
 
 Randomly initialised models of the named sizes on real images (scikit-image's fundus and histology
 photos): an untrained captioner rarely ends early, so captioning runs to ``caption_max_len`` (an upper
@@ -12,16 +12,17 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
-from data.images import eval_transform
-from engine.config import parse_cli
-from engine.downstream import pick_device
-from models.config import model_config
-from models.generation import GenerationConfig, Trie, generate
-from models.ofa import BiomedGPT
-from models.tokenizer import Tokenizer
+from biomedgpt.data.images import eval_transform
+from biomedgpt.engine.config import parse_cli
+from biomedgpt.engine.downstream import pick_device
+from biomedgpt.models.config import model_config
+from biomedgpt.models.generation import GenerationConfig, Trie, generate
+from biomedgpt.models.ofa import BiomedGPT
+from biomedgpt.models.tokenizer import Tokenizer
 
 QUESTION = " what modality is this image?"
 
@@ -37,7 +38,7 @@ class BenchConfig:
     beam_size: int = 5
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads (0: torch's default)
-    bpe_dir: str = "../shared/bpe"
+    bpe_dir: Optional[str] = None  # GPT-2 BPE files; None: the packaged copy
 
 
 def _images(size: int, count: int) -> torch.Tensor:

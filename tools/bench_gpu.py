@@ -1,14 +1,14 @@
 """GPU benchmark of the attention backends: one training step per model size, backend and image size.
 
-    python -m tools.bench_gpu                                   # everything (tiny..xlarge, 256/480 px)
-    python -m tools.bench_gpu sizes='[tiny, base]' variants='[ofa:sdpa, ofa:flex]' time_budget_s=400
+    python -m biomedgpt.tools.bench_gpu                                   # everything (tiny..xlarge, 256/480 px)
+    python -m biomedgpt.tools.bench_gpu sizes='[tiny, base]' variants='[ofa:sdpa, ofa:flex]' time_budget_s=400
 
 Self-contained on a bare GPU machine: packages it lacks (PyYAML for the config parser, flash-attn) are
 installed first from wheels carried in ``.whl/`` (``pip install --no-index --find-links .whl``); a
 package without a wheel there is reported and its rows say so. Each row is one training step (forward,
 backward, fused AdamW) under bf16 autocast with fp32 weights: step time, tokens/s (image + source +
 target tokens), MFU against the bf16 matmul peak measured on this GPU (model FLOPs from
-``engine.flops``), and peak allocated memory. A variant is ``position_scheme:attention_backend``.
+``biomedgpt.engine.flops``), and peak allocated memory. A variant is ``position_scheme:attention_backend``.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def measured_bf16_peak(device: str) -> float:
     """TFLOP/s of a large bf16 matmul on this device: the practical peak MFU is measured against."""
     import torch
 
-    from engine.flops import measure_matmul_tflops
+    from biomedgpt.engine.flops import measure_matmul_tflops
 
     size = 8192 if device == "cuda" else 1024
     return measure_matmul_tflops(torch.bfloat16, size=size, repeats=20 if device == "cuda" else 3, device=device)
@@ -70,10 +70,10 @@ def measured_bf16_peak(device: str) -> float:
 def run_row(cfg: BenchGpuConfig, size: str, px: int, variant: str, peak_tflops: float) -> dict:
     import torch
 
-    from engine.flops import train_step_flops
-    from models.attention import resolve_backend
-    from models.config import model_config
-    from models.ofa import BiomedGPT
+    from biomedgpt.engine.flops import train_step_flops
+    from biomedgpt.models.attention import resolve_backend
+    from biomedgpt.models.config import model_config
+    from biomedgpt.models.ofa import BiomedGPT
 
     scheme, backend = variant.split(":")
     row = {"size": size, "px": px, "variant": variant}
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     ensure_packages()
     import torch
 
-    from engine.config import parse_cli
+    from biomedgpt.engine.config import parse_cli
 
     cfg = parse_cli(BenchGpuConfig, argv)
     if cfg.device == "cuda" and not torch.cuda.is_available():

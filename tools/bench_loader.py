@@ -1,6 +1,6 @@
 """Loader throughput: MDS shards (local, and a moto S3 server on loopback) vs. the original base64 TSV.
 
-    python -m tools.bench_loader rows=512 patch_image_size=256
+    python -m biomedgpt.tools.bench_loader rows=512 patch_image_size=256
 
 Builds a caption dataset from real images (scikit-image's fundus / histology / cell images and
 pydicom-data's DICOMs, randomly cropped to ``source_size``), writes it in the original caption TSV format
@@ -21,6 +21,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +37,14 @@ class BenchConfig:
     patch_image_size: int = 256
     batch_size: int = 16
     s3: bool = True
-    bpe_dir: str = "../shared/bpe"
+    bpe_dir: Optional[str] = None  # GPT-2 BPE files; None: the packaged copy
 
 
 def source_images() -> list[np.ndarray]:
     from pydicom.data import get_testdata_file
     from skimage import data as skdata
 
-    from data.images import dicom_to_uint8
+    from biomedgpt.data.images import dicom_to_uint8
 
     images = [skdata.retina(), skdata.immunohistochemistry(), skdata.microaneurysms(), skdata.cell()]
     for name in ("CT_small.dcm", "MR_small.dcm", "RG1_UNCR.dcm"):
@@ -82,9 +83,9 @@ def time_loader(loader, rows: int) -> tuple[float, float]:
 
 def time_tsv_baseline(cfg: BenchConfig, data_cfg, tsv: Path, tokenizer) -> tuple[float, float]:
     """The original's path: row offsets, then per sample seek + readline + split + base64 + the same processing."""
-    from data.collate import collate
-    from data.records import make_record
-    from data.tasks import TaskContext, process
+    from biomedgpt.data.collate import collate
+    from biomedgpt.data.records import make_record
+    from biomedgpt.data.tasks import TaskContext, process
 
     offsets, pos = [], 0
     with open(tsv, "rb") as f:
@@ -137,10 +138,10 @@ def run(cfg: BenchConfig) -> dict[str, float]:
     import torch
     from streaming.base.util import clean_stale_shared_memory
 
-    from data.config import DataConfig, StreamConfig
-    from data.loader import build_train_loader
-    from models.tokenizer import Tokenizer
-    from tools.prepare_data import PrepareConfig, convert
+    from biomedgpt.data.config import DataConfig, StreamConfig
+    from biomedgpt.data.loader import build_train_loader
+    from biomedgpt.models.tokenizer import Tokenizer
+    from biomedgpt.tools.prepare_data import PrepareConfig, convert
 
     torch.set_num_threads(1)
     work = Path(cfg.workdir)
@@ -176,7 +177,7 @@ def run(cfg: BenchConfig) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from engine.config import parse_cli
+    from biomedgpt.engine.config import parse_cli
 
     run(parse_cli(BenchConfig, argv))
     sys.stdout.flush()

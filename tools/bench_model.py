@@ -1,6 +1,6 @@
 """Forward + backward time and peak memory of one training step on this machine's CPU (fp32).
 
-    python -m tools.bench_model sizes='[tiny, base]' batch=8 image_size=256 src_len=40 tgt_len=20
+    python -m biomedgpt.tools.bench_model sizes='[tiny, base]' batch=8 image_size=256 src_len=40 tgt_len=20
 
 Each size runs in a fresh process so its peak resident memory is its own.
 """
@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from engine.config import from_dict, parse_cli
-from models.config import model_config
-from models.ofa import BiomedGPT, count_parameters
+from biomedgpt.engine.config import from_dict, parse_cli
+from biomedgpt.models.config import model_config
+from biomedgpt.models.ofa import BiomedGPT, count_parameters
 
 
 @dataclass
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
           f"backend {cfg.attention_backend}")
     print(f"{'size':<8}{'params':>10}{'fwd+bwd s':>12}{'min s':>9}{'peak RSS GiB':>14}{'threads':>9}")
     for size in cfg.sizes:
-        out = subprocess.run([sys.executable, "-m", "tools.bench_model", "--one", json.dumps(asdict(cfg)), size],
+        out = subprocess.run([sys.executable, "-m", "biomedgpt.tools.bench_model", "--one", json.dumps(asdict(cfg)), size],
                              capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{r['size']:<8}{r['params_M']:>9}M{r['step_s']:>12}{r['min_step_s']:>9}{r['peak_rss_GiB']:>14}"

@@ -1,8 +1,8 @@
 """Collect a sweep's runs into tables: one row per run with its config, one row per logged step.
 
-    python -m tools.collect sweep_dir=runs/sweeps/demo-sizes
+    python -m biomedgpt.tools.collect sweep_dir=runs/sweeps/demo-sizes
 
-Reads the sweep's manifest (``sweep.json``, written by ``tools.sweep``) and each run directory:
+Reads the sweep's manifest (``sweep.json``, written by ``biomedgpt.tools.sweep``) and each run directory:
 ``config.yaml`` as planned, ``metrics.jsonl`` (the trainer's logged windows and evaluations),
 ``sweep_status.json`` (the local launcher's return code and wall time) and an optional ``results.json``
 (a flat mapping of downstream results, added as ``result.<key>`` columns). Writes ``results.parquet`` /
@@ -13,7 +13,7 @@ process exited non-zero), ``incomplete`` (started, not at the end: still running
 or ``not_started``. Nothing is dropped silently.
 
 Tokens are the trainer's logged throughput integrated over each window (tokens_per_s * step_time_s *
-steps); FLOPs are ``engine.flops.train_step_flops`` at the config's nominal batch shape (batch_size rows
+steps); FLOPs are ``biomedgpt.engine.flops.train_step_flops`` at the config's nominal batch shape (batch_size rows
 of max_src_tokens / max_tgt_tokens tokens and patch_image_size images) per micro-batch, times gradient
 accumulation and ranks: an upper bound, as real batches are padded only to their longest sample.
 """
@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from engine.config import ConfigError, from_dict, parse_cli, to_dict
-from engine.flops import train_step_flops
-from engine.run_config import RunConfig
-from models.config import ModelConfig
-from tools.estimate import image_tokens, parameter_counts
+from biomedgpt.engine.config import ConfigError, from_dict, parse_cli, to_dict
+from biomedgpt.engine.flops import train_step_flops
+from biomedgpt.engine.run_config import RunConfig
+from biomedgpt.models.config import ModelConfig
+from biomedgpt.tools.estimate import image_tokens, parameter_counts
 
 STATUS_FILE = "sweep_status.json"
 EXIT_RESUME = 75  # the trainer's "stopped, resume to continue" status
@@ -48,7 +48,7 @@ def read_manifest(sweep_dir: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: not a sweep directory (tools.sweep writes it)") from None
+        raise FileNotFoundError(f"{path} not found: not a sweep directory (biomedgpt.tools.sweep writes it)") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
 

@@ -1,6 +1,6 @@
 """Consolidate a DeepSpeed ZeRO checkpoint into a model directory (safetensors + config + tokenizer).
 
-    python -m tools.consolidate checkpoint=runs/demo output=models/demo [tag=step_00000200] \
+    python -m biomedgpt.tools.consolidate checkpoint=runs/demo output=models/demo [tag=step_00000200] \
         [dtype=bf16] [ema=true] [verify=true] [model.size=base]
 
 ``checkpoint`` is a run's output directory, its ``checkpoints/`` root (``latest`` picks the tag) or a tag
@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from engine.config import parse_cli
-from models.checkpoint import CheckpointError
-from models.config import ModelSpec
-from models.tokenizer import TokenizerError
-from tools.import_checkpoint import load_any_tokenizer
-from tools.zero_checkpoint import ZeroCheckpoint, checkpoint_model_config, consolidate, open_checkpoint
+from biomedgpt.engine.config import parse_cli
+from biomedgpt.models.checkpoint import CheckpointError
+from biomedgpt.models.config import ModelSpec
+from biomedgpt.models.tokenizer import TokenizerError
+from biomedgpt.tools.import_checkpoint import load_any_tokenizer
+from biomedgpt.tools.zero_checkpoint import ZeroCheckpoint, checkpoint_model_config, consolidate, open_checkpoint
 
 
 @dataclass

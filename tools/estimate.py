@@ -1,8 +1,8 @@
 """Plan a run before launching it: memory per GPU, FLOPs and time per step, ZeRO communication per step.
 
-    python -m tools.estimate model.size=xlarge zero_stage=3 gpus_per_node=8 nodes=2 micro_batch=16 \
+    python -m biomedgpt.tools.estimate model.size=xlarge zero_stage=3 gpus_per_node=8 nodes=2 micro_batch=16 \
         image_size=384 precision=bf16 mfu=0.4 gpu=H100 interconnect_gbps=50
-    python -m tools.estimate model.size=base precision=fp32 zero_stage=0 gpus_per_node=1 measure=true
+    python -m biomedgpt.tools.estimate model.size=base precision=fp32 zero_stage=0 gpus_per_node=1 measure=true
 
 Model states (parameters, gradients, optimizer) follow DeepSpeed's own accounting, so the numbers agree
 with ``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_model_states_mem_needs`` for the same
@@ -30,10 +30,10 @@ from typing import Literal, Optional
 
 import torch
 
-from engine.config import from_dict, parse_cli
-from engine.flops import GPU_PEAKS, train_step_flops
-from engine.run_config import Precision
-from models.config import ModelConfig, ModelSpec
+from biomedgpt.engine.config import from_dict, parse_cli
+from biomedgpt.engine.flops import GPU_PEAKS, train_step_flops
+from biomedgpt.engine.run_config import Precision
+from biomedgpt.models.config import ModelConfig, ModelSpec
 
 GIB = 2 ** 30
 
@@ -57,7 +57,7 @@ class EstimateConfig:
     tgt_len: int = 30
     sample_patch_num: Optional[int] = None
     activation_checkpointing: bool = False
-    gpu: str = "H100"  # a key of engine.flops.GPU_PEAKS
+    gpu: str = "H100"  # a key of biomedgpt.engine.flops.GPU_PEAKS
     peak_tflops: Optional[float] = None  # per GPU; overrides the table
     mfu: float = 0.4
     interconnect_gbps: float = 100.0  # GB/s of collective bus bandwidth per GPU
@@ -89,7 +89,7 @@ def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
     The largest module is counted the way DeepSpeed's ``model_to_params`` does (own parameters only);
     it is what ZeRO-3 gathers at once.
     """
-    from models.ofa import BiomedGPT, count_parameters
+    from biomedgpt.models.ofa import BiomedGPT, count_parameters
 
     with torch.device("meta"):
         model = BiomedGPT(cfg)
@@ -255,8 +255,8 @@ def estimate(cfg: EstimateConfig) -> dict:
 
 _MEASURE_SCRIPT = """
 import json, sys, torch
-from models.config import ModelSpec
-from models.ofa import BiomedGPT
+from biomedgpt.models.config import ModelSpec
+from biomedgpt.models.ofa import BiomedGPT
 
 def status(key):
     with open("/proc/self/status") as f:

@@ -1,12 +1,12 @@
 """Export a model directory under the names of the released BiomedGPT HF-port weights.
 
-    python -m tools.export_hf model=models/demo output=export/demo-hf [dtype=bf16]
+    python -m biomedgpt.tools.export_hf model=models/demo output=export/demo-hf [dtype=bf16]
 
 The HF port (OFA's ``transformers`` fork) renames some layer parts (``attn_ln`` ->
 ``self_attn_mid_layer_norm``, ``encoder_attn`` -> ``cross_attn``, ...; the tables are
-``models.checkpoint.HF_ENCODER_LAYER`` / ``HF_DECODER_LAYER``, used here in reverse) and stores the tied
+``biomedgpt.models.checkpoint.HF_ENCODER_LAYER`` / ``HF_DECODER_LAYER``, used here in reverse) and stores the tied
 embedding under all three of its names. Output: ``model.safetensors`` + an OFA-style ``config.json``
-(+ ``tokenizer/`` copied when present); ``models.checkpoint.import_released`` reads it back.
+(+ ``tokenizer/`` copied when present); ``biomedgpt.models.checkpoint.import_released`` reads it back.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ from typing import Literal, Optional
 from safetensors.torch import save_file
 from torch import Tensor
 
-from engine.config import parse_cli
-from models.checkpoint import (HF_DECODER_LAYER, HF_ENCODER_LAYER, TIED_ALIASES, TIED_KEY, CheckpointError,
+from biomedgpt.engine.config import parse_cli
+from biomedgpt.models.checkpoint import (HF_DECODER_LAYER, HF_ENCODER_LAYER, TIED_ALIASES, TIED_KEY, CheckpointError,
                                write_dir_atomically, read_model_config, read_model_weights)
-from models.config import ModelConfig
-from tools.zero_checkpoint import DTYPES
+from biomedgpt.models.config import ModelConfig
+from biomedgpt.tools.zero_checkpoint import DTYPES
 
 TO_HF = {"encoder": {v: k for k, v in HF_ENCODER_LAYER.items()},
          "decoder": {v: k for k, v in HF_DECODER_LAYER.items()}}
@@ -35,7 +35,7 @@ RESNET_TYPES = {(3, 4, 6): "resnet50", (3, 4, 23): "resnet101", (3, 8, 36): "res
 
 @dataclass
 class ExportConfig:
-    model: str = ""  # a model directory (tools.consolidate / save_pretrained)
+    model: str = ""  # a model directory (biomedgpt.tools.consolidate / save_pretrained)
     output: str = ""
     dtype: Optional[Literal["fp32", "bf16", "fp16"]] = None  # default: as stored
     overwrite: bool = False

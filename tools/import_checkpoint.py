@@ -1,6 +1,6 @@
 """Import a released BiomedGPT / OFA checkpoint into this project's model directory.
 
-    python -m tools.import_checkpoint source=biomedgpt_base.pt output=models/biomedgpt-base \
+    python -m biomedgpt.tools.import_checkpoint source=biomedgpt_base.pt output=models/biomedgpt-base \
         tokenizer=../shared/bpe [ema=true] [dtype=bf16]
 
 Accepts fairseq checkpoints (``model`` or ``extra_state.ema``), HF-port state dicts (.bin /
@@ -16,10 +16,10 @@ from typing import Literal
 
 import torch
 
-from engine.config import parse_cli
-from models.checkpoint import CheckpointError, import_released, save_pretrained
-from models.ofa import count_parameters
-from models.tokenizer import Tokenizer
+from biomedgpt.engine.config import parse_cli
+from biomedgpt.models.checkpoint import CheckpointError, import_released, save_pretrained
+from biomedgpt.models.ofa import count_parameters
+from biomedgpt.models.tokenizer import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -1,12 +1,12 @@
 """Ask a model about images: answer a question, write a caption, find a region, or name the class.
 
-    python -m tools.infer model_dir=runs/vqa_rad/best image=scan.dcm task=vqa 'question=what modality is this?'
-    python -m tools.infer model_dir=runs/iu_xray/best images_dir=xrays/ task=caption output=captions.jsonl
-    python -m tools.infer model_dir=M image=cxr.png task=grounding 'text=the left lung'
+    python -m biomedgpt.tools.infer model_dir=runs/vqa_rad/best image=scan.dcm task=vqa 'question=what modality is this?'
+    python -m biomedgpt.tools.infer model_dir=runs/iu_xray/best images_dir=xrays/ task=caption output=captions.jsonl
+    python -m biomedgpt.tools.infer model_dir=M image=cxr.png task=grounding 'text=the left lung'
 
 Images may be PNG, JPEG or DICOM (windowed as in the data converter). Prompts are built by the same
-task processors as training (``data.tasks``), so they match what the model was fine-tuned on. VQA
-and classification are constrained to ``answers`` (a file, as ``engine.downstream.read_answers``)
+task processors as training (``biomedgpt.data.tasks``), so they match what the model was fine-tuned on. VQA
+and classification are constrained to ``answers`` (a file, as ``biomedgpt.engine.downstream.read_answers``)
 when given, else generated freely. Prints one JSON line per image (or writes them to ``output``); an
 unreadable image gets a line with its ``error`` and the command exits non-zero after the others.
 """
@@ -22,16 +22,16 @@ from typing import Literal, Optional
 
 import torch
 
-from data.collate import collate
-from data.config import DataConfig
-from data.images import decode_image
-from data.records import make_record
-from data.tasks import TaskContext, process
-from engine.checkpointing import atomic_write_text
-from engine.config import parse_cli
-from engine.downstream import (TASK_DEFAULTS, load_model_and_tokenizer, pick_device,
+from biomedgpt.data.collate import collate
+from biomedgpt.data.config import DataConfig
+from biomedgpt.data.images import decode_image
+from biomedgpt.data.records import make_record
+from biomedgpt.data.tasks import TaskContext, process
+from biomedgpt.engine.checkpointing import atomic_write_text
+from biomedgpt.engine.config import parse_cli
+from biomedgpt.engine.downstream import (TASK_DEFAULTS, load_model_and_tokenizer, pick_device,
                                predict_task, read_answers, select_rows)
-from models.generation import GenerationConfig
+from biomedgpt.models.generation import GenerationConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 InferTask = Literal["vqa", "caption", "grounding", "classification"]
@@ -56,7 +56,7 @@ class InferConfig:
     batch_size: int = 8
     output: Optional[str] = None  # JSONL file; None: standard output
     device: str = "auto"
-    bpe_dir: str = "../shared/bpe"
+    bpe_dir: Optional[str] = None  # GPT-2 BPE files; None: the packaged copy
 
     def __post_init__(self) -> None:
         if not self.model_dir:
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     results = run(parse_cli(InferConfig, argv, description=__doc__.split("\n\n")[0]))
     failed = [r["image"] for r in results if "error" in r]
     if failed:
-        sys.exit(f"tools.infer: {len(failed)} of {len(results)} images could not be read (see their error rows)")
+        sys.exit(f"biomedgpt.tools.infer: {len(failed)} of {len(results)} images could not be read (see their error rows)")
 
 
 if __name__ == "__main__":

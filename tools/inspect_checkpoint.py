@@ -1,6 +1,6 @@
 """What a checkpoint directory holds, read from the pickles only (no tensor is loaded).
 
-    python -m tools.inspect_checkpoint path=runs/demo [tag=step_00000200] [json=true]
+    python -m biomedgpt.tools.inspect_checkpoint path=runs/demo [tag=step_00000200] [json=true]
 
 ``path`` is a run's output directory, a ``checkpoints/`` root or one tag directory. For every tag:
 ZeRO stage, world size, step, parameter count, file sizes, EMA / universal copies, the client state's
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from engine.config import parse_cli
-from models.checkpoint import CheckpointError
-from tools.zero_checkpoint import describe, iter_tags, open_checkpoint
+from biomedgpt.engine.config import parse_cli
+from biomedgpt.models.checkpoint import CheckpointError
+from biomedgpt.tools.zero_checkpoint import describe, iter_tags, open_checkpoint
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Build a small REAL biomedical demo dataset as MDS shards, from data that installs with packages.
 
-    python -m tools.make_demo_data output_dir=demo_data
+    python -m biomedgpt.tools.make_demo_data output_dir=demo_data
 
 Sources (../shared/spec/real-data.md; read from the installed packages, nothing downloaded):
 - pydicom-data's clinical DICOMs -> ``dicom_vqa`` (modality / body-part questions with exact answers
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import yaml
 
-from data.images import dicom_to_uint8, encode_png
-from data.mds import ShardWriter
-from data.records import make_record
+from biomedgpt.data.images import dicom_to_uint8, encode_png
+from biomedgpt.data.mds import ShardWriter
+from biomedgpt.data.records import make_record
 
 MODALITY_NAMES = {"CT": "ct", "MR": "mri", "CR": "x ray", "DX": "x ray", "US": "ultrasound",
                   "NM": "nuclear medicine", "PT": "pet", "RF": "fluoroscopy", "XA": "angiography",
@@ -167,7 +167,7 @@ def build(cfg: DemoConfig) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from engine.config import parse_cli
+    from biomedgpt.engine.config import parse_cli
 
     cfg = parse_cli(DemoConfig, argv)
     for name, count in build(cfg).items():

@@ -1,11 +1,11 @@
-"""Convert datasets into MDS shards of our row schema (``data.records``), locally or straight to s3://.
+"""Convert datasets into MDS shards of our row schema (``biomedgpt.data.records``), locally or straight to s3://.
 
-    python -m tools.prepare_data input=vision_language.tsv format=vision_language_tsv output=s3://bucket/vl
-    python -m tools.prepare_data input=vqa.parquet format=parquet kind=vqa output=shards/vqa \
+    python -m biomedgpt.tools.prepare_data input=vision_language.tsv format=vision_language_tsv output=s3://bucket/vl
+    python -m biomedgpt.tools.prepare_data input=vqa.parquet format=parquet kind=vqa output=shards/vqa \
         'columns={answers: answer, image: image}'
-    python -m tools.prepare_data input=reports.jsonl format=jsonl kind=caption image_root=images/ output=...
-    python -m tools.prepare_data input=dicoms/ format=dicom kind=caption 'columns={captions: StudyDescription}'
-    python -m tools.prepare_data input=llava_med_instruct.json format=llava_json image_root=images/ output=...
+    python -m biomedgpt.tools.prepare_data input=reports.jsonl format=jsonl kind=caption image_root=images/ output=...
+    python -m biomedgpt.tools.prepare_data input=dicoms/ format=dicom kind=caption 'columns={captions: StudyDescription}'
+    python -m biomedgpt.tools.prepare_data input=llava_med_instruct.json format=llava_json image_root=images/ output=...
 
 Formats: the original BiomedGPT/OFA TSVs (no header, url-safe base64 images; see
 ../shared/spec/tasks-and-data.md), Parquet (read in batches), JSONL / CSV records with image paths,
@@ -13,7 +13,7 @@ DICOM folders, LLaVA(-Med) instruction conversations (JSON). Images are stored e
 (JPEG/PNG are not re-encoded; DICOM is windowed and written as PNG once). A malformed row or corrupt
 image is reported as ``file:line: reason: message`` and skipped; the run exits non-zero, publishing
 nothing, when more than ``max_bad_fraction`` of the rows were bad. The output becomes visible only
-when complete (``data.mds``).
+when complete (``biomedgpt.data.mds``).
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional
 
-from data.images import dicom_to_uint8, encode_png, storable_image
-from data.mds import ShardWriter
-from data.records import (KINDS, MEDNLI_LABEL_INDEX, BadRecord, make_record, parse_answer_type, parse_answers,
+from biomedgpt.data.images import dicom_to_uint8, encode_png, storable_image
+from biomedgpt.data.mds import ShardWriter
+from biomedgpt.data.records import (KINDS, MEDNLI_LABEL_INDEX, BadRecord, make_record, parse_answer_type, parse_answers,
                           parse_codes, parse_detections, parse_floats, split_objects)
 
 Format = Literal["vision_language_tsv", "text_tsv", "image_tsv", "detection_tsv", "vqa_tsv", "caption_tsv",
@@ -45,7 +45,7 @@ class PrepareConfig:
     input: str = ""
     format: Format = "jsonl"
     output: str = ""
-    kind: str = ""  # row kind for parquet / jsonl / csv / dicom input (data.records.KINDS); others imply it
+    kind: str = ""  # row kind for parquet / jsonl / csv / dicom input (biomedgpt.data.records.KINDS); others imply it
     columns: dict[str, str] = field(default_factory=dict)  # our field -> source column (or DICOM keyword)
     image_root: str = ""  # base of relative image paths in jsonl / csv
     compression: Optional[str] = None  # e.g. zstd; None keeps shards directly readable
@@ -431,7 +431,7 @@ def convert(cfg: PrepareConfig, log=None) -> Summary:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from engine.config import parse_cli
+    from biomedgpt.engine.config import parse_cli
 
     convert(parse_cli(PrepareConfig, argv))
 

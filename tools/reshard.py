@@ -1,11 +1,11 @@
 """Convert a ZeRO checkpoint tag to DeepSpeed's universal format, to resume on another number of ranks.
 
-    python -m tools.reshard checkpoint=runs/demo [tag=step_00000200] [output=...]
+    python -m biomedgpt.tools.reshard checkpoint=runs/demo [tag=step_00000200] [output=...]
 
 By default the universal copy is written to ``<tag>/universal``, where the engine looks for it when a run
 resumes with another world size or ZeRO stage (so a big conversion can run on a CPU node before the GPU
 job starts). Any DeepSpeed job loads it with ``"checkpoint": {"load_universal": true}`` and
-``engine.load_checkpoint(<tag dir>, tag="universal")``; ``tools.consolidate`` reads it too.
+``engine.load_checkpoint(<tag dir>, tag="universal")``; ``biomedgpt.tools.consolidate`` reads it too.
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from engine.config import parse_cli
-from models.checkpoint import CheckpointError
-from tools.zero_checkpoint import open_checkpoint, to_universal
+from biomedgpt.engine.config import parse_cli
+from biomedgpt.models.checkpoint import CheckpointError
+from biomedgpt.tools.zero_checkpoint import open_checkpoint, to_universal
 
 
 @dataclass

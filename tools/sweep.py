@@ -1,8 +1,8 @@
 """Scaling sweeps from one command: expand a grid into run configs, train them, collect, fit, report.
 
-    python -m tools.sweep --config configs/sweeps/demo_sizes.yaml
-    python -m tools.sweep --config configs/sweeps/sizes_x_lr.yaml launcher=slurm sbatch_args='[--partition=gpu]'
-    python -m tools.sweep --config configs/sweeps/demo_sizes.yaml launcher=plan   # configs + list only
+    python -m biomedgpt.tools.sweep --config configs/sweeps/demo_sizes.yaml
+    python -m biomedgpt.tools.sweep --config configs/sweeps/sizes_x_lr.yaml launcher=slurm sbatch_args='[--partition=gpu]'
+    python -m biomedgpt.tools.sweep --config configs/sweeps/demo_sizes.yaml launcher=plan   # configs + list only
 
 A sweep is a base run config (a ``RunConfig`` YAML, or the engine's demo config) with ``overrides``
 applied to every run and ``axes``: each axis sets one dotted RunConfig key to each of its values
@@ -14,9 +14,9 @@ sweep still apply). A mapping value sets several keys under the axis key at once
 
 Writes ``<root>/<name>/``: ``sweep.json`` (the manifest), ``configs/<run>.yaml``, ``runs.txt`` (one config
 per line: the job-array list of ``launchers/slurm_sweep.sbatch``) and ``runs/<run>/`` (each run's
-output_dir). ``local`` trains the runs one after another (``python -m engine.train``, or
-``launchers/local.sh -n RANKS`` for several ranks), then collects (``tools.collect``) and fits
-(``tools.scaling_fit``). ``slurm`` submits the unfinished runs as one job array; collect and fit
+output_dir). ``local`` trains the runs one after another (``python -m biomedgpt.engine.train``, or
+``launchers/local.sh -n RANKS`` for several ranks), then collects (``biomedgpt.tools.collect``) and fits
+(``biomedgpt.tools.scaling_fit``). ``slurm`` submits the unfinished runs as one job array; collect and fit
 afterwards. Rerunning skips finished runs; unfinished ones resume from their own checkpoints.
 """
 from __future__ import annotations
@@ -35,10 +35,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from engine.config import ConfigError, set_dotted, from_dict, load, parse_cli, to_dict
-from engine.run_config import RunConfig, demo_config
-from tools.collect import STATUS_FILE, collect, is_finished, summary
-from tools.scaling_fit import atomic_write_text
+from biomedgpt.engine.config import ConfigError, set_dotted, from_dict, load, parse_cli, to_dict
+from biomedgpt.engine.run_config import RunConfig, demo_config
+from biomedgpt.tools.collect import STATUS_FILE, collect, is_finished, summary
+from biomedgpt.tools.scaling_fit import atomic_write_text
 
 #: Short axis names and the RunConfig key each sets.
 AXIS_KEYS = {
@@ -194,7 +194,7 @@ def pending(runs: list[PlannedRun]) -> list[PlannedRun]:
 
 def train_command(cfg: SweepConfig, run: PlannedRun) -> list[str]:
     if cfg.ranks == 1:
-        return [sys.executable, "-m", "engine.train", "--config", str(run.config_path)]
+        return [sys.executable, "-m", "biomedgpt.engine.train", "--config", str(run.config_path)]
     return ["bash", "launchers/local.sh", "-n", str(cfg.ranks), "--", "--config", str(run.config_path)]
 
 
@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.launcher == "slurm":
         if todo:
             print(submit_slurm(cfg, todo))
-        print(f"when the array is done: python -m tools.collect sweep_dir={directory} && "
-              f"python -m tools.scaling_fit sweep_dir={directory}")
+        print(f"when the array is done: python -m biomedgpt.tools.collect sweep_dir={directory} && "
+              f"python -m biomedgpt.tools.scaling_fit sweep_dir={directory}")
         return 0
     failed = []
     for i, run in enumerate(todo, 1):
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.stop_on_failure:
                 break
     if cfg.analyse:
-        from tools.scaling_fit import FitConfig, run as fit_and_report
+        from biomedgpt.tools.scaling_fit import FitConfig, run as fit_and_report
 
         rows, _ = collect(directory)
         print(summary(rows))

@@ -1,9 +1,9 @@
 """Train the project's own byte-level BPE on a text corpus and write a tokenizer directory.
 
-``python -m tools.train_tokenizer inputs='[reports/*.txt]' output_dir=out/tok bpe_vocab_size=8000``
+``python -m biomedgpt.tools.train_tokenizer inputs='[reports/*.txt]' output_dir=out/tok bpe_vocab_size=8000``
 
 The result has the same layout as the canonical GPT-2 vocabulary (``<s> <pad> </s> <unk>``, the BPE
-entries, ``<mask>``, codes, bins) and is read back with ``models.tokenizer.Tokenizer.load``.
+entries, ``<mask>``, codes, bins) and is read back with ``biomedgpt.models.tokenizer.Tokenizer.load``.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from typing import Iterator, Sequence
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
-from engine.config import parse_cli
-from models.tokenizer import NUM_BINS, NUM_CODES, RESERVED, Tokenizer
+from biomedgpt.engine.config import parse_cli
+from biomedgpt.models.tokenizer import NUM_BINS, NUM_CODES, RESERVED, Tokenizer
 
 _BYTE_SYMBOLS = 256
 

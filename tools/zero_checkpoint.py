@@ -42,10 +42,10 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from models.checkpoint import (TIED_ALIASES, TIED_KEY, CheckpointError, write_dir_atomically,
+from biomedgpt.models.checkpoint import (TIED_ALIASES, TIED_KEY, CheckpointError, write_dir_atomically,
                                read_model_config, read_model_weights)
-from models.config import ModelConfig, ModelSpec
-from models.ofa import BiomedGPT
+from biomedgpt.models.config import ModelConfig, ModelSpec
+from biomedgpt.models.ofa import BiomedGPT
 
 MODEL_FILE_RE = re.compile(r"^(?:zero_pp_rank_(?P<rank>\d+)_)?mp_rank_(?P<mp>\d+)_model_states\.pt$")
 OPTIM_FILE_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(?P<rank>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$")
@@ -587,7 +587,7 @@ def checkpoint_model_config(ckpt: ZeroCheckpoint, spec: ModelSpec | None = None)
 
 
 def _spec_from(data: dict, where: str) -> ModelConfig:
-    from engine.config import ConfigError, from_dict
+    from biomedgpt.engine.config import ConfigError, from_dict
 
     try:
         return from_dict(ModelSpec, data).build()
@@ -664,7 +664,7 @@ def write_safetensors_streaming(path: Path, entries: list[tuple[str, tuple[int, 
 
 def plan_shards(entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int
                 ) -> list[list[tuple[str, tuple[int, ...], torch.dtype]]]:
-    """Split into shards the way ``models.checkpoint.write_model_files`` does."""
+    """Split into shards the way ``biomedgpt.models.checkpoint.write_model_files`` does."""
     shards: list[list] = [[]]
     size = 0
     for entry in entries:
@@ -691,7 +691,7 @@ class ConsolidationResult:
 def consolidate(ckpt: ZeroCheckpoint, output: str | Path, cfg: ModelConfig, dtype: str = "fp32",
                 ema: bool = False, tokenizer=None, max_shard_bytes: int = 2 << 30, overwrite: bool = False,
                 progress: bool = True, verify_output: bool = False) -> ConsolidationResult:
-    """Write a model directory (``models.checkpoint`` layout) from ``ckpt``, streaming, atomically;
+    """Write a model directory (``biomedgpt.models.checkpoint`` layout) from ``ckpt``, streaming, atomically;
     ``verify_output`` runs ``verify`` against DeepSpeed's reconstruction before the directory appears."""
     from tqdm import tqdm
 
@@ -800,7 +800,7 @@ class VerifyReport:
 def verify(model_dir: str | Path, ckpt: ZeroCheckpoint | None = None, live_model: BiomedGPT | None = None,
            atol: float = 1e-5) -> VerifyReport:
     """Checksums; then each tensor and a forward pass against ``live_model`` or DeepSpeed's reconstruction."""
-    from models.checkpoint import load_into, load_pretrained
+    from biomedgpt.models.checkpoint import load_into, load_pretrained
 
     report = VerifyReport(verify_checksums(model_dir))
     if live_model is None and ckpt is None:

@@ -1,0 +1,111 @@
+"""The ``biomedgpt`` command: one subcommand per job, each a thin front for its module's ``main(argv)``.
+
+    biomedgpt train [-n RANKS] [--config FILE|NAME] [key.sub=value ...]
+    biomedgpt SUB --help          # every setting of SUB
+    biomedgpt bench NAME ...      # benchmarks
+
+Settings keep the ``key=value`` override syntax of every module. ``train``/``demo`` run in this process
+when a launcher started it (``RANK`` is set: torchrun, the deepspeed launcher, srun) or for one rank;
+with ``-n RANKS`` > 1 they start the ranks through ``launchers/local.sh`` (see its header).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+#: subcommand -> (module, one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("biomedgpt.engine.train", "train (or fine-tune) a model from a run config"),
+    "demo": ("biomedgpt.engine.train", "the embedded demo run: build packaged real data, train, evaluate"),
+    "prepare-data": ("biomedgpt.tools.prepare_data", "convert TSV/Parquet/JSONL/DICOM/LLaVA data into MDS shards"),
+    "evaluate": ("biomedgpt.engine.downstream", "task metrics of a model directory on a recipe's eval streams"),
+    "infer": ("biomedgpt.tools.infer", "answer / caption PNG, JPEG or DICOM images with a model directory"),
+    "import-checkpoint": ("biomedgpt.tools.import_checkpoint", "released BiomedGPT/OFA checkpoint -> model directory"),
+    "export-hf": ("biomedgpt.tools.export_hf", "model directory -> OFA HF-port weights"),
+    "consolidate": ("biomedgpt.tools.consolidate", "ZeRO training checkpoint -> model directory (safetensors)"),
+    "reshard": ("biomedgpt.tools.reshard", "ZeRO checkpoint -> universal checkpoint (resume on another world size)"),
+    "inspect-checkpoint": ("biomedgpt.tools.inspect_checkpoint", "what a checkpoint holds and whether it is usable"),
+    "sweep": ("biomedgpt.tools.sweep", "scaling sweep: expand a grid, run locally or as a SLURM array"),
+    "collect": ("biomedgpt.tools.collect", "a sweep's results as a table"),
+    "fit-scaling": ("biomedgpt.tools.scaling_fit", "power-law fits, compute frontier, plots and report"),
+    "estimate": ("biomedgpt.tools.estimate", "memory, FLOPs and time per step of a run config"),
+    "train-tokenizer": ("biomedgpt.tools.train_tokenizer", "train a BPE tokenizer on your own text"),
+    "make-demo-data": ("biomedgpt.tools.make_demo_data", "build the demo shards from packaged real data"),
+}
+
+#: ``biomedgpt bench NAME`` -> (module, description)
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "attention": ("biomedgpt.tools.bench_attention", "attention backends: time and memory"),
+    "consolidate": ("biomedgpt.tools.bench_consolidate", "consolidation vs DeepSpeed zero_to_fp32: RSS and time"),
+    "engine": ("biomedgpt.tools.bench_engine", "ZeRO stages: step time, tokens/s; checkpoint save/resume"),
+    "generation": ("biomedgpt.tools.bench_generation", "beam search throughput per task"),
+    "gpu": ("biomedgpt.tools.bench_gpu", "GPU table: sizes x backends x image sizes"),
+    "loader": ("biomedgpt.tools.bench_loader", "data loader samples per CPU-second"),
+    "model": ("biomedgpt.tools.bench_model", "forward+backward time and peak memory per size"),
+}
+
+LOCAL_LAUNCHER = Path(__file__).resolve().parents[1] / "launchers" / "local.sh"
+
+
+def _usage(table: dict[str, tuple[str, str]], prefix: str) -> str:
+    width = max(map(len, table))
+    rows = "\n".join(f"  {name:<{width}}  {desc}" for name, (_, desc) in table.items())
+    return f"usage: {prefix} <command> [--help] [settings ...]\n\ncommands:\n{rows}\n"
+
+
+def _run_module(module: str, argv: list[str], prog: str) -> int:
+    sys.argv = [prog, *argv]  # argparse names the subcommand in usage and errors
+    result = importlib.import_module(module).main(argv)
+    return result if isinstance(result, int) else 0
+
+
+def _train(argv: list[str], prog: str, demo: bool) -> int:
+    """``-n RANKS``: start that many ranks (local.sh) unless a launcher already started this one."""
+    ranks = None
+    rest = []
+    args = iter(argv)
+    for arg in args:
+        if arg in ("-n", "--nproc"):
+            ranks = next(args, None)
+            if ranks is None:
+                sys.exit(f"{prog}: {arg} needs a number of ranks")
+        elif arg.startswith("--nproc="):
+            ranks = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if demo and any(a == "--config" or a.startswith("--config=") for a in rest):
+        sys.exit(f"{prog}: the demo has its own config; use 'biomedgpt train --config ...' for another run")
+    if "RANK" in os.environ or ranks == "1" or (ranks is None and not demo):
+        return _run_module("biomedgpt.engine.train", rest, prog)
+    launch = ["bash", str(LOCAL_LAUNCHER)] + (["-n", ranks] if ranks else []) + ["--", *rest]
+    os.environ.setdefault("PYTHON", sys.executable)
+    os.execvp("bash", launch)
+    return 0  # unreachable
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage(COMMANDS, "biomedgpt") + f"  {'bench':<18}  benchmarks (biomedgpt bench --help)\n"
+              + "\n" + __doc__.split("\n\n", 1)[1])
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name in ("train", "demo"):
+        return _train(rest, f"biomedgpt {name}", demo=name == "demo")
+    if name == "bench":
+        if not rest or rest[0] in ("-h", "--help"):
+            print(_usage(BENCHMARKS, "biomedgpt bench"))
+            return 0
+        if rest[0] not in BENCHMARKS:
+            sys.exit(f"biomedgpt bench: unknown benchmark {rest[0]!r}; known: {', '.join(BENCHMARKS)}")
+        return _run_module(BENCHMARKS[rest[0]][0], rest[1:], f"biomedgpt bench {rest[0]}")
+    if name not in COMMANDS:
+        sys.exit(f"biomedgpt: unknown command {name!r}; known: {', '.join([*COMMANDS, 'bench'])}")
+    return _run_module(COMMANDS[name][0], rest, f"biomedgpt {name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
