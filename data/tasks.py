@@ -1,7 +1,7 @@
 """Task processors: one shard row -> the exact source / target token sequences of the spec's tasks.
 
 Every source is ``<s> + BPE(prompt) + </s>``, every target ``BPE(text) + </s>`` and the decoder input
-``<s> + BPE(text)`` (../shared/spec/tasks-and-data.md). Prompts are encoded in pieces that meet at
+``<s> + BPE(text)`` (docs/tasks-and-data.md). Prompts are encoded in pieces that meet at
 GPT-2 pre-token boundaries (a space or a quote), so the ids equal those of the whole prompt string while
 the free text in the middle can be cut to the length limit without cutting the prompt.
 """

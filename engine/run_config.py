@@ -147,7 +147,7 @@ class RunConfig:
     max_nonfinite_steps: int = 20  # skipped NaN/inf losses tolerated before the run fails
     seed: int = 1
     output_dir: PathStr = "runs/default"
-    demo_data_dir: Optional[PathStr] = None  # build the demo shards (biomedgpt.tools.make_demo_data) here when absent
+    demo_data_dir: Optional[PathStr] = None  # build the demo shards (biomedgpt.data.demo) here when absent
 
     def __post_init__(self) -> None:
         if self.eval.downstream is not None and self.deepspeed.zero_stage == 3:

@@ -28,7 +28,7 @@ def ensure_demo_data(directory: str) -> None:
     with open(root.parent / f".{root.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (root / "data_config.yaml").exists():
-            from biomedgpt.tools.make_demo_data import DemoConfig, build
+            from biomedgpt.data.demo import DemoConfig, build
 
             print(f"building the demo dataset in {root} (once, about a minute)", flush=True)
             build(DemoConfig(output_dir=str(root)))

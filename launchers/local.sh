@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Local launcher: one rank per GPU on this machine, or N CPU processes (DeepSpeed's CPU accelerator, gloo).
 #
-#   launchers/local.sh [-n RANKS] [-m MODULE] [--] [ARGS...]
+#   launchers/local.sh [-n RANKS] [-m MODULE] [--] [ARGS...]      (biomedgpt train -n RANKS runs this)
 #
-# RANKS defaults to the number of GPUs, or 2 without GPUs; MODULE defaults to biomedgpt.engine.train, so with no
-# arguments this runs the demo (the README's main job). ARGS go to every rank: --config FILE key=value ...
+# RANKS defaults to the number of GPUs, or 2 without GPUs; MODULE defaults to biomedgpt.engine.train, so
+# with no arguments this runs the demo (the README's main job). ARGS go to every rank: --config FILE key=value.
 #
-# Failure handling: when a rank exits non-zero the others get 5 s to exit on their own, then SIGKILL,
-# so a dead rank never leaves its peers hanging in a collective. SIGTERM / SIGUSR1 / SIGINT sent to this
-# script are forwarded to every rank (the trainer checkpoints and exits 75); ranks exiting 75 get up to
-# RESUME_GRACE_S (600 s) to finish writing. The exit status is the first non-zero rank status (75 when
-# the job stopped for a resumable reason).
+# The standard launchers work too (torchrun --nproc-per-node N -m biomedgpt.engine.train ...;
+# deepspeed --num_gpus N --module biomedgpt.engine.train ...). This script adds what they lack for
+# preemptible checkpointing jobs:
+# - SIGUSR1 (SLURM's time-limit warning) is forwarded to every rank, not only SIGTERM/SIGINT;
+# - ranks stopping for a resumable reason (exit 75, after a signal) get RESUME_GRACE_S (600 s) to finish
+#   writing their checkpoint, where torchrun and deepspeed kill them after 30 s;
+# - the job's status is the first non-zero rank status (75 stays 75 for a requeue), where torchrun
+#   reports 1; a rank exiting non-zero otherwise gets its peers killed after 5 s;
+# - without GPUs it selects DeepSpeed's CPU accelerator and splits the cores between the ranks.
 set -u
 
 ranks=""
@@ -19,8 +23,8 @@ while getopts "n:m:h" opt; do
     case "$opt" in
         n) ranks="$OPTARG" ;;
         m) module="$OPTARG" ;;
-        h) sed -n '2,14p' "$0"; exit 0 ;;
-        *) sed -n '2,14p' "$0" >&2; exit 2 ;;
+        h) sed -n '2,18p' "$0"; exit 0 ;;
+        *) sed -n '2,18p' "$0" >&2; exit 2 ;;
     esac
 done
 shift $((OPTIND - 1))

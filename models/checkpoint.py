@@ -35,7 +35,7 @@ TIED_KEY = "embed_tokens.weight"
 TIED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "decoder.output_projection.weight")
 # Deterministic buffers and bookkeeping keys a released file may carry: recomputed, never trusted.
 IGNORED_KEY = re.compile(r"(^|\.)(token_rp_bucket|image_rp_bucket|image_position_idx|version|_float_tensor)$")
-# HF-port component names inside a layer -> fairseq names (see architecture.md, "Checkpoint names").
+# HF-port component names inside a layer -> fairseq names (see docs/architecture.md, "Checkpoint names").
 HF_ENCODER_LAYER = {"self_attn_mid_layer_norm": "attn_ln", "ffn_layer_norm": "ffn_layernorm"}
 HF_DECODER_LAYER = {"self_attn_mid_layer_norm": "self_attn_ln", "cross_attn_mid_layer_norm": "cross_attn_ln",
                     "cross_attn_layer_norm": "encoder_attn_layer_norm", "cross_attn": "encoder_attn",

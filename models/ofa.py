@@ -2,7 +2,7 @@
 
 Module and parameter names follow the released fairseq checkpoints (``encoder.layers.0.attn_ln`` …),
 so those load without renaming; ``biomedgpt.models.checkpoint`` maps the HF-port names. Tensors are batch-first.
-See ``../shared/spec/architecture.md`` for the structure this file implements.
+See ``docs/architecture.md`` for the structure this file implements.
 """
 from __future__ import annotations
 

@@ -49,3 +49,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The demo shards (biomedgpt.data.demo, real packaged data; 60 reports keep it to ~40 s), built once."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("demo") / "data"
+    done = subprocess.run([sys.executable, "-m", "biomedgpt.data.demo", f"output_dir={out}", "max_reports=60"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out

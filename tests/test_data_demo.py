@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(180)
 def test_demo_data_builds_and_loads(tmp_path, vocab_dir, monkeypatch):
     from biomedgpt.data.loader import build_eval_loader, build_train_loader
     from biomedgpt.models.tokenizer import Tokenizer
-    from biomedgpt.tools.make_demo_data import DemoConfig, build
+    from biomedgpt.data.demo import DemoConfig, build
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.setenv(key, "1" if "SIZE" in key else "0")

@@ -1,4 +1,4 @@
-"""Exact token sequences of every task against the spec's prompts (../shared/bpe), and the batch layout."""
+"""Exact token sequences of every task against the spec's prompts (the packaged GPT-2 BPE), and the batch layout."""
 from __future__ import annotations
 
 import io

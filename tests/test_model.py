@@ -38,7 +38,7 @@ def assert_parity(model, data, tol=1e-3):
 
 
 def to_hf_names(state):
-    """Rename fairseq keys to the HF-port scheme of architecture.md (as the HF BiomedGPT weights use)."""
+    """Rename fairseq keys to the HF-port scheme of docs/architecture.md (as the HF BiomedGPT weights use)."""
     out = {}
     for key, value in state.items():
         m = re.match(r"^(encoder|decoder)\.layers\.(\d+)\.([^.]+)\.(.*)$", key)

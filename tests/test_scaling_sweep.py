@@ -28,14 +28,6 @@ def _run(args: list[str], repo_root: Path, timeout: int) -> subprocess.Completed
                           timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory, repo_root) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "data"
-    done = _run(["-m", "biomedgpt.tools.make_demo_data", f"output_dir={out}", "max_reports=60"], repo_root, 300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
-
-
 def test_sweep_end_to_end_and_resume(tmp_path, demo_data, repo_root, vocab_dir):
     data = yaml.safe_load((demo_data / "data_config.yaml").read_text())
     data.update(batch_size=2, patch_image_size=64, max_src_tokens=32, max_tgt_tokens=12, num_workers=0,

@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit-scaling": ("biomedgpt.tools.scaling_fit", "power-law fits, compute frontier, plots and report"),
     "estimate": ("biomedgpt.tools.estimate", "memory, FLOPs and time per step of a run config"),
     "train-tokenizer": ("biomedgpt.tools.train_tokenizer", "train a BPE tokenizer on your own text"),
-    "make-demo-data": ("biomedgpt.tools.make_demo_data", "build the demo shards from packaged real data"),
+    "make-demo-data": ("biomedgpt.data.demo", "build the demo shards from packaged real data"),
 }
 
 #: ``biomedgpt bench NAME`` -> (module, description)

@@ -51,6 +51,8 @@ def run_tokenizer(ckpt: ZeroCheckpoint, explicit: str | None):
     for key in ("tokenizer", "bpe_dir"):
         if run_cfg.get(key) and Path(run_cfg[key]).is_dir():
             return load_any_tokenizer(run_cfg[key])
+    if not run_cfg.get("tokenizer") and not run_cfg.get("bpe_dir"):
+        return load_any_tokenizer(None)  # the run trained with the packaged GPT-2 BPE
     return None
 
 

@@ -1,7 +1,7 @@
 """Import a released BiomedGPT / OFA checkpoint into this project's model directory.
 
     python -m biomedgpt.tools.import_checkpoint source=biomedgpt_base.pt output=models/biomedgpt-base \
-        tokenizer=../shared/bpe [ema=true] [dtype=bf16]
+        [ema=true] [dtype=bf16]
 
 Accepts fairseq checkpoints (``model`` or ``extra_state.ema``), HF-port state dicts (.bin /
 .safetensors / a directory). The architecture is inferred from tensor shapes; the output is
@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -30,15 +30,17 @@ class ImportConfig:
 
     source: str = ""
     output: str = ""
-    tokenizer: str = ""  # GPT-2 files (encoder.json, vocab.bpe, dict.txt), a BART dir, or a saved tokenizer
+    tokenizer: Optional[str] = None  # GPT-2 files, a BART dir or a saved tokenizer; None: the packaged GPT-2 BPE
     ema: bool = False
     trust_pickle: bool = False  # allow full unpickling for files that hold non-tensor Python objects
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     overwrite: bool = False
 
 
-def load_any_tokenizer(path: str | Path) -> Tokenizer:
-    """A tokenizer from whichever layout ``path`` holds."""
+def load_any_tokenizer(path: str | Path | None) -> Tokenizer:
+    """A tokenizer from whichever layout ``path`` holds (None: the packaged GPT-2 BPE, the released id space)."""
+    if path is None:
+        return Tokenizer.from_gpt2_files()
     path = Path(path)
     if (path / "tokenizer_config.json").exists():
         return Tokenizer.load(path)
@@ -50,14 +52,14 @@ def load_any_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def run(cfg: ImportConfig) -> Path:
-    for name in ("source", "output", "tokenizer"):
+    for name in ("source", "output"):
         if not getattr(cfg, name):
             raise CheckpointError(f"{name}=... is required")
     tokenizer = load_any_tokenizer(cfg.tokenizer)
     model = import_released(cfg.source, ema=cfg.ema, trust_pickle=cfg.trust_pickle)
     if model.cfg.vocab_size != tokenizer.vocab_size:
         raise CheckpointError(f"{cfg.source}: embedding has {model.cfg.vocab_size} rows but the tokenizer at "
-                              f"{cfg.tokenizer} has {tokenizer.vocab_size} ids")
+                              f"{cfg.tokenizer or 'the packaged GPT-2 BPE'} has {tokenizer.vocab_size} ids")
     out = save_pretrained(model, cfg.output, tokenizer, dtype=DTYPES[cfg.dtype], overwrite=cfg.overwrite)
     c = model.cfg
     print(f"imported {cfg.source}{' (EMA)' if cfg.ema else ''}: d_model={c.d_model} ffn={c.ffn_dim} "

@@ -8,7 +8,7 @@
     python -m biomedgpt.tools.prepare_data input=llava_med_instruct.json format=llava_json image_root=images/ output=...
 
 Formats: the original BiomedGPT/OFA TSVs (no header, url-safe base64 images; see
-../shared/spec/tasks-and-data.md), Parquet (read in batches), JSONL / CSV records with image paths,
+docs/tasks-and-data.md), Parquet (read in batches), JSONL / CSV records with image paths,
 DICOM folders, LLaVA(-Med) instruction conversations (JSON). Images are stored encoded as found
 (JPEG/PNG are not re-encoded; DICOM is windowed and written as PNG once). A malformed row or corrupt
 image is reported as ``file:line: reason: message`` and skipped; the run exits non-zero, publishing

@@ -1,8 +1,8 @@
 """Build a small REAL biomedical demo dataset as MDS shards, from data that installs with packages.
 
-    python -m biomedgpt.tools.make_demo_data output_dir=demo_data
+    python -m biomedgpt.data.demo output_dir=demo_data
 
-Sources (../shared/spec/real-data.md; read from the installed packages, nothing downloaded):
+Sources (docs/tasks-and-data.md, "Real data that installs offline"; read from the installed packages, nothing downloaded):
 - pydicom-data's clinical DICOMs -> ``dicom_vqa`` (modality / body-part questions with exact answers
   from the headers) and ``image_caption`` (a caption from the same headers), plus scikit-image's
   fundus, microaneurysm, immunohistochemistry and cell images with captions of what they show;
