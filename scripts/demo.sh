@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# The main job: install the pinned environment, then train and evaluate the embedded demo run on
-# 2 CPU ranks under DeepSpeed (or every GPU)
-# (real packaged biomedical data, a small model, CPU or GPU). Extra key=value overrides pass through.
+# The main job: install the pinned environment, then `biomedgpt demo`: build the demo shards from real
+# packaged biomedical data, train and evaluate a small model on 2 CPU ranks under DeepSpeed (or on every
+# GPU). Writes under ./runs/ of the current directory. Extra key=value overrides pass through.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bash scripts/install.sh
+bash "$(dirname "$0")/install.sh"
 export PYTHONUNBUFFERED=1
-exec bash launchers/local.sh -- "$@"
+exec biomedgpt demo "$@"
