@@ -33,7 +33,7 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def canonical_tokenizer(shared_dir):
+def canonical_tokenizer(vocab_dir):
     """The released checkpoints' id space (GPT-2 BPE in fairseq order + mask, codes, bins)."""
     from biomedgpt.models.tokenizer import Tokenizer
 
