@@ -1,4 +1,5 @@
-"""Shared test fixtures: the packaged GPT-2 vocabulary and the canonical tokenizer built from it."""
+"""Shared test fixtures: the packaged GPT-2 vocabulary, the canonical tokenizer built from it, and the compact
+parity cases."""
 from __future__ import annotations
 
 import os
@@ -38,6 +39,15 @@ def canonical_tokenizer(vocab_dir):
     from biomedgpt.models.tokenizer import Tokenizer
 
     return Tokenizer.from_gpt2_files(vocab_dir)
+
+
+@pytest.fixture(scope="session")
+def parity(tmp_path_factory, vocab_dir):
+    """The compact parity cases of tests/fixtures (parity_cases.py): checkpoint files in both namings,
+    import-tool outputs, inputs and shared models, each built once per session."""
+    from parity_cases import ParityBuilds
+
+    return ParityBuilds(tmp_path_factory.mktemp("parity"), vocab_dir)
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,15 @@ import torch.nn.functional as F
 
 from biomedgpt.engine.model_setup import apply_activation_checkpointing
 from biomedgpt.models import attention
-from biomedgpt.models.checkpoint import import_released
 from biomedgpt.models.config import model_config
 from biomedgpt.models.ofa import BiomedGPT, MultiheadAttention, image_bucket_positions, image_position_ids, token_bucket_positions
 from biomedgpt.tools import bench_attention
+from parity_cases import CASES, assert_holds, compare, valid_positions
 
 SMALL = dict(d_model=64, ffn_dim=128, encoder_layers=2, decoder_layers=2, heads=4, resnet_layers=[1, 1, 1],
              vocab_size=300, dropout=0.0)
 TOL = dict(rtol=0.0, atol=1e-5)
-FIXTURE = "fixtures/ofa_parity_mini.pt"
+MINI = "fairseq_mini"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -165,33 +165,43 @@ def test_chunked_backend_choice_and_dropout():
         attention.attention(*leaves[:3], **kwargs, causal=False, dropout_p=0.1, backend="chunked")
 
 
-@pytest.fixture(scope="module")
-def fixture_model(shared_dir):
-    """The released-format mini checkpoint and its inputs: every flex test shares its shapes (one compile each)."""
-    data = torch.load(shared_dir / FIXTURE, weights_only=True)
-    return import_released(shared_dir / FIXTURE, attention_backend="eager").eval(), data
+@pytest.fixture(scope="module", params=sorted(CASES))
+def fixture_model(request, parity):
+    """Per compact case one shared model (imported through the tool in the case's own naming), the case, its
+    inputs and eager logits: every flex test of a case shares its shapes (one compile each)."""
+    case = request.param
+    model = set_backend(parity.model(case), "eager")
+    ref = parity.forward(case, model, key=(parity.own_naming(case), "eager"))
+    yield case, model, parity.case(case), parity.inputs(case), ref
+    set_backend(model, "eager")
 
 
 @pytest.mark.parametrize("backend", ["flex", "chunked", "flash"])
 def test_fixture_parity_with_fused_backends(fixture_model, backend):
+    """The fused backends on each compact case: within 1e-5 of eager and of the reference logits."""
     if backend == "flash" and not attention.flash_attn_available():
         pytest.skip("flash-attn is not installed here: the flash backend resolves to sdpa (covered by test_model)")
-    model, data = fixture_model
-    with torch.no_grad():
-        ref = set_backend(model, "eager")(**data["inputs"])
-        out = set_backend(model, backend)(**data["inputs"])
-    for i, n in enumerate(data["target_lengths"].tolist()):
-        torch.testing.assert_close(out[i, :n], ref[i, :n], **TOL)
-        assert (out[i, :n] - data["logits"][i, :n]).abs().max().item() <= 1e-3
+    case, model, data, inputs, ref = fixture_model
+    try:
+        with torch.no_grad():
+            out = set_backend(model, backend)(**inputs)
+    finally:
+        set_backend(model, "eager")
+    valid = valid_positions(data)
+    torch.testing.assert_close(out[valid], ref[valid], **TOL)
+    assert_holds(compare(out, data), what=f"{case} ({backend})")
 
 
-def test_flex_forward_matches_eager(fixture_model):
+def test_flex_forward_matches_eager(parity):
     """A text-only sample (every image key padded), source/target padding and an image-code target."""
-    model, data = fixture_model
-    batch = dict(data["inputs"], patch_masks=torch.tensor([True, False]), code_masks=torch.tensor([False, True]))
-    with torch.no_grad():
-        ref = set_backend(model, "eager")(**batch)
-        out = set_backend(model, "flex")(**batch)
+    model = parity.model(MINI)
+    batch = dict(parity.inputs(MINI), patch_masks=torch.tensor([True, False]), code_masks=torch.tensor([False, True]))
+    try:
+        with torch.no_grad():
+            ref = set_backend(model, "eager")(**batch)
+            out = set_backend(model, "flex")(**batch)
+    finally:
+        set_backend(model, "eager")
     torch.testing.assert_close(out, ref, **TOL)
 
 

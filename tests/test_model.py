@@ -1,7 +1,6 @@
-"""The BiomedGPT/OFA model: reference parity, sizes, incremental decoding, masking, checkpoint import."""
+"""The BiomedGPT/OFA model: reference parity (the compact cases of tests/fixtures, see parity_cases.py), sizes,
+incremental decoding, masking, checkpoint import."""
 from __future__ import annotations
-
-import re
 
 import pytest
 import torch
@@ -9,10 +8,11 @@ import torch
 from biomedgpt.models.checkpoint import (CheckpointError, import_released, load_pretrained, read_model_weights,
                                save_pretrained)
 from biomedgpt.models.config import PUBLISHED_PARAMS, model_config
-from biomedgpt.models.ofa import BiomedGPT, count_parameters
-from biomedgpt.tools import import_checkpoint
+from biomedgpt.models.ofa import BiomedGPT, MultiheadAttention, count_parameters
+from parity_cases import CASES as CASE_FILES, NAMINGS, assert_holds, compare, hf_buffers
 
-FIXTURE = "fixtures/ofa_parity_mini.pt"
+CASES = sorted(CASE_FILES)  # fairseq_mini (fairseq names), hf_small (HF-port names)
+MINI = "fairseq_mini"  # the small case: the checkpoint-error tests edit its fairseq state
 
 
 def small_config(**overrides):
@@ -23,58 +23,63 @@ def small_config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def fixture_data(shared_dir):
-    return torch.load(shared_dir / FIXTURE, weights_only=True)
-
-
-def assert_parity(model, data, tol=1e-3):
-    inp = data["inputs"]
-    model.eval()
-    with torch.no_grad():
-        logits = model(inp["src_tokens"], inp["prev_output_tokens"], inp["patch_images"], inp["patch_masks"])
-    for i, n in enumerate(data["target_lengths"].tolist()):
-        diff = (logits[i, :n] - data["logits"][i, :n]).abs().max().item()
-        assert diff <= tol, f"sample {i}: max abs diff {diff}"
-
-
-def to_hf_names(state):
-    """Rename fairseq keys to the HF-port scheme of docs/architecture.md (as the HF BiomedGPT weights use)."""
-    out = {}
-    for key, value in state.items():
-        m = re.match(r"^(encoder|decoder)\.layers\.(\d+)\.([^.]+)\.(.*)$", key)
-        if m:
-            side, idx, part, rest = m.groups()
-            if side == "encoder":
-                part = {"attn_ln": "self_attn_mid_layer_norm", "ffn_layernorm": "ffn_layer_norm"}.get(part, part)
-            else:
-                part = {"self_attn_ln": "self_attn_mid_layer_norm", "cross_attn_ln": "cross_attn_mid_layer_norm",
-                        "encoder_attn": "cross_attn", "encoder_attn_layer_norm": "cross_attn_layer_norm",
-                        "ffn_layernorm": "ffn_layer_norm"}.get(part, part)
-            key = f"{side}.layers.{idx}.{part}.{rest}"
-        out[key] = value
-    return out
+def mini_state(parity):
+    """The mini case's weights as a released fairseq checkpoint holds them (read-only: copy to edit)."""
+    return parity.state(MINI, "fairseq")
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
-def test_fixture_parity_through_import_tool(shared_dir, fixture_data, tmp_path, backend):
-    out = tmp_path / "imported"
-    rc = import_checkpoint.main([f"source={shared_dir / FIXTURE}", f"output={out}", f"tokenizer={vocab_dir}"])
-    assert rc == 0
+@pytest.mark.parametrize("naming", NAMINGS)
+@pytest.mark.parametrize("case", CASES)
+def test_compact_parity_through_import_tool(parity, case, naming, backend):
+    """Each case, written in its own naming and in the other, imported by the tool, matches the reference
+    logits at 1e-5 (chunked and flex: test_attention.py)."""
+    out = parity.imported(case, naming)
     assert (out / "model.safetensors").exists() and (out / "tokenizer").is_dir()
-    assert_parity(load_pretrained(out, attention_backend=backend), fixture_data)
+    model = load_pretrained(out, attention_backend=backend).eval()
+    assert {m.backend for m in model.modules() if isinstance(m, MultiheadAttention)} == {backend}
+    measured = compare(parity.forward(case, model, key=(naming, backend)), parity.case(case))
+    assert_holds(measured, what=f"{case} ({naming} names, {backend})")
 
 
-def test_fixture_parity_from_hf_names(shared_dir, fixture_data, tmp_path):
-    state = to_hf_names(fixture_data["checkpoint"]["model"])
-    assert any("self_attn_mid_layer_norm" in k for k in state) and not any(".attn_ln." in k for k in state)
-    path = tmp_path / "pytorch_model.bin"
-    torch.save(state, path)
-    assert_parity(import_released(path), fixture_data)
-    assert_parity(import_released(tmp_path), fixture_data)  # a directory holding the HF weights
+@pytest.mark.parametrize("case", CASES)
+def test_both_namings_import_to_the_same_model(parity, case):
+    """The import tool maps the HF-port names onto the fairseq ones: both files give byte-identical model
+    directories, so every backend's parity in one naming is its parity in the other."""
+    hf, fairseq = set(parity.state(case, "hf")), set(parity.state(case, "fairseq"))
+    assert any("self_attn_mid_layer_norm" in k for k in hf) and not any(".attn_ln." in k for k in hf)
+    assert any(".attn_ln." in k for k in fairseq) and not any("mid_layer_norm" in k for k in fairseq)
+    assert {k for k in hf if k.endswith(("rp_bucket", "image_position_idx"))} == set(hf_buffers())
+    a, b = parity.imported(case, "fairseq"), parity.imported(case, "hf")
+    for name in ("config.json", "model.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{case}: {name} differs between namings"
 
 
-def test_imported_embeddings_are_tied(shared_dir):
-    model = import_released(shared_dir / FIXTURE)
+def test_hf_file_buffers_are_the_models_own(parity):
+    """The int64 buffers written into the HF-named files (README formulas) are the tables the model computes."""
+    buffers = dict(parity.model(MINI).named_buffers())
+    for key, value in hf_buffers().items():
+        ours = buffers[key]
+        if key == "decoder.image_position_idx":  # fairseq's length 1026, the HF port's 1025 (architecture.md)
+            assert ours.shape == (1026,) and value.shape == (1025,) and ours[-1] == 1024
+            ours = ours[:1025]
+        assert torch.equal(ours, value), key
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_hf_weights_import_from_their_directory(parity, case):
+    """A directory holding pytorch_model.bin imports as the file does (the tool read the file itself)."""
+    path = parity.checkpoint(case, "hf")
+    assert path.name == "pytorch_model.bin"
+    expected = parity.model(case, "hf").state_dict()
+    state = import_released(path.parent).state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("naming", NAMINGS)
+def test_imported_embeddings_are_tied(parity, naming):
+    model = import_released(parity.checkpoint(MINI, naming))
     weight = model.embed_tokens.weight
     assert model.encoder.embed_tokens.weight is weight and model.decoder.embed_tokens.weight is weight
     assert count_parameters(model) == sum(p.numel() for p in set(model.parameters()))
@@ -194,16 +199,16 @@ def test_save_and_load_round_trip_with_shards(tmp_path):
         save_pretrained(model, out)
 
 
-def test_truncated_checkpoint_names_the_file(shared_dir, tmp_path):
-    data = (shared_dir / FIXTURE).read_bytes()
+def test_truncated_checkpoint_names_the_file(parity, tmp_path):
+    data = parity.checkpoint(MINI, "fairseq").read_bytes()
     bad = tmp_path / "biomedgpt_truncated.pt"
     bad.write_bytes(data[: len(data) // 3])
     with pytest.raises(CheckpointError, match="biomedgpt_truncated.pt.*truncated or corrupt"):
         import_released(bad)
 
 
-def test_wrong_shape_tensor_is_named(fixture_data, tmp_path):
-    state = dict(fixture_data["checkpoint"]["model"])
+def test_wrong_shape_tensor_is_named(mini_state, tmp_path):
+    state = dict(mini_state)
     state["decoder.layers.1.fc1.weight"] = torch.zeros(255, 64)
     path = tmp_path / "bad_shape.pt"
     torch.save({"model": state}, path)
@@ -211,8 +216,8 @@ def test_wrong_shape_tensor_is_named(fixture_data, tmp_path):
         import_released(path)
 
 
-def test_missing_and_unexpected_keys_are_named(fixture_data, tmp_path):
-    state = dict(fixture_data["checkpoint"]["model"])
+def test_missing_and_unexpected_keys_are_named(mini_state, tmp_path):
+    state = dict(mini_state)
     del state["encoder.layers.0.attn_ln.weight"]
     state["encoder.mystery.weight"] = torch.zeros(3)
     path = tmp_path / "odd.pt"
@@ -232,8 +237,8 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
         import_released(path)
 
 
-def test_ema_weights_when_asked(fixture_data, tmp_path):
-    model_state = fixture_data["checkpoint"]["model"]
+def test_ema_weights_when_asked(mini_state, tmp_path):
+    model_state = mini_state
     ema_state = {k: v * 0 if k.endswith("layer_norm.bias") else v for k, v in model_state.items()}
     path = tmp_path / "with_ema.pt"
     torch.save({"model": model_state, "extra_state": {"ema": ema_state}}, path)
