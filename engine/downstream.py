@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Optional
 
 import torch
-import yaml
 
 from biomedgpt.data.config import DataConfig
 from biomedgpt.data.tasks import TASK_NAMES
