@@ -27,6 +27,7 @@ GLOBAL_BATCH = 4
 # rounding differences of near-zero gradients (measured: 3e-4 relative after 3 steps).
 FIRST_LOSS_RTOL = 1e-6
 LOSS_RTOL = 2e-3
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 # ----------------------------------------------------------------------------------------------
