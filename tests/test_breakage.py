@@ -182,3 +182,32 @@ def test_resume_check_reports_only_real_model_differences():
     assert model_differences(saved, json.loads(json.dumps(saved))) == []
     assert model_differences(saved, {"size": "base", "overrides": {"d_model": 64}}) == [
         "model.overrides.heads: checkpoint 2, this run '(unset)'", "model.size: checkpoint 'tiny', this run 'base'"]
+
+
+# -- data: the shuffle seed ----------------------------------------------------------------------------
+
+
+def test_shuffle_seed_decides_the_sample_order(tmp_path, vocab_dir, monkeypatch):
+    """Breakage guarded: ``data.shuffle_seed`` ignored (every seed giving the same order)."""
+    from test_data_loader import write_text_streams
+
+    from biomedgpt.data.config import DataConfig, StreamConfig
+    from biomedgpt.data.loader import build_train_loader
+    from biomedgpt.models.tokenizer import Tokenizer
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.setenv(key, "1" if "SIZE" in key else "0")
+    paths = write_text_streams(tmp_path, {"summ": 40})
+    tokenizer = Tokenizer.from_gpt2_files(vocab_dir)
+
+    def order(seed: int, run: str) -> list[str]:
+        cfg = DataConfig(streams=[StreamConfig(name="summ", task="summarization", remote=paths["summ"])],
+                         batch_size=40, num_workers=0, cache_dir=str(tmp_path / f"cache-{run}"), patch_image_size=16,
+                         shuffle_seed=seed)
+        batch = next(iter(build_train_loader(cfg, tokenizer, clean_shared_memory=False)))
+        return list(batch["ids"])
+
+    first = order(1, "a")
+    assert sorted(first) == sorted(set(first)) and len(first) == 40
+    assert order(1, "b") == first  # the same seed: the same order
+    assert order(2, "c") != first  # another seed: another order

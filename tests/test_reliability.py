@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_engine_distributed import launch, run_config, shards  # noqa: F401  (shards: a module fixture)
+from test_engine_distributed import launch, metrics, run_config, shards  # noqa: F401  (shards: a module fixture)
 
 TESTS = Path(__file__).resolve().parent
 WATCHDOG_TIMEOUT_S = 8
@@ -101,6 +101,8 @@ def test_resume_failures_say_which_file_or_setting_and_what_to_do(shards, tmp_pa
     (root / "latest").write_text("step_00000001")
     resumed = launch(repo_root, {**cfg, "optim": {**cfg["optim"], "max_steps": 3}}, 2)
     assert "resumed from step_00000001" in resumed
+    logged = [m["step"] for m in metrics(root.parent) if "loss" in m]
+    assert logged == [1, 2, 2, 3], logged  # the resumed run goes on from step 1: steps 2 and 3 again
 
 
 def test_import_of_a_file_that_is_no_checkpoint(tmp_path, vocab_dir, capsys):
