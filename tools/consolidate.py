@@ -51,6 +51,10 @@ def run_tokenizer(ckpt: ZeroCheckpoint, explicit: str | None):
     for key in ("tokenizer", "bpe_dir"):
         if run_cfg.get(key) and Path(run_cfg[key]).is_dir():
             return load_any_tokenizer(run_cfg[key])
+    if "bpe_dir" in run_cfg and not run_cfg.get("tokenizer") and not run_cfg.get("bpe_dir"):
+        from biomedgpt.models.tokenizer import Tokenizer
+
+        return Tokenizer.from_gpt2_files(None)  # the trainer's default: the packaged GPT-2 vocabulary
     return None
 
 
