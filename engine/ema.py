@@ -51,17 +51,47 @@ class EMA:
 
     @contextmanager
     def swapped_in(self, module: nn.Module) -> Iterator[None]:
-        """Temporarily put the EMA weights into ``module`` (evaluation, export), then restore."""
+        """Temporarily put the EMA weights into ``module`` (evaluation, export), then restore.
+
+        Collective under ZeRO-3: a parameter ZeRO-3 keeps gathered between steps (the small ones, below
+        ``stage3_param_persistence_threshold``) holds its full values in ``param.data`` beside its
+        partition, and a forward uses those; they are re-gathered from the EMA partitions too."""
         params = dict(module.named_parameters())
-        backup = {}
+        backup, full_backup = {}, {}
         with torch.no_grad():
             for name in self.names:
-                local = _local(params[name])
+                param = params[name]
+                local = _local(param)
                 backup[name] = local.detach().clone()
                 local.copy_(self.shadow[name].to(local.dtype))
+                if _gathered_now(param):
+                    full_backup[name] = param.data.detach().clone()
+                    _regather(param)
         try:
             yield
         finally:
             with torch.no_grad():
                 for name in self.names:
                     _local(params[name]).copy_(backup[name])
+                    if name in full_backup:
+                        params[name].data.copy_(full_backup[name])
+
+
+def _gathered_now(param: nn.Parameter) -> bool:
+    """A ZeRO-3 parameter whose full values are in ``param.data`` right now (persistent ones, between steps)."""
+    if not hasattr(param, "ds_tensor"):
+        return False
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return param.ds_status == ZeroParamStatus.AVAILABLE
+
+
+def _regather(param: nn.Parameter) -> None:
+    """``param.data`` rebuilt from every rank's partition (``ds_tensor``)."""
+    import torch.distributed as dist
+
+    group = getattr(param, "ds_process_group", None)
+    parts = [torch.empty_like(param.ds_tensor) for _ in range(dist.get_world_size(group=group))]
+    dist.all_gather(parts, param.ds_tensor.detach().contiguous(), group=group)
+    full = torch.cat([p.reshape(-1) for p in parts])[:param.ds_numel]
+    param.data.copy_(full.view(param.ds_shape).to(param.data.dtype))

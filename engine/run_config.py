@@ -130,6 +130,20 @@ class CheckpointConfig:
 
 
 @dataclass
+class WatchdogConfig:
+    """Progress watchdog (engine/watchdog.py): a rank without progress this long dumps every rank's stacks
+    into <output_dir>/watchdog/ and the job exits 86. Sized for slow GPU steps and large checkpoint writes."""
+
+    timeout_s: float = 1800.0  # 0: off
+    poll_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.timeout_s < 0 or self.poll_s <= 0:
+            raise ValueError(f"watchdog.timeout_s must be >= 0 and watchdog.poll_s > 0, got {self.timeout_s}, "
+                             f"{self.poll_s}")
+
+
+@dataclass
 class RunConfig:
     """A training run: model, data, optimisation, DeepSpeed, EMA, evaluation, logging and checkpoints."""
 
@@ -141,6 +155,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     tokenizer: Optional[PathStr] = None  # a saved tokenizer dir; None: the canonical one from bpe_dir
     bpe_dir: Optional[PathStr] = None  # GPT-2 BPE files (encoder.json, vocab.bpe, dict.txt); None: packaged
     sample_patch_num: Optional[int] = None  # random image patches per sample in training (196 in pretraining)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from biomedgpt.engine import distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
+from biomedgpt.engine.checkpointing import ResumeError
 from biomedgpt.engine.config import parse_cli
 from biomedgpt.engine.run_config import DEMO_CONFIG, RunConfig
 from biomedgpt.engine.trainer import Trainer
@@ -46,7 +47,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse(argv)
     if cfg.demo_data_dir:
         ensure_demo_data(cfg.demo_data_dir)
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except ResumeError as exc:  # one line that names the file or setting and the way out, no traceback
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     metrics = trainer.train()
     if trainer.is_main and metrics:
         print("final evaluation: " + json.dumps({k: round(v, 5) for k, v in metrics.items()}), flush=True)

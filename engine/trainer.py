@@ -92,6 +92,10 @@ class Trainer:
 
         self.ckpt = CheckpointManager(self.out, self.rank, self.world, cfg.checkpoint.keep_last_n)
         resume_tag = self.ckpt.latest() if cfg.checkpoint.resume == "auto" else None
+        if resume_tag is not None:
+            from biomedgpt.engine.resume_checks import check_resumable
+
+            check_resumable(self.ckpt.root, resume_tag, self.rank, to_dict(cfg)["model"])
         self.ds_config = build_ds_config(cfg)
         load_dir, load_tag = str(self.ckpt.root), resume_tag
         if resume_tag is not None and self.ckpt.needs_universal(resume_tag, ds.zero_stage):
@@ -202,7 +206,9 @@ class Trainer:
         rank_state = {"loader": self.train_loader.state_dict(), "rng": rng_state(), "buffers": self._buffers(),
                       "ema": self.ema.state_dict() if self.ema is not None else None}
         start = time.perf_counter()
+        self._beat("checkpoint")
         tag = self.ckpt.save(self.engine, self.step, client, rank_state, self.cfg.deepspeed.zero_stage)
+        self._beat("checkpoint written")
         self.logger.write(f"checkpoint {tag} saved in {time.perf_counter() - start:.1f}s")
         return tag
 
@@ -296,8 +302,12 @@ class Trainer:
         last_eval_step, last_save_step = -1, self.step
         stop_at = self.step + cfg.checkpoint.stop_after if cfg.checkpoint.stop_after else None
         step_ids: list[str] = []
+        from biomedgpt.engine.watchdog import Watchdog
+
+        self.watchdog = Watchdog(self.out, self.rank, cfg.watchdog.timeout_s, cfg.watchdog.poll_s).start()
         try:
             while self.step < self.total_steps:
+                self.watchdog.beat("train", self.step)
                 self.engine.train()
                 batch = _move(next(batches), self.dist.device, self.float_dtype)
                 out = self._forward_loss(batch, train=True)
@@ -349,6 +359,7 @@ class Trainer:
             if cfg.checkpoint.at_end and last_save_step != self.step:
                 self.save()
         finally:
+            self.watchdog.stop()
             self.logger.close()
             self.stop.uninstall()
             if self.sample_log is not None:
@@ -439,6 +450,7 @@ class Trainer:
                 if alive[0] == 0:
                     break
                 rounds += 1
+                self._beat("eval")
                 if batch is None:
                     if last is None:
                         raise RuntimeError(f"rank {self.rank} got no evaluation batch at all")
@@ -453,10 +465,16 @@ class Trainer:
             if self.cfg.eval.downstream is not None:
                 from biomedgpt.engine.downstream import evaluate_model
 
+                self._beat("downstream eval")
                 task_results, _ = evaluate_model(self.engine.module, self.tokenizer, self.eval_loader,
                                                  self.cfg.eval.downstream, self.dist.device, self._gather)
                 metrics.update(task_results)
         return metrics
+
+    def _beat(self, phase: str) -> None:
+        watchdog = getattr(self, "watchdog", None)
+        if watchdog is not None:
+            watchdog.beat(phase, self.step)
 
     def _gather(self, part: list) -> list:
         """Every rank's list, concatenated in rank order (the same on every rank)."""

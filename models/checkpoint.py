@@ -48,19 +48,49 @@ HF_MARKERS = ("self_attn_mid_layer_norm", "ffn_layer_norm", "cross_attn_mid_laye
 # ----------------------------------------------------------------------------------------------
 
 
+def _sniff_torch_file(path: Path) -> None:
+    """A file torch.save wrote (a zip archive with a data.pkl, or a legacy pickle), else a one-line error
+    that says what the file is not - before any unpickling, so junk is never called unsafe."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read: {exc}") from None
+    if head == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise CheckpointError(f"{path}: truncated or corrupt PyTorch checkpoint (its zip directory is "
+                                  f"unreadable: {exc}); copy or download the file again") from None
+        if not any(n.endswith("data.pkl") for n in names):
+            raise CheckpointError(f"{path}: not a checkpoint (a zip archive without torch.save's data.pkl); "
+                                  f"pass the released .pt, .bin or .safetensors file")
+        return
+    if head[:1] != b"\x80":  # every torch.save pickle (legacy format) starts with the PROTO opcode
+        raise CheckpointError(f"{path}: not a checkpoint at all (neither a torch.save archive, a pickle nor "
+                              f"safetensors; it begins with bytes {head.hex()}); pass the released .pt, .bin "
+                              f"or .safetensors file")
+
+
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     """torch.load with weights_only=True (argparse.Namespace allowed for fairseq's ``args``)."""
+    _sniff_torch_file(path)
     try:
         if trust_pickle:
             return torch.load(path, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if trust_pickle or "Weights only load failed" not in str(exc):
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint (its pickle does not parse: "
+                                  f"{str(exc).splitlines()[0]}); copy or download the file again") from None
         raise CheckpointError(
             f"{path}: holds Python objects that weights-only loading refuses ({str(exc).splitlines()[0]}). "
             "If you trust the file, import it with trust_pickle=true.") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from None
+        raise CheckpointError(f"{path}: truncated or corrupt PyTorch checkpoint ({str(exc).splitlines()[0]}); "
+                              f"copy or download the file again") from None
 
 
 def read_state_dict(path: str | Path, ema: bool = False, trust_pickle: bool = False) -> dict[str, Tensor]:

@@ -10,4 +10,6 @@ if bash tests/slurm/cluster.sh start; then
 else
     echo "warning: the SLURM test cluster did not start; its tests will say why they skip" >&2
 fi
-python3 -m pytest tests "$@"
+# Two workers, whole files per worker (module fixtures such as the trained ZeRO runs are built once):
+# most of the time goes to rank start-up, file I/O and waits, so two workers overlap well on two cores.
+python3 -m pytest tests -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"

@@ -27,6 +27,7 @@ GLOBAL_BATCH = 4
 # rounding differences of near-zero gradients (measured: 3e-4 relative after 3 steps).
 FIRST_LOSS_RTOL = 1e-6
 LOSS_RTOL = 2e-3
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,7 +110,11 @@ def worker_train(root: Path, stages: list[int]) -> None:
 
     info = init_distributed("gloo")
     cfg = ModelSpec(**MODEL).build()
-    for stage in stages:
+    for spec in stages:
+        stage, bf16 = int(spec[0]), spec.endswith("bf16")
+        if bf16:
+            worker_train_bf16(root, stage, info, cfg)
+            continue
         torch.manual_seed(0)
         engine = _engine(BiomedGPT(cfg), stage, info.world_size)
         ema = EMA(engine.module, decay=0.5)
@@ -136,6 +141,27 @@ def worker_train(root: Path, stages: list[int]) -> None:
                 losses.append(_train_step(engine, step, cfg, info.rank, info.world_size, images=False))
         if info.rank == 0:
             torch.save({"logits": live, "ema_logits": live_ema, "losses": losses}, run_dir / "live.pt")
+
+
+def worker_train_bf16(root: Path, stage: int, info, cfg) -> None:
+    """bf16 (DeepSpeed's bf16 optimizer at stage 0): text-only steps, an engine checkpoint with EMA, and the
+    live bf16 weights (which DeepSpeed copies from the fp32 master after every step)."""
+    from biomedgpt.engine.checkpointing import CheckpointManager
+    from biomedgpt.engine.ema import EMA
+    from biomedgpt.models.ofa import BiomedGPT
+
+    torch.manual_seed(0)
+    engine = _engine(BiomedGPT(cfg), stage, info.world_size, {"bf16": {"enabled": True}})
+    ema = EMA(engine.module, decay=0.5)
+    for step in range(SAVE_STEP):
+        _train_step(engine, step, cfg, info.rank, info.world_size, images=False)
+        ema.update(engine.module, step + 1)
+    run_dir = root / f"zero{stage}-bf16"
+    CheckpointManager(run_dir, info.rank, info.world_size, keep_last_n=2).save(
+        engine, SAVE_STEP, {"step": SAVE_STEP, "config": {"model": MODEL}}, {"ema": ema.state_dict()}, stage)
+    full = _full_state(engine.module, stage)
+    if info.rank == 0:
+        torch.save({"state": full}, run_dir / "live.pt")
 
 
 def worker_resume(load_dir: Path, out: Path) -> None:
@@ -170,7 +196,8 @@ def run_ranks(world: int, *args: str) -> None:
     procs = []
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)])),
                "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen([sys.executable, __file__, *args], env=env, cwd=REPO,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
@@ -182,7 +209,7 @@ def run_ranks(world: int, *args: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("zero")
-    run_ranks(2, "train", str(root), "1,2,3")
+    run_ranks(2, "train", str(root), "0,1,2,3,0bf16,3bf16")
     return root
 
 
@@ -202,7 +229,7 @@ def model_cfg():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_round_trip_matches_live_model(runs, stage, tmp_path, model_cfg):
     from biomedgpt.models.checkpoint import TIED_ALIASES, load_pretrained, read_model_weights
     from biomedgpt.tools.zero_checkpoint import consolidate, open_checkpoint, sample_batch
@@ -221,13 +248,13 @@ def test_round_trip_matches_live_model(runs, stage, tmp_path, model_cfg):
 
 
 def test_ema_and_bf16(runs, tmp_path, model_cfg):
-    """ZeRO-3's EMA is partitioned per rank; ZeRO-1's is whole on every rank."""
+    """ZeRO-3's EMA is partitioned per rank; ZeRO-0's and ZeRO-1's are whole on every rank."""
     from biomedgpt.models.checkpoint import load_pretrained
     from safetensors import safe_open
     from biomedgpt.tools.zero_checkpoint import consolidate, open_checkpoint, sample_batch
 
     batch = sample_batch(model_cfg)
-    for stage in (1, 3):
+    for stage in (0, 1, 3):
         ckpt = open_checkpoint(tag_dir(runs, stage))
         out = consolidate(ckpt, tmp_path / f"ema{stage}", model_cfg, ema=True, progress=False).output
         with torch.no_grad():
@@ -243,6 +270,30 @@ def test_ema_and_bf16(runs, tmp_path, model_cfg):
     with torch.no_grad():
         logits = load_pretrained(out).eval()(**batch)
     torch.testing.assert_close(logits, torch.load(runs / "zero2" / "live.pt")["logits"], rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_bf16_training_checkpoints(runs, tmp_path, model_cfg, stage):
+    """bf16 engines (stage 0: bf16 weights only; ZeRO-3: DeepSpeed's bf16 optimizer with fp32 masters):
+    the bf16 output equals the live bf16 weights, with and without EMA, and inspect calls it usable."""
+    from biomedgpt.models.checkpoint import TIED_ALIASES, read_model_weights
+    from biomedgpt.tools import inspect_checkpoint
+    from biomedgpt.tools.zero_checkpoint import consolidate, open_checkpoint
+
+    run = runs / f"zero{stage}-bf16"
+    ckpt = open_checkpoint(run)
+    assert (ckpt.stage, ckpt.world_size, ckpt.step) == (stage, 2, SAVE_STEP)
+    out = consolidate(ckpt, tmp_path / "bf16", model_cfg, dtype="bf16", progress=False).output
+    written = read_model_weights(out)
+    live = {k: v for k, v in torch.load(run / "live.pt")["state"].items() if k not in TIED_ALIASES}
+    assert set(written) == set(live)
+    for key, value in live.items():
+        assert torch.equal(written[key], value.to(written[key].dtype)), key
+    ema = read_model_weights(consolidate(ckpt, tmp_path / "ema", model_cfg, dtype="fp32", ema=True,
+                                         progress=False).output)
+    assert set(ema) == set(live)
+    assert (ema["decoder.layers.0.fc1.weight"] - live["decoder.layers.0.fc1.weight"].float()).abs().max() > 0
+    assert inspect_checkpoint.main([f"path={run}"]) == 0
 
 
 def test_verify_against_deepspeed_live_model_and_checksums(runs, tmp_path, model_cfg):
@@ -383,11 +434,32 @@ def test_cli_consolidate_inspect_and_export(runs, tmp_path, model_cfg, capsys, v
         torch.testing.assert_close(imported(**sample_batch(model_cfg)), live, rtol=0, atol=1e-5)
 
 
+def test_biomedgpt_command_on_zero0_checkpoint(runs, tmp_path, model_cfg):
+    """The README's `biomedgpt inspect-checkpoint` / `consolidate checkpoint=runs/demo` on a ZeRO-0 run (the
+    demo's default stage), through the installed console command."""
+    from biomedgpt.models.checkpoint import load_pretrained
+    from biomedgpt.tools.zero_checkpoint import sample_batch
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
+    cli = [sys.executable, "-m", "biomedgpt.tools.cli"]
+    shown = subprocess.run([*cli, "inspect-checkpoint", f"path={runs / 'zero0'}"], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "ZeRO-0 x 2 ranks" in shown.stdout and "UNUSABLE" not in shown.stdout
+    out = tmp_path / "demo-model"
+    done = subprocess.run([*cli, "consolidate", f"checkpoint={runs / 'zero0'}", f"output={out}", "progress=false"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with torch.no_grad():
+        logits = load_pretrained(out).eval()(**sample_batch(model_cfg))
+    torch.testing.assert_close(logits, torch.load(runs / "zero0" / "live.pt")["logits"], rtol=0, atol=1e-5)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     mode = sys.argv[1]
     if mode == "train":
-        worker_train(Path(sys.argv[2]), [int(s) for s in sys.argv[3].split(",")])
+        worker_train(Path(sys.argv[2]), sys.argv[3].split(","))
     elif mode == "resume":
         worker_resume(Path(sys.argv[2]), Path(sys.argv[3]))
     else:

@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.distributed, pytest.mark.slow]
 
 TINY_MODEL = {"size": "tiny", "overrides": {"d_model": 64, "ffn_dim": 128, "encoder_layers": 1, "decoder_layers": 1,
                                             "resnet_layers": [1, 1, 1], "dropout": 0.1}}

@@ -21,7 +21,7 @@ SLURM_DIR = Path(os.environ.get("BIOMEDGPT_SLURM_DIR", "/tmp/biomedgpt-slurm"))
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slurm, pytest.mark.slow]
 
 
 class Slurm:

@@ -324,11 +324,29 @@ class ZeroCheckpoint:
 
     def param_shapes(self) -> list[dict[str, tuple[int, ...]]]:
         shapes = self.model_state.get("param_shapes")
+        if shapes is None and self.stage == 0 and not self.universal:
+            return [self._stage0_shapes()]
         if shapes is None:
             raise CheckpointError(f"{self.model_files[0].path}: no param_shapes (not a DeepSpeed model-states file)")
         if isinstance(shapes, dict):
             shapes = [shapes]
         return [{name: tuple(shape) for name, shape in group.items()} for group in shapes]
+
+    def _stage0_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Stage 0 saves no param_shapes: the parameters are the full state dict less its buffers (tied
+        aliases counted once)."""
+        module = self.model_state.get("module")
+        if not isinstance(module, dict):
+            raise CheckpointError(f"{self.model_files[0].path}: no 'module' state dict (not a DeepSpeed "
+                                  f"model-states file)")
+        buffers = set(self.model_state.get("buffer_names") or [])
+        shapes, seen = {}, set()
+        for name, value in module.items():
+            if name in buffers or not isinstance(value, LazyTensor) or _canonical(name) in seen:
+                continue
+            seen.add(_canonical(name))
+            shapes[name] = value.shape
+        return shapes
 
     def num_parameters(self) -> int:
         frozen = self.model_state.get("frozen_param_shapes") or {}

@@ -1,0 +1,102 @@
+"""Checks made before a run resumes, so that a bad checkpoint fails in one line that says what to do.
+
+- every file of the tag is a readable ``torch.save`` archive (its zip directory and pickle parse; no tensor
+  is read), else the error names the file and the tag, and an earlier complete tag if there is one;
+- the checkpoint's model settings equal this run's, else the error names the settings that differ and
+  the two ways out (a fresh ``output_dir``, or ``checkpoint.resume=never``) instead of DeepSpeed's
+  hundreds of "size mismatch" lines.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from biomedgpt.engine.checkpointing import TAG_RE, ResumeError
+
+# With more files than this, a rank checks rank 0's model states and its own files only.
+CHECK_ALL_FILES_UP_TO = 64
+_RANK_RE = re.compile(r"(?:rank_|zero_pp_rank_)0*(\d+)")
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            out.update(_flatten(sub, f"{prefix}.{key}"))
+        return out
+    return {prefix: value}
+
+
+def model_differences(saved: dict, wanted: dict) -> list[str]:
+    """``model.key: checkpoint X, this run Y`` for every model setting that differs."""
+    a, b = _flatten(saved, "model"), _flatten(wanted, "model")
+    return [f"{key}: checkpoint {a.get(key, '(unset)')!r}, this run {b.get(key, '(unset)')!r}"
+            for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+
+
+def _complete_tags(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir()
+                  if p.is_dir() and TAG_RE.match(p.name) and (p / "meta.json").exists())
+
+
+def _files_to_check(tag_dir: Path, rank: int) -> list[Path]:
+    files = sorted(p for p in tag_dir.iterdir() if p.is_file() and p.suffix == ".pt")
+    if len(files) <= CHECK_ALL_FILES_UP_TO:
+        return files
+    keep = []
+    for path in files:
+        match = _RANK_RE.search(path.name)
+        if path.name.startswith("mp_rank_") or match is None or int(match[1]) in (0, rank):
+            keep.append(path)
+    return keep
+
+
+def _unreadable(path: Path) -> str | None:
+    from biomedgpt.models.checkpoint import CheckpointError
+    from biomedgpt.tools.zero_checkpoint import TorchFile
+
+    try:
+        TorchFile(path)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+def _way_out(root: Path, tag: str, output_dir: Path) -> str:
+    earlier = [t for t in _complete_tags(root) if t < tag]
+    fresh = f"or start over in a new output_dir (or with checkpoint.resume=never, which overwrites {root})"
+    for candidate in reversed(earlier):
+        if not any(_unreadable(p) for p in sorted((root / candidate).glob("*.pt"))):
+            return (f"the earlier checkpoint {candidate} is complete: to resume from it, move {root / tag} "
+                    f"aside and write {candidate} into {root / 'latest'}; {fresh}")
+    return f"no earlier complete checkpoint exists in {root}: start over in a new output_dir " \
+           f"(or with checkpoint.resume=never, which overwrites {root})"
+
+
+def check_resumable(root: str | Path, tag: str, rank: int, run_model: dict) -> None:
+    """Raise ``ResumeError`` (one line, naming the file or setting and the way out) unless ``tag`` can be
+    resumed by a run whose ``model`` settings are ``run_model``."""
+    root = Path(root)
+    tag_dir = root / tag
+    output_dir = root.parent
+    for path in _files_to_check(tag_dir, rank):
+        problem = _unreadable(path)
+        if problem is not None:
+            raise ResumeError(f"{path}: truncated or corrupt, so checkpoint {tag} cannot be resumed; "
+                              f"{_way_out(root, tag, output_dir)}")
+    from biomedgpt.tools.zero_checkpoint import MODEL_FILE_RE, TorchFile
+
+    states = [p for p in sorted(tag_dir.iterdir()) if MODEL_FILE_RE.match(p.name)]
+    if not states:
+        raise ResumeError(f"{tag_dir}: no DeepSpeed model-states file, so checkpoint {tag} cannot be resumed; "
+                          f"{_way_out(root, tag, output_dir)}")
+    client = TorchFile(states[0]).obj
+    saved = (client.get("config") or {}).get("model") if isinstance(client, dict) else None
+    if isinstance(saved, dict):
+        diffs = model_differences(saved, run_model)
+        if diffs:
+            raise ResumeError(
+                f"{output_dir} holds checkpoint {tag} of another model ({'; '.join(diffs)}): use a new "
+                f"output_dir for this model, or checkpoint.resume=never to train it from scratch there "
+                f"(its checkpoints are then replaced)")
