@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from biomedgpt.data.config import DataConfig
-from biomedgpt.data.images import boxed_transform, decode_image, eval_transform, train_transform
+from biomedgpt.data.images import boxed_transform, eval_transform, open_image, train_transform
 from biomedgpt.data.records import clean_caption, clean_question
 
 BOS, PAD, EOS = 0, 1, 2
@@ -37,7 +37,7 @@ class Example:
     source: list[int]
     prev_output: list[int]
     target: list[int]
-    image: Optional[torch.Tensor] = None  # [3, H, W] normalised, None for text-only
+    image: Optional[torch.Tensor] = None  # uint8 [3, H, W] (0..255), None for text-only
     code_mask: bool = False
     conf: float = 1.0
     loss_group: int = 0
@@ -79,8 +79,9 @@ class TaskContext:
 
 
 def row_image(record: dict) -> Image.Image:
-    """The row's decoded RGB image; a corrupt one raises BadRecord naming the row."""
-    return decode_image(record["image"], f"row {record['id']!r}")
+    """The row's image, opened (pixels decoded by the transform, at the scale it needs); a corrupt one
+    raises BadRecord naming the row."""
+    return open_image(record["image"], f"row {record['id']!r}")
 
 
 def source_ids(ctx: TaskContext, prefix: str, text: str = "", suffix: str = "",
@@ -270,7 +271,7 @@ def image_infilling(record: dict, ctx: TaskContext) -> list[Example]:
     size = ctx.cfg.patch_image_size
     image = eval_transform(row_image(record), size)
     lo, hi = size // 4, size - size // 4
-    image[:, lo:hi, lo:hi] = 0.0
+    image[:, lo:hi, lo:hi] = 128  # mid grey: normalised 0.004 (uint8 has no 127.5, the original's 0.0)
     codes = [ctx.tokenizer.code_id(int(c)) for c in record["meta"]["codes"]]
     src = source_ids(ctx, " what is the image in the middle part?")
     return [Example(uid=record["id"], task="image_infilling", source=src, prev_output=[BOS] + codes,
