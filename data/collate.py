@@ -28,7 +28,8 @@ def collate(examples: Sequence[Example], patch_image_size: int, group_weights: S
     """
     if not examples:
         raise ValueError("cannot collate an empty batch")
-    images = torch.zeros(len(examples), 3, patch_image_size, patch_image_size, dtype=torch.uint8)
+    # channels-last like the transforms' output (a plain copy per image); the model makes it contiguous
+    images = torch.zeros(len(examples), patch_image_size, patch_image_size, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
     for i, ex in enumerate(examples):
         if ex.image is not None:
             if tuple(ex.image.shape) != (3, patch_image_size, patch_image_size) or ex.image.dtype != torch.uint8:

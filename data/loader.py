@@ -116,6 +116,8 @@ class TaskStreamingDataset(StreamingDataset):
         self.tokenizer = tokenizer
         self.train = train
         self._checked_shards: set[int] = set()
+        self._prompts: dict = {}  # constant prompt pieces -> token ids (every sample's TaskContext shares it)
+        self._word_start: dict = {}
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
         """The raw row, after checking once per shard that its files are whole (no silent garbage)."""
@@ -150,7 +152,7 @@ class TaskStreamingDataset(StreamingDataset):
         rng = random.Random(f"{self.cfg.shuffle_seed}/{epoch}/{sample_id}")
         ctx = TaskContext(tokenizer=self.tokenizer, cfg=self.cfg, rng=rng, train=self.train,
                           other_row=functools.partial(self._other_row, stream_id, sample_id),
-                          loss_group=stream.loss_group)
+                          loss_group=stream.loss_group, _word_start=self._word_start, prompts=self._prompts)
         try:
             return process(stream.task, row, ctx)
         except Exception as exc:

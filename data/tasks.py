@@ -56,9 +56,19 @@ class TaskContext:
     other_row: Callable[[random.Random], dict]  # a random row of the same stream (ITM / matching negatives)
     loss_group: int = 0
     _word_start: dict = field(default_factory=dict)
+    prompts: dict = field(default_factory=dict)  # prompt text -> ids; the dataset shares one across samples
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text)) if text else []
+
+    def prompt(self, text: str) -> list[int]:
+        """``encode`` of a constant prompt piece, cached (a bounded number of distinct pieces)."""
+        ids = self.prompts.get(text)
+        if ids is None:
+            ids = self.encode(text)
+            if len(self.prompts) < 4096:
+                self.prompts[text] = ids
+        return list(ids)
 
     def image(self, record: dict) -> torch.Tensor:
         image = row_image(record)
@@ -87,7 +97,7 @@ def row_image(record: dict) -> Image.Image:
 def source_ids(ctx: TaskContext, prefix: str, text: str = "", suffix: str = "",
                extra: list[int] | None = None) -> list[int]:
     """``<s> prefix text suffix [extra] </s>`` with ``text`` cut so the whole fits max_src_tokens."""
-    head, tail = ctx.encode(prefix), ctx.encode(suffix) + list(extra or [])
+    head, tail = ctx.prompt(prefix), ctx.prompt(suffix) + list(extra or [])
     budget = max(ctx.cfg.max_src_tokens - 2 - len(head) - len(tail), 0)
     return [BOS] + head + ctx.encode(text)[:budget] + tail + [EOS]
 
@@ -237,7 +247,7 @@ def text_infilling(record: dict, ctx: TaskContext) -> list[Example]:
     """BART-style: 30% of whole words masked in Poisson(3)-length spans, one ``<mask>`` per span."""
     ids = ctx.encode(" " + " ".join(record["meta"]["text"].split()))[:TEXT_INFILL_MAX_TOKENS]
     masked = mask_spans(ids, ctx)
-    src = ([BOS] + ctx.encode(' what is the complete text of "') + masked + ctx.encode(' "?') + [EOS])
+    src = ([BOS] + ctx.prompt(' what is the complete text of "') + masked + ctx.prompt(' "?') + [EOS])
     return [Example(uid=record["id"], task="text_infilling", source=src, prev_output=[BOS] + ids,
                     target=ids + [EOS], loss_group=ctx.loss_group)]
 
@@ -299,9 +309,9 @@ def nli(record: dict, ctx: TaskContext) -> list[Example]:
     meta = record["meta"]
     limit = _max_words(ctx, False)
     s1, s2 = clean_caption(meta["s1"], limit), clean_caption(meta["s2"], limit)
-    head = ctx.encode(' can text1 "')
-    mid = ctx.encode(' " imply text2 "')
-    tail = ctx.encode(' "?')
+    head = ctx.prompt(' can text1 "')
+    mid = ctx.prompt(' " imply text2 "')
+    tail = ctx.prompt(' "?')
     budget = max(ctx.cfg.max_src_tokens - 2 - len(head) - len(mid) - len(tail), 0)
     t1, t2 = ctx.encode(" " + s1), ctx.encode(" " + s2)
     t1 = t1[: max(budget - len(t2), budget // 2)]

@@ -83,7 +83,8 @@ def normalise_images(images: Tensor, dtype: torch.dtype) -> Tensor:
     """uint8 RGB (0..255) -> ``dtype`` with mean = std = 0.5 (values in [-1, 1]); float input is kept as is."""
     if images.is_floating_point():
         return images.to(dtype)
-    return images.to(torch.float32).div_(127.5).sub_(1.0).to(dtype)
+    images = images.to(torch.float32, memory_format=torch.contiguous_format)  # batches come channels-last
+    return images.div_(127.5).sub_(1.0).to(dtype)
 
 
 def drop_path(x: Tensor, prob: float, training: bool) -> Tensor:
