@@ -320,3 +320,46 @@ def test_truncated_shard_local_and_remote(s3, tmp_path):
     s3.put_object(Bucket="data", Key=f"text/{shard.name}", Body=data[: len(data) // 2])
     with pytest.raises(DataSourceError, match="truncated"):
         read_rows("s3://data/text", tmp_path)
+
+
+def _flip_middle(data: bytes) -> bytes:
+    """The same size, a few bytes of sample data changed (what a bad disk or a partial overwrite leaves)."""
+    middle = len(data) * 2 // 3
+    return data[:middle] + bytes(b ^ 0x5A for b in data[middle:middle + 4]) + data[middle + 4:]
+
+
+def test_same_size_corrupt_shard_fails_before_any_of_its_samples_is_used(s3, tmp_path):
+    from biomedgpt.data.loader import build_train_loader
+
+    (tmp_path / "text.tsv").write_text("".join(f"t{i}\tsome report text number {i}\n" for i in range(120)))
+    convert(PrepareConfig(input=str(tmp_path / "text.tsv"), format="text_tsv", output=str(tmp_path / "local"),
+                          shard_size="2kb", progress=False))
+    index = json.loads((tmp_path / "local" / "index.json").read_text())
+    counts = [s["samples"] for s in index["shards"]]
+    bad = 2
+    name = index["shards"][bad]["raw_data"]["basename"]
+    first = sum(counts[:bad])
+    bad_ids = {f"t{i}" for i in range(first, first + counts[bad])}
+    shard = tmp_path / "local" / name
+    data = shard.read_bytes()
+    shard.write_bytes(_flip_middle(data))
+    assert shard.stat().st_size == len(data)
+
+    cfg = DataConfig(streams=[StreamConfig(name="reports", task="text_infilling", remote=str(tmp_path / "local"))],
+                     cache_dir=str(tmp_path / "cache"), batch_size=4, num_workers=0, shuffle=True)
+    from biomedgpt.models.tokenizer import Tokenizer
+
+    seen: list[str] = []
+    with pytest.raises(DataSourceError) as info:
+        for batch in build_train_loader(cfg, Tokenizer.from_gpt2_files(None)):
+            seen.extend(batch["ids"])
+    message = str(info.value)
+    assert "\n" not in message and "stream reports" in message and name in message, message
+    assert f"index.json says {index['shards'][bad]['raw_data']['hashes']['xxh64']}" in message, message
+    assert not bad_ids & set(seen)  # nothing of the corrupt shard reached a batch
+
+    convert(PrepareConfig(input=str(tmp_path / "text.tsv"), format="text_tsv", output="s3://data/corrupt",
+                          shard_size="2kb", progress=False))
+    s3.put_object(Bucket="data", Key=f"corrupt/{name}", Body=_flip_middle(data))  # same size, after download
+    with pytest.raises(DataSourceError, match=rf"stream s: shard file \S*{name} is corrupt: xxh64 [0-9a-f]+, index"):
+        read_rows("s3://data/corrupt", tmp_path)
