@@ -19,6 +19,7 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 from streaming import Stream, StreamingDataLoader, StreamingDataset
+from streaming.base.format.mds.reader import MDSReader
 
 from biomedgpt.data.collate import collate
 from biomedgpt.data.config import DataConfig, StreamConfig
@@ -136,6 +137,7 @@ class TaskStreamingDataset(StreamingDataset):
         self.tokenizer = tokenizer
         self.train = train
         self._checked_shards: set[int] = set()
+        self._maps: dict = {}  # shard id -> mmap of its raw file (see _mapped_item)
         self._prompts: dict = {}  # constant prompt pieces -> token ids (every sample's TaskContext shares it)
         self._word_start: dict = {}
 
@@ -150,7 +152,34 @@ class TaskStreamingDataset(StreamingDataset):
                                       f"{shard_id}: {type(exc).__name__}: {exc}") from exc
             self._check_shard(shard_id)
             self._checked_shards.add(shard_id)
+        if self.cfg.cache_limit is None and isinstance(self.shards[shard_id], MDSReader):
+            return self._mapped_item(shard_id, self.spanner[sample_id][1])  # nothing is evicted: a map per shard
         return super().get_item(sample_id, retry)
+
+    def __getstate__(self) -> dict:
+        """Pickled for spawned loader workers: memory maps stay behind (each process maps its own)."""
+        return {**self.__dict__, "_maps": {}}
+
+    def _mapped_item(self, shard_id: int, index: int) -> dict:
+        """Sample ``index`` of an MDS shard through one memory map per shard and process.
+
+        streaming opens, seeks and closes the shard file for every sample; with no cache eviction the file
+        never changes after its check, so the map stays valid.
+        """
+        import mmap
+        import struct
+
+        mapped = self._maps.get(shard_id)
+        if mapped is None:
+            shard = self.shards[shard_id]
+            path = os.path.join(shard.dirname, shard.split or "", shard.raw_data.basename)
+            with open(path, "rb") as f:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[shard_id] = mapped
+        begin, end = struct.unpack_from("<II", mapped, (1 + index) * 4)
+        if end <= begin:
+            raise IndexError(f"sample {index} is not in shard {self.shards[shard_id].raw_data.basename}")
+        return self.shards[shard_id].decode_sample(mapped[begin:end])
 
     def _stream_of(self, shard_id: int) -> StreamConfig:
         return self.stream_cfgs[int(self.stream_per_shard[shard_id])]
