@@ -19,7 +19,8 @@ def _pad(rows: Sequence[Sequence[int]]) -> torch.Tensor:
 
 def collate(examples: Sequence[Example], patch_image_size: int, group_weights: Sequence[float],
             with_references: bool = False) -> dict:
-    """Right-pad tokens with 1; text-only examples get a zero image and ``patch_masks`` False.
+    """Right-pad tokens with 1; images stay uint8 (the model normalises them on its device); text-only
+    examples get a zero image and ``patch_masks`` False.
 
     ``group_weights`` is carried whole even when a group has no example in this batch, so every rank
     sees the same structure. ``with_references`` adds, for evaluation, ``references`` (list of reference
@@ -27,12 +28,13 @@ def collate(examples: Sequence[Example], patch_image_size: int, group_weights: S
     """
     if not examples:
         raise ValueError("cannot collate an empty batch")
-    images = torch.zeros(len(examples), 3, patch_image_size, patch_image_size)
+    # channels-last like the transforms' output (a plain copy per image); the model makes it contiguous
+    images = torch.zeros(len(examples), patch_image_size, patch_image_size, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
     for i, ex in enumerate(examples):
         if ex.image is not None:
-            if tuple(ex.image.shape) != (3, patch_image_size, patch_image_size):
-                raise ValueError(f"example {ex.uid!r} ({ex.task}): image shape {tuple(ex.image.shape)}, "
-                                 f"expected (3, {patch_image_size}, {patch_image_size})")
+            if tuple(ex.image.shape) != (3, patch_image_size, patch_image_size) or ex.image.dtype != torch.uint8:
+                raise ValueError(f"example {ex.uid!r} ({ex.task}): image {ex.image.dtype} {tuple(ex.image.shape)}, "
+                                 f"expected uint8 (3, {patch_image_size}, {patch_image_size})")
             images[i] = ex.image
     for ex in examples:
         if len(ex.prev_output) != len(ex.target):

@@ -1,14 +1,20 @@
 """Image bytes in, normalised tensors out: decoding (incl. DICOM), the spec's train/eval transforms.
 
 Training images for image-text tasks: random resize of the short side to [size, 480] (long side <= 672),
-centre crop to ``size``, two RandAugment ops at magnitude 7, normalise mean = std = 0.5. Boxed tasks
-(grounding, detection) skip the photometric/geometric ops and crop around the object so the box stays valid.
-Evaluation: a deterministic resize to size × size. All randomness comes from the caller's ``random.Random``
-so a sample's augmentation is a pure function of (seed, epoch, sample id): exact resumption.
+centre crop to ``size``, two RandAugment ops at magnitude 7. Boxed tasks (grounding, detection) skip the
+photometric/geometric ops and crop around the object so the box stays valid. Evaluation: a deterministic
+resize to size × size. All randomness comes from the caller's ``random.Random`` so a sample's augmentation
+is a pure function of (seed, epoch, sample id): exact resumption.
+
+Transforms give ``uint8`` [3, H, W] tensors; the model normalises (mean = std = 0.5) on its device
+(``biomedgpt.models.ofa.normalise_images``). JPEGs are decoded at the smallest DCT scale that still covers
+the size they are resampled to (PIL ``draft``), and resize + centre crop is one resampling of the crop's
+source box (``resize(box=...)``), so no pixel outside the crop is resampled.
 """
 from __future__ import annotations
 
 import io
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -135,31 +141,122 @@ def _eight_bit(image: Image.Image) -> Image.Image:
     return image if image.mode in ("L", "RGB") else image.convert("RGB")
 
 
+def open_image(data: bytes, name: str = "") -> Image.Image:
+    """Encoded bytes -> a PIL image whose pixels are not decoded yet (DICOM: decoded); see ``load_rgb``."""
+    if is_dicom(data):
+        return Image.fromarray(dicom_to_uint8(data, name)).convert("RGB")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.source_name = _label(data, name)  # for the error if its pixels turn out corrupt
+        image.source_bytes = data  # JPEGs decoded at full scale go through torchvision's decoder
+        return image
+    except Exception as exc:
+        raise BadRecord(f"{_label(data, name)}: corrupt image: {exc}", "corrupt image") from None
+
+
+def load_rgb(image: Image.Image, covering: tuple[int, int] | None = None, name: str = "") -> Image.Image:
+    """Decode an ``open_image`` result to RGB; a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) whose size still
+    covers ``covering`` (width, height) in both directions. Returns the image and keeps ``image.size`` semantics:
+    callers scale coordinates by ``loaded.width / image.width``."""
+    if image.format == "JPEG" and covering is not None and image.mode in ("RGB", "L", "YCbCr", "CMYK"):
+        image.draft("RGB" if image.mode != "L" else "L", (max(int(covering[0]), 1), max(int(covering[1]), 1)))
+    try:
+        image.load()
+    except Exception as exc:
+        raise BadRecord(f"{name or getattr(image, 'source_name', 'image')}: corrupt image: {exc}",
+                        "corrupt image") from None
+    return _eight_bit(image).convert("RGB")
+
+
+def to_uint8(image: Image.Image) -> torch.Tensor:
+    """RGB PIL -> uint8 [3, H, W] (0..255, channels-last memory: a view of the H x W x 3 pixels), what batches carry."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float normalised with mean = std = 0.5 (what ``biomedgpt.models.ofa.normalise_images`` does)."""
+    return images.to(torch.float32).div_(127.5).sub_(1.0)
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL -> float [3, H, W] normalised with mean = std = 0.5 (values in [-1, 1])."""
+    """RGB PIL -> float [3, H, W] normalised with mean = std = 0.5 (values in [-1, 1]); the model's input scale."""
     array = np.asarray(image, dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1).div_(127.5).sub_(1.0)
 
 
+def _draft_scale(size: tuple[int, int], covering: tuple[int, int]) -> int:
+    """The DCT scale denominator PIL's ``draft`` picks: the largest of 8, 4, 2, 1 still covering ``covering``."""
+    ratio = min(size[0] // max(covering[0], 1), size[1] // max(covering[1], 1))
+    return next((s for s in (8, 4, 2) if ratio >= s), 1)
+
+
+def decoded_pixels(image: Image.Image, covering: tuple[int, int]) -> torch.Tensor:
+    """An ``open_image`` result -> uint8 [3, h, w] (channels-last memory), a JPEG at the coarsest covering scale.
+
+    Full-scale JPEGs are decoded by torchvision (libjpeg-turbo straight into a tensor: the same pixels as PIL,
+    no PIL -> numpy copy); reduced scales by PIL's ``draft``; anything else through PIL."""
+    data = getattr(image, "source_bytes", None)
+    if (image.format == "JPEG" and data is not None and image.mode in ("RGB", "L")
+            and _draft_scale(image.size, covering) == 1):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            if tuple(pixels.shape[1:]) == (image.height, image.width):
+                return pixels
+        except RuntimeError:
+            pass  # PIL decodes it or names the damage
+    loaded = load_rgb(image, covering)
+    return torch.from_numpy(np.array(loaded, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def _resized(image: Image.Image, out: tuple[int, int], box: tuple[float, float, float, float] | None = None
+             ) -> torch.Tensor:
+    """``image`` (opened, maybe not decoded) -> uint8 [3, h, w] bicubic (antialiased) resampling of ``box``
+    (in ``image.size`` pixels, default all of it) to ``out`` = (w, h). The JPEG is decoded at the coarsest DCT
+    scale that keeps at least ``out`` pixels over the box; the box is cut at whole pixels of the decoded image
+    (at most half a pixel from the exact box) and resampled on the channels-last uint8 tensor (torchvision's
+    SIMD kernels: ~4x PIL's bicubic resize here)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    box = box or (0.0, 0.0, float(image.width), float(image.height))
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    covering = (math.ceil(out[0] * image.width / bw), math.ceil(out[1] * image.height / bh))
+    width, height = image.size
+    pixels = decoded_pixels(image, covering)
+    fx, fy = pixels.shape[2] / width, pixels.shape[1] / height
+    left, top = max(round(box[0] * fx), 0), max(round(box[1] * fy), 0)
+    right, bottom = min(round(box[2] * fx), pixels.shape[2]), min(round(box[3] * fy), pixels.shape[1])
+    # H x W x 3 contiguous crop: the kernel's channels-last uint8 path (a strided view takes a 2-3x slower one)
+    pixels = pixels[:, top:bottom, left:right].permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    if tuple(pixels.shape[1:]) != (out[1], out[0]):
+        pixels = TF.resize(pixels, [out[1], out[0]], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    return pixels.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # H x W x 3 memory (a no-op for the kernel's output)
+
+
 def eval_transform(image: Image.Image, size: int) -> torch.Tensor:
-    return to_tensor(image.resize((size, size), Image.BICUBIC))
+    return _resized(image, (size, size))
 
 
 def train_transform(image: Image.Image, size: int, rng: random.Random) -> torch.Tensor:
     """Random resize, centre crop and RandAugment (2 ops, magnitude 7) of the spec."""
-    image = _random_resize(image, size, rng)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    return to_tensor(rand_augment(image, rng))
+    width, height = _random_size(image.size, size, rng)
+    left, top = (width - size) // 2, (height - size) // 2
+    sx, sy = image.width / width, image.height / height
+    crop = _resized(image, (size, size), (left * sx, top * sy, (left + size) * sx, (top + size) * sy))
+    plan = rand_augment_plan(rng)
+    if not plan:
+        return crop
+    return to_uint8(apply_plan(Image.fromarray(crop.permute(1, 2, 0).numpy()), plan))  # HWC: no copy
 
 
-def _random_resize(image: Image.Image, size: int, rng: random.Random) -> Image.Image:
+def _random_size(source: tuple[int, int], size: int, rng: random.Random) -> tuple[int, int]:
+    """The random resize's output size: short side in [size, 480], long side <= 672 (unless that breaks size)."""
     short = rng.randint(size, max(size, MAX_RESIZE))
-    scale = short / min(image.size)
-    if max(image.size) * scale > MAX_LONG_SIDE:
-        scale = max(MAX_LONG_SIDE / max(image.size), size / min(image.size))
-    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-    return image.resize((width, height), Image.BICUBIC)
+    scale = short / min(source)
+    if max(source) * scale > MAX_LONG_SIDE:
+        scale = max(MAX_LONG_SIDE / max(source), size / min(source))
+    return max(size, round(source[0] * scale)), max(size, round(source[1] * scale))
 
 
 def boxed_transform(image: Image.Image, boxes: list[list[float]], size: int, rng: random.Random | None
@@ -171,34 +268,45 @@ def boxed_transform(image: Image.Image, boxes: list[list[float]], size: int, rng
     """
     if rng is None:
         sx, sy = size / image.width, size / image.height
-        image = image.resize((size, size), Image.BICUBIC)
         out = [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy, i] for i, b in enumerate(boxes)]
-        return to_tensor(image), out
-    resized = _random_resize(image, size, rng)
-    sx, sy = resized.width / image.width, resized.height / image.height
+        return eval_transform(image, size), out
+    width, height = _random_size(image.size, size, rng)
+    sx, sy = width / image.width, height / image.height
     scaled = [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in boxes]
-    cx = (scaled[0][0] + scaled[0][2]) / 2 if scaled else resized.width / 2
-    cy = (scaled[0][1] + scaled[0][3]) / 2 if scaled else resized.height / 2
-    left = int(min(max(cx - size / 2, 0), resized.width - size))
-    top = int(min(max(cy - size / 2, 0), resized.height - size))
-    crop = resized.crop((left, top, left + size, top + size))
+    cx = (scaled[0][0] + scaled[0][2]) / 2 if scaled else width / 2
+    cy = (scaled[0][1] + scaled[0][3]) / 2 if scaled else height / 2
+    left = int(min(max(cx - size / 2, 0), width - size))
+    top = int(min(max(cy - size / 2, 0), height - size))
+    crop = _resized(image, (size, size), (left / sx, top / sy, (left + size) / sx, (top + size) / sy))
     out = []
     for i, (x0, y0, x1, y1) in enumerate(scaled):
         x0, x1 = min(max(x0 - left, 0), size), min(max(x1 - left, 0), size)
         y0, y1 = min(max(y0 - top, 0), size), min(max(y1 - top, 0), size)
         if x1 > x0 and y1 > y0:
             out.append([x0, y0, x1, y1, i])
-    return to_tensor(crop), out
+    return crop, out
 
 
 def rand_augment(image: Image.Image, rng: random.Random, num_ops: int = 2, magnitude: int = 7) -> Image.Image:
     """Two random ops from the spec's list, each applied with probability 0.5 at the given magnitude."""
-    level = magnitude / 10.0
+    return apply_plan(image, rand_augment_plan(rng, num_ops), magnitude)
+
+
+def rand_augment_plan(rng: random.Random, num_ops: int = 2) -> list[tuple[str, float]]:
+    """The (op, sign) pairs RandAugment applies, drawn as ``rand_augment`` draws them; identity left out."""
+    plan = []
     for op in rng.sample(RANDAUG_OPS, num_ops):
         if rng.random() < 0.5:
             continue
         sign = -1.0 if rng.random() < 0.5 else 1.0
-        image = _apply_op(image, op, level, sign)
+        if op != "identity":
+            plan.append((op, sign))
+    return plan
+
+
+def apply_plan(image: Image.Image, plan: list[tuple[str, float]], magnitude: int = 7) -> Image.Image:
+    for op, sign in plan:
+        image = _apply_op(image, op, magnitude / 10.0, sign)
     return image
 
 

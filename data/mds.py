@@ -29,12 +29,32 @@ class OutputExistsError(FileExistsError):
     """The output already holds a dataset and overwrite was not asked for."""
 
 
-def _s3_client():
+class StoreError(OSError):
+    """The object store cannot be reached or refuses the output (one line: endpoint, bucket, reason)."""
+
+
+def _s3_client(timeout: float | None = None, attempts: int | None = None):
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None,
-                        config=Config(retries={"max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", 3))}))
+    attempts = attempts if attempts is not None else int(os.environ.get("AWS_MAX_ATTEMPTS", 3))
+    options = {"retries": {"max_attempts": attempts, "mode": "standard"}}
+    if timeout is not None:
+        options.update(connect_timeout=timeout, read_timeout=timeout)
+    return boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None, config=Config(**options))
+
+
+def _store_reason(exc: Exception) -> str:
+    """A botocore failure in a few words (no traceback)."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        error = response.get("Error", {})
+        code = str(error.get("Code", "?"))
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("403", "AccessDenied", "Forbidden") or status == 403:
+            return "access denied (403)"
+        return f"{code}: {error.get('Message') or 'refused'}"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
 
 
 def _split_s3(url: str) -> tuple[str, str]:
@@ -62,8 +82,10 @@ class ShardWriter:
     """MDS writer of our row schema with atomic publication (see module doc)."""
 
     def __init__(self, out: str, overwrite: bool = False, compression: Optional[str] = None,
-                 size_limit: str = "64mb", hashes: tuple[str, ...] = ("xxh64",)) -> None:
+                 size_limit: str = "64mb", hashes: tuple[str, ...] = ("xxh64",), store_timeout: float = 3.0,
+                 store_attempts: int = 2) -> None:
         self.out = out
+        self.store_timeout, self.store_attempts = store_timeout, store_attempts
         self.remote = bool(urlparse(out).scheme) and urlparse(out).scheme != "file"
         self._committed = False
         if self.remote:
@@ -86,16 +108,31 @@ class ShardWriter:
     def _prepare_remote(self, overwrite: bool) -> None:
         if urlparse(self.out).scheme != "s3":
             return  # other stores: streaming's uploader; index.json is still written last
+        from botocore.exceptions import BotoCoreError, ClientError
+
         bucket, prefix = _split_s3(self.out)
         key = f"{prefix}/{INDEX}" if prefix else INDEX
-        client = _s3_client()
+        endpoint = os.environ.get("S3_ENDPOINT_URL") or "the default AWS endpoint"
+        where = f"object store {endpoint}, bucket {bucket}"
+        client = _s3_client(self.store_timeout, self.store_attempts)
+        try:
+            client.head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code"))
+            reason = "no such bucket" if code in ("404", "NoSuchBucket", "NotFound") else _store_reason(exc)
+            raise StoreError(f"cannot write {self.out}: {where}: {reason}") from None
+        except BotoCoreError as exc:
+            raise StoreError(f"cannot write {self.out}: {where} unreachable after {self.store_attempts} "
+                             f"attempt(s) of {self.store_timeout:g} s: {_store_reason(exc)}") from None
         try:
             client.head_object(Bucket=bucket, Key=key)
             exists = True
-        except client.exceptions.ClientError as exc:
+        except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
-                raise OSError(f"cannot reach {self.out}: {exc}") from exc
+                raise StoreError(f"cannot write {self.out}: {where}: {_store_reason(exc)}") from None
             exists = False
+        except BotoCoreError as exc:
+            raise StoreError(f"cannot write {self.out}: {where}: {_store_reason(exc)}") from None
         if exists and not overwrite:
             raise OutputExistsError(f"{self.out} already holds a dataset (index.json); pass overwrite=true")
         if exists:

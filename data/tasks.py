@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from biomedgpt.data.config import DataConfig
-from biomedgpt.data.images import boxed_transform, decode_image, eval_transform, train_transform
+from biomedgpt.data.images import boxed_transform, eval_transform, open_image, train_transform
 from biomedgpt.data.records import clean_caption, clean_question
 
 BOS, PAD, EOS = 0, 1, 2
@@ -37,7 +37,7 @@ class Example:
     source: list[int]
     prev_output: list[int]
     target: list[int]
-    image: Optional[torch.Tensor] = None  # [3, H, W] normalised, None for text-only
+    image: Optional[torch.Tensor] = None  # uint8 [3, H, W] (0..255), None for text-only
     code_mask: bool = False
     conf: float = 1.0
     loss_group: int = 0
@@ -56,9 +56,19 @@ class TaskContext:
     other_row: Callable[[random.Random], dict]  # a random row of the same stream (ITM / matching negatives)
     loss_group: int = 0
     _word_start: dict = field(default_factory=dict)
+    prompts: dict = field(default_factory=dict)  # prompt text -> ids; the dataset shares one across samples
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text)) if text else []
+
+    def prompt(self, text: str) -> list[int]:
+        """``encode`` of a constant prompt piece, cached (a bounded number of distinct pieces)."""
+        ids = self.prompts.get(text)
+        if ids is None:
+            ids = self.encode(text)
+            if len(self.prompts) < 4096:
+                self.prompts[text] = ids
+        return list(ids)
 
     def image(self, record: dict) -> torch.Tensor:
         image = row_image(record)
@@ -79,14 +89,15 @@ class TaskContext:
 
 
 def row_image(record: dict) -> Image.Image:
-    """The row's decoded RGB image; a corrupt one raises BadRecord naming the row."""
-    return decode_image(record["image"], f"row {record['id']!r}")
+    """The row's image, opened (pixels decoded by the transform, at the scale it needs); a corrupt one
+    raises BadRecord naming the row."""
+    return open_image(record["image"], f"row {record['id']!r}")
 
 
 def source_ids(ctx: TaskContext, prefix: str, text: str = "", suffix: str = "",
                extra: list[int] | None = None) -> list[int]:
     """``<s> prefix text suffix [extra] </s>`` with ``text`` cut so the whole fits max_src_tokens."""
-    head, tail = ctx.encode(prefix), ctx.encode(suffix) + list(extra or [])
+    head, tail = ctx.prompt(prefix), ctx.prompt(suffix) + list(extra or [])
     budget = max(ctx.cfg.max_src_tokens - 2 - len(head) - len(tail), 0)
     return [BOS] + head + ctx.encode(text)[:budget] + tail + [EOS]
 
@@ -236,7 +247,7 @@ def text_infilling(record: dict, ctx: TaskContext) -> list[Example]:
     """BART-style: 30% of whole words masked in Poisson(3)-length spans, one ``<mask>`` per span."""
     ids = ctx.encode(" " + " ".join(record["meta"]["text"].split()))[:TEXT_INFILL_MAX_TOKENS]
     masked = mask_spans(ids, ctx)
-    src = ([BOS] + ctx.encode(' what is the complete text of "') + masked + ctx.encode(' "?') + [EOS])
+    src = ([BOS] + ctx.prompt(' what is the complete text of "') + masked + ctx.prompt(' "?') + [EOS])
     return [Example(uid=record["id"], task="text_infilling", source=src, prev_output=[BOS] + ids,
                     target=ids + [EOS], loss_group=ctx.loss_group)]
 
@@ -270,7 +281,7 @@ def image_infilling(record: dict, ctx: TaskContext) -> list[Example]:
     size = ctx.cfg.patch_image_size
     image = eval_transform(row_image(record), size)
     lo, hi = size // 4, size - size // 4
-    image[:, lo:hi, lo:hi] = 0.0
+    image[:, lo:hi, lo:hi] = 128  # mid grey: normalised 0.004 (uint8 has no 127.5, the original's 0.0)
     codes = [ctx.tokenizer.code_id(int(c)) for c in record["meta"]["codes"]]
     src = source_ids(ctx, " what is the image in the middle part?")
     return [Example(uid=record["id"], task="image_infilling", source=src, prev_output=[BOS] + codes,
@@ -298,9 +309,9 @@ def nli(record: dict, ctx: TaskContext) -> list[Example]:
     meta = record["meta"]
     limit = _max_words(ctx, False)
     s1, s2 = clean_caption(meta["s1"], limit), clean_caption(meta["s2"], limit)
-    head = ctx.encode(' can text1 "')
-    mid = ctx.encode(' " imply text2 "')
-    tail = ctx.encode(' "?')
+    head = ctx.prompt(' can text1 "')
+    mid = ctx.prompt(' " imply text2 "')
+    tail = ctx.prompt(' "?')
     budget = max(ctx.cfg.max_src_tokens - 2 - len(head) - len(mid) - len(tail), 0)
     t1, t2 = ctx.encode(" " + s1), ctx.encode(" " + s2)
     t1 = t1[: max(budget - len(t2), budget // 2)]

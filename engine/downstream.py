@@ -149,7 +149,7 @@ def select_rows(batch: dict, rows: list[int], device: torch.device, dtype: torch
     out = {}
     for key in ("src_tokens", "patch_images", "patch_masks", "prev_output_tokens", "target", "code_masks"):
         value = batch[key].index_select(0, index).to(device)
-        out[key] = value.to(dtype) if key == "patch_images" else value
+        out[key] = value.to(dtype) if key == "patch_images" and value.is_floating_point() else value  # uint8: the model normalises
     out["ids"] = [batch["ids"][i] for i in rows]
     out["references"] = [batch["references"][i] for i in rows] if "references" in batch else [[] for _ in rows]
     out["answer_types"] = [batch["answer_types"][i] for i in rows] if "answer_types" in batch else [None] * len(rows)

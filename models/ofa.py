@@ -79,6 +79,14 @@ def linear_rates(stop: float, n: int) -> list[float]:
     return [stop * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
 
 
+def normalise_images(images: Tensor, dtype: torch.dtype) -> Tensor:
+    """uint8 RGB (0..255) -> ``dtype`` with mean = std = 0.5 (values in [-1, 1]); float input is kept as is."""
+    if images.is_floating_point():
+        return images.to(dtype)
+    images = images.to(torch.float32, memory_format=torch.contiguous_format)  # batches come channels-last
+    return images.div_(127.5).sub_(1.0).to(dtype)
+
+
 def drop_path(x: Tensor, prob: float, training: bool) -> Tensor:
     """Stochastic depth: drop the whole residual branch per sample (dim 0)."""
     if prob == 0.0 or not training:
@@ -290,9 +298,23 @@ class Encoder(nn.Module):
         if ofa:
             add_relative_tables(self, cfg, cfg.encoder_layers, cfg.max_source_positions)
 
+    #: run the ResNet only on samples with an image (``patch_masks`` True); False: on every placeholder too
+    image_rows_only = True
+
     def embed_image(self, patch_images: Tensor, patch_masks: Tensor | None, sample_patch_num: int | None):
-        """Image tokens, their padding mask and position ids (``[1, n]``, or ``[B, k]`` for a random subset)."""
-        features = self.embed_images(patch_images)
+        """Image tokens, their padding mask and position ids (``[1, n]``, or ``[B, k]`` for a random subset).
+
+        ``patch_images`` uint8 (0..255) are normalised here, on their device (mean = std = 0.5); float images
+        are taken as normalised. Text-only samples' image tokens are zeros (they are masked): the ResNet runs
+        on one placeholder only when no sample has an image, so every rank runs the same modules (ZeRO-3).
+        """
+        patch_images = normalise_images(patch_images, self.image_proj.weight.dtype)
+        rows_idx = None
+        if self.image_rows_only and patch_masks is not None and not bool(patch_masks.all()):
+            rows_idx = patch_masks.bool().nonzero().squeeze(1)
+            rows_idx = rows_idx if rows_idx.numel() else rows_idx.new_zeros(1)
+        full_b = patch_images.shape[0]
+        features = self.embed_images(patch_images if rows_idx is None else patch_images.index_select(0, rows_idx))
         b, _, rows, cols = features.shape
         if rows > self.cfg.image_bucket_size or cols > self.cfg.image_bucket_size:
             raise ValueError(f"image grid {rows}x{cols} exceeds image_bucket_size {self.cfg.image_bucket_size} "
@@ -303,11 +325,14 @@ class Encoder(nn.Module):
             order = torch.rand(b, ids.shape[1], device=tokens.device).argsort(dim=1)[:, :sample_patch_num]
             tokens = tokens.gather(1, order[:, :, None].expand(-1, -1, tokens.shape[2]))
             ids = ids.expand(b, -1).gather(1, order)
-        padding = torch.zeros((b, ids.shape[1]), dtype=torch.bool, device=tokens.device)
-        if patch_masks is not None:
-            padding = padding | ~patch_masks.bool()[:, None]
         x = self.image_proj(tokens) + self.type_embedding.weight[1]
         x = F.dropout(self.patch_layernorm_embedding(x), self.cfg.dropout, self.training)
+        if rows_idx is not None:  # back to the whole batch; the placeholder rows stay in the graph (zero grads)
+            x = x.new_zeros(full_b, *x.shape[1:]).index_copy(0, rows_idx, x)
+            ids = ids if ids.shape[0] == 1 else ids.new_zeros(full_b, ids.shape[1]).index_copy(0, rows_idx, ids)
+        padding = torch.zeros((full_b, ids.shape[1]), dtype=torch.bool, device=tokens.device)
+        if patch_masks is not None:
+            padding = padding | ~patch_masks.bool()[:, None]
         return x, padding, ids
 
     def forward(self, src_tokens: Tensor, patch_images: Tensor | None = None, patch_masks: Tensor | None = None,
@@ -577,8 +602,36 @@ class BiomedGPT(nn.Module):
     def forward(self, src_tokens: Tensor, prev_output_tokens: Tensor, patch_images: Tensor | None = None,
                 patch_masks: Tensor | None = None, code_masks: Tensor | None = None,
                 sample_patch_num: int | None = None) -> Tensor:
+        if (patch_images is not None and patch_masks is not None and self.encoder.image_rows_only
+                and not bool(patch_masks.all())):
+            return self._forward_by_modality(src_tokens, prev_output_tokens, patch_images, patch_masks, code_masks,
+                                             sample_patch_num)
         encoder_out = self.encode(src_tokens, patch_images, patch_masks, sample_patch_num)
         return self.decode(prev_output_tokens, encoder_out, code_masks)
+
+    def _forward_by_modality(self, src_tokens: Tensor, prev_output_tokens: Tensor, patch_images: Tensor,
+                             patch_masks: Tensor, code_masks: Tensor | None, sample_patch_num: int | None) -> Tensor:
+        """A mixed batch as two passes: samples with an image, then text-only samples without image tokens.
+
+        A text-only sample's image tokens are all masked, so leaving them out changes no logit; it saves
+        the ResNet and the encoder/cross attention over them. Logits come back in the batch's order. A batch
+        without any image still runs the image stem on one placeholder, multiplied by 0 into the logits, so
+        every rank runs the same modules and gets a gradient for every parameter (ZeRO-3 gathers, reduction).
+        """
+        has = patch_masks.bool()
+        img, txt = has.nonzero().squeeze(1), (~has).nonzero().squeeze(1)
+
+        def part(index: Tensor, images: Tensor | None) -> Tensor:
+            codes = None if code_masks is None else code_masks.index_select(0, index)
+            enc = self.encode(src_tokens.index_select(0, index), images, None, sample_patch_num)
+            return self.decode(prev_output_tokens.index_select(0, index), enc, codes)
+
+        text = part(txt, None)
+        if not img.numel():
+            placeholder = self.encoder.embed_image(patch_images[:1], None, None)[0]
+            return text + placeholder.sum() * 0.0
+        logits = torch.cat([part(img, patch_images.index_select(0, img)), text])
+        return logits.index_select(0, torch.cat([img, txt]).argsort())
 
 
 def count_parameters(model: nn.Module) -> int:

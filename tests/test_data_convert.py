@@ -320,3 +320,105 @@ def test_truncated_shard_local_and_remote(s3, tmp_path):
     s3.put_object(Bucket="data", Key=f"text/{shard.name}", Body=data[: len(data) // 2])
     with pytest.raises(DataSourceError, match="truncated"):
         read_rows("s3://data/text", tmp_path)
+
+
+def _flip_middle(data: bytes) -> bytes:
+    """The same size, a few bytes of sample data changed (what a bad disk or a partial overwrite leaves)."""
+    middle = len(data) * 2 // 3
+    return data[:middle] + bytes(b ^ 0x5A for b in data[middle:middle + 4]) + data[middle + 4:]
+
+
+def test_same_size_corrupt_shard_fails_before_any_of_its_samples_is_used(s3, tmp_path):
+    from biomedgpt.data.loader import build_train_loader
+
+    (tmp_path / "text.tsv").write_text("".join(f"t{i}\tsome report text number {i}\n" for i in range(120)))
+    convert(PrepareConfig(input=str(tmp_path / "text.tsv"), format="text_tsv", output=str(tmp_path / "local"),
+                          shard_size="2kb", progress=False))
+    index = json.loads((tmp_path / "local" / "index.json").read_text())
+    counts = [s["samples"] for s in index["shards"]]
+    bad = 2
+    name = index["shards"][bad]["raw_data"]["basename"]
+    first = sum(counts[:bad])
+    bad_ids = {f"t{i}" for i in range(first, first + counts[bad])}
+    shard = tmp_path / "local" / name
+    data = shard.read_bytes()
+    shard.write_bytes(_flip_middle(data))
+    assert shard.stat().st_size == len(data)
+
+    cfg = DataConfig(streams=[StreamConfig(name="reports", task="text_infilling", remote=str(tmp_path / "local"))],
+                     cache_dir=str(tmp_path / "cache"), batch_size=4, num_workers=0, shuffle=True)
+    from biomedgpt.models.tokenizer import Tokenizer
+
+    seen: list[str] = []
+    with pytest.raises(DataSourceError) as info:
+        for batch in build_train_loader(cfg, Tokenizer.from_gpt2_files(None)):
+            seen.extend(batch["ids"])
+    message = str(info.value)
+    assert "\n" not in message and "stream reports" in message and name in message, message
+    assert f"index.json says {index['shards'][bad]['raw_data']['hashes']['xxh64']}" in message, message
+    assert not bad_ids & set(seen)  # nothing of the corrupt shard reached a batch
+
+    convert(PrepareConfig(input=str(tmp_path / "text.tsv"), format="text_tsv", output="s3://data/corrupt",
+                          shard_size="2kb", progress=False))
+    s3.put_object(Bucket="data", Key=f"corrupt/{name}", Body=_flip_middle(data))  # same size, after download
+    with pytest.raises(DataSourceError, match=rf"stream s: shard file \S*{name} is corrupt: xxh64 [0-9a-f]+, index"):
+        read_rows("s3://data/corrupt", tmp_path)
+
+
+# ----- conversion errors: one line, exit status 1, never a traceback ---------------------------------------
+
+def test_non_utf8_rows_are_skipped_and_named(tmp_path, capsys):
+    tsv = tmp_path / "text.tsv"
+    tsv.write_bytes(b"t0\tgood report one\nt1\tbad \xff byte here\nt2\tgood report two\n")
+    jsonl = tmp_path / "nli.jsonl"
+    jsonl.write_bytes(b'{"s1": "a", "s2": "b", "label": "neutral"}\n{"s1": "\xe9t\xe9", "s2": "b", "label": "neutral"}\n')
+    log = io.StringIO()
+    summary = convert(PrepareConfig(input=str(tsv), format="text_tsv", output=str(tmp_path / "t"), progress=False,
+                                    max_bad_fraction=0.5), log=log)
+    assert summary.written == 2 and summary.skipped == {"not UTF-8": 1}
+    assert f"{tsv}:2: not UTF-8: byte 0xff at column 8\n" in log.getvalue()
+    assert [r["id"] for r in read_rows(str(tmp_path / "t"), tmp_path)] == ["t0", "t2"]
+    log = io.StringIO()
+    convert(PrepareConfig(input=str(jsonl), format="jsonl", kind="nli", output=str(tmp_path / "n"), progress=False,
+                          max_bad_fraction=0.5), log=log)
+    assert f"{jsonl}:2: not UTF-8: byte 0xe9 at column 9\n" in log.getvalue()
+
+
+def _main_error(capsys, *args: str) -> tuple[str, float]:
+    from biomedgpt.tools.prepare_data import main
+
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as info:
+        main(["progress=false", *args])
+    elapsed = time.monotonic() - start
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err and err.startswith("prepare-data: error: "), err
+    return err, elapsed
+
+
+def test_missing_and_empty_input_are_one_line_errors(tmp_path, capsys):
+    err, _ = _main_error(capsys, f"input={tmp_path / 'nope.tsv'}", "format=text_tsv", f"output={tmp_path / 'o'}")
+    assert f"no input files at '{tmp_path / 'nope.tsv'}'" in err
+    (tmp_path / "empty.tsv").write_text("")
+    err, _ = _main_error(capsys, f"input={tmp_path / 'empty.tsv'}", "format=text_tsv", f"output={tmp_path / 'o'}")
+    assert err.endswith(f"no rows in {tmp_path / 'empty.tsv'}") and not (tmp_path / "o").exists()
+    # the command itself: exit status 1 and the one line, no traceback
+    proc = subprocess.run([sys.executable, "-m", "biomedgpt.tools.prepare_data", f"input={tmp_path / 'nope.tsv'}",
+                           "format=text_tsv", f"output={tmp_path / 'o'}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "no input files" in proc.stderr
+
+
+def test_unreachable_or_refusing_store_is_one_line_within_10s(s3, tmp_path, capsys, monkeypatch):
+    (tmp_path / "text.tsv").write_text("t0\tsome report\n")
+    args = (f"input={tmp_path / 'text.tsv'}", "format=text_tsv")
+    err, elapsed = _main_error(capsys, *args, "output=s3://no-such-bucket/x")
+    assert "bucket no-such-bucket: no such bucket" in err and os.environ["S3_ENDPOINT_URL"] in err
+    port = free_port()
+    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS")
+    err, elapsed = _main_error(capsys, *args, "output=s3://data/x")
+    assert f"object store http://127.0.0.1:{port}, bucket data unreachable after 2 attempt(s)" in err, err
+    assert elapsed < 10, elapsed
+    err, elapsed = _main_error(capsys, *args, "output=s3://data/x", "store_attempts=1")
+    assert "after 1 attempt(s)" in err and elapsed < 10

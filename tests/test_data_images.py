@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from biomedgpt.data.images import decode_image, dicom_to_uint8
 from biomedgpt.data.records import BadRecord
@@ -82,3 +83,56 @@ def test_colour_multiframe_and_window_pixels(packaged_dicoms):
     low = center - 0.5 - (width - 1) / 2
     expected = np.clip(np.round((values - low) * 255 / (width - 1)), 0, 255)
     assert np.abs(pixels("MR-SIEMENS-DICOM-WithOverlays.dcm") - expected).max() <= 1
+
+
+# ----- the uint8 fast path against the reference transforms (full decode, float, resize then crop) -------------
+
+def _jpeg(side: int = 512) -> bytes:
+    import io
+
+    from PIL import Image
+    from skimage import data as skdata
+
+    image = Image.fromarray(skdata.retina()).resize((side, side * 3 // 4), Image.BICUBIC)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("size", [128, 256, 480])
+def test_fast_path_sees_what_the_reference_sees(size):
+    """Draft decoding + one box resampling differ from full decode + resize (+ crop) by resampling noise only."""
+    import random
+
+    from PIL import Image
+
+    from biomedgpt.data import images as im
+
+    data = _jpeg()
+    full = im.decode_image(data)
+    ref = im.to_tensor(full.resize((size, size), Image.BICUBIC))
+    fast = im.eval_transform(im.open_image(data), size)
+    assert fast.dtype == torch.uint8 and fast.shape == (3, size, size)
+    diff = (im.normalise(fast) - ref).abs()
+    assert diff.mean() < 0.02 and diff.max() < 0.5, (float(diff.mean()), float(diff.max()))
+
+    for seed in range(3):  # train: random resize + centre crop (RandAugment off: num_ops 0 via the same RNG draws)
+        rng_a, rng_b = random.Random(seed), random.Random(seed)
+        width, height = im._random_size(full.size, size, rng_a)
+        resized = full.resize((width, height), Image.BICUBIC)
+        left, top = (width - size) // 2, (height - size) // 2
+        ref = im.to_tensor(resized.crop((left, top, left + size, top + size)))
+        w2, h2 = im._random_size(full.size, size, rng_b)
+        sx, sy = full.width / w2, full.height / h2
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        fast = im._resized(im.open_image(data), (size, size), box)
+        diff = (im.normalise(fast) - ref).abs()
+        assert diff.mean() < 0.02 and diff.max() < 0.5, (seed, float(diff.mean()), float(diff.max()))
+
+
+def test_jpeg_is_decoded_at_a_reduced_scale_that_still_covers_the_target():
+    from biomedgpt.data import images as im
+
+    image = im.open_image(_jpeg(512))  # 512 x 384
+    loaded = im.load_rgb(image, (128, 128))
+    assert loaded.size == (256, 192)  # 1/2 scale: 1/4 would give 128 x 96, below 128 in height

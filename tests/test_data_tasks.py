@@ -57,7 +57,7 @@ def test_known_ids_and_leading_spaces(tok):
     assert ex.source[:2] == [0, 99] and ex.source[-2:] == [116, 2]  # " what" = 99, "?" = 116
     check(ex, tok, src(tok, " what does the image describe?"), " chest x ray: normal clear lungs.")
     assert ex.references == ["chest x ray: normal clear lungs.", "second ref"]
-    assert ex.image.shape == (3, 64, 64) and -1.0 <= ex.image.min() and ex.image.max() <= 1.0
+    assert ex.image.shape == (3, 64, 64) and ex.image.dtype == torch.uint8  # normalised by the model, on its device
 
 
 def test_itm_positive_and_negative(tok):
@@ -125,7 +125,8 @@ def test_image_infilling_codes(tok):
     record = make_record("i1", "image_codes", {"codes": codes}, png(256, 256))
     ex = process("image_infilling", record, context(tok, patch_image_size=256))[0]
     check(ex, tok, src(tok, " what is the image in the middle part?"), target_ids=[tok.code_id(c) for c in codes])
-    assert ex.code_mask and ex.image[:, 64:192, 64:192].abs().sum() == 0 and ex.image[:, :64].abs().sum() > 0
+    centre = ex.image[:, 64:192, 64:192]
+    assert ex.code_mask and bool((centre == 128).all()) and bool((ex.image[:, :64] != 128).any())  # mid grey
 
 
 def test_detection_boxes_then_labels(tok):

@@ -1,42 +1,58 @@
-"""Loader throughput: MDS shards (local, and a moto S3 server on loopback) vs. the original base64 TSV.
+"""Loader throughput per core: the original system's TSV path vs. this project's training loader (MDS shards).
 
-    python -m biomedgpt.tools.bench_loader rows=512 patch_image_size=256
+    biomedgpt bench loader rows=1000 patch_sizes=[256,480]
 
-Builds a caption dataset from real images (scikit-image's fundus / histology / cell images and
-pydicom-data's DICOMs, randomly cropped to ``source_size``), writes it in the original caption TSV format
-(url-safe base64 JPEG) and converts that TSV to MDS. Then it times one process (one core: torch
-threads 1, no loader workers) through decode, training transforms, tokenisation and collation:
-from local shards, from the S3-compatible server (cold cache), and from the TSV read the way the
-original FileDataset does (seek to the row's byte offset, split the line, base64-decode). Prints
-samples per CPU-second (per core) and per wall second for each, and the dataset size on disk in both formats.
+Builds ``rows`` rows of an original-format ``vision_language.tsv`` (caption rows, url-safe base64 JPEG q95,
+longest side <= ``max_source_side``) from real packaged images (scikit-image's retina / histology / cell
+images and pydicom-data's DICOMs, randomly scaled and cropped) and converts it with
+``prepare_data format=vision_language_tsv``. Then, on one pinned core (torch threads 1, no loader
+workers), for each patch size and in one run:
+
+- ``original``: what OFA/BiomedGPT's caption dataset does per sample: seek to the row's byte offset, read and
+  split the line, url-safe base64 -> PIL -> RGB, bicubic resize to size x size, float tensor normalised with
+  mean = std = 0.5 (torchvision ``Resize``/``ToTensor``/``Normalize``), pre_caption, GPT-2 BPE of the prompt and
+  the caption (every sample), and a collate that stacks images and pads tokens;
+- ``augment=false`` / ``augment=true``: ``biomedgpt.data.loader.build_train_loader`` (task ``caption``), the
+  batch with uint8 images (normalised later on the device);
+- ``s3 (moto)``: the ``augment=false`` loader from a moto S3 server (a separate process on 127.0.0.1,
+  cold cache) next to the same loader on local shards.
+
+Prints samples per CPU-second of this process (and per wall second), the ratio to ``original``, and with
+``profile=true`` where the project loader's time goes.
 """
 from __future__ import annotations
 
 import base64
+import cProfile
 import io
 import os
+import pstats
 import random
 import shutil
 import socket
+import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 
 @dataclass
 class BenchConfig:
-    """Measure loader samples/s per core and shard size vs. TSV size."""
+    """Loader samples per CPU-second on one core: the original TSV path vs. our loader (augment off/on)."""
 
     workdir: str = "/tmp/biomedgpt-bench-loader"
-    rows: int = 512
-    source_size: int = 384
-    patch_image_size: int = 256
+    rows: int = 1000
+    max_source_side: int = 512
+    patch_sizes: list[int] = field(default_factory=lambda: [256, 480])
     batch_size: int = 16
+    repeats: int = 2  # each path timed this many times, interleaved; the best is reported
     s3: bool = True
+    profile: bool = False  # cProfile of the project's loader (augment=true, the first patch size)
+    core: Optional[int] = None  # pin to this CPU (default: the last one this process may use)
     bpe_dir: Optional[str] = None  # GPT-2 BPE files; None: the packaged copy
 
 
@@ -47,28 +63,104 @@ def source_images() -> list[np.ndarray]:
     from biomedgpt.data.images import dicom_to_uint8
 
     images = [skdata.retina(), skdata.immunohistochemistry(), skdata.microaneurysms(), skdata.cell()]
-    for name in ("CT_small.dcm", "MR_small.dcm", "RG1_UNCR.dcm"):
+    for name in ("CT_small.dcm", "MR_small.dcm", "RG1_UNCR.dcm", "US1_UNCR.dcm"):
         images.append(dicom_to_uint8(get_testdata_file(name)))
     return [np.stack([im] * 3, -1) if im.ndim == 2 else im[..., :3] for im in images]
 
 
+CAPTIONS = ("the heart size is normal and the lungs are clear", "no acute cardiopulmonary abnormality",
+            "stained tissue section with scattered nuclei", "fundus photograph with a visible optic disc",
+            "axial slice showing soft tissue and bone")
+
+
 def write_tsv(cfg: BenchConfig, path: Path) -> None:
-    """The original caption TSV: uniq_id, image_id, caption, (empty), url-safe base64 JPEG."""
+    """Original vision_language rows: uniq_id, image (base64 JPEG), caption, question, refs, objects, dataset, type."""
     from PIL import Image
 
     rng = random.Random(0)
     images = source_images()
     with open(path, "w") as f:
         for i in range(cfg.rows):
-            pixels = images[i % len(images)]
-            image = Image.fromarray(pixels)
-            scale = max(cfg.source_size / min(image.size), 1.0)
-            image = image.resize((round(image.width * scale), round(image.height * scale)))
-            x, y = rng.randint(0, image.width - cfg.source_size), rng.randint(0, image.height - cfg.source_size)
+            image = Image.fromarray(images[i % len(images)])
+            side = rng.randint(cfg.max_source_side * 5 // 8, cfg.max_source_side)
+            scale = side / max(image.size)
+            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                 Image.BICUBIC)
+            w, h = rng.randint(image.width * 3 // 4, image.width), rng.randint(image.height * 3 // 4, image.height)
+            x, y = rng.randint(0, image.width - w), rng.randint(0, image.height - h)
             buf = io.BytesIO()
-            image.crop((x, y, x + cfg.source_size, y + cfg.source_size)).save(buf, format="JPEG", quality=90)
-            caption = f"biomedical image number {i} showing tissue and structures"
-            f.write(f"c{i}\timg{i}\t{caption}\t\t{base64.urlsafe_b64encode(buf.getvalue()).decode()}\n")
+            image.crop((x, y, x + w, y + h)).save(buf, format="JPEG", quality=95)
+            caption = f"{CAPTIONS[i % len(CAPTIONS)]} in study {i}"
+            b64 = base64.urlsafe_b64encode(buf.getvalue()).decode()
+            f.write(f"vl{i}\t{b64}\t{caption}\t\t\t\tbench\tcaption\n")
+
+
+class OriginalCaptionDataset:
+    """OFA's FileDataset + CaptionDataset for training rows, as they are (no caching, float images)."""
+
+    def __init__(self, tsv: Path, tokenizer, size: int, max_src: int = 80, max_tgt: int = 30) -> None:
+        from torchvision import transforms
+
+        self.path, self.tokenizer, self.max_tgt = tsv, tokenizer, max_tgt
+        self.offsets, pos = [], 0
+        with open(tsv, "rb") as f:
+            for line in f:
+                self.offsets.append(pos)
+                pos += len(line)
+        self.file = open(tsv, "rb")
+        self.transform = transforms.Compose([
+            lambda image: image.convert("RGB"),
+            transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.ToTensor(), transforms.Normalize(mean=[0.5] * 3, std=[0.5] * 3)])
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def encode(self, text: str, length: int) -> list[int]:
+        return list(self.tokenizer.encode(" " + text.strip()))[:length]
+
+    def __getitem__(self, index: int) -> dict:
+        import torch
+        from PIL import Image
+
+        from biomedgpt.data.records import clean_caption
+
+        self.file.seek(self.offsets[index])
+        uniq_id, image, caption, *_ = self.file.readline().decode("utf-8").rstrip("\n").split("\t")
+        image = Image.open(io.BytesIO(base64.urlsafe_b64decode(image)))
+        patch_image = self.transform(image)
+        caption = clean_caption(caption, self.max_tgt)
+        src = [0] + self.encode(" what does the image describe?", 80) + [2]
+        tgt = self.encode(caption, self.max_tgt)
+        return {"id": uniq_id, "source": torch.tensor(src), "patch_image": patch_image,
+                "target": torch.tensor(tgt + [2]), "prev_output": torch.tensor([0] + tgt)}
+
+
+def original_collate(samples: list[dict]) -> dict:
+    import torch
+
+    def pad(key: str) -> torch.Tensor:
+        rows = [s[key] for s in samples]
+        out = torch.full((len(rows), max(len(r) for r in rows)), 1, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = r
+        return out
+
+    return {"id": [s["id"] for s in samples], "src_tokens": pad("source"), "prev_output_tokens": pad("prev_output"),
+            "target": pad("target"), "patch_images": torch.stack([s["patch_image"] for s in samples]),
+            "patch_masks": torch.ones(len(samples), dtype=torch.bool)}
+
+
+def time_original(dataset: OriginalCaptionDataset, batch_size: int) -> tuple[float, float]:
+    order = list(range(len(dataset)))
+    random.Random(0).shuffle(order)
+    start, cpu, batch = time.perf_counter(), time.process_time(), []
+    for index in order:
+        batch.append(dataset[index])
+        if len(batch) == batch_size:
+            original_collate(batch)
+            batch = []
+    return len(order) / (time.process_time() - cpu), len(order) / (time.perf_counter() - start)
 
 
 def time_loader(loader, rows: int) -> tuple[float, float]:
@@ -81,61 +173,47 @@ def time_loader(loader, rows: int) -> tuple[float, float]:
     return seen / (time.process_time() - cpu), seen / (time.perf_counter() - start)
 
 
-def time_tsv_baseline(cfg: BenchConfig, data_cfg, tsv: Path, tokenizer) -> tuple[float, float]:
-    """The original's path: row offsets, then per sample seek + readline + split + base64 + the same processing."""
-    from biomedgpt.data.collate import collate
-    from biomedgpt.data.records import make_record
-    from biomedgpt.data.tasks import TaskContext, process
-
-    offsets, pos = [], 0
-    with open(tsv, "rb") as f:
-        for line in f:
-            offsets.append(pos)
-            pos += len(line)
-    order = list(range(len(offsets)))
-    random.Random(0).shuffle(order)
-    start, cpu, batch = time.perf_counter(), time.process_time(), []
-    with open(tsv, "rb") as f:
-        for n, row in enumerate(order, start=1):
-            f.seek(offsets[row])
-            uid, _, caption, _, image = f.readline().decode("utf-8").rstrip("\n").split("\t")
-            data = base64.urlsafe_b64decode(image)
-            record = make_record(uid, "caption", {"captions": [caption]}, data)
-            ctx = TaskContext(tokenizer=tokenizer, cfg=data_cfg, rng=random.Random(n), train=True,
-                              other_row=lambda rng: record)
-            batch.extend(process("caption", record, ctx))
-            if len(batch) == cfg.batch_size:
-                collate(batch, cfg.patch_image_size, data_cfg.group_weights)
-                batch = []
-    return len(order) / (time.process_time() - cpu), len(order) / (time.perf_counter() - start)
-
-
 def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def start_moto() -> str:
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-
+def start_moto(work: Path) -> tuple[subprocess.Popen, str]:
+    """A moto S3 server in its own process (its CPU is not this process's), bucket ``bench``."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
+    log = open(work / "moto.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
     os.environ.update(S3_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
                       AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"moto server did not start (see {work / 'moto.log'})")
+            time.sleep(0.2)
     import boto3
 
     boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"]).create_bucket(Bucket="bench")
-    return "s3://bench/captions"
+    return proc, "s3://bench/vl"
+
+
+def pin_one_core(core: Optional[int]) -> int:
+    import torch
+
+    allowed = sorted(os.sched_getaffinity(0))
+    core = allowed[-1] if core is None else core
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    return core
 
 
 def run(cfg: BenchConfig) -> dict[str, float]:
-    """Samples per CPU-second of each path (robust on a shared machine), and both sizes in bytes."""
-    import torch
+    """Samples per CPU-second of each path and patch size; ratios to the original."""
     from streaming.base.util import clean_stale_shared_memory
 
     from biomedgpt.data.config import DataConfig, StreamConfig
@@ -143,44 +221,76 @@ def run(cfg: BenchConfig) -> dict[str, float]:
     from biomedgpt.models.tokenizer import Tokenizer
     from biomedgpt.tools.prepare_data import PrepareConfig, convert
 
-    torch.set_num_threads(1)
+    core = pin_one_core(cfg.core)
     work = Path(cfg.workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    tsv = work / "caption.tsv"
+    tsv = work / "vision_language.tsv"
     write_tsv(cfg, tsv)
-    convert(PrepareConfig(input=str(tsv), format="caption_tsv", output=str(work / "mds"), progress=False),
+    convert(PrepareConfig(input=str(tsv), format="vision_language_tsv", output=str(work / "mds"), progress=False),
             log=io.StringIO())
     tokenizer = Tokenizer.from_gpt2_files(cfg.bpe_dir)
+    n_cache = iter(range(10 ** 6))
 
-    def data_cfg(remote: str) -> DataConfig:
-        return DataConfig(streams=[StreamConfig(name="captions", task="caption", remote=remote)],
-                          batch_size=cfg.batch_size, patch_image_size=cfg.patch_image_size, num_workers=0,
-                          cache_dir=str(work / "cache"))
-
-    results = {"local_mds": time_loader(build_train_loader(data_cfg(str(work / "mds")), tokenizer), cfg.rows)}
-    if cfg.s3:
-        remote = start_moto()
-        convert(PrepareConfig(input=str(tsv), format="caption_tsv", output=remote, progress=False), log=io.StringIO())
+    def loader(remote: str, size: int, augment: bool):
         clean_stale_shared_memory()
-        results["s3_mds_cold_cache"] = time_loader(build_train_loader(data_cfg(remote), tokenizer), cfg.rows)
-    results["tsv_base64_baseline"] = time_tsv_baseline(cfg, data_cfg(str(work / "mds")), tsv, tokenizer)
-    print(f"{cfg.rows} rows, {cfg.source_size}px JPEG sources -> {cfg.patch_image_size}px patches, "
-          f"batch {cfg.batch_size}, 1 thread (decode + RandAugment transforms + tokenise + collate):")
+        data = DataConfig(streams=[StreamConfig(name="vl", task="caption", remote=remote)], augment=augment,
+                          batch_size=cfg.batch_size, patch_image_size=size, num_workers=0,
+                          cache_dir=str(work / f"cache{next(n_cache)}"))
+        return build_train_loader(data, tokenizer, clean_shared_memory=False)
+
+    results: dict[str, tuple[float, float]] = {}
+
+    def best(name: str, value: tuple[float, float]) -> None:
+        results[name] = max(results.get(name, (0.0, 0.0)), value)
+
+    for size in cfg.patch_sizes:
+        original = OriginalCaptionDataset(tsv, tokenizer, size)
+        for _ in range(cfg.repeats):
+            best(f"{size}/original", time_original(original, cfg.batch_size))
+            best(f"{size}/augment=false", time_loader(loader(str(work / "mds"), size, False), cfg.rows))
+            best(f"{size}/augment=true", time_loader(loader(str(work / "mds"), size, True), cfg.rows))
+    if cfg.s3:
+        proc, remote = start_moto(work)
+        try:
+            convert(PrepareConfig(input=str(tsv), format="vision_language_tsv", output=remote, progress=False),
+                    log=io.StringIO())
+            size = cfg.patch_sizes[0]
+            for _ in range(cfg.repeats):
+                best(f"{size}/augment=false local", time_loader(loader(str(work / "mds"), size, False), cfg.rows))
+                best(f"{size}/augment=false s3 (moto, cold cache)", time_loader(loader(remote, size, False), cfg.rows))
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+    print(f"{cfg.rows} vision_language rows, JPEG q95 sources <= {cfg.max_source_side} px, batch {cfg.batch_size}, "
+          f"one core (cpu {core}, torch threads 1, no loader workers); best of {cfg.repeats}:")
+    print(f"  {'patch':>5s}  {'path':38s} {'samples/CPU-s':>13s} {'samples/wall-s':>14s} {'vs original':>11s}")
     for name, (per_cpu, per_wall) in results.items():
-        print(f"  {name:22s} {per_cpu:8.1f} samples per CPU-second  ({per_wall:.1f}/s wall)")
+        size, path = name.split("/", 1)
+        base = results.get(f"{size}/original", (per_cpu,))[0]
+        print(f"  {size:>5s}  {path:38s} {per_cpu:13.1f} {per_wall:14.1f} {per_cpu / base:10.2f}x")
     tsv_bytes, mds_bytes = tsv.stat().st_size, du(work / "mds")
     print(f"  size on disk: TSV {tsv_bytes / 2**20:.1f} MiB, MDS {mds_bytes / 2**20:.1f} MiB "
           f"({mds_bytes / tsv_bytes:.2f}x)")
-    return {**{name: per_cpu for name, (per_cpu, _) in results.items()}, "tsv_bytes": tsv_bytes,
-            "mds_bytes": mds_bytes}
+    if cfg.profile:
+        size = cfg.patch_sizes[0]
+        for augment in (False, True):
+            profiler = cProfile.Profile()
+            it = loader(str(work / "mds"), size, augment)
+            profiler.enable()
+            time_loader(it, cfg.rows)
+            profiler.disable()
+            print(f"\nprofile: project loader, {size} px, augment={str(augment).lower()} (tottime, top 14):")
+            pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(14)
+    sys.stdout.flush()
+    return {name: per_cpu for name, (per_cpu, _) in results.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
     from biomedgpt.engine.config import parse_cli
 
     run(parse_cli(BenchConfig, argv))
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -43,8 +43,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "engine": ("biomedgpt.tools.bench_engine", "ZeRO stages: step time, tokens/s; checkpoint save/resume"),
     "generation": ("biomedgpt.tools.bench_generation", "beam search throughput per task"),
     "gpu": ("biomedgpt.tools.bench_gpu", "GPU table: sizes x backends x image sizes"),
-    "loader": ("biomedgpt.tools.bench_loader", "data loader samples per CPU-second"),
+    "loader": ("biomedgpt.tools.bench_loader", "loader samples per CPU-second: the original TSV path vs ours (augment off/on), local vs S3"),
     "model": ("biomedgpt.tools.bench_model", "forward+backward time and peak memory per size"),
+    "text-only": ("biomedgpt.tools.bench_text_only", "training step on half text-only batches: today's path vs images only where present"),
 }
 
 LOCAL_LAUNCHER = Path(__file__).resolve().parents[1] / "launchers" / "local.sh"

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional
 
 from biomedgpt.data.images import dicom_to_uint8, encode_png, storable_image
-from biomedgpt.data.mds import ShardWriter
+from biomedgpt.data.mds import OutputExistsError, ShardWriter, StoreError
 from biomedgpt.data.records import (KINDS, MEDNLI_LABEL_INDEX, BadRecord, make_record, parse_answer_type, parse_answers,
                           parse_codes, parse_detections, parse_floats, split_objects)
 
@@ -55,6 +55,16 @@ class PrepareConfig:
     progress: bool = True
     parquet_batch_rows: int = 1024
     max_reported: int = 50  # bad rows printed one by one; the rest are only counted
+    store_timeout: float = 3.0  # s3:// output: seconds per connection / request attempt
+    store_attempts: int = 2  # s3:// output: attempts before the store counts as unreachable
+
+
+class ConversionError(ValueError):
+    """The conversion cannot run (input missing or empty, output store unreachable): one line, exit status 1."""
+
+
+class InputMissing(ConversionError):
+    """No input file at the given path or pattern."""
 
 
 @dataclass
@@ -175,9 +185,27 @@ TSV_PARSERS: dict[str, Callable[[list[str], int], dict]] = {
 }
 
 
+def _utf8_problem(text: str) -> Optional[str]:
+    """Where a line read with ``errors="surrogateescape"`` held bytes that are not UTF-8, or None."""
+    for column, char in enumerate(text, start=1):
+        if "\udc80" <= char <= "\udcff":
+            return f"byte 0x{ord(char) - 0xDC00:02x} at column {column}"
+    return None
+
+
+def _not_utf8(problem: str) -> Callable[[], dict]:
+    def build() -> dict:
+        raise BadRecord(problem, "not UTF-8")
+    return build
+
+
 def tsv_rows(path: Path, parse: Callable[[list[str], int], dict]) -> Iterator[Row]:
-    with open(path, encoding="utf-8", newline="\n") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
         for line_no, line in enumerate(f, start=1):
+            problem = _utf8_problem(line)
+            if problem is not None:
+                yield f"{path}:{line_no}", _not_utf8(problem)
+                continue
             parts = line.rstrip("\r\n").split("\t")
             yield f"{path}:{line_no}", (lambda p=parts, n=line_no: parse(p, n))
 
@@ -255,9 +283,13 @@ def _field_image(value: Any, base: Path) -> bytes:
 
 def jsonl_rows(path: Path, cfg: PrepareConfig) -> Iterator[Row]:
     base = Path(cfg.image_root) if cfg.image_root else path.parent
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
+                continue
+            problem = _utf8_problem(line)
+            if problem is not None:
+                yield f"{path}:{line_no}", _not_utf8(problem)
                 continue
             yield f"{path}:{line_no}", (lambda text=line, n=line_no: field_record(
                 cfg, _json_object(text), f"{path.stem}-{n}", base))
@@ -275,10 +307,14 @@ def _json_object(text: str) -> dict:
 
 def csv_rows(path: Path, cfg: PrepareConfig) -> Iterator[Row]:
     base = Path(cfg.image_root) if cfg.image_root else path.parent
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f)
         for row in reader:
             line_no = reader.line_num
+            problem = next((p for v in row.values() if isinstance(v, str) for p in [_utf8_problem(v)] if p), None)
+            if problem is not None:
+                yield f"{path}:{line_no}", _not_utf8(problem)
+                continue
             yield f"{path}:{line_no}", (lambda r=row, n=line_no: field_record(cfg, r, f"{path.stem}-{n}", base))
 
 
@@ -331,9 +367,9 @@ def llava_rows(path: Path, cfg: PrepareConfig) -> Iterator[Row]:
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a JSON file: {exc}") from None
+        raise ConversionError(f"{path}: not a JSON file: {exc}") from None
     if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a JSON list of conversations, got {type(entries).__name__}")
+        raise ConversionError(f"{path}: expected a JSON list of conversations, got {type(entries).__name__}")
     for n, entry in enumerate(entries, start=1):
         turns = entry.get("conversations") if isinstance(entry, dict) else None
         if not isinstance(turns, list) or not turns:
@@ -373,12 +409,12 @@ def input_files(pattern: str, fmt: str) -> list[Path]:
     else:
         files = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
     if not files:
-        raise FileNotFoundError(f"no input files at {pattern!r} (format {fmt})")
+        raise InputMissing(f"no input files at {pattern!r} (format {fmt})")
     return files
 
 
-def rows(cfg: PrepareConfig) -> Iterator[Row]:
-    for path in input_files(cfg.input, cfg.format):
+def rows(cfg: PrepareConfig, files: Optional[list[Path]] = None) -> Iterator[Row]:
+    for path in files if files is not None else input_files(cfg.input, cfg.format):
         if cfg.format in TSV_PARSERS:
             yield from tsv_rows(path, TSV_PARSERS[cfg.format])
         elif cfg.format == "parquet":
@@ -397,16 +433,22 @@ def convert(cfg: PrepareConfig, log=None) -> Summary:
     """Write every good row; returns the summary. Raises SystemExit(1) when too many rows were bad."""
     log = log or sys.stderr
     if not cfg.input or not cfg.output:
-        raise ValueError("input and output are required")
+        raise ConversionError("input= and output= are required")
     if cfg.format not in TSV_PARSERS and cfg.format != "llava_json" and cfg.kind not in KINDS:
-        raise ValueError(f"format {cfg.format} needs kind= one of {sorted(KINDS)}")
+        raise ConversionError(f"format {cfg.format} needs kind= one of {sorted(KINDS)}")
     from tqdm import tqdm
 
     summary = Summary()
-    writer = ShardWriter(cfg.output, overwrite=cfg.overwrite, compression=cfg.compression, size_limit=cfg.shard_size)
+    files = input_files(cfg.input, cfg.format)  # before the output is touched
     try:
-        for where, build in tqdm(rows(cfg), desc=f"converting {cfg.input}", unit="row", disable=not cfg.progress,
-                                 file=log):
+        writer = ShardWriter(cfg.output, overwrite=cfg.overwrite, compression=cfg.compression,
+                             size_limit=cfg.shard_size, store_timeout=cfg.store_timeout,
+                             store_attempts=cfg.store_attempts)
+    except StoreError as exc:
+        raise ConversionError(str(exc)) from None
+    try:
+        for where, build in tqdm(rows(cfg, files), desc=f"converting {cfg.input}", unit="row",
+                                 disable=not cfg.progress, file=log):
             try:
                 record = build()
             except BadRecord as exc:
@@ -416,6 +458,8 @@ def convert(cfg: PrepareConfig, log=None) -> Summary:
                 continue
             writer.write(record)
             summary.written += 1
+        if summary.total == 0:
+            raise ConversionError(f"no rows in {', '.join(map(str, files))}")
         print(summary.text(), file=log)
         if summary.written == 0 or summary.bad_fraction > cfg.max_bad_fraction:
             print(f"error: {summary.bad_fraction:.1%} of the rows were bad (max_bad_fraction "
@@ -430,10 +474,17 @@ def convert(cfg: PrepareConfig, log=None) -> Summary:
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 1 with one line on stderr for what the user must fix (input, output); no traceback."""
     from biomedgpt.engine.config import parse_cli
 
-    convert(parse_cli(PrepareConfig, argv))
+    cfg = parse_cli(PrepareConfig, argv)
+    try:
+        convert(cfg)
+    except (ConversionError, OutputExistsError, StoreError) as exc:
+        print(f"prepare-data: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return 0
 
 
 if __name__ == "__main__":
