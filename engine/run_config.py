@@ -123,6 +123,9 @@ class CheckpointConfig:
     resume: Literal["auto", "never"] = "auto"  # auto: continue from <output_dir>/checkpoints/latest
     stop_after: Optional[int] = None  # steps to run in this invocation, then checkpoint and exit 75 (chunked jobs)
     init_from: Optional[PathStr] = None  # a model directory (biomedgpt.models.checkpoint) to start a fresh run from
+    # Snapshot to host memory and write in a background thread (training goes on; `latest` moves once every
+    # rank's files are fsynced). None: on unless host memory cannot hold a second copy of the state.
+    background: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.keep_last_n < 1:
