@@ -476,12 +476,31 @@ class Trainer:
                                    out.sample_tokens.tolist(), out.sample_correct.tolist()))
             metrics = eval_metrics(self._gather(records), self.task_names)
             if self.cfg.eval.downstream is not None:
-                from biomedgpt.engine.downstream import evaluate_model
-
-                task_results, _ = evaluate_model(self.engine.module, self.tokenizer, self.eval_loader,
-                                                 self.cfg.eval.downstream, self.dist.device, self._gather)
-                metrics.update(task_results)
+                metrics.update(self._downstream())
         return metrics
+
+    def _downstream(self) -> dict:
+        """The task metrics by generation. Under ZeRO-3 (parameters gathered collectively in every module
+        call) the ranks decode in lockstep, and encoder / decoder calls go through the root module's call
+        (``RootCalls``) so that its hooks gather the embedding tables the model reads directly."""
+        from biomedgpt.engine.downstream import RankSync, RootCalls, evaluate_model
+
+        stage3 = self.cfg.deepspeed.zero_stage == 3
+        sync = RankSync(self.dist.device) if stage3 and self.world > 1 else None
+        module = RootCalls(self.engine.module) if stage3 else self.engine.module
+        start = time.perf_counter()
+        results, records = evaluate_model(module, self.tokenizer, self.eval_loader, self.cfg.eval.downstream,
+                                          self.dist.device, self._gather, sync=sync)
+        results["downstream_time_s"] = time.perf_counter() - start
+        if sync is not None:
+            results["synced_padding_calls"] = float(sum(self._gather([sync.padding_calls])))
+        if self.is_main and self.cfg.eval.write_predictions:
+            path = self.out / "eval_predictions" / f"step_{self.step:08d}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            unique = {(r["task"], r["id"]): r for r in reversed(records)}
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in sorted(unique.values(),
+                                                                              key=lambda r: (r["task"], r["id"]))))
+        return results
 
     def _gather(self, part: list) -> list:
         """Every rank's list, concatenated in rank order (the same on every rank)."""
