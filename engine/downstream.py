@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
 import sys
 import time
@@ -393,6 +394,10 @@ class EvaluateConfig:
     output_dir: PathStr = "eval"
     device: str = "auto"  # auto: cuda when available
     bpe_dir: Optional[PathStr] = None  # tokenizer when the model directory has none (None: packaged GPT-2)
+    # 3: partition the model across the launched ranks with DeepSpeed ZeRO-3 (ranks decode in lockstep).
+    # Started by a launcher (launchers/local.sh -m biomedgpt.engine.downstream -n N), every rank evaluates
+    # its share of the data; rank 0 writes the results.
+    zero_stage: Literal[0, 3] = 0
 
     def __post_init__(self) -> None:
         if not self.model_dir:
@@ -450,12 +455,41 @@ def run(cfg: EvaluateConfig) -> dict:
     from biomedgpt.data.loader import build_eval_loader
 
     data, downstream = resolve(cfg)
-    device = pick_device(cfg.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, gather, sync = 0, (lambda part: part), None
+    if world > 1 or cfg.zero_stage == 3:
+        from biomedgpt.engine.distributed import init_distributed
+
+        info = init_distributed("auto")
+        rank, world, device = info.rank, info.world_size, info.device
+
+        def gather(part: list) -> list:
+            parts: list = [None] * world
+            torch.distributed.all_gather_object(parts, part)
+            return [item for p in parts for item in p]
+    else:
+        device = pick_device(cfg.device)
     model, tokenizer = load_model_and_tokenizer(cfg.model_dir, cfg.bpe_dir, device)
-    loader = build_eval_loader(data, tokenizer)
+    if cfg.zero_stage == 3:  # every rank reads the whole model, then keeps its partition
+        import deepspeed
+
+        from biomedgpt.engine.model_setup import register_external_parameters
+
+        register_external_parameters(model)
+        engine, _, _, _ = deepspeed.initialize(model=model, config={
+            "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+        model = RootCalls(engine.module)
+        sync = RankSync(device) if world > 1 else None
+    loader = build_eval_loader(data, tokenizer, rank, world)
     start = time.perf_counter()
-    metrics, records = evaluate_model(model, tokenizer, loader, downstream, device)
+    metrics, records = evaluate_model(model, tokenizer, loader, downstream, device, gather, sync)
     elapsed = time.perf_counter() - start
+    if rank != 0:
+        return {"metrics": metrics}
+    unique: dict[tuple[str, str], dict] = {}
+    for record in records:  # ranks' shares are padded by repeating samples
+        unique.setdefault((record["task"], record["id"]), record)
+    records = list(unique.values())
     results = {"model_dir": str(cfg.model_dir), "metrics": metrics, "samples": len({r["id"] for r in records}),
                "seconds": elapsed, "eval_streams": [to_dict(s) for s in data.eval_streams],
                "downstream": {name: to_dict(downstream.task(name))
@@ -470,8 +504,9 @@ def run(cfg: EvaluateConfig) -> dict:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(EvaluateConfig, argv, description=__doc__.split("\n\n")[0])
     results = run(cfg)
-    json.dump(results["metrics"], sys.stdout, indent=2)
-    print()
+    if int(os.environ.get("RANK", "0")) == 0:
+        json.dump(results["metrics"], sys.stdout, indent=2)
+        print()
 
 
 if __name__ == "__main__":
