@@ -11,6 +11,12 @@ Layout under ``<output_dir>/checkpoints``::
 A crash mid-save leaves ``latest`` pointing at the previous complete checkpoint; DeepSpeed's own
 ``latest`` file is not written (``save_latest=False``), ours has the same format so DeepSpeed's tools
 (``zero_to_fp32.py``) still find it.
+
+Writing (``biomedgpt.engine.checkpoint_writer``): every file is fsynced before its rename; with
+``background`` the state is snapshotted to host memory and written by a thread while training goes on.
+Each rank marks its files durable (``.complete_rank_NNNNN``); rank 0 (in its writer thread) waits for
+every rank's mark, then writes ``meta.json`` and moves ``latest``. A new save first waits for the
+previous one on every rank, so two checkpoints never interleave.
 """
 from __future__ import annotations
 
@@ -22,12 +28,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from biomedgpt.engine.checkpoint_writer import BackgroundWriter, fsync_dir, snapshot_engine
 from biomedgpt.engine.distributed import barrier
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -81,10 +89,14 @@ def set_rng_state(state: dict) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, output_dir: str | Path, rank: int, world_size: int, keep_last_n: int):
+    def __init__(self, output_dir: str | Path, rank: int, world_size: int, keep_last_n: int,
+                 background: bool = False, timeout_s: float = 600):
         self.root = Path(output_dir) / "checkpoints"
         self.rank, self.world_size, self.keep_last_n = rank, world_size, keep_last_n
         self.root.mkdir(parents=True, exist_ok=True)
+        self.writer = BackgroundWriter(background)
+        self.timeout_s = timeout_s
+        self._engine_writer = None
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -138,23 +150,53 @@ class CheckpointManager:
     # -- writing -------------------------------------------------------------------------------
 
     def save(self, engine, step: int, client_state: dict, rank_state: dict, zero_stage: int) -> str:
-        """Collective: every rank writes its shards and state; rank 0 then marks the tag complete."""
+        """Collective: every rank hands its shards and state to its writer; once every rank's files are
+        durable, rank 0 marks the tag complete and moves ``latest`` (in the background, or before returning)."""
         tag = tag_for(step)
         tag_dir = self.root / tag
+        self.writer.wait()  # the previous checkpoint is complete on this rank (rank 0: and committed)
+        barrier()
         if self.rank == 0 and tag_dir.exists():
             shutil.rmtree(tag_dir)  # a partial save of this step from a crashed attempt
         barrier()
+        if self._engine_writer is None or engine.checkpoint_engine is not self._engine_writer:
+            self._engine_writer = snapshot_engine(self.writer)
+            engine.checkpoint_engine = self._engine_writer
+        self.writer.snapshot.reset_count()
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         tag_dir.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(rank_state, tag_dir / f"rank_{self.rank:05d}.pt")
-        barrier()
-        if self.rank == 0:
-            meta = {"step": step, "world_size": self.world_size, "zero_stage": zero_stage}
-            atomic_write_text(tag_dir / "meta.json", json.dumps(meta))
-            atomic_write_text(self.root / "latest", tag)
-            self._prune(keep=tag)
+        self.writer.add(rank_state, tag_dir / f"rank_{self.rank:05d}.pt")
+        self.writer.finish(lambda: self._complete(tag, step, zero_stage))
         barrier()
         return tag
+
+    def wait(self) -> None:
+        """Until this rank's checkpoint writes (rank 0: and the commit of ``latest``) are done."""
+        self.writer.wait()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def _complete(self, tag: str, step: int, zero_stage: int) -> None:
+        """After this rank's files are durable (writer thread, or inline): mark them; rank 0 commits."""
+        tag_dir = self.root / tag
+        atomic_write_text(tag_dir / f".complete_rank_{self.rank:05d}", "")
+        fsync_dir(tag_dir)
+        if self.rank != 0:
+            return
+        deadline = time.monotonic() + self.timeout_s
+        marks = [tag_dir / f".complete_rank_{r:05d}" for r in range(self.world_size)]
+        while not all(m.exists() for m in marks):
+            if time.monotonic() > deadline:
+                missing = [m.name for m in marks if not m.exists()]
+                raise TimeoutError(f"checkpoint {tag}: no completion mark from {missing} in {self.timeout_s}s")
+            time.sleep(0.05)
+        meta = {"step": step, "world_size": self.world_size, "zero_stage": zero_stage}
+        atomic_write_text(tag_dir / "meta.json", json.dumps(meta))
+        fsync_dir(tag_dir)
+        atomic_write_text(self.root / "latest", tag)
+        fsync_dir(self.root)
+        self._prune(keep=tag)
 
     def _prune(self, keep: str) -> None:
         tags = sorted(p.name for p in self.root.iterdir() if p.is_dir() and TAG_RE.match(p.name))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
 import sys
 import time
@@ -33,7 +34,7 @@ from biomedgpt.engine.checkpointing import atomic_write_text
 from biomedgpt.engine.config import (ConfigError, PathStr, deep_merge, from_dict, parse_cli, read_yaml, resolve_config,
                                      resolve_paths, to_dict)
 from biomedgpt.models.generation import (GenerationConfig, TokenRange, Trie, decoder_prefixes, generate,
-                               score_candidates)
+                                         score_candidates)
 
 Inference = Literal["generate", "trie", "candidates"]
 
@@ -156,8 +157,63 @@ def select_rows(batch: dict, rows: list[int], device: torch.device, dtype: torch
     return out
 
 
+class RankSync:
+    """Lockstep decoding across the ranks of the default process group (``generation.StepSync``), for
+    models whose parameters are gathered collectively (ZeRO-3). Counts the decoder calls made only to
+    keep step (``padding_calls``) and the rounds of batches (``rounds``)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        self.padding_calls = 0
+
+    def _reduce(self, value: float, op) -> float:
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor, op)
+        return float(tensor.item())
+
+    def all_done(self, done: bool) -> bool:
+        return self._reduce(0.0 if done else 1.0, torch.distributed.ReduceOp.MAX) == 0.0
+
+    def max_count(self, n: int) -> int:
+        return int(self._reduce(float(n), torch.distributed.ReduceOp.MAX))
+
+    def padded(self, calls: int) -> None:
+        self.padding_calls += calls
+
+    def gather(self, obj) -> list:
+        parts: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, obj)
+        return parts
+
+
+class RootCalls:
+    """A model whose ``encode`` / ``decode`` run as calls of the root module (its ``forward`` swapped for
+    the call's duration), for ZeRO-3: the root's hooks gather the parameters registered as its external
+    parameters (the embedding tables, read outside their modules' calls) and release them afterwards.
+    Everything else is the model's."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def _call(self, method, *args, **kwargs):
+        self.model.forward = method
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            del self.model.forward
+
+    def encode(self, *args, **kwargs):
+        return self._call(type(self.model).encode.__get__(self.model), *args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self._call(type(self.model).decode.__get__(self.model), *args, **kwargs)
+
+
 def predict_task(model, tokenizer, name: str, sub: dict, task: TaskEvalConfig, answers: Optional[list[str]],
-                 candidate_rows: int = 256) -> list[dict]:
+                 candidate_rows: int = 256, sync: Optional[RankSync] = None) -> list[dict]:
     """Prediction records of one task's rows (a ``select_rows`` batch): text, answer, or box."""
     prefixes = decoder_prefixes(sub["prev_output_tokens"], sub["target"])
     image = dict(patch_images=sub["patch_images"], patch_masks=sub["patch_masks"])
@@ -174,7 +230,7 @@ def predict_task(model, tokenizer, name: str, sub: dict, task: TaskEvalConfig, a
         trie = Trie(encoded)
     if task.inference == "candidates":
         scores = score_candidates(model, sub["src_tokens"], encoded, prefix=prefixes, constraint=trie,
-                                  constraint_mode=mode, max_rows=candidate_rows, **image)
+                                  constraint_mode=mode, max_rows=candidate_rows, sync=sync, **image)
         best = scores.argmax(1).tolist()
         for record, b, row in zip(records, best, scores.tolist()):
             record.update(prediction=answers[b], score=row[b])
@@ -187,7 +243,7 @@ def predict_task(model, tokenizer, name: str, sub: dict, task: TaskEvalConfig, a
     elif name == "grounding":
         constraint = TokenRange(tokenizer.first_bin_id, tokenizer.vocab_size)
     hyps = generate(model, sub["src_tokens"], cfg=gen, prefix=prefixes, constraint=constraint,
-                    code_masks=sub["code_masks"], **image)
+                    code_masks=sub["code_masks"], sync=sync, **image)
     for record, options, target in zip(records, hyps, sub["target"].tolist()):
         tokens = options[0].tokens if options else []
         record["score"] = options[0].score if options else float("-inf")
@@ -204,33 +260,66 @@ def _box(tokenizer, tokens: list[int]) -> Optional[list[float]]:
     return [tokenizer.bin_to_coord(t) for t in bins[:4]] if len(bins) >= 4 else None
 
 
+def _rounds(batches: Iterable[dict], max_batches: Optional[int], sync: Optional[RankSync]):
+    """(batch or None, the tasks every rank has in this round): alone, each batch with its own tasks;
+    synced, as many rounds as the rank with the most batches, ``None`` once this rank has run out."""
+    iterator = iter(_limited(batches, max_batches))
+    while True:
+        batch = next(iterator, None)
+        names = sorted({TASK_NAMES[t] for t in batch["task_ids"].tolist()}) if batch is not None else []
+        if sync is None:
+            if batch is None:
+                return
+            yield batch, names
+            continue
+        everyone = sync.gather(names if batch is not None else None)
+        if all(part is None for part in everyone):
+            return
+        yield batch, sorted({n for part in everyone if part for n in part})
+
+
 @torch.no_grad()
 def predict(model, tokenizer, batches: Iterable[dict], cfg: DownstreamConfig, sets: dict[str, list[str]],
-            device: torch.device, only: Optional[set[str]] = None) -> tuple[list[dict], list[tuple[str, str]]]:
+            device: torch.device, only: Optional[set[str]] = None, sync: Optional[RankSync] = None
+            ) -> tuple[list[dict], list[tuple[str, str]]]:
     """Per-sample prediction records (id, task, prediction, references, score) over ``batches``.
 
     Rows of a task that needs a closed answer set not yet in ``sets`` are not decoded: their
     (task, reference) pairs are returned instead, to build the set for a second pass (``only``).
+    With ``sync`` every rank decodes every task that any rank has in a round (a rank without rows of
+    it, or without a batch, decodes one row of its last batch and drops the result), in lockstep.
     """
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
     records: list[dict] = []
     seen: list[tuple[str, str]] = []
+    last = None
     try:
-        for batch in _limited(batches, cfg.max_batches):
+        for batch, names in _rounds(batches, cfg.max_batches, sync):
             by_task: dict[str, list[int]] = {}
-            for row, task_id in enumerate(batch["task_ids"].tolist()):
-                by_task.setdefault(TASK_NAMES[task_id], []).append(row)
-            for name, rows in by_task.items():
+            if batch is not None:
+                last = batch
+                for row, task_id in enumerate(batch["task_ids"].tolist()):
+                    by_task.setdefault(TASK_NAMES[task_id], []).append(row)
+            for name in names:
                 task = cfg.task(name)
                 if only is not None and name not in only:
                     continue
+                rows = by_task.get(name)
                 if task.inference in ("trie", "candidates") and name not in sets:
-                    seen.extend((name, r.strip()) for i in rows for r in batch["references"][i])
+                    if rows:
+                        seen.extend((name, r.strip()) for i in rows for r in batch["references"][i])
                     continue
-                sub = select_rows(batch, rows, device, dtype)
-                records.extend(predict_task(model, tokenizer, name, sub, task, sets.get(name), cfg.candidate_rows))
+                if rows:
+                    sub = select_rows(batch, rows, device, dtype)
+                    records.extend(predict_task(model, tokenizer, name, sub, task, sets.get(name),
+                                                cfg.candidate_rows, sync))
+                elif sync is not None:  # keep step with the ranks that have rows of this task
+                    if last is None:
+                        raise RuntimeError("this rank got no evaluation batch at all")
+                    predict_task(model, tokenizer, name, select_rows(last, [0], device, dtype), task,
+                                 sets.get(name), cfg.candidate_rows, sync)
     finally:
         model.train(was_training)
     return records, seen
@@ -269,19 +358,21 @@ def compute_metrics(records: list[dict]) -> dict[str, float]:
 
 
 def evaluate_model(model, tokenizer, batches: Iterable[dict], cfg: DownstreamConfig, device: torch.device,
-                   gather: Callable[[list], list] = lambda part: part) -> tuple[dict[str, float], list[dict]]:
+                   gather: Callable[[list], list] = lambda part: part, sync: Optional[RankSync] = None
+                   ) -> tuple[dict[str, float], list[dict]]:
     """One evaluation: predictions and metrics. A task whose closed answer set comes from the data
     (VQA, classification without an answers file) costs a second pass over ``batches`` (so they must
     be re-iterable). In a multi-rank run pass ``gather`` (this rank's list -> every rank's lists
-    concatenated; called the same number of times on every rank). Generation takes a different number
-    of decoder calls per rank, so parameters must be whole on every rank (ZeRO stage <= 2)."""
+    concatenated; called the same number of times on every rank). Ranks decode independently unless
+    ``sync`` is given: then they make the same sequence of model calls (ZeRO-3 gathers parameters
+    collectively inside each of them; see ``predict``)."""
     sets = answer_sets(cfg)
-    records, seen = predict(model, tokenizer, batches, cfg, sets, device)
+    records, seen = predict(model, tokenizer, batches, cfg, sets, device, sync=sync)
     seen = gather(seen)
     if seen:
         found = sets_from_references(seen)
         sets.update(found)
-        records += predict(model, tokenizer, batches, cfg, sets, device, only=set(found))[0]
+        records += predict(model, tokenizer, batches, cfg, sets, device, only=set(found), sync=sync)[0]
     records = gather(records)
     return compute_metrics(records), records
 
@@ -302,6 +393,10 @@ class EvaluateConfig:
     output_dir: PathStr = "eval"
     device: str = "auto"  # auto: cuda when available
     bpe_dir: Optional[PathStr] = None  # tokenizer when the model directory has none (None: packaged GPT-2)
+    # 3: partition the model across the launched ranks with DeepSpeed ZeRO-3 (ranks decode in lockstep).
+    # Started by a launcher (launchers/local.sh -m biomedgpt.engine.downstream -n N), every rank evaluates
+    # its share of the data; rank 0 writes the results.
+    zero_stage: Literal[0, 3] = 0
 
     def __post_init__(self) -> None:
         if not self.model_dir:
@@ -359,12 +454,41 @@ def run(cfg: EvaluateConfig) -> dict:
     from biomedgpt.data.loader import build_eval_loader
 
     data, downstream = resolve(cfg)
-    device = pick_device(cfg.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, gather, sync = 0, (lambda part: part), None
+    if world > 1 or cfg.zero_stage == 3:
+        from biomedgpt.engine.distributed import init_distributed
+
+        info = init_distributed("auto")
+        rank, world, device = info.rank, info.world_size, info.device
+
+        def gather(part: list) -> list:
+            parts: list = [None] * world
+            torch.distributed.all_gather_object(parts, part)
+            return [item for p in parts for item in p]
+    else:
+        device = pick_device(cfg.device)
     model, tokenizer = load_model_and_tokenizer(cfg.model_dir, cfg.bpe_dir, device)
-    loader = build_eval_loader(data, tokenizer)
+    if cfg.zero_stage == 3:  # every rank reads the whole model, then keeps its partition
+        import deepspeed
+
+        from biomedgpt.engine.model_setup import register_external_parameters
+
+        register_external_parameters(model)
+        engine, _, _, _ = deepspeed.initialize(model=model, config={
+            "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+        model = RootCalls(engine.module)
+        sync = RankSync(device) if world > 1 else None
+    loader = build_eval_loader(data, tokenizer, rank, world)
     start = time.perf_counter()
-    metrics, records = evaluate_model(model, tokenizer, loader, downstream, device)
+    metrics, records = evaluate_model(model, tokenizer, loader, downstream, device, gather, sync)
     elapsed = time.perf_counter() - start
+    if rank != 0:
+        return {"metrics": metrics}
+    unique: dict[tuple[str, str], dict] = {}
+    for record in records:  # ranks' shares are padded by repeating samples
+        unique.setdefault((record["task"], record["id"]), record)
+    records = list(unique.values())
     results = {"model_dir": str(cfg.model_dir), "metrics": metrics, "samples": len({r["id"] for r in records}),
                "seconds": elapsed, "eval_streams": [to_dict(s) for s in data.eval_streams],
                "downstream": {name: to_dict(downstream.task(name))
@@ -379,8 +503,9 @@ def run(cfg: EvaluateConfig) -> dict:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(EvaluateConfig, argv, description=__doc__.split("\n\n")[0])
     results = run(cfg)
-    json.dump(results["metrics"], sys.stdout, indent=2)
-    print()
+    if int(os.environ.get("RANK", "0")) == 0:
+        json.dump(results["metrics"], sys.stdout, indent=2)
+        print()
 
 
 if __name__ == "__main__":

@@ -97,9 +97,10 @@ class EvalConfig:
     use_ema: bool = True  # evaluate the EMA weights when EMA is enabled
     export_best: bool = True  # write <output_dir>/best (a model directory) when the metric improves
     # The paper's task metrics (VQA accuracy, BLEU/CIDEr, ROUGE, ...) by generation, added to the results
-    # under their names (e.g. metric: vqa/accuracy, mode: max). Needs ZeRO stage <= 2: generation takes
-    # a different number of decoder calls per rank.
+    # under their names (e.g. metric: vqa/accuracy, mode: max). At every ZeRO stage: under ZeRO-3 the
+    # ranks decode in lockstep (biomedgpt.models.generation, synced decoding).
     downstream: Optional[DownstreamConfig] = None
+    write_predictions: bool = True  # with downstream: <output_dir>/eval_predictions/step_N.jsonl (rank 0)
 
 
 @dataclass
@@ -123,6 +124,9 @@ class CheckpointConfig:
     resume: Literal["auto", "never"] = "auto"  # auto: continue from <output_dir>/checkpoints/latest
     stop_after: Optional[int] = None  # steps to run in this invocation, then checkpoint and exit 75 (chunked jobs)
     init_from: Optional[PathStr] = None  # a model directory (biomedgpt.models.checkpoint) to start a fresh run from
+    # Snapshot to host memory and write in a background thread (training goes on; `latest` moves once every
+    # rank's files are fsynced). None: on unless host memory cannot hold a second copy of the state.
+    background: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.keep_last_n < 1:
@@ -163,11 +167,6 @@ class RunConfig:
     seed: int = 1
     output_dir: PathStr = "runs/default"
     demo_data_dir: Optional[PathStr] = None  # build the demo shards (biomedgpt.data.demo) here when absent
-
-    def __post_init__(self) -> None:
-        if self.eval.downstream is not None and self.deepspeed.zero_stage == 3:
-            raise ValueError("eval.downstream generates text, which ZeRO-3 cannot do rank by rank: "
-                             "use zero_stage <= 2 for this run, or evaluate afterwards with biomedgpt.engine.downstream")
 
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

@@ -90,7 +90,9 @@ class Trainer:
         self.eval_loader = eval_loader if eval_loader is not None else self._build_eval_loader()
         self.total_steps = self._total_steps()
 
-        self.ckpt = CheckpointManager(self.out, self.rank, self.world, cfg.checkpoint.keep_last_n)
+        self.ckpt = CheckpointManager(self.out, self.rank, self.world, cfg.checkpoint.keep_last_n,
+                                      background=cfg.checkpoint.background is not False,
+                                      timeout_s=ds.collective_timeout_s)
         resume_tag = self.ckpt.latest() if cfg.checkpoint.resume == "auto" else None
         if resume_tag is not None:
             from biomedgpt.engine.resume_checks import check_resumable
@@ -206,11 +208,33 @@ class Trainer:
         rank_state = {"loader": self.train_loader.state_dict(), "rng": rng_state(), "buffers": self._buffers(),
                       "ema": self.ema.state_dict() if self.ema is not None else None}
         start = time.perf_counter()
+        writer = self.ckpt.writer
+        if writer.background and self.cfg.checkpoint.background is None and not writer.snapshot.buffers:
+            need = self._state_bytes()
+            if psutil.virtual_memory().available < 2 * need:
+                writer.background = False
+                self.logger.write(f"checkpoints are written synchronously: {need / 2**30:.1f} GiB of state per rank "
+                                  f"and {psutil.virtual_memory().available / 2**30:.1f} GiB of host memory free "
+                                  "(checkpoint.background=true forces background writes)")
         self._beat("checkpoint")
         tag = self.ckpt.save(self.engine, self.step, client, rank_state, self.cfg.deepspeed.zero_stage)
         self._beat("checkpoint written")
-        self.logger.write(f"checkpoint {tag} saved in {time.perf_counter() - start:.1f}s")
+        self.last_save_blocked_s = time.perf_counter() - start
+        how = "writing in the background" if writer.background else "written"
+        self.logger.write(f"checkpoint {tag}: training blocked {self.last_save_blocked_s:.2f}s ({how})")
         return tag
+
+    def _state_bytes(self) -> int:
+        """About this rank's checkpoint state: its weights and fp32 optimizer state (two AdamW moments,
+        a master copy under mixed precision), the EMA."""
+        local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+                    for p in self.engine.module.parameters())
+        if self.cfg.deepspeed.zero_stage == 0:
+            local_opt = local
+        else:
+            local_opt = local // self.world if self.cfg.deepspeed.zero_stage < 3 else local
+        mixed = self.cfg.deepspeed.precision != "fp32"
+        return local * (2 if mixed else 4) + local_opt * 4 * (3 if mixed else 2) + (local * 4 if self.ema else 0)
 
     def _resume(self, load_dir: str, load_tag: str, tag: str) -> None:
         path, client = self.engine.load_checkpoint(load_dir, tag=load_tag, load_optimizer_states=True,
@@ -359,6 +383,7 @@ class Trainer:
             if cfg.checkpoint.at_end and last_save_step != self.step:
                 self.save()
         finally:
+            self.ckpt.close()  # the last checkpoint's background write completes before the run ends
             self.watchdog.stop()
             self.logger.close()
             self.stop.uninstall()
@@ -463,13 +488,32 @@ class Trainer:
                                    out.sample_tokens.tolist(), out.sample_correct.tolist()))
             metrics = eval_metrics(self._gather(records), self.task_names)
             if self.cfg.eval.downstream is not None:
-                from biomedgpt.engine.downstream import evaluate_model
-
-                self._beat("downstream eval")
-                task_results, _ = evaluate_model(self.engine.module, self.tokenizer, self.eval_loader,
-                                                 self.cfg.eval.downstream, self.dist.device, self._gather)
-                metrics.update(task_results)
+                metrics.update(self._downstream())
         return metrics
+
+    def _downstream(self) -> dict:
+        """The task metrics by generation. Under ZeRO-3 (parameters gathered collectively in every module
+        call) the ranks decode in lockstep, and encoder / decoder calls go through the root module's call
+        (``RootCalls``) so that its hooks gather the embedding tables the model reads directly."""
+        from biomedgpt.engine.downstream import RankSync, RootCalls, evaluate_model
+
+        stage3 = self.cfg.deepspeed.zero_stage == 3
+        sync = RankSync(self.dist.device) if stage3 and self.world > 1 else None
+        module = RootCalls(self.engine.module) if stage3 else self.engine.module
+        self._beat("downstream eval")
+        start = time.perf_counter()
+        results, records = evaluate_model(module, self.tokenizer, self.eval_loader, self.cfg.eval.downstream,
+                                          self.dist.device, self._gather, sync=sync)
+        results["downstream_time_s"] = time.perf_counter() - start
+        if sync is not None:
+            results["synced_padding_calls"] = float(sum(self._gather([sync.padding_calls])))
+        if self.is_main and self.cfg.eval.write_predictions:
+            path = self.out / "eval_predictions" / f"step_{self.step:08d}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            unique = {(r["task"], r["id"]): r for r in reversed(records)}
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in sorted(unique.values(),
+                                                                              key=lambda r: (r["task"], r["id"]))))
+        return results
 
     def _beat(self, phase: str) -> None:
         watchdog = getattr(self, "watchdog", None)

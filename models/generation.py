@@ -6,6 +6,13 @@ Conventions (fairseq / OFA): hypothesis scores sum the log-probabilities of the 
 ``beam_size`` hypotheses have ended. A constraint masks disallowed tokens to -inf before the
 log-softmax (fine-tuned models: the probability mass is renormalised over the allowed tokens) or,
 in the zero-shot variant, after it (a pretrained model's scores stay those of the full vocabulary).
+
+Synced decoding (``sync``, for ZeRO-3: parameters are gathered collectively around every module call,
+so every rank must make the same sequence of encoder / decoder calls): a rank whose samples are done
+keeps replaying its last decoder step on one row until every rank is done (transformers'
+``synced_gpus``); candidate scoring runs one kind of decoder call (no KV cache) and pads to the most
+calls any rank makes. The model must run the same sub-modules for every input (true for text and
+image inputs; decoding image codes on some ranks only would not be).
 """
 from __future__ import annotations
 
@@ -58,6 +65,19 @@ class Hypothesis:
     tokens: list[int]  # generated tokens, without the forced prefix and without </s>
     score: float  # (normalised) sum of log-probabilities
     finished: bool = True  # False: cut by the position limit before </s>
+
+
+class StepSync(Protocol):
+    """Agreement between ranks that decode in lockstep (see the module docstring)."""
+
+    def all_done(self, done: bool) -> bool:
+        """Collective: True when every rank is done."""
+
+    def max_count(self, n: int) -> int:
+        """Collective: the largest ``n`` of all ranks."""
+
+    def padded(self, calls: int) -> None:
+        """Account ``calls`` decoder calls made only to keep ranks in step."""
 
 
 class Constraint(Protocol):
@@ -156,8 +176,8 @@ def _filter_for_sampling(lprobs: Tensor, top_k: int, top_p: float) -> Tensor:
 def generate(model: BiomedGPT, src_tokens: Tensor, patch_images: Optional[Tensor] = None,
              patch_masks: Optional[Tensor] = None, cfg: GenerationConfig = GenerationConfig(),
              prefix: Optional[Sequence[Sequence[int]]] = None, constraint: Optional[Constraint] = None,
-             code_masks: Optional[Tensor] = None, generator: Optional[torch.Generator] = None
-             ) -> list[list[Hypothesis]]:
+             code_masks: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+             sync: Optional[StepSync] = None) -> list[list[Hypothesis]]:
     """Hypotheses per input (best first, up to ``beam_size``).
 
     ``prefix[i]`` is forced after ``<s>`` for input i (prefixes may differ in length: the common part
@@ -243,7 +263,13 @@ def generate(model: BiomedGPT, src_tokens: Tensor, patch_images: Optional[Tensor
         next_beams, next_tokens = cand_beams.gather(1, order), cand_tokens.gather(1, order)
         next_scores = cand_scores.gather(1, order).masked_fill(next_tokens.eq(EOS), NEG_INF)
         done = [len(finalized[s]) >= k or not torch.isfinite(next_scores[i]).any() for i, s in enumerate(alive)]
-        if all(done):
+        if sync is not None:
+            if sync.all_done(all(done)):
+                break
+            if all(done):
+                _replay_until_all_done(model, tokens, enc, codes, cache, sync)
+                break
+        elif all(done):
             break
         keep = torch.tensor([i for i, d in enumerate(done) if not d], device=device)
         row_index = (keep[:, None] * k + next_beams[keep]).view(-1)
@@ -259,6 +285,27 @@ def generate(model: BiomedGPT, src_tokens: Tensor, patch_images: Optional[Tensor
         elif cache is not None:
             _reorder_self_attention(cache, row_index)
     return [_best_first(h, k) for h in finalized]
+
+
+def _replay_until_all_done(model: BiomedGPT, tokens: Tensor, enc: EncoderOutput, codes: Optional[Tensor],
+                           cache: Optional[DecoderCache], sync: StepSync) -> None:
+    """This rank is done, others are not: repeat the last decoder step (the same kind of call, cached
+    keys cut back by one position) on one row until every rank is done."""
+    one = torch.zeros(1, dtype=torch.long, device=tokens.device)
+    tokens, enc = tokens.index_select(0, one), enc.reorder(one)
+    codes = codes.index_select(0, one) if codes is not None else None
+    if cache is not None:
+        cache.reorder(one)
+    calls = 0
+    while True:
+        if cache is not None:
+            cache.self_kv = [None if kv is None else (kv[0][:, :, :-1], kv[1][:, :, :-1]) for kv in cache.self_kv]
+            cache.length -= 1
+        model.decode(tokens, enc, codes, cache)
+        calls += 1
+        if sync.all_done(True):
+            break
+    sync.padded(calls)
 
 
 def _sample_candidates(lprobs: Tensor, scores: Tensor, cfg: GenerationConfig,
@@ -290,13 +337,16 @@ def _best_first(hyps: list[Hypothesis], k: int) -> list[Hypothesis]:
 def score_candidates(model: BiomedGPT, src_tokens: Tensor, candidates: Sequence[Sequence[int]],
                      patch_images: Optional[Tensor] = None, patch_masks: Optional[Tensor] = None,
                      prefix: Optional[Sequence[Sequence[int]]] = None, constraint: Optional[Trie] = None,
-                     constraint_mode: ConstraintMode = "before", max_rows: int = 256) -> Tensor:
+                     constraint_mode: ConstraintMode = "before", max_rows: int = 256,
+                     sync: Optional[StepSync] = None) -> Tensor:
     """[batch, len(candidates)] sum of log p(candidate tokens + ``</s>``), teacher-forced.
 
     With ``constraint`` (a trie of the candidates) and mode "before", each position's distribution is
     renormalised over the tokens the trie allows there (OFA's all-candidate VQA); mode "after" or no
     constraint scores against the full vocabulary. Samples sharing a prefix length share one prefix
     pass through the KV cache; candidates then run in chunks of at most ``max_rows`` decoder rows.
+    With ``sync`` every chunk is one uncached decoder call over prefix + candidates (one kind of call on
+    every rank), padded to the most calls of any rank.
     """
     model.eval()
     device = src_tokens.device
@@ -323,16 +373,25 @@ def score_candidates(model: BiomedGPT, src_tokens: Tensor, candidates: Sequence[
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(prefixes):
         by_length.setdefault(len(p), []).append(i)
-    for members in by_length.values():
+    groups = list(by_length.values())
+    chunks = [max(1, max_rows // len(members)) for members in groups]
+    calls = [-(-len(candidates) // c) for c in chunks]
+    if sync is not None:  # every rank makes, per group, one prefix call then the same number of chunk calls
+        n_groups = sync.max_count(len(groups))
+        calls = [sync.max_count(calls[i] if i < len(groups) else 0) for i in range(n_groups)]
+    one = torch.zeros(1, dtype=torch.long, device=device)
+    for gi, n_calls in enumerate(calls):
+        real = gi < len(groups)
+        members = groups[gi] if real else [0]
         idx = torch.tensor(members, device=device)
         pre = torch.tensor([prefixes[i] for i in members], dtype=torch.long, device=device)
         group_enc = enc.reorder(idx)
         cache = model.new_cache()
         first = model.decode(pre, group_enc, cache=cache)[:, -1:].float()  # predicts each candidate's 1st token
         g = len(members)
-        chunk = max(1, max_rows // g)
-        for start in range(0, len(candidates), chunk):
-            cands = torch.arange(start, min(start + chunk, len(candidates)), device=device)
+        starts = list(range(0, len(candidates), chunks[gi])) if real else []
+        for start in starts:
+            cands = torch.arange(start, min(start + chunks[gi], len(candidates)), device=device)
             c_n = len(cands)
             rows = torch.arange(g, device=device).repeat_interleave(c_n)
             row_cands = cands.repeat(g)
@@ -347,4 +406,11 @@ def score_candidates(model: BiomedGPT, src_tokens: Tensor, candidates: Sequence[
             lprobs = F.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             total = lprobs.masked_fill(target.eq(PAD), 0.0).sum(1)
             out[idx.repeat_interleave(c_n), row_cands] = total
+        padding = n_calls - len(starts) + (0 if real else 1)
+        for _ in range(n_calls - len(starts)):  # the same kind of call as a chunk: one row, cached prefix
+            chunk_cache = copy.copy(cache)
+            chunk_cache.reorder(one)
+            model.decode(torch.cat([pre[:1], cand_in[:1]], dim=1), group_enc.reorder(one), cache=chunk_cache)
+        if sync is not None and padding:
+            sync.padded(padding)
     return out

@@ -146,3 +146,64 @@ def test_bad_settings_are_rejected():
         GenerationConfig(min_len=5, max_len=2)
     with pytest.raises(ValueError, match="at least one"):
         Trie([])
+
+
+class _OthersRunLonger:
+    """Rank agreement as seen by a rank whose peers need ``extra`` more decoder steps / calls than it does
+    (the 2-rank ZeRO-3 run is tests/test_zero3_eval.py); records this rank's decoder calls."""
+
+    def __init__(self, model, extra: int):
+        self.extra, self.padding, self.calls = extra, 0, 0
+        self.remaining = None
+        original = model.decode
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        model.decode = counted
+
+    def all_done(self, done: bool) -> bool:
+        if not done:
+            return False
+        self.remaining = self.extra if self.remaining is None else self.remaining - 1
+        return self.remaining == 0
+
+    def max_count(self, n: int) -> int:
+        return n + self.extra
+
+    def padded(self, calls: int) -> None:
+        self.padding += calls
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_synced_generation_keeps_stepping_without_changing_results(model, inputs, use_cache):
+    """A rank that is done replays its last decoder step until the others are: same hypotheses, one extra
+    decoder call per extra step of the others, of the same kind (cached or not) as the real steps."""
+    cfg = GenerationConfig(beam_size=3, max_len=6, use_cache=use_cache)
+    trie = Trie(ANSWERS)
+    alone = generate(model, **inputs, cfg=cfg, prefix=PREFIXES, constraint=trie)
+    sync = _OthersRunLonger(model, extra=4)
+    try:
+        synced = generate(model, **inputs, cfg=cfg, prefix=PREFIXES, constraint=trie, sync=sync)
+    finally:
+        del model.decode
+    assert [[(h.tokens, h.score) for h in hs] for hs in synced] == [[(h.tokens, h.score) for h in hs] for hs in alone]
+    assert sync.padding == 4
+
+
+def test_synced_candidate_scoring_pads_to_the_most_calls(model, inputs):
+    alone = score_candidates(model, inputs["src_tokens"], ANSWERS, inputs["patch_images"], inputs["patch_masks"],
+                             prefix=PREFIXES, constraint=Trie(ANSWERS), max_rows=4)
+    sync = _OthersRunLonger(model, extra=2)
+    try:
+        synced = score_candidates(model, inputs["src_tokens"], ANSWERS, inputs["patch_images"], inputs["patch_masks"],
+                                  prefix=PREFIXES, constraint=Trie(ANSWERS), max_rows=4, sync=sync)
+    finally:
+        del model.decode
+    assert torch.equal(synced, alone)
+    # 3 prefix lengths -> 3 groups of 1 sample (5 candidates, chunks of 4: 2 calls) + 2 padding groups; every
+    # group's chunk count is padded by 2
+    groups, chunk_calls = 3 + 2, [2 + 2] * 3 + [0 + 2] * 2
+    assert sync.calls == groups + sum(chunk_calls)
+    assert sync.padding == sum(chunk_calls) - 2 * 3 + 2

@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 #: ``biomedgpt bench NAME`` -> (module, description)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "attention": ("biomedgpt.tools.bench_attention", "attention backends: time and memory"),
+    "checkpoint": ("biomedgpt.tools.bench_checkpoint", "training blocked per checkpoint: sync vs background writes"),
     "consolidate": ("biomedgpt.tools.bench_consolidate", "consolidation vs DeepSpeed zero_to_fp32: RSS and time"),
     "engine": ("biomedgpt.tools.bench_engine", "ZeRO stages: step time, tokens/s; checkpoint save/resume"),
     "generation": ("biomedgpt.tools.bench_generation", "beam search throughput per task"),

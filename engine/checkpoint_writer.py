@@ -1,0 +1,227 @@
+"""Checkpoint writes that do not stall the training step: snapshot to host memory, write in a background thread.
+
+DeepSpeed 0.19.8 has two writers of its own (``checkpoint.writer`` in its config): ``FastCheckpointEngine``
+(the ``fast`` writer needs the async_io op, which needs libaio and is not buildable here: ``AsyncIOBuilder``
+reports it incompatible on this machine) and ``DecoupledCheckpointEngine`` (a spawned process that writes
+what it is sent through a multiprocessing queue). The decoupled one is not used: it sends the *live*
+tensors (on CPU ``torch.multiprocessing`` moves their storage into shared memory, i.e. copies it and
+swaps it under the model), only waits for the write at the next optimizer step (the write is blocking
+again as soon as it outlasts one forward + backward: on a GPU always), sets the global multiprocessing
+start method to ``spawn``, does not fsync, and commits DeepSpeed's own ``latest`` file, not ours.
+
+What this module does instead, for both writing modes:
+
+- ``SnapshotEngine`` replaces the DeepSpeed engine's ``checkpoint_engine``: DeepSpeed's ``save_checkpoint``
+  hands it every file it would write (model states, each rank's ZeRO optimizer partition). Background
+  mode copies the tensors into host buffers and queues the write; sync mode writes at once.
+- Every file is written to a temporary name, fsynced, renamed, and its directory fsynced.
+- ``BackgroundWriter`` runs one write job (all of a checkpoint's files on this rank, then its completion
+  step) at a time on one thread, in submission order: two checkpoints never interleave. A new save waits
+  for the previous job (``wait``), which also re-raises any error of the background write.
+
+What background writing adds: one host copy of this rank's checkpoint state (model, optimizer, EMA),
+allocated at the first save and reused by the next ones (the snapshot is a copy into it: the blocked time;
+on GPUs into pinned memory); a thread that competes with the training step for CPU while it writes;
+and, until the write completes, the newest checkpoint is not yet ``latest`` (a crash then resumes from
+the previous one, as before). Snapshots preserve storage sharing (views of one storage stay views of one
+copy), so files are what ``torch.save`` of the live state would have written.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+#: Fault injection for tests: seconds the background writer sleeps before each file (0: none).
+DELAY_ENV = "BIOMEDGPT_CHECKPOINT_WRITE_DELAY_S"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary name, fsync, rename over ``path``, fsync the directory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+class HostSnapshot:
+    """Copies of state dicts in host memory, into buffers kept for the next save of the same file."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, int], torch.Tensor] = {}  # (file, storage ordinal) -> uint8 host buffer
+        self.bytes = 0  # copied by the last ``take`` calls since ``reset_count``
+
+    def reset_count(self) -> None:
+        self.bytes = 0
+
+    def take(self, obj: Any, key: str) -> Any:
+        """A copy of ``obj`` whose tensors live in this snapshot's buffers (non-tensors deep-copied)."""
+        copies: dict[tuple[int, torch.device], torch.UntypedStorage] = {}
+        pending_cuda = [False]
+
+        def storage_copy(t: torch.Tensor) -> torch.UntypedStorage:
+            src = t.untyped_storage()
+            ident = (src.data_ptr(), t.device)
+            if ident not in copies:
+                nbytes = src.nbytes()
+                slot = (key, len(copies))
+                buf = self.buffers.get(slot)
+                if buf is None or buf.numel() != nbytes:
+                    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=t.is_cuda)
+                    self.buffers[slot] = buf
+                if nbytes:
+                    whole = torch.empty(0, dtype=torch.uint8, device=t.device).set_(src, 0, (nbytes,), (1,))
+                    buf.copy_(whole, non_blocking=t.is_cuda)
+                    pending_cuda[0] |= t.is_cuda
+                self.bytes += nbytes
+                copies[ident] = buf.untyped_storage()
+            return copies[ident]
+
+        def walk(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                if value.layout != torch.strided:
+                    return value.detach().to("cpu", copy=True)
+                out = torch.empty(0, dtype=value.dtype)
+                return out.set_(storage_copy(value.detach()), value.storage_offset(), value.size(), value.stride())
+            if isinstance(value, (dict, OrderedDict)):
+                return type(value)((k, walk(v)) for k, v in value.items())
+            if isinstance(value, list):
+                return [walk(v) for v in value]
+            if isinstance(value, tuple) and not hasattr(value, "_fields"):
+                return tuple(walk(v) for v in value)
+            if isinstance(value, (str, int, float, bool, type(None), bytes)):
+                return value
+            return copy.deepcopy(value)
+
+        out = walk(obj)
+        if pending_cuda[0]:
+            torch.cuda.synchronize()
+        return out
+
+
+class BackgroundWriter:
+    """One thread, one job at a time, in order. A job: files (path, object), then ``on_done()``."""
+
+    def __init__(self, background: bool):
+        self.background = background
+        self.snapshot = HostSnapshot()
+        self._files: list[tuple[str, Any]] = []
+        self._jobs: "queue.Queue[Optional[tuple[list, Callable[[], None]]]]" = queue.Queue()
+        self._cond = threading.Condition()
+        self._pending = 0
+        self._error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
+        self.delay_s = float(os.environ.get(DELAY_ENV, "0") or 0)
+
+    # -- the caller's side (the training thread) -----------------------------------------------
+
+    def add(self, obj: Any, path: str | Path) -> None:
+        """A file of the current job: snapshotted now (background) or written now (sync)."""
+        if self.background:
+            self._files.append((str(path), self.snapshot.take(obj, Path(path).name)))
+        else:
+            durable_torch_save(obj, path)
+
+    def finish(self, on_done: Callable[[], None]) -> None:
+        """Close the current job: in the background its files are written, then ``on_done`` runs."""
+        files, self._files = self._files, []
+        if not self.background:
+            on_done()
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
+            self._thread.start()
+        with self._cond:
+            self._pending += 1
+        self._jobs.put((files, on_done))
+
+    def wait(self) -> None:
+        """Until every queued job is written; re-raises a failed background write."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._pending == 0)
+            error, self._error = self._error, None
+        if error is not None:
+            raise RuntimeError(f"a background checkpoint write failed: {error!r}") from error
+
+    @property
+    def busy(self) -> bool:
+        return self._pending > 0
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._thread is not None:
+                self._jobs.put(None)
+                self._thread.join()
+                self._thread = None
+
+    # -- the writer thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            files, on_done = job
+            job = None
+            try:
+                if self._error is None:  # after a failure nothing more is committed
+                    while files:
+                        path, obj = files.pop(0)
+                        if self.delay_s:
+                            time.sleep(self.delay_s)
+                        durable_torch_save(obj, path)
+                        obj = None
+                    on_done()
+            except BaseException as exc:  # noqa: BLE001  (reported by wait())
+                self._error = exc
+            finally:
+                files = None
+                with self._cond:
+                    self._pending -= 1
+                    self._cond.notify_all()
+
+
+def snapshot_engine(writer: BackgroundWriter):
+    """A DeepSpeed checkpoint engine that hands every file to ``writer`` (loading stays torch.load)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class SnapshotEngine(TorchCheckpointEngine):
+        def __init__(self) -> None:
+            super().__init__(None)
+            self.name = "BiomedGPTSnapshotEngine"
+
+        def create(self, info) -> None:
+            pass
+
+        def save(self, state_dict, path: str) -> None:
+            writer.add(state_dict, path)
+
+        def commit(self, info) -> bool:
+            return True  # our CheckpointManager commits (meta.json, latest) once every rank's files are durable
+
+    return SnapshotEngine()

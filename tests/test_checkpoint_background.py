@@ -1,0 +1,83 @@
+"""Background checkpoint writes on 2 CPU ranks (DeepSpeed, gloo): a ``kill -9`` in the middle of a write keeps
+``latest`` at the previous complete checkpoint and the run resumes exactly; saves in quick succession are
+written one after the other, never interleaved. The writer is slowed down by its fault-injection delay
+(``BIOMEDGPT_CHECKPOINT_WRITE_DELAY_S``: seconds before each file), so the kill lands inside a write."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.test_engine_distributed import launch, run_config, shards, train_losses  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.timeout(900)
+DELAY = "BIOMEDGPT_CHECKPOINT_WRITE_DELAY_S"
+
+
+def _latest(out: Path) -> str | None:
+    path = out / "checkpoints" / "latest"
+    return path.read_text().strip() if path.exists() else None
+
+
+def test_kill_during_background_write_keeps_previous_latest_and_resumes_exactly(shards, tmp_path, repo_root,  # noqa: F811
+                                                                               vocab_dir, monkeypatch):
+    common = dict(deepspeed={"zero_stage": 2}, checkpoint={"interval": 2, "keep_last_n": 5, "at_end": False})
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    launch(repo_root, run_config(shards, straight, vocab_dir, optim={"lr": 2e-3, "max_steps": 6, "warmup_steps": 1, "schedule": "constant"},
+                                 **common), 2)
+
+    monkeypatch.setenv(DELAY, "2")
+    cfg = run_config(shards, killed, vocab_dir, optim={"lr": 2e-3, "max_steps": 100000, "warmup_steps": 1, "schedule": "constant"}, **common)
+    proc = launch(repo_root, cfg, 2, wait=False)
+    second = killed / "checkpoints" / "step_00000004"
+    deadline = time.time() + 400
+    while not (_latest(killed) == "step_00000002" and second.is_dir()):
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.time() < deadline, "no second checkpoint started in time"
+        time.sleep(0.02)
+    ranks = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") in ("0", "1")]
+    assert len(ranks) == 2
+    for rank in ranks:
+        rank.kill()  # SIGKILL: the background write of step 4 is cut off
+    proc.communicate(timeout=60)
+    assert proc.returncode not in (0, 75)
+    assert _latest(killed) == "step_00000002"
+    assert not (second / "meta.json").exists()
+    assert (killed / "checkpoints" / "step_00000002" / "meta.json").exists()
+
+    monkeypatch.delenv(DELAY)
+    output = launch(repo_root, run_config(shards, killed, vocab_dir,
+                                          optim={"lr": 2e-3, "max_steps": 6, "warmup_steps": 1, "schedule": "constant"}, **common), 2)
+    assert "resumed from step_00000002 at step 2" in output
+    expected, resumed = train_losses(straight), train_losses(killed)  # the last logged loss of each step
+    for step in (3, 4, 5, 6):
+        assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
+    assert _latest(killed) == "step_00000006"
+
+
+def test_saves_in_quick_succession_never_interleave(shards, tmp_path, repo_root, vocab_dir, monkeypatch):  # noqa: F811
+    monkeypatch.setenv(DELAY, "0.3")
+    out = tmp_path / "every_step"
+    cfg = run_config(shards, out, vocab_dir, deepspeed={"zero_stage": 2},
+                     optim={"lr": 2e-3, "max_steps": 4, "warmup_steps": 1, "schedule": "constant"},
+                     checkpoint={"interval": 1, "keep_last_n": 10, "at_end": True})
+    output = launch(repo_root, cfg, 2)
+    assert "writing in the background" in output
+    root = out / "checkpoints"
+    spans = []
+    for step in (1, 2, 3, 4):
+        tag = root / f"step_{step:08d}"
+        files = [p for p in tag.rglob("*") if p.is_file() and p.suffix != ".py"]
+        meta = json.loads((tag / "meta.json").read_text())
+        assert meta["step"] == step and meta["world_size"] == 2
+        # both ranks' optimizer partitions, the model states, both ranks' engine state
+        assert len([p for p in files if p.name.endswith("optim_states.pt")]) == 2
+        assert {f"rank_{r:05d}.pt" for r in (0, 1)} <= {p.name for p in files}
+        written = [p.stat().st_mtime_ns for p in files if p.name != "meta.json"]
+        spans.append((min(written), (tag / "meta.json").stat().st_mtime_ns))
+    for (_, committed), (next_start, _) in zip(spans, spans[1:]):
+        assert committed <= next_start  # checkpoint N was complete before any file of N+1 was written
+    assert _latest(out) == "step_00000004"
