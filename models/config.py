@@ -38,6 +38,9 @@ class ModelConfig:
     attention_backend: AttentionBackend = "auto"
     position_scheme: PositionScheme = "ofa"  # ofa: released checkpoints' biases; rope: rotary, no additive bias
     rope_theta: float = 10000.0
+    # Speed switches (numerics unchanged beyond float reordering); eager reference: both False.
+    channels_last: bool = True  # ResNet stem convolutions in NHWC (mkldnn/cuDNN's fast layout)
+    compile: bool = False  # torch.compile (inductor) of the ResNet stem and of each transformer layer
 
     def __post_init__(self) -> None:
         if self.d_model % self.heads:
