@@ -12,7 +12,7 @@ from biomedgpt.tools import bench_step
 EAGER = bench_step.PATHS["eager"]
 SMALL = dict(d_model=64, ffn_dim=128, encoder_layers=2, decoder_layers=2, heads=4, resnet_layers=[1, 1, 1],
              vocab_size=300, dropout=0.0, image_bucket_size=8, max_source_positions=64, max_target_positions=64,
-             token_bucket_size=16)
+             token_bucket_size=16, code_grid=4)
 
 
 def run(**overrides) -> tuple[torch.Tensor, dict]:
