@@ -161,6 +161,7 @@ class MultiheadAttention(nn.Module):
         self.c_attn = nn.Parameter(torch.ones(cfg.heads))
         self.dropout = cfg.attention_dropout
         self.backend = resolve_backend(cfg.attention_backend, cfg.position_scheme, cfg.attention_dropout)
+        self.attend = attention  # compile_model: kept out of the compiled graph (its own kernels, chunked backward)
 
     def split(self, x: Tensor) -> Tensor:
         return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
@@ -174,8 +175,8 @@ class MultiheadAttention(nn.Module):
         q = self.split(self.q_proj(x) * self.scaling)
         if rotary is not None:
             q = rotary.rotate(q)
-        out = attention(q, k, v, bias, key_padding_mask, causal, self.dropout if self.training else 0.0,
-                        self.backend)
+        out = self.attend(q, k, v, bias, key_padding_mask, causal, self.dropout if self.training else 0.0,
+                          self.backend)
         out = out * self.c_attn[None, :, None, None]
         return self.out_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
@@ -230,9 +231,11 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, self_kv: tuple[Tensor, Tensor], self_bias: AttentionBias | None,
                 self_padding_mask: Tensor | None, cross_kv: tuple[Tensor, Tensor], cross_bias: AttentionBias | None,
-                encoder_padding_mask: Tensor | None, rotary: Rotary | None = None) -> Tensor:
-        """``rotary``: the new tokens' rotary tables (``self_kv`` holds keys already rotated)."""
-        h = self.self_attn_layer_norm(x)
+                encoder_padding_mask: Tensor | None, rotary: Rotary | None = None,
+                normed: Tensor | None = None) -> Tensor:
+        """``rotary``: the new tokens' rotary tables (``self_kv`` holds keys already rotated); ``normed``:
+        ``self_attn_layer_norm(x)`` where the caller already computed it (for ``self_kv``)."""
+        h = self.self_attn_layer_norm(x) if normed is None else normed
         h = self.self_attn(h, *self_kv, self_bias, self_padding_mask, causal=True, rotary=rotary)
         x = self._residual(x, self.self_attn_ln(h))
         h = self.encoder_attn(self.encoder_attn_layer_norm(x), *cross_kv, cross_bias, encoder_padding_mask)
@@ -314,6 +317,8 @@ class Encoder(nn.Module):
             rows_idx = patch_masks.bool().nonzero().squeeze(1)
             rows_idx = rows_idx if rows_idx.numel() else rows_idx.new_zeros(1)
         full_b = patch_images.shape[0]
+        if self.cfg.channels_last:
+            patch_images = patch_images.contiguous(memory_format=torch.channels_last)
         features = self.embed_images(patch_images if rows_idx is None else patch_images.index_select(0, rows_idx))
         b, _, rows, cols = features.shape
         if rows > self.cfg.image_bucket_size or cols > self.cfg.image_bucket_size:
@@ -531,7 +536,8 @@ class Decoder(nn.Module):
                self_padding: Tensor | None, cross_bias: AttentionBias | None, encoder_out: EncoderOutput,
                encoder_padding: Tensor | None, cache: DecoderCache | None, rotary: Rotary | None) -> Tensor:
         """One layer, with this step's keys/values appended to (and read from) the cache."""
-        k, v = layer.self_attn.project_kv(layer.self_attn_layer_norm(x), rotary)
+        normed = layer.self_attn_layer_norm(x)
+        k, v = layer.self_attn.project_kv(normed, rotary)
         if cache is not None:
             if cache.self_kv[idx] is not None:
                 pk, pv = cache.self_kv[idx]
@@ -542,7 +548,7 @@ class Decoder(nn.Module):
             cross_kv = layer.encoder_attn.project_kv(encoder_out.states)
             if cache is not None:
                 cache.cross_kv[idx] = cross_kv
-        return layer(x, (k, v), self_bias, self_padding, cross_kv, cross_bias, encoder_padding, rotary)
+        return layer(x, (k, v), self_bias, self_padding, cross_kv, cross_bias, encoder_padding, rotary, normed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -637,3 +643,22 @@ class BiomedGPT(nn.Module):
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameters, each shared tensor once (the tied embedding), BN statistics excluded."""
     return sum(p.numel() for p in model.parameters())
+
+
+def compile_model(model: BiomedGPT) -> BiomedGPT:
+    """With ``cfg.compile``: ``torch.compile`` (inductor) every transformer layer in place; names unchanged.
+
+    The attention core stays out of the graphs (a graph break): its backends are fused kernels or the chunked
+    autograd function already; only ``flex`` is traced into them, as FlexAttention wants. Layers of one stack
+    share their compiled graphs. The ResNet stem is not compiled: inductor lays its convolutions out NHWC,
+    whose fp32 gradients on CPU deviate ~5e-3 relative from an fp64 run (channels-first: 5e-6), see
+    tests/test_default_path.py.
+    """
+    if not model.cfg.compile:
+        return model
+    for module in model.modules():
+        if isinstance(module, MultiheadAttention) and module.backend != "flex":
+            module.attend = torch.compiler.disable(attention)
+    for layer in [*model.encoder.layers, *model.decoder.layers]:
+        layer.compile()
+    return model

@@ -45,6 +45,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "generation": ("biomedgpt.tools.bench_generation", "beam search throughput per task"),
     "gpu": ("biomedgpt.tools.bench_gpu", "GPU table: sizes x backends x image sizes"),
     "loader": ("biomedgpt.tools.bench_loader", "loader samples per CPU-second: the original TSV path vs ours (augment off/on), local vs S3"),
+    "sizes": ("biomedgpt.tools.bench_sizes", "every size trains: 2 ZeRO-3 steps on 2 CPU ranks, RSS vs estimate"),
+    "step": ("biomedgpt.tools.bench_step", "training step: eager reference path vs default path, alternating"),
     "model": ("biomedgpt.tools.bench_model", "forward+backward time and peak memory per size"),
     "text-only": ("biomedgpt.tools.bench_text_only", "training step on half text-only batches: today's path vs images only where present"),
 }

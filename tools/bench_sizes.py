@@ -1,0 +1,167 @@
+"""Every size trains: 2 ZeRO-3 steps of each model size on 2 CPU ranks of this machine (a benchmark, not a test).
+
+    biomedgpt bench sizes                                   # tiny, medium, base, large, xlarge
+    biomedgpt bench sizes sizes='[large, xlarge]' offload_from=large batch=1
+
+Each size is a real run of ``biomedgpt train -n 2`` (fp32, ZeRO-3, built under zero.Init from
+``zero_init_from`` up, optimizer states offloaded to the CPU from ``offload_from`` up) on small synthetic
+caption shards. Printed per size: the mean step time and the loss of the last step (from metrics.jsonl),
+each rank's peak RSS (``VmHWM`` of the rank processes, polled), and the estimator's prediction
+(``biomedgpt estimate``: model states + activations per rank, plus the offloaded states' CPU share).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+SIZES = ["tiny", "medium", "base", "large", "xlarge"]
+WORDS = ("chest lung heart normal opacity effusion left right lower upper lobe mild severe no acute finding "
+         "consolidation pneumothorax cardiomegaly stable").split()
+
+
+@dataclass
+class BenchSizesConfig:
+    """Two ZeRO-3 training steps per model size on 2 CPU ranks: step time, peak RSS per rank, loss, estimate."""
+
+    sizes: list[str] = field(default_factory=lambda: list(SIZES))
+    ranks: int = 2
+    batch: int = 1  # samples per rank per step
+    image_size: int = 256
+    steps: int = 2
+    offload_from: str = "large"  # first size whose optimizer states go to the CPU (DeepSpeed's CPU Adam)
+    zero_init_from: str = "large"
+    timeout_s: float = 1800.0  # per size
+    work_dir: str = ""  # default: a temporary folder
+
+
+def make_shards(root: Path, rows: int = 16, px: int = 256) -> None:
+    import numpy as np
+
+    from biomedgpt.data.images import encode_png
+    from biomedgpt.data.mds import ShardWriter
+    from biomedgpt.data.records import make_record
+
+    rng = np.random.default_rng(0)
+    writer = ShardWriter(str(root / "caption"))
+    for i in range(rows):
+        image = (rng.random((px, px, 3)) * 255).astype(np.uint8)
+        writer.write(make_record(f"cap-{i}", "caption", {"captions": [" ".join(rng.choice(WORDS, 8))]},
+                                 encode_png(image)))
+    writer.commit()
+
+
+def run_config(cfg: BenchSizesConfig, size: str, shards: Path, out: Path) -> dict:
+    big = SIZES.index(size) >= SIZES.index(cfg.offload_from)
+    return {
+        "model": {"size": size, "overrides": {"dropout": 0.0}},
+        "data": {"streams": [{"name": "caption", "task": "caption", "remote": str(shards / "caption")}],
+                 "batch_size": cfg.batch, "patch_image_size": cfg.image_size, "num_workers": 0, "augment": False,
+                 "group_weights": [1.0], "cache_dir": str(out.parent / "cache")},
+        "optim": {"lr": 1e-5, "max_steps": cfg.steps, "warmup_steps": 1},
+        "deepspeed": {"zero_stage": 3, "offload_optimizer": "cpu" if big else "none",
+                      "zero_init": SIZES.index(size) >= SIZES.index(cfg.zero_init_from)},
+        "log": {"interval": 1, "wandb_mode": "disabled", "progress_bar": False},
+        "checkpoint": {"interval": 0},
+        "eval": {"interval": 0, "at_end": False, "export_best": False},
+        "output_dir": str(out),
+    }
+
+
+def predicted_gib(cfg: BenchSizesConfig, size: str, offload: bool, zero_init: bool) -> float:
+    from biomedgpt.models.config import ModelSpec
+    from biomedgpt.tools.estimate import EstimateConfig, estimate
+
+    est = estimate(EstimateConfig(model=ModelSpec(size), zero_stage=3, offload_optimizer=offload, zero_init=zero_init,
+                                  precision="fp32", gpus_per_node=cfg.ranks, micro_batch=cfg.batch,
+                                  image_size=cfg.image_size, src_len=40, tgt_len=20))
+    per_rank = est["total_bytes_per_gpu"] + (est["cpu_bytes_per_node"] / cfg.ranks if offload else 0)
+    return per_rank / 2**30
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    except OSError:
+        return []
+    kids = [int(p) for p in out.split()]
+    return kids + [g for k in kids for g in _children(k)]
+
+
+def _hwm_gib(pid: int) -> tuple[str, float] | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return None
+    if "biomedgpt" not in cmd or "python" not in cmd:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return cmd, int(line.split()[1]) / 2**20
+    return None
+
+
+def run_size(cfg: BenchSizesConfig, size: str, work: Path, shards: Path) -> dict:
+    out = work / size
+    config = work / f"{size}.yaml"
+    run = run_config(cfg, size, shards, out)
+    config.write_text(yaml.safe_dump(run))
+    log = open(work / f"{size}.log", "w")
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "biomedgpt.tools.cli", "train", "-n", str(cfg.ranks), "--config",
+                             str(config)], stdout=log, stderr=subprocess.STDOUT)
+    peaks: dict[int, float] = {}
+    while proc.poll() is None and time.perf_counter() - start < cfg.timeout_s:
+        for pid in _children(proc.pid):
+            hwm = _hwm_gib(pid)
+            if hwm is not None:
+                peaks[pid] = max(peaks.get(pid, 0.0), hwm[1])
+        time.sleep(0.5)
+    if proc.poll() is None:
+        proc.kill()
+    row = {"size": size, "rc": proc.wait(), "wall_s": time.perf_counter() - start,
+           "offload": run["deepspeed"]["offload_optimizer"] == "cpu", "zero_init": run["deepspeed"]["zero_init"]}
+    # the rank processes are the biggest biomedgpt processes of the tree (the launcher's are small)
+    row["rank_peak_GiB"] = sorted(peaks.values(), reverse=True)[:cfg.ranks]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+               if line.strip()] if (out / "metrics.jsonl").exists() else []
+    train = [m for m in metrics if "loss" in m and "step_time_s" in m]
+    row["loss"] = train[-1]["loss"] if train else float("nan")
+    row["step_s"] = sum(m["step_time_s"] for m in train) / len(train) if train else float("nan")
+    row["steps"] = len(train)
+    row["predicted_GiB"] = predicted_gib(cfg, size, row["offload"], row["zero_init"])
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    from biomedgpt.engine.config import parse_cli
+
+    cfg = parse_cli(BenchSizesConfig, argv)
+    work = Path(cfg.work_dir or tempfile.mkdtemp(prefix="bench_sizes_"))
+    work.mkdir(parents=True, exist_ok=True)
+    shards = work / "shards"
+    if not (shards / "caption").exists():
+        make_shards(shards, px=cfg.image_size)
+    print(f"{cfg.steps} ZeRO-3 fp32 steps per size on {cfg.ranks} CPU ranks, batch {cfg.batch} per rank, "
+          f"{cfg.image_size} px; logs in {work}", flush=True)
+    print(f"{'size':<8}{'offload':>8}{'rc':>4}{'steps':>6}{'step s':>9}{'loss':>9}{'peak RSS GiB / rank':>24}"
+          f"{'estimate GiB':>14}", flush=True)
+    ok = True
+    for size in cfg.sizes:
+        r = run_size(cfg, size, work, shards)
+        ok &= r["rc"] == 0 and r["steps"] >= 1
+        peaks = " / ".join(f"{p:.2f}" for p in r["rank_peak_GiB"]) or "-"
+        print(f"{size:<8}{'cpu' if r['offload'] else '-':>8}{r['rc']:>4}{r['steps']:>6}{r['step_s']:>9.2f}"
+              f"{r['loss']:>9.3f}{peaks:>24}{r['predicted_GiB']:>14.2f}", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
