@@ -158,6 +158,8 @@ def test_flop_formula_matches_torch_flop_counter():
 class _FakeDeepSpeedEngine:
     """Writes what DeepSpeed's save_checkpoint writes for one rank (the shards); the manager does the rest."""
 
+    checkpoint_engine = None  # the manager installs its writer here, as on a real engine
+
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         assert save_latest is False
         (tmp := __import__("pathlib").Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
