@@ -57,24 +57,28 @@ class EMA:
         ``stage3_param_persistence_threshold``) holds its full values in ``param.data`` beside its
         partition, and a forward uses those; they are re-gathered from the EMA partitions too."""
         params = dict(module.named_parameters())
-        backup, full_backup = {}, {}
+        backup = {}
         with torch.no_grad():
             for name in self.names:
-                param = params[name]
-                local = _local(param)
+                local = _local(params[name])
                 backup[name] = local.detach().clone()
                 local.copy_(self.shadow[name].to(local.dtype))
-                if _gathered_now(param):
-                    full_backup[name] = param.data.detach().clone()
-                    _regather(param)
+            _refresh_gathered(params[name] for name in self.names)
         try:
             yield
         finally:
             with torch.no_grad():
                 for name in self.names:
                     _local(params[name]).copy_(backup[name])
-                    if name in full_backup:
-                        params[name].data.copy_(full_backup[name])
+                # whatever is gathered now (kept from before, or gathered inside the block from the EMA
+                # partitions) is rebuilt from the restored partitions
+                _refresh_gathered(params[name] for name in self.names)
+
+
+def _refresh_gathered(params) -> None:
+    for param in params:
+        if _gathered_now(param):
+            _regather(param)
 
 
 def _gathered_now(param: nn.Parameter) -> bool:
@@ -83,7 +87,7 @@ def _gathered_now(param: nn.Parameter) -> bool:
         return False
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    return param.ds_status == ZeroParamStatus.AVAILABLE
+    return param.ds_status == ZeroParamStatus.AVAILABLE and param.data.numel() == param.ds_numel
 
 
 def _regather(param: nn.Parameter) -> None:
