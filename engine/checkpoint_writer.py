@@ -37,6 +37,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 #: Fault injection for tests: seconds the background writer sleeps before each file (0: none).
@@ -94,8 +95,11 @@ class HostSnapshot:
                     self.buffers[slot] = buf
                 if nbytes:
                     whole = torch.empty(0, dtype=torch.uint8, device=t.device).set_(src, 0, (nbytes,), (1,))
-                    buf.copy_(whole, non_blocking=t.is_cuda)
-                    pending_cuda[0] |= t.is_cuda
+                    if t.is_cuda:
+                        buf.copy_(whole, non_blocking=True)
+                        pending_cuda[0] = True
+                    else:  # one plain memcpy: no intra-op thread pool to wake per tensor
+                        np.copyto(buf.numpy(), whole.numpy())
                 self.bytes += nbytes
                 copies[ident] = buf.untyped_storage()
             return copies[ident]

@@ -199,8 +199,8 @@ class Trainer:
 
     def _buffers(self) -> dict[str, torch.Tensor]:
         """Per-rank buffers (BatchNorm statistics drift apart across ranks; restore each rank's own)."""
-        return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()
-                if k in dict(self.engine.module.named_buffers())}
+        names = dict(self.engine.module.named_buffers())
+        return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items() if k in names}
 
     def save(self) -> str:
         client = {"step": self.step, "epoch": self.epoch, "nonfinite": self.nonfinite, "best": self.best,

@@ -34,6 +34,7 @@ class BenchConfig:
     ranks: list[int] = field(default_factory=lambda: [1, 2])
     zero_stage_multi_rank: int = 2  # stage of the runs on more than one rank (1 rank: stage 0)
     saves: int = 2  # checkpoints per mode
+    train_between: bool = True  # a step before each save, and steps while a background write goes on
     batch_size: int = 1
     image_size: int = 128
     work_dir: str = "runs/bench-checkpoint"
@@ -45,6 +46,7 @@ def _overrides(cfg: BenchConfig, out: Path, stage: int) -> list[str]:
     return [f"model.size={cfg.model}", "model.overrides={}", "optim.max_steps=1000000", "optim.warmup_steps=1",
             f"data.batch_size={cfg.batch_size}", f"data.patch_image_size={cfg.image_size}", "data.num_workers=0",
             "eval.at_end=false", "checkpoint.at_end=false", "checkpoint.interval=0", "checkpoint.keep_last_n=2",
+            "checkpoint.background=true",
             "log.interval=1000000", "log.progress_bar=false", "log.wandb_mode=disabled", "checkpoint.resume=never",
             f"deepspeed.zero_stage={stage}", f"output_dir={out}"]
 
@@ -75,19 +77,22 @@ def worker(cfg: BenchConfig) -> None:
     trainer = Trainer(run)
     trainer.engine.train()
     batches = trainer._batches()
-    plain = [_step(trainer, batches) for _ in range(3)][1:]
+    plain = [_step(trainer, batches) for _ in range(3 if cfg.train_between else 1)][-2:]
     slowest = lambda x: float(all_reduce(torch.tensor([x], dtype=torch.float64), "max")[0])  # noqa: E731
     rows = {}
     for mode in ("sync", "background"):
         trainer.ckpt.writer.background = mode == "background"
         blocked, committed, during = [], [], []
         for _ in range(cfg.saves):
-            _step(trainer, batches)
+            if cfg.train_between:
+                _step(trainer, batches)
+            else:
+                trainer.step += 1  # a new tag (not a rewrite of the last one)
             start = time.perf_counter()
             tag = trainer.save()
             blocked.append(slowest(time.perf_counter() - start))
             flag = torch.tensor([float(trainer.ckpt.writer.busy)])
-            while all_reduce(flag.clone(), "max")[0] > 0:  # every rank steps as long as any writer is busy
+            while cfg.train_between and all_reduce(flag.clone(), "max")[0] > 0:  # every rank steps as long as any writer is busy
                 during.append(_step(trainer, batches))
                 flag = torch.tensor([float(trainer.ckpt.writer.busy)])
             trainer.ckpt.wait()
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         cmd = ["bash", str(REPO / "launchers/local.sh"), "-n", str(ranks), "-m", "biomedgpt.tools.bench_checkpoint",
                "--", "worker=true", f"output={output.resolve()}", f"work_dir={work.resolve()}", f"model={cfg.model}",
                f"saves={cfg.saves}", f"batch_size={cfg.batch_size}", f"image_size={cfg.image_size}",
-               f"zero_stage_multi_rank={cfg.zero_stage_multi_rank}"]
+               f"zero_stage_multi_rank={cfg.zero_stage_multi_rank}", f"train_between={str(cfg.train_between).lower()}"]
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{ranks}-rank run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
