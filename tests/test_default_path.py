@@ -60,15 +60,6 @@ def test_default_path_matches_eager(reference):
     assert_parity(*run(), *reference)
 
 
-# Known deviation (measured against an fp64 run of the same weights and batch): the channels-first fp32
-# stem's gradients are within 5e-6 relative of fp64, the channels-last one (mkldnn NHWC convolutions, which
-# inductor also picks for the compiled stem) is 6e-3 off in layer2's BN/downsample gradients: more than
-# float reordering, so neither is on by default. strict: the day it passes, make it the default.
-@pytest.mark.xfail(strict=True, reason="channels-last stem gradients deviate ~5e-3 relative (fp64-checked)")
-def test_channels_last_stem_matches_eager(reference):
-    assert_parity(*run(channels_last=True), *reference)
-
-
 def test_compiled_path_matches_eager(reference):
     """compile=True: the transformer layers compiled (inductor), the stem eager channels-first."""
     torch._dynamo.reset()

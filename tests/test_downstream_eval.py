@@ -116,11 +116,10 @@ def test_metrics_count_each_sample_once():
     assert compute_metrics(records) == {"nli/accuracy": 0.5, "nli/samples": 2.0}
 
 
-def test_in_training_task_metrics_refuse_zero3():
-    from biomedgpt.engine.config import ConfigError, load
+def test_in_training_task_metrics_are_allowed_at_every_zero_stage():
+    from biomedgpt.engine.config import load
     from biomedgpt.engine.run_config import RunConfig
 
     recipe = "configs/finetune/vqa_rad.yaml"
-    assert load(RunConfig, recipe).eval.downstream is not None
-    with pytest.raises(ConfigError, match="ZeRO-3"):
-        load(RunConfig, recipe, ["deepspeed.zero_stage=3"])
+    for stage in range(4):
+        assert load(RunConfig, recipe, [f"deepspeed.zero_stage={stage}"]).eval.downstream is not None

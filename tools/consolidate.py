@@ -41,7 +41,7 @@ class ConsolidateConfig:
     progress: bool = True
 
 
-def run_tokenizer(ckpt: ZeroCheckpoint, explicit: str | None):
+def run_tokenizer(ckpt: ZeroCheckpoint, explicit: str | None, vocab_size: int):
     """The given tokenizer, else the one the run trained with (when its path still resolves), else None."""
     if explicit:
         return load_any_tokenizer(explicit)
@@ -52,7 +52,8 @@ def run_tokenizer(ckpt: ZeroCheckpoint, explicit: str | None):
         if run_cfg.get(key) and Path(run_cfg[key]).is_dir():
             return load_any_tokenizer(run_cfg[key])
     if not run_cfg.get("tokenizer") and not run_cfg.get("bpe_dir"):
-        return load_any_tokenizer(None)  # the run trained with the packaged GPT-2 BPE
+        packaged = load_any_tokenizer(None)  # the trainer's default: the packaged GPT-2 BPE
+        return packaged if packaged.vocab_size == vocab_size else None
     return None
 
 
@@ -62,7 +63,7 @@ def run(cfg: ConsolidateConfig) -> Path:
             raise CheckpointError(f"{name}=... is required")
     ckpt = open_checkpoint(cfg.checkpoint, cfg.tag)
     model_cfg = checkpoint_model_config(ckpt, cfg.model)
-    tokenizer = run_tokenizer(ckpt, cfg.tokenizer)
+    tokenizer = run_tokenizer(ckpt, cfg.tokenizer, model_cfg.vocab_size)
     if tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
         raise CheckpointError(f"the tokenizer ({cfg.tokenizer or 'of the run'}) has {tokenizer.vocab_size} ids, "
                               f"the model's embedding {model_cfg.vocab_size} rows")
