@@ -15,30 +15,11 @@ from biomedgpt.models.config import model_config
 from biomedgpt.models.ofa import BiomedGPT, MultiheadAttention, image_bucket_positions, image_position_ids, token_bucket_positions
 from biomedgpt.tools import bench_attention
 from parity_cases import CASES, assert_holds, compare, valid_positions
+from small_models import build
 
-SMALL = dict(d_model=64, ffn_dim=128, encoder_layers=2, decoder_layers=2, heads=4, resnet_layers=[1, 1, 1],
-             vocab_size=300, dropout=0.0)
 TOL = dict(rtol=0.0, atol=1e-5)
 MINI = "fairseq_mini"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes run fastest on one thread (and two xdist workers then share two cores without contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def build(backend: str, scheme: str = "ofa", **overrides) -> BiomedGPT:
-    torch.manual_seed(0)
-    model = BiomedGPT(model_config("tiny", attention_backend=backend, position_scheme=scheme, **{**SMALL, **overrides}))
-    with torch.no_grad():  # OFA initialises the relative tables to zero: make them matter
-        for name, param in model.named_parameters():
-            if "rel_pos_table" in name:
-                param.normal_(0.0, 0.5)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def set_backend(model: BiomedGPT, backend: str) -> BiomedGPT:

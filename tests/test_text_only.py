@@ -6,29 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from biomedgpt.models.config import model_config
 from biomedgpt.models.ofa import BiomedGPT
+from small_models import build
 
-SMALL = dict(d_model=64, ffn_dim=128, encoder_layers=2, decoder_layers=2, heads=4, resnet_layers=[1, 1, 1],
-             vocab_size=300, dropout=0.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def build(scheme: str = "ofa") -> BiomedGPT:
-    torch.manual_seed(0)
-    model = BiomedGPT(model_config("tiny", attention_backend="eager", position_scheme=scheme, **SMALL))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "rel_pos_table" in name:
-                param.normal_(0.0, 0.5)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(masks: list[bool], codes: bool = False) -> dict:
@@ -61,7 +42,7 @@ def reference(model: BiomedGPT, inputs: dict) -> torch.Tensor:
 @pytest.mark.parametrize("masks,codes", [([True, False, True, False], False), ([False, True, False], True),
                                          ([False, False], False), ([True, True], False)])
 def test_logits_equal_todays_path(scheme, masks, codes):
-    model = build(scheme).eval()
+    model = build("eager", scheme).eval()
     inputs = batch(masks, codes)
     with torch.no_grad():
         expected, got = reference(model, inputs), model(**inputs)
