@@ -40,16 +40,10 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from biomedgpt.engine.durable import fsync_dir
+
 #: Fault injection for tests: seconds the background writer sleeps before each file (0: none).
 DELAY_ENV = "BIOMEDGPT_CHECKPOINT_WRITE_DELAY_S"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def durable_torch_save(obj: Any, path: str | Path) -> None:
@@ -226,6 +220,6 @@ def snapshot_engine(writer: BackgroundWriter):
             writer.add(state_dict, path)
 
         def commit(self, info) -> bool:
-            return True  # our CheckpointManager commits (meta.json, latest) once every rank's files are durable
+            return True  # our CheckpointManager commits (the meta file, the pointer) once every rank's files are durable
 
     return SnapshotEngine()

@@ -1,21 +1,14 @@
-"""Training checkpoints: DeepSpeed's sharded state + per-rank engine state, an atomic ``latest``, keep-last-N.
+"""Training checkpoints: DeepSpeed's sharded state + per-rank engine state, an atomic pointer to the newest
+complete tag, keep-last-N. The layout and its file names: ``biomedgpt.engine.checkpoint_files``.
 
-Layout under ``<output_dir>/checkpoints``::
-
-    step_00000100/                 one DeepSpeed tag (model/optimizer shards of every rank)
-        rank_00000.pt ...          this rank's loader state, RNG states, BN buffers, EMA shard
-        meta.json                  written last: the checkpoint is complete
-        universal/                 made on demand when resuming into another world size / ZeRO stage
-    latest                         the tag of the newest complete checkpoint (replaced atomically)
-
-A crash mid-save leaves ``latest`` pointing at the previous complete checkpoint; DeepSpeed's own
-``latest`` file is not written (``save_latest=False``), ours has the same format so DeepSpeed's tools
+A crash mid-save leaves the pointer at the previous complete checkpoint; DeepSpeed's own pointer file is
+not written (``save_latest=False``), ours has the same name and format so DeepSpeed's tools
 (``zero_to_fp32.py``) still find it.
 
 Writing (``biomedgpt.engine.checkpoint_writer``): every file is fsynced before its rename; with
 ``background`` the state is snapshotted to host memory and written by a thread while training goes on.
-Each rank marks its files durable (``.complete_rank_NNNNN``); rank 0 (in its writer thread) waits for
-every rank's mark, then writes ``meta.json`` and moves ``latest``. A new save first waits for the
+Each rank marks its files durable; rank 0 (in its writer thread) waits for every rank's mark, then writes
+the tag's meta file (the tag is complete) and moves the pointer. A new save first waits for the
 previous one on every rank, so two checkpoints never interleave.
 """
 from __future__ import annotations
@@ -23,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -35,31 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from biomedgpt.engine.checkpoint_writer import BackgroundWriter, fsync_dir, snapshot_engine
+from biomedgpt.engine import checkpoint_files as layout
+from biomedgpt.engine.checkpoint_files import TAG_RE, tag_for
+from biomedgpt.engine.checkpoint_writer import BackgroundWriter, snapshot_engine
+from biomedgpt.engine.durable import atomic_write_text, fsync_dir
 from biomedgpt.engine.distributed import barrier
-
-TAG_RE = re.compile(r"^step_(\d{8})$")
 
 
 class ResumeError(RuntimeError):
     """A checkpoint that cannot be resumed (incomplete, or missing a rank's state)."""
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -102,16 +78,16 @@ class CheckpointManager:
 
     def latest(self) -> str | None:
         """Tag of the newest complete checkpoint, or None for a fresh run."""
-        pointer = self.root / "latest"
+        pointer = self.root / layout.LATEST_FILE
         if not pointer.exists():
             return None
         tag = pointer.read_text().strip()
-        if not (self.root / tag / "meta.json").exists():
-            raise ResumeError(f"{pointer} names {tag!r}, which has no meta.json (incomplete or deleted)")
+        if not layout.is_complete(self.root / tag):
+            raise ResumeError(f"{pointer} names {tag!r}, which has no {layout.META_FILE} (incomplete or deleted)")
         return tag
 
     def meta(self, tag: str) -> dict:
-        return json.loads((self.root / tag / "meta.json").read_text())
+        return json.loads((self.root / tag / layout.META_FILE).read_text())
 
     def needs_universal(self, tag: str, zero_stage: int) -> bool:
         """Sharded optimizer state saved by another world size or stage must go through the universal format."""
@@ -122,7 +98,7 @@ class CheckpointManager:
 
     def prepare_universal(self, tag: str) -> tuple[str, str]:
         """Convert ``tag`` once (rank 0, atomically) with deepspeed's ds_to_universal; returns (load_dir, tag)."""
-        out = self.root / tag / "universal"
+        out = self.root / tag / layout.UNIVERSAL_DIR
         if self.rank == 0 and not out.exists():
             tmp = self.root / tag / ".universal.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -136,13 +112,13 @@ class CheckpointManager:
                                   f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
             os.replace(tmp, out)
         barrier()
-        return str(self.root / tag), "universal"
+        return str(self.root / tag), layout.UNIVERSAL_DIR
 
     def load_rank_state(self, tag: str) -> dict:
         """This rank's engine state; a rank new to the job (more ranks than saved) takes rank r mod saved."""
         saved_world = self.meta(tag)["world_size"]
         source = self.rank if self.rank < saved_world else self.rank % saved_world
-        path = self.root / tag / f"rank_{source:05d}.pt"
+        path = self.root / tag / layout.rank_state_file(source)
         if not path.exists():
             raise ResumeError(f"{path} is missing: the checkpoint {tag} is incomplete")
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -151,7 +127,7 @@ class CheckpointManager:
 
     def save(self, engine, step: int, client_state: dict, rank_state: dict, zero_stage: int) -> str:
         """Collective: every rank hands its shards and state to its writer; once every rank's files are
-        durable, rank 0 marks the tag complete and moves ``latest`` (in the background, or before returning)."""
+        durable, rank 0 marks the tag complete and moves the pointer (in the background, or before returning)."""
         tag = tag_for(step)
         tag_dir = self.root / tag
         self.writer.wait()  # the previous checkpoint is complete on this rank (rank 0: and committed)
@@ -165,13 +141,13 @@ class CheckpointManager:
         self.writer.snapshot.reset_count()
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         tag_dir.mkdir(parents=True, exist_ok=True)
-        self.writer.add(rank_state, tag_dir / f"rank_{self.rank:05d}.pt")
+        self.writer.add(rank_state, tag_dir / layout.rank_state_file(self.rank))
         self.writer.finish(lambda: self._complete(tag, step, zero_stage))
         barrier()
         return tag
 
     def wait(self) -> None:
-        """Until this rank's checkpoint writes (rank 0: and the commit of ``latest``) are done."""
+        """Until this rank's checkpoint writes (rank 0: and the commit of the pointer) are done."""
         self.writer.wait()
 
     def close(self) -> None:
@@ -180,27 +156,27 @@ class CheckpointManager:
     def _complete(self, tag: str, step: int, zero_stage: int) -> None:
         """After this rank's files are durable (writer thread, or inline): mark them; rank 0 commits."""
         tag_dir = self.root / tag
-        atomic_write_text(tag_dir / f".complete_rank_{self.rank:05d}", "")
+        atomic_write_text(tag_dir / layout.complete_mark(self.rank), "")
         fsync_dir(tag_dir)
         if self.rank != 0:
             return
         deadline = time.monotonic() + self.timeout_s
-        marks = [tag_dir / f".complete_rank_{r:05d}" for r in range(self.world_size)]
+        marks = [tag_dir / layout.complete_mark(r) for r in range(self.world_size)]
         while not all(m.exists() for m in marks):
             if time.monotonic() > deadline:
                 missing = [m.name for m in marks if not m.exists()]
                 raise TimeoutError(f"checkpoint {tag}: no completion mark from {missing} in {self.timeout_s}s")
             time.sleep(0.05)
         meta = {"step": step, "world_size": self.world_size, "zero_stage": zero_stage}
-        atomic_write_text(tag_dir / "meta.json", json.dumps(meta))
+        atomic_write_text(tag_dir / layout.META_FILE, json.dumps(meta))
         fsync_dir(tag_dir)
-        atomic_write_text(self.root / "latest", tag)
+        atomic_write_text(self.root / layout.LATEST_FILE, tag)
         fsync_dir(self.root)
         self._prune(keep=tag)
 
     def _prune(self, keep: str) -> None:
         tags = sorted(p.name for p in self.root.iterdir() if p.is_dir() and TAG_RE.match(p.name))
-        complete = [t for t in tags if (self.root / t / "meta.json").exists()]
+        complete = [t for t in tags if layout.is_complete(self.root / t)]
         retained = set(complete[-self.keep_last_n:]) | {keep}
         for tag in tags:
             if tag not in retained:

@@ -30,7 +30,7 @@ import torch
 from biomedgpt.data.config import DataConfig
 from biomedgpt.data.tasks import TASK_NAMES
 from biomedgpt.engine import task_metrics
-from biomedgpt.engine.checkpointing import atomic_write_text
+from biomedgpt.engine.durable import atomic_write_text
 from biomedgpt.engine.config import (ConfigError, PathStr, deep_merge, from_dict, parse_cli, read_yaml, resolve_config,
                                      resolve_paths, to_dict)
 from biomedgpt.models.generation import (GenerationConfig, TokenRange, Trie, decoder_prefixes, generate,

@@ -1,4 +1,5 @@
-"""Model FLOPs of a training step (for MFU) and the peak FLOP/s of the device.
+"""The arithmetic of a training step: image tokens, model FLOPs (for MFU), memory of model states and
+activations, ZeRO communication, and the peak FLOP/s of the device.
 
 For a batch of B samples with L_img image tokens (after patch sampling), S source tokens, L = L_img + S
 encoder tokens, T decoder tokens, images of H x W pixels, width d, FFN width f, vocabulary V:
@@ -14,10 +15,26 @@ encoder tokens, T decoder tokens, images of H x W pixels, width d, FFN width f, 
 The matmul terms are the "6·N·tokens" rule written out per token type (encoder-only, decoder-only and
 cross weights see different token counts); elementwise ops, norms and softmax are not counted, which
 is the usual MFU convention (and what torch.utils.flop_counter counts).
-MFU = train-step FLOPs / (step seconds * ranks * peak FLOP/s per device).
+MFU = train-step FLOPs / (step seconds * ranks * peak FLOP/s per device). The trainer's MFU and token
+counts and the planner (``biomedgpt estimate``, the scaling tools) all use the functions here.
+
+Memory. Model states (parameters, gradients, optimizer) follow DeepSpeed's own accounting, so the numbers agree
+with ``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_model_states_mem_needs`` for the same
+settings. Mixed precision (bf16/fp16) keeps per parameter 2 bytes of 16-bit weights, 2 of 16-bit
+gradients, 4 of fp32 gradients, 4 of fp32 master weights and 8 of Adam moments (DeepSpeed's "2 + 18");
+fp32 keeps 4 + 4 + 8. ZeRO-1 partitions the optimizer states and fp32 gradients over the ranks, ZeRO-2 the 16-bit
+gradients too (DeepSpeed's estimator has the stage-2 formula for both stages, so at stage 1 it counts
+2 bytes per parameter less than are really held), ZeRO-3 partitions the weights too, reduces gradients through bucket-sized 16-bit buffers straight into the
+fp32 partition (no full 16-bit gradient copy) and gathers the largest layer (4 bytes per parameter).
+CPU memory per node uses DeepSpeed's cold-start formula with its ``additional_buffer_factor``.
+
+Activation memory is an analytic estimate (Korthikanti et al. 2022, "Reducing Activation Recomputation",
+generalised to the element size and to OFA's encoder, decoder cross-attention, output logits and ResNet
+stem); it ignores allocator fragmentation and temporary buffers, so treat it as a lower bound.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +42,17 @@ import torch
 from biomedgpt.models.config import ModelConfig
 
 IMAGE_FEATURES = 1024  # channels out of ResNet layer3
+PATCH_PIXELS = 16  # the ResNet's output stride: one image token per 16 x 16 pixels
+
+
+def image_tokens(height: int, width: int | None = None, *, sample_patch_num: int | None = None) -> int:
+    """Image tokens of one image: one per 16 x 16 patch of the ResNet's output grid, at most
+    ``sample_patch_num`` (patch sampling)."""
+    width = height if width is None else width
+    if height <= 0 or width <= 0:
+        return 0
+    grid = ((height + PATCH_PIXELS - 1) // PATCH_PIXELS) * ((width + PATCH_PIXELS - 1) // PATCH_PIXELS)
+    return grid if sample_patch_num is None else min(grid, sample_patch_num)
 
 
 def resnet_flops(layers: list[int], height: int, width: int) -> float:
@@ -73,14 +101,134 @@ def batch_train_flops(cfg: ModelConfig, batch: dict, sample_patch_num: int | Non
     b, s = batch["src_tokens"].shape
     t = batch["prev_output_tokens"].shape[1]
     images = batch.get("patch_images")
-    image_tokens, hw = 0, None
+    n_img, hw = 0, None
     if images is not None:
-        h, w = images.shape[-2:]
-        hw = (h, w)
-        image_tokens = ((h + 15) // 16) * ((w + 15) // 16)
-        if sample_patch_num is not None:
-            image_tokens = min(image_tokens, sample_patch_num)
-    return train_step_flops(cfg, b, s, t, image_tokens, hw)
+        hw = (images.shape[-2], images.shape[-1])
+        n_img = image_tokens(*hw, sample_patch_num=sample_patch_num)
+    return train_step_flops(cfg, b, s, t, n_img, hw)
+
+
+def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(total parameters, parameters of the largest single module) without allocating any weights.
+
+    The largest module is counted the way DeepSpeed's ``model_to_params`` does (own parameters only);
+    it is what ZeRO-3 gathers at once.
+    """
+    from biomedgpt.models.ofa import BiomedGPT, count_parameters
+
+    with torch.device("meta"):
+        model = BiomedGPT(cfg)
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return count_parameters(model), largest
+
+
+@dataclass
+class ModelStates:
+    """Bytes of model states per GPU and per node's CPU."""
+
+    params: float  # weights on the GPU (16-bit in mixed precision) incl. ZeRO-3's gathered layer
+    grads: float  # gradients on the GPU (16-bit and, in mixed precision, fp32 copies)
+    optimizer: float  # Adam moments (+ fp32 master weights in mixed precision) on the GPU
+    cpu_per_node: float
+
+    @property
+    def gpu_total(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+
+def model_state_memory(params: int, largest_layer: int, stage: int, precision: str, gpus_per_node: int = 1,
+                       nodes: int = 1, offload_optimizer: bool = False, offload_param: bool = False,
+                       zero_init: bool = True, buffer_factor: float = 1.5) -> ModelStates:
+    world = gpus_per_node * nodes
+    mixed = precision != "fp32"
+
+    def part(from_stage: int) -> int:  # ranks sharing a state that ZeRO partitions from this stage on
+        return world if stage >= from_stage else 1
+
+    weight_b = 2 if mixed else 4
+    if mixed:  # 16-bit gradients partitioned from ZeRO-2 (only bucket-sized at ZeRO-3), fp32 copies from ZeRO-1
+        grad_b = (2 / part(2) if stage < 3 else 0) + 4 / part(1)
+    else:
+        grad_b = 4 / part(2)
+    optim_b = (4 + 8 if mixed else 8) / part(1)  # fp32 master weights (mixed only) + exp_avg, exp_avg_sq
+    gather = 4 * largest_layer if stage == 3 else 0
+    on_gpu_weights = 0.0 if offload_param else params * weight_b / part(3)
+    grads, optimizer = (0.0, 0.0) if offload_optimizer else (params * grad_b, params * optim_b)
+    if stage == 3:
+        if offload_optimizer:
+            states = 18 if offload_param else 16
+            per_node = params * (states / nodes if zero_init else max(4 * gpus_per_node, states / nodes))
+        else:
+            per_node = (largest_layer if zero_init else params) * 4 * gpus_per_node
+    elif offload_optimizer:
+        per_node = params * max(4 * world, 16)
+    else:
+        per_node = params * 4 * gpus_per_node
+    return ModelStates(params=math.floor(on_gpu_weights) + gather, grads=grads, optimizer=optimizer,
+                       cpu_per_node=per_node * buffer_factor)
+
+
+def element_size(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+def resnet_activation_elements(layers: list[int], size: int) -> float:
+    """Elements saved for backward by the stem + bottleneck stages on one image (conv, BN and ReLU outputs)."""
+    h = (size + 1) // 2
+    total = 3.0 * 64 * h * h + 64 * h * h  # stem conv/BN/ReLU, max-pool input
+    h = (h + 1) // 2
+    inplanes = 64
+    for index, (planes, blocks) in enumerate(zip((64, 128, 256), layers)):
+        for j in range(blocks):
+            h_out = (h + 1) // 2 if index > 0 and j == 0 else h
+            block = inplanes * h * h + 3 * planes * h * h + 3 * planes * h_out * h_out + 3 * 4 * planes * h_out ** 2
+            if j == 0:
+                block += 2 * 4 * planes * h_out * h_out  # downsample conv + BN
+            total += block
+            inplanes, h = planes * 4, h_out
+    return total
+
+
+def activation_memory(cfg: ModelConfig, micro_batch: int, src_len: int, tgt_len: int, image_size: int,
+                      sample_patch_num: int | None, precision: str, checkpointing: bool) -> float:
+    """Bytes of activations kept for the backward pass of one micro-batch (see "Memory" in the module docstring)."""
+    e = element_size(precision)
+    d, f, heads, vocab = cfg.d_model, cfg.ffn_dim, cfg.heads, cfg.vocab_size
+    n_img = image_tokens(image_size, sample_patch_num=sample_patch_num)
+    enc_len, dec_len = src_len + n_img, tgt_len
+    stores_probs = cfg.attention_backend == "eager"  # fused kernels recompute the probabilities
+
+    def attention(q: int, kv: int) -> float:
+        # LN input, Q, K, V and output-projection input, residual dropout mask; probabilities (eager)
+        return e * (4 * q * d + 2 * kv * d) + q * d + (e * heads * q * kv if stores_probs else 0)
+
+    def ffn(n: int) -> float:
+        return e * (2 * n * d + 2 * n * f) + n * d
+
+    enc_layer = attention(enc_len, enc_len) + ffn(enc_len)
+    dec_layer = attention(dec_len, dec_len) + attention(dec_len, enc_len) + ffn(dec_len)
+    layer_inputs = e * d * (enc_len * cfg.encoder_layers + dec_len * cfg.decoder_layers)
+    if checkpointing:  # keep each layer's input, recompute one layer at a time in backward
+        layers = layer_inputs + max(enc_layer, dec_layer)
+    else:
+        layers = cfg.encoder_layers * enc_layer + cfg.decoder_layers * dec_layer
+    logits = 2 * e * dec_len * vocab  # logits and the log-probabilities of the loss
+    embeddings = 2 * e * d * (enc_len + dec_len)
+    images = e * resnet_activation_elements(cfg.resnet_layers, image_size) if image_size > 0 else 0.0
+    return float(micro_batch) * (layers + logits + embeddings + images)
+
+
+def communication_bytes(params: int, stage: int, world: int, precision: str, grad_accum: int) -> float:
+    """Bytes each GPU sends per optimizer step in ring collectives (all-reduce = 2x a reduce-scatter).
+
+    ZeRO-0: one gradient all-reduce. ZeRO-1: reduce-scatter of gradients + all-gather of updated weights.
+    ZeRO-2: gradients reduce-scattered every micro-batch + one weight all-gather. ZeRO-3: every
+    micro-batch all-gathers the weights twice (forward and backward) and reduce-scatters the gradients.
+    """
+    if world == 1:
+        return 0.0
+    one = params * element_size(precision) * (world - 1) / world  # one reduce-scatter or all-gather
+    return {0: 2 * one, 1: 2 * one, 2: one * (grad_accum + 1), 3: 3 * one * grad_accum}[stage]
 
 
 @dataclass
@@ -138,3 +286,12 @@ def device_peak(precision: str, override_tflops: float | None = None) -> DeviceP
     if device == "cpu" and dtype == torch.float16:
         dtype = torch.float32
     return DevicePeak(name, measure_matmul_tflops(dtype, device=device), "measured")
+
+
+def table_peak_tflops(gpu: str, precision: str, override: float | None = None) -> float:
+    """Dense peak TFLOP/s of a GPU named in ``GPU_PEAKS`` (for planning), unless ``override`` is given."""
+    if override is not None:
+        return override
+    if gpu not in GPU_PEAKS:
+        raise ValueError(f"unknown gpu {gpu!r}; known: {sorted(GPU_PEAKS)} (or set peak_tflops)")
+    return GPU_PEAKS[gpu][precision]

@@ -8,15 +8,15 @@
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
-from biomedgpt.engine.checkpointing import TAG_RE, ResumeError
+from biomedgpt.engine import checkpoint_files as layout
+from biomedgpt.engine.checkpoint_files import MODEL_FILE_RE, RANK_RE, TAG_RE
+from biomedgpt.engine.checkpointing import ResumeError
 
 # With more files than this, a rank checks rank 0's model states and its own files only.
 CHECK_ALL_FILES_UP_TO = 64
-_RANK_RE = re.compile(r"(?:rank_|zero_pp_rank_)0*(\d+)")
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
@@ -37,7 +37,7 @@ def model_differences(saved: dict, wanted: dict) -> list[str]:
 
 def _complete_tags(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir()
-                  if p.is_dir() and TAG_RE.match(p.name) and (p / "meta.json").exists())
+                  if p.is_dir() and TAG_RE.match(p.name) and layout.is_complete(p))
 
 
 def _files_to_check(tag_dir: Path, rank: int) -> list[Path]:
@@ -46,15 +46,15 @@ def _files_to_check(tag_dir: Path, rank: int) -> list[Path]:
         return files
     keep = []
     for path in files:
-        match = _RANK_RE.search(path.name)
-        if path.name.startswith("mp_rank_") or match is None or int(match[1]) in (0, rank):
+        match = RANK_RE.search(path.name)
+        if match is None or int(match[1]) in (0, rank):
             keep.append(path)
     return keep
 
 
 def _unreadable(path: Path) -> str | None:
     from biomedgpt.models.checkpoint import CheckpointError
-    from biomedgpt.tools.zero_checkpoint import TorchFile
+    from biomedgpt.engine.zero_checkpoint import TorchFile
 
     try:
         TorchFile(path)
@@ -69,7 +69,7 @@ def _way_out(root: Path, tag: str, output_dir: Path) -> str:
     for candidate in reversed(earlier):
         if not any(_unreadable(p) for p in sorted((root / candidate).glob("*.pt"))):
             return (f"the earlier checkpoint {candidate} is complete: to resume from it, move {root / tag} "
-                    f"aside and write {candidate} into {root / 'latest'}; {fresh}")
+                    f"aside and write {candidate} into {root / layout.LATEST_FILE}; {fresh}")
     return f"no earlier complete checkpoint exists in {root}: start over in a new output_dir " \
            f"(or with checkpoint.resume=never, which overwrites {root})"
 
@@ -85,7 +85,7 @@ def check_resumable(root: str | Path, tag: str, rank: int, run_model: dict) -> N
         if problem is not None:
             raise ResumeError(f"{path}: truncated or corrupt, so checkpoint {tag} cannot be resumed; "
                               f"{_way_out(root, tag, output_dir)}")
-    from biomedgpt.tools.zero_checkpoint import MODEL_FILE_RE, TorchFile
+    from biomedgpt.engine.zero_checkpoint import TorchFile
 
     states = [p for p in sorted(tag_dir.iterdir()) if MODEL_FILE_RE.match(p.name)]
     if not states:

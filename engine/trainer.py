@@ -13,11 +13,12 @@ import torch
 import yaml
 
 from biomedgpt.engine import distributed as dist_utils  # sets DS_ACCELERATOR before deepspeed is imported
-from biomedgpt.engine.checkpointing import CheckpointManager, ResumeError, atomic_write_text, rng_state, set_rng_state
+from biomedgpt.engine.checkpointing import CheckpointManager, ResumeError, rng_state, set_rng_state
+from biomedgpt.engine.durable import atomic_write_text
 from biomedgpt.engine.config import to_dict
 from biomedgpt.engine.ds_config import build_ds_config
 from biomedgpt.engine.ema import EMA
-from biomedgpt.engine.flops import batch_train_flops, device_peak
+from biomedgpt.engine.flops import batch_train_flops, device_peak, image_tokens
 from biomedgpt.engine.loss import label_smoothed_cross_entropy
 from biomedgpt.engine.metrics import MetricsLogger
 from biomedgpt.engine.model_setup import (apply_activation_checkpointing, build_model, register_external_parameters,
@@ -398,16 +399,14 @@ class Trainer:
 
     def _accumulate(self, window: dict, batch: dict, out) -> None:
         images = batch.get("patch_images")
-        image_tokens = 0.0
+        n_img = 0.0
         if images is not None:
-            per_image = ((images.shape[-2] + 15) // 16) * ((images.shape[-1] + 15) // 16)
-            if self.cfg.sample_patch_num is not None:
-                per_image = min(per_image, self.cfg.sample_patch_num)
-            image_tokens = float(batch["patch_masks"].sum()) * per_image
+            per_image = image_tokens(images.shape[-2], images.shape[-1], sample_patch_num=self.cfg.sample_patch_num)
+            n_img = float(batch["patch_masks"].sum()) * per_image
         text_tokens = float(batch["src_tokens"].ne(self.model_cfg.pad_id).sum() + out.sample_tokens.sum())
         window["stats"] += torch.tensor([
             float(out.sample_loss.sum()), float(out.sample_nll.sum()), float(out.sample_tokens.sum()),
-            float(out.sample_correct.sum()), float(batch["src_tokens"].shape[0]), text_tokens + image_tokens,
+            float(out.sample_correct.sum()), float(batch["src_tokens"].shape[0]), text_tokens + n_img,
             batch_train_flops(self.model_cfg, batch, self.cfg.sample_patch_num), 0.0], dtype=torch.float64)
         if "task_ids" in batch:
             ids = batch["task_ids"].cpu()

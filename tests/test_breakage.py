@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from biomedgpt.engine.checkpoint_files import META_FILE
 from biomedgpt.engine.ema import EMA
 from biomedgpt.engine.model_setup import apply_activation_checkpointing
 from biomedgpt.models import attention
@@ -170,7 +171,7 @@ def test_pruning_keeps_exactly_the_last_n_complete_checkpoints(tmp_path):
     manager = CheckpointManager(tmp_path, rank=0, world_size=1, keep_last_n=3)
     for step in range(1, 7):
         (manager.root / tag_for(step)).mkdir()
-        (manager.root / tag_for(step) / "meta.json").write_text(json.dumps({"step": step}))
+        (manager.root / tag_for(step) / META_FILE).write_text(json.dumps({"step": step}))
     manager._prune(keep=tag_for(6))
     assert sorted(p.name for p in manager.root.iterdir()) == [tag_for(s) for s in (4, 5, 6)]
 

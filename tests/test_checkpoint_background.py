@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from biomedgpt.engine.checkpoint_files import LATEST_FILE, META_FILE, is_optim_file, rank_state_file
 from tests.test_engine_distributed import launch, run_config, shards, train_losses  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.timeout(900)
@@ -18,7 +19,7 @@ DELAY = "BIOMEDGPT_CHECKPOINT_WRITE_DELAY_S"
 
 
 def _latest(out: Path) -> str | None:
-    path = out / "checkpoints" / "latest"
+    path = out / "checkpoints" / LATEST_FILE
     return path.read_text().strip() if path.exists() else None
 
 
@@ -45,8 +46,8 @@ def test_kill_during_background_write_keeps_previous_latest_and_resumes_exactly(
     proc.communicate(timeout=60)
     assert proc.returncode not in (0, 75)
     assert _latest(killed) == "step_00000002"
-    assert not (second / "meta.json").exists()
-    assert (killed / "checkpoints" / "step_00000002" / "meta.json").exists()
+    assert not (second / META_FILE).exists()
+    assert (killed / "checkpoints" / "step_00000002" / META_FILE).exists()
 
     monkeypatch.delenv(DELAY)
     output = launch(repo_root, run_config(shards, killed, vocab_dir,
@@ -71,13 +72,13 @@ def test_saves_in_quick_succession_never_interleave(shards, tmp_path, repo_root,
     for step in (1, 2, 3, 4):
         tag = root / f"step_{step:08d}"
         files = [p for p in tag.rglob("*") if p.is_file() and p.suffix != ".py"]
-        meta = json.loads((tag / "meta.json").read_text())
+        meta = json.loads((tag / META_FILE).read_text())
         assert meta["step"] == step and meta["world_size"] == 2
         # both ranks' optimizer partitions, the model states, both ranks' engine state
-        assert len([p for p in files if p.name.endswith("optim_states.pt")]) == 2
-        assert {f"rank_{r:05d}.pt" for r in (0, 1)} <= {p.name for p in files}
-        written = [p.stat().st_mtime_ns for p in files if p.name != "meta.json"]
-        spans.append((min(written), (tag / "meta.json").stat().st_mtime_ns))
+        assert len([p for p in files if is_optim_file(p.name)]) == 2
+        assert {rank_state_file(r) for r in (0, 1)} <= {p.name for p in files}
+        written = [p.stat().st_mtime_ns for p in files if p.name != META_FILE]
+        spans.append((min(written), (tag / META_FILE).stat().st_mtime_ns))
     for (_, committed), (next_start, _) in zip(spans, spans[1:]):
         assert committed <= next_start  # checkpoint N was complete before any file of N+1 was written
     assert _latest(out) == "step_00000004"

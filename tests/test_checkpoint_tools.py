@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from biomedgpt.engine.checkpoint_files import META_FILE, optim_states_file
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL = {"size": "tiny", "overrides": {"d_model": 64, "ffn_dim": 128, "encoder_layers": 1, "decoder_layers": 1,
                                        "heads": 2, "resnet_layers": [1, 1, 1], "vocab_size": 1000, "dropout": 0.0}}
@@ -90,7 +92,7 @@ def _full_state(module, stage: int) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def _logits(module, cfg) -> torch.Tensor:
-    from biomedgpt.tools.zero_checkpoint import sample_batch
+    from biomedgpt.engine.zero_checkpoint import sample_batch
 
     module.eval()
     out = module(**sample_batch(cfg))
@@ -232,7 +234,7 @@ def model_cfg():
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_round_trip_matches_live_model(runs, stage, tmp_path, model_cfg):
     from biomedgpt.models.checkpoint import TIED_ALIASES, load_pretrained, read_model_weights
-    from biomedgpt.tools.zero_checkpoint import consolidate, open_checkpoint, sample_batch
+    from biomedgpt.engine.zero_checkpoint import consolidate, open_checkpoint, sample_batch
 
     ckpt = open_checkpoint(runs / f"zero{stage}")  # the run directory: checkpoints/latest picks the tag
     assert (ckpt.stage, ckpt.world_size, ckpt.step, ckpt.tag) == (stage, 2, SAVE_STEP, f"step_{SAVE_STEP:08d}")
@@ -251,7 +253,7 @@ def test_ema_and_bf16(runs, tmp_path, model_cfg):
     """ZeRO-3's EMA is partitioned per rank; ZeRO-0's and ZeRO-1's are whole on every rank."""
     from biomedgpt.models.checkpoint import load_pretrained
     from safetensors import safe_open
-    from biomedgpt.tools.zero_checkpoint import consolidate, open_checkpoint, sample_batch
+    from biomedgpt.engine.zero_checkpoint import consolidate, open_checkpoint, sample_batch
 
     batch = sample_batch(model_cfg)
     for stage in (0, 1, 3):
@@ -278,7 +280,7 @@ def test_bf16_training_checkpoints(runs, tmp_path, model_cfg, stage):
     the bf16 output equals the live bf16 weights, with and without EMA, and inspect calls it usable."""
     from biomedgpt.models.checkpoint import TIED_ALIASES, read_model_weights
     from biomedgpt.tools import inspect_checkpoint
-    from biomedgpt.tools.zero_checkpoint import consolidate, open_checkpoint
+    from biomedgpt.engine.zero_checkpoint import consolidate, open_checkpoint
 
     run = runs / f"zero{stage}-bf16"
     ckpt = open_checkpoint(run)
@@ -299,7 +301,7 @@ def test_bf16_training_checkpoints(runs, tmp_path, model_cfg, stage):
 def test_verify_against_deepspeed_live_model_and_checksums(runs, tmp_path, model_cfg):
     from biomedgpt.models.checkpoint import CheckpointError, load_into
     from biomedgpt.models.ofa import BiomedGPT
-    from biomedgpt.tools.zero_checkpoint import consolidate, open_checkpoint, reference_state, verify
+    from biomedgpt.engine.zero_checkpoint import consolidate, open_checkpoint, reference_state, verify
 
     ckpt = open_checkpoint(tag_dir(runs, 3))
     # verified against DeepSpeed's zero_to_fp32 before the directory is published
@@ -331,11 +333,11 @@ def _assert_no_output(parent: Path) -> None:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_broken_checkpoints_name_the_file(runs, tmp_path, model_cfg, stage):
     from biomedgpt.models.checkpoint import CheckpointError
-    from biomedgpt.tools.zero_checkpoint import consolidate, open_checkpoint
+    from biomedgpt.engine.zero_checkpoint import consolidate, open_checkpoint
 
     out_parent = tmp_path / "out"
     out_parent.mkdir()
-    rank1 = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    rank1 = optim_states_file(1)
 
     missing = _copy_tag(runs, stage, tmp_path / "missing" / "step")
     (missing / rank1).unlink()
@@ -349,14 +351,14 @@ def test_broken_checkpoints_name_the_file(runs, tmp_path, model_cfg, stage):
         open_checkpoint(truncated)
 
     extra = _copy_tag(runs, stage, tmp_path / "extra" / "step")
-    shutil.copy(extra / rank1, extra / rank1.replace("rank_1", "rank_2"))
-    with pytest.raises(CheckpointError, match=r"zero_pp_rank_2_mp_rank_00_optim_states.pt: rank 2 shard in a "
+    shutil.copy(extra / rank1, extra / optim_states_file(2))
+    with pytest.raises(CheckpointError, match=f"{optim_states_file(2)}: rank 2 shard in a "
                                               r"checkpoint .* written by 2 ranks"):
         open_checkpoint(extra)
 
     meta = _copy_tag(runs, stage, tmp_path / "meta" / "step")
-    (meta / "meta.json").write_text(json.dumps({"step": SAVE_STEP, "world_size": 4, "zero_stage": stage}))
-    with pytest.raises(CheckpointError, match=f"{meta / 'meta.json'}: says world size 4"):
+    (meta / META_FILE).write_text(json.dumps({"step": SAVE_STEP, "world_size": 4, "zero_stage": stage}))
+    with pytest.raises(CheckpointError, match=f"{meta / META_FILE}: says world size 4"):
         open_checkpoint(meta)
 
     # A shard that disappears mid-consolidation (pruned by a concurrent run): the error names it, an
@@ -375,7 +377,7 @@ def test_broken_checkpoints_name_the_file(runs, tmp_path, model_cfg, stage):
 
 def test_universal_reshard_resumes_on_one_rank(runs, tmp_path, model_cfg):
     from biomedgpt.models.checkpoint import load_pretrained
-    from biomedgpt.tools.zero_checkpoint import consolidate, open_checkpoint, sample_batch, to_universal
+    from biomedgpt.engine.zero_checkpoint import consolidate, open_checkpoint, sample_batch, to_universal
 
     source = _copy_tag(runs, 3, tmp_path / "checkpoints" / f"step_{SAVE_STEP:08d}")
     universal = to_universal(open_checkpoint(source))
@@ -400,7 +402,7 @@ def test_cli_consolidate_inspect_and_export(runs, tmp_path, model_cfg, capsys, v
     from biomedgpt.models.checkpoint import import_released
     from biomedgpt.tools import consolidate as consolidate_cli
     from biomedgpt.tools import export_hf, inspect_checkpoint
-    from biomedgpt.tools.zero_checkpoint import sample_batch
+    from biomedgpt.engine.zero_checkpoint import sample_batch
 
     assert inspect_checkpoint.main([f"path={runs / 'zero3'}", "json=true"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -438,7 +440,7 @@ def test_biomedgpt_command_on_zero0_checkpoint(runs, tmp_path, model_cfg):
     """The README's `biomedgpt inspect-checkpoint` / `consolidate checkpoint=runs/demo` on a ZeRO-0 run (the
     demo's default stage), through the installed console command."""
     from biomedgpt.models.checkpoint import load_pretrained
-    from biomedgpt.tools.zero_checkpoint import sample_batch
+    from biomedgpt.engine.zero_checkpoint import sample_batch
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
     cli = [sys.executable, "-m", "biomedgpt.tools.cli"]

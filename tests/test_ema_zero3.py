@@ -26,7 +26,7 @@ def worker(out: Path) -> None:
     from biomedgpt.engine.ema import EMA
     from biomedgpt.models.config import ModelSpec
     from biomedgpt.models.ofa import BiomedGPT
-    from biomedgpt.tools.zero_checkpoint import sample_batch
+    from biomedgpt.engine.zero_checkpoint import sample_batch
     from test_checkpoint_tools import MODEL, _engine, _train_step
 
     info = init_distributed("gloo")

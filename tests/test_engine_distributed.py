@@ -19,6 +19,8 @@ import psutil
 import pytest
 import yaml
 
+from biomedgpt.engine.checkpoint_files import LATEST_FILE, META_FILE
+
 pytestmark = [pytest.mark.timeout(600), pytest.mark.distributed, pytest.mark.slow]
 
 TINY_MODEL = {"size": "tiny", "overrides": {"d_model": 64, "ffn_dim": 128, "encoder_layers": 1, "decoder_layers": 1,
@@ -158,7 +160,7 @@ def test_two_rank_zero3_checkpoint_resumes_on_one_rank(zero_runs, tmp_path, repo
     assert sorted(losses)[-2:] == [9, 10]
     # Trained weights were loaded: the resumed loss is far below the first steps' loss.
     assert losses[9] < saved[1] - 1.0 and np.isfinite(losses[10])
-    assert json.loads((out / "checkpoints" / "step_00000010" / "meta.json").read_text())["world_size"] == 1
+    assert json.loads((out / "checkpoints" / "step_00000010" / META_FILE).read_text())["world_size"] == 1
 
 
 def test_resume_gives_identical_losses_and_data_order(shards, tmp_path, repo_root, vocab_dir):
@@ -221,8 +223,8 @@ def test_sigterm_writes_a_checkpoint_that_resumes(shards, tmp_path, repo_root, v
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, output[-4000:]
-    tag = (out / "checkpoints" / "latest").read_text().strip()
-    saved_step = json.loads((out / "checkpoints" / tag / "meta.json").read_text())["step"]
+    tag = (out / "checkpoints" / LATEST_FILE).read_text().strip()
+    saved_step = json.loads((out / "checkpoints" / tag / META_FILE).read_text())["step"]
     assert saved_step >= 1
     resumed = launch(repo_root, cfg, 2, f"optim.max_steps={saved_step + 1}")
     assert f"resumed from {tag}" in resumed

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from biomedgpt.engine.checkpoint_files import LATEST_FILE, META_FILE, model_states_file
 from biomedgpt.engine.checkpointing import CheckpointManager, ResumeError, atomic_write_text
 from biomedgpt.engine.config import ConfigError, load
 from biomedgpt.engine.ds_config import DeepSpeedConfigError, build_ds_config
@@ -163,7 +164,7 @@ class _FakeDeepSpeedEngine:
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         assert save_latest is False
         (tmp := __import__("pathlib").Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
-        torch.save(client_state, tmp / "mp_rank_00_model_states.pt")
+        torch.save(client_state, tmp / model_states_file())
 
 
 def test_latest_only_moves_to_complete_checkpoints_and_old_ones_are_pruned(tmp_path):
@@ -173,12 +174,12 @@ def test_latest_only_moves_to_complete_checkpoints_and_old_ones_are_pruned(tmp_p
         manager.save(_FakeDeepSpeedEngine(), step, {"step": step}, {"loader": {}}, zero_stage=0)
     assert manager.latest() == "step_00000003"
     assert sorted(p.name for p in manager.root.iterdir() if p.is_dir()) == ["step_00000002", "step_00000003"]
-    # A save that dies after DeepSpeed wrote its shards but before meta.json: latest stays put.
+    # A save that dies after DeepSpeed wrote its shards but before the meta file: the pointer stays put.
     _FakeDeepSpeedEngine().save_checkpoint(str(manager.root), "step_00000004", {}, False)
     assert manager.latest() == "step_00000003"
     assert manager.load_rank_state("step_00000003") == {"loader": {}}
-    atomic_write_text(manager.root / "latest", "step_00000004")
-    with pytest.raises(ResumeError, match="meta.json"):
+    atomic_write_text(manager.root / LATEST_FILE, "step_00000004")
+    with pytest.raises(ResumeError, match=META_FILE):
         manager.latest()
 
 

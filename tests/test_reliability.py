@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from biomedgpt.engine.checkpoint_files import LATEST_FILE, rank_state_file
 from test_engine_distributed import launch, metrics, run_config, shards  # noqa: F401  (shards: a module fixture)
 
 TESTS = Path(__file__).resolve().parent
@@ -64,7 +65,7 @@ def _two_checkpoints(shards, tmp_path, repo_root, vocab_dir):  # noqa: F811
                      checkpoint={"interval": 1, "keep_last_n": 2})
     launch(repo_root, cfg, 2)
     root = out / "checkpoints"
-    assert (root / "latest").read_text().strip() == "step_00000002"
+    assert (root / LATEST_FILE).read_text().strip() == "step_00000002"
     return cfg, root
 
 
@@ -89,16 +90,16 @@ def test_resume_failures_say_which_file_or_setting_and_what_to_do(shards, tmp_pa
     assert "step_00000002" in line and "new output_dir" in line and "checkpoint.resume=never" in line, line
 
     # a truncated file of the newest tag: the file, the tag, and the earlier complete tag
-    broken = root / "step_00000002" / "rank_00001.pt"
+    broken = root / "step_00000002" / rank_state_file(1)
     with open(broken, "r+b") as f:
         f.truncate(broken.stat().st_size // 2)
     line = _error_line(launch(repo_root, {**cfg, "optim": {**cfg["optim"], "max_steps": 3}}, 2, expect=1))
     assert f"{broken}: truncated or corrupt" in line and "checkpoint step_00000002" in line, line
-    assert "the earlier checkpoint step_00000001 is complete" in line and str(root / "latest") in line, line
+    assert "the earlier checkpoint step_00000001 is complete" in line and str(root / LATEST_FILE) in line, line
 
     # following the advice resumes
     (root / "step_00000002").rename(root / "broken_step_00000002")
-    (root / "latest").write_text("step_00000001")
+    (root / LATEST_FILE).write_text("step_00000001")
     resumed = launch(repo_root, {**cfg, "optim": {**cfg["optim"], "max_steps": 3}}, 2)
     assert "resumed from step_00000001" in resumed
     logged = [m["step"] for m in metrics(root.parent) if "loss" in m]

@@ -8,8 +8,8 @@ import re
 import pytest
 
 from biomedgpt.models.config import PUBLISHED_PARAMS, ModelSpec, model_config
-from biomedgpt.tools.estimate import (EstimateConfig, communication_bytes, estimate, measure_model_states,
-                            model_state_memory, parameter_counts)
+from biomedgpt.engine.flops import communication_bytes, model_state_memory, parameter_counts
+from biomedgpt.tools.estimate import EstimateConfig, estimate, measure_model_states
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from biomedgpt.engine.checkpoint_files import LATEST_FILE
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 SLURM_DIR = Path(os.environ.get("BIOMEDGPT_SLURM_DIR", "/tmp/biomedgpt-slurm"))
@@ -166,7 +168,7 @@ def test_sbatch_trains_two_ranks_with_srun(slurm, train_data, tmp_path):
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _batch_log(info)
     run = tmp_path / "run"
     assert _steps(run) == [1, 2, 3, 4]
-    assert (run / "checkpoints" / "latest").is_file()
+    assert (run / "checkpoints" / LATEST_FILE).is_file()
     assert (run / "config.yaml").is_file()
     logs = run / "slurm" / "logs"
     assert sorted(p.name for p in logs.iterdir()) == ["rank-0.log", "rank-1.log"]

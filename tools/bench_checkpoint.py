@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from biomedgpt.engine import distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
+from biomedgpt.engine.checkpoint_files import LATEST_FILE
 from biomedgpt.engine.config import parse_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def worker(cfg: BenchConfig) -> None:
             trainer.ckpt.wait()
             barrier()
             committed.append(slowest(time.perf_counter() - start))
-            assert (trainer.ckpt.root / "latest").read_text().strip() == tag
+            assert (trainer.ckpt.root / LATEST_FILE).read_text().strip() == tag
         rows[mode] = {"blocked_s": blocked, "committed_s": committed,
                       "step_s_during_write": statistics.median(during) if during else None,
                       "snapshot_gib": trainer.ckpt.writer.snapshot.bytes / 2**30 if mode == "background" else None}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from biomedgpt.engine.checkpoint_files import LATEST_FILE
 from biomedgpt.engine.config import parse_cli
 
 
@@ -98,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         _train_rank(cfg)
         return 0
     root = Path(cfg.workdir) / "run" / "checkpoints"
-    if not (root / "latest").exists():
+    if not (root / LATEST_FILE).exists():
         _make_checkpoint(cfg)
-    tag = (root / "latest").read_text().strip()
+    tag = (root / LATEST_FILE).read_text().strip()
     ckpt_bytes = sum(p.stat().st_size for p in (root / tag).iterdir() if p.is_file())
     ours_out, ds_out = Path(cfg.workdir) / "out-streaming", Path(cfg.workdir) / "out-zero_to_fp32"
     for out in (ours_out, ds_out):

@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from biomedgpt.engine.config import ConfigError, from_dict, parse_cli, to_dict
-from biomedgpt.engine.flops import train_step_flops
+from biomedgpt.engine.flops import image_tokens, parameter_counts, train_step_flops
 from biomedgpt.engine.run_config import RunConfig
 from biomedgpt.models.config import ModelConfig
-from biomedgpt.tools.estimate import image_tokens, parameter_counts
 
 STATUS_FILE = "sweep_status.json"
 EXIT_RESUME = 75  # the trainer's "stopped, resume to continue" status
@@ -125,7 +124,7 @@ def _number(value: Any) -> Optional[float]:
 def step_flops(cfg: RunConfig, model_cfg: ModelConfig, ranks: int) -> float:
     """Training FLOPs of one optimizer step at the config's nominal batch shape."""
     d = cfg.data
-    n_img = image_tokens(d.patch_image_size, cfg.sample_patch_num)
+    n_img = image_tokens(d.patch_image_size, sample_patch_num=cfg.sample_patch_num)
     hw = (d.patch_image_size, d.patch_image_size)
     per_micro = train_step_flops(model_cfg, d.batch_size, d.max_src_tokens, d.max_tgt_tokens, n_img, hw)
     return per_micro * cfg.optim.grad_accum * ranks

@@ -4,36 +4,23 @@
         image_size=384 precision=bf16 mfu=0.4 gpu=H100 interconnect_gbps=50
     python -m biomedgpt.tools.estimate model.size=base precision=fp32 zero_stage=0 gpus_per_node=1 measure=true
 
-Model states (parameters, gradients, optimizer) follow DeepSpeed's own accounting, so the numbers agree
-with ``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_model_states_mem_needs`` for the same
-settings. Mixed precision (bf16/fp16) keeps per parameter 2 bytes of 16-bit weights, 2 of 16-bit
-gradients, 4 of fp32 gradients, 4 of fp32 master weights and 8 of Adam moments (DeepSpeed's "2 + 18");
-fp32 keeps 4 + 4 + 8. ZeRO-1 partitions the optimizer states and fp32 gradients over the ranks, ZeRO-2 the 16-bit
-gradients too (DeepSpeed's estimator has the stage-2 formula for both stages, so at stage 1 it counts
-2 bytes per parameter less than are really held), ZeRO-3 partitions the weights too, reduces gradients through bucket-sized 16-bit buffers straight into the
-fp32 partition (no full 16-bit gradient copy) and gathers the largest layer (4 bytes per parameter).
-CPU memory per node uses DeepSpeed's cold-start formula with its ``additional_buffer_factor``.
-
-Activation memory is an analytic estimate (Korthikanti et al. 2022, "Reducing Activation Recomputation",
-generalised to the element size and to OFA's encoder, decoder cross-attention, output logits and ResNet
-stem); it ignores allocator fragmentation and temporary buffers, so treat it as a lower bound.
+The arithmetic (and how model states and activations are counted): ``biomedgpt.engine.flops``.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
-import torch
 
 from biomedgpt.engine.config import from_dict, parse_cli
-from biomedgpt.engine.flops import GPU_PEAKS, train_step_flops
+from biomedgpt.engine.flops import (activation_memory, communication_bytes, image_tokens, model_state_memory,
+                                    parameter_counts, table_peak_tflops, train_step_flops)
 from biomedgpt.engine.run_config import Precision
-from biomedgpt.models.config import ModelConfig, ModelSpec
+from biomedgpt.models.config import ModelSpec
 
 GIB = 2 ** 30
 
@@ -83,144 +70,6 @@ class EstimateConfig:
         return self.gpus_per_node * self.nodes
 
 
-def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
-    """(total parameters, parameters of the largest single module) without allocating any weights.
-
-    The largest module is counted the way DeepSpeed's ``model_to_params`` does (own parameters only);
-    it is what ZeRO-3 gathers at once.
-    """
-    from biomedgpt.models.ofa import BiomedGPT, count_parameters
-
-    with torch.device("meta"):
-        model = BiomedGPT(cfg)
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return count_parameters(model), largest
-
-
-@dataclass
-class ModelStates:
-    """Bytes of model states per GPU and per node's CPU."""
-
-    params: float  # weights on the GPU (16-bit in mixed precision) incl. ZeRO-3's gathered layer
-    grads: float  # gradients on the GPU (16-bit and, in mixed precision, fp32 copies)
-    optimizer: float  # Adam moments (+ fp32 master weights in mixed precision) on the GPU
-    cpu_per_node: float
-
-    @property
-    def gpu_total(self) -> float:
-        return self.params + self.grads + self.optimizer
-
-
-def model_state_memory(params: int, largest_layer: int, stage: int, precision: str, gpus_per_node: int = 1,
-                       nodes: int = 1, offload_optimizer: bool = False, offload_param: bool = False,
-                       zero_init: bool = True, buffer_factor: float = 1.5) -> ModelStates:
-    world = gpus_per_node * nodes
-    mixed = precision != "fp32"
-
-    def part(from_stage: int) -> int:  # ranks sharing a state that ZeRO partitions from this stage on
-        return world if stage >= from_stage else 1
-
-    weight_b = 2 if mixed else 4
-    if mixed:  # 16-bit gradients partitioned from ZeRO-2 (only bucket-sized at ZeRO-3), fp32 copies from ZeRO-1
-        grad_b = (2 / part(2) if stage < 3 else 0) + 4 / part(1)
-    else:
-        grad_b = 4 / part(2)
-    optim_b = (4 + 8 if mixed else 8) / part(1)  # fp32 master weights (mixed only) + exp_avg, exp_avg_sq
-    gather = 4 * largest_layer if stage == 3 else 0
-    on_gpu_weights = 0.0 if offload_param else params * weight_b / part(3)
-    grads, optimizer = (0.0, 0.0) if offload_optimizer else (params * grad_b, params * optim_b)
-    if stage == 3:
-        if offload_optimizer:
-            states = 18 if offload_param else 16
-            per_node = params * (states / nodes if zero_init else max(4 * gpus_per_node, states / nodes))
-        else:
-            per_node = (largest_layer if zero_init else params) * 4 * gpus_per_node
-    elif offload_optimizer:
-        per_node = params * max(4 * world, 16)
-    else:
-        per_node = params * 4 * gpus_per_node
-    return ModelStates(params=math.floor(on_gpu_weights) + gather, grads=grads, optimizer=optimizer,
-                       cpu_per_node=per_node * buffer_factor)
-
-
-def _element_size(precision: str) -> int:
-    return 4 if precision == "fp32" else 2
-
-
-def image_tokens(image_size: int, sample_patch_num: int | None) -> int:
-    if image_size <= 0:
-        return 0
-    grid = ((image_size + 15) // 16) ** 2
-    return grid if sample_patch_num is None else min(grid, sample_patch_num)
-
-
-def resnet_activation_elements(layers: list[int], size: int) -> float:
-    """Elements saved for backward by the stem + bottleneck stages on one image (conv, BN and ReLU outputs)."""
-    h = (size + 1) // 2
-    total = 3.0 * 64 * h * h + 64 * h * h  # stem conv/BN/ReLU, max-pool input
-    h = (h + 1) // 2
-    inplanes = 64
-    for index, (planes, blocks) in enumerate(zip((64, 128, 256), layers)):
-        for j in range(blocks):
-            h_out = (h + 1) // 2 if index > 0 and j == 0 else h
-            block = inplanes * h * h + 3 * planes * h * h + 3 * planes * h_out * h_out + 3 * 4 * planes * h_out ** 2
-            if j == 0:
-                block += 2 * 4 * planes * h_out * h_out  # downsample conv + BN
-            total += block
-            inplanes, h = planes * 4, h_out
-    return total
-
-
-def activation_memory(cfg: ModelConfig, micro_batch: int, src_len: int, tgt_len: int, image_size: int,
-                      sample_patch_num: int | None, precision: str, checkpointing: bool) -> float:
-    """Bytes of activations kept for the backward pass of one micro-batch (see the module docstring)."""
-    e = _element_size(precision)
-    d, f, heads, vocab = cfg.d_model, cfg.ffn_dim, cfg.heads, cfg.vocab_size
-    n_img = image_tokens(image_size, sample_patch_num)
-    enc_len, dec_len = src_len + n_img, tgt_len
-    stores_probs = cfg.attention_backend == "eager"  # fused kernels recompute the probabilities
-
-    def attention(q: int, kv: int) -> float:
-        # LN input, Q, K, V and output-projection input, residual dropout mask; probabilities (eager)
-        return e * (4 * q * d + 2 * kv * d) + q * d + (e * heads * q * kv if stores_probs else 0)
-
-    def ffn(n: int) -> float:
-        return e * (2 * n * d + 2 * n * f) + n * d
-
-    enc_layer = attention(enc_len, enc_len) + ffn(enc_len)
-    dec_layer = attention(dec_len, dec_len) + attention(dec_len, enc_len) + ffn(dec_len)
-    layer_inputs = e * d * (enc_len * cfg.encoder_layers + dec_len * cfg.decoder_layers)
-    if checkpointing:  # keep each layer's input, recompute one layer at a time in backward
-        layers = layer_inputs + max(enc_layer, dec_layer)
-    else:
-        layers = cfg.encoder_layers * enc_layer + cfg.decoder_layers * dec_layer
-    logits = 2 * e * dec_len * vocab  # logits and the log-probabilities of the loss
-    embeddings = 2 * e * d * (enc_len + dec_len)
-    images = e * resnet_activation_elements(cfg.resnet_layers, image_size) if image_size > 0 else 0.0
-    return float(micro_batch) * (layers + logits + embeddings + images)
-
-
-def communication_bytes(params: int, stage: int, world: int, precision: str, grad_accum: int) -> float:
-    """Bytes each GPU sends per optimizer step in ring collectives (all-reduce = 2x a reduce-scatter).
-
-    ZeRO-0: one gradient all-reduce. ZeRO-1: reduce-scatter of gradients + all-gather of updated weights.
-    ZeRO-2: gradients reduce-scattered every micro-batch + one weight all-gather. ZeRO-3: every
-    micro-batch all-gathers the weights twice (forward and backward) and reduce-scatters the gradients.
-    """
-    if world == 1:
-        return 0.0
-    one = params * _element_size(precision) * (world - 1) / world  # one reduce-scatter or all-gather
-    return {0: 2 * one, 1: 2 * one, 2: one * (grad_accum + 1), 3: 3 * one * grad_accum}[stage]
-
-
-def peak_tflops(cfg: EstimateConfig) -> float:
-    if cfg.peak_tflops is not None:
-        return cfg.peak_tflops
-    if cfg.gpu not in GPU_PEAKS:
-        raise ValueError(f"unknown gpu {cfg.gpu!r}; known: {sorted(GPU_PEAKS)} (or set peak_tflops)")
-    return GPU_PEAKS[cfg.gpu][cfg.precision]
-
-
 def estimate(cfg: EstimateConfig) -> dict:
     """Every figure of the plan, in bytes / FLOPs / seconds (GiB and TFLOP in the printed table)."""
     model_cfg = cfg.model.build()
@@ -229,12 +78,12 @@ def estimate(cfg: EstimateConfig) -> dict:
                                 cfg.offload_optimizer, cfg.offload_param, cfg.zero_init, cfg.buffer_factor)
     activations = activation_memory(model_cfg, cfg.micro_batch, cfg.src_len, cfg.tgt_len, cfg.image_size,
                                     cfg.sample_patch_num, cfg.precision, cfg.activation_checkpointing)
-    n_img = image_tokens(cfg.image_size, cfg.sample_patch_num)
+    n_img = image_tokens(cfg.image_size, sample_patch_num=cfg.sample_patch_num)
     hw = (cfg.image_size, cfg.image_size) if cfg.image_size > 0 else None
     flops_gpu = train_step_flops(model_cfg, cfg.micro_batch, cfg.src_len, cfg.tgt_len, n_img, hw) * cfg.grad_accum
     if cfg.activation_checkpointing:
         flops_gpu *= 4 / 3  # one more forward in backward (hardware FLOPs; MFU counts 3 forwards)
-    peak = peak_tflops(cfg)
+    peak = table_peak_tflops(cfg.gpu, cfg.precision, cfg.peak_tflops)
     compute_s = flops_gpu / (cfg.mfu * peak * 1e12)
     comm = communication_bytes(params, cfg.zero_stage, cfg.world, cfg.precision, cfg.grad_accum)
     comm_s = comm / (cfg.interconnect_gbps * 1e9)

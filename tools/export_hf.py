@@ -26,7 +26,7 @@ from biomedgpt.engine.config import parse_cli
 from biomedgpt.models.checkpoint import (HF_DECODER_LAYER, HF_ENCODER_LAYER, TIED_ALIASES, TIED_KEY, CheckpointError,
                                write_dir_atomically, read_model_config, read_model_weights)
 from biomedgpt.models.config import ModelConfig
-from biomedgpt.tools.zero_checkpoint import DTYPES
+from biomedgpt.engine.zero_checkpoint import DTYPES
 
 TO_HF = {"encoder": {v: k for k, v in HF_ENCODER_LAYER.items()},
          "decoder": {v: k for k, v in HF_DECODER_LAYER.items()}}

@@ -27,7 +27,7 @@ from biomedgpt.data.config import DataConfig
 from biomedgpt.data.images import decode_image
 from biomedgpt.data.records import make_record
 from biomedgpt.data.tasks import TaskContext, process
-from biomedgpt.engine.checkpointing import atomic_write_text
+from biomedgpt.engine.durable import atomic_write_text
 from biomedgpt.engine.config import parse_cli
 from biomedgpt.engine.downstream import (TASK_DEFAULTS, load_model_and_tokenizer, pick_device,
                                predict_task, read_answers, select_rows)

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from biomedgpt.engine.checkpoint_files import LATEST_FILE
 from biomedgpt.engine.config import parse_cli
 from biomedgpt.models.checkpoint import CheckpointError
-from biomedgpt.tools.zero_checkpoint import describe, iter_tags, open_checkpoint
+from biomedgpt.engine.zero_checkpoint import describe, iter_tags, open_checkpoint
 
 
 @dataclass
@@ -31,7 +32,7 @@ def inspect(path: str | Path, tag: str | None = None) -> dict[str, Any]:
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such directory")
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    latest = root / "latest"
+    latest = root / LATEST_FILE
     tags = []
     for name, directory in iter_tags(path):
         if tag is not None and name != tag:

@@ -15,7 +15,7 @@ from typing import Optional
 
 from biomedgpt.engine.config import parse_cli
 from biomedgpt.models.checkpoint import CheckpointError
-from biomedgpt.tools.zero_checkpoint import open_checkpoint, to_universal
+from biomedgpt.engine.zero_checkpoint import open_checkpoint, to_universal
 
 
 @dataclass

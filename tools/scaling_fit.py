@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 
 from biomedgpt.engine.config import parse_cli
+from biomedgpt.engine.durable import atomic_write_text
 
 PARAMETERS = ("E", "A", "alpha")
 
@@ -365,12 +366,6 @@ def report_markdown(analysis: Analysis, sweep_name: str, figure: str) -> str:
         lines += [f"| {p['run']} | {p['step']} | {p['flops']:.3g} | {p['loss']:.4g} |" for p in analysis.frontier]
     lines += ["", "## Figure", "", f"![scaling]({figure})", ""]
     return "\n".join(lines)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def run(cfg: FitConfig) -> Analysis:

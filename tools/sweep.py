@@ -36,9 +36,9 @@ from typing import Any, Literal, Optional
 import yaml
 
 from biomedgpt.engine.config import ConfigError, set_dotted, from_dict, load, parse_cli, to_dict
+from biomedgpt.engine.durable import atomic_write_text
 from biomedgpt.engine.run_config import RunConfig, demo_config
 from biomedgpt.tools.collect import STATUS_FILE, collect, is_finished, summary
-from biomedgpt.tools.scaling_fit import atomic_write_text
 
 #: Short axis names and the RunConfig key each sets.
 AXIS_KEYS = {

@@ -14,11 +14,11 @@ Layouts understood (DeepSpeed 0.19, cf. ``deepspeed/utils/zero_to_fp32.py``):
   ``param_alignment_paddings``).
 - ZeRO 3: every parameter is split into ``ceil(numel / world)`` pieces, rank r's piece lying at the
   same offset of its ``fp32_flat_groups[g]``; the last piece is zero-padded.
-- stage 0 (no ZeRO optimizer files): the full state dict in ``mp_rank_00_model_states.pt``.
-- a universal checkpoint (``ds_to_universal``): one ``zero/<param>/fp32.pt`` per parameter.
+- stage 0 (no ZeRO optimizer files): the full state dict in rank 0's model-states file.
+- a universal checkpoint (``ds_to_universal``): one fp32 file per parameter.
 
 Buffers (BatchNorm statistics) come from rank 0's model-states file; EMA weights from the engine's
-``rank_XXXXX.pt`` files (see ``engine/ema.py``).
+per-rank state files (see ``engine/ema.py``). The file names: ``engine/checkpoint_files.py``.
 """
 from __future__ import annotations
 
@@ -42,15 +42,13 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from biomedgpt.engine import checkpoint_files as layout
+from biomedgpt.engine.checkpoint_files import MODEL_FILE_RE, OPTIM_FILE_RE, REPORT_FILE
 from biomedgpt.models.checkpoint import (TIED_ALIASES, TIED_KEY, CheckpointError, write_dir_atomically,
                                read_model_config, read_model_weights)
 from biomedgpt.models.config import ModelConfig, ModelSpec
 from biomedgpt.models.ofa import BiomedGPT
 
-MODEL_FILE_RE = re.compile(r"^(?:zero_pp_rank_(?P<rank>\d+)_)?mp_rank_(?P<mp>\d+)_model_states\.pt$")
-OPTIM_FILE_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(?P<rank>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$")
-ENGINE_RANK_FILE = "rank_{rank:05d}.pt"
-REPORT_FILE = "consolidation.json"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Top-level keys DeepSpeed itself writes into a model-states file; anything else is the client state.
 DS_MODEL_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
@@ -227,15 +225,15 @@ class TorchFile:
 
 def resolve_tag_dir(path: str | Path, tag: str | None = None) -> Path:
     """A tag directory from a tag directory itself, a checkpoints root, or a run's output directory
-    (``<output_dir>/checkpoints``); without ``tag`` the ``latest`` file picks it."""
+    (``<output_dir>/checkpoints``); without ``tag`` the engine's pointer to the newest tag picks it."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if tag is None and (_is_tag_dir(path)):
         return path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() and not (path / "latest").exists() else path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() and not (path / layout.LATEST_FILE).exists() else path
     if tag is None:
-        latest = root / "latest"
+        latest = root / layout.LATEST_FILE
         if not latest.is_file():
             raise CheckpointError(f"{latest}: missing; pass tag=... (tags here: {list_tags(root)})")
         tag = latest.read_text().strip()
@@ -246,7 +244,7 @@ def resolve_tag_dir(path: str | Path, tag: str | None = None) -> Path:
 
 
 def _is_tag_dir(path: Path) -> bool:
-    return any(MODEL_FILE_RE.match(p.name) for p in path.iterdir()) or (path / "zero").is_dir()
+    return any(MODEL_FILE_RE.match(p.name) for p in path.iterdir()) or (path / layout.UNIVERSAL_PARAMS_DIR).is_dir()
 
 
 def list_tags(root: Path) -> list[str]:
@@ -319,7 +317,7 @@ class ZeroCheckpoint:
         return state.get("step", self.model_state.get("global_steps"))
 
     def engine_meta(self) -> dict | None:
-        path = self.directory / "meta.json"
+        path = self.directory / layout.META_FILE
         return json.loads(path.read_text()) if path.exists() else None
 
     def param_shapes(self) -> list[dict[str, tuple[int, ...]]]:
@@ -379,8 +377,8 @@ class ZeroCheckpoint:
         return {_canonical(n): self._whole(module[n], self.model_files[0]) for n in names}
 
     def ema_sources(self) -> dict[str, ParamSource]:
-        """The engine's EMA of the trainable parameters (``engine/ema.py``), from ``rank_XXXXX.pt``."""
-        first = self.directory / ENGINE_RANK_FILE.format(rank=0)
+        """The engine's EMA of the trainable parameters (``engine/ema.py``), from the per-rank state files."""
+        first = self.directory / layout.rank_state_file(0)
         if not first.exists():
             raise CheckpointError(f"{first}: missing, so there are no EMA weights (not an engine checkpoint?)")
         state = TorchFile(first).obj
@@ -404,7 +402,7 @@ class ZeroCheckpoint:
         return sources
 
     def _rank_ema(self, rank: int) -> dict[str, LazyTensor]:
-        path = self.directory / ENGINE_RANK_FILE.format(rank=rank)
+        path = self.directory / layout.rank_state_file(rank)
         state = TorchFile(path).obj
         try:
             return state["ema"]["shadow"]
@@ -484,7 +482,7 @@ class ZeroCheckpoint:
         sources = {}
         for group in self.param_shapes():
             for name, shape in group.items():
-                path = self.directory / "zero" / name / "fp32.pt"
+                path = self.directory / layout.UNIVERSAL_PARAMS_DIR / name / layout.UNIVERSAL_PARAM_FILE
                 sources[_canonical(name)] = ParamSource(
                     shape, torch.float32, lambda p=path, s=shape: _universal_tensor(p, s), str(path))
         return sources
@@ -513,19 +511,19 @@ def _rank_files(directory: Path, pattern: re.Pattern) -> dict[int, Path]:
 def open_checkpoint(path: str | Path, tag: str | None = None) -> ZeroCheckpoint:
     """Find, parse (pickles only) and cross-check every rank file of a tag; errors name the file."""
     directory = resolve_tag_dir(path, tag)
-    universal = (directory / "zero").is_dir()
+    universal = (directory / layout.UNIVERSAL_PARAMS_DIR).is_dir()
     model_paths = _rank_files(directory, MODEL_FILE_RE)
     optim_paths = {} if universal else _rank_files(directory, OPTIM_FILE_RE)
     if 0 not in model_paths:
-        raise CheckpointError(f"{directory}: no model-states file of rank 0 (mp_rank_00_model_states.pt or "
-                              f"zero_pp_rank_0_mp_rank_00_model_states.pt) - not a DeepSpeed checkpoint tag")
+        raise CheckpointError(f"{directory}: no model-states file of rank 0 ({layout.model_states_file()} or "
+                              f"{layout.model_states_file(0)}) - not a DeepSpeed checkpoint tag")
     if not optim_paths:  # stage 0, or a universal checkpoint: the run's own config says which
         state = TorchFile(model_paths[0]).obj
         stage = int((state.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
         world = int(state.get("dp_world_size", 1))
     else:
         if 0 not in optim_paths:
-            name = re.sub(r"zero_pp_rank_\d+_", "zero_pp_rank_0_", next(iter(optim_paths.values())).name)
+            name = layout.with_rank(next(iter(optim_paths.values())).name, 0)
             raise CheckpointError(f"{directory / name}: missing (rank 0's optimizer shard)")
         first = TorchFile(optim_paths[0])
         state = first.obj.get("optimizer_state_dict") if isinstance(first.obj, dict) else None
@@ -536,7 +534,7 @@ def open_checkpoint(path: str | Path, tag: str | None = None) -> ZeroCheckpoint:
         world = max(count) if isinstance(count, list) else int(count)
         for rank in range(world):
             if rank not in optim_paths:
-                name = optim_paths[0].name.replace("zero_pp_rank_0_", f"zero_pp_rank_{rank}_")
+                name = layout.with_rank(optim_paths[0].name, rank)
                 raise CheckpointError(f"{directory / name}: missing (the checkpoint was written by {world} ranks, "
                                       f"each saves its own optimizer shard)")
         extra = sorted(r for r in optim_paths if r >= world)
@@ -546,7 +544,7 @@ def open_checkpoint(path: str | Path, tag: str | None = None) -> ZeroCheckpoint:
     if stage == 3:
         for rank in range(world):
             if rank not in model_paths:
-                raise CheckpointError(f"{directory / f'zero_pp_rank_{rank}_mp_rank_00_model_states.pt'}: missing "
+                raise CheckpointError(f"{directory / layout.model_states_file(rank)}: missing "
                                       f"(ZeRO-3 writes one model-states file per rank)")
     model_files = [TorchFile(model_paths[r]) for r in (range(world) if stage == 3 else [0])]
     optim_files = [first] + [TorchFile(optim_paths[r]) for r in range(1, world)] if optim_paths else []
@@ -559,7 +557,7 @@ def _check_consistent(ckpt: ZeroCheckpoint) -> None:
     meta = ckpt.engine_meta()
     if meta is not None and not ckpt.universal and (meta["world_size"], meta["zero_stage"]) != (ckpt.world_size,
                                                                                                  ckpt.stage):
-        raise CheckpointError(f"{ckpt.directory / 'meta.json'}: says world size {meta['world_size']} stage "
+        raise CheckpointError(f"{ckpt.directory / layout.META_FILE}: says world size {meta['world_size']} stage "
                               f"{meta['zero_stage']}, the shards say world size {ckpt.world_size} stage {ckpt.stage}")
     if not ckpt.optim_files:
         return
@@ -866,10 +864,10 @@ def to_universal(ckpt: ZeroCheckpoint, output: str | Path | None = None, overwri
     if ckpt.universal or ckpt.stage == 0:
         raise CheckpointError(f"{ckpt.directory}: already universal / not a ZeRO checkpoint (stage 0 needs no "
                               f"conversion)")
-    out = Path(output) if output is not None else ckpt.directory / "universal"
+    out = Path(output) if output is not None else ckpt.directory / layout.UNIVERSAL_DIR
 
     def convert(tmp: Path) -> None:
-        target = tmp / "ckpt"  # ds_to_universal writes a sibling 'latest_universal' beside its output
+        target = tmp / "ckpt"  # ds_to_universal writes a sibling pointer file beside its output
         result = subprocess.run(
             [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt.directory),
              "--output_folder", str(target), "--num_extract_workers", "1", "--num_merge_workers", "1",
@@ -880,7 +878,7 @@ def to_universal(ckpt: ZeroCheckpoint, output: str | Path | None = None, overwri
         for item in target.iterdir():
             os.replace(item, tmp / item.name)
         target.rmdir()
-        (tmp / "latest_universal").unlink(missing_ok=True)
+        (tmp / layout.LATEST_UNIVERSAL_FILE).unlink(missing_ok=True)
 
     return write_dir_atomically(out, convert, overwrite)
 
@@ -902,14 +900,14 @@ def describe(ckpt: ZeroCheckpoint) -> dict[str, Any]:
             "world_size": ckpt.world_size, "universal": ckpt.universal, "step": ckpt.step,
             "ds_version": ckpt.model_state.get("ds_version"), "parameters": ckpt.num_parameters(),
             "engine_meta": ckpt.engine_meta(),  # written last by the engine: None for a plain DeepSpeed tag
-            "has_ema": _has_ema(ckpt), "has_universal": (ckpt.directory / "universal").is_dir(),
+            "has_ema": _has_ema(ckpt), "has_universal": (ckpt.directory / layout.UNIVERSAL_DIR).is_dir(),
             "files": {p.name: p.stat().st_size for p in files},
             "bytes": sum(p.stat().st_size for p in ckpt.directory.rglob("*") if p.is_file()),
             "client_state": client, "model_config": cfg}
 
 
 def _has_ema(ckpt: ZeroCheckpoint) -> bool:
-    path = ckpt.directory / ENGINE_RANK_FILE.format(rank=0)
+    path = ckpt.directory / layout.rank_state_file(0)
     if not path.exists():
         return False
     obj = TorchFile(path).obj
