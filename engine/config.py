@@ -13,6 +13,7 @@ write under ``./runs/``). URLs (``s3://...``) are left alone.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import types
 import typing
@@ -233,6 +234,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
         path, packaged = resolve_config(path)
         root = Path.cwd() if packaged else path.resolve().parent
         data = resolve_paths(cls, read_yaml(path), root)
+    from_file = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -241,7 +243,16 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
     try:
         return from_dict(cls, data)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+        if path is None:
+            raise
+        where = path
+        if overrides:  # name the file only when the file itself is wrong
+            try:
+                from_dict(cls, from_file)
+                where = "command line"
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def parse_cli(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
