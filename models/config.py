@@ -69,13 +69,13 @@ ConstraintMode = Literal["before", "after"]
 class GenerationConfig:
     """Search settings (``biomedgpt.models.generation``). ``max_len`` / ``min_len`` count generated tokens, ``</s>`` and the prefix excluded."""
 
-    beam_size: int = 5
+    beam_size: int = 5  # hypotheses kept per input
     max_len: int = 30
-    min_len: int = 1
-    len_penalty: float = 1.0
-    normalize_scores: bool = True
-    no_repeat_ngram_size: int = 0
-    temperature: float = 1.0
+    min_len: int = 1  # </s> is forbidden before this many tokens
+    len_penalty: float = 1.0  # with normalize_scores: a finished score is sum(log p) / length ** len_penalty
+    normalize_scores: bool = True  # False: compare finished hypotheses by their summed log-probabilities
+    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this size twice in one hypothesis
+    temperature: float = 1.0  # the logits are divided by it before search or sampling
     sampling: bool = False  # sample instead of searching: beam_size independent samples per input
     top_k: int = 0  # sampling: keep the k most likely tokens (0: all)
     top_p: float = 1.0  # sampling: nucleus mass

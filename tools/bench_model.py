@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from biomedgpt.engine.config import from_dict, parse_cli
-from biomedgpt.models.config import model_config
+from biomedgpt.models.config import AttentionBackend, model_config
 from biomedgpt.models.ofa import BiomedGPT, count_parameters
 
 
@@ -25,13 +25,13 @@ class BenchConfig:
     """Time one fp32 training step (forward + backward) per model size."""
 
     sizes: list[str] = field(default_factory=lambda: ["tiny", "base"])
-    batch: int = 8
-    image_size: int = 256
-    src_len: int = 40
-    tgt_len: int = 20
-    steps: int = 3
-    warmup: int = 1
-    attention_backend: str = "auto"
+    batch: int = 8  # samples, each with one image
+    image_size: int = 256  # pixels per side
+    src_len: int = 40  # source tokens per sample
+    tgt_len: int = 20  # decoder tokens per sample
+    steps: int = 3  # timed steps (their mean and minimum are reported)
+    warmup: int = 1  # untimed steps first
+    attention_backend: AttentionBackend = "auto"
     threads: int = 0  # 0: torch's default
 
 

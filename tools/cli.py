@@ -10,11 +10,12 @@ with ``-n RANKS`` > 1 they start the ranks through ``launchers/local.sh`` (see i
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 #: subcommand -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -36,27 +37,46 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-demo-data": ("biomedgpt.data.demo", "build the demo shards from packaged real data"),
 }
 
-#: ``biomedgpt bench NAME`` -> (module, description)
-BENCHMARKS: dict[str, tuple[str, str]] = {
-    "attention": ("biomedgpt.tools.bench_attention", "attention backends: time and memory"),
-    "checkpoint": ("biomedgpt.tools.bench_checkpoint", "training blocked per checkpoint: sync vs background writes"),
-    "consolidate": ("biomedgpt.tools.bench_consolidate", "consolidation vs DeepSpeed zero_to_fp32: RSS and time"),
-    "engine": ("biomedgpt.tools.bench_engine", "ZeRO stages: step time, tokens/s; checkpoint save/resume"),
-    "generation": ("biomedgpt.tools.bench_generation", "beam search throughput per task"),
-    "gpu": ("biomedgpt.tools.bench_gpu", "GPU table: sizes x backends x image sizes"),
-    "loader": ("biomedgpt.tools.bench_loader", "loader samples per CPU-second: the original TSV path vs ours (augment off/on), local vs S3"),
-    "sizes": ("biomedgpt.tools.bench_sizes", "every size trains: 2 ZeRO-3 steps on 2 CPU ranks, RSS vs estimate"),
-    "step": ("biomedgpt.tools.bench_step", "training step: eager reference path vs default path, alternating"),
-    "model": ("biomedgpt.tools.bench_model", "forward+backward time and peak memory per size"),
-    "text-only": ("biomedgpt.tools.bench_text_only", "training step on half text-only batches: today's path vs images only where present"),
+#: ``biomedgpt bench NAME`` -> description; the module is ``biomedgpt.tools.bench_NAME`` (``-`` as ``_``)
+BENCHMARKS: dict[str, str] = {
+    "attention": "attention backends: time and memory",
+    "checkpoint": "training blocked per checkpoint: sync vs background writes",
+    "consolidate": "consolidation vs DeepSpeed zero_to_fp32: RSS and time",
+    "engine": "ZeRO stages: step time, tokens/s; checkpoint save/resume",
+    "generation": "beam search throughput per task",
+    "gpu": "GPU table: sizes x backends x image sizes",
+    "loader": "loader samples per CPU-second: the original TSV path vs ours (augment off/on), local vs S3",
+    "sizes": "every size trains: 2 ZeRO-3 steps on 2 CPU ranks, RSS vs estimate",
+    "step": "training step: eager reference path vs default path, alternating",
+    "model": "forward+backward time and peak memory per size",
+    "text-only": "training step on half text-only batches: today's path vs images only where present",
 }
 
 LOCAL_LAUNCHER = Path(__file__).resolve().parents[1] / "launchers" / "local.sh"
 
 
-def _usage(table: dict[str, tuple[str, str]], prefix: str) -> str:
+def one_line_errors(*errors: type[BaseException]) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """For a command's ``main``: an expected error (its message names the file or setting) prints as one
+    ``error:`` line and the command returns 1, without a traceback."""
+    def wrap(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(argv: list[str] | None = None) -> int:
+            try:
+                return main(argv)
+            except errors as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+        return run
+    return wrap
+
+
+def _bench_module(name: str) -> str:
+    return f"biomedgpt.tools.bench_{name.replace('-', '_')}"
+
+
+def _usage(table: dict[str, str], prefix: str) -> str:
     width = max(map(len, table))
-    rows = "\n".join(f"  {name:<{width}}  {desc}" for name, (_, desc) in table.items())
+    rows = "\n".join(f"  {name:<{width}}  {desc}" for name, desc in table.items())
     return f"usage: {prefix} <command> [--help] [settings ...]\n\ncommands:\n{rows}\n"
 
 
@@ -95,7 +115,7 @@ def _train(argv: list[str], prog: str, demo: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage(COMMANDS, "biomedgpt") + f"  {'bench':<18}  benchmarks (biomedgpt bench --help)\n"
+        print(_usage({name: desc for name, (_, desc) in COMMANDS.items()}, "biomedgpt") + f"  {'bench':<18}  benchmarks (biomedgpt bench --help)\n"
               + "\n" + __doc__.split("\n\n", 1)[1])
         return 0
     name, rest = argv[0], argv[1:]
@@ -107,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if rest[0] not in BENCHMARKS:
             sys.exit(f"biomedgpt bench: unknown benchmark {rest[0]!r}; known: {', '.join(BENCHMARKS)}")
-        return _run_module(BENCHMARKS[rest[0]][0], rest[1:], f"biomedgpt bench {rest[0]}")
+        return _run_module(_bench_module(rest[0]), rest[1:], f"biomedgpt bench {rest[0]}")
     if name not in COMMANDS:
         sys.exit(f"biomedgpt: unknown command {name!r}; known: {', '.join([*COMMANDS, 'bench'])}")
     return _run_module(COMMANDS[name][0], rest, f"biomedgpt {name}")

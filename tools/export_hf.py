@@ -26,6 +26,7 @@ from biomedgpt.engine.config import PathStr, parse_cli
 from biomedgpt.models.checkpoint import (HF_DECODER_LAYER, HF_ENCODER_LAYER, TIED_ALIASES, TIED_KEY, CheckpointError,
                                write_dir_atomically, read_model_config, read_model_weights)
 from biomedgpt.models.config import ModelConfig
+from biomedgpt.tools.cli import one_line_errors
 from biomedgpt.engine.zero_checkpoint import DTYPES
 
 TO_HF = {"encoder": {v: k for k, v in HF_ENCODER_LAYER.items()},
@@ -95,13 +96,10 @@ def export(model_dir: str | Path, output: str | Path, dtype: str | None = None, 
     return write_dir_atomically(Path(output), write, overwrite)
 
 
+@one_line_errors(CheckpointError)
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(ExportConfig, argv, description=__doc__)
-    try:
-        out = export(cfg.model, cfg.output, cfg.dtype, cfg.overwrite)
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    out = export(cfg.model, cfg.output, cfg.dtype, cfg.overwrite)
     print(f"{cfg.model} -> {out} (HF-port names)")
     return 0
 

@@ -20,6 +20,7 @@ from biomedgpt.engine.config import PathStr, parse_cli
 from biomedgpt.models.checkpoint import CheckpointError, import_released, save_pretrained
 from biomedgpt.models.ofa import count_parameters
 from biomedgpt.models.tokenizer import Tokenizer
+from biomedgpt.tools.cli import one_line_errors
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,13 +66,9 @@ def run(cfg: ImportConfig) -> Path:
     return out
 
 
+@one_line_errors(CheckpointError)
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_cli(ImportConfig, argv)
-    try:
-        run(cfg)
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    run(parse_cli(ImportConfig, argv))
     return 0
 
 

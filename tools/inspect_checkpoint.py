@@ -18,6 +18,7 @@ from biomedgpt.engine.checkpoint_files import LATEST_FILE
 from biomedgpt.engine.config import PathStr, parse_cli
 from biomedgpt.models.checkpoint import CheckpointError
 from biomedgpt.engine.zero_checkpoint import describe, iter_tags, open_checkpoint
+from biomedgpt.tools.cli import one_line_errors
 
 
 @dataclass
@@ -66,13 +67,10 @@ def _print_text(info: dict[str, Any]) -> None:
             print(f"    {size / 1e6:10.2f} MB  {name}")
 
 
+@one_line_errors(CheckpointError)
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(InspectConfig, argv, description=__doc__)
-    try:
-        info = inspect(cfg.path, cfg.tag)
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    info = inspect(cfg.path, cfg.tag)
     if cfg.json:
         print(json.dumps(info, indent=2, default=str))
     else:

@@ -16,6 +16,7 @@ from typing import Optional
 from biomedgpt.engine.config import PathStr, parse_cli
 from biomedgpt.models.checkpoint import CheckpointError
 from biomedgpt.engine.zero_checkpoint import open_checkpoint, to_universal
+from biomedgpt.tools.cli import one_line_errors
 
 
 @dataclass
@@ -26,14 +27,11 @@ class ReshardConfig:
     overwrite: bool = False
 
 
+@one_line_errors(CheckpointError)
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(ReshardConfig, argv, description=__doc__)
-    try:
-        ckpt = open_checkpoint(cfg.checkpoint, cfg.tag)
-        out = to_universal(ckpt, cfg.output, cfg.overwrite)
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    ckpt = open_checkpoint(cfg.checkpoint, cfg.tag)
+    out = to_universal(ckpt, cfg.output, cfg.overwrite)
     print(f"{ckpt.directory} (ZeRO-{ckpt.stage}, {ckpt.world_size} ranks) -> universal checkpoint {out}")
     return 0
 
