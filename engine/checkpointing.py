@@ -89,12 +89,10 @@ class CheckpointManager:
     def meta(self, tag: str) -> dict:
         return json.loads((self.root / tag / layout.META_FILE).read_text())
 
-    def needs_universal(self, tag: str, zero_stage: int) -> bool:
-        """Sharded optimizer state saved by another world size or stage must go through the universal format."""
+    def needs_universal(self, tag: str, plan) -> bool:
+        """Whether ``tag`` must go through the universal format to load under ``plan`` (a ``ZeroPlan``)."""
         meta = self.meta(tag)
-        if meta["zero_stage"] == 0:
-            return False
-        return meta["world_size"] != self.world_size or meta["zero_stage"] != zero_stage
+        return plan.needs_universal(meta["zero_stage"], meta["world_size"])
 
     def prepare_universal(self, tag: str) -> tuple[str, str]:
         """Convert ``tag`` once (rank 0, atomically) with deepspeed's ds_to_universal; returns (load_dir, tag)."""

@@ -6,17 +6,68 @@ to offline; any other wandb failure turns wandb off with one warning and never f
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import sys
+import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+import torch
 from tqdm import tqdm
 
+from biomedgpt.engine import distributed as dist_utils
 from biomedgpt.engine.run_config import LogConfig
+
+_SUMMED = ("loss", "nll", "tokens", "correct", "samples", "all_tokens", "flops")
+
+
+@dataclass
+class MetricWindow:
+    """This rank's sums over the micro-batches since the last logged step; ``reduced`` totals them over
+    the ranks (memory: the largest rank's) in one all_reduce."""
+
+    num_tasks: int
+    loss: float = 0.0  # label-smoothed loss summed over target tokens
+    nll: float = 0.0
+    tokens: float = 0.0  # target tokens (the loss's denominator)
+    correct: float = 0.0  # target tokens predicted right
+    samples: float = 0.0
+    all_tokens: float = 0.0  # every token the model read: source text, image tokens, targets
+    flops: float = 0.0  # model FLOPs of forward + backward (engine/flops.py)
+    memory_gb: float = 0.0  # peak device memory (CPU: resident set); set when reduced
+    steps: int = 0  # optimizer steps
+    grad_norm: Optional[float] = None  # set where DeepSpeed records none (ZeroPlan.own_grad_norm)
+    start: float = field(default_factory=time.perf_counter)
+    per_task: torch.Tensor = field(init=False)  # [tasks, 2]: summed loss, target tokens
+
+    def __post_init__(self) -> None:
+        self.per_task = torch.zeros(self.num_tasks, 2, dtype=torch.float64)
+
+    def add(self, task_ids: Optional[torch.Tensor], sample_loss: torch.Tensor, sample_tokens: torch.Tensor,
+            **sums: float) -> None:
+        for name, value in sums.items():
+            setattr(self, name, getattr(self, name) + value)
+        if task_ids is not None:
+            ids = task_ids.cpu()
+            self.per_task[:, 0].index_add_(0, ids, sample_loss.double().cpu())
+            self.per_task[:, 1].index_add_(0, ids, sample_tokens.double().cpu())
+
+    def reduced(self, memory_gb: float, rank: int, world: int) -> "MetricWindow":
+        """Collective: the window summed over the ranks; each rank's memory travels in its own slot."""
+        memory = torch.zeros(world, dtype=torch.float64)
+        memory[rank] = memory_gb
+        flat = torch.cat([torch.tensor([getattr(self, name) for name in _SUMMED], dtype=torch.float64),
+                          self.per_task.reshape(-1), memory])
+        dist_utils.all_reduce(flat)
+        total = dataclasses.replace(self, **dict(zip(_SUMMED, flat[:len(_SUMMED)].tolist())),
+                                    memory_gb=float(flat[-world:].max()))
+        total.per_task = flat[len(_SUMMED):len(_SUMMED) + self.per_task.numel()].reshape(self.per_task.shape)
+        return total
 
 
 def resolve_wandb_mode(requested: str) -> str:

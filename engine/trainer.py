@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -20,10 +21,11 @@ from biomedgpt.engine.ds_config import build_ds_config
 from biomedgpt.engine.ema import EMA
 from biomedgpt.engine.flops import batch_train_flops, device_peak, image_tokens
 from biomedgpt.engine.loss import label_smoothed_cross_entropy
-from biomedgpt.engine.metrics import MetricsLogger
+from biomedgpt.engine.metrics import MetricsLogger, MetricWindow
 from biomedgpt.engine.model_setup import (apply_activation_checkpointing, build_model, register_external_parameters,
                                 use_zero_init)
 from biomedgpt.engine.run_config import OptimConfig, RunConfig
+from biomedgpt.engine.zero_plan import ZeroPlan
 
 EXIT_RESUME = 75  # EX_TEMPFAIL: checkpoint written after a signal, resume to continue
 
@@ -37,6 +39,17 @@ class TrainingStopped(SystemExit):
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+@dataclass
+class StepResult:
+    """What one ``train_step`` did: ``skipped`` (a non-finite loss on some rank: no backward, no step),
+    ``boundary`` (the optimizer stepped), ``stop`` (some rank was asked to stop), the batch's sample ids."""
+
+    skipped: bool
+    boundary: bool
+    stop: bool
+    ids: list[str] = field(default_factory=list)
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int):
@@ -75,6 +88,7 @@ class Trainer:
         ds = cfg.deepspeed
         self.dist = dist_utils.init_distributed(ds.backend, ds.collective_timeout_s)
         self.rank, self.world = self.dist.rank, self.dist.world_size
+        self.plan = ZeroPlan.from_config(ds, self.world)
         self.is_main = self.rank == 0
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -87,6 +101,7 @@ class Trainer:
             raise ValueError(f"model.vocab_size {self.model_cfg.vocab_size} != tokenizer vocabulary "
                              f"{self.tokenizer.vocab_size}")
         self.task_names = self._task_names()
+        self.window = self._new_window()
         self.train_loader = train_loader if train_loader is not None else self._build_train_loader()
         self.eval_loader = eval_loader if eval_loader is not None else self._build_eval_loader()
         self.total_steps = self._total_steps()
@@ -101,7 +116,7 @@ class Trainer:
             check_resumable(self.ckpt.root, resume_tag, self.rank, to_dict(cfg)["model"])
         self.ds_config = build_ds_config(cfg)
         load_dir, load_tag = str(self.ckpt.root), resume_tag
-        if resume_tag is not None and self.ckpt.needs_universal(resume_tag, ds.zero_stage):
+        if resume_tag is not None and self.ckpt.needs_universal(resume_tag, self.plan):
             load_dir, load_tag = self.ckpt.prepare_universal(resume_tag)
             self.ds_config["checkpoint"] = {"load_universal": True}
 
@@ -183,7 +198,7 @@ class Trainer:
             model.embed_tokens.weight.requires_grad_(False)
         if ds.activation_checkpointing:
             apply_activation_checkpointing(model)
-        if ds.zero_stage == 3:
+        if self.plan.partitions_params:
             register_external_parameters(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optim = cfg.optim
@@ -223,7 +238,7 @@ class Trainer:
                                   f"and {psutil.virtual_memory().available / 2**30:.1f} GiB of host memory free "
                                   "(checkpoint.background=true forces background writes)")
         self._beat("checkpoint")
-        tag = self.ckpt.save(self.engine, self.step, client, rank_state, self.cfg.deepspeed.zero_stage)
+        tag = self.ckpt.save(self.engine, self.step, client, rank_state, self.plan.stage)
         self._beat("checkpoint written")
         self.last_save_blocked_s = time.perf_counter() - start
         how = "writing in the background" if writer.background else "written"
@@ -235,10 +250,7 @@ class Trainer:
         a master copy under mixed precision), the EMA."""
         local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
                     for p in self.engine.module.parameters())
-        if self.cfg.deepspeed.zero_stage == 0:
-            local_opt = local
-        else:
-            local_opt = local // self.world if self.cfg.deepspeed.zero_stage < 3 else local
+        local_opt = self.plan.optimizer_state_elements(local)
         mixed = self.cfg.deepspeed.precision != "fp32"
         return local * (2 if mixed else 4) + local_opt * 4 * (3 if mixed else 2) + (local * 4 if self.ema else 0)
 
@@ -316,10 +328,35 @@ class Trainer:
             pad_id=self.model_cfg.pad_id, conf=batch.get("conf"), constraint_masks=batch.get("constraint_masks"),
             loss_groups=batch.get("loss_groups"), group_weights=batch.get("group_weights"))
 
-    def _new_window(self) -> dict:
-        n = len(self.task_names)
-        return {"stats": torch.zeros(8, dtype=torch.float64), "tasks": torch.zeros(n, 2, dtype=torch.float64),
-                "start": time.perf_counter(), "steps": 0}
+    def _new_window(self) -> MetricWindow:
+        return MetricWindow(len(self.task_names))
+
+    def train_step(self, batch: dict) -> StepResult:
+        """One micro-batch: forward and loss; the ranks agree whether to skip it (a non-finite loss on any
+        rank) and whether to stop (a signal on any rank); backward; the gradient norm where DeepSpeed
+        records none; DeepSpeed's step (the optimizer steps at a gradient-accumulation boundary)."""
+        self.engine.train()
+        batch = _move(batch, self.dist.device, self.float_dtype)
+        out = self._forward_loss(batch, train=True)
+        flags = torch.tensor([0.0 if torch.isfinite(out.loss) else 1.0, float(self.stop.requested)])
+        dist_utils.all_reduce(flags, "max")
+        if flags[0] > 0:
+            self._skip_nonfinite()
+            return StepResult(skipped=True, boundary=False, stop=bool(flags[1] > 0))
+        self.engine.backward(out.loss)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary and self.plan.own_grad_norm:
+            self.window.grad_norm = self._unclipped_grad_norm()
+        self.engine.step()
+        self._accumulate(batch, out)
+        return StepResult(skipped=False, boundary=boundary, stop=bool(flags[1] > 0), ids=list(batch.get("ids", [])))
+
+    def _skip_nonfinite(self) -> None:
+        self.nonfinite += 1
+        self.logger.write(f"step {self.step}: non-finite loss, micro-batch skipped ({self.nonfinite} so far)")
+        if self.nonfinite > self.cfg.max_nonfinite_steps:
+            raise NonFiniteLossError(f"{self.nonfinite} non-finite losses (limit "
+                                     f"max_nonfinite_steps={self.cfg.max_nonfinite_steps})")
 
     def train(self) -> dict:
         """Train to the configured end; returns the last evaluation's metrics."""
@@ -328,9 +365,9 @@ class Trainer:
         if self.step >= self.total_steps:
             self.logger.write(f"already at step {self.step} of {self.total_steps}")
         batches = self._batches()
-        window = self._new_window()
+        self.window = self._new_window()
         last_eval_step, last_save_step = -1, self.step
-        stop_at = self.step + cfg.checkpoint.stop_after if cfg.checkpoint.stop_after else None
+        self.stop_at = self.step + cfg.checkpoint.stop_after if cfg.checkpoint.stop_after else None
         step_ids: list[str] = []
         from biomedgpt.engine.watchdog import Watchdog
 
@@ -338,50 +375,19 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 self.watchdog.beat("train", self.step)
-                self.engine.train()
-                batch = _move(next(batches), self.dist.device, self.float_dtype)
-                out = self._forward_loss(batch, train=True)
-                flags = torch.tensor([0.0 if torch.isfinite(out.loss) else 1.0, float(self.stop.requested)])
-                dist_utils.all_reduce(flags, "max")
-                if flags[0] > 0:
-                    self.nonfinite += 1
-                    self.logger.write(f"step {self.step}: non-finite loss, micro-batch skipped "
-                                      f"({self.nonfinite} so far)")
-                    if self.nonfinite > cfg.max_nonfinite_steps:
-                        raise NonFiniteLossError(f"{self.nonfinite} non-finite losses (limit "
-                                                 f"max_nonfinite_steps={cfg.max_nonfinite_steps})")
+                result = self.train_step(next(batches))
+                if result.skipped:
                     continue
-                self.engine.backward(out.loss)
-                boundary = self.engine.is_gradient_accumulation_boundary()
-                if boundary and self.engine.zero_optimization_stage() == 0 and \
-                        self.cfg.deepspeed.precision == "fp32":
-                    window["grad_norm"] = self._unclipped_grad_norm()
-                self.engine.step()
-                self._accumulate(window, batch, out)
-                step_ids.extend(batch.get("ids", []))
-                if not boundary:
+                step_ids.extend(result.ids)
+                if not result.boundary:
                     continue
-                self.step += 1
-                window["steps"] += 1
-                if self.sample_log is not None:
-                    self.sample_log.write(json.dumps({"step": self.step, "ids": step_ids}) + "\n")
+                self._finish_optimizer_step(step_ids)
                 step_ids = []
-                if self.ema is not None:
-                    self.ema.update(self.engine.module, self.step)
-                self.logger.advance(1)
-                if self.step % cfg.log.interval == 0 or self.step == self.total_steps:
-                    self.logger.log(self.step, self._window_metrics(window))
-                    window = self._new_window()
-                if self.eval_loader is not None and cfg.eval.interval and self.step % cfg.eval.interval == 0:
+                if self._due(cfg.eval.interval) and self.eval_loader is not None:
                     metrics = self.evaluate_and_track()
                     last_eval_step = self.step
-                if flags[1] > 0 or (stop_at is not None and self.step >= stop_at and self.step < self.total_steps):
-                    self.save()
-                    reason = "on signal" if flags[1] > 0 else f"after {cfg.checkpoint.stop_after} steps (stop_after)"
-                    self.logger.write(f"stopping {reason} at step {self.step}: checkpoint saved, exit "
-                                      f"{EXIT_RESUME} (resume to continue)")
-                    raise TrainingStopped()
-                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                self._stop_if_asked(result.stop)
+                if self._due(cfg.checkpoint.interval):
                     self.save()
                     last_save_step = self.step
             if self.eval_loader is not None and cfg.eval.at_end and last_eval_step != self.step:
@@ -397,57 +403,76 @@ class Trainer:
                 self.sample_log.close()
         return metrics
 
-    def _accumulate(self, window: dict, batch: dict, out) -> None:
+    def _due(self, interval: int | None) -> bool:
+        return bool(interval) and self.step % interval == 0
+
+    def _finish_optimizer_step(self, step_ids: list[str]) -> None:
+        """After the optimizer stepped: count the step, log its sample ids, update the EMA, log the window."""
+        self.step += 1
+        self.window.steps += 1
+        if self.sample_log is not None:
+            self.sample_log.write(json.dumps({"step": self.step, "ids": step_ids}) + "\n")
+        if self.ema is not None:
+            self.ema.update(self.engine.module, self.step)
+        self.logger.advance(1)
+        if self._due(self.cfg.log.interval) or self.step == self.total_steps:
+            self.logger.log(self.step, self._window_metrics(self.window))
+            self.window = self._new_window()
+
+    def _stop_if_asked(self, signalled: bool) -> None:
+        """A signal, or ``checkpoint.stop_after`` steps done in this job: checkpoint and exit 75."""
+        chunk_done = self.stop_at is not None and self.stop_at <= self.step < self.total_steps
+        if not (signalled or chunk_done):
+            return
+        self.save()
+        reason = "on signal" if signalled else f"after {self.cfg.checkpoint.stop_after} steps (stop_after)"
+        self.logger.write(f"stopping {reason} at step {self.step}: checkpoint saved, exit "
+                          f"{EXIT_RESUME} (resume to continue)")
+        raise TrainingStopped()
+
+    def _accumulate(self, batch: dict, out) -> None:
         images = batch.get("patch_images")
         n_img = 0.0
         if images is not None:
             per_image = image_tokens(images.shape[-2], images.shape[-1], sample_patch_num=self.cfg.sample_patch_num)
             n_img = float(batch["patch_masks"].sum()) * per_image
         text_tokens = float(batch["src_tokens"].ne(self.model_cfg.pad_id).sum() + out.sample_tokens.sum())
-        window["stats"] += torch.tensor([
-            float(out.sample_loss.sum()), float(out.sample_nll.sum()), float(out.sample_tokens.sum()),
-            float(out.sample_correct.sum()), float(batch["src_tokens"].shape[0]), text_tokens + n_img,
-            batch_train_flops(self.model_cfg, batch, self.cfg.sample_patch_num), 0.0], dtype=torch.float64)
-        if "task_ids" in batch:
-            ids = batch["task_ids"].cpu()
-            window["tasks"][:, 0].index_add_(0, ids, out.sample_loss.double().cpu())
-            window["tasks"][:, 1].index_add_(0, ids, out.sample_tokens.double().cpu())
+        self.window.add(batch.get("task_ids"), out.sample_loss, out.sample_tokens,
+                        loss=float(out.sample_loss.sum()), nll=float(out.sample_nll.sum()),
+                        tokens=float(out.sample_tokens.sum()), correct=float(out.sample_correct.sum()),
+                        samples=float(batch["src_tokens"].shape[0]), all_tokens=text_tokens + n_img,
+                        flops=batch_train_flops(self.model_cfg, batch, self.cfg.sample_patch_num))
 
     def _memory_gb(self) -> float:
         if self.dist.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.dist.device) / 2**30
         return psutil.Process().memory_info().rss / 2**30
 
-    def _window_metrics(self, window: dict) -> dict:
-        """Collective: sums the window over ranks into the logged metrics."""
-        stats = window["stats"].clone()
-        stats[7] = self._memory_gb()
-        summed = dist_utils.all_reduce(stats[:7].clone())
-        memory = dist_utils.all_reduce(stats[7:].clone(), "max")
-        tasks = dist_utils.all_reduce(window["tasks"].clone())
-        loss_sum, nll_sum, tokens, correct, samples, all_tokens, flops = summed.tolist()
-        elapsed = max(time.perf_counter() - window["start"], 1e-9)
+    def _window_metrics(self, window: MetricWindow) -> dict:
+        """Collective: the window summed over ranks, as the logged metrics."""
+        total = window.reduced(self._memory_gb(), self.rank, self.world)
+        elapsed = max(time.perf_counter() - window.start, 1e-9)
+        tokens = max(total.tokens, 1)
         metrics = {
-            "loss": loss_sum / max(tokens, 1), "nll": nll_sum / max(tokens, 1),
-            "accuracy": correct / max(tokens, 1),
+            "loss": total.loss / tokens, "nll": total.nll / tokens, "accuracy": total.correct / tokens,
             "lr": self.engine.get_lr()[0], "grad_norm": self._grad_norm(window),
-            "step_time_s": elapsed / max(window["steps"], 1),
-            "samples_per_s": samples / elapsed, "tokens_per_s": all_tokens / elapsed,
-            "mfu": flops / elapsed / (self.world * self.peak.tflops * 1e12),
-            "memory_gb": float(memory[0]), "epoch": self.epoch, "nonfinite_skipped": self.nonfinite,
+            "step_time_s": elapsed / max(window.steps, 1),
+            "samples_per_s": total.samples / elapsed, "tokens_per_s": total.all_tokens / elapsed,
+            "mfu": total.flops / elapsed / (self.world * self.peak.tflops * 1e12),
+            "memory_gb": total.memory_gb, "epoch": self.epoch, "nonfinite_skipped": self.nonfinite,
         }
         if self.cfg.deepspeed.precision == "fp16":
             metrics["loss_scale"] = float(self.engine.optimizer.cur_scale)
         for i, name in enumerate(self.task_names):
-            if tasks[i, 1] > 0:
-                metrics[f"loss/{name}"] = float(tasks[i, 0] / tasks[i, 1])
+            if total.per_task[i, 1] > 0:
+                metrics[f"loss/{name}"] = float(total.per_task[i, 0] / total.per_task[i, 1])
         return metrics
 
-    def _grad_norm(self, window: dict) -> float:
+    def _grad_norm(self, window: MetricWindow) -> float:
         """DeepSpeed's norm of the last step; its plain fp32 path (stage 0) records none, so ours is used."""
         norm = self.engine.get_global_grad_norm()
         if norm is None:
-            return window.get("grad_norm", float("nan"))
+            return window.grad_norm if window.grad_norm is not None else float("nan")
         return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
 
     def _unclipped_grad_norm(self) -> float:
@@ -501,9 +526,8 @@ class Trainer:
         (``RootCalls``) so that its hooks gather the embedding tables the model reads directly."""
         from biomedgpt.engine.downstream import RankSync, RootCalls, evaluate_model
 
-        stage3 = self.cfg.deepspeed.zero_stage == 3
-        sync = RankSync(self.dist.device) if stage3 and self.world > 1 else None
-        module = RootCalls(self.engine.module) if stage3 else self.engine.module
+        sync = RankSync(self.dist.device) if self.plan.lockstep_decoding else None
+        module = RootCalls(self.engine.module) if self.plan.partitions_params else self.engine.module
         self._beat("downstream eval")
         start = time.perf_counter()
         results, records = evaluate_model(module, self.tokenizer, self.eval_loader, self.cfg.eval.downstream,
@@ -557,7 +581,7 @@ class Trainer:
         use_ema = self.ema is not None and self.cfg.eval.use_ema
         module = self.engine.module
         with (self.ema.swapped_in(module) if use_ema else nullcontext()):
-            with _gathered(module, self.cfg.deepspeed.zero_stage):
+            with self.plan.gathered(module):
                 if self.is_main:
                     save_pretrained(module, directory, self.tokenizer, overwrite=True)
         dist_utils.barrier()
@@ -571,11 +595,4 @@ def _match_buffer_dtype(module: torch.nn.Module) -> None:
             if buf.is_floating_point() and buf.dtype != dtype:
                 setattr(sub, name, buf.to(dtype))
 
-
-def _gathered(module, zero_stage: int):
-    if zero_stage != 3:
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
 

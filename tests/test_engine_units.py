@@ -246,3 +246,29 @@ def test_unreachable_wandb_server_never_fails_the_run(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 2.5}
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_metric_window_sums_by_name_and_per_task():
+    from biomedgpt.engine.metrics import MetricWindow
+
+    window = MetricWindow(3)
+    for tokens in (2.0, 3.0):
+        window.add(torch.tensor([0, 2]), torch.tensor([1.0, 4.0]), torch.tensor([1.0, 2.0]),
+                   loss=5.0, tokens=tokens, flops=10.0)
+    total = window.reduced(memory_gb=1.5, rank=0, world=1)  # one process: the reduction is the identity
+    assert (total.loss, total.tokens, total.flops, total.nll, total.memory_gb) == (10.0, 5.0, 20.0, 0.0, 1.5)
+    assert total.per_task.tolist() == [[2.0, 2.0], [0.0, 0.0], [8.0, 4.0]]
+
+
+def test_zero_plan_decides_by_stage():
+    from biomedgpt.engine.zero_plan import ZeroPlan
+
+    plans = {stage: ZeroPlan(stage, world=4, precision="fp32") for stage in range(4)}
+    assert [p.partitions_params for p in plans.values()] == [False, False, False, True]
+    assert [p.own_grad_norm for p in plans.values()] == [True, False, False, False]
+    assert not ZeroPlan(0, 4, "bf16").own_grad_norm
+    assert [p.optimizer_state_elements(100) for p in plans.values()] == [100, 25, 25, 100]
+    assert not plans[2].needs_universal(saved_stage=0, saved_world=1)  # unpartitioned state loads anywhere
+    assert plans[2].needs_universal(saved_stage=2, saved_world=2) and plans[2].needs_universal(3, 4)
+    assert not plans[2].needs_universal(2, 4)
+    assert plans[3].lockstep_decoding and not ZeroPlan(3, 1, "fp32").lockstep_decoding

@@ -53,13 +53,8 @@ def _overrides(cfg: BenchConfig, out: Path, stage: int) -> list[str]:
 
 
 def _step(trainer, batches) -> float:
-    from biomedgpt.engine.trainer import _move
-
     start = time.perf_counter()
-    batch = _move(next(batches), trainer.dist.device, trainer.float_dtype)
-    out = trainer._forward_loss(batch, train=True)
-    trainer.engine.backward(out.loss)
-    trainer.engine.step()
+    trainer.train_step(next(batches))
     trainer.step += 1
     return time.perf_counter() - start
 
