@@ -1,8 +1,8 @@
 """Downstream evaluation: decode every evaluation sample the way its task is judged, score with the
 paper's metrics, write a results JSON and per-sample predictions.
 
-Used two ways: inside training (``evaluate_model``, one call per evaluation, its metrics such as
-``vqa/accuracy`` select the best checkpoint) and as a command on a model directory::
+Decoding lives here; the evaluator (``engine/evaluate.py``) scores it, inside training (its metrics such
+as ``vqa/accuracy`` select the best checkpoint) and in this command on a model directory::
 
     biomedgpt evaluate recipe=finetune/vqa_rad model_dir=runs/vqa_rad/best output_dir=runs/vqa_rad/eval
 
@@ -21,13 +21,12 @@ import pickle
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 
 from biomedgpt.data.config import DataConfig
 from biomedgpt.data.tasks import TASK_NAMES
-from biomedgpt.engine import task_metrics
 from biomedgpt.engine.durable import atomic_write_text
 from biomedgpt.engine.config import ConfigError, load, parse_cli, to_dict
 from biomedgpt.engine.eval_config import FIXED_ANSWERS, TASK_DEFAULTS, DownstreamConfig, EvaluateConfig, TaskEvalConfig
@@ -271,58 +270,6 @@ def predict(model, tokenizer, batches: Iterable[dict], cfg: DownstreamConfig, se
 
 
 # ----------------------------------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------------------------------
-
-
-def compute_metrics(records: list[dict]) -> dict[str, float]:
-    """``<task>/<metric>`` for every task present (each sample id counted once)."""
-    unique: dict[tuple[str, str], dict] = {}
-    for record in records:
-        unique.setdefault((record["task"], record["id"]), record)
-    by_task: dict[str, list[dict]] = {}
-    for record in unique.values():
-        by_task.setdefault(record["task"], []).append(record)
-    metrics: dict[str, float] = {}
-    for name, rows in sorted(by_task.items()):
-        preds = [r["prediction"] for r in rows]
-        refs = [r["references"] for r in rows]
-        if name == "vqa":
-            values = task_metrics.vqa_accuracy(preds, refs, [r.get("answer_type") for r in rows])
-        elif name in ("caption", "grounded_caption"):
-            values = task_metrics.caption_metrics(preds, refs)
-        elif name in ("summarization", "instruction"):
-            values = task_metrics.rouge_metrics(preds, refs)
-        elif name == "grounding":
-            values = task_metrics.grounding_accuracy(preds, refs)
-        else:
-            values = {"accuracy": task_metrics.accuracy(preds, [r[0] if r else "" for r in refs])}
-        metrics.update({f"{name}/{k}": v for k, v in values.items()})
-        metrics[f"{name}/samples"] = float(len(rows))
-    return metrics
-
-
-def evaluate_model(model, tokenizer, batches: Iterable[dict], cfg: DownstreamConfig, device: torch.device,
-                   gather: Callable[[list], list] = lambda part: part, sync: Optional[RankSync] = None
-                   ) -> tuple[dict[str, float], list[dict]]:
-    """One evaluation: predictions and metrics. A task whose closed answer set comes from the data
-    (VQA, classification without an answers file) costs a second pass over ``batches`` (so they must
-    be re-iterable). In a multi-rank run pass ``gather`` (this rank's list -> every rank's lists
-    concatenated; called the same number of times on every rank). Ranks decode independently unless
-    ``sync`` is given: then they make the same sequence of model calls (ZeRO-3 gathers parameters
-    collectively inside each of them; see ``predict``)."""
-    sets = answer_sets(cfg)
-    records, seen = predict(model, tokenizer, batches, cfg, sets, device, sync=sync)
-    seen = gather(seen)
-    if seen:
-        found = sets_from_references(seen)
-        sets.update(found)
-        records += predict(model, tokenizer, batches, cfg, sets, device, only=set(found), sync=sync)[0]
-    records = gather(records)
-    return compute_metrics(records), records
-
-
-# ----------------------------------------------------------------------------------------------
 # The command
 # ----------------------------------------------------------------------------------------------
 
@@ -370,19 +317,16 @@ def run(cfg: EvaluateConfig) -> dict:
     """Evaluate and write ``results.json`` and ``predictions.jsonl`` into ``output_dir``."""
     from biomedgpt.data.loader import build_eval_loader
 
+    from biomedgpt.engine.evaluate import Evaluator
+
     data, downstream = resolve(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, gather, sync = 0, (lambda part: part), None
+    rank = 0
     if world > 1 or cfg.zero_stage == 3:
         from biomedgpt.engine.distributed import init_distributed
 
         info = init_distributed("auto")
         rank, world, device = info.rank, info.world_size, info.device
-
-        def gather(part: list) -> list:
-            parts: list = [None] * world
-            torch.distributed.all_gather_object(parts, part)
-            return [item for p in parts for item in p]
     else:
         device = pick_device(cfg.device)
     model, tokenizer = load_model_and_tokenizer(cfg.model_dir, cfg.bpe_dir, device)
@@ -394,18 +338,14 @@ def run(cfg: EvaluateConfig) -> dict:
         register_external_parameters(model)
         engine, _, _, _ = deepspeed.initialize(model=model, config={
             "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
-        model = RootCalls(engine.module)
-        sync = RankSync(device) if world > 1 else None
+        model = engine.module
+    evaluator = Evaluator(model, device, rank, world, partitions_params=cfg.zero_stage == 3)
     loader = build_eval_loader(data, tokenizer, rank, world)
     start = time.perf_counter()
-    metrics, records = evaluate_model(model, tokenizer, loader, downstream, device, gather, sync)
+    metrics, records = evaluator.task_metrics(tokenizer, loader, downstream)
     elapsed = time.perf_counter() - start
     if rank != 0:
         return {"metrics": metrics}
-    unique: dict[tuple[str, str], dict] = {}
-    for record in records:  # ranks' shares are padded by repeating samples
-        unique.setdefault((record["task"], record["id"]), record)
-    records = list(unique.values())
     results = {"model_dir": str(cfg.model_dir), "metrics": metrics, "samples": len({r["id"] for r in records}),
                "seconds": elapsed, "eval_streams": [to_dict(s) for s in data.eval_streams],
                "downstream": {name: to_dict(downstream.task(name))

@@ -1,8 +1,29 @@
-"""Evaluation metrics of the engine's loss pass: loss, perplexity and token accuracy, overall and per task."""
+"""The one evaluator, used by training (``Trainer.evaluate``) and by ``biomedgpt evaluate``
+(``engine/downstream.py``'s ``run``):
+
+- the loss pass: loss, perplexity and token accuracy over the eval set, overall and per task
+  (``Evaluator.loss_metrics``, ``eval_metrics``);
+- the task metrics by generation: each sample decoded the way its task is judged (``engine/downstream.py``)
+  and scored with the paper's metrics (``engine/task_metrics.py``) (``Evaluator.task_metrics``,
+  ``evaluate_model``, ``compute_metrics``).
+
+Across ranks each rank evaluates its share; results are gathered in rank order and each sample id counts
+once (the eval loader pads the shares by repeating samples). Where the parameters are partitioned (ZeRO-3)
+every module call is a collective, so every rank makes the same calls: the loss pass runs a forward each
+round (a rank whose share is done repeats its last batch), and decoding runs in lockstep through the root
+module (``RankSync``, ``RootCalls``).
+"""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+from biomedgpt.engine import distributed as dist_utils
+from biomedgpt.engine import task_metrics
+from biomedgpt.engine.downstream import RankSync, RootCalls, answer_sets, predict, sets_from_references
+from biomedgpt.engine.eval_config import DownstreamConfig
 
 
 def eval_metrics(records: Sequence[tuple[str, int, float, float, int, int]], task_names: Sequence[str]) -> dict:
@@ -27,3 +48,112 @@ def eval_metrics(records: Sequence[tuple[str, int, float, float, int, int]], tas
         metrics[f"ppl{suffix}"] = math.exp(min(nll, 50.0))
         metrics[f"accuracy{suffix}"] = sum(r[4] for r in rows) / tokens
     return metrics
+
+
+def unique_records(records: Iterable[dict]) -> list[dict]:
+    """Each (task, sample id) once, the first seen (the ranks' shares are padded by repeating samples)."""
+    unique: dict[tuple[str, str], dict] = {}
+    for record in records:
+        unique.setdefault((record["task"], record["id"]), record)
+    return list(unique.values())
+
+
+def compute_metrics(records: list[dict]) -> dict[str, float]:
+    """``<task>/<metric>`` for every task present (each sample id counted once)."""
+    by_task: dict[str, list[dict]] = {}
+    for record in unique_records(records):
+        by_task.setdefault(record["task"], []).append(record)
+    metrics: dict[str, float] = {}
+    for name, rows in sorted(by_task.items()):
+        preds = [r["prediction"] for r in rows]
+        refs = [r["references"] for r in rows]
+        if name == "vqa":
+            values = task_metrics.vqa_accuracy(preds, refs, [r.get("answer_type") for r in rows])
+        elif name in ("caption", "grounded_caption"):
+            values = task_metrics.caption_metrics(preds, refs)
+        elif name in ("summarization", "instruction"):
+            values = task_metrics.rouge_metrics(preds, refs)
+        elif name == "grounding":
+            values = task_metrics.grounding_accuracy(preds, refs)
+        else:
+            values = {"accuracy": task_metrics.accuracy(preds, [r[0] if r else "" for r in refs])}
+        metrics.update({f"{name}/{k}": v for k, v in values.items()})
+        metrics[f"{name}/samples"] = float(len(rows))
+    return metrics
+
+
+def evaluate_model(model, tokenizer, batches: Iterable[dict], cfg: DownstreamConfig, device: torch.device,
+                   gather: Callable[[list], list] = lambda part: part, sync: Optional[RankSync] = None
+                   ) -> tuple[dict[str, float], list[dict]]:
+    """One evaluation: predictions and metrics. A task whose closed answer set comes from the data
+    (VQA, classification without an answers file) costs a second pass over ``batches`` (so they must
+    be re-iterable). In a multi-rank run pass ``gather`` (this rank's list -> every rank's lists
+    concatenated; called the same number of times on every rank). Ranks decode independently unless
+    ``sync`` is given: then they make the same sequence of model calls (ZeRO-3 gathers parameters
+    collectively inside each of them; see ``downstream.predict``)."""
+    sets = answer_sets(cfg)
+    records, seen = predict(model, tokenizer, batches, cfg, sets, device, sync=sync)
+    seen = gather(seen)
+    if seen:
+        found = sets_from_references(seen)
+        sets.update(found)
+        records += predict(model, tokenizer, batches, cfg, sets, device, only=set(found), sync=sync)[0]
+    records = gather(records)
+    return compute_metrics(records), records
+
+
+class Evaluator:
+    """Evaluation of one model on this rank's share of the eval data, the ranks agreeing on the result.
+
+    ``model`` is the module to evaluate (DeepSpeed's ``engine.module`` or a plain model, in eval mode);
+    ``partitions_params``: its parameters are ZeRO-3 partitions (``ZeroPlan.partitions_params``)."""
+
+    def __init__(self, model, device: torch.device, rank: int, world: int, partitions_params: bool,
+                 beat: Callable[[str], None] = lambda phase: None):
+        self.device, self.rank, self.world, self.beat = device, rank, world, beat
+        self.sync = RankSync(device) if partitions_params and world > 1 else None
+        self.generator = RootCalls(model) if partitions_params else model
+
+    def gather(self, part: list) -> list:
+        """Every rank's list, concatenated in rank order (the same on every rank)."""
+        if self.world == 1:
+            return part
+        parts: list = [None] * self.world
+        torch.distributed.all_gather_object(parts, part)
+        return [item for p in parts for item in p]
+
+    @torch.no_grad()
+    def loss_metrics(self, batches: Iterable[dict], forward_loss: Callable[[dict], object],
+                     task_names: Sequence[str], max_batches: Optional[int] = None) -> dict:
+        """Loss, perplexity and token accuracy (``eval_metrics``). ``forward_loss(batch)`` returns the
+        per-sample ``sample_loss``, ``sample_nll``, ``sample_tokens``, ``sample_correct`` of a raw batch."""
+        records: list[tuple[str, int, float, float, int, int]] = []
+        iterator = iter(batches)
+        last = None
+        rounds = 0
+        while max_batches is None or rounds < max_batches:
+            batch = next(iterator, None)
+            alive = dist_utils.all_reduce(torch.tensor([0.0 if batch is None else 1.0]), "max")
+            if alive[0] == 0:
+                break
+            rounds += 1
+            self.beat("eval")
+            if batch is None:
+                if last is None:
+                    raise RuntimeError(f"rank {self.rank} got no evaluation batch at all")
+                forward_loss(last)
+                continue
+            last = batch
+            out = forward_loss(batch)
+            task_ids = batch.get("task_ids", torch.zeros(len(batch["ids"]), dtype=torch.long)).tolist()
+            records.extend(zip(batch["ids"], task_ids, out.sample_loss.tolist(), out.sample_nll.tolist(),
+                               out.sample_tokens.tolist(), out.sample_correct.tolist()))
+        return eval_metrics(self.gather(records), task_names)
+
+    def task_metrics(self, tokenizer, batches: Iterable[dict], cfg: DownstreamConfig
+                     ) -> tuple[dict[str, float], list[dict]]:
+        """The task metrics by generation, and every rank's predictions (each sample once)."""
+        self.beat("downstream eval")
+        metrics, records = evaluate_model(self.generator, tokenizer, batches, cfg, self.device, self.gather,
+                                          self.sync)
+        return metrics, unique_records(records)

@@ -483,78 +483,42 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Loss, perplexity and token accuracy over the eval set (overall and per task), every rank agreeing.
-
-        Every rank runs a forward each round, also when its share is exhausted (it repeats its last
-        batch and discards the result): ZeRO-3 gathers parameters collectively inside the forward.
-        """
-        from biomedgpt.engine.evaluate import eval_metrics
+        """Loss, perplexity and token accuracy over the eval set (overall and per task), and with
+        ``eval.downstream`` the task metrics by generation, every rank agreeing (``engine/evaluate.py``)."""
+        from biomedgpt.engine.evaluate import Evaluator
 
         use_ema = self.ema is not None and self.cfg.eval.use_ema
         self.engine.eval()
-        records: list[tuple[str, int, float, float, int, int]] = []
+        evaluator = Evaluator(self.engine.module, self.dist.device, self.rank, self.world,
+                              self.plan.partitions_params, beat=self._beat)
         context = self.ema.swapped_in(self.engine.module) if use_ema else nullcontext()
         with context:
-            iterator = iter(self.eval_loader)
-            last = None
-            rounds = 0
-            while self.cfg.eval.max_batches is None or rounds < self.cfg.eval.max_batches:
-                batch = next(iterator, None)
-                alive = dist_utils.all_reduce(torch.tensor([0.0 if batch is None else 1.0]), "max")
-                if alive[0] == 0:
-                    break
-                rounds += 1
-                self._beat("eval")
-                if batch is None:
-                    if last is None:
-                        raise RuntimeError(f"rank {self.rank} got no evaluation batch at all")
-                    self._forward_loss(last, train=False)
-                    continue
-                last = _move(batch, self.dist.device, self.float_dtype)
-                out = self._forward_loss(last, train=False)
-                task_ids = batch.get("task_ids", torch.zeros(len(batch["ids"]), dtype=torch.long)).tolist()
-                records.extend(zip(batch["ids"], task_ids, out.sample_loss.tolist(), out.sample_nll.tolist(),
-                                   out.sample_tokens.tolist(), out.sample_correct.tolist()))
-            metrics = eval_metrics(self._gather(records), self.task_names)
+            metrics = evaluator.loss_metrics(
+                self.eval_loader, lambda batch: self._forward_loss(_move(batch, self.dist.device, self.float_dtype),
+                                                                   train=False),
+                self.task_names, self.cfg.eval.max_batches)
             if self.cfg.eval.downstream is not None:
-                metrics.update(self._downstream())
+                metrics.update(self._downstream(evaluator))
         return metrics
 
-    def _downstream(self) -> dict:
-        """The task metrics by generation. Under ZeRO-3 (parameters gathered collectively in every module
-        call) the ranks decode in lockstep, and encoder / decoder calls go through the root module's call
-        (``RootCalls``) so that its hooks gather the embedding tables the model reads directly."""
-        from biomedgpt.engine.downstream import RankSync, RootCalls, evaluate_model
-
-        sync = RankSync(self.dist.device) if self.plan.lockstep_decoding else None
-        module = RootCalls(self.engine.module) if self.plan.partitions_params else self.engine.module
-        self._beat("downstream eval")
+    def _downstream(self, evaluator) -> dict:
+        """The task metrics by generation; rank 0 writes the predictions of this step."""
         start = time.perf_counter()
-        results, records = evaluate_model(module, self.tokenizer, self.eval_loader, self.cfg.eval.downstream,
-                                          self.dist.device, self._gather, sync=sync)
+        results, records = evaluator.task_metrics(self.tokenizer, self.eval_loader, self.cfg.eval.downstream)
         results["downstream_time_s"] = time.perf_counter() - start
-        if sync is not None:
-            results["synced_padding_calls"] = float(sum(self._gather([sync.padding_calls])))
+        if evaluator.sync is not None:
+            results["synced_padding_calls"] = float(sum(evaluator.gather([evaluator.sync.padding_calls])))
         if self.is_main and self.cfg.eval.write_predictions:
             path = self.out / "eval_predictions" / f"step_{self.step:08d}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
-            unique = {(r["task"], r["id"]): r for r in reversed(records)}
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in sorted(unique.values(),
-                                                                              key=lambda r: (r["task"], r["id"]))))
+            ordered = sorted(records, key=lambda r: (r["task"], r["id"]))
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in ordered))
         return results
 
     def _beat(self, phase: str) -> None:
         watchdog = getattr(self, "watchdog", None)
         if watchdog is not None:
             watchdog.beat(phase, self.step)
-
-    def _gather(self, part: list) -> list:
-        """Every rank's list, concatenated in rank order (the same on every rank)."""
-        if self.world == 1:
-            return part
-        parts: list = [None] * self.world
-        torch.distributed.all_gather_object(parts, part)
-        return [item for p in parts for item in p]
 
     def evaluate_and_track(self) -> dict:
         start = time.perf_counter()

@@ -13,8 +13,9 @@ from biomedgpt.data.config import DataConfig
 from biomedgpt.data.records import make_record
 from biomedgpt.data.tasks import TaskContext, process
 from biomedgpt.engine.config import ConfigError, load
-from biomedgpt.engine.downstream import (DownstreamConfig, EvaluateConfig, answer_sets, compute_metrics, evaluate_model,
-                               predict, read_answers, sets_from_references)
+from biomedgpt.engine.downstream import (DownstreamConfig, EvaluateConfig, answer_sets, predict, read_answers,
+                                         sets_from_references)
+from biomedgpt.engine.evaluate import compute_metrics, evaluate_model
 from biomedgpt.models.config import model_config
 from biomedgpt.models.ofa import BiomedGPT
 from biomedgpt.models.tokenizer import Tokenizer
