@@ -71,6 +71,18 @@ def _run_module(module: str, argv: list[str], prog: str) -> int:
 RANKED = ("train", "demo", "evaluate", "infer")
 
 
+def _parse(module: str, argv: list[str]) -> None:
+    """Parse a ranked command's settings here, once (each rank parses them again)."""
+    if module == "biomedgpt.engine.train":
+        importlib.import_module(module).parse(argv)
+        return
+    from biomedgpt.engine.config import parse_cli
+
+    config = {"biomedgpt.engine.downstream": ("biomedgpt.engine.eval_config", "EvaluateConfig"),
+              "biomedgpt.tools.infer": ("biomedgpt.tools.infer", "InferConfig")}[module]
+    parse_cli(getattr(importlib.import_module(config[0]), config[1]), argv)
+
+
 def _ranked(module: str, argv: list[str], prog: str, demo: bool) -> int:
     """``-n RANKS``: start that many ranks (local.sh) unless a launcher already started this one."""
     ranks = None
@@ -89,6 +101,8 @@ def _ranked(module: str, argv: list[str], prog: str, demo: bool) -> int:
         sys.exit(f"{prog}: the demo has its own config; use 'biomedgpt train --config ...' for another run")
     if "RANK" in os.environ or ranks == "1" or (ranks is None and not demo):
         return _run_module(module, rest, prog)
+    sys.argv = [prog, *rest]
+    _parse(module, rest)  # a bad setting fails before any rank starts
     launch = ["bash", str(LOCAL_LAUNCHER)] + (["-n", ranks] if ranks else []) + ["-m", module, "--", *rest]
     os.environ.setdefault("PYTHON", sys.executable)
     os.execvp("bash", launch)
