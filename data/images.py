@@ -151,8 +151,7 @@ def pre_resized(data: bytes, max_side: int, min_side: int = 0, name: str = "") -
     faster; training resamples them as it did the originals (``training_image_sides`` gives the bounds)."""
     image = Image.open(io.BytesIO(data))
     width, height = image.size
-    scale = min(1.0, max(max_side / max(width, height), min_side / min(width, height)))
-    out = (max(1, round(width * scale)), max(1, round(height * scale)))
+    out = pre_resized_size(image.size, max_side, min_side)
     if out == (width, height):
         return data, 1.0, 1.0
     try:
@@ -166,6 +165,13 @@ def pre_resized(data: bytes, max_side: int, min_side: int = 0, name: str = "") -
     else:
         resized.save(buf, format="PNG", optimize=False)
     return buf.getvalue(), out[0] / width, out[1] / height
+
+
+def pre_resized_size(size: tuple[int, int], max_side: int, min_side: int = 0) -> tuple[int, int]:
+    """The (width, height) ``pre_resized`` stores an image of ``size`` at (never larger than it was)."""
+    width, height = size
+    scale = min(1.0, max(max_side / max(width, height), min_side / min(width, height)))
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def _jpeg_sampling(image: Image.Image) -> int:
