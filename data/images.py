@@ -420,7 +420,20 @@ def apply_plan(image: Image.Image, plan: list[tuple[str, float]], magnitude: int
     return image
 
 
-def _autocontrast_lut(histogram: list[int]) -> list[int]:
+def _apply_lut(image: Image.Image, lut: np.ndarray) -> Image.Image:
+    """Each band through its row of ``lut`` ([bands, 256]) with numpy (``Image.point`` rounds the table in
+    Python first: 2 ms per call)."""
+    table = np.clip(lut, 0, 255).astype(np.uint8)
+    pixels = np.asarray(image)
+    if pixels.ndim == 2:
+        return Image.fromarray(table[0][pixels], image.mode)
+    out = np.empty_like(pixels)
+    for band in range(pixels.shape[2]):
+        out[..., band] = table[band][pixels[..., band]]
+    return Image.fromarray(out, image.mode)
+
+
+def _autocontrast_lut(histogram: list[int]) -> np.ndarray:
     """``ImageOps.autocontrast``'s table (each band's [lo, hi] stretched to [0, 255]), built with numpy:
     PIL builds it in a Python loop, 4 ms per image."""
     hist = np.asarray(histogram, dtype=np.int64).reshape(-1, 256)
@@ -432,10 +445,10 @@ def _autocontrast_lut(histogram: list[int]) -> list[int]:
         if hi > lo:
             scale = 255.0 / (hi - lo)
             lut[band] = np.clip(np.trunc(ramp * scale + -lo * scale), 0, 255)
-    return lut.ravel().tolist()
+    return lut
 
 
-def _equalize_lut(histogram: list[int]) -> list[int]:
+def _equalize_lut(histogram: list[int]) -> np.ndarray:
     """``ImageOps.equalize``'s table (each band's cumulative histogram), built with numpy, as PIL's loop does."""
     hist = np.asarray(histogram, dtype=np.int64).reshape(-1, 256)
     lut = np.tile(np.arange(256, dtype=np.int64), (hist.shape[0], 1))
@@ -444,7 +457,7 @@ def _equalize_lut(histogram: list[int]) -> list[int]:
         step = (int(used.sum()) - int(used[-1])) // 255 if used.size > 1 else 0
         if step:
             lut[band] = (step // 2 + np.concatenate([[0], np.cumsum(h)[:-1]])) // step
-    return lut.ravel().tolist()
+    return lut
 
 
 def _apply_op(image: Image.Image, op: str, level: float, sign: float) -> Image.Image:
@@ -452,9 +465,9 @@ def _apply_op(image: Image.Image, op: str, level: float, sign: float) -> Image.I
     if op == "identity":
         return image
     if op == "autocontrast":
-        return image.point(_autocontrast_lut(image.histogram()))
+        return _apply_lut(image, _autocontrast_lut(image.histogram()))
     if op == "equalize":
-        return image.point(_equalize_lut(image.histogram()))
+        return _apply_lut(image, _equalize_lut(image.histogram()))
     if op == "brightness":
         return ImageEnhance.Brightness(image).enhance(1.0 + sign * level * 0.9)
     if op == "sharpness":
