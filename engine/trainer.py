@@ -174,11 +174,6 @@ class Trainer:
             init_state = read_model_weights(cfg.checkpoint.init_from)
         zero_init = use_zero_init(self.model_cfg, ds.zero_stage, ds.zero_init)
         model = build_model(self.model_cfg, self.ds_config, zero_init, init_state)
-        # The modality split (image pass + text pass) changes the order in which gradients become ready
-        # from batch to batch; DeepSpeed reduces them in buckets in that order, so ranks whose batches mix
-        # differently would exchange mismatched buckets. Several ranks therefore run every sample through
-        # the one-pass path (same logits; BatchNorm also sees the placeholders, as in the reference).
-        model.encoder.image_rows_only = self.world == 1
         if cfg.optim.freeze_embeddings:
             model.embed_tokens.weight.requires_grad_(False)
         if ds.activation_checkpointing:
