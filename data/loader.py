@@ -19,6 +19,7 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 from streaming import Stream, StreamingDataLoader, StreamingDataset
+from streaming.base.dataset import _ShardState
 from streaming.base.format.mds.reader import MDSReader
 
 from biomedgpt.data.collate import collate
@@ -137,6 +138,7 @@ class TaskStreamingDataset(StreamingDataset):
         self.tokenizer = tokenizer
         self.train = train
         self._checked_shards: set[int] = set()
+        self._local_shards: set[int] = set()  # seen whole on disk (no cache_limit: they stay so)
         self._maps: dict = {}  # shard id -> mmap of its raw file (see _mapped_item)
         self._prompts: dict = {}  # constant prompt pieces -> token ids (every sample's TaskContext shares it)
         self._word_start: dict = {}
@@ -155,6 +157,16 @@ class TaskStreamingDataset(StreamingDataset):
         if self.cfg.cache_limit is None and isinstance(self.shards[shard_id], MDSReader):
             return self._mapped_item(shard_id, self.spanner[sample_id][1])  # nothing is evicted: a map per shard
         return super().get_item(sample_id, retry)
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """streaming's, which its two background threads call for every sample: a file lock, a stat and an
+        access-time write each, a third of a core at loader speed. Without ``cache_limit`` nothing is
+        evicted, so a shard once seen on disk whole needs nothing more."""
+        if shard_id in self._local_shards:
+            return
+        super().prepare_shard(shard_id, blocking)
+        if self.cfg.cache_limit is None and self._shard_states[shard_id] == _ShardState.LOCAL:
+            self._local_shards.add(shard_id)
 
     def __getstate__(self) -> dict:
         """Pickled for spawned loader workers: memory maps stay behind (each process maps its own)."""

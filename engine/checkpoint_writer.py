@@ -20,8 +20,9 @@ What this module does instead, for both writing modes:
   for the previous job (``wait``), which also re-raises any error of the background write.
 
 What background writing adds: one host copy of this rank's checkpoint state (model, optimizer, EMA),
-allocated at the first save and reused by the next ones (the snapshot is a copy into it: the blocked time;
-on GPUs into pinned memory); a thread that competes with the training step for CPU while it writes;
+allocated and touched before the first save (``CheckpointManager.reserve``, which the trainer calls after
+its first step, once the optimizer state exists) and reused by every save (the snapshot is a copy into it:
+the blocked time; on GPUs into pinned memory); a thread that competes with the training step for CPU while it writes;
 and, until the write completes, the newest checkpoint is not yet ``latest`` (a crash then resumes from
 the previous one, as before). Snapshots preserve storage sharing (views of one storage stay views of one
 copy), so files are what ``torch.save`` of the live state would have written.
@@ -74,6 +75,14 @@ class HostSnapshot:
 
     def take(self, obj: Any, key: str) -> Any:
         """A copy of ``obj`` whose tensors live in this snapshot's buffers (non-tensors deep-copied)."""
+        return self._walk(obj, key, copy_data=True)
+
+    def reserve(self, obj: Any, key: str) -> None:
+        """Allocate and touch the buffers ``take(obj, key)`` will copy into, copying nothing: a first save
+        then blocks no longer than later ones (no allocation, no page faults inside the snapshot)."""
+        self._walk(obj, key, copy_data=False)
+
+    def _walk(self, obj: Any, key: str, copy_data: bool) -> Any:
         copies: dict[tuple[int, torch.device], torch.UntypedStorage] = {}
         pending_cuda = [False]
 
@@ -86,8 +95,10 @@ class HostSnapshot:
                 buf = self.buffers.get(slot)
                 if buf is None or buf.numel() != nbytes:
                     buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=t.is_cuda)
+                    if not t.is_cuda:  # pinned pages are resident already; pageable ones fault on first write
+                        buf.zero_()
                     self.buffers[slot] = buf
-                if nbytes:
+                if nbytes and copy_data:
                     whole = torch.empty(0, dtype=torch.uint8, device=t.device).set_(src, 0, (nbytes,), (1,))
                     if t.is_cuda:
                         buf.copy_(whole, non_blocking=True)
@@ -99,6 +110,10 @@ class HostSnapshot:
             return copies[ident]
 
         def walk(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and not copy_data:
+                if value.layout == torch.strided:
+                    storage_copy(value.detach())
+                return None
             if isinstance(value, torch.Tensor):
                 if value.layout != torch.strided:
                     return value.detach().to("cpu", copy=True)
@@ -110,7 +125,7 @@ class HostSnapshot:
                 return [walk(v) for v in value]
             if isinstance(value, tuple) and not hasattr(value, "_fields"):
                 return tuple(walk(v) for v in value)
-            if isinstance(value, (str, int, float, bool, type(None), bytes)):
+            if isinstance(value, (str, int, float, bool, type(None), bytes)) or not copy_data:
                 return value
             return copy.deepcopy(value)
 
@@ -132,13 +147,16 @@ class BackgroundWriter:
         self._pending = 0
         self._error: Optional[BaseException] = None
         self._thread: Optional[threading.Thread] = None
+        self.reserving = False  # ``add`` only allocates the snapshot buffers (``CheckpointManager.reserve``)
         self.delay_s = float(os.environ.get(DELAY_ENV, "0") or 0)
 
     # -- the caller's side (the training thread) -----------------------------------------------
 
     def add(self, obj: Any, path: str | Path) -> None:
         """A file of the current job: snapshotted now (background) or written now (sync)."""
-        if self.background:
+        if self.reserving:
+            self.snapshot.reserve(obj, Path(path).name)
+        elif self.background:
             self._files.append((str(path), self.snapshot.take(obj, Path(path).name)))
         else:
             durable_torch_save(obj, path)

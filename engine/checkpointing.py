@@ -133,9 +133,7 @@ class CheckpointManager:
         if self.rank == 0 and tag_dir.exists():
             shutil.rmtree(tag_dir)  # a partial save of this step from a crashed attempt
         barrier()
-        if self._engine_writer is None or engine.checkpoint_engine is not self._engine_writer:
-            self._engine_writer = snapshot_engine(self.writer)
-            engine.checkpoint_engine = self._engine_writer
+        self._hand_files_to_writer(engine)
         self.writer.snapshot.reset_count()
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         tag_dir.mkdir(parents=True, exist_ok=True)
@@ -143,6 +141,29 @@ class CheckpointManager:
         self.writer.finish(lambda: self._complete(tag, step, zero_stage))
         barrier()
         return tag
+
+    def reserve(self, engine, client_state: dict, rank_state: dict) -> None:
+        """Collective: allocate and touch the host buffers of background saves now (a save that copies
+        nothing, into a scratch folder that is removed), so that the first save blocks no longer than
+        the next ones and the memory shows from here on. Call once the optimizer state exists."""
+        if not self.writer.background:
+            return
+        scratch = self.root / ".reserve"
+        self._hand_files_to_writer(engine)
+        self.writer.reserving = True
+        try:
+            engine.save_checkpoint(str(scratch), tag="buffers", client_state=client_state, save_latest=False)
+            self.writer.add(rank_state, scratch / f"rank_{self.rank:05d}.pt")
+        finally:
+            self.writer.reserving = False
+        barrier()
+        if self.rank == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _hand_files_to_writer(self, engine) -> None:
+        if self._engine_writer is None or engine.checkpoint_engine is not self._engine_writer:
+            self._engine_writer = snapshot_engine(self.writer)
+            engine.checkpoint_engine = self._engine_writer
 
     def wait(self) -> None:
         """Until this rank's checkpoint writes (rank 0: and the commit of the pointer) are done."""

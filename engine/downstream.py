@@ -21,7 +21,7 @@ import pickle
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -109,10 +109,13 @@ class RankSync:
     def __init__(self, device: torch.device):
         self.device = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
         self.padding_calls = 0
+        self.agree_s = 0.0  # inside the agreement collectives (waiting for the slower rank included)
 
     def _reduce(self, value: float, op) -> float:
+        start = time.perf_counter()
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(tensor, op)
+        self.agree_s += time.perf_counter() - start
         return float(tensor.item())
 
     def all_done(self, done: bool) -> bool:
@@ -138,6 +141,7 @@ class RootCalls:
 
     def __init__(self, model):
         self.model = model
+        self.decode_calls, self.decode_s = 0, 0.0  # to price the padding calls (one is a decoder call)
 
     def __getattr__(self, name):
         return getattr(self.model, name)
@@ -153,7 +157,12 @@ class RootCalls:
         return self._call(type(self.model).encode.__get__(self.model), *args, **kwargs)
 
     def decode(self, *args, **kwargs):
-        return self._call(type(self.model).decode.__get__(self.model), *args, **kwargs)
+        start = time.perf_counter()
+        try:
+            return self._call(type(self.model).decode.__get__(self.model), *args, **kwargs)
+        finally:
+            self.decode_calls += 1
+            self.decode_s += time.perf_counter() - start
 
 
 def predict_task(model, tokenizer, name: str, sub: dict, task: TaskEvalConfig, answers: Optional[list[str]],
@@ -293,18 +302,23 @@ def resolve(cfg: EvaluateConfig) -> tuple[DataConfig, DownstreamConfig]:
     return data, downstream
 
 
+def load_tokenizer(model_dir: str | Path, bpe_dir: str | Path | None, vocab_size: int):
+    """The model directory's tokenizer (or the canonical one), checked against the model's vocabulary."""
+    from biomedgpt.models.tokenizer import Tokenizer
+
+    tok_dir = Path(model_dir) / "tokenizer"
+    tokenizer = Tokenizer.load(tok_dir) if tok_dir.is_dir() else Tokenizer.from_gpt2_files(bpe_dir)
+    if tokenizer.vocab_size != vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but {model_dir} has vocab_size {vocab_size}")
+    return tokenizer
+
+
 def load_model_and_tokenizer(model_dir: str | Path, bpe_dir: str | Path | None, device: torch.device):
     """A model directory's fp32 model (eval mode) and its tokenizer (or the canonical one)."""
     from biomedgpt.models.checkpoint import load_pretrained
-    from biomedgpt.models.tokenizer import Tokenizer
 
     model = load_pretrained(model_dir).to(device).eval()
-    tok_dir = Path(model_dir) / "tokenizer"
-    tokenizer = Tokenizer.load(tok_dir) if tok_dir.is_dir() else Tokenizer.from_gpt2_files(bpe_dir)
-    if tokenizer.vocab_size != model.cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but {model_dir} has vocab_size "
-                         f"{model.cfg.vocab_size}")
-    return model, tokenizer
+    return model, load_tokenizer(model_dir, bpe_dir, model.cfg.vocab_size)
 
 
 def pick_device(name: str) -> torch.device:
@@ -313,41 +327,92 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclasses.dataclass
+class Ranks:
+    """This process's place among the launched ranks; ``gather``: this rank's list -> every rank's lists
+    concatenated in rank order (collective; the list itself on one process)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    gather: Callable[[list], list]
+
+
+def start_ranks(zero_stage: int, device: str) -> Ranks:
+    """Join the launched ranks (a launcher set WORLD_SIZE, or ZeRO-3 asks for DeepSpeed), else one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and zero_stage != 3:
+        return Ranks(0, 1, pick_device(device), lambda part: part)
+    from biomedgpt.engine.distributed import init_distributed
+
+    info = init_distributed("auto")
+
+    def gather(part: list) -> list:
+        parts: list = [None] * info.world_size
+        torch.distributed.all_gather_object(parts, part)
+        return [item for p in parts for item in p]
+
+    return Ranks(info.rank, info.world_size, info.device, gather)
+
+
+def prepare_model(model_dir: str | Path, bpe_dir: str | Path | None, zero_stage: int, ranks: Ranks):
+    """(model, tokenizer, sync) for evaluation or inference. Stage 3: built partitioned across the ranks
+    (``model_setup.load_partitioned``: no rank materialises the whole model), wrapped in DeepSpeed's
+    ZeRO-3 engine; on several ranks ``sync`` makes them decode in lockstep."""
+    if zero_stage != 3:
+        model, tokenizer = load_model_and_tokenizer(model_dir, bpe_dir, ranks.device)
+        return model, tokenizer, None
+    import deepspeed
+
+    from biomedgpt.engine.model_setup import load_partitioned, register_external_parameters
+
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    model = load_partitioned(model_dir, ds_config, ranks.rank)
+    tokenizer = load_tokenizer(model_dir, bpe_dir, model.cfg.vocab_size)
+    register_external_parameters(model)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
+    engine.module.eval()
+    return RootCalls(engine.module), tokenizer, RankSync(ranks.device) if ranks.world > 1 else None
+
+
+def sync_costs(model: RootCalls, sync: RankSync) -> dict[str, float]:
+    """What lockstep decoding cost this rank: padding decoder calls (priced at this rank's mean decoder
+    call) and the time in the agreement collectives."""
+    mean = model.decode_s / max(1, model.decode_calls)
+    return {"decoder_calls": model.decode_calls, "decoder_s": model.decode_s, "padding_calls": sync.padding_calls,
+            "padding_s_estimate": sync.padding_calls * mean, "agree_s": sync.agree_s}
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def run(cfg: EvaluateConfig) -> dict:
     """Evaluate and write ``results.json`` and ``predictions.jsonl`` into ``output_dir``."""
     from biomedgpt.data.loader import build_eval_loader
 
-    from biomedgpt.engine.evaluate import Evaluator
+    from biomedgpt.engine.evaluate import evaluate_model, unique_records
 
     data, downstream = resolve(cfg)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = 0
-    if world > 1 or cfg.zero_stage == 3:
-        from biomedgpt.engine.distributed import init_distributed
-
-        info = init_distributed("auto")
-        rank, world, device = info.rank, info.world_size, info.device
-    else:
-        device = pick_device(cfg.device)
-    model, tokenizer = load_model_and_tokenizer(cfg.model_dir, cfg.bpe_dir, device)
-    if cfg.zero_stage == 3:  # every rank reads the whole model, then keeps its partition
-        import deepspeed
-
-        from biomedgpt.engine.model_setup import register_external_parameters
-
-        register_external_parameters(model)
-        engine, _, _, _ = deepspeed.initialize(model=model, config={
-            "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
-        model = engine.module
-    evaluator = Evaluator(model, device, rank, world, partitions_params=cfg.zero_stage == 3)
-    loader = build_eval_loader(data, tokenizer, rank, world)
+    ranks = start_ranks(cfg.zero_stage, cfg.device)
+    rank, device, gather = ranks.rank, ranks.device, ranks.gather
+    model, tokenizer, sync = prepare_model(cfg.model_dir, cfg.bpe_dir, cfg.zero_stage, ranks)
+    loaded_rss = gather([peak_rss_gib()])
+    loader = build_eval_loader(data, tokenizer, rank, ranks.world)
     start = time.perf_counter()
-    metrics, records = evaluator.task_metrics(tokenizer, loader, downstream)
+    metrics, records = evaluate_model(model, tokenizer, loader, downstream, device, gather, sync)
     elapsed = time.perf_counter() - start
+    records = unique_records(records)
+    rss = gather([peak_rss_gib()])
+    synced = gather([sync_costs(model, sync)]) if sync is not None else None
     if rank != 0:
         return {"metrics": metrics}
     results = {"model_dir": str(cfg.model_dir), "metrics": metrics, "samples": len({r["id"] for r in records}),
-               "seconds": elapsed, "eval_streams": [to_dict(s) for s in data.eval_streams],
+               "seconds": elapsed, "peak_rss_gib_per_rank": {"after_load": loaded_rss, "at_end": rss},
+               **({"synced_decoding_per_rank": synced} if synced is not None else {}),
+               "eval_streams": [to_dict(s) for s in data.eval_streams],
                "downstream": {name: to_dict(downstream.task(name))
                               for name in sorted({r["task"] for r in records})}}
     out = Path(cfg.output_dir)

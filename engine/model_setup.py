@@ -66,6 +66,45 @@ def build_model(cfg: ModelConfig, ds_config: dict, zero_init: bool, init_state: 
     return model
 
 
+def load_partitioned(model_dir, ds_config: dict, rank: int) -> BiomedGPT:
+    """A model directory's fp32 model built already partitioned (ZeRO-3 zero.Init), for evaluation: no rank
+    holds the whole model. One module at a time its parameters are gathered and rank 0 fills them from
+    the safetensors files, read lazily (its values are kept, ``modifier_rank=0``); the other ranks read
+    only the files' headers and the (unpartitioned) buffers."""
+    import contextlib
+
+    import deepspeed
+    from safetensors import safe_open
+
+    from biomedgpt.models.checkpoint import TIED_ALIASES, check_fits, model_weight_files, read_model_config
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = _InitLater(read_model_config(model_dir))
+    model.__class__ = BiomedGPT
+    with contextlib.ExitStack() as files:
+        where = {}
+        for path in model_weight_files(model_dir):
+            handle = files.enter_context(safe_open(str(path), framework="pt"))
+            where.update((key, handle) for key in handle.keys())
+        check_fits({k: tuple(getattr(v, "ds_shape", v.shape)) for k, v in model.state_dict(keep_vars=True).items()},
+                   {k: tuple(h.get_slice(k).get_shape()) for k, h in where.items()}, str(model_dir))
+        read = lambda key: where[key].get_tensor(key)  # noqa: E731
+        with torch.no_grad():
+            for prefix, module in model.named_modules():
+                own = [(f"{prefix}.{n}" if prefix else n, p) for n, p in module._parameters.items() if p is not None]
+                own = [(key, p) for key, p in own if key not in TIED_ALIASES]
+                if not own:
+                    continue
+                with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=0):
+                    if rank == 0:
+                        for key, p in own:
+                            p.data.copy_(read(key).to(p.dtype))
+            for key, buffer in model.named_buffers():
+                if key in where:  # persistent buffers (check_fits: every one is there); others are derived
+                    buffer.copy_(read(key).to(buffer.dtype))
+    return model
+
+
 def register_external_parameters(model: nn.Module) -> None:
     """ZeRO-3 gathers a module's parameters around its own forward and backward. OFA reads embedding
     tables (position and relative-position tables, the tied output projection) directly, outside any

@@ -124,6 +124,7 @@ class Trainer:
         self.float_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ds.precision]
         self.ema = EMA(self.engine.module, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.enabled else None
         self.step, self.epoch, self.nonfinite = 0, 0, 0
+        self.checkpoint_memory_reserved = False
         self.best: Optional[float] = None
         self.notes: list[str] = []
         self.resumed_rng: Optional[dict] = None
@@ -189,11 +190,6 @@ class Trainer:
             init_state = read_model_weights(cfg.checkpoint.init_from)
         zero_init = use_zero_init(self.model_cfg, ds.zero_stage, ds.zero_init)
         model = build_model(self.model_cfg, self.ds_config, zero_init, init_state)
-        # The modality split (image pass + text pass) changes the order in which gradients become ready
-        # from batch to batch; DeepSpeed reduces them in buckets in that order, so ranks whose batches mix
-        # differently would exchange mismatched buckets. Several ranks therefore run every sample through
-        # the one-pass path (same logits; BatchNorm also sees the placeholders, as in the reference).
-        model.encoder.image_rows_only = self.world == 1
         if cfg.optim.freeze_embeddings:
             model.embed_tokens.weight.requires_grad_(False)
         if ds.activation_checkpointing:
@@ -223,20 +219,40 @@ class Trainer:
         names = dict(self.engine.module.named_buffers())
         return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items() if k in names}
 
-    def save(self) -> str:
+    def _checkpoint_state(self) -> tuple[dict, dict]:
+        """(client state in DeepSpeed's model file, this rank's own state file)."""
         client = {"step": self.step, "epoch": self.epoch, "nonfinite": self.nonfinite, "best": self.best,
                   "config": to_dict(self.cfg), "world_size": self.world}
         rank_state = {"loader": self.train_loader.state_dict(), "rng": rng_state(), "buffers": self._buffers(),
                       "ema": self.ema.state_dict() if self.ema is not None else None}
-        start = time.perf_counter()
+        return client, rank_state
+
+    def reserve_checkpoint_memory(self) -> None:
+        """Decide background vs synchronous writes and allocate the background snapshot's host buffers, once
+        (after the first step: the optimizer state exists), so no save pays for them."""
         writer = self.ckpt.writer
-        if writer.background and self.cfg.checkpoint.background is None and not writer.snapshot.buffers:
+        if self.checkpoint_memory_reserved:
+            return
+        self.checkpoint_memory_reserved = True
+        if writer.background and self.cfg.checkpoint.background is None:
             need = self._state_bytes()
-            if psutil.virtual_memory().available < 2 * need:
+            flag = torch.tensor([float(psutil.virtual_memory().available < 2 * need)])
+            if dist_utils.all_reduce(flag, "max")[0] > 0:  # every rank writes the same way (reserve is collective)
                 writer.background = False
                 self.logger.write(f"checkpoints are written synchronously: {need / 2**30:.1f} GiB of state per rank "
                                   f"and {psutil.virtual_memory().available / 2**30:.1f} GiB of host memory free "
                                   "(checkpoint.background=true forces background writes)")
+        start = time.perf_counter()
+        self.ckpt.reserve(self.engine, *self._checkpoint_state())
+        if writer.background:
+            self.logger.write(f"checkpoint snapshot buffers: {writer.snapshot.bytes / 2**30:.2f} GiB of host memory "
+                              f"per rank, reserved in {time.perf_counter() - start:.2f}s")
+
+    def save(self) -> str:
+        self.reserve_checkpoint_memory()
+        client, rank_state = self._checkpoint_state()
+        start = time.perf_counter()
+        writer = self.ckpt.writer
         self._beat("checkpoint")
         tag = self.ckpt.save(self.engine, self.step, client, rank_state, self.plan.stage)
         self._beat("checkpoint written")
@@ -414,6 +430,7 @@ class Trainer:
             self.sample_log.write(json.dumps({"step": self.step, "ids": step_ids}) + "\n")
         if self.ema is not None:
             self.ema.update(self.engine.module, self.step)
+        self.reserve_checkpoint_memory()
         self.logger.advance(1)
         if self._due(self.cfg.log.interval) or self.step == self.total_steps:
             self.logger.log(self.step, self._window_metrics(self.window))

@@ -201,11 +201,22 @@ def tie_embeddings(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def load_into(model: BiomedGPT, state: dict[str, Tensor], source: str = "checkpoint") -> None:
     """Strict load with one clear error listing every missing, unexpected or wrong-shape key."""
-    expected = {k: v for k, v in model.state_dict().items() if k not in TIED_ALIASES}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-             for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    check_fits({k: tuple(v.shape) for k, v in model.state_dict().items()},
+               {k: tuple(v.shape) for k, v in state.items()}, source)
+    with torch.no_grad():
+        params = dict(model.state_dict(keep_vars=True))
+        for key, value in state.items():
+            params[key].copy_(value.to(params[key].dtype))
+
+
+def check_fits(expected: dict[str, tuple], found: dict[str, tuple], source: str = "checkpoint") -> None:
+    """One clear error listing every missing, unexpected or wrong-shape key (``expected``: the model's
+    state-dict shapes, tied aliases included; ``found``: the checkpoint's)."""
+    expected = {k: v for k, v in expected.items() if k not in TIED_ALIASES}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k}: checkpoint {found[k]} vs model {expected[k]}"
+             for k in sorted(set(found) & set(expected)) if found[k] != expected[k]]
     problems = []
     if missing:
         problems.append(f"missing keys {missing[:20]}{' …' if len(missing) > 20 else ''}")
@@ -215,10 +226,6 @@ def load_into(model: BiomedGPT, state: dict[str, Tensor], source: str = "checkpo
         problems.append(f"wrong shapes [{'; '.join(wrong[:20])}]")
     if problems:
         raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
-    with torch.no_grad():
-        params = dict(model.state_dict(keep_vars=True))
-        for key, value in state.items():
-            params[key].copy_(value.to(params[key].dtype))
 
 
 def import_released(path: str | Path, ema: bool = False, trust_pickle: bool = False,
@@ -319,13 +326,17 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path}: {exc}") from None
 
 
-def read_model_weights(model_dir: str | Path) -> dict[str, Tensor]:
+def model_weight_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a model directory (one, or the shards its index names)."""
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
-    files = ([model_dir / "model.safetensors"] if not index.exists()
-             else [model_dir / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))])
+    return ([model_dir / "model.safetensors"] if not index.exists()
+            else [model_dir / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))])
+
+
+def read_model_weights(model_dir: str | Path) -> dict[str, Tensor]:
     state: dict[str, Tensor] = {}
-    for f in files:
+    for f in model_weight_files(model_dir):
         state.update(read_state_dict(f))
     return state
 

@@ -608,36 +608,65 @@ class BiomedGPT(nn.Module):
     def forward(self, src_tokens: Tensor, prev_output_tokens: Tensor, patch_images: Tensor | None = None,
                 patch_masks: Tensor | None = None, code_masks: Tensor | None = None,
                 sample_patch_num: int | None = None) -> Tensor:
-        if (patch_images is not None and patch_masks is not None and self.encoder.image_rows_only
-                and not bool(patch_masks.all())):
+        if patch_images is not None and patch_masks is not None and self.encoder.image_rows_only:
             return self._forward_by_modality(src_tokens, prev_output_tokens, patch_images, patch_masks, code_masks,
                                              sample_patch_num)
         encoder_out = self.encode(src_tokens, patch_images, patch_masks, sample_patch_num)
         return self.decode(prev_output_tokens, encoder_out, code_masks)
 
+    #: side of the placeholder image of a batch without images (a 2 x 2 feature grid: BatchNorm needs > 1 value)
+    PLACEHOLDER_SIDE = 32
+
     def _forward_by_modality(self, src_tokens: Tensor, prev_output_tokens: Tensor, patch_images: Tensor,
                              patch_masks: Tensor, code_masks: Tensor | None, sample_patch_num: int | None) -> Tensor:
-        """A mixed batch as two passes: samples with an image, then text-only samples without image tokens.
+        """Every batch as two passes: samples with an image, then text-only samples without image tokens.
 
         A text-only sample's image tokens are all masked, so leaving them out changes no logit; it saves
-        the ResNet and the encoder/cross attention over them. Logits come back in the batch's order. A batch
-        without any image still runs the image stem on one placeholder, multiplied by 0 into the logits, so
-        every rank runs the same modules and gets a gradient for every parameter (ZeRO-3 gathers, reduction).
+        the ResNet and the encoder/cross attention over them. Logits come back in the batch's order. Both
+        passes run for every batch, whatever its mix, so every rank makes the same module calls in the same
+        order (ZeRO-3 gathers) and its gradients become ready in the same order (DeepSpeed reduces them in
+        buckets in that order): a side without samples runs on one stand-in row whose logits are dropped
+        (zero gradients) -- a 32 px blank image, BatchNorm statistics untouched, or row 0's text.
         """
         has = patch_masks.bool()
         img, txt = has.nonzero().squeeze(1), (~has).nonzero().squeeze(1)
+        stand_in = img.new_zeros(1)
 
         def part(index: Tensor, images: Tensor | None) -> Tensor:
             codes = None if code_masks is None else code_masks.index_select(0, index)
             enc = self.encode(src_tokens.index_select(0, index), images, None, sample_patch_num)
             return self.decode(prev_output_tokens.index_select(0, index), enc, codes)
 
-        text = part(txt, None)
-        if not img.numel():
-            placeholder = self.encoder.embed_image(patch_images[:1], None, None)[0]
-            return text + placeholder.sum() * 0.0
-        logits = torch.cat([part(img, patch_images.index_select(0, img)), text])
-        return logits.index_select(0, torch.cat([img, txt]).argsort())
+        if img.numel():
+            image_logits = part(img, patch_images.index_select(0, img))
+        else:
+            side = self.PLACEHOLDER_SIDE
+            with _statistics_kept(self.encoder.embed_images):
+                image_logits = part(stand_in, patch_images.new_zeros(1, patch_images.shape[1], side, side))
+        logits = torch.cat([image_logits, part(txt if txt.numel() else stand_in, None)])
+        rows = torch.empty_like(has, dtype=torch.long)
+        rows[img] = torch.arange(img.numel(), device=rows.device)
+        rows[txt] = torch.arange(image_logits.shape[0], image_logits.shape[0] + txt.numel(), device=rows.device)
+        return logits.index_select(0, rows)
+
+
+class _statistics_kept:
+    """BatchNorm layers of ``module`` normalise with batch statistics but leave their running ones as they were."""
+
+    def __init__(self, module: nn.Module):
+        self.norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def __enter__(self) -> None:
+        self.saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+                      for m in self.norms]
+        for m in self.norms:
+            m.momentum = 0.0
+
+    def __exit__(self, *exc) -> None:
+        for m, (momentum, tracked) in zip(self.norms, self.saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 def count_parameters(model: nn.Module) -> int:

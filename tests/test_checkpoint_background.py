@@ -67,6 +67,8 @@ def test_saves_in_quick_succession_never_interleave(shards, tmp_path, repo_root,
                      checkpoint={"interval": 1, "keep_last_n": 10, "at_end": True})
     output = launch(repo_root, cfg, 2)
     assert "writing in the background" in output
+    # the snapshot buffers are reserved after the first step, before it is logged and saved
+    assert output.index("checkpoint snapshot buffers:") < output.index("step 1: ")
     root = out / "checkpoints"
     spans = []
     for step in (1, 2, 3, 4):
@@ -82,3 +84,23 @@ def test_saves_in_quick_succession_never_interleave(shards, tmp_path, repo_root,
     for (_, committed), (next_start, _) in zip(spans, spans[1:]):
         assert committed <= next_start  # checkpoint N was complete before any file of N+1 was written
     assert _latest(out) == "step_00000004"
+
+
+def test_reserved_buffers_are_the_ones_a_save_copies_into():
+    """``HostSnapshot.reserve`` allocates every buffer ``take`` needs (a first save allocates nothing) and
+    copies nothing; ``take`` then copies the values, views of one storage staying views of one copy."""
+    import torch
+
+    from biomedgpt.engine.checkpoint_writer import HostSnapshot
+
+    weights = torch.randn(6, 4)
+    state = {"w": weights, "row": weights[2], "moments": [torch.arange(5.0)], "step": 3}
+    snapshot = HostSnapshot()
+    snapshot.reserve(state, "model.pt")
+    reserved = {slot: buf.data_ptr() for slot, buf in snapshot.buffers.items()}
+    assert len(reserved) == 2 and all(not buf.any() for buf in snapshot.buffers.values())
+    copy = snapshot.take(state, "model.pt")
+    assert {slot: buf.data_ptr() for slot, buf in snapshot.buffers.items()} == reserved
+    assert torch.equal(copy["w"], weights) and torch.equal(copy["moments"][0], state["moments"][0])
+    assert copy["row"].untyped_storage().data_ptr() == copy["w"].untyped_storage().data_ptr() != weights.data_ptr()
+    assert copy["step"] == 3

@@ -422,3 +422,31 @@ def test_unreachable_or_refusing_store_is_one_line_within_10s(s3, tmp_path, caps
     assert elapsed < 10, elapsed
     err, elapsed = _main_error(capsys, *args, "output=s3://data/x", "store_attempts=1")
     assert "after 1 attempt(s)" in err and elapsed < 10
+
+
+def _encoded(size: tuple[int, int], fmt: str, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_pre_resize_keeps_aspect_scales_boxes_and_is_reported(tmp_path, capsys):
+    big, wide, small = _encoded((400, 300), "JPEG"), _encoded((600, 150), "PNG", 1), _encoded((40, 30), "JPEG", 2)
+    lines = [f"g0\t{b64(big)}\tthe lesion\t\t40,30,200,150\t\tdemo\tvisual_grounding",
+             f"c1\t{b64(wide)}\ta wide strip\t\t\t\tdemo\tcaption",
+             f"c2\t{b64(small)}\ta small one\t\t\t\tdemo\tcaption"]
+    (tmp_path / "vl.tsv").write_text("\n".join(lines) + "\n")
+    summary = convert(PrepareConfig(input=str(tmp_path / "vl.tsv"), format="vision_language_tsv",
+                                    output=str(tmp_path / "out"), progress=False, max_image_side=200,
+                                    min_image_side=120))
+    assert (summary.images, summary.resized) == (3, 2)
+    assert ("images pre-resized (longest side <= 200 unless the shortest would drop below 120): 2 of 3"
+            in capsys.readouterr().err)
+    rows = {r["id"]: r for r in read_rows(str(tmp_path / "out"), tmp_path)}
+    grounding = Image.open(io.BytesIO(rows["g0"]["image"]))
+    assert grounding.format == "JPEG" and grounding.size == (200, 150)  # longest side 200, aspect kept
+    assert rows["g0"]["meta"]["box"] == [20.0, 15.0, 100.0, 75.0]  # still around the same pixels
+    strip = Image.open(io.BytesIO(rows["c1"]["image"]))
+    assert strip.format == "PNG" and strip.size == (480, 120)  # 200 would take the short side below 120
+    assert rows["c2"]["image"] == small  # already small enough: the source bytes as they were

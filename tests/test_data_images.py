@@ -136,3 +136,80 @@ def test_jpeg_is_decoded_at_a_reduced_scale_that_still_covers_the_target():
     image = im.open_image(_jpeg(512))  # 512 x 384
     loaded = im.load_rgb(image, (128, 128))
     assert loaded.size == (256, 192)  # 1/2 scale: 1/4 would give 128 x 96, below 128 in height
+
+
+# ----- pre-resized storage, JPEG headers, RandAugment tables ---------------------------------------------------
+
+def test_pre_resized_images_hold_every_pixel_the_transform_resamples_from():
+    """Stored within ``training_image_sides``, an image is never smaller than the random resize (augment) or
+    the size x size resize (no augment) of its source: training resamples from at least as many pixels."""
+    import io
+    import random
+
+    from PIL import Image
+
+    from biomedgpt.data import images as im
+
+    rng = random.Random(0)
+    for case in range(300):
+        source = (rng.randint(60, 2000), rng.randint(60, 2000))
+        for size in (128, 256, 480):
+            for augment in (False, True):
+                stored = im.pre_resized_size(source, *im.training_image_sides(size, augment))
+                needed = [(size, size)] if not augment else [im._random_size(source, size, random.Random(s))
+                                                             for s in range(5)]
+                for w, h in needed:
+                    assert stored[0] >= min(source[0], w) and stored[1] >= min(source[1], h), (source, size, augment)
+    buf = io.BytesIO()
+    Image.new("RGB", (900, 700), (90, 40, 200)).save(buf, format="JPEG")
+    data, sx, sy = im.pre_resized(buf.getvalue(), *im.training_image_sides(256, False))
+    assert Image.open(io.BytesIO(data)).size == im.pre_resized_size((900, 700), 256, 256) == (329, 256)
+    assert (sx, sy) == (329 / 900, 256 / 700)
+
+
+def test_jpeg_frame_header_gives_pils_size_and_layout():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from biomedgpt.data import images as im
+
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8))
+    for mode, options in (("RGB", {}), ("RGB", {"progressive": True}), ("L", {}), ("CMYK", {})):
+        buf = io.BytesIO()
+        rgb.convert(mode).save(buf, format="JPEG", **options)
+        opened = im.open_image(buf.getvalue())
+        assert opened.size == rgb.size
+        assert isinstance(opened, im.JpegSource) == (mode != "CMYK") and opened.mode == mode
+        if mode != "CMYK":  # the pixels torchvision gives are the ones PIL decodes
+            assert torch.equal(im.decoded_pixels(opened, opened.size),
+                               im.to_uint8(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")))
+    assert im._jpeg_frame(b"\xff\xd8\xff\xe0\x00") is None and not isinstance(im.open_image(_png()), im.JpegSource)
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_randaugment_tables_equal_pils():
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from biomedgpt.data import images as im
+
+    rng = np.random.default_rng(0)
+    for case in range(12):
+        low = int(rng.integers(0, 120))
+        pixels = rng.integers(low, int(rng.integers(low + 1, 256)), (21, 34, 3)).astype(np.uint8)
+        if case % 4 == 0:
+            pixels[..., 1] = 9  # a flat band: PIL leaves it as it is
+        for image in (Image.fromarray(pixels), Image.fromarray(pixels[..., 0])):
+            for op, reference in (("autocontrast", ImageOps.autocontrast), ("equalize", ImageOps.equalize)):
+                assert np.array_equal(np.asarray(im._apply_op(image, op, 0.7, 1.0)), np.asarray(reference(image))), op

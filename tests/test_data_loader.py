@@ -45,7 +45,7 @@ def write_text_streams(root: Path, sizes: dict[str, int]) -> dict[str, str]:
     return out
 
 
-def write_caption_stream(root: Path, count: int) -> str:
+def write_caption_stream(root: Path, count: int, shard_size: str = "8kb") -> str:
     from PIL import Image
 
     from biomedgpt.tools.prepare_data import PrepareConfig, convert
@@ -60,7 +60,7 @@ def write_caption_stream(root: Path, count: int) -> str:
         lines.append(json.dumps({"id": f"cap{i}", "image": f"img/{i}.png", "captions": [f"finding number {i}"]}))
     (root / "cap.jsonl").write_text("\n".join(lines) + "\n")
     convert(PrepareConfig(input=str(root / "cap.jsonl"), format="jsonl", kind="caption", output=str(root / "cap"),
-                          progress=False, shard_size="8kb"))
+                          progress=False, shard_size=shard_size))
     return str(root / "cap")
 
 
@@ -186,3 +186,25 @@ def test_config_from_dict_rejects_unknown_keys():
 
 if __name__ == "__main__":
     rank_main(json.loads(sys.argv[1]))
+
+
+def test_streaming_threads_do_not_lock_the_cache_for_every_sample(tmp_path, vocab_dir, single_rank_env, monkeypatch):
+    """streaming's prepare thread asks for every sample's shard (``predownload`` ahead of the reader); without cache_limit a shard found
+    whole once is not locked, stat'ed and touched again (that was a third of the loader's CPU)."""
+    from streaming import StreamingDataset
+
+    from biomedgpt.data.loader import build_train_loader
+    from biomedgpt.models.tokenizer import Tokenizer
+
+    remote = write_caption_stream(tmp_path, 48, shard_size="64kb")  # about 11 rows per shard
+    shards = len(json.loads((Path(remote) / "index.json").read_text())["shards"])
+    calls = []
+    original = StreamingDataset.prepare_shard
+    monkeypatch.setattr(StreamingDataset, "prepare_shard",
+                        lambda self, shard_id, blocking=True: (calls.append(shard_id), original(self, shard_id, blocking)))
+    cfg = DataConfig(streams=[StreamConfig(name="cap", task="caption", remote=remote)], batch_size=8,
+                     predownload=8, num_workers=0, cache_dir=str(tmp_path / "cache"), patch_image_size=32)
+    seen = sum(len(batch["ids"]) for batch in build_train_loader(cfg, Tokenizer.from_gpt2_files(vocab_dir),
+                                                                 clean_shared_memory=False))
+    assert seen == 48 and 1 < shards < 10
+    assert len(calls) <= 3 * shards, (len(calls), shards)  # per shard at most: each thread and the first read

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -66,3 +69,41 @@ def test_bad_arguments_are_clear(model_dir):
         infer.InferConfig(model_dir=str(model_dir), task="caption")
     with pytest.raises(ValueError, match="needs question="):
         infer.InferConfig(model_dir=str(model_dir), image="x.png", task="vqa")
+
+
+def test_zero3_infer_across_two_ranks_matches_one_process(model_dir, chest_dicom, tmp_path, repo_root, vocab_dir):
+    """``biomedgpt infer -n 2 zero_stage=3``: images dealt out to 2 ranks of a partitioned model, decoded in
+    lockstep (trie answers of different lengths), rows in input order; the same rows as one process at
+    stage 0. Rank 1's second batch holds only an unreadable file, so it keeps step on the blank image."""
+    from skimage import data as skdata
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    retina = skdata.retina()
+    for i, name in enumerate(("a.png", "b.png", "d.png", "e.png")):
+        Image.fromarray(retina[i * 100:i * 100 + 400:4, i * 50:i * 50 + 400:4]).save(folder / name)
+    shutil.copy(chest_dicom, folder / "c.dcm")
+    (folder / "f.jpg").write_bytes(b"not an image")
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(["x ray", "ct", "no", "ultrasound of the left lower lobe", "mri scan"]))
+    common = [f"model_dir={model_dir}", f"images_dir={folder}", "task=vqa", "question=what is this?",
+              f"answers={answers}", "image_size=64", "batch_size=2", "device=cpu", f"bpe_dir={vocab_dir}",
+              "generation.beam_size=2"]
+    with pytest.raises(SystemExit, match="1 of 6 images"):
+        infer.main([*common, f"output={tmp_path / 'alone.jsonl'}"])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, "-m", "biomedgpt.tools.cli", "infer", "-n", "2", *common, "zero_stage=3",
+                           f"output={tmp_path / 'zero3.jsonl'}"], cwd=repo_root, capture_output=True, text=True,
+                          env={**env, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}, timeout=400)
+    assert done.returncode != 0 and "1 of 6 images" in done.stderr, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "synced decoding on 2 ranks: 2 rounds" in done.stderr
+    rows = {name: [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+            for name in ("alone", "zero3")}
+    assert [r["image"].split("/")[-1] for r in rows["zero3"]] == ["a.png", "b.png", "c.dcm", "d.png", "e.png", "f.jpg"]
+    for mine, reference in zip(rows["zero3"], rows["alone"], strict=True):
+        if "score" in reference:  # batches are made up differently: scores agree to float rounding
+            assert mine.pop("score") == pytest.approx(reference.pop("score"), rel=1e-5)
+        else:  # the error names a BytesIO object by its address
+            assert mine.pop("error").split(" <")[0] == reference.pop("error").split(" <")[0]
+        assert mine == reference

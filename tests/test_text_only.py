@@ -1,7 +1,13 @@
 """Text-only samples pay nothing for images: no ResNet forward on placeholders, no image tokens in their
 attention, the same logits as the path that runs every placeholder (``Encoder.image_rows_only = False``),
-and uint8 images normalised on the model's device as the float path did."""
+uint8 images normalised on the model's device as the float path did, and on two ranks with different
+mixes of text and images the same training as the one-pass path (the split is rank-safe)."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +70,10 @@ def test_resnet_runs_only_on_image_samples_and_text_samples_see_no_image_tokens(
     with torch.no_grad():
         model(**batch([False, False]))
     assert seen == [1]  # a batch without images: one placeholder (every rank runs the same modules)
+    lengths.clear()
+    with torch.no_grad():
+        model(**batch([True, True]))
+    assert sorted(lengths) == [(1, 12), (2, n_img + 12)]  # no text-only sample: one stand-in text row
 
 
 def test_gradients_equal_todays_path_and_reach_the_same_parameters():
@@ -108,3 +118,101 @@ def test_uint8_images_are_normalised_on_the_device_like_the_float_path():
 def to_tensor_float(image: torch.Tensor) -> torch.Tensor:
     """The old loader output: float, normalised mean = std = 0.5 on the CPU."""
     return image.float().div(127.5).sub(1.0)
+
+
+def test_a_batch_without_images_leaves_batchnorm_statistics_alone():
+    model = build().train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    model(**batch([False, False, False]))
+    after = model.state_dict()
+    assert all(torch.equal(value, after[key]) for key, value in before.items())
+    model(**batch([True, False, False]))
+    assert not torch.equal(before["encoder.embed_images.bn1.running_mean"], after["encoder.embed_images.bn1.running_mean"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Several ranks: the split is rank-safe (ZeRO-2/3, 2 gloo ranks; run as a script, this file is the worker)
+# ----------------------------------------------------------------------------------------------
+
+#: each rank's text (False) / image (True) samples per step: mixed, all-image and all-text on either rank
+RANK_MIXES = [([True, False], [True, True]), ([False, False], [False, True]), ([True, True], [False, False])]
+STAGES = (2, 3)
+
+
+def two_rank_engine(model, stage: int):
+    """DeepSpeed with small buckets (several reductions and gathers per step, each of which must hold the
+    same tensors on both ranks) and SGD (Adam would amplify the rounding noise of zero-sum gradients)."""
+    import deepspeed
+
+    from biomedgpt.engine.model_setup import register_external_parameters
+
+    if stage == 3:
+        register_external_parameters(model)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10 ** 9,
+              "zero_allow_untested_optimizer": True,
+              "zero_optimization": {"stage": stage, "reduce_bucket_size": 20000, "allgather_bucket_size": 20000,
+                                    "stage3_prefetch_bucket_size": 20000, "stage3_param_persistence_threshold": 0}}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    return deepspeed.initialize(model=model, optimizer=optimizer, config=config)[0]
+
+
+def worker(out: Path) -> None:
+    """Per ZeRO stage, the same 3 steps with the split on and off; losses and final weights to ``out``."""
+    from biomedgpt.engine.distributed import all_reduce, init_distributed
+    from biomedgpt.models.config import ModelSpec
+    from biomedgpt.models.ofa import BiomedGPT
+    from test_checkpoint_tools import MODEL, _full_state
+
+    info = init_distributed("gloo")
+    cfg = ModelSpec(**MODEL).build()
+    result = {}
+    for stage in STAGES:
+        for split in (True, False):
+            torch.manual_seed(0)
+            model = BiomedGPT(cfg)
+            model.encoder.image_rows_only = split
+            engine = two_rank_engine(model, stage)
+            for module in engine.module.modules():  # the one-pass path's BatchNorm also sees placeholders
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.eval()
+            losses = []
+            for step, mixes in enumerate(RANK_MIXES):
+                inputs = batch(mixes[info.rank])
+                inputs["prev_output_tokens"] = inputs["prev_output_tokens"].roll(step, 1)
+                target = inputs["prev_output_tokens"].roll(-1, 1)
+                logits = engine(**inputs)
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+                engine.backward(loss)
+                engine.step()
+                losses.append(all_reduce(loss.detach().clone(), "sum").item())
+            result[(stage, split)] = {"losses": losses, "state": _full_state(engine.module, stage)}
+    if info.rank == 0:
+        torch.save(result, out)
+
+
+@pytest.mark.distributed
+def test_split_on_two_ranks_with_different_mixes_trains_as_the_one_pass_path(tmp_path):
+    from test_checkpoint_tools import REPO, _free_port
+
+    out, port, procs = tmp_path / "split.pt", _free_port(), []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
+        procs.append(subprocess.Popen([sys.executable, __file__, str(out)], env=env, cwd=REPO,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()[-4000:]
+    result = torch.load(out)
+    for stage in STAGES:
+        split, one_pass = result[(stage, True)], result[(stage, False)]
+        torch.testing.assert_close(split["losses"], one_pass["losses"], rtol=0, atol=1e-5, msg=f"ZeRO-{stage}")
+        assert split["losses"][0] != split["losses"][-1]  # it trained
+        for name, value in one_pass["state"].items():
+            torch.testing.assert_close(split["state"][name], value, rtol=0, atol=1e-5, msg=f"ZeRO-{stage} {name}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    worker(Path(sys.argv[1]))

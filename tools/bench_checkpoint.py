@@ -1,13 +1,15 @@
 """Checkpoint benchmark: seconds the training loop is blocked per checkpoint, synchronous vs background writes.
 
-    biomedgpt bench checkpoint                         # base + AdamW, 1 rank (ZeRO-0) and 2 ranks (ZeRO-2)
-    biomedgpt bench checkpoint model=tiny ranks=[1]
+    biomedgpt bench checkpoint                         # base + AdamW: 1 rank ZeRO-0, 2 ranks ZeRO-2 and ZeRO-3
+    biomedgpt bench checkpoint model=tiny runs=[1x0]
 
-Each configuration starts its ranks through launchers/local.sh (CPU processes with gloo, or every GPU),
-builds the real trainer on the demo shards, takes one optimizer step (so the AdamW state exists), then
-saves ``saves`` checkpoints with ``checkpoint.background`` off and ``saves`` with it on. Between two
-background saves it trains until the previous write has committed ``latest``, timing those steps
-(what the writer thread costs the step). Blocked = the time inside ``Trainer.save`` on the slowest rank;
+Each run (``RANKSxSTAGE``) starts its ranks through launchers/local.sh (CPU processes with gloo, or every
+GPU), builds the real trainer on the demo shards, takes one optimizer step (so the AdamW state exists),
+reserves the snapshot buffers as ``Trainer.train`` does after its first step (timed: ``reserve s``), then
+saves ``saves`` checkpoints with ``checkpoint.background`` off and ``saves`` with it on; every save is
+reported (the first one too) and the median. After each background save it trains until the write has
+committed ``latest`` (steps with a write in flight), then as many steps without one: the step slowdown
+while a write runs, measured alternately. Blocked = the time inside ``Trainer.save`` on the slowest rank;
 committed = until ``latest`` names the new checkpoint.
 """
 from __future__ import annotations
@@ -32,14 +34,14 @@ REPO = Path(__file__).resolve().parents[1]
 @dataclass
 class BenchConfig:
     model: str = "base"
-    ranks: list[int] = field(default_factory=lambda: [1, 2])
-    zero_stage_multi_rank: int = 2  # stage of the runs on more than one rank (1 rank: stage 0)
-    saves: int = 2  # checkpoints per mode
+    runs: list[str] = field(default_factory=lambda: ["1x0", "2x2", "2x3"])  # RANKSxZERO_STAGE
+    saves: int = 3  # checkpoints per mode
     train_between: bool = True  # a step before each save, and steps while a background write goes on
     batch_size: int = 1
     image_size: int = 128
     work_dir: str = "runs/bench-checkpoint"
-    worker: bool = False  # internal: this process is one rank of a configuration
+    worker: bool = False  # internal: this process is one rank of a run
+    zero_stage: int = 0  # internal: the worker's stage
     output: str = ""  # internal: the worker's result file
 
 
@@ -67,18 +69,20 @@ def worker(cfg: BenchConfig) -> None:
     from biomedgpt.engine.trainer import Trainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    stage = 0 if world == 1 else cfg.zero_stage_multi_rank
-    out = Path(cfg.work_dir) / f"ranks{world}"
-    run = parse(_overrides(cfg, out, stage))
+    out = Path(cfg.work_dir) / f"ranks{world}_zero{cfg.zero_stage}"
+    run = parse(_overrides(cfg, out, cfg.zero_stage))
     trainer = Trainer(run)
     trainer.engine.train()
     batches = trainer._batches()
     plain = [_step(trainer, batches) for _ in range(3 if cfg.train_between else 1)][-2:]
     slowest = lambda x: float(all_reduce(torch.tensor([x], dtype=torch.float64), "max")[0])  # noqa: E731
+    start = time.perf_counter()
+    trainer.reserve_checkpoint_memory()  # what Trainer.train does after its first step
+    reserve_s = slowest(time.perf_counter() - start)
     rows = {}
     for mode in ("sync", "background"):
         trainer.ckpt.writer.background = mode == "background"
-        blocked, committed, during = [], [], []
+        blocked, committed, during, without = [], [], [], []
         for _ in range(cfg.saves):
             if cfg.train_between:
                 _step(trainer, batches)
@@ -88,22 +92,46 @@ def worker(cfg: BenchConfig) -> None:
             tag = trainer.save()
             blocked.append(slowest(time.perf_counter() - start))
             flag = torch.tensor([float(trainer.ckpt.writer.busy)])
+            n = 0
             while cfg.train_between and all_reduce(flag.clone(), "max")[0] > 0:  # every rank steps as long as any writer is busy
                 during.append(_step(trainer, batches))
+                n += 1
                 flag = torch.tensor([float(trainer.ckpt.writer.busy)])
             trainer.ckpt.wait()
             barrier()
             committed.append(slowest(time.perf_counter() - start))
+            without.extend(_step(trainer, batches) for _ in range(n))  # as many steps, no write in flight
             assert (trainer.ckpt.root / LATEST_FILE).read_text().strip() == tag
         rows[mode] = {"blocked_s": blocked, "committed_s": committed,
                       "step_s_during_write": statistics.median(during) if during else None,
+                      "step_s_without_write": statistics.median(without) if without else None,
+                      "steps_during_write": len(during),
                       "snapshot_gib": trainer.ckpt.writer.snapshot.bytes / 2**30 if mode == "background" else None}
     size = sum(p.stat().st_size for p in (trainer.ckpt.root / tag).rglob("*") if p.is_file())
     trainer.ckpt.close()
     if trainer.is_main:
-        result = {"model": cfg.model, "ranks": world, "zero_stage": stage, "checkpoint_gib": size / 2**30,
-                  "step_s": statistics.median(plain), **rows}
+        result = {"model": cfg.model, "ranks": world, "zero_stage": cfg.zero_stage, "checkpoint_gib": size / 2**30,
+                  "step_s": statistics.median(plain), "reserve_s": reserve_s, **rows}
         Path(cfg.output).write_text(json.dumps(result))
+
+
+def _seconds(values: list[float]) -> str:
+    return " ".join(f"{v:.2f}" for v in values)
+
+
+def table(results: list[dict]) -> None:
+    print("\n| ranks | ZeRO | checkpoint GiB | reserve s | sync blocked s (each save) | background blocked s (each save) | "
+          "median sync | median background | ratio (worst save / median sync) | background committed s | "
+          "step s without / with a write in flight |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        sync, bg = r["sync"]["blocked_s"], r["background"]["blocked_s"]
+        without, during = r["background"]["step_s_without_write"], r["background"]["step_s_during_write"]
+        steps = "-" if during is None else f"{without:.2f} / {during:.2f} ({during / without:.2f}x)"
+        print(f"| {r['ranks']} | {r['zero_stage']} | {r['checkpoint_gib']:.2f} | {r['reserve_s']:.2f} | {_seconds(sync)} | "
+              f"{_seconds(bg)} | {statistics.median(sync):.2f} | {statistics.median(bg):.2f} | "
+              f"{max(bg) / statistics.median(sync):.3f} | {statistics.median(r['background']['committed_s']):.2f} | "
+              f"{steps} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,26 +146,19 @@ def main(argv: list[str] | None = None) -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     results = []
-    for ranks in cfg.ranks:
-        output = work / f"result_{ranks}.json"
+    for spec in cfg.runs:
+        ranks, stage = (int(x) for x in spec.split("x"))
+        output = work / f"result_{spec}.json"
         cmd = ["bash", str(REPO / "launchers/local.sh"), "-n", str(ranks), "-m", "biomedgpt.tools.bench_checkpoint",
                "--", "worker=true", f"output={output.resolve()}", f"work_dir={work.resolve()}", f"model={cfg.model}",
                f"saves={cfg.saves}", f"batch_size={cfg.batch_size}", f"image_size={cfg.image_size}",
-               f"zero_stage_multi_rank={cfg.zero_stage_multi_rank}", f"train_between={str(cfg.train_between).lower()}"]
+               f"zero_stage={stage}", f"train_between={str(cfg.train_between).lower()}"]
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"{ranks}-rank run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            raise RuntimeError(f"run {spec} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         results.append(json.loads(output.read_text()))
         print(json.dumps(results[-1]), flush=True)
-    print("\n| ranks | ZeRO | checkpoint GiB | step s | sync blocked s | background blocked s | ratio | "
-          "background committed s | step s during write |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        sync, bg = statistics.median(r["sync"]["blocked_s"]), statistics.median(r["background"]["blocked_s"])
-        during = r["background"]["step_s_during_write"]
-        print(f"| {r['ranks']} | {r['zero_stage']} | {r['checkpoint_gib']:.2f} | {r['step_s']:.2f} | {sync:.2f} | "
-              f"{bg:.2f} | {bg / sync:.3f} | {statistics.median(r['background']['committed_s']):.2f} | "
-              f"{'-' if during is None else f'{during:.2f}'} |")
+    table(results)
     (work / "results.json").write_text(json.dumps(results, indent=2))
 
 

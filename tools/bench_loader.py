@@ -5,7 +5,9 @@
 Builds ``rows`` rows of an original-format ``vision_language.tsv`` (caption rows, url-safe base64 JPEG q95,
 longest side <= ``max_source_side``) from real packaged images (scikit-image's retina / histology / cell
 images and pydicom-data's DICOMs, randomly scaled and cropped) and converts it with
-``prepare_data format=vision_language_tsv``. Then, on one pinned core (torch threads 1, no loader
+``prepare_data format=vision_language_tsv``, pre-resizing the images for each run as its transform needs
+(``max_image_side`` / ``min_image_side`` = ``training_image_sides(patch, augment)``: 256 / 256 for
+``augment=false`` at 256 px, 672 / 480 -- no change for sources <= 512 px -- for ``augment=true``). Then, on one pinned core (torch threads 1, no loader
 workers), for each patch size and in one run:
 
 - ``original``: what OFA/BiomedGPT's caption dataset does per sample: seek to the row's byte offset, read and
@@ -217,6 +219,7 @@ def run(cfg: BenchConfig) -> dict[str, float]:
     from streaming.base.util import clean_stale_shared_memory
 
     from biomedgpt.data.config import DataConfig, StreamConfig
+    from biomedgpt.data.images import training_image_sides
     from biomedgpt.data.loader import build_train_loader
     from biomedgpt.models.tokenizer import Tokenizer
     from biomedgpt.tools.prepare_data import PrepareConfig, convert
@@ -227,8 +230,19 @@ def run(cfg: BenchConfig) -> dict[str, float]:
     work.mkdir(parents=True)
     tsv = work / "vision_language.tsv"
     write_tsv(cfg, tsv)
-    convert(PrepareConfig(input=str(tsv), format="vision_language_tsv", output=str(work / "mds"), progress=False),
-            log=io.StringIO())
+    stores: dict[tuple[int, int], tuple[Path, str]] = {}
+
+    def store(size: int, augment: bool) -> str:
+        """The rows converted with the pre-resize a run at this patch size and augment setting needs."""
+        sides = training_image_sides(size, augment)
+        if sides not in stores:
+            out = work / f"mds-{sides[0]}x{sides[1]}"
+            summary = convert(PrepareConfig(input=str(tsv), format="vision_language_tsv", output=str(out),
+                                            progress=False, max_image_side=sides[0], min_image_side=sides[1]),
+                              log=io.StringIO())
+            stores[sides] = (out, f"{summary.resized} of {summary.images} images pre-resized")
+        return str(stores[sides][0])
+
     tokenizer = Tokenizer.from_gpt2_files(cfg.bpe_dir)
     n_cache = iter(range(10 ** 6))
 
@@ -248,16 +262,17 @@ def run(cfg: BenchConfig) -> dict[str, float]:
         original = OriginalCaptionDataset(tsv, tokenizer, size)
         for _ in range(cfg.repeats):
             best(f"{size}/original", time_original(original, cfg.batch_size))
-            best(f"{size}/augment=false", time_loader(loader(str(work / "mds"), size, False), cfg.rows))
-            best(f"{size}/augment=true", time_loader(loader(str(work / "mds"), size, True), cfg.rows))
+            best(f"{size}/augment=false", time_loader(loader(store(size, False), size, False), cfg.rows))
+            best(f"{size}/augment=true", time_loader(loader(store(size, True), size, True), cfg.rows))
     if cfg.s3:
         proc, remote = start_moto(work)
         try:
-            convert(PrepareConfig(input=str(tsv), format="vision_language_tsv", output=remote, progress=False),
-                    log=io.StringIO())
             size = cfg.patch_sizes[0]
+            sides = training_image_sides(size, False)
+            convert(PrepareConfig(input=str(tsv), format="vision_language_tsv", output=remote, progress=False,
+                                  max_image_side=sides[0], min_image_side=sides[1]), log=io.StringIO())
             for _ in range(cfg.repeats):
-                best(f"{size}/augment=false local", time_loader(loader(str(work / "mds"), size, False), cfg.rows))
+                best(f"{size}/augment=false local", time_loader(loader(store(size, False), size, False), cfg.rows))
                 best(f"{size}/augment=false s3 (moto, cold cache)", time_loader(loader(remote, size, False), cfg.rows))
         finally:
             proc.terminate()
@@ -270,18 +285,28 @@ def run(cfg: BenchConfig) -> dict[str, float]:
         size, path = name.split("/", 1)
         base = results.get(f"{size}/original", (per_cpu,))[0]
         print(f"  {size:>5s}  {path:38s} {per_cpu:13.1f} {per_wall:14.1f} {per_cpu / base:10.2f}x")
-    tsv_bytes, mds_bytes = tsv.stat().st_size, du(work / "mds")
-    print(f"  size on disk: TSV {tsv_bytes / 2**20:.1f} MiB, MDS {mds_bytes / 2**20:.1f} MiB "
-          f"({mds_bytes / tsv_bytes:.2f}x)")
+    tsv_bytes = tsv.stat().st_size
+    print(f"  the loader reads the rows converted with max_image_side / min_image_side = "
+          f"biomedgpt.data.images.training_image_sides(patch, augment) (what that run's transform resamples "
+          f"from; the original reads the TSV of the unresized sources, {tsv_bytes / 2**20:.1f} MiB):")
+    for size in cfg.patch_sizes:
+        for augment in (False, True):
+            out, note = stores[training_image_sides(size, augment)]
+            print(f"    {size:>4d} px augment={str(augment).lower():5s}: {out.name} ({note}; "
+                  f"{du(out) / 2**20:.1f} MiB, {du(out) / tsv_bytes:.2f}x the TSV)")
     if cfg.profile:
         size = cfg.patch_sizes[0]
         for augment in (False, True):
-            profiler = cProfile.Profile()
-            it = loader(str(work / "mds"), size, augment)
+            profiler = cProfile.Profile(time.thread_time)  # this thread's CPU: wall time would count other jobs
+            it = loader(store(size, augment), size, augment)
+            cpu, main = time.process_time(), time.thread_time()
             profiler.enable()
             time_loader(it, cfg.rows)
             profiler.disable()
-            print(f"\nprofile: project loader, {size} px, augment={str(augment).lower()} (tottime, top 14):")
+            cpu, main = time.process_time() - cpu, time.thread_time() - main
+            print(f"\nprofile: project loader, {size} px, augment={str(augment).lower()}: {main:.2f} s CPU in the "
+                  f"loading thread, {max(cpu - main, 0.0):.2f} s in streaming's background threads "
+                  f"(tottime of the loading thread, top 14):")
             pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(14)
     sys.stdout.flush()
     return {name: per_cpu for name, (per_cpu, _) in results.items()}

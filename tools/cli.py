@@ -1,12 +1,13 @@
 """The ``biomedgpt`` command: one subcommand per job, each a thin front for its module's ``main(argv)``.
 
     biomedgpt train [-n RANKS] [--config FILE|NAME] [key.sub=value ...]
+    biomedgpt evaluate|infer [-n RANKS] zero_stage=3 ...   # a ZeRO-3 model across RANKS processes
     biomedgpt SUB --help          # every setting of SUB
     biomedgpt bench NAME ...      # benchmarks
 
-Settings keep the ``key=value`` override syntax of every module. ``train``/``demo`` run in this process
-when a launcher started it (``RANK`` is set: torchrun, the deepspeed launcher, srun) or for one rank;
-with ``-n RANKS`` > 1 they start the ranks through ``launchers/local.sh`` (see its header).
+Settings keep the ``key=value`` override syntax of every module. ``train``/``demo``/``evaluate``/``infer``
+run in this process when a launcher started it (``RANK`` is set: torchrun, the deepspeed launcher, srun)
+or for one rank; with ``-n RANKS`` > 1 they start the ranks through ``launchers/local.sh`` (see its header).
 """
 from __future__ import annotations
 
@@ -86,7 +87,23 @@ def _run_module(module: str, argv: list[str], prog: str) -> int:
     return result if isinstance(result, int) else 0
 
 
-def _train(argv: list[str], prog: str, demo: bool) -> int:
+#: commands that run on several ranks (``-n RANKS``)
+RANKED = ("train", "demo", "evaluate", "infer")
+
+
+def _parse(module: str, argv: list[str]) -> None:
+    """Parse a ranked command's settings here, once (each rank parses them again)."""
+    if module == "biomedgpt.engine.train":
+        importlib.import_module(module).parse(argv)
+        return
+    from biomedgpt.engine.config import parse_cli
+
+    config = {"biomedgpt.engine.downstream": ("biomedgpt.engine.eval_config", "EvaluateConfig"),
+              "biomedgpt.tools.infer": ("biomedgpt.tools.infer", "InferConfig")}[module]
+    parse_cli(getattr(importlib.import_module(config[0]), config[1]), argv)
+
+
+def _ranked(module: str, argv: list[str], prog: str, demo: bool) -> int:
     """``-n RANKS``: start that many ranks (local.sh) unless a launcher already started this one."""
     ranks = None
     rest = []
@@ -103,10 +120,10 @@ def _train(argv: list[str], prog: str, demo: bool) -> int:
     if demo and any(a == "--config" or a.startswith("--config=") for a in rest):
         sys.exit(f"{prog}: the demo has its own config; use 'biomedgpt train --config ...' for another run")
     if "RANK" in os.environ or ranks == "1" or (ranks is None and not demo):
-        return _run_module("biomedgpt.engine.train", rest, prog)
+        return _run_module(module, rest, prog)
     sys.argv = [prog, *rest]
-    importlib.import_module("biomedgpt.engine.train").parse(rest)  # a bad setting fails before any rank starts
-    launch = ["bash", str(LOCAL_LAUNCHER)] + (["-n", ranks] if ranks else []) + ["--", *rest]
+    _parse(module, rest)  # a bad setting fails before any rank starts
+    launch = ["bash", str(LOCAL_LAUNCHER)] + (["-n", ranks] if ranks else []) + ["-m", module, "--", *rest]
     os.environ.setdefault("PYTHON", sys.executable)
     os.execvp("bash", launch)
     return 0  # unreachable
@@ -119,8 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               + "\n" + __doc__.split("\n\n", 1)[1])
         return 0
     name, rest = argv[0], argv[1:]
-    if name in ("train", "demo"):
-        return _train(rest, f"biomedgpt {name}", demo=name == "demo")
+    if name in RANKED:
+        return _ranked(COMMANDS[name][0], rest, f"biomedgpt {name}", demo=name == "demo")
     if name == "bench":
         if not rest or rest[0] in ("-h", "--help"):
             print(_usage(BENCHMARKS, "biomedgpt bench"))

@@ -9,6 +9,11 @@ task processors as training (``biomedgpt.data.tasks``), so they match what the m
 and classification are constrained to ``answers`` (a file, as ``biomedgpt.engine.downstream.read_answers``)
 when given, else generated freely. Prints one JSON line per image (or writes them to ``output``); an
 unreadable image gets a line with its ``error`` and the command exits non-zero after the others.
+
+Across ranks (``biomedgpt infer -n 2 ...``, or torchrun / the deepspeed launcher): the images are dealt
+out to the ranks, rank 0 writes every row in input order. ``zero_stage=3`` partitions the model across
+the ranks (built partitioned, as ``biomedgpt evaluate zero_stage=3``); the ranks then decode in lockstep
+(``engine.downstream.RankSync``), a rank without images left decoding a blank placeholder image.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-import torch
+import numpy as np
 
 from biomedgpt.data.collate import collate
 from biomedgpt.data.config import DataConfig
@@ -29,8 +34,7 @@ from biomedgpt.data.records import make_record
 from biomedgpt.data.tasks import TaskContext, process
 from biomedgpt.engine.durable import atomic_write_text
 from biomedgpt.engine.config import PathStr, parse_cli
-from biomedgpt.engine.downstream import (TASK_DEFAULTS, load_model_and_tokenizer, pick_device,
-                               predict_task, read_answers, select_rows)
+from biomedgpt.engine.downstream import TASK_DEFAULTS, predict_task, prepare_model, read_answers, select_rows, start_ranks
 from biomedgpt.models.generation import GenerationConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -57,6 +61,7 @@ class InferConfig:
     output: Optional[str] = None  # JSONL file; None: standard output
     device: str = "auto"
     bpe_dir: Optional[str] = None  # GPT-2 BPE files; None: the packaged copy
+    zero_stage: Literal[0, 3] = 0  # 3: the model partitioned across the launched ranks (DeepSpeed ZeRO-3)
 
     def __post_init__(self) -> None:
         if (self.image is None) == (self.images_dir is None):
@@ -106,9 +111,34 @@ def _row(path: Path, prediction, score: float, original_size: tuple[int, int], c
     return out
 
 
+def _examples(cfg: InferConfig, files: list[tuple[int, Path]], tokenizer, data_cfg: DataConfig
+              ) -> tuple[list, list[tuple[int, Path, tuple[int, int]]], list[dict]]:
+    """The task examples of some (input index, image) pairs, which of them were readable, error rows."""
+    examples, readable, errors = [], [], []
+    for index, path in files:
+        try:
+            data = path.read_bytes()
+            size = decode_image(data).size
+            record = _record(cfg, path, data)
+        except Exception as exc:  # noqa: BLE001  one unreadable file must not stop a folder
+            errors.append({"index": index, "image": str(path), "task": cfg.task,
+                           "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        examples.extend(_task_examples(cfg, record, tokenizer, data_cfg))
+        readable.append((index, path, size))
+    return examples, readable, errors
+
+
+def _task_examples(cfg: InferConfig, record: dict, tokenizer, data_cfg: DataConfig) -> list:
+    ctx = TaskContext(tokenizer=tokenizer, cfg=data_cfg, rng=random.Random(0), train=False,
+                      other_row=lambda rng: record)
+    return process(cfg.task, record, ctx)
+
+
 def run(cfg: InferConfig) -> list[dict]:
-    device = pick_device(cfg.device)
-    model, tokenizer = load_model_and_tokenizer(cfg.model_dir, cfg.bpe_dir, device)
+    """Every image's row, in input order (on every rank); rank 0 prints or writes them."""
+    ranks = start_ranks(cfg.zero_stage, cfg.device)
+    model, tokenizer, sync = prepare_model(cfg.model_dir, cfg.bpe_dir, cfg.zero_stage, ranks)
     data_cfg = DataConfig(patch_image_size=cfg.image_size, max_src_tokens=cfg.max_src_tokens, augment=False,
                           vqa_prompt_type=cfg.prompt_type, max_image_size=cfg.max_image_size)
     answers = read_answers(cfg.answers) if cfg.answers is not None else None
@@ -116,36 +146,47 @@ def run(cfg: InferConfig) -> list[dict]:
     if cfg.task == "vqa":  # inside the answer trie when an answer set is given, else free (zero-shot style)
         task = dataclasses.replace(task, inference="trie" if answers is not None else "generate")
     dtype = next(model.parameters()).dtype
+    mine = list(enumerate(image_files(cfg)))[ranks.rank::ranks.world]
+    batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+    rounds = sync.max_count(len(batches)) if sync is not None else len(batches)
+    blank = None
     results: list[dict] = []
-    files = image_files(cfg)
-    for start in range(0, len(files), cfg.batch_size):
-        examples, readable, sizes = [], [], []
-        for path in files[start:start + cfg.batch_size]:
-            try:
-                data = path.read_bytes()
-                sizes.append(decode_image(data).size)
-                record = _record(cfg, path, data)
-            except Exception as exc:  # noqa: BLE001  one unreadable file must not stop a folder
-                results.append({"image": str(path), "task": cfg.task, "error": f"{type(exc).__name__}: {exc}"})
-                continue
-            ctx = TaskContext(tokenizer=tokenizer, cfg=data_cfg, rng=random.Random(0), train=False,
-                              other_row=lambda rng, record=record: record)
-            examples.extend(process(cfg.task, record, ctx))
-            readable.append(path)
+    for i in range(rounds):
+        examples, readable, errors = _examples(cfg, batches[i] if i < len(batches) else [], tokenizer, data_cfg)
+        results.extend(errors)
         if not examples:
-            continue
+            if sync is None:
+                continue
+            if blank is None:  # keeps step with the ranks that have images in this round; its rows are dropped
+                blank = _blank_examples(cfg, tokenizer, data_cfg)
+            examples = blank
         batch = collate(examples, cfg.image_size, [1.0], with_references=True)
-        sub = select_rows(batch, list(range(len(examples))), device, dtype)
-        predictions = predict_task(model, tokenizer, cfg.task, sub, task, answers)
-        results.extend(_row(path, p["prediction"], p["score"], size, cfg)
-                       for path, p, size in zip(readable, predictions, sizes))
-    text = "".join(json.dumps(r) + "\n" for r in results)
-    if cfg.output is not None:
-        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(cfg.output), text)
-    else:
-        sys.stdout.write(text)
+        sub = select_rows(batch, list(range(len(examples))), ranks.device, dtype)
+        predictions = predict_task(model, tokenizer, cfg.task, sub, task, answers, sync=sync)
+        results.extend({"index": index, **_row(path, p["prediction"], p["score"], size, cfg)}
+                       for (index, path, size), p in zip(readable, predictions))
+    results = sorted(ranks.gather(results), key=lambda r: r["index"])
+    for r in results:
+        del r["index"]
+    padding = sum(ranks.gather([sync.padding_calls])) if sync is not None else None
+    if ranks.rank == 0:
+        if padding is not None:
+            print(f"synced decoding on {ranks.world} ranks: {rounds} rounds, {padding} padding decoder calls",
+                  file=sys.stderr)
+        text = "".join(json.dumps(r) + "\n" for r in results)
+        if cfg.output is not None:
+            Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(Path(cfg.output), text)
+        else:
+            sys.stdout.write(text)
     return results
+
+
+def _blank_examples(cfg: InferConfig, tokenizer, data_cfg: DataConfig) -> list:
+    from biomedgpt.data.images import encode_png
+
+    blank = encode_png(np.zeros((8, 8, 3), dtype=np.uint8))
+    return _task_examples(cfg, _record(cfg, Path("blank.png"), blank), tokenizer, data_cfg)
 
 
 def main(argv: list[str] | None = None) -> None:

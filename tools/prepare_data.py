@@ -10,7 +10,9 @@
 Formats: the original BiomedGPT/OFA TSVs (no header, url-safe base64 images; see
 docs/tasks-and-data.md), Parquet (read in batches), JSONL / CSV records with image paths,
 DICOM folders, LLaVA(-Med) instruction conversations (JSON). Images are stored encoded as found
-(JPEG/PNG are not re-encoded; DICOM is windowed and written as PNG once). A malformed row or corrupt
+(JPEG/PNG are not re-encoded; DICOM is windowed and written as PNG once), or with ``max_image_side``
+pre-resized to what training resamples from (JPEG q95 / PNG, boxes scaled along; counted in the
+summary). A malformed row or corrupt
 image is reported as ``file:line: reason: message`` and skipped; the run exits non-zero, publishing
 nothing, when more than ``max_bad_fraction`` of the rows were bad. The output becomes visible only
 when complete (``biomedgpt.data.mds``).
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional
 
-from biomedgpt.data.images import dicom_to_uint8, encode_png, storable_image
+from biomedgpt.data.images import dicom_to_uint8, encode_png, pre_resized, storable_image
 from biomedgpt.data.mds import OutputExistsError, ShardWriter, StoreError
 from biomedgpt.engine.config import PathStr
 from biomedgpt.data.records import (KINDS, MEDNLI_LABEL_INDEX, BadRecord, make_record, parse_answer_type, parse_answers,
@@ -58,6 +60,12 @@ class PrepareConfig:
     max_reported: int = 50  # bad rows printed one by one; the rest are only counted
     store_timeout: float = 3.0  # s3:// output: seconds per connection / request attempt
     store_attempts: int = 2  # s3:// output: attempts before the store counts as unreachable
+    # Pre-resize stored images (aspect kept): longest side <= max_image_side unless that takes the shortest
+    # below min_image_side; 0 = off (stored as found). The bounds a run's transform needs, so that it still
+    # resamples from at least as many pixels: biomedgpt.data.images.training_image_sides(patch, augment),
+    # e.g. 672 / 480 for augment=true at any patch size up to 480, 256 / 256 for augment=false at 256 px.
+    max_image_side: int = 0
+    min_image_side: int = 0
 
 
 class ConversionError(ValueError):
@@ -72,6 +80,9 @@ class InputMissing(ConversionError):
 class Summary:
     written: int = 0
     skipped: Counter = field(default_factory=Counter)
+    images: int = 0  # written rows with an image
+    resized: int = 0  # of which pre-resized (max_image_side)
+    resize_note: str = ""
 
     @property
     def total(self) -> int:
@@ -84,6 +95,8 @@ class Summary:
     def text(self) -> str:
         lines = [f"rows read: {self.total}, written: {self.written}, skipped: {sum(self.skipped.values())}"]
         lines += [f"  skipped ({reason}): {n}" for reason, n in self.skipped.most_common()]
+        if self.resize_note:
+            lines.append(f"images pre-resized ({self.resize_note}): {self.resized} of {self.images}")
         return "\n".join(lines)
 
 
@@ -399,6 +412,21 @@ def _bad(message: str) -> Callable[[], dict]:
     return build
 
 
+def resized_record(record: dict, cfg: PrepareConfig, summary: Summary) -> dict:
+    """The record with its image pre-resized (``max_image_side``) and its boxes (source pixels) scaled along."""
+    data, sx, sy = pre_resized(record["image"], cfg.max_image_side, cfg.min_image_side, f"row {record['id']!r}")
+    if data is record["image"]:
+        return record
+    summary.resized += 1
+    meta = dict(record["meta"])
+    scale = lambda box: [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy, *box[4:]]  # noqa: E731
+    if "box" in meta:
+        meta["box"] = scale(meta["box"])
+    if "boxes" in meta:
+        meta["boxes"] = [scale(box) for box in meta["boxes"]]
+    return {**record, "image": data, "meta": meta}
+
+
 def input_files(pattern: str, fmt: str) -> list[Path]:
     path = Path(pattern)
     if path.is_dir():
@@ -438,6 +466,12 @@ def convert(cfg: PrepareConfig, log=None) -> Summary:
     from tqdm import tqdm
 
     summary = Summary()
+    if cfg.max_image_side:
+        if cfg.max_image_side < 0 or cfg.min_image_side < 0 or cfg.min_image_side > cfg.max_image_side:
+            raise ConversionError(f"max_image_side={cfg.max_image_side} / min_image_side={cfg.min_image_side}: "
+                                  "need 0 <= min_image_side <= max_image_side")
+        summary.resize_note = f"longest side <= {cfg.max_image_side}" + (
+            f" unless the shortest would drop below {cfg.min_image_side}" if cfg.min_image_side else "")
     files = input_files(cfg.input, cfg.format)  # before the output is touched
     try:
         writer = ShardWriter(cfg.output, overwrite=cfg.overwrite, compression=cfg.compression,
@@ -450,6 +484,10 @@ def convert(cfg: PrepareConfig, log=None) -> Summary:
                                  disable=not cfg.progress, file=log):
             try:
                 record = build()
+                if record["image"]:
+                    summary.images += 1
+                    if cfg.max_image_side:
+                        record = resized_record(record, cfg, summary)
             except BadRecord as exc:
                 summary.skipped[exc.reason] += 1
                 if sum(summary.skipped.values()) <= cfg.max_reported:
