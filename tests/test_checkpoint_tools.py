@@ -116,7 +116,7 @@ def worker_train(root: Path, stages: list[int]) -> None:
             worker_train_bf16(root, stage, info, cfg)
             continue
         torch.manual_seed(0)
-        engine = _engine(BiomedGPT(cfg), stage, info.world_size)
+        engine = _engine(BiomedGPT(cfg).init_weights(), stage, info.world_size)
         ema = EMA(engine.module, decay=0.5)
         names = [n for n, _ in engine.module.named_parameters()]
         reference_ema = {n: v.float() for n, v in _full_state(engine.module, stage).items() if n in names}
@@ -133,7 +133,7 @@ def worker_train(root: Path, stages: list[int]) -> None:
                      {"ema": ema.state_dict()}, stage)
         live = _logits(engine.module, cfg)
         # The EMA's reference: a plain model holding the full-weight average kept alongside.
-        ema_model = BiomedGPT(cfg)
+        ema_model = BiomedGPT(cfg).init_weights()
         load_into(ema_model, {k: reference_ema.get(k, v) for k, v in full.items() if k not in TIED_ALIASES})
         live_ema = _logits(ema_model, cfg)
         if stage == 3:
@@ -151,7 +151,7 @@ def worker_train_bf16(root: Path, stage: int, info, cfg) -> None:
     from biomedgpt.models.ofa import BiomedGPT
 
     torch.manual_seed(0)
-    engine = _engine(BiomedGPT(cfg), stage, info.world_size, {"bf16": {"enabled": True}})
+    engine = _engine(BiomedGPT(cfg).init_weights(), stage, info.world_size, {"bf16": {"enabled": True}})
     ema = EMA(engine.module, decay=0.5)
     for step in range(SAVE_STEP):
         _train_step(engine, step, cfg, info.rank, info.world_size, images=False)
@@ -172,7 +172,7 @@ def worker_resume(load_dir: Path, out: Path) -> None:
 
     info = init_distributed("gloo")
     cfg = ModelSpec(**MODEL).build()
-    engine = _engine(BiomedGPT(cfg), 3, info.world_size, {"checkpoint": {"load_universal": True}})
+    engine = _engine(BiomedGPT(cfg).init_weights(), 3, info.world_size, {"checkpoint": {"load_universal": True}})
     path, client = engine.load_checkpoint(str(load_dir), tag="universal", load_lr_scheduler_states=False)
     assert path is not None and client["step"] == SAVE_STEP, (path, client)
     losses = [_train_step(engine, step, cfg, info.rank, info.world_size, images=False)
