@@ -186,32 +186,6 @@ class RankSync:
         return parts
 
 
-class RootCalls:
-    """A model whose ``encode`` / ``decode`` run as calls of the root module (its ``forward`` swapped for
-    the call's duration), for ZeRO-3: the root's hooks gather the parameters registered as its external
-    parameters (the embedding tables, read outside their modules' calls) and release them afterwards.
-    Everything else is the model's."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def _call(self, method, *args, **kwargs):
-        self.model.forward = method
-        try:
-            return self.model(*args, **kwargs)
-        finally:
-            del self.model.forward
-
-    def encode(self, *args, **kwargs):
-        return self._call(type(self.model).encode.__get__(self.model), *args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self._call(type(self.model).decode.__get__(self.model), *args, **kwargs)
-
-
 def predict_task(model, tokenizer, name: str, sub: dict, task: TaskEvalConfig, answers: Optional[list[str]],
                  candidate_rows: int = 256, sync: Optional[RankSync] = None) -> list[dict]:
     """Prediction records of one task's rows (a ``select_rows`` batch): text, answer, or box."""
@@ -472,12 +446,9 @@ def run(cfg: EvaluateConfig) -> dict:
     if cfg.zero_stage == 3:  # every rank reads the whole model, then keeps its partition
         import deepspeed
 
-        from biomedgpt.engine.model_setup import register_external_parameters
-
-        register_external_parameters(model)
         engine, _, _, _ = deepspeed.initialize(model=model, config={
             "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
-        model = RootCalls(engine.module)
+        model = engine.module
         sync = RankSync(device) if world > 1 else None
     loader = build_eval_loader(data, tokenizer, rank, world)
     start = time.perf_counter()

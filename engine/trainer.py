@@ -20,8 +20,7 @@ from biomedgpt.engine.ema import EMA
 from biomedgpt.engine.flops import batch_train_flops, device_peak
 from biomedgpt.engine.loss import label_smoothed_cross_entropy
 from biomedgpt.engine.metrics import MetricsLogger
-from biomedgpt.engine.model_setup import (apply_activation_checkpointing, build_model, register_external_parameters,
-                                use_zero_init)
+from biomedgpt.engine.model_setup import apply_activation_checkpointing, build_model, use_zero_init
 from biomedgpt.engine.run_config import OptimConfig, RunConfig
 
 EXIT_RESUME = 75  # EX_TEMPFAIL: checkpoint written after a signal, resume to continue
@@ -182,8 +181,6 @@ class Trainer:
             model.embed_tokens.weight.requires_grad_(False)
         if ds.activation_checkpointing:
             apply_activation_checkpointing(model)
-        if ds.zero_stage == 3:
-            register_external_parameters(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optim = cfg.optim
         optimizer = None
@@ -498,13 +495,12 @@ class Trainer:
 
     def _downstream(self) -> dict:
         """The task metrics by generation. Under ZeRO-3 (parameters gathered collectively in every module
-        call) the ranks decode in lockstep, and encoder / decoder calls go through the root module's call
-        (``RootCalls``) so that its hooks gather the embedding tables the model reads directly."""
-        from biomedgpt.engine.downstream import RankSync, RootCalls, evaluate_model
+        call) the ranks decode in lockstep."""
+        from biomedgpt.engine.downstream import RankSync, evaluate_model
 
         stage3 = self.cfg.deepspeed.zero_stage == 3
         sync = RankSync(self.dist.device) if stage3 and self.world > 1 else None
-        module = RootCalls(self.engine.module) if stage3 else self.engine.module
+        module = self.engine.module
         self._beat("downstream eval")
         start = time.perf_counter()
         results, records = evaluate_model(module, self.tokenizer, self.eval_loader, self.cfg.eval.downstream,
