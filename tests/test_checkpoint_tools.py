@@ -191,7 +191,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world: int, *args: str) -> None:
+def run_ranks(world: int, *args: str, script: str | Path = __file__) -> None:
+    """``script *args`` as ``world`` local ranks (gloo, CPU); fails with a rank's stderr tail."""
     port = _free_port()
     procs = []
     for rank in range(world):
@@ -199,7 +200,7 @@ def run_ranks(world: int, *args: str) -> None:
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)])),
                "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, __file__, *args], env=env, cwd=REPO,
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env, cwd=REPO,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     for proc in procs:
         _, err = proc.communicate(timeout=400)
