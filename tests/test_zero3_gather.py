@@ -17,8 +17,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = {"size": "tiny", "overrides": {"d_model": 64, "ffn_dim": 128, "encoder_layers": 3, "decoder_layers": 3,
-                                       "heads": 2, "resnet_layers": [1, 1, 1], "vocab_size": 1000, "dropout": 0.0}}
+MODEL = {"size": "tiny", "d_model": 64, "ffn_dim": 128, "encoder_layers": 3, "decoder_layers": 3, "heads": 2,
+         "resnet_layers": [1, 1, 1], "vocab_size": 1000, "dropout": 0.0}
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
