@@ -110,6 +110,19 @@ class RankSync:
         self.device = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
         self.padding_calls = 0
         self.agree_s = 0.0  # inside the agreement collectives (waiting for the slower rank included)
+        self.decode_calls, self.decode_s = 0, 0.0  # with time_calls: to price the padding calls
+
+    def time_calls(self, decoder: torch.nn.Module) -> None:
+        """Count and time ``decoder``'s calls (one padding call is one decoder call)."""
+        def before(*_):
+            self.started = time.perf_counter()
+
+        def after(*_):
+            self.decode_calls += 1
+            self.decode_s += time.perf_counter() - self.started
+
+        decoder.register_forward_pre_hook(before)
+        decoder.register_forward_hook(after)
 
     def _reduce(self, value: float, op) -> float:
         start = time.perf_counter()
@@ -131,38 +144,6 @@ class RankSync:
         parts: list = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(parts, obj)
         return parts
-
-
-class RootCalls:
-    """A model whose ``encode`` / ``decode`` run as calls of the root module (its ``forward`` swapped for
-    the call's duration), for ZeRO-3: the root's hooks gather the parameters registered as its external
-    parameters (the embedding tables, read outside their modules' calls) and release them afterwards.
-    Everything else is the model's."""
-
-    def __init__(self, model):
-        self.model = model
-        self.decode_calls, self.decode_s = 0, 0.0  # to price the padding calls (one is a decoder call)
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def _call(self, method, *args, **kwargs):
-        self.model.forward = method
-        try:
-            return self.model(*args, **kwargs)
-        finally:
-            del self.model.forward
-
-    def encode(self, *args, **kwargs):
-        return self._call(type(self.model).encode.__get__(self.model), *args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return self._call(type(self.model).decode.__get__(self.model), *args, **kwargs)
-        finally:
-            self.decode_calls += 1
-            self.decode_s += time.perf_counter() - start
 
 
 def predict_task(model, tokenizer, name: str, sub: dict, task: TaskEvalConfig, answers: Optional[list[str]],
@@ -363,22 +344,25 @@ def prepare_model(model_dir: str | Path, bpe_dir: str | Path | None, zero_stage:
         return model, tokenizer, None
     import deepspeed
 
-    from biomedgpt.engine.model_setup import load_partitioned, register_external_parameters
+    from biomedgpt.engine.model_setup import load_partitioned
 
     ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     model = load_partitioned(model_dir, ds_config, ranks.rank)
     tokenizer = load_tokenizer(model_dir, bpe_dir, model.cfg.vocab_size)
-    register_external_parameters(model)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
     engine.module.eval()
-    return RootCalls(engine.module), tokenizer, RankSync(ranks.device) if ranks.world > 1 else None
+    sync = None
+    if ranks.world > 1:
+        sync = RankSync(ranks.device)
+        sync.time_calls(engine.module.decoder)
+    return engine.module, tokenizer, sync
 
 
-def sync_costs(model: RootCalls, sync: RankSync) -> dict[str, float]:
+def sync_costs(sync: RankSync) -> dict[str, float]:
     """What lockstep decoding cost this rank: padding decoder calls (priced at this rank's mean decoder
     call) and the time in the agreement collectives."""
-    mean = model.decode_s / max(1, model.decode_calls)
-    return {"decoder_calls": model.decode_calls, "decoder_s": model.decode_s, "padding_calls": sync.padding_calls,
+    mean = sync.decode_s / max(1, sync.decode_calls)
+    return {"decoder_calls": sync.decode_calls, "decoder_s": sync.decode_s, "padding_calls": sync.padding_calls,
             "padding_s_estimate": sync.padding_calls * mean, "agree_s": sync.agree_s}
 
 
@@ -406,7 +390,7 @@ def run(cfg: EvaluateConfig) -> dict:
     elapsed = time.perf_counter() - start
     records = unique_records(records)
     rss = gather([peak_rss_gib()])
-    synced = gather([sync_costs(model, sync)]) if sync is not None else None
+    synced = gather([sync_costs(sync)]) if sync is not None else None
     if rank != 0:
         return {"metrics": metrics}
     results = {"model_dir": str(cfg.model_dir), "metrics": metrics, "samples": len({r["id"] for r in records}),

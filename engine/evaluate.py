@@ -10,8 +10,8 @@
 Across ranks each rank evaluates its share; results are gathered in rank order and each sample id counts
 once (the eval loader pads the shares by repeating samples). Where the parameters are partitioned (ZeRO-3)
 every module call is a collective, so every rank makes the same calls: the loss pass runs a forward each
-round (a rank whose share is done repeats its last batch), and decoding runs in lockstep through the root
-module (``RankSync``, ``RootCalls``).
+round (a rank whose share is done repeats its last batch), and decoding runs in lockstep (``RankSync``;
+each module gathers its own parameters per call).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 
 from biomedgpt.engine import distributed as dist_utils
 from biomedgpt.engine import task_metrics
-from biomedgpt.engine.downstream import RankSync, RootCalls, answer_sets, predict, sets_from_references
+from biomedgpt.engine.downstream import RankSync, answer_sets, predict, sets_from_references
 from biomedgpt.engine.eval_config import DownstreamConfig
 
 
@@ -110,9 +110,8 @@ class Evaluator:
 
     def __init__(self, model, device: torch.device, rank: int, world: int, partitions_params: bool,
                  beat: Callable[[str], None] = lambda phase: None):
-        self.device, self.rank, self.world, self.beat = device, rank, world, beat
+        self.model, self.device, self.rank, self.world, self.beat = model, device, rank, world, beat
         self.sync = RankSync(device) if partitions_params and world > 1 else None
-        self.generator = RootCalls(model) if partitions_params else model
 
     def gather(self, part: list) -> list:
         """Every rank's list, concatenated in rank order (the same on every rank)."""
@@ -154,6 +153,6 @@ class Evaluator:
                      ) -> tuple[dict[str, float], list[dict]]:
         """The task metrics by generation, and every rank's predictions (each sample once)."""
         self.beat("downstream eval")
-        metrics, records = evaluate_model(self.generator, tokenizer, batches, cfg, self.device, self.gather,
+        metrics, records = evaluate_model(self.model, tokenizer, batches, cfg, self.device, self.gather,
                                           self.sync)
         return metrics, unique_records(records)

@@ -4,11 +4,11 @@ Everything DeepSpeed-specific about the model lives here, so ``models/`` stays p
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 import torch.utils.checkpoint
-from torch import nn
 
 from biomedgpt.models.config import ModelConfig
 from biomedgpt.models.ofa import BiomedGPT
@@ -31,36 +31,29 @@ def use_zero_init(cfg: ModelConfig, zero_stage: int, setting: bool | None) -> bo
     return approx_parameters(cfg) >= ZERO_INIT_AUTO_PARAMS if setting is None else setting
 
 
-class _InitLater(BiomedGPT):
-    """BiomedGPT whose constructor leaves the weight init for later (it runs on gathered parameters)."""
-
-    def reset_parameters(self) -> None:
-        return None
-
-
 def build_model(cfg: ModelConfig, ds_config: dict, zero_init: bool, init_state: dict | None) -> BiomedGPT:
     """The model, partitioned at construction under ZeRO-3 zero.Init, with its initial weights.
 
-    Under zero.Init every parameter is partitioned as soon as its module is built, so the model's own
-    initialisation cannot run in ``__init__`` (it would see empty tensors): it runs here on the gathered
-    parameters (rank 0's values are broadcast), and a given ``init_state`` is loaded the same way.
+    Under zero.Init every parameter is partitioned as soon as its module is built (``__init__`` does
+    not initialise weights), so ``init_weights`` runs here on the gathered parameters (rank 0's values
+    are broadcast), and a given ``init_state`` is loaded the same way. Without zero.Init the same calls
+    run on the plain model.
     """
     from biomedgpt.models.checkpoint import load_into
 
-    if not zero_init:
-        model = BiomedGPT(cfg)
-        if init_state is not None:
-            load_into(model, init_state)
-        return model
-    import deepspeed
+    gathered = contextlib.nullcontext
+    if zero_init:
+        import deepspeed
 
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = _InitLater(cfg)
-    model.__class__ = BiomedGPT
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
-        # Every rank draws (rank 0's values are kept), so all ranks' RNG streams stay where a run
-        # without zero.Init would have them.
-        model.reset_parameters()
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = BiomedGPT(cfg)
+        gathered = functools.partial(deepspeed.zero.GatheredParameters, list(model.parameters()), modifier_rank=0)
+    else:
+        model = BiomedGPT(cfg)
+    with gathered():
+        # Every rank draws (rank 0's values are kept under zero.Init), so all ranks' RNG streams stay where
+        # a run without zero.Init would have them; weights to load are drawn over as before.
+        model.init_weights()
         if init_state is not None:
             load_into(model, init_state)
     return model
@@ -79,8 +72,7 @@ def load_partitioned(model_dir, ds_config: dict, rank: int) -> BiomedGPT:
     from biomedgpt.models.checkpoint import TIED_ALIASES, check_fits, model_weight_files, read_model_config
 
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = _InitLater(read_model_config(model_dir))
-    model.__class__ = BiomedGPT
+        model = BiomedGPT(read_model_config(model_dir))  # no init_weights(): every weight is loaded below
     with contextlib.ExitStack() as files:
         where = {}
         for path in model_weight_files(model_dir):
@@ -103,19 +95,6 @@ def load_partitioned(model_dir, ds_config: dict, rank: int) -> BiomedGPT:
                 if key in where:  # persistent buffers (check_fits: every one is there); others are derived
                     buffer.copy_(read(key).to(buffer.dtype))
     return model
-
-
-def register_external_parameters(model: nn.Module) -> None:
-    """ZeRO-3 gathers a module's parameters around its own forward and backward. OFA reads embedding
-    tables (position and relative-position tables, the tied output projection) directly, outside any
-    call of their module, and the encoder returns a dataclass whose tensors ZeRO-3's backward hooks
-    cannot see; so every embedding table is registered as an external parameter of the root model,
-    whose output (the logits) ZeRO-3 does track, in the forward and in the backward."""
-    import deepspeed
-
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            deepspeed.zero.register_external_parameter(model, module.weight)
 
 
 def _checkpointed(forward, *args, **kwargs):

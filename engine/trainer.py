@@ -22,8 +22,7 @@ from biomedgpt.engine.ema import EMA
 from biomedgpt.engine.flops import batch_train_flops, device_peak, image_tokens
 from biomedgpt.engine.loss import label_smoothed_cross_entropy
 from biomedgpt.engine.metrics import MetricsLogger, MetricWindow
-from biomedgpt.engine.model_setup import (apply_activation_checkpointing, build_model, register_external_parameters,
-                                use_zero_init)
+from biomedgpt.engine.model_setup import apply_activation_checkpointing, build_model, use_zero_init
 from biomedgpt.engine.run_config import OptimConfig, RunConfig
 from biomedgpt.engine.zero_plan import ZeroPlan
 
@@ -194,8 +193,6 @@ class Trainer:
             model.embed_tokens.weight.requires_grad_(False)
         if ds.activation_checkpointing:
             apply_activation_checkpointing(model)
-        if self.plan.partitions_params:
-            register_external_parameters(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optim = cfg.optim
         optimizer = None

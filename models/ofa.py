@@ -181,14 +181,31 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
 
-def _ffn(layer: nn.Module, x: Tensor) -> Tensor:
-    """NormFormer FFN branch: LN → fc1 → gelu → dropout → ffn_layernorm → fc2 → dropout."""
-    x = F.gelu(layer.fc1(layer.final_layer_norm(x)))
-    x = F.dropout(x, layer.activation_dropout, layer.training)
-    return F.dropout(layer.fc2(layer.ffn_layernorm(x)), layer.dropout, layer.training)
+class TransformerLayer(nn.Module):
+    """What encoder and decoder layers share: the NormFormer FFN block and the dropout/drop-path residual.
+
+    Subclasses build their attention blocks first, then call ``add_ffn``: that creation order is the
+    order of PyTorch's default-init draws, which the released seeds' weights depend on.
+    """
+
+    def add_ffn(self, cfg: ModelConfig, drop_path_rate: float) -> None:
+        d = cfg.d_model
+        self.fc1, self.fc2 = nn.Linear(d, cfg.ffn_dim), nn.Linear(cfg.ffn_dim, d)
+        self.ffn_layernorm = nn.LayerNorm(cfg.ffn_dim)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.dropout, self.activation_dropout, self.drop_path_rate = cfg.dropout, cfg.activation_dropout, drop_path_rate
+
+    def residual(self, x: Tensor, h: Tensor) -> Tensor:
+        return x + drop_path(F.dropout(h, self.dropout, self.training), self.drop_path_rate, self.training)
+
+    def ffn(self, x: Tensor) -> Tensor:
+        """NormFormer FFN branch: LN → fc1 → gelu → dropout → ffn_layernorm → fc2 → dropout."""
+        x = F.gelu(self.fc1(self.final_layer_norm(x)))
+        x = F.dropout(x, self.activation_dropout, self.training)
+        return F.dropout(self.fc2(self.ffn_layernorm(x)), self.dropout, self.training)
 
 
-class EncoderLayer(nn.Module):
+class EncoderLayer(TransformerLayer):
     """Pre-LN NormFormer layer: x + DropPath(attn_ln(attn(ln(x)))), then the FFN block."""
 
     def __init__(self, cfg: ModelConfig, drop_path_rate: float):
@@ -197,21 +214,17 @@ class EncoderLayer(nn.Module):
         self.self_attn = MultiheadAttention(cfg)
         self.self_attn_layer_norm = nn.LayerNorm(d)
         self.attn_ln = nn.LayerNorm(d)
-        self.fc1, self.fc2 = nn.Linear(d, cfg.ffn_dim), nn.Linear(cfg.ffn_dim, d)
-        self.ffn_layernorm = nn.LayerNorm(cfg.ffn_dim)
-        self.final_layer_norm = nn.LayerNorm(d)
-        self.dropout, self.activation_dropout, self.drop_path_rate = cfg.dropout, cfg.activation_dropout, drop_path_rate
+        self.add_ffn(cfg, drop_path_rate)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None, bias: AttentionBias | None,
                 rotary: Rotary | None = None) -> Tensor:
         h = self.self_attn_layer_norm(x)
         k, v = self.self_attn.project_kv(h, rotary)
-        h = self.attn_ln(self.self_attn(h, k, v, bias, padding_mask, rotary=rotary))
-        x = x + drop_path(F.dropout(h, self.dropout, self.training), self.drop_path_rate, self.training)
-        return x + drop_path(_ffn(self, x), self.drop_path_rate, self.training)
+        x = self.residual(x, self.attn_ln(self.self_attn(h, k, v, bias, padding_mask, rotary=rotary)))
+        return x + drop_path(self.ffn(x), self.drop_path_rate, self.training)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(TransformerLayer):
     """Self-attention (causal), cross-attention and FFN blocks, each pre-LN with a NormFormer mid-LN."""
 
     def __init__(self, cfg: ModelConfig, drop_path_rate: float):
@@ -221,34 +234,59 @@ class DecoderLayer(nn.Module):
         self.self_attn_layer_norm, self.self_attn_ln = nn.LayerNorm(d), nn.LayerNorm(d)
         self.encoder_attn = MultiheadAttention(cfg)
         self.encoder_attn_layer_norm, self.cross_attn_ln = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.fc1, self.fc2 = nn.Linear(d, cfg.ffn_dim), nn.Linear(cfg.ffn_dim, d)
-        self.ffn_layernorm = nn.LayerNorm(cfg.ffn_dim)
-        self.final_layer_norm = nn.LayerNorm(d)
-        self.dropout, self.activation_dropout, self.drop_path_rate = cfg.dropout, cfg.activation_dropout, drop_path_rate
+        self.add_ffn(cfg, drop_path_rate)
 
-    def _residual(self, x: Tensor, h: Tensor) -> Tensor:
-        return x + drop_path(F.dropout(h, self.dropout, self.training), self.drop_path_rate, self.training)
-
-    def forward(self, x: Tensor, self_kv: tuple[Tensor, Tensor], self_bias: AttentionBias | None,
-                self_padding_mask: Tensor | None, cross_kv: tuple[Tensor, Tensor], cross_bias: AttentionBias | None,
+    def forward(self, x: Tensor, encoder_states: Tensor, self_bias: AttentionBias | None,
+                self_padding_mask: Tensor | None, cross_bias: AttentionBias | None,
                 encoder_padding_mask: Tensor | None, rotary: Rotary | None = None,
-                normed: Tensor | None = None) -> Tensor:
-        """``rotary``: the new tokens' rotary tables (``self_kv`` holds keys already rotated); ``normed``:
-        ``self_attn_layer_norm(x)`` where the caller already computed it (for ``self_kv``)."""
-        h = self.self_attn_layer_norm(x) if normed is None else normed
-        h = self.self_attn(h, *self_kv, self_bias, self_padding_mask, causal=True, rotary=rotary)
-        x = self._residual(x, self.self_attn_ln(h))
+                cache: "DecoderCache | None" = None, idx: int = 0) -> Tensor:
+        """The new tokens ``x`` through the layer; with a ``cache``, their keys/values are appended to slot
+        ``idx`` (self-attention reads them all) and the encoder's are projected once. ``rotary``: the new
+        tokens' rotary tables (cached keys are stored rotated)."""
+        h = self.self_attn_layer_norm(x)
+        k, v = self.self_attn.project_kv(h, rotary)
+        if cache is not None:
+            if cache.self_kv[idx] is not None:
+                pk, pv = cache.self_kv[idx]
+                k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+            cache.self_kv[idx] = (k, v)
+        cross_kv = cache.cross_kv[idx] if cache is not None else None
+        if cross_kv is None:
+            cross_kv = self.encoder_attn.project_kv(encoder_states)
+            if cache is not None:
+                cache.cross_kv[idx] = cross_kv
+        h = self.self_attn(h, k, v, self_bias, self_padding_mask, causal=True, rotary=rotary)
+        x = self.residual(x, self.self_attn_ln(h))
         h = self.encoder_attn(self.encoder_attn_layer_norm(x), *cross_kv, cross_bias, encoder_padding_mask)
-        x = self._residual(x, self.cross_attn_ln(h))
-        return x + drop_path(_ffn(self, x), self.drop_path_rate, self.training)
+        x = self.residual(x, self.cross_attn_ln(h))
+        return x + drop_path(self.ffn(x), self.drop_path_rate, self.training)
+
+
+class TiedEmbedding(nn.Embedding):
+    """The token embedding, which is also the output projection (``project=True``: ``x @ weightᵀ``).
+
+    Both uses are calls of this module, so ZeRO-3's hooks gather the weight around each of them.
+    """
+
+    def forward(self, x: Tensor, project: bool = False) -> Tensor:
+        return F.linear(x, self.weight) if project else super().forward(x)
+
+
+class RelativeTable(nn.Embedding):
+    """A relative-position table (rows × heads), called for the whole table: the attention kernels look
+    buckets up in it themselves. A copy is returned, so the table can be released (ZeRO-3) after the call
+    while the kernels use the copy; its gradient flows back to the table."""
+
+    def forward(self) -> Tensor:
+        return self.weight.clone()
 
 
 def add_relative_tables(module: nn.Module, cfg: ModelConfig, layers: int, max_positions: int) -> None:
     """Per-layer text and image relative-position tables (rows × heads) and their bucket buffers."""
     module.token_rel_pos_table_list = nn.ModuleList(
-        nn.Embedding(2 * cfg.token_bucket_size - 1, cfg.heads) for _ in range(layers))
+        RelativeTable(2 * cfg.token_bucket_size - 1, cfg.heads) for _ in range(layers))
     module.image_rel_pos_table_list = nn.ModuleList(
-        nn.Embedding((2 * cfg.image_bucket_size - 1) ** 2 + 3, cfg.heads) for _ in range(layers))
+        RelativeTable((2 * cfg.image_bucket_size - 1) ** 2 + 3, cfg.heads) for _ in range(layers))
     module.register_buffer("token_rp_bucket", token_bucket_positions(cfg.token_bucket_size, max_positions),
                            persistent=False)
     module.register_buffer("image_rp_bucket", image_bucket_positions(cfg.image_bucket_size), persistent=False)
@@ -304,6 +342,10 @@ class Encoder(nn.Module):
     #: run the ResNet only on samples with an image (``patch_masks`` True); False: on every placeholder too
     image_rows_only = True
 
+    def token_type(self, kind: int, device: torch.device) -> Tensor:
+        """The type embedding ``[d]`` of text (0) or image (1) tokens."""
+        return self.type_embedding(torch.tensor(kind, device=device))
+
     def embed_image(self, patch_images: Tensor, patch_masks: Tensor | None, sample_patch_num: int | None):
         """Image tokens, their padding mask and position ids (``[1, n]``, or ``[B, k]`` for a random subset).
 
@@ -330,7 +372,7 @@ class Encoder(nn.Module):
             order = torch.rand(b, ids.shape[1], device=tokens.device).argsort(dim=1)[:, :sample_patch_num]
             tokens = tokens.gather(1, order[:, :, None].expand(-1, -1, tokens.shape[2]))
             ids = ids.expand(b, -1).gather(1, order)
-        x = self.image_proj(tokens) + self.type_embedding.weight[1]
+        x = self.image_proj(tokens) + self.token_type(1, tokens.device)
         x = F.dropout(self.patch_layernorm_embedding(x), self.cfg.dropout, self.training)
         if rows_idx is not None:  # back to the whole batch; the placeholder rows stay in the graph (zero grads)
             x = x.new_zeros(full_b, *x.shape[1:]).index_copy(0, rows_idx, x)
@@ -345,7 +387,7 @@ class Encoder(nn.Module):
         b, s = src_tokens.shape
         if s > self.cfg.max_source_positions:
             raise ValueError(f"source length {s} exceeds max_source_positions {self.cfg.max_source_positions}")
-        x = self.embed_tokens(src_tokens) + self.type_embedding.weight[0]
+        x = self.embed_tokens(src_tokens) + self.token_type(0, src_tokens.device)
         x = F.dropout(self.layernorm_embedding(x), self.cfg.dropout, self.training)
         padding = src_tokens.eq(self.cfg.pad_id)
         image_ids = None
@@ -379,7 +421,7 @@ class Encoder(nn.Module):
         Positions are batch-shared (batch 1) unless patches were sampled per sample.
         """
         heads, device = self.cfg.heads, self.token_rp_bucket.device
-        positions = self.pos_ln(self.embed_positions.weight[:s])[None]
+        positions = self.pos_ln(self.embed_positions(torch.arange(s, device=device)))[None]
         n_img = 0
         if image_ids is not None:
             n_img = image_ids.shape[1]
@@ -392,9 +434,9 @@ class Encoder(nn.Module):
         image = RelativePositions(self.image_rp_bucket, image_ids, image_ids) if n_img else None
         biases = []
         for idx in range(len(self.layers)):
-            rel = [RelativeBias(self.token_rel_pos_table_list[idx].weight, text)]
+            rel = [RelativeBias(self.token_rel_pos_table_list[idx](), text)]
             if image is not None:
-                rel.append(RelativeBias(self.image_rel_pos_table_list[idx].weight, image))
+                rel.append(RelativeBias(self.image_rel_pos_table_list[idx](), image))
             biases.append(base.with_relative(rel))
         return positions, biases
 
@@ -451,7 +493,8 @@ class Decoder(nn.Module):
 
     def target_positions(self, length: int, code_masks: Tensor | None) -> Tensor:
         """Normalised target positions ``[1 or B, T, d]``: text positions, or the code window for image codes."""
-        positions = self.pos_ln(self.embed_positions.weight[:length])[None]
+        ids = torch.arange(length, device=self.image_position_idx.device)
+        positions = self.pos_ln(self.embed_positions(ids))[None]
         if code_masks is not None and code_masks.any():
             code_pos = self.image_pos_ln(self.embed_image_positions(self.image_position_idx[:length]))
             positions = torch.where(code_masks.bool()[:, None, None], code_pos[None], positions)
@@ -483,8 +526,8 @@ class Decoder(nn.Module):
             rotary = None
             self_biases, cross_bias = self.ofa_biases(start, t, code_masks, encoder_out, cache)
         for idx, layer in enumerate(self.layers):
-            x = self._layer(layer, idx, x, self_biases[idx], self_padding, cross_bias, encoder_out, encoder_padding,
-                            cache, rotary)
+            x = layer(x, encoder_out.states, self_biases[idx], self_padding, cross_bias, encoder_padding, rotary,
+                      cache, idx)
         if cache is not None:
             cache.length = t
         return self.layer_norm(x)
@@ -523,32 +566,14 @@ class Decoder(nn.Module):
             image = RelativePositions(self.image_rp_bucket, ids[start:][None], ids[None])
         biases = []
         for idx in range(len(self.layers)):
-            token_table = self.token_rel_pos_table_list[idx].weight
+            token_table = self.token_rel_pos_table_list[idx]()
             if code is None:
                 rel = [RelativeBias(token_table, text)]
             else:
                 rel = [RelativeBias(token_table, text, samples=~code),
-                       RelativeBias(self.image_rel_pos_table_list[idx].weight, image, samples=code)]
+                       RelativeBias(self.image_rel_pos_table_list[idx](), image, samples=code)]
             biases.append(self_base.with_relative(rel))
         return biases, cross_bias
-
-    def _layer(self, layer: DecoderLayer, idx: int, x: Tensor, self_bias: AttentionBias | None,
-               self_padding: Tensor | None, cross_bias: AttentionBias | None, encoder_out: EncoderOutput,
-               encoder_padding: Tensor | None, cache: DecoderCache | None, rotary: Rotary | None) -> Tensor:
-        """One layer, with this step's keys/values appended to (and read from) the cache."""
-        normed = layer.self_attn_layer_norm(x)
-        k, v = layer.self_attn.project_kv(normed, rotary)
-        if cache is not None:
-            if cache.self_kv[idx] is not None:
-                pk, pv = cache.self_kv[idx]
-                k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-            cache.self_kv[idx] = (k, v)
-        cross_kv = cache.cross_kv[idx] if cache is not None else None
-        if cross_kv is None:
-            cross_kv = layer.encoder_attn.project_kv(encoder_out.states)
-            if cache is not None:
-                cache.cross_kv[idx] = cross_kv
-        return layer(x, (k, v), self_bias, self_padding, cross_kv, cross_bias, encoder_padding, rotary, normed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -562,14 +587,18 @@ class BiomedGPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        self.embed_tokens = TiedEmbedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
         self.encoder = Encoder(cfg, self.embed_tokens)
         self.decoder = Decoder(cfg, self.embed_tokens)
-        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """fairseq/OFA initialisation: N(0, d^-0.5) embeddings, xavier projections, zero relative tables."""
+    def init_weights(self) -> "BiomedGPT":
+        """fairseq/OFA initialisation: N(0, d^-0.5) embeddings, xavier projections, zero relative tables.
+
+        Not run by ``__init__`` (whose modules keep PyTorch's defaults), so a model that loads weights
+        skips it, and under ZeRO-3 ``zero.Init`` it runs once on the gathered parameters. The rest of the
+        parameters keep PyTorch's defaults, drawn at construction. Returns the model.
+        """
         d = self.cfg.d_model
         for module in self.modules():
             if isinstance(module, nn.Embedding):
@@ -581,7 +610,7 @@ class BiomedGPT(nn.Module):
                     nn.init.xavier_uniform_(proj.weight, gain=2 ** -0.5)
                 nn.init.xavier_uniform_(module.out_proj.weight)
                 nn.init.zeros_(module.out_proj.bias)
-            elif isinstance(module, (EncoderLayer, DecoderLayer)):
+            elif isinstance(module, TransformerLayer):
                 for fc in (module.fc1, module.fc2):
                     nn.init.xavier_uniform_(fc.weight)
                     nn.init.zeros_(fc.bias)
@@ -591,6 +620,7 @@ class BiomedGPT(nn.Module):
             for coder in (self.encoder, self.decoder):
                 for table in [*coder.token_rel_pos_table_list, *coder.image_rel_pos_table_list]:
                     nn.init.zeros_(table.weight)
+        return self
 
     def encode(self, src_tokens: Tensor, patch_images: Tensor | None = None, patch_masks: Tensor | None = None,
                sample_patch_num: int | None = None) -> EncoderOutput:
@@ -603,7 +633,7 @@ class BiomedGPT(nn.Module):
                cache: DecoderCache | None = None) -> Tensor:
         """Logits [B, T', V] of the tokens after those already in ``cache`` (all of them without one)."""
         hidden = self.decoder(prev_output_tokens, encoder_out, code_masks, cache)
-        return F.linear(hidden, self.embed_tokens.weight)
+        return self.embed_tokens(hidden, project=True)
 
     def forward(self, src_tokens: Tensor, prev_output_tokens: Tensor, patch_images: Tensor | None = None,
                 patch_masks: Tensor | None = None, code_masks: Tensor | None = None,

@@ -13,7 +13,7 @@ SMALL = dict(d_model=64, ffn_dim=128, encoder_layers=2, decoder_layers=2, heads=
 def build(backend: str = "eager", scheme: str = "ofa", **overrides) -> BiomedGPT:
     """Seeded weights; the relative tables (zero in OFA's init) randomised so they matter."""
     torch.manual_seed(0)
-    model = BiomedGPT(model_config("tiny", attention_backend=backend, position_scheme=scheme, **{**SMALL, **overrides}))
+    model = BiomedGPT(model_config("tiny", attention_backend=backend, position_scheme=scheme, **{**SMALL, **overrides})).init_weights()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "rel_pos_table" in name:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from biomedgpt.engine.model_setup import apply_activation_checkpointing
-from biomedgpt.models import attention
+from biomedgpt.models import attention, kernels
 from biomedgpt.models.config import model_config
 from biomedgpt.models.ofa import BiomedGPT, MultiheadAttention, image_bucket_positions, image_position_ids, token_bucket_positions
 from biomedgpt.tools import bench_attention
@@ -57,7 +57,7 @@ def eager_reference(scheme: str, codes: bool) -> tuple[torch.Tensor, dict]:
 @pytest.mark.parametrize("codes", [False, True])
 @pytest.mark.parametrize("scheme,backend", [("ofa", "sdpa"), ("ofa", "chunked"), ("rope", "sdpa")])
 def test_backend_matches_eager_forward_and_gradients(scheme, backend, codes, monkeypatch):
-    monkeypatch.setattr(attention, "CHUNK_SCORES", 4 * 4 * 21 * 2)  # chunks of 2 (encoder) and 4 rows (decoder)
+    monkeypatch.setattr(kernels, "CHUNK_SCORES", 4 * 4 * 21 * 2)  # chunks of 2 (encoder) and 4 rows (decoder)
     ref_out, ref_grads = eager_reference(scheme, codes)
     out, grads = forward_backward(build(backend, scheme).train(), mixed_batch(codes))
     torch.testing.assert_close(out, ref_out, **TOL)
@@ -100,7 +100,7 @@ def bias_inputs(lq: int, per_sample_patches: bool, code_samples: bool) -> tuple[
 @pytest.mark.parametrize("layout", ["encoder", "sampled-patches", "decoder-codes", "decoder-cache"])
 def test_chunked_attention_gradients_match_eager(layout, chunk_scores, monkeypatch):
     """q, k, v, the absolute positions and both relative tables, for every block layout the model makes."""
-    monkeypatch.setattr(attention, "CHUNK_SCORES", chunk_scores)
+    monkeypatch.setattr(kernels, "CHUNK_SCORES", chunk_scores)
     lq, causal = {"encoder": (16, False), "sampled-patches": (16, False), "decoder-codes": (16, True),
                   "decoder-cache": (5, True)}[layout]
     results = []

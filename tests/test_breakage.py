@@ -23,7 +23,7 @@ TINY = dict(d_model=32, ffn_dim=64, encoder_layers=2, decoder_layers=2, heads=2,
 
 def _model(**overrides) -> BiomedGPT:
     torch.manual_seed(0)
-    return BiomedGPT(model_config("tiny", **{**TINY, **overrides}))
+    return BiomedGPT(model_config("tiny", **{**TINY, **overrides})).init_weights()
 
 
 def _batch(images: int = 32, batch: int = 2):

@@ -118,7 +118,7 @@ def worker_train(root: Path, stages: list[int]) -> None:
             worker_train_bf16(root, stage, info, cfg)
             continue
         torch.manual_seed(0)
-        engine = _engine(BiomedGPT(cfg), stage, info.world_size)
+        engine = _engine(BiomedGPT(cfg).init_weights(), stage, info.world_size)
         ema = EMA(engine.module, decay=0.5)
         names = [n for n, _ in engine.module.named_parameters()]
         reference_ema = {n: v.float() for n, v in _full_state(engine.module, stage).items() if n in names}
@@ -135,7 +135,7 @@ def worker_train(root: Path, stages: list[int]) -> None:
                      {"ema": ema.state_dict()}, stage)
         live = _logits(engine.module, cfg)
         # The EMA's reference: a plain model holding the full-weight average kept alongside.
-        ema_model = BiomedGPT(cfg)
+        ema_model = BiomedGPT(cfg).init_weights()
         load_into(ema_model, {k: reference_ema.get(k, v) for k, v in full.items() if k not in TIED_ALIASES})
         live_ema = _logits(ema_model, cfg)
         if stage == 3:
@@ -153,7 +153,7 @@ def worker_train_bf16(root: Path, stage: int, info, cfg) -> None:
     from biomedgpt.models.ofa import BiomedGPT
 
     torch.manual_seed(0)
-    engine = _engine(BiomedGPT(cfg), stage, info.world_size, {"bf16": {"enabled": True}})
+    engine = _engine(BiomedGPT(cfg).init_weights(), stage, info.world_size, {"bf16": {"enabled": True}})
     ema = EMA(engine.module, decay=0.5)
     for step in range(SAVE_STEP):
         _train_step(engine, step, cfg, info.rank, info.world_size, images=False)
@@ -174,7 +174,7 @@ def worker_resume(load_dir: Path, out: Path) -> None:
 
     info = init_distributed("gloo")
     cfg = ModelSpec(**MODEL).build()
-    engine = _engine(BiomedGPT(cfg), 3, info.world_size, {"checkpoint": {"load_universal": True}})
+    engine = _engine(BiomedGPT(cfg).init_weights(), 3, info.world_size, {"checkpoint": {"load_universal": True}})
     path, client = engine.load_checkpoint(str(load_dir), tag="universal", load_lr_scheduler_states=False)
     assert path is not None and client["step"] == SAVE_STEP, (path, client)
     losses = [_train_step(engine, step, cfg, info.rank, info.world_size, images=False)
@@ -193,7 +193,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world: int, *args: str) -> None:
+def run_ranks(world: int, *args: str, script: str | Path = __file__) -> None:
+    """``script *args`` as ``world`` local ranks (gloo, CPU); fails with a rank's stderr tail."""
     port = _free_port()
     procs = []
     for rank in range(world):
@@ -201,7 +202,7 @@ def run_ranks(world: int, *args: str) -> None:
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)])),
                "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, __file__, *args], env=env, cwd=REPO,
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env, cwd=REPO,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     for proc in procs:
         _, err = proc.communicate(timeout=400)

@@ -17,7 +17,7 @@ SMALL = dict(d_model=64, ffn_dim=128, encoder_layers=2, decoder_layers=2, heads=
 
 def run(**overrides) -> tuple[torch.Tensor, dict]:
     torch.manual_seed(0)
-    model = BiomedGPT(ModelConfig(**{**SMALL, **overrides})).train()
+    model = BiomedGPT(ModelConfig(**{**SMALL, **overrides})).init_weights().train()
     with torch.no_grad():  # OFA initialises the relative tables to zero: make them matter
         for name, param in model.named_parameters():
             if "rel_pos_table" in name:
@@ -68,7 +68,7 @@ def test_compiled_path_matches_eager(reference):
 
 def test_decoder_self_attention_layer_norm_runs_once_per_layer():
     torch.manual_seed(0)
-    model = BiomedGPT(ModelConfig(**SMALL)).eval()
+    model = BiomedGPT(ModelConfig(**SMALL)).init_weights().eval()
     calls = []
     for layer in model.decoder.layers:
         layer.self_attn_layer_norm.register_forward_hook(lambda *_: calls.append(1))

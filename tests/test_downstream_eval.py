@@ -82,7 +82,7 @@ def _png(image) -> bytes:
 def test_mixed_batch_is_decoded_per_task_and_scored(tokenizer):
     torch.manual_seed(0)
     model = BiomedGPT(model_config("tiny", d_model=64, ffn_dim=128, encoder_layers=1, decoder_layers=1, heads=2,
-                                   resnet_layers=[1, 1, 1], vocab_size=tokenizer.vocab_size)).eval()
+                                   resnet_layers=[1, 1, 1], vocab_size=tokenizer.vocab_size)).init_weights().eval()
     rows = [("vqa", {"question": "is this a fundus photo", "answers": {"yes": 1.0}}, True),  # closed: yes/no
             ("vqa", {"question": "is this the retina or the lung", "answers": {"retina": 1.0},
                      "answer_type": "closed"}, True),  # closed: the dataset says so

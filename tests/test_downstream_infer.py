@@ -23,7 +23,7 @@ def model_dir(tmp_path_factory, vocab_dir):
     tokenizer = Tokenizer.from_gpt2_files(vocab_dir)
     cfg = model_config("tiny", d_model=64, ffn_dim=128, encoder_layers=1, decoder_layers=1, heads=2,
                        resnet_layers=[1, 1, 1], vocab_size=tokenizer.vocab_size)
-    return save_pretrained(BiomedGPT(cfg), tmp_path_factory.mktemp("model") / "tiny", tokenizer)
+    return save_pretrained(BiomedGPT(cfg).init_weights(), tmp_path_factory.mktemp("model") / "tiny", tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ def worker(out: Path) -> None:
     result = {}
     for stage in (0, 3):
         torch.manual_seed(0)
-        engine = _engine(BiomedGPT(cfg), stage, info.world_size)
+        engine = _engine(BiomedGPT(cfg).init_weights(), stage, info.world_size)
         ema = EMA(engine.module, decay=0.5)
 
         def full_weights() -> dict[str, torch.Tensor]:
@@ -57,7 +57,7 @@ def worker(out: Path) -> None:
             with ema.swapped_in(engine.module):
                 with_ema = engine(**batch)
             after = engine(**batch)
-        reference = BiomedGPT(cfg).eval()
+        reference = BiomedGPT(cfg).init_weights().eval()
         reference.load_state_dict({**reference.state_dict(), **reference_ema}, strict=False)
         with torch.no_grad():
             expected = reference(**batch)

@@ -139,7 +139,7 @@ def test_flop_formula_matches_torch_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = model_config("tiny", **TINY, dropout=0.0, attention_backend="eager")
-    model = BiomedGPT(cfg)
+    model = BiomedGPT(cfg).init_weights()
     b, s, t, h = 2, 12, 7, 64
     src, prev = torch.randint(4, 500, (b, s)), torch.randint(4, 500, (b, t))
     images = torch.randn(b, 3, h, h)
@@ -214,7 +214,7 @@ def test_ema_tracks_and_swaps_back():
 def test_activation_checkpointing_keeps_outputs_gradients_and_names():
     torch.manual_seed(0)
     cfg = model_config("tiny", **{**TINY, "encoder_layers": 2, "decoder_layers": 2})
-    plain, recomputed = BiomedGPT(cfg), BiomedGPT(cfg)
+    plain, recomputed = BiomedGPT(cfg).init_weights(), BiomedGPT(cfg).init_weights()
     recomputed.load_state_dict(plain.state_dict())
     assert apply_activation_checkpointing(recomputed) == 4
     assert list(recomputed.state_dict()) == list(plain.state_dict())

@@ -23,7 +23,7 @@ def model() -> BiomedGPT:
     torch.manual_seed(0)
     cfg = model_config("tiny", d_model=64, ffn_dim=128, encoder_layers=1, decoder_layers=1, heads=2,
                        resnet_layers=[1, 1, 1], vocab_size=VOCAB, dropout=0.0)
-    return BiomedGPT(cfg).eval()
+    return BiomedGPT(cfg).init_weights().eval()
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ def _batch(device, b=4, px=64, s=12, t=9):
 
 def _grads(backend: str, dtype: torch.dtype, **overrides) -> tuple[torch.Tensor, dict]:
     torch.manual_seed(0)
-    model = BiomedGPT(model_config("tiny", attention_backend=backend, **{**SMALL, **overrides})).cuda().train()
+    model = BiomedGPT(model_config("tiny", attention_backend=backend, **{**SMALL, **overrides})).init_weights().cuda().train()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "rel_pos_table" in name:
@@ -62,7 +62,7 @@ def test_bf16_zero3_training_steps():
         port = s.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.manual_seed(0)
-    model = BiomedGPT(model_config("tiny", **SMALL))
+    model = BiomedGPT(model_config("tiny", **SMALL)).init_weights()
     ds_config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
                  "zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
@@ -83,7 +83,7 @@ def test_fused_kernel_memory_at_900_plus_80_tokens(backend):
     for the backward, so a training step's peak stays well under eager's."""
     def peak(name: str) -> float:
         torch.manual_seed(0)
-        model = BiomedGPT(model_config("tiny", attention_backend=name, **SMALL)).cuda().train()
+        model = BiomedGPT(model_config("tiny", attention_backend=name, **SMALL)).init_weights().cuda().train()
         batch = _batch("cuda", b=4, px=480, s=80, t=20)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

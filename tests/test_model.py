@@ -111,7 +111,7 @@ def random_batch(cfg, b=3, s=9, t=7, image=64, seed=0):
 def test_incremental_decoding_matches_full(backend, codes):
     torch.manual_seed(0)
     cfg = small_config(attention_backend=backend)
-    model = BiomedGPT(cfg).eval()
+    model = BiomedGPT(cfg).init_weights().eval()
     with torch.no_grad():  # non-zero relative tables so their indexing is exercised
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -130,7 +130,7 @@ def test_incremental_decoding_matches_full(backend, codes):
 
 def test_cache_reorder_follows_beams():
     torch.manual_seed(0)
-    model = BiomedGPT(small_config()).eval()
+    model = BiomedGPT(small_config()).init_weights().eval()
     src, prev, images, masks = random_batch(model.cfg)
     index = torch.tensor([2, 0, 0])
     with torch.no_grad():
@@ -145,7 +145,7 @@ def test_cache_reorder_follows_beams():
 
 def test_text_only_samples_ignore_the_image():
     torch.manual_seed(0)
-    model = BiomedGPT(small_config()).eval()
+    model = BiomedGPT(small_config()).init_weights().eval()
     src, prev, images, _ = random_batch(model.cfg)
     masks = torch.tensor([False, False, False])
     with torch.no_grad():
@@ -157,7 +157,7 @@ def test_text_only_samples_ignore_the_image():
 def test_dropout_and_drop_path_only_in_training():
     torch.manual_seed(0)
     model = BiomedGPT(small_config(dropout=0.3, encoder_drop_path_rate=0.2, decoder_drop_path_rate=0.2,
-                                   resnet_drop_path_rate=0.2, attention_dropout=0.1))
+                                   resnet_drop_path_rate=0.2, attention_dropout=0.1)).init_weights()
     src, prev, images, masks = random_batch(model.cfg)
     model.eval()
     with torch.no_grad():
@@ -167,7 +167,7 @@ def test_dropout_and_drop_path_only_in_training():
 
 
 def test_random_patch_sampling_keeps_k_patches():
-    model = BiomedGPT(small_config()).eval()
+    model = BiomedGPT(small_config()).init_weights().eval()
     src, _, images, masks = random_batch(model.cfg, image=96)  # 6x6 = 36 patches
     with torch.no_grad():
         enc = model.encode(src, images, masks, sample_patch_num=10)
@@ -177,7 +177,7 @@ def test_random_patch_sampling_keeps_k_patches():
 
 def test_gradients_reach_every_parameter():
     torch.manual_seed(0)
-    model = BiomedGPT(small_config()).train()
+    model = BiomedGPT(small_config()).init_weights().train()
     src, prev, images, masks = random_batch(model.cfg)
     model(src, prev, images, masks, code_masks=torch.tensor([True, False, False])).logsumexp(-1).mean().backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None]
@@ -186,7 +186,7 @@ def test_gradients_reach_every_parameter():
 
 def test_save_and_load_round_trip_with_shards(tmp_path):
     torch.manual_seed(0)
-    model = BiomedGPT(small_config()).eval()
+    model = BiomedGPT(small_config()).init_weights().eval()
     out = save_pretrained(model, tmp_path / "m", max_shard_bytes=200_000)
     assert (out / "model.safetensors.index.json").exists()
     loaded = load_pretrained(out).eval()

@@ -73,7 +73,7 @@ def _random_model_dir(shards: Path, out: Path, vocab_dir: Path) -> Path:
 
     torch.manual_seed(0)
     cfg = from_dict(RunConfig, _config(shards, out, vocab_dir))
-    save_pretrained(BiomedGPT(cfg.model.build()), out, Tokenizer.from_gpt2_files(vocab_dir))
+    save_pretrained(BiomedGPT(cfg.model.build()).init_weights(), out, Tokenizer.from_gpt2_files(vocab_dir))
     return out
 
 

@@ -177,7 +177,7 @@ def format_memory(rows: list[dict]) -> str:
 
 def time_model(cfg: BenchAttentionConfig, size: str, image_size: int, backend: str) -> dict:
     torch.manual_seed(0)
-    model = BiomedGPT(model_config(size, attention_backend=backend, dropout=0.0)).train()
+    model = BiomedGPT(model_config(size, attention_backend=backend, dropout=0.0)).init_weights().train()
     v = model.cfg.vocab_size
     src = torch.randint(4, v, (cfg.batch, cfg.src_len))
     src[0, cfg.src_len // 2:] = 1  # padding, as real batches have

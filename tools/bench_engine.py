@@ -110,7 +110,7 @@ def bench_flops(cfg: BenchConfig) -> dict:
     from biomedgpt.models.ofa import BiomedGPT
 
     model_cfg = model_config(cfg.flops_model, dropout=0.0)
-    model = BiomedGPT(model_cfg)
+    model = BiomedGPT(model_cfg).init_weights()
     b, s, t, h = 2, 40, 20, cfg.image_size
     src = torch.randint(4, 50000, (b, s))
     prev = torch.randint(4, 50000, (b, t))

@@ -78,7 +78,7 @@ def run(cfg: BenchConfig) -> dict:
     results = {}
     for size in cfg.sizes:
         torch.manual_seed(0)
-        model = BiomedGPT(model_config(size, vocab_size=tokenizer.vocab_size)).to(device).eval()
+        model = BiomedGPT(model_config(size, vocab_size=tokenizer.vocab_size)).init_weights().to(device).eval()
         vqa = dict(src_tokens=torch.tensor([[0, *question, 2]] * cfg.batch_size, device=device),
                    patch_images=images)
         caption = dict(src_tokens=torch.tensor([[0, *caption_prompt, 2]] * cfg.batch_size, device=device),

@@ -86,7 +86,7 @@ def run_row(cfg: BenchGpuConfig, size: str, px: int, variant: str, peak_tflops: 
     model = optimizer = None
     try:
         with device:
-            model = BiomedGPT(mcfg).train()
+            model = BiomedGPT(mcfg).init_weights().train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
         g = torch.Generator(device="cpu").manual_seed(0)
         v = mcfg.vocab_size

@@ -39,7 +39,7 @@ def measure(cfg: BenchConfig, size: str) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)
-    model = BiomedGPT(model_config(size, attention_backend=cfg.attention_backend)).train()
+    model = BiomedGPT(model_config(size, attention_backend=cfg.attention_backend)).init_weights().train()
     v = model.cfg.vocab_size
     src = torch.randint(4, v, (cfg.batch, cfg.src_len))
     prev = torch.randint(4, v, (cfg.batch, cfg.tgt_len))

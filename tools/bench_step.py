@@ -79,7 +79,7 @@ def _worker(spec: dict) -> None:
     px, batch = int(px), int(batch)
     torch.manual_seed(0)
     cfg = model_config(size, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **spec["overrides"])
-    model = BiomedGPT(cfg).train()
+    model = BiomedGPT(cfg).init_weights().train()
     from biomedgpt.models.ofa import compile_model  # noqa: PLC0415
     compile_model(model)
     v = cfg.vocab_size

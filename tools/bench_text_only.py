@@ -79,7 +79,7 @@ def run(cfg: BenchConfig) -> dict:
           f"{'now wall-s':>10s} {'ratio':>6s} {'max |dlogit|':>13s}")
     for size in cfg.sizes:
         torch.manual_seed(0)
-        model = BiomedGPT(model_config(size, dropout=0.0))
+        model = BiomedGPT(model_config(size, dropout=0.0)).init_weights()
         batch, target = make_batch(cfg, model.cfg.vocab_size)
         model.eval()
         with torch.no_grad():
