@@ -199,11 +199,12 @@ def test_split_on_two_ranks_with_different_mixes_trains_as_the_one_pass_path(tmp
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
-        procs.append(subprocess.Popen([sys.executable, __file__, str(out)], env=env, cwd=REPO,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err.decode()[-4000:]
+        with open(tmp_path / f"rank{rank}.log", "wb") as log:  # a file, not a pipe: a full pipe blocks that rank
+            procs.append(subprocess.Popen([sys.executable, __file__, str(out)], env=env, cwd=REPO,
+                                          stdout=subprocess.DEVNULL, stderr=log))
+    for rank, proc in enumerate(procs):
+        proc.wait(timeout=600)
+        assert proc.returncode == 0, (tmp_path / f"rank{rank}.log").read_text()[-4000:]
     result = torch.load(out)
     for stage in STAGES:
         split, one_pass = result[(stage, True)], result[(stage, False)]
