@@ -20,8 +20,8 @@ from biomedgpt.engine.ema import EMA
 from biomedgpt.engine.flops import batch_train_flops, device_peak
 from biomedgpt.engine.loss import label_smoothed_cross_entropy
 from biomedgpt.engine.metrics import MetricsLogger
-from biomedgpt.engine.model_setup import (apply_activation_checkpointing, build_model, register_external_parameters,
-                                use_zero_init)
+from biomedgpt.engine.model_setup import (apply_activation_checkpointing, apply_compile, build_model,
+                                          compile_enabled, register_external_parameters, use_zero_init)
 from biomedgpt.engine.run_config import OptimConfig, RunConfig
 
 EXIT_RESUME = 75  # EX_TEMPFAIL: checkpoint written after a signal, resume to continue
@@ -182,6 +182,8 @@ class Trainer:
             model.embed_tokens.weight.requires_grad_(False)
         if ds.activation_checkpointing:
             apply_activation_checkpointing(model)
+        if compile_enabled(self.model_cfg, self.dist.device, ds.zero_stage):
+            apply_compile(model)
         if ds.zero_stage == 3:
             register_external_parameters(model)
         params = [p for p in model.parameters() if p.requires_grad]

@@ -161,7 +161,7 @@ class MultiheadAttention(nn.Module):
         self.c_attn = nn.Parameter(torch.ones(cfg.heads))
         self.dropout = cfg.attention_dropout
         self.backend = resolve_backend(cfg.attention_backend, cfg.position_scheme, cfg.attention_dropout)
-        self.attend = attention  # compile_model: kept out of the compiled graph (its own kernels, chunked backward)
+        self.attend = attention  # apply_compile keeps it out of the compiled graph (own kernels, chunked backward)
 
     def split(self, x: Tensor) -> Tensor:
         return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
@@ -644,21 +644,3 @@ def count_parameters(model: nn.Module) -> int:
     """Trainable parameters, each shared tensor once (the tied embedding), BN statistics excluded."""
     return sum(p.numel() for p in model.parameters())
 
-
-def compile_model(model: BiomedGPT) -> BiomedGPT:
-    """With ``cfg.compile``: ``torch.compile`` (inductor) every transformer layer in place; names unchanged.
-
-    The attention core stays out of the graphs (a graph break): its backends are fused kernels or the chunked
-    autograd function already; only ``flex`` is traced into them, as FlexAttention wants. Layers of one stack
-    share their compiled graphs. The ResNet stem is not compiled: inductor lays its convolutions out NHWC,
-    whose fp32 gradients on CPU deviate ~5e-3 relative from an fp64 run (channels-first: 5e-6), see
-    tests/test_default_path.py.
-    """
-    if not model.cfg.compile:
-        return model
-    for module in model.modules():
-        if isinstance(module, MultiheadAttention) and module.backend != "flex":
-            module.attend = torch.compiler.disable(attention)
-    for layer in [*model.encoder.layers, *model.decoder.layers]:
-        layer.compile()
-    return model

@@ -11,7 +11,9 @@ over the timed steps (``VmHWM`` reset after warm-up, so the compiler's own memor
 ``base MiB`` its resident memory before them (weights, gradients, allocator caches).
 
 A path is ``eager`` (attention_backend eager, channels-first, not compiled: numerically the reference),
-``default`` (the ModelConfig defaults: what a run gets), or ``key=value,key=value`` ModelConfig overrides.
+``default`` (the ModelConfig defaults: what a run on this CPU gets: ``auto`` attention, channels-last stem,
+``compile: auto``, which is off on CPU), ``compiled`` (the default with inductor layers: ``first s`` is then
+mostly compile time), or ``key=value,key=value`` ModelConfig overrides.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 PATHS: dict[str, dict] = {
     "eager": {"attention_backend": "eager", "channels_last": False, "compile": False},
     "default": {},
+    "compiled": {"compile": True},
 }
 
 
@@ -70,6 +73,7 @@ def _worker(spec: dict) -> None:
     """One path: build, warm up (compile), then one timed step per ``step`` line on stdin."""
     import torch
 
+    from biomedgpt.engine.model_setup import apply_compile, compile_enabled
     from biomedgpt.models.config import model_config
     from biomedgpt.models.ofa import BiomedGPT
 
@@ -80,8 +84,8 @@ def _worker(spec: dict) -> None:
     torch.manual_seed(0)
     cfg = model_config(size, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **spec["overrides"])
     model = BiomedGPT(cfg).train()
-    from biomedgpt.models.ofa import compile_model  # noqa: PLC0415
-    compile_model(model)
+    if compile_enabled(cfg, torch.device("cpu")):
+        apply_compile(model)
     v = cfg.vocab_size
     gen = torch.Generator().manual_seed(1)
     src = torch.randint(4, v, (batch, spec["src_len"]), generator=gen)
