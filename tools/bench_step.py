@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 #: named paths -> ModelConfig overrides
 PATHS: dict[str, dict] = {
