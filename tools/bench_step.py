@@ -6,7 +6,9 @@
 One fp32 training step = forward + cross-entropy + backward, every dropout 0, the same weights and batch
 for every path. Each path runs in its own worker process (built once, warmed up once: that first step
 includes any ``torch.compile`` time, reported as ``compile s``); the workers then run their steps in turn,
-alternating, so machine noise hits every path alike. ``peak MiB`` is the worker's peak resident memory
+alternating, so machine noise hits every path alike. ``CPU s`` is the worker's CPU time per step (median),
+the figure to compare on a shared, overloaded machine with ``threads=1`` (wall time then mostly measures
+the wait for a core). ``peak MiB`` is the worker's peak resident memory
 over the timed steps (``VmHWM`` reset after warm-up, so the compiler's own memory is not counted);
 ``base MiB`` its resident memory before them (weights, gradients, allocator caches).
 
@@ -109,9 +111,10 @@ def _worker(spec: dict) -> None:
     for line in sys.stdin:
         if line.strip() != "step":
             break
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), time.process_time()
         loss = step()
-        print(json.dumps({"step_s": time.perf_counter() - start, "loss": loss}), flush=True)
+        print(json.dumps({"step_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu0, "loss": loss}),
+              flush=True)
     print(json.dumps({"peak_MiB": _rss("VmHWM"), "base_MiB": base}), flush=True)
 
 
@@ -149,16 +152,18 @@ def run_case(cfg: BenchStepConfig, case: str) -> list[dict]:
         worker = _Worker(spec)
         ready = worker.read()
         workers.append(worker)
-        rows.append({"case": case, "path": path, "first_step_s": ready["first_step_s"], "times": [],
+        rows.append({"case": case, "path": path, "first_step_s": ready["first_step_s"], "times": [], "cpu_times": [],
                      "loss": ready["loss"]})
     for _ in range(cfg.repeats):
         for worker, row in zip(workers, rows):
             out = worker.send("step")
             row["times"].append(out["step_s"])
+            row["cpu_times"].append(out["cpu_s"])
             row["loss"] = out["loss"]
     for worker, row in zip(workers, rows):
         row.update(worker.close())
         row["min_s"], row["median_s"] = min(row["times"]), statistics.median(row["times"])
+        row["cpu_s"] = statistics.median(row["cpu_times"])
     return rows
 
 
@@ -172,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fp32 training step (forward + cross-entropy + backward), dropout 0, {cfg.src_len} source / "
           f"{cfg.tgt_len} target tokens, {cfg.repeats} alternating steps per path; ratio = median / eager median",
           flush=True)
-    header = (f"{'case':<13}{'path':<34}{'min s':>8}{'median s':>10}{'ratio':>8}{'first s':>9}{'peak MiB':>10}"
-              f"{'base MiB':>10}{'loss':>10}")
+    header = (f"{'case':<13}{'path':<34}{'min s':>8}{'median s':>10}{'ratio':>8}{'CPU s':>8}{'CPU ratio':>10}"
+              f"{'first s':>9}{'peak MiB':>10}{'base MiB':>10}{'loss':>10}")
     print(header)
     results, ok = [], True
     for case in cfg.cases:
@@ -182,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             r["ratio"] = r["median_s"] / ref["median_s"]
             r["ratio_min"] = r["min_s"] / ref["min_s"]
+            r["cpu_ratio"] = r["cpu_s"] / ref["cpu_s"]
             print(f"{case:<13}{r['path'][:33]:<34}{r['min_s']:>8.2f}{r['median_s']:>10.2f}{r['ratio']:>8.2f}"
-                  f"{r['first_step_s']:>9.1f}{r['peak_MiB']:>10.0f}{r['base_MiB']:>10.0f}{r['loss']:>10.4f}",
-                  flush=True)
+                  f"{r['cpu_s']:>8.2f}{r['cpu_ratio']:>10.2f}{r['first_step_s']:>9.1f}{r['peak_MiB']:>10.0f}"
+                  f"{r['base_MiB']:>10.0f}{r['loss']:>10.4f}", flush=True)
         results += rows
     print("json " + json.dumps(results))
     return 0 if ok else 1
