@@ -13,6 +13,7 @@ write under ``./runs/``). URLs (``s3://...``) are left alone.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import types
 import typing
@@ -67,15 +68,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error says more than "fits none of"
+            return _coerce(value, options[0], key)
+        for arg in options:
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{key}: {value!r} fits none of {[ _type_name(a) for a in args]}")
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} fits none of {[_type_name(a) for a in options]}")
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
@@ -134,11 +135,15 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
             f"unknown key(s) {[prefix + k for k in unknown]} for {cls.__name__}; "
             f"known: {sorted(fields)}"
         )
+    missing = [prefix + name for name, f in fields.items() if name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing required setting(s) {missing} for {cls.__name__}")
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{prefix or cls.__name__}: {exc}") from exc
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {exc}") from exc
 
 
 def to_dict(cfg: Any) -> dict:
@@ -147,7 +152,8 @@ def to_dict(cfg: Any) -> dict:
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:
-    """Set ``a.b.c`` in nested mappings, creating the levels that are missing."""
+    """Set ``a.b.c`` in nested mappings, creating the levels that are missing; a mapping value is merged
+    into a mapping already there (``model={heads: 8}`` keeps the section's other settings)."""
     node = data
     parts = dotted.split(".")
     for part in parts[:-1]:
@@ -155,6 +161,8 @@ def set_dotted(data: dict, dotted: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {dotted}: {part} is not a mapping")
         node = child
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        value = deep_merge(node[parts[-1]], value)
     node[parts[-1]] = value
 
 
@@ -226,6 +234,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
         path, packaged = resolve_config(path)
         root = Path.cwd() if packaged else path.resolve().parent
         data = resolve_paths(cls, read_yaml(path), root)
+    from_file = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -234,14 +243,24 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
     try:
         return from_dict(cls, data)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+        if path is None:
+            raise
+        where = path
+        if overrides:  # name the file only when the file itself is wrong
+            try:
+                from_dict(cls, from_file)
+                where = "command line"
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def parse_cli(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
     """Command line of every entry point: ``[--config FILE.yaml] [key.sub=value ...]``."""
     parser = argparse.ArgumentParser(
         description=description or cls.__doc__,
-        epilog="Settings (key=value overrides): " + ", ".join(_field_paths(cls)),
+        epilog="Settings (key=value overrides): " + ", ".join(
+            f"{key} (required)" if key in _required(cls) else key for key in field_paths(cls)),
     )
     parser.add_argument("--config", help="YAML file with settings, or a packaged recipe's name "
                                              "(e.g. pretrain_base, finetune/vqa_rad)")
@@ -256,13 +275,19 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None, description: str 
         raise  # unreachable: parser.error exits
 
 
-def _field_paths(cls: type, prefix: str = "") -> list[str]:
+def field_paths(cls: type, prefix: str = "") -> list[str]:
+    """Every setting of ``cls`` as a dotted key (nested dataclasses expanded)."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            out.extend(_field_paths(tp, prefix + f.name + "."))
+            out.extend(field_paths(tp, prefix + f.name + "."))
         else:
             out.append(prefix + f.name)
     return out
+
+
+def _required(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}

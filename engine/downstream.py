@@ -4,10 +4,9 @@ paper's metrics, write a results JSON and per-sample predictions.
 Used two ways: inside training (``evaluate_model``, one call per evaluation, its metrics such as
 ``vqa/accuracy`` select the best checkpoint) and as a command on a model directory::
 
-    python -m biomedgpt.engine.downstream --config configs/finetune/vqa_rad.yaml model_dir=runs/vqa_rad/best \\
-        output_dir=runs/vqa_rad/eval
+    biomedgpt evaluate recipe=finetune/vqa_rad model_dir=runs/vqa_rad/best output_dir=runs/vqa_rad/eval
 
-(the recipe's ``data`` and ``eval.downstream`` sections are used; its other sections are ignored).
+(the recipe, a RunConfig file or packaged name, gives the ``data`` and ``eval.downstream`` sections).
 How each task is decoded (``TASK_DEFAULTS``, overridable per task under ``downstream.tasks``):
 VQA beam search inside a trie of the answer set (or every answer scored), captions and summaries by
 beam search with n-gram blocking, NLI / classification / matching by scoring each closed answer,
@@ -21,9 +20,8 @@ import os
 import pickle
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -31,62 +29,9 @@ from biomedgpt.data.config import DataConfig
 from biomedgpt.data.tasks import TASK_NAMES
 from biomedgpt.engine import task_metrics
 from biomedgpt.engine.checkpointing import atomic_write_text
-from biomedgpt.engine.config import (ConfigError, PathStr, deep_merge, from_dict, parse_cli, read_yaml, resolve_config,
-                                     resolve_paths, to_dict)
-from biomedgpt.models.generation import (GenerationConfig, TokenRange, Trie, decoder_prefixes, generate,
-                                         score_candidates)
-
-Inference = Literal["generate", "trie", "candidates"]
-
-
-@dataclass
-class TaskEvalConfig:
-    """How one task is decoded: free generation, beam search inside the answer trie, or scoring of
-    every closed answer; ``zero_shot`` masks the answer set after the log-softmax (pretrained models)."""
-
-    inference: Inference = "generate"
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    zero_shot: bool = False
-    answers: Optional[PathStr] = None  # answer-set file (JSON list / ans2label JSON or pickle / lines); None: see below
-
-
-#: The spec's inference settings per task. Closed sets without a file: NLI / matching answers are fixed,
-#: VQA and classification take every reference answer / class name seen in the evaluation data.
-TASK_DEFAULTS: dict[str, TaskEvalConfig] = {
-    "vqa": TaskEvalConfig("trie", GenerationConfig(beam_size=5, max_len=16)),
-    "caption": TaskEvalConfig("generate", GenerationConfig(beam_size=5, max_len=32, no_repeat_ngram_size=3)),
-    "grounded_caption": TaskEvalConfig("generate", GenerationConfig(beam_size=5, max_len=32,
-                                                                    no_repeat_ngram_size=3)),
-    "summarization": TaskEvalConfig("generate", GenerationConfig(beam_size=5, max_len=128, len_penalty=0.7,
-                                                                 no_repeat_ngram_size=3)),
-    "instruction": TaskEvalConfig("generate", GenerationConfig(beam_size=5, max_len=256, no_repeat_ngram_size=3)),
-    "nli": TaskEvalConfig("candidates"),
-    "classification": TaskEvalConfig("candidates"),
-    "itm": TaskEvalConfig("candidates"),
-    "vqa_matching": TaskEvalConfig("candidates"),
-    "grounding": TaskEvalConfig("generate", GenerationConfig(beam_size=5, min_len=4, max_len=4)),
-}
-FIXED_ANSWERS = {"nli": ["yes", "no", "maybe"], "itm": ["yes", "no"], "vqa_matching": ["yes", "no"]}
-
-
-@dataclass
-class DownstreamConfig:
-    """Per-task settings over ``TASK_DEFAULTS`` (only what changes, e.g. ``{vqa: {inference: candidates}}``)."""
-
-    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
-    max_batches: Optional[int] = None  # cap per evaluation (None: the whole evaluation set)
-    candidate_rows: int = 256  # decoder rows per chunk when scoring candidates (memory bound)
-
-    def __post_init__(self) -> None:
-        for name in self.tasks:
-            self.task(name)  # unknown tasks / keys are errors now, not mid-evaluation
-
-    def task(self, name: str) -> TaskEvalConfig:
-        if name not in TASK_DEFAULTS:
-            raise ValueError(f"task {name!r} has no downstream evaluation; evaluable: {sorted(TASK_DEFAULTS)}")
-        merged = deep_merge(to_dict(TASK_DEFAULTS[name]), self.tasks.get(name, {}))
-        return from_dict(TaskEvalConfig, merged, prefix=f"downstream.tasks.{name}.")
-
+from biomedgpt.engine.config import ConfigError, load, parse_cli, to_dict
+from biomedgpt.engine.eval_config import FIXED_ANSWERS, TASK_DEFAULTS, DownstreamConfig, EvaluateConfig, TaskEvalConfig
+from biomedgpt.models.generation import TokenRange, Trie, decoder_prefixes, generate, score_candidates
 
 # ----------------------------------------------------------------------------------------------
 # Answer sets
@@ -382,48 +327,20 @@ def evaluate_model(model, tokenizer, batches: Iterable[dict], cfg: DownstreamCon
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class EvaluateConfig:
-    """Evaluate a model directory on the evaluation streams of a fine-tuning recipe (or given data)."""
-
-    model_dir: PathStr = ""
-    recipe: Optional[str] = None  # a run config YAML: its data and eval.downstream sections are used
-    data: Optional[DataConfig] = None  # replaces the recipe's data section
-    downstream: Optional[DownstreamConfig] = None  # replaces the recipe's eval.downstream section
-    output_dir: PathStr = "eval"
-    device: str = "auto"  # auto: cuda when available
-    bpe_dir: Optional[PathStr] = None  # tokenizer when the model directory has none (None: packaged GPT-2)
-    # 3: partition the model across the launched ranks with DeepSpeed ZeRO-3 (ranks decode in lockstep).
-    # Started by a launcher (launchers/local.sh -m biomedgpt.engine.downstream -n N), every rank evaluates
-    # its share of the data; rank 0 writes the results.
-    zero_stage: Literal[0, 3] = 0
-
-    def __post_init__(self) -> None:
-        if not self.model_dir:
-            raise ValueError("model_dir is required")
-
-
 def resolve(cfg: EvaluateConfig) -> tuple[DataConfig, DownstreamConfig]:
-    """The data and downstream settings: explicit ones, else the recipe's."""
-    recipe: dict = {}
+    """The data and downstream settings: explicit ones, else the recipe's (loaded as the RunConfig it is)."""
+    recipe = None
     if cfg.recipe is not None:
-        try:
-            path, packaged = resolve_config(cfg.recipe)
-            recipe = read_yaml(path)
-        except ConfigError as exc:
-            raise ConfigError(f"recipe {cfg.recipe}: {exc}") from None
         from biomedgpt.engine.run_config import RunConfig
 
-        recipe = resolve_paths(RunConfig, recipe, Path.cwd() if packaged else path.resolve().parent)
-    data = cfg.data
+        try:
+            recipe = load(RunConfig, cfg.recipe)
+        except ConfigError as exc:
+            raise ConfigError(f"recipe {cfg.recipe}: {exc}") from None
+    data = cfg.data or (recipe.data if recipe is not None else None)
     if data is None:
-        if "data" not in recipe:
-            raise ConfigError("give data (eval_streams) or a recipe with a data section")
-        data = from_dict(DataConfig, recipe["data"], prefix="recipe data.")
-    downstream = cfg.downstream
-    if downstream is None:
-        section = (recipe.get("eval") or {}).get("downstream") or {}
-        downstream = from_dict(DownstreamConfig, section, prefix="recipe eval.downstream.")
+        raise ConfigError("give data (eval_streams) or a recipe")
+    downstream = cfg.downstream or (recipe.eval.downstream if recipe is not None else None) or DownstreamConfig()
     if not data.eval_streams:
         raise ConfigError("no data.eval_streams to evaluate")
     return data, downstream

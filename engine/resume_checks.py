@@ -8,9 +8,9 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
-from typing import Any
 
 from biomedgpt.engine.checkpointing import TAG_RE, ResumeError
 
@@ -19,20 +19,15 @@ CHECK_ALL_FILES_UP_TO = 64
 _RANK_RE = re.compile(r"(?:rank_|zero_pp_rank_)0*(\d+)")
 
 
-def _flatten(value: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, sub in value.items():
-            out.update(_flatten(sub, f"{prefix}.{key}"))
-        return out
-    return {prefix: value}
-
-
 def model_differences(saved: dict, wanted: dict) -> list[str]:
-    """``model.key: checkpoint X, this run Y`` for every model setting that differs."""
-    a, b = _flatten(saved, "model"), _flatten(wanted, "model")
-    return [f"{key}: checkpoint {a.get(key, '(unset)')!r}, this run {b.get(key, '(unset)')!r}"
-            for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+    """``model.key: checkpoint X, this run Y`` for every architecture setting that differs (the built model
+    configs are compared, so ``size: base`` equals its table row written out; runtime choices such as the
+    attention backend or dropout may change on resume)."""
+    from biomedgpt.models.config import RUNTIME_FIELDS, spec_from_saved
+
+    a, b = (dataclasses.asdict(spec_from_saved(d).build()) for d in (saved, wanted))
+    return [f"model.{key}: checkpoint {a[key]!r}, this run {b[key]!r}"
+            for key in a if key not in RUNTIME_FIELDS and a[key] != b[key]]
 
 
 def _complete_tags(root: Path) -> list[str]:

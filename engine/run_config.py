@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from biomedgpt.data.config import DataConfig, StreamConfig
+from biomedgpt.data.config import DataConfig
 from biomedgpt.engine.config import PathStr
-from biomedgpt.engine.downstream import DownstreamConfig
+from biomedgpt.engine.eval_config import DownstreamConfig
 from biomedgpt.models.config import ModelSpec
 
 Precision = Literal["fp32", "fp16", "bf16"]

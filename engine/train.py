@@ -11,11 +11,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from biomedgpt.engine import distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
-from biomedgpt.engine.checkpointing import ResumeError
 from biomedgpt.engine.config import parse_cli
 from biomedgpt.engine.run_config import DEMO_CONFIG, RunConfig
-from biomedgpt.engine.trainer import Trainer
 
 
 def ensure_demo_data(directory: str) -> None:
@@ -44,7 +41,11 @@ def parse(argv: Sequence[str] | None = None) -> RunConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    cfg = parse(argv)
+    cfg = parse(argv)  # torch-free: a bad setting fails here in well under a second, before any import of torch
+    from biomedgpt.engine import distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
+    from biomedgpt.engine.checkpointing import ResumeError
+    from biomedgpt.engine.trainer import Trainer
+
     if cfg.demo_data_dir:
         ensure_demo_data(cfg.demo_data_dir)
     try:

@@ -311,11 +311,12 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path}: missing (not a model directory)") from None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: not valid JSON: {exc}") from None
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise CheckpointError(f"{path}: unknown config key(s) {unknown}")
-    return ModelConfig(**data)
+    from biomedgpt.engine.config import ConfigError, from_dict
+
+    try:
+        return from_dict(ModelConfig, data)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
 
 
 def read_model_weights(model_dir: str | Path) -> dict[str, Tensor]:

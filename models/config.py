@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 CANONICAL_VOCAB_SIZE = 59457  # GPT-2 BPE in fairseq order + <mask> + 8192 codes + 1000 bins
 
@@ -61,6 +62,42 @@ class ModelConfig:
         return self.d_model // self.heads
 
 
+ConstraintMode = Literal["before", "after"]
+
+
+@dataclass
+class GenerationConfig:
+    """Search settings (``biomedgpt.models.generation``). ``max_len`` / ``min_len`` count generated tokens, ``</s>`` and the prefix excluded."""
+
+    beam_size: int = 5
+    max_len: int = 30
+    min_len: int = 1
+    len_penalty: float = 1.0
+    normalize_scores: bool = True
+    no_repeat_ngram_size: int = 0
+    temperature: float = 1.0
+    sampling: bool = False  # sample instead of searching: beam_size independent samples per input
+    top_k: int = 0  # sampling: keep the k most likely tokens (0: all)
+    top_p: float = 1.0  # sampling: nucleus mass
+    constraint_mode: ConstraintMode = "before"  # "after": the zero-shot variant
+    use_cache: bool = True  # False recomputes the whole prefix each step (reference path for tests)
+
+    def __post_init__(self) -> None:
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
+        if not 0 <= self.min_len <= self.max_len:
+            raise ValueError(f"need 0 <= min_len <= max_len, got min_len={self.min_len}, max_len={self.max_len}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+#: ModelConfig fields that choose how the same network runs, not what it is: a run may resume with others.
+RUNTIME_FIELDS = frozenset({"dropout", "attention_dropout", "activation_dropout", "encoder_drop_path_rate",
+                            "decoder_drop_path_rate", "resnet_drop_path_rate", "attention_backend",
+                            "channels_last", "compile"})
+
 RESNET50, RESNET101, RESNET152 = [3, 4, 6], [3, 4, 23], [3, 8, 36]
 
 #: name: (d_model, ffn, encoder layers, decoder layers, heads, resnet blocks of layer1..3)
@@ -87,15 +124,40 @@ def model_config(size: str = "tiny", **overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
-@dataclass
-class ModelSpec:
-    """How a run names its model: a size from the table, with any field overridden (custom sizes)."""
+def _spec_fields() -> list[tuple]:
+    """``ModelSpec``'s fields: ``size``, then every ModelConfig field as ``Optional[type] = None``."""
+    hints = typing.get_type_hints(ModelConfig)
+    return [("size", str, field(default="tiny"))] + [
+        (f.name, Optional[hints[f.name]], field(default=None)) for f in dataclasses.fields(ModelConfig)]
 
-    size: str = "tiny"
-    overrides: dict = field(default_factory=dict)
 
-    def build(self) -> ModelConfig:
-        unknown = set(self.overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
-        if unknown:
-            raise ValueError(f"unknown model field(s) {sorted(unknown)} in model.overrides")
-        return model_config(self.size, **self.overrides)
+def _build(spec) -> ModelConfig:
+    """The ModelConfig a spec names: the size's row, with every field the spec sets."""
+    return model_config(spec.size, **spec.set_fields())
+
+
+def _set_fields(spec) -> dict:
+    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(ModelConfig)
+            if getattr(spec, f.name) is not None}
+
+
+#: How a run names its model: ``size`` from the table, and any ModelConfig field (``None``: the size's value).
+#: Generated from ModelConfig, so every model field is a typed setting (``model.heads=8``,
+#: ``model.attention_backend=sdpa``) checked when the config loads; ``__post_init__`` builds the model
+#: config, so an inconsistent one (d_model not divisible by heads) fails there too.
+ModelSpec = dataclasses.make_dataclass(
+    "ModelSpec", _spec_fields(), namespace={
+        "build": _build, "set_fields": _set_fields,
+        "__post_init__": lambda self: self.build(),
+        "__doc__": "How a run names its model: a size from the table; any ModelConfig field overrides it."})
+ModelSpec.__module__ = __name__
+
+
+def spec_from_saved(data: dict):
+    """A ModelSpec from a saved run config's ``model`` section, also of runs written before the fields
+    were typed (``{size, overrides: {...}}``)."""
+    from biomedgpt.engine.config import from_dict  # the one typed loader (torch-free)
+
+    data = dict(data)
+    data.update(data.pop("overrides", None) or {})
+    return from_dict(ModelSpec, data, prefix="model.")

@@ -18,47 +18,17 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal, Optional, Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from biomedgpt.models.config import ConstraintMode, GenerationConfig
 from biomedgpt.models.ofa import BiomedGPT, DecoderCache, EncoderOutput
 
 BOS, PAD, EOS = 0, 1, 2
 NEG_INF = float("-inf")
-
-ConstraintMode = Literal["before", "after"]
-
-
-@dataclass
-class GenerationConfig:
-    """Search settings. ``max_len`` / ``min_len`` count generated tokens, ``</s>`` and the prefix excluded."""
-
-    beam_size: int = 5
-    max_len: int = 30
-    min_len: int = 1
-    len_penalty: float = 1.0
-    normalize_scores: bool = True
-    no_repeat_ngram_size: int = 0
-    temperature: float = 1.0
-    sampling: bool = False  # sample instead of searching: beam_size independent samples per input
-    top_k: int = 0  # sampling: keep the k most likely tokens (0: all)
-    top_p: float = 1.0  # sampling: nucleus mass
-    constraint_mode: ConstraintMode = "before"  # "after": the zero-shot variant
-    use_cache: bool = True  # False recomputes the whole prefix each step (reference path for tests)
-
-    def __post_init__(self) -> None:
-        if self.beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
-        if not 0 <= self.min_len <= self.max_len:
-            raise ValueError(f"need 0 <= min_len <= max_len, got min_len={self.min_len}, max_len={self.max_len}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
 
 @dataclass
 class Hypothesis:

@@ -43,7 +43,7 @@ def test_rope_trains_under_deepspeed_on_two_cpu_ranks(backend, tmp_path, repo_ro
     shards = _shape_vqa_shards(tmp_path)
     stream = f"[{{name: shapes, task: vqa, remote: {shards}}}]"
     run_dir = tmp_path / "run"
-    args = ["--config", "configs/finetune/vqa_rad.yaml", f"model.overrides={TINY_ROPE.replace('BACKEND', backend)}",
+    args = ["--config", "configs/finetune/vqa_rad.yaml", f"model={TINY_ROPE.replace('BACKEND', backend)}",
             f"data.streams={stream}", "data.eval_streams=[]", "data.batch_size=4", "data.patch_image_size=48",
             "data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}", "optim.max_steps=5", "optim.max_epochs=null",
             "optim.grad_accum=1", "optim.lr=0.002", "optim.warmup_ratio=0.0", "optim.freeze_embeddings=false",

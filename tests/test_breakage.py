@@ -178,10 +178,13 @@ def test_pruning_keeps_exactly_the_last_n_complete_checkpoints(tmp_path):
 def test_resume_check_reports_only_real_model_differences():
     from biomedgpt.engine.resume_checks import model_differences
 
-    saved = {"size": "tiny", "overrides": {"d_model": 64, "heads": 2}}
-    assert model_differences(saved, json.loads(json.dumps(saved))) == []
-    assert model_differences(saved, {"size": "base", "overrides": {"d_model": 64}}) == [
-        "model.overrides.heads: checkpoint 2, this run '(unset)'", "model.size: checkpoint 'tiny', this run 'base'"]
+    saved = {"size": "tiny", "overrides": {"d_model": 64, "heads": 2}}  # a run saved before the typed fields
+    assert model_differences(saved, {"size": "tiny", "d_model": 64, "heads": 2, "dropout": 0.3,
+                                     "attention_backend": "sdpa"}) == []  # runtime choices may change
+    assert model_differences(saved, {"size": "base", "d_model": 64, "heads": 4}) == [
+        "model.ffn_dim: checkpoint 1024, this run 3072", "model.encoder_layers: checkpoint 4, this run 6",
+        "model.decoder_layers: checkpoint 4, this run 6", "model.heads: checkpoint 2, this run 4",
+        "model.resnet_layers: checkpoint [3, 4, 6], this run [3, 4, 23]"]
 
 
 # -- data: the shuffle seed ----------------------------------------------------------------------------

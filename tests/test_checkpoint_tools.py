@@ -18,8 +18,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = {"size": "tiny", "overrides": {"d_model": 64, "ffn_dim": 128, "encoder_layers": 1, "decoder_layers": 1,
-                                       "heads": 2, "resnet_layers": [1, 1, 1], "vocab_size": 1000, "dropout": 0.0}}
+MODEL = {"size": "tiny", "d_model": 64, "ffn_dim": 128, "encoder_layers": 1, "decoder_layers": 1,
+         "heads": 2, "resnet_layers": [1, 1, 1], "vocab_size": 1000, "dropout": 0.0}
 SAVE_STEP, LAST_STEP = 2, 5  # checkpoint after 2 steps; the ZeRO-3 run goes on to step 5
 GLOBAL_BATCH = 4
 # 2 ranks vs 1 rank is the same math summed in another order: the weights restored from the universal
@@ -412,7 +412,7 @@ def test_cli_consolidate_inspect_and_export(runs, tmp_path, model_cfg, capsys, v
     out = tmp_path / "model"
     assert consolidate_cli.main([f"checkpoint={runs / 'zero1'}", f"output={out}", "verify=true",
                                  f"tokenizer={vocab_dir}", "progress=false",
-                                 "model.overrides.vocab_size=1000"]) == 1  # the tokenizer does not fit
+                                 "model.vocab_size=1000"]) == 1  # the tokenizer does not fit
     assert "tokenizer" in capsys.readouterr().err and not out.exists()
     assert consolidate_cli.main([f"checkpoint={runs / 'zero1'}", f"output={out}", "verify=true",
                                  "progress=false"]) == 0

@@ -134,7 +134,7 @@ def _finetune_and_evaluate(recipe: str, task: str, shards: Path, tmp_path: Path,
     same shards: (results JSON, per-sample predictions)."""
     stream = f"[{{name: {task}, task: {task}, remote: {shards}}}]"
     run_dir = tmp_path / "run"
-    _run(["-m", "biomedgpt.engine.train", "--config", f"configs/finetune/{recipe}", f"model.overrides={TINY}",
+    _run(["-m", "biomedgpt.engine.train", "--config", f"configs/finetune/{recipe}", f"model={TINY}",
           f"data.streams={stream}", f"data.eval_streams={stream}", "data.batch_size=4", "data.eval_batch_size=8",
           "data.patch_image_size=64", "data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}",
           "optim.max_steps=4", "optim.max_epochs=null", "optim.grad_accum=1", "optim.lr=0.001",

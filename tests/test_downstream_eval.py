@@ -32,7 +32,7 @@ def test_task_settings_merge_over_the_spec_defaults():
         load(DownstreamConfig, overrides=["tasks.caption.generation.beam_sise=2"])
     with pytest.raises(ConfigError, match="no downstream evaluation"):
         load(DownstreamConfig, overrides=["tasks.text_infilling.inference=generate"])
-    with pytest.raises(ConfigError, match="model_dir is required"):
+    with pytest.raises(ConfigError, match=r"missing required setting\(s\) \[.model_dir.\] for EvaluateConfig"):
         load(EvaluateConfig)
 
 

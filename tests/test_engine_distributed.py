@@ -21,8 +21,8 @@ import yaml
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.distributed, pytest.mark.slow]
 
-TINY_MODEL = {"size": "tiny", "overrides": {"d_model": 64, "ffn_dim": 128, "encoder_layers": 1, "decoder_layers": 1,
-                                            "resnet_layers": [1, 1, 1], "dropout": 0.1}}
+TINY_MODEL = {"size": "tiny", "d_model": 64, "ffn_dim": 128, "encoder_layers": 1, "decoder_layers": 1,
+              "resnet_layers": [1, 1, 1], "dropout": 0.1}
 WORDS = ("chest lung heart normal opacity effusion left right lower upper lobe mild severe no acute finding "
          "consolidation pneumothorax cardiomegaly stable").split()
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(900)
 QUICK = ["optim.max_steps=2", "optim.warmup_steps=1", "log.interval=1", "log.progress_bar=false",
          "log.wandb_mode=disabled", "eval.at_end=false", "data.patch_image_size=64", "data.batch_size=4",
          "data.num_workers=0",
-         "model.overrides={d_model: 32, ffn_dim: 64, encoder_layers: 1, decoder_layers: 1, heads: 2, "
+         "model={d_model: 32, ffn_dim: 64, encoder_layers: 1, decoder_layers: 1, heads: 2, "
          "resnet_layers: [1, 1, 1]}"]
 CODE_FOLDERS = ("models", "data", "engine", "tools", "launchers", "configs", "ds_configs", "tests", "scripts", ".ci")
 

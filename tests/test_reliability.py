@@ -82,10 +82,10 @@ def test_resume_failures_say_which_file_or_setting_and_what_to_do(shards, tmp_pa
                                                                    vocab_dir):
     cfg, root = _two_checkpoints(shards, tmp_path, repo_root, vocab_dir)
     # another model size in the same output_dir: the setting that differs and the two ways out
-    other = {**cfg, "model": {**cfg["model"], "overrides": {**cfg["model"]["overrides"], "d_model": 32}},
+    other = {**cfg, "model": {**cfg["model"], "d_model": 32},
              "optim": {**cfg["optim"], "max_steps": 3}}
     line = _error_line(launch(repo_root, other, 2, expect=1))
-    assert "model.overrides.d_model: checkpoint 64, this run 32" in line, line
+    assert "model.d_model: checkpoint 64, this run 32" in line, line
     assert "step_00000002" in line and "new output_dir" in line and "checkpoint.resume=never" in line, line
 
     # a truncated file of the newest tag: the file, the tag, and the earlier complete tag

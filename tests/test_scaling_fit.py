@@ -63,7 +63,7 @@ def _write_metrics(run_dir: Path, steps: int, tail: str = "") -> None:
 def test_collect_marks_every_run_and_reruns_only_unfinished(tmp_path):
     cfg = from_dict(SweepConfig, {
         "name": "statuses", "root": str(tmp_path), "launcher": "plan",
-        "overrides": {"optim.max_steps": 4, "model.overrides.resnet_layers": [1, 1, 1]},
+        "overrides": {"optim.max_steps": 4, "model.resnet_layers": [1, 1, 1]},
         "axes": [{"name": "model", "labels": ["a", "b", "c", "d", "e"],
                   "values": [{"d_model": 16 * k, "heads": 2} for k in (1, 2, 3, 4, 5)]}]})
     runs = expand(cfg)
@@ -111,13 +111,13 @@ def test_sweep_expansion_validates_every_run(tmp_path):
         "axes": [{"name": "size", "values": ["tiny", "base"]}, {"name": "lr", "values": [1e-4, 3e-4]},
                  {"name": "zero_stage", "values": [2, 3]}, {"name": "position_scheme", "values": ["ofa", "rope"]},
                  {"name": "attention_backend", "values": ["eager", "sdpa"]},
-                 {"name": "image_size", "values": [128, 256]}]})
+                 {"name": "patch_image_size", "values": [128, 256]}]})
     runs = expand(cfg)
     assert len(runs) == 2 ** 6
     first = runs[0].config
     assert (first.model.size, first.optim.lr, first.deepspeed.zero_stage) == ("tiny", 1e-4, 2)
     assert first.model.build().d_model == 256  # the size axis drops the demo base's own width
-    assert runs[-1].config.model.overrides["position_scheme"] == "rope"
+    assert runs[-1].config.model.position_scheme == "rope"
     assert runs[-1].config.data.patch_image_size == 256
     bad = from_dict(SweepConfig, {"name": "bad", "root": str(tmp_path), "overrides": {"optim.max_steps": 10},
                                   "axes": [{"name": "model", "values": [{"d_model": 30, "heads": 4}]}]})

@@ -32,7 +32,7 @@ def test_sweep_end_to_end_and_resume(tmp_path, demo_data, repo_root, vocab_dir):
     data = yaml.safe_load((demo_data / "data_config.yaml").read_text())
     data.update(batch_size=2, patch_image_size=64, max_src_tokens=32, max_tgt_tokens=12, num_workers=0,
                 group_weights=[1.0], augment=False, cache_dir=str(tmp_path / "cache"), eval_streams=[])
-    base = {"model": {"size": "tiny", "overrides": {"resnet_layers": [1, 1, 1], "dropout": 0.0}},
+    base = {"model": {"size": "tiny", "resnet_layers": [1, 1, 1], "dropout": 0.0},
             "data": data, "optim": {"lr": 2e-3, "max_steps": STEPS, "warmup_steps": 0},
             "eval": {"at_end": False}, "log": {"interval": 1, "progress_bar": False, "wandb_mode": "disabled"},
             "checkpoint": {"interval": 0, "at_end": False}, "bpe_dir": str(vocab_dir)}
@@ -51,7 +51,7 @@ def test_sweep_end_to_end_and_resume(tmp_path, demo_data, repo_root, vocab_dir):
     params = [r["params"] for r in rows]
     assert params == sorted(params) and params[0] < params[-1] / 5
     assert all(r["tokens"] > 0 and r["flops"] > 0 and r["loss"] > 0 for r in rows)
-    assert json.loads(rows[-1]["config_json"])["model"]["overrides"]["d_model"] == 256
+    assert json.loads(rows[-1]["config_json"])["model"]["d_model"] == 256
     curves = pq.read_table(directory / "curves.parquet").to_pylist()
     assert len([c for c in curves if c["loss"] is not None]) == 4 * STEPS
     assert (directory / "results.csv").exists()

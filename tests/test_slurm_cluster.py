@@ -133,8 +133,8 @@ def train_data(tmp_path_factory) -> Path:
 def _config(tmp_path: Path, data: Path, name: str, max_steps: int, checkpoint_interval: int) -> Path:
     """A tiny-shaped training run; every step is logged so tests can check the step sequence."""
     cfg = {
-        "model": {"size": "tiny", "overrides": {"d_model": 64, "ffn_dim": 128, "encoder_layers": 1,
-                                                "decoder_layers": 1, "heads": 2, "resnet_layers": [1, 1, 1]}},
+        "model": {"size": "tiny", "d_model": 64, "ffn_dim": 128, "encoder_layers": 1, "decoder_layers": 1, "heads": 2,
+                  "resnet_layers": [1, 1, 1]},
         "data": {"streams": [{"name": "summarization", "task": "summarization", "remote": str(data)}],
                  "cache_dir": str(tmp_path / f"cache-{name}"), "batch_size": 2, "patch_image_size": 32,
                  "max_src_tokens": 40, "max_tgt_tokens": 12, "num_workers": 0, "group_weights": [1.0]},

@@ -47,7 +47,7 @@ def shards(tmp_path_factory) -> Path:
 def _config(shards: Path, out: Path, vocab_dir: Path, **sections) -> dict:
     streams = lambda split: [{"name": "vqa", "task": "vqa", "remote": str(shards / split / "vqa")},  # noqa: E731
                              {"name": "summ", "task": "summarization", "remote": str(shards / split / "summ")}]
-    cfg = {"model": {**TINY_MODEL, "overrides": {**TINY_MODEL["overrides"], "dropout": 0.0}},
+    cfg = {"model": {**TINY_MODEL, "dropout": 0.0},
            "data": {"streams": streams("train"), "eval_streams": streams("eval"), "batch_size": 4,
                     "eval_batch_size": 3, "patch_image_size": 32, "num_workers": 0, "augment": False,
                     "group_weights": [1.0], "cache_dir": str(out.parent / "cache"),

@@ -43,7 +43,7 @@ class BenchConfig:
 
 
 def _overrides(cfg: BenchConfig, out: Path, stage: int) -> list[str]:
-    return [f"model.size={cfg.model}", "model.overrides={}", "optim.max_steps=1000000", "optim.warmup_steps=1",
+    return [f"model.size={cfg.model}", "optim.max_steps=1000000", "optim.warmup_steps=1",
             f"data.batch_size={cfg.batch_size}", f"data.patch_image_size={cfg.image_size}", "data.num_workers=0",
             "eval.at_end=false", "checkpoint.at_end=false", "checkpoint.interval=0", "checkpoint.keep_last_n=2",
             "checkpoint.background=true",

@@ -44,7 +44,7 @@ def _train_rank(cfg: BenchConfig) -> None:
     from biomedgpt.models.ofa import BiomedGPT
 
     info = init_distributed("gloo")
-    spec = ModelSpec(cfg.size, {"dropout": 0.0})
+    spec = ModelSpec(cfg.size, dropout=0.0)
     torch.manual_seed(0)
     model = BiomedGPT(spec.build())
     for param in model.parameters():  # see tests/test_checkpoint_tools.py: ZeRO-3 and OFA's dataclass outputs
@@ -62,7 +62,7 @@ def _train_rank(cfg: BenchConfig) -> None:
         engine.backward(loss)
         engine.step()
     CheckpointManager(Path(cfg.workdir) / "run", info.rank, info.world_size, keep_last_n=1).save(
-        engine, cfg.steps, {"step": cfg.steps, "config": {"model": {"size": cfg.size, "overrides": {"dropout": 0.0}}}},
+        engine, cfg.steps, {"step": cfg.steps, "config": {"model": {"size": cfg.size, "dropout": 0.0}}},
         {}, 3)
 
 

@@ -45,7 +45,7 @@ class BenchConfig:
 
 
 def _demo_overrides(cfg: BenchConfig, model: str, out: Path, steps: int) -> list[str]:
-    return [f"model.size={model}", "model.overrides={}", f"optim.max_steps={steps}", "optim.warmup_steps=1",
+    return [f"model.size={model}", f"optim.max_steps={steps}", "optim.warmup_steps=1",
             f"data.batch_size={cfg.batch_size}", f"data.patch_image_size={cfg.image_size}", "data.num_workers=1",
             "eval.at_end=false", "checkpoint.at_end=false", "log.interval=1", "log.progress_bar=false",
             "log.wandb_mode=disabled", "checkpoint.resume=never", f"output_dir={out}"]

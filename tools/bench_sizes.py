@@ -83,7 +83,7 @@ def available_gib() -> float:
 def run_config(cfg: BenchSizesConfig, size: str, shards: Path, out: Path) -> dict:
     big = _from(size, cfg.offload_from)
     return {
-        "model": {"size": size, "overrides": {"dropout": 0.0}},
+        "model": {"size": size, "dropout": 0.0},
         "data": {"streams": [{"name": "caption", "task": "caption", "remote": str(shards / "caption")}],
                  "batch_size": cfg.batch, "patch_image_size": cfg.image_size, "num_workers": 0, "augment": False,
                  "group_weights": [1.0], "cache_dir": str(out.parent / "cache")},

@@ -84,6 +84,8 @@ def _train(argv: list[str], prog: str, demo: bool) -> int:
         sys.exit(f"{prog}: the demo has its own config; use 'biomedgpt train --config ...' for another run")
     if "RANK" in os.environ or ranks == "1" or (ranks is None and not demo):
         return _run_module("biomedgpt.engine.train", rest, prog)
+    sys.argv = [prog, *rest]
+    importlib.import_module("biomedgpt.engine.train").parse(rest)  # a bad setting fails before any rank starts
     launch = ["bash", str(LOCAL_LAUNCHER)] + (["-n", ranks] if ranks else []) + ["--", *rest]
     os.environ.setdefault("PYTHON", sys.executable)
     os.execvp("bash", launch)

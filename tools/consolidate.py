@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from biomedgpt.engine.config import parse_cli
+from biomedgpt.engine.config import PathStr, parse_cli
 from biomedgpt.models.checkpoint import CheckpointError
 from biomedgpt.models.config import ModelSpec
 from biomedgpt.models.tokenizer import TokenizerError
@@ -28,8 +28,8 @@ from biomedgpt.tools.zero_checkpoint import ZeroCheckpoint, checkpoint_model_con
 class ConsolidateConfig:
     """Which checkpoint, and how to write its model directory."""
 
-    checkpoint: str = ""
-    output: str = ""
+    checkpoint: PathStr
+    output: PathStr
     tag: Optional[str] = None  # default: the tag named by checkpoints/latest
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     ema: bool = False  # the engine's EMA weights instead of the trained ones
@@ -58,9 +58,6 @@ def run_tokenizer(ckpt: ZeroCheckpoint, explicit: str | None, vocab_size: int):
 
 
 def run(cfg: ConsolidateConfig) -> Path:
-    for name in ("checkpoint", "output"):
-        if not getattr(cfg, name):
-            raise CheckpointError(f"{name}=... is required")
     ckpt = open_checkpoint(cfg.checkpoint, cfg.tag)
     model_cfg = checkpoint_model_config(ckpt, cfg.model)
     tokenizer = run_tokenizer(ckpt, cfg.tokenizer, model_cfg.vocab_size)

@@ -299,7 +299,7 @@ def format_table(cfg: EstimateConfig, est: dict) -> str:
 
     spec = cfg.model
     lines = [
-        f"model {spec.size} {spec.overrides or ''}: {est['params'] / 1e6:.2f}M parameters "
+        f"model {spec.size} {spec.set_fields() or ''}: {est['params'] / 1e6:.2f}M parameters "
         f"(largest module {est['largest_layer_params'] / 1e6:.2f}M)",
         f"ZeRO-{cfg.zero_stage}, {cfg.precision}, offload optimizer={cfg.offload_optimizer} param={cfg.offload_param}, "
         f"{cfg.nodes} node(s) x {cfg.gpus_per_node} GPU(s) {cfg.gpu}, micro-batch {cfg.micro_batch} x accum "

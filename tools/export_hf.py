@@ -22,7 +22,7 @@ from typing import Literal, Optional
 from safetensors.torch import save_file
 from torch import Tensor
 
-from biomedgpt.engine.config import parse_cli
+from biomedgpt.engine.config import PathStr, parse_cli
 from biomedgpt.models.checkpoint import (HF_DECODER_LAYER, HF_ENCODER_LAYER, TIED_ALIASES, TIED_KEY, CheckpointError,
                                write_dir_atomically, read_model_config, read_model_weights)
 from biomedgpt.models.config import ModelConfig
@@ -35,8 +35,8 @@ RESNET_TYPES = {(3, 4, 6): "resnet50", (3, 4, 23): "resnet101", (3, 8, 36): "res
 
 @dataclass
 class ExportConfig:
-    model: str = ""  # a model directory (biomedgpt.tools.consolidate / save_pretrained)
-    output: str = ""
+    model: PathStr  # a model directory (biomedgpt.tools.consolidate / save_pretrained)
+    output: PathStr
     dtype: Optional[Literal["fp32", "bf16", "fp16"]] = None  # default: as stored
     overwrite: bool = False
 
@@ -98,9 +98,6 @@ def export(model_dir: str | Path, output: str | Path, dtype: str | None = None, 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(ExportConfig, argv, description=__doc__)
     try:
-        for name in ("model", "output"):
-            if not getattr(cfg, name):
-                raise CheckpointError(f"{name}=... is required")
         out = export(cfg.model, cfg.output, cfg.dtype, cfg.overwrite)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)

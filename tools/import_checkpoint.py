@@ -16,7 +16,7 @@ from typing import Literal, Optional
 
 import torch
 
-from biomedgpt.engine.config import parse_cli
+from biomedgpt.engine.config import PathStr, parse_cli
 from biomedgpt.models.checkpoint import CheckpointError, import_released, save_pretrained
 from biomedgpt.models.ofa import count_parameters
 from biomedgpt.models.tokenizer import Tokenizer
@@ -28,8 +28,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class ImportConfig:
     """Import a released checkpoint (fairseq or HF-port names) into a model directory."""
 
-    source: str = ""
-    output: str = ""
+    source: PathStr
+    output: PathStr
     tokenizer: Optional[str] = None  # GPT-2 files, a BART dir or a saved tokenizer; None: the packaged GPT-2 BPE
     ema: bool = False
     trust_pickle: bool = False  # allow full unpickling for files that hold non-tensor Python objects
@@ -52,9 +52,6 @@ def load_any_tokenizer(path: str | Path | None) -> Tokenizer:
 
 
 def run(cfg: ImportConfig) -> Path:
-    for name in ("source", "output"):
-        if not getattr(cfg, name):
-            raise CheckpointError(f"{name}=... is required")
     tokenizer = load_any_tokenizer(cfg.tokenizer)
     model = import_released(cfg.source, ema=cfg.ema, trust_pickle=cfg.trust_pickle)
     if model.cfg.vocab_size != tokenizer.vocab_size:

@@ -28,7 +28,7 @@ from biomedgpt.data.images import decode_image
 from biomedgpt.data.records import make_record
 from biomedgpt.data.tasks import TaskContext, process
 from biomedgpt.engine.checkpointing import atomic_write_text
-from biomedgpt.engine.config import parse_cli
+from biomedgpt.engine.config import PathStr, parse_cli
 from biomedgpt.engine.downstream import (TASK_DEFAULTS, load_model_and_tokenizer, pick_device,
                                predict_task, read_answers, select_rows)
 from biomedgpt.models.generation import GenerationConfig
@@ -41,7 +41,7 @@ InferTask = Literal["vqa", "caption", "grounding", "classification"]
 class InferConfig:
     """Run a model directory on one image or every image of a folder."""
 
-    model_dir: str = ""
+    model_dir: PathStr
     image: Optional[str] = None  # one PNG / JPEG / DICOM file
     images_dir: Optional[str] = None  # batch mode: every image file in this folder (sorted by name)
     task: InferTask = "vqa"
@@ -59,8 +59,6 @@ class InferConfig:
     bpe_dir: Optional[str] = None  # GPT-2 BPE files; None: the packaged copy
 
     def __post_init__(self) -> None:
-        if not self.model_dir:
-            raise ValueError("model_dir is required")
         if (self.image is None) == (self.images_dir is None):
             raise ValueError("give exactly one of image= or images_dir=")
         if self.task == "vqa" and not self.question.strip():

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from biomedgpt.engine.config import parse_cli
+from biomedgpt.engine.config import PathStr, parse_cli
 from biomedgpt.models.checkpoint import CheckpointError
 from biomedgpt.tools.zero_checkpoint import describe, iter_tags, open_checkpoint
 
 
 @dataclass
 class InspectConfig:
-    path: str = ""
+    path: PathStr  # a run output_dir, its checkpoints/ folder or one tag folder
     tag: Optional[str] = None  # only this tag
     json: bool = False  # machine-readable output
 
@@ -68,8 +68,6 @@ def _print_text(info: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(InspectConfig, argv, description=__doc__)
     try:
-        if not cfg.path:
-            raise CheckpointError("path=... is required")
         info = inspect(cfg.path, cfg.tag)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)

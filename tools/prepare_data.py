@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Literal, Optional
 
 from biomedgpt.data.images import dicom_to_uint8, encode_png, storable_image
 from biomedgpt.data.mds import OutputExistsError, ShardWriter, StoreError
+from biomedgpt.engine.config import PathStr
 from biomedgpt.data.records import (KINDS, MEDNLI_LABEL_INDEX, BadRecord, make_record, parse_answer_type, parse_answers,
                           parse_codes, parse_detections, parse_floats, split_objects)
 
@@ -42,9 +43,9 @@ Format = Literal["vision_language_tsv", "text_tsv", "image_tsv", "detection_tsv"
 class PrepareConfig:
     """Convert INPUT (file, directory or glob) in FORMAT into MDS shards at OUTPUT (path or s3://…)."""
 
-    input: str = ""
+    input: PathStr
+    output: PathStr  # a folder, or s3://bucket/prefix
     format: Format = "jsonl"
-    output: str = ""
     kind: str = ""  # row kind for parquet / jsonl / csv / dicom input (biomedgpt.data.records.KINDS); others imply it
     columns: dict[str, str] = field(default_factory=dict)  # our field -> source column (or DICOM keyword)
     image_root: str = ""  # base of relative image paths in jsonl / csv
@@ -432,8 +433,6 @@ def rows(cfg: PrepareConfig, files: Optional[list[Path]] = None) -> Iterator[Row
 def convert(cfg: PrepareConfig, log=None) -> Summary:
     """Write every good row; returns the summary. Raises SystemExit(1) when too many rows were bad."""
     log = log or sys.stderr
-    if not cfg.input or not cfg.output:
-        raise ConversionError("input= and output= are required")
     if cfg.format not in TSV_PARSERS and cfg.format != "llava_json" and cfg.kind not in KINDS:
         raise ConversionError(f"format {cfg.format} needs kind= one of {sorted(KINDS)}")
     from tqdm import tqdm

@@ -13,14 +13,14 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from biomedgpt.engine.config import parse_cli
+from biomedgpt.engine.config import PathStr, parse_cli
 from biomedgpt.models.checkpoint import CheckpointError
 from biomedgpt.tools.zero_checkpoint import open_checkpoint, to_universal
 
 
 @dataclass
 class ReshardConfig:
-    checkpoint: str = ""
+    checkpoint: PathStr
     tag: Optional[str] = None  # default: the tag named by checkpoints/latest
     output: Optional[str] = None  # default: <tag dir>/universal
     overwrite: bool = False
@@ -29,8 +29,6 @@ class ReshardConfig:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(ReshardConfig, argv, description=__doc__)
     try:
-        if not cfg.checkpoint:
-            raise CheckpointError("checkpoint=... is required")
         ckpt = open_checkpoint(cfg.checkpoint, cfg.tag)
         out = to_universal(ckpt, cfg.output, cfg.overwrite)
     except CheckpointError as exc:

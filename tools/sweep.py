@@ -5,10 +5,10 @@
     python -m biomedgpt.tools.sweep --config configs/sweeps/demo_sizes.yaml launcher=plan   # configs + list only
 
 A sweep is a base run config (a ``RunConfig`` YAML, or the engine's demo config) with ``overrides``
-applied to every run and ``axes``: each axis sets one dotted RunConfig key to each of its values
-(aliases: size, model, lr, steps, batch_size, zero_stage, position_scheme, attention_backend,
-image_size). A size axis drops the base config's own width/depth overrides (``overrides`` of the
-sweep still apply). A mapping value sets several keys under the axis key at once: the ``model`` axis with
+applied to every run and ``axes``: each axis sets one dotted RunConfig key to each of its values (an
+axis name is that key, or its last part where that is unique: ``lr``, ``size``, ``zero_stage``,
+``patch_image_size``). A size axis drops the base config's own width/depth (``overrides`` of the sweep
+still apply). A mapping value sets several keys under the axis key at once: the ``model`` axis with
 ``{d_model: 64, encoder_layers: 2, ...}`` is a custom width/depth. Axes combine as a product (or
 ``zip``). Every run config is validated before anything starts.
 
@@ -22,40 +22,41 @@ afterwards. Rerunning skips finished runs; unfinished ones resume from their own
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
-import os
 import re
 import subprocess
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 
-from biomedgpt.engine.config import ConfigError, set_dotted, from_dict, load, parse_cli, to_dict
+from biomedgpt.engine.config import ConfigError, field_paths, from_dict, load, parse_cli, set_dotted, to_dict
 from biomedgpt.engine.run_config import RunConfig, demo_config
 from biomedgpt.tools.collect import STATUS_FILE, collect, is_finished, summary
 from biomedgpt.tools.scaling_fit import atomic_write_text
 
-#: Short axis names and the RunConfig key each sets.
-AXIS_KEYS = {
-    "size": "model.size",
-    "model": "model.overrides",
-    "lr": "optim.lr",
-    "steps": "optim.max_steps",
-    "batch_size": "data.batch_size",
-    "zero_stage": "deepspeed.zero_stage",
-    "position_scheme": "model.overrides.position_scheme",
-    "attention_backend": "model.overrides.attention_backend",
-    "image_size": "data.patch_image_size",
-}
-
-
-#: The fields the size table sets: a size axis drops the base config's overrides of them.
+#: The fields the size table sets: a size axis drops the base config's own values of them.
 SIZE_FIELDS = ("d_model", "ffn_dim", "encoder_layers", "decoder_layers", "heads", "resnet_layers")
+
+
+def axis_key(name: str) -> str:
+    """The RunConfig key an axis name stands for: a dotted key (``optim.lr``), a section (``model``: the
+    values are mappings of its fields), or the last part of exactly one key (``lr``, ``zero_stage``)."""
+    keys = field_paths(RunConfig)
+    sections = {name for name, tp in typing.get_type_hints(RunConfig).items() if dataclasses.is_dataclass(tp)}
+    if name in keys or name in sections:
+        return name
+    matches = [k for k in keys if k.rsplit(".", 1)[-1] == name]
+    if len(matches) == 1:
+        return matches[0]
+    hint = f"it could be any of {matches}" if matches else "no RunConfig setting is called that"
+    raise ValueError(f"axis {name!r}: {hint}; give its dotted RunConfig key as key=")
 
 
 @dataclass
@@ -69,9 +70,7 @@ class Axis:
 
     def __post_init__(self) -> None:
         if self.key is None:
-            if self.name not in AXIS_KEYS:
-                raise ValueError(f"axis {self.name!r}: give its RunConfig key (known aliases: {sorted(AXIS_KEYS)})")
-            self.key = AXIS_KEYS[self.name]
+            self.key = axis_key(self.name)
         if not self.values:
             raise ValueError(f"axis {self.name!r} has no values")
         if self.labels is None:
@@ -124,15 +123,6 @@ def _label(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "", str(value))
 
 
-def _set(data: dict, dotted: str, value: Any) -> None:
-    """Set ``dotted`` in nested ``data``; a mapping value sets each of its keys below ``dotted``."""
-    if isinstance(value, dict):
-        for key, sub in value.items():
-            _set(data, f"{dotted}.{key}", sub)
-    else:
-        set_dotted(data, dotted, copy.deepcopy(value))
-
-
 @dataclass
 class PlannedRun:
     name: str
@@ -146,9 +136,9 @@ def expand(cfg: SweepConfig) -> list[PlannedRun]:
     base = to_dict(load(RunConfig, cfg.base)) if cfg.base else to_dict(demo_config())
     if any(a.key == "model.size" for a in cfg.axes):  # the base's own width/depth would mask the swept size
         for name in SIZE_FIELDS:
-            base["model"]["overrides"].pop(name, None)
+            base["model"][name] = None
     for key, value in cfg.overrides.items():
-        _set(base, key, value)
+        set_dotted(base, key, copy.deepcopy(value))
     indices = [range(len(a.values)) for a in cfg.axes]
     combos = zip(*indices) if cfg.combine == "zip" else itertools.product(*indices)
     runs = []
@@ -156,7 +146,7 @@ def expand(cfg: SweepConfig) -> list[PlannedRun]:
         data = copy.deepcopy(base)
         labels = {}
         for axis, i in zip(cfg.axes, combo):
-            _set(data, axis.key, axis.values[i])
+            set_dotted(data, axis.key, copy.deepcopy(axis.values[i]))
             labels[axis.name] = axis.labels[i]
         name = "_".join(f"{axis}-{label}" for axis, label in labels.items()) or "base"
         data["output_dir"] = str(cfg.directory / "runs" / name)

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from biomedgpt.models.checkpoint import (TIED_ALIASES, TIED_KEY, CheckpointError, write_dir_atomically,
                                read_model_config, read_model_weights)
-from biomedgpt.models.config import ModelConfig, ModelSpec
+from biomedgpt.models.config import ModelConfig, ModelSpec, spec_from_saved
 from biomedgpt.models.ofa import BiomedGPT
 
 MODEL_FILE_RE = re.compile(r"^(?:zero_pp_rank_(?P<rank>\d+)_)?mp_rank_(?P<mp>\d+)_model_states\.pt$")
@@ -601,15 +601,15 @@ def checkpoint_model_config(ckpt: ZeroCheckpoint, spec: ModelSpec | None = None)
         if isinstance(data.get("model"), dict):
             return _spec_from(data["model"], f"{run_yaml} (model)")
     raise CheckpointError(f"{ckpt.directory}: no model config in the client state nor a run config.yaml beside "
-                          f"it; pass model.size=... [model.overrides.d_model=...]")
+                          f"it; pass model.size=... [model.d_model=...]")
 
 
 def _spec_from(data: dict, where: str) -> ModelConfig:
-    from biomedgpt.engine.config import ConfigError, from_dict
+    from biomedgpt.engine.config import ConfigError
 
     try:
-        return from_dict(ModelSpec, data).build()
-    except (ConfigError, ValueError) as exc:
+        return spec_from_saved(data).build()
+    except (ConfigError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{where}: {exc}") from None
 
 

@@ -1,0 +1,73 @@
+"""One typed config path: every model field is a checked setting, a bad one fails before any rank starts,
+required settings are fields without defaults, and loading a run config imports no torch."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from biomedgpt.engine.config import ConfigError, from_dict, load
+from biomedgpt.engine.run_config import RunConfig
+from biomedgpt.models.config import ModelConfig, model_config, spec_from_saved
+
+
+def _biomedgpt(args: list[str], cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, "-m", "biomedgpt.tools.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("model.attention_backend=sdpaa", "model.attention_backend: 'sdpaa' is not one of"),
+    ("model.heads=4.0", "model.heads: expected an integer, got 4.0"),
+    ("model.d_model=30", "d_model 30 is not divisible by heads 4"),
+])
+def test_a_bad_model_setting_fails_in_seconds_before_any_rank_starts(tmp_path, setting, message):
+    start = time.perf_counter()
+    result = _biomedgpt(["train", "-n", "2", setting], tmp_path)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr.strip().splitlines()[-1], result.stderr
+    assert elapsed < 3.0, f"{elapsed:.2f} s"
+    assert not (tmp_path / "runs").exists()  # no rank ran: nothing was built or written
+    assert "local.sh" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_every_model_field_is_a_listed_typed_setting(tmp_path):
+    result = _biomedgpt(["train", "--help"], tmp_path)
+    listed = " ".join(result.stdout.split())
+    for f in dataclasses.fields(ModelConfig):
+        assert f"model.{f.name}" in listed, f.name
+    cfg = load(RunConfig, "finetune/vqa_rad", ["model.size=base", "model.heads=16", "model.attention_backend=sdpa",
+                                               "model={dropout: 0.0}"])  # a mapping merges into the section
+    assert cfg.model.build() == model_config("base", heads=16, attention_backend="sdpa", dropout=0.0,
+                                             encoder_drop_path_rate=0.1, decoder_drop_path_rate=0.1)
+
+
+def test_saved_configs_of_either_form_give_the_same_model():
+    old = {"size": "tiny", "overrides": {"d_model": 64, "heads": 2}}
+    new = {"size": "tiny", "d_model": 64, "heads": 2}
+    assert spec_from_saved(old).build() == spec_from_saved(new).build() == model_config("tiny", d_model=64, heads=2)
+    with pytest.raises(ConfigError, match="model.heads: expected an integer"):
+        spec_from_saved({"size": "tiny", "heads": "2"})
+
+
+def test_required_settings_are_fields_without_defaults():
+    from biomedgpt.tools.consolidate import ConsolidateConfig
+
+    with pytest.raises(ConfigError, match=r"missing required setting\(s\) \['checkpoint', 'output'\]"):
+        from_dict(ConsolidateConfig, {})
+    assert from_dict(ConsolidateConfig, {"checkpoint": "runs/x", "output": "model"}).output == "model"
+
+
+def test_loading_a_run_config_imports_no_torch():
+    code = ("import sys; from biomedgpt.engine.config import load; from biomedgpt.engine.run_config import RunConfig; "
+            "load(RunConfig, 'finetune/vqa_rad'); print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'deepspeed', 'streaming', 'numpy') or m in ('biomedgpt.models.ofa', 'biomedgpt.data.tasks')))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
