@@ -1,4 +1,5 @@
-"""Building the model for DeepSpeed: zero.Init for large sizes, initial weights, activation checkpointing.
+"""Building the model for DeepSpeed: zero.Init for large sizes, initial weights, activation checkpointing,
+compilation.
 
 Everything DeepSpeed-specific about the model lives here, so ``models/`` stays plain PyTorch.
 """
@@ -115,3 +116,29 @@ def apply_activation_checkpointing(model: BiomedGPT) -> int:
             layer.forward = functools.partial(_checkpointed, layer.forward)
             count += 1
     return count
+
+
+def compile_enabled(cfg: ModelConfig, device: torch.device, zero_stage: int = 0) -> bool:
+    """``compile: auto`` compiles on CUDA below ZeRO-3 only. On this CPU inductor needs minutes to warm up
+    (212 s for tiny) and CPU runs are tests and short demos; under ZeRO-3 its parameter hooks would run inside
+    the compiled layers. ``true``/``false`` force it either way."""
+    if cfg.compile == "auto":
+        return device.type == "cuda" and zero_stage < 3
+    return bool(cfg.compile)
+
+
+def apply_compile(model: BiomedGPT) -> int:
+    """``torch.compile`` (inductor) every transformer layer in place; parameter names unchanged.
+
+    The attention core stays out of the graphs (a graph break): its backends are fused kernels or the
+    chunked autograd function already; only ``flex`` is traced into them, as FlexAttention wants. Layers of
+    one stack share their compiled graphs. The ResNet stem stays eager (cuDNN/oneDNN convolutions already;
+    channels-last is ``ModelConfig.channels_last``). Returns the number of compiled layers.
+    """
+    for module in model.modules():
+        if hasattr(module, "attend") and getattr(module, "backend", None) != "flex":
+            module.attend = torch.compiler.disable(module.attend)
+    layers = [*model.encoder.layers, *model.decoder.layers]
+    for layer in layers:
+        layer.compile()
+    return len(layers)

@@ -22,7 +22,8 @@ from biomedgpt.engine.ema import EMA
 from biomedgpt.engine.flops import batch_train_flops, device_peak, image_tokens
 from biomedgpt.engine.loss import label_smoothed_cross_entropy
 from biomedgpt.engine.metrics import MetricsLogger, MetricWindow
-from biomedgpt.engine.model_setup import apply_activation_checkpointing, build_model, use_zero_init
+from biomedgpt.engine.model_setup import (apply_activation_checkpointing, apply_compile, build_model, compile_enabled,
+                                          use_zero_init)
 from biomedgpt.engine.run_config import OptimConfig, RunConfig
 from biomedgpt.engine.zero_plan import ZeroPlan
 
@@ -189,10 +190,15 @@ class Trainer:
             init_state = read_model_weights(cfg.checkpoint.init_from)
         zero_init = use_zero_init(self.model_cfg, ds.zero_stage, ds.zero_init)
         model = build_model(self.model_cfg, self.ds_config, zero_init, init_state)
+        # Ranks' batches mix modalities differently; the same module calls on every rank keep ZeRO's gathers
+        # and bucketed reductions in step (models/ofa.py _forward_by_modality).
+        model.same_calls_every_batch = self.world > 1
         if cfg.optim.freeze_embeddings:
             model.embed_tokens.weight.requires_grad_(False)
         if ds.activation_checkpointing:
             apply_activation_checkpointing(model)
+        if compile_enabled(self.model_cfg, self.dist.device, ds.zero_stage):
+            apply_compile(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optim = cfg.optim
         optimizer = None

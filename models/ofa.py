@@ -161,7 +161,7 @@ class MultiheadAttention(nn.Module):
         self.c_attn = nn.Parameter(torch.ones(cfg.heads))
         self.dropout = cfg.attention_dropout
         self.backend = resolve_backend(cfg.attention_backend, cfg.position_scheme, cfg.attention_dropout)
-        self.attend = attention  # compile_model: kept out of the compiled graph (its own kernels, chunked backward)
+        self.attend = attention  # apply_compile keeps it out of the compiled graph (own kernels, chunked backward)
 
     def split(self, x: Tensor) -> Tensor:
         return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
@@ -638,7 +638,8 @@ class BiomedGPT(nn.Module):
     def forward(self, src_tokens: Tensor, prev_output_tokens: Tensor, patch_images: Tensor | None = None,
                 patch_masks: Tensor | None = None, code_masks: Tensor | None = None,
                 sample_patch_num: int | None = None) -> Tensor:
-        if patch_images is not None and patch_masks is not None and self.encoder.image_rows_only:
+        if (patch_images is not None and patch_masks is not None and self.encoder.image_rows_only
+                and (self.same_calls_every_batch or not bool(patch_masks.all()))):
             return self._forward_by_modality(src_tokens, prev_output_tokens, patch_images, patch_masks, code_masks,
                                              sample_patch_num)
         encoder_out = self.encode(src_tokens, patch_images, patch_masks, sample_patch_num)
@@ -646,17 +647,22 @@ class BiomedGPT(nn.Module):
 
     #: side of the placeholder image of a batch without images (a 2 x 2 feature grid: BatchNorm needs > 1 value)
     PLACEHOLDER_SIDE = 32
+    #: every batch runs both passes, a stand-in row for an empty side (set by the trainer on several ranks;
+    #: one rank runs an all-image batch as one pass)
+    same_calls_every_batch = False
 
     def _forward_by_modality(self, src_tokens: Tensor, prev_output_tokens: Tensor, patch_images: Tensor,
                              patch_masks: Tensor, code_masks: Tensor | None, sample_patch_num: int | None) -> Tensor:
-        """Every batch as two passes: samples with an image, then text-only samples without image tokens.
+        """A batch as two passes: samples with an image, then text-only samples without image tokens.
 
         A text-only sample's image tokens are all masked, so leaving them out changes no logit; it saves
-        the ResNet and the encoder/cross attention over them. Logits come back in the batch's order. Both
-        passes run for every batch, whatever its mix, so every rank makes the same module calls in the same
-        order (ZeRO-3 gathers) and its gradients become ready in the same order (DeepSpeed reduces them in
-        buckets in that order): a side without samples runs on one stand-in row whose logits are dropped
-        (zero gradients) -- a 32 px blank image, BatchNorm statistics untouched, or row 0's text.
+        the ResNet and the encoder/cross attention over them. Logits come back in the batch's order. With
+        ``same_calls_every_batch`` both passes run for every batch, whatever its mix, so every rank makes
+        the same module calls in the same order (ZeRO-3 gathers) and its gradients become ready in the same
+        order (DeepSpeed reduces them in buckets in that order): a side without samples runs on one stand-in
+        row whose logits are dropped (zero gradients) -- a 32 px blank image, BatchNorm statistics
+        untouched, or row 0's text. Without it only the image side gets a stand-in (all-text batches: the
+        ResNet's parameters still take part in every step).
         """
         has = patch_masks.bool()
         img, txt = has.nonzero().squeeze(1), (~has).nonzero().squeeze(1)
@@ -673,7 +679,10 @@ class BiomedGPT(nn.Module):
             side = self.PLACEHOLDER_SIDE
             with _statistics_kept(self.encoder.embed_images):
                 image_logits = part(stand_in, patch_images.new_zeros(1, patch_images.shape[1], side, side))
-        logits = torch.cat([image_logits, part(txt if txt.numel() else stand_in, None)])
+        parts = [image_logits]
+        if txt.numel() or self.same_calls_every_batch:
+            parts.append(part(txt if txt.numel() else stand_in, None))
+        logits = torch.cat(parts)
         rows = torch.empty_like(has, dtype=torch.long)
         rows[img] = torch.arange(img.numel(), device=rows.device)
         rows[txt] = torch.arange(image_logits.shape[0], image_logits.shape[0] + txt.numel(), device=rows.device)
@@ -703,21 +712,3 @@ def count_parameters(model: nn.Module) -> int:
     """Trainable parameters, each shared tensor once (the tied embedding), BN statistics excluded."""
     return sum(p.numel() for p in model.parameters())
 
-
-def compile_model(model: BiomedGPT) -> BiomedGPT:
-    """With ``cfg.compile``: ``torch.compile`` (inductor) every transformer layer in place; names unchanged.
-
-    The attention core stays out of the graphs (a graph break): its backends are fused kernels or the chunked
-    autograd function already; only ``flex`` is traced into them, as FlexAttention wants. Layers of one stack
-    share their compiled graphs. The ResNet stem is not compiled: inductor lays its convolutions out NHWC,
-    whose fp32 gradients on CPU deviate ~5e-3 relative from an fp64 run (channels-first: 5e-6), see
-    tests/test_default_path.py.
-    """
-    if not model.cfg.compile:
-        return model
-    for module in model.modules():
-        if isinstance(module, MultiheadAttention) and module.backend != "flex":
-            module.attend = torch.compiler.disable(attention)
-    for layer in [*model.encoder.layers, *model.decoder.layers]:
-        layer.compile()
-    return model

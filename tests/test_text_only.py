@@ -144,10 +144,6 @@ def two_rank_engine(model, stage: int):
     same tensors on both ranks) and SGD (Adam would amplify the rounding noise of zero-sum gradients)."""
     import deepspeed
 
-    from biomedgpt.engine.model_setup import register_external_parameters
-
-    if stage == 3:
-        register_external_parameters(model)
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10 ** 9,
               "zero_allow_untested_optimizer": True,
               "zero_optimization": {"stage": stage, "reduce_bucket_size": 20000, "allgather_bucket_size": 20000,
@@ -169,8 +165,8 @@ def worker(out: Path) -> None:
     for stage in STAGES:
         for split in (True, False):
             torch.manual_seed(0)
-            model = BiomedGPT(cfg)
-            model.encoder.image_rows_only = split
+            model = BiomedGPT(cfg).init_weights()
+            model.encoder.image_rows_only = model.same_calls_every_batch = split
             engine = two_rank_engine(model, stage)
             for module in engine.module.modules():  # the one-pass path's BatchNorm also sees placeholders
                 if isinstance(module, torch.nn.BatchNorm2d):

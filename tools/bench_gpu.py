@@ -70,10 +70,8 @@ def measured_bf16_peak(device: str) -> float:
 def run_row(cfg: BenchGpuConfig, size: str, px: int, variant: str, peak_tflops: float) -> dict:
     import torch
 
-    from biomedgpt.engine.flops import train_step_flops
     from biomedgpt.models.attention import resolve_backend
     from biomedgpt.models.config import model_config
-    from biomedgpt.models.ofa import BiomedGPT
 
     scheme, backend = variant.split(":")
     row = {"size": size, "px": px, "variant": variant}
@@ -83,57 +81,65 @@ def run_row(cfg: BenchGpuConfig, size: str, px: int, variant: str, peak_tflops: 
     device = torch.device(cfg.device)
     mcfg = model_config(size, attention_backend=backend, position_scheme=scheme, dropout=0.0)
     row["runs"] = resolve_backend(backend, scheme)
-    model = optimizer = None
     try:
-        with device:
-            model = BiomedGPT(mcfg).init_weights().train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-        g = torch.Generator(device="cpu").manual_seed(0)
-        v = mcfg.vocab_size
-        src = torch.randint(4, v, (cfg.batch, cfg.src_len), generator=g)
-        src[: cfg.batch // 2, cfg.src_len * 3 // 4:] = 1  # padded sources, as real batches have
-        prev = torch.randint(4, v, (cfg.batch, cfg.tgt_len), generator=g)
-        batch = dict(src_tokens=src.to(device), prev_output_tokens=prev.to(device),
-                     patch_images=torch.randn(cfg.batch, 3, px, px, generator=g).to(device),
-                     patch_masks=torch.ones(cfg.batch, dtype=torch.bool, device=device))
-        target = prev.to(device)
-
-        def step() -> None:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                logits = model(**batch)
-            loss = torch.nn.functional.cross_entropy(logits.float().view(-1, v), target.view(-1))
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        def sync() -> None:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-
-        for _ in range(cfg.warmup):
-            step()
-        sync()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(cfg.steps):
-            step()
-        sync()
-        seconds = (time.perf_counter() - start) / cfg.steps
-        image_tokens = (px // 16) ** 2
-        flops = train_step_flops(mcfg, cfg.batch, cfg.src_len, cfg.tgt_len, image_tokens, (px, px))
-        row.update(step_s=seconds, tokens_s=cfg.batch * (image_tokens + cfg.src_len + cfg.tgt_len) / seconds,
-                   mfu=flops / seconds / (peak_tflops * 1e12),
-                   peak_GiB=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"))
+        row.update(_measure(cfg, mcfg, px, device, peak_tflops))
     except torch.cuda.OutOfMemoryError:
         row["error"] = "OOM"
     except Exception as exc:  # noqa: BLE001  one failing row (a kernel's limits) must not end the table
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
     finally:
-        del model, optimizer
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # the row's model and optimizer are gone with _measure's frame
     return row
+
+
+def _measure(cfg: BenchGpuConfig, mcfg, px: int, device, peak_tflops: float) -> dict:
+    """One row's timed steps: step time, tokens/s, MFU, peak memory (its model is freed on return)."""
+    import torch
+
+    from biomedgpt.engine.flops import train_step_flops
+    from biomedgpt.models.ofa import BiomedGPT
+
+    with device:
+        model = BiomedGPT(mcfg).init_weights().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    v = mcfg.vocab_size
+    src = torch.randint(4, v, (cfg.batch, cfg.src_len), generator=g)
+    src[: cfg.batch // 2, cfg.src_len * 3 // 4:] = 1  # padded sources, as real batches have
+    prev = torch.randint(4, v, (cfg.batch, cfg.tgt_len), generator=g)
+    batch = dict(src_tokens=src.to(device), prev_output_tokens=prev.to(device),
+                 patch_images=torch.randn(cfg.batch, 3, px, px, generator=g).to(device),
+                 patch_masks=torch.ones(cfg.batch, dtype=torch.bool, device=device))
+    target = prev.to(device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(**batch)
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, v), target.view(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(cfg.warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(cfg.steps):
+        step()
+    sync()
+    seconds = (time.perf_counter() - start) / cfg.steps
+    image_tokens = (px // 16) ** 2
+    flops = train_step_flops(mcfg, cfg.batch, cfg.src_len, cfg.tgt_len, image_tokens, (px, px))
+    return dict(step_s=seconds, tokens_s=cfg.batch * (image_tokens + cfg.src_len + cfg.tgt_len) / seconds,
+                mfu=flops / seconds / (peak_tflops * 1e12),
+                peak_GiB=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"))
 
 
 def format_row(r: dict) -> str:

@@ -1,10 +1,10 @@
 """Every size trains: 2 ZeRO-3 steps of each model size on 2 CPU ranks of this machine (a benchmark, not a test).
 
     biomedgpt bench sizes                                   # tiny, medium, base, large, xlarge
-    biomedgpt bench sizes sizes='[large, xlarge]' offload_from=large batch=1
+    biomedgpt bench sizes sizes='[large, xlarge]' offload_from=xlarge memory_guard=false
 
 Each size is a real run of ``biomedgpt train -n 2`` (fp32, ZeRO-3, built under zero.Init from
-``zero_init_from`` up, optimizer states offloaded to the CPU from ``offload_from`` up) on small synthetic
+``zero_init_from`` up, optimizer states offloaded to DeepSpeed's CPU Adam from ``offload_from`` up, none by default) on small synthetic
 caption shards. Printed per size: the mean step time and the loss of the last step (from metrics.jsonl),
 each rank's peak RSS (``VmHWM`` of the rank processes, polled), and the estimator's prediction
 (``biomedgpt estimate``: model states + activations per rank, plus the offloaded states' CPU share).
@@ -35,9 +35,12 @@ class BenchSizesConfig:
     batch: int = 1  # samples per rank per step
     image_size: int = 256
     steps: int = 2
-    offload_from: str = "large"  # first size whose optimizer states go to the CPU (DeepSpeed's CPU Adam)
+    # first size whose optimizer states go to DeepSpeed's CPU Adam; "" (default): none, since on a CPU-only
+    # machine the offloaded states are host memory too and add a second fp32 partition (+2.6 GiB/rank, large)
+    offload_from: str = ""
     zero_init_from: str = "large"
     timeout_s: float = 1800.0  # per size
+    memory_guard: bool = True  # skip a size whose expected RSS exceeds MemAvailable (no OOM kill of neighbours)
     work_dir: str = ""  # default: a temporary folder
 
 
@@ -57,8 +60,28 @@ def make_shards(root: Path, rows: int = 16, px: int = 256) -> None:
     writer.commit()
 
 
+#: measured rank RSS ~ RSS_BASE_GIB + RSS_PER_ESTIMATE x estimate (tiny 2.0/0.51, medium 3.4/1.13, base 4.9/1.91
+#: GiB on this machine): the process itself, and the estimator counts no gathered ZeRO-3 layers on CPU
+RSS_BASE_GIB, RSS_PER_ESTIMATE = 1.2, 1.9
+
+
+def _from(size: str, first: str) -> bool:
+    return bool(first) and SIZES.index(size) >= SIZES.index(first)
+
+
+def expected_rss_gib(predicted: float) -> float:
+    return RSS_BASE_GIB + RSS_PER_ESTIMATE * predicted
+
+
+def available_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return float("inf")
+
+
 def run_config(cfg: BenchSizesConfig, size: str, shards: Path, out: Path) -> dict:
-    big = SIZES.index(size) >= SIZES.index(cfg.offload_from)
+    big = _from(size, cfg.offload_from)
     return {
         "model": {"size": size, "dropout": 0.0},
         "data": {"streams": [{"name": "caption", "task": "caption", "remote": str(shards / "caption")}],
@@ -66,7 +89,7 @@ def run_config(cfg: BenchSizesConfig, size: str, shards: Path, out: Path) -> dic
                  "group_weights": [1.0], "cache_dir": str(out.parent / "cache")},
         "optim": {"lr": 1e-5, "max_steps": cfg.steps, "warmup_steps": 1},
         "deepspeed": {"zero_stage": 3, "offload_optimizer": "cpu" if big else "none",
-                      "zero_init": SIZES.index(size) >= SIZES.index(cfg.zero_init_from)},
+                      "zero_init": _from(size, cfg.zero_init_from)},
         "log": {"interval": 1, "wandb_mode": "disabled", "progress_bar": False},
         "checkpoint": {"interval": 0},
         "eval": {"interval": 0, "at_end": False, "export_best": False},
@@ -144,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     from biomedgpt.engine.config import parse_cli
 
     cfg = parse_cli(BenchSizesConfig, argv)
+    for key, names in (("sizes", cfg.sizes), ("offload_from", [cfg.offload_from]),
+                       ("zero_init_from", [cfg.zero_init_from])):
+        bad = [n for n in names if n and n not in SIZES]
+        if bad:
+            raise SystemExit(f"bench sizes: {key} {bad} is not a size; use one of {SIZES} (or '' for none)")
     work = Path(cfg.work_dir or tempfile.mkdtemp(prefix="bench_sizes_"))
     work.mkdir(parents=True, exist_ok=True)
     shards = work / "shards"
@@ -155,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{'estimate GiB':>14}", flush=True)
     ok = True
     for size in cfg.sizes:
+        offload, zero_init = _from(size, cfg.offload_from), _from(size, cfg.zero_init_from)
+        need, free = cfg.ranks * expected_rss_gib(predicted_gib(cfg, size, offload, zero_init)), available_gib()
+        if cfg.memory_guard and need > free:
+            print(f"{size:<8}{'cpu' if offload else '-':>8}  skipped: expects ~{need:.1f} GiB for {cfg.ranks} ranks, "
+                  f"{free:.1f} GiB available (memory_guard=false runs it anyway)", flush=True)
+            ok = False
+            continue
         r = run_size(cfg, size, work, shards)
         ok &= r["rc"] == 0 and r["steps"] >= 1
         peaks = " / ".join(f"{p:.2f}" for p in r["rank_peak_GiB"]) or "-"

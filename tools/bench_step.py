@@ -6,12 +6,16 @@
 One fp32 training step = forward + cross-entropy + backward, every dropout 0, the same weights and batch
 for every path. Each path runs in its own worker process (built once, warmed up once: that first step
 includes any ``torch.compile`` time, reported as ``compile s``); the workers then run their steps in turn,
-alternating, so machine noise hits every path alike. ``peak MiB`` is the worker's peak resident memory
+alternating, so machine noise hits every path alike. ``CPU s`` is the worker's CPU time per step (median),
+the figure to compare on a shared, overloaded machine with ``threads=1`` (wall time then mostly measures
+the wait for a core). ``peak MiB`` is the worker's peak resident memory
 over the timed steps (``VmHWM`` reset after warm-up, so the compiler's own memory is not counted);
 ``base MiB`` its resident memory before them (weights, gradients, allocator caches).
 
 A path is ``eager`` (attention_backend eager, channels-first, not compiled: numerically the reference),
-``default`` (the ModelConfig defaults: what a run gets), or ``key=value,key=value`` ModelConfig overrides.
+``default`` (the ModelConfig defaults: what a run on this CPU gets: ``auto`` attention, channels-last stem,
+``compile: auto``, which is off on CPU), ``compiled`` (the default with inductor layers: ``first s`` is then
+mostly compile time), or ``key=value,key=value`` ModelConfig overrides.
 """
 from __future__ import annotations
 
@@ -21,12 +25,13 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 #: named paths -> ModelConfig overrides
 PATHS: dict[str, dict] = {
     "eager": {"attention_backend": "eager", "channels_last": False, "compile": False},
     "default": {},
+    "compiled": {"compile": True},
 }
 
 
@@ -70,6 +75,7 @@ def _worker(spec: dict) -> None:
     """One path: build, warm up (compile), then one timed step per ``step`` line on stdin."""
     import torch
 
+    from biomedgpt.engine.model_setup import apply_compile, compile_enabled
     from biomedgpt.models.config import model_config
     from biomedgpt.models.ofa import BiomedGPT
 
@@ -80,8 +86,8 @@ def _worker(spec: dict) -> None:
     torch.manual_seed(0)
     cfg = model_config(size, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **spec["overrides"])
     model = BiomedGPT(cfg).init_weights().train()
-    from biomedgpt.models.ofa import compile_model  # noqa: PLC0415
-    compile_model(model)
+    if compile_enabled(cfg, torch.device("cpu")):
+        apply_compile(model)
     v = cfg.vocab_size
     gen = torch.Generator().manual_seed(1)
     src = torch.randint(4, v, (batch, spec["src_len"]), generator=gen)
@@ -105,9 +111,10 @@ def _worker(spec: dict) -> None:
     for line in sys.stdin:
         if line.strip() != "step":
             break
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), time.process_time()
         loss = step()
-        print(json.dumps({"step_s": time.perf_counter() - start, "loss": loss}), flush=True)
+        print(json.dumps({"step_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu0, "loss": loss}),
+              flush=True)
     print(json.dumps({"peak_MiB": _rss("VmHWM"), "base_MiB": base}), flush=True)
 
 
@@ -145,16 +152,18 @@ def run_case(cfg: BenchStepConfig, case: str) -> list[dict]:
         worker = _Worker(spec)
         ready = worker.read()
         workers.append(worker)
-        rows.append({"case": case, "path": path, "first_step_s": ready["first_step_s"], "times": [],
+        rows.append({"case": case, "path": path, "first_step_s": ready["first_step_s"], "times": [], "cpu_times": [],
                      "loss": ready["loss"]})
     for _ in range(cfg.repeats):
         for worker, row in zip(workers, rows):
             out = worker.send("step")
             row["times"].append(out["step_s"])
+            row["cpu_times"].append(out["cpu_s"])
             row["loss"] = out["loss"]
     for worker, row in zip(workers, rows):
         row.update(worker.close())
         row["min_s"], row["median_s"] = min(row["times"]), statistics.median(row["times"])
+        row["cpu_s"] = statistics.median(row["cpu_times"])
     return rows
 
 
@@ -168,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fp32 training step (forward + cross-entropy + backward), dropout 0, {cfg.src_len} source / "
           f"{cfg.tgt_len} target tokens, {cfg.repeats} alternating steps per path; ratio = median / eager median",
           flush=True)
-    header = (f"{'case':<13}{'path':<34}{'min s':>8}{'median s':>10}{'ratio':>8}{'first s':>9}{'peak MiB':>10}"
-              f"{'base MiB':>10}{'loss':>10}")
+    header = (f"{'case':<13}{'path':<34}{'min s':>8}{'median s':>10}{'ratio':>8}{'CPU s':>8}{'CPU ratio':>10}"
+              f"{'first s':>9}{'peak MiB':>10}{'base MiB':>10}{'loss':>10}")
     print(header)
     results, ok = [], True
     for case in cfg.cases:
@@ -178,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             r["ratio"] = r["median_s"] / ref["median_s"]
             r["ratio_min"] = r["min_s"] / ref["min_s"]
+            r["cpu_ratio"] = r["cpu_s"] / ref["cpu_s"]
             print(f"{case:<13}{r['path'][:33]:<34}{r['min_s']:>8.2f}{r['median_s']:>10.2f}{r['ratio']:>8.2f}"
-                  f"{r['first_step_s']:>9.1f}{r['peak_MiB']:>10.0f}{r['base_MiB']:>10.0f}{r['loss']:>10.4f}",
-                  flush=True)
+                  f"{r['cpu_s']:>8.2f}{r['cpu_ratio']:>10.2f}{r['first_step_s']:>9.1f}{r['peak_MiB']:>10.0f}"
+                  f"{r['base_MiB']:>10.0f}{r['loss']:>10.4f}", flush=True)
         results += rows
     print("json " + json.dumps(results))
     return 0 if ok else 1
