@@ -40,7 +40,10 @@ class ModelConfig:
     position_scheme: PositionScheme = "ofa"  # ofa: released checkpoints' biases; rope: rotary, no additive bias
     rope_theta: float = 10000.0
     # Speed switches (engine/model_setup.py applies them; tests/test_default_path.py holds their numerics).
-    channels_last: bool = True  # NHWC stem: fp32 gradients as close to fp64 as NCHW; -4% peak RSS (base 256 b8)
+    # NHWC stem: off, because on some CPUs (this project's CI kind among them) oneDNN's channels-last fp32
+    # weight gradient of the first convolution is ~7e-3 off an fp64 run where channels-first is ~2e-6; and no
+    # CPU-time gain was measured (base 256 px batch 8: 0.98x)
+    channels_last: bool = False
     compile: bool | Literal["auto"] = "auto"  # inductor transformer layers; auto: on CUDA below ZeRO-3 only
 
     def __post_init__(self) -> None:

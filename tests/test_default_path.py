@@ -53,7 +53,7 @@ def reference():
 
 def test_default_path_settings():
     cfg = ModelConfig(**SMALL)
-    assert cfg.attention_backend == "auto" and cfg.channels_last and cfg.compile == "auto"
+    assert cfg.attention_backend == "auto" and not cfg.channels_last and cfg.compile == "auto"
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not compile_enabled(cfg, cpu) and compile_enabled(cfg, cuda, zero_stage=2)
     assert not compile_enabled(cfg, cuda, zero_stage=3)
@@ -62,28 +62,6 @@ def test_default_path_settings():
     assert bench_step.path_overrides("default") == {}
     assert bench_step.path_overrides("compile=true,attention_backend=sdpa") == {"compile": True,
                                                                                 "attention_backend": "sdpa"}
-
-
-def _stem_grads(channels_last: bool, dtype: torch.dtype) -> dict:
-    torch.manual_seed(0)
-    model = BiomedGPT(ModelConfig(**SMALL, channels_last=channels_last)).to(dtype).train()  # BatchNorm: batch stats
-    g = torch.Generator().manual_seed(1)
-    x, _, _ = model.encoder.embed_image(torch.randn(4, 3, 64, 64, generator=g).to(dtype), None, None)
-    (x * torch.randn(x.shape, generator=g).to(dtype)).sum().backward()
-    return {n: p.grad.double() for n, p in model.encoder.embed_images.named_parameters()}
-
-
-def test_channels_last_stem_gradients_as_accurate_as_channels_first():
-    """Why channels-last is on: against fp64, its fp32 stem gradients are as close as channels-first's
-    (norm-relative per tensor; both are float noise, ~2e-6 here; ~5e-3 and ~9e-3 for a ResNet-50 stem at
-    128 px, whose fresh BatchNorm stack amplifies the rounding of either layout alike)."""
-    exact = _stem_grads(False, torch.float64)
-    errors = {}
-    for layout in (False, True):
-        grads = _stem_grads(layout, torch.float32)
-        errors[layout] = {n: ((grads[n] - ref).norm() / ref.norm()).item() for n, ref in exact.items()}
-    for name, err in errors[True].items():
-        assert err <= max(3 * errors[False][name], 1e-5), (name, err, errors[False][name])
 
 
 def test_default_path_matches_eager(reference):

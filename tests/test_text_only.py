@@ -73,7 +73,12 @@ def test_resnet_runs_only_on_image_samples_and_text_samples_see_no_image_tokens(
     lengths.clear()
     with torch.no_grad():
         model(**batch([True, True]))
-    assert sorted(lengths) == [(1, 12), (2, n_img + 12)]  # no text-only sample: one stand-in text row
+    assert lengths == [(2, n_img + 12)]  # no text-only sample, one rank: one pass
+    lengths.clear()
+    model.same_calls_every_batch = True  # several ranks: the same calls for every mix
+    with torch.no_grad():
+        model(**batch([True, True]))
+    assert sorted(lengths) == [(1, 12), (2, n_img + 12)]  # one stand-in text row
 
 
 def test_gradients_equal_todays_path_and_reach_the_same_parameters():
