@@ -315,29 +315,44 @@ def _pos_linear_heads(linear: nn.Linear, positions: Tensor, heads: int) -> Tenso
     return linear(positions).view(b, l, heads, -1).transpose(1, 2)
 
 
-class Encoder(nn.Module):
+class _Stack(nn.Module):
+    """What the encoder and decoder share: the config, the tied token embedding, its layer norm."""
+
     def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding):
         super().__init__()
-        d = cfg.d_model
         self.cfg = cfg
-        ofa = cfg.position_scheme == "ofa"
         self.embed_tokens = embed_tokens
-        self.layernorm_embedding = nn.LayerNorm(d)
+        self.layernorm_embedding = nn.LayerNorm(cfg.d_model)
+
+    def _add_position_tables(self, max_positions: int) -> None:
+        """OFA's absolute text and image position tables and their layer norms."""
+        d = self.cfg.d_model
+        self.embed_positions = nn.Embedding(max_positions + 2, d)
+        self.embed_image_positions = nn.Embedding(self.cfg.image_bucket_size ** 2 + 1, d)
+        self.pos_ln, self.image_pos_ln = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.pos_scaling = (d / self.cfg.heads * self.cfg.attn_scale_factor) ** -0.5
+
+    def _add_layers(self, layer: type, drop_path_rate: float, count: int, max_positions: int) -> None:
+        """The layers (drop-path rates rising linearly), the final layer norm, OFA's relative tables."""
+        self.layers = nn.ModuleList(layer(self.cfg, r) for r in linear_rates(drop_path_rate, count))
+        self.layer_norm = nn.LayerNorm(self.cfg.d_model)
+        if self.cfg.position_scheme == "ofa":
+            add_relative_tables(self, self.cfg, count, max_positions)
+
+
+class Encoder(_Stack):
+    def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding):
+        super().__init__(cfg, embed_tokens)
+        d = cfg.d_model
+        ofa = cfg.position_scheme == "ofa"
         self.type_embedding = nn.Embedding(2, d)
         self.embed_images = ResNet(cfg.resnet_layers, cfg.resnet_drop_path_rate)
         self.image_proj = nn.Linear(1024, d)
         self.patch_layernorm_embedding = nn.LayerNorm(d)
         if ofa:
-            self.embed_positions = nn.Embedding(cfg.max_source_positions + 2, d)
-            self.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, d)
-            self.pos_ln, self.image_pos_ln = nn.LayerNorm(d), nn.LayerNorm(d)
+            self._add_position_tables(cfg.max_source_positions)
             self.pos_q_linear, self.pos_k_linear = nn.Linear(d, d), nn.Linear(d, d)
-            self.pos_scaling = (d / cfg.heads * cfg.attn_scale_factor) ** -0.5
-        rates = linear_rates(cfg.encoder_drop_path_rate, cfg.encoder_layers)
-        self.layers = nn.ModuleList(EncoderLayer(cfg, r) for r in rates)
-        self.layer_norm = nn.LayerNorm(d)
-        if ofa:
-            add_relative_tables(self, cfg, cfg.encoder_layers, cfg.max_source_positions)
+        self._add_layers(EncoderLayer, cfg.encoder_drop_path_rate, cfg.encoder_layers, cfg.max_source_positions)
 
     #: run the ResNet only on samples with an image (``patch_masks`` True); False: on every placeholder too
     image_rows_only = True
@@ -464,27 +479,17 @@ class DecoderCache:
             self.cross_pos_k = self.cross_pos_k.index_select(0, index)
 
 
-class Decoder(nn.Module):
+class Decoder(_Stack):
     def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding):
-        super().__init__()
+        super().__init__(cfg, embed_tokens)
         d = cfg.d_model
-        self.cfg = cfg
         ofa = cfg.position_scheme == "ofa"
-        self.embed_tokens = embed_tokens
-        self.layernorm_embedding = nn.LayerNorm(d)
         self.code_layernorm_embedding = nn.LayerNorm(d)
         if ofa:
-            self.embed_positions = nn.Embedding(cfg.max_target_positions + 2, d)
-            self.embed_image_positions = nn.Embedding(cfg.image_bucket_size ** 2 + 1, d)
-            self.pos_ln, self.image_pos_ln = nn.LayerNorm(d), nn.LayerNorm(d)
+            self._add_position_tables(cfg.max_target_positions)
             self.self_pos_q_linear, self.self_pos_k_linear = nn.Linear(d, d), nn.Linear(d, d)
             self.cross_pos_q_linear, self.cross_pos_k_linear = nn.Linear(d, d), nn.Linear(d, d)
-            self.pos_scaling = (d / cfg.heads * cfg.attn_scale_factor) ** -0.5
-        rates = linear_rates(cfg.decoder_drop_path_rate, cfg.decoder_layers)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, r) for r in rates)
-        self.layer_norm = nn.LayerNorm(d)
-        if ofa:
-            add_relative_tables(self, cfg, cfg.decoder_layers, cfg.max_target_positions)
+        self._add_layers(DecoderLayer, cfg.decoder_drop_path_rate, cfg.decoder_layers, cfg.max_target_positions)
         # Position ids of generated image codes: 0 for <s>, then the code window row-major, then a filler.
         window = image_position_ids(cfg.code_grid, cfg.code_grid, cfg.image_bucket_size)
         filler = torch.full((cfg.max_target_positions + 1 - window.numel(),), 1024)
