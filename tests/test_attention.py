@@ -13,7 +13,7 @@ from biomedgpt.engine.model_setup import apply_activation_checkpointing
 from biomedgpt.models import attention, kernels
 from biomedgpt.models.config import model_config
 from biomedgpt.models.ofa import BiomedGPT, MultiheadAttention, image_bucket_positions, image_position_ids, token_bucket_positions
-from biomedgpt.tools import bench_attention
+from biomedgpt.tools.bench import attention as bench_attention
 from parity_cases import CASES, assert_holds, compare, valid_positions
 from small_models import build
 
@@ -247,7 +247,7 @@ def test_activation_checkpointing_gives_the_same_gradients(scheme, backend):
 
 
 def test_attention_memory_of_fused_backends(monkeypatch):
-    """Base width, 900 + 80 tokens at batch 2 (the batch 8 run is ``python -m biomedgpt.tools.bench_attention mode=memory``,
+    """Base width, 900 + 80 tokens at batch 2 (the batch 8 run is ``python -m biomedgpt.tools.bench.attention mode=memory``,
     which adds flex: minutes of CPU compilation): the sdpa forward holds no [B, H, L, L] tensor, eager holds
     its probabilities for the backward, chunked keeps no L×L tensor in either pass."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the measuring process: one thread, like this module

@@ -9,7 +9,7 @@ import torch
 from biomedgpt.engine.model_setup import apply_compile, compile_enabled
 from biomedgpt.models.config import ModelConfig
 from biomedgpt.models.ofa import BiomedGPT
-from biomedgpt.tools import bench_step
+from biomedgpt.tools.bench import step as bench_step
 
 EAGER = bench_step.PATHS["eager"]
 SMALL = dict(d_model=64, ffn_dim=128, encoder_layers=2, decoder_layers=2, heads=4, resnet_layers=[1, 1, 1],

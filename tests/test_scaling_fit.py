@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from biomedgpt.engine.config import from_dict
-from biomedgpt.tools.collect import collect, read_metrics
-from biomedgpt.tools.scaling_fit import FitConfig, FitError, compute_frontier, fit_optimal_size, fit_power_law, run
-from biomedgpt.tools.sweep import SweepConfig, expand, pending, write_plan
+from biomedgpt.tools.scaling.collect import collect, read_metrics
+from biomedgpt.tools.scaling.fit import FitConfig, FitError, compute_frontier, fit_optimal_size, fit_power_law, run
+from biomedgpt.tools.scaling.sweep import SweepConfig, expand, pending, write_plan
 
 
 @pytest.mark.parametrize("E,A,alpha,lo,hi", [(1.69, 406.4, 0.34, 1e6, 1e10), (2.0, 50.0, 0.15, 1e15, 1e21),

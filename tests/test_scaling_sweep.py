@@ -42,7 +42,7 @@ def test_sweep_end_to_end_and_resume(tmp_path, demo_data, repo_root, vocab_dir):
              "axes": [{"name": "model", "values": SIZES, "labels": ["micro", "mini", "small", "tinywidth"]}]}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
 
-    done = _run(["-m", "biomedgpt.tools.sweep", "--config", str(tmp_path / "sweep.yaml")], repo_root, 600)
+    done = _run(["-m", "biomedgpt.tools.scaling.sweep", "--config", str(tmp_path / "sweep.yaml")], repo_root, 600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     directory = tmp_path / "sweeps" / "sizes"
     rows = pq.read_table(directory / "results.parquet").to_pylist()
@@ -66,7 +66,7 @@ def test_sweep_end_to_end_and_resume(tmp_path, demo_data, repo_root, vocab_dir):
     assert (directory / "scaling.svg").stat().st_size > 10_000
 
     logs = {r["run"]: (Path(r["output_dir"]) / "metrics.jsonl").read_text() for r in rows}
-    again = _run(["-m", "biomedgpt.tools.sweep", "--config", str(tmp_path / "sweep.yaml"), "analyse=false"], repo_root, 120)
+    again = _run(["-m", "biomedgpt.tools.scaling.sweep", "--config", str(tmp_path / "sweep.yaml"), "analyse=false"], repo_root, 120)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "4 already finished, 0 to run" in again.stdout
     assert logs == {r["run"]: (Path(r["output_dir"]) / "metrics.jsonl").read_text() for r in rows}

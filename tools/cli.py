@@ -30,15 +30,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "consolidate": ("biomedgpt.tools.consolidate", "ZeRO training checkpoint -> model directory (safetensors)"),
     "reshard": ("biomedgpt.tools.reshard", "ZeRO checkpoint -> universal checkpoint (resume on another world size)"),
     "inspect-checkpoint": ("biomedgpt.tools.inspect_checkpoint", "what a checkpoint holds and whether it is usable"),
-    "sweep": ("biomedgpt.tools.sweep", "scaling sweep: expand a grid, run locally or as a SLURM array"),
-    "collect": ("biomedgpt.tools.collect", "a sweep's results as a table"),
-    "fit-scaling": ("biomedgpt.tools.scaling_fit", "power-law fits, compute frontier, plots and report"),
+    "sweep": ("biomedgpt.tools.scaling.sweep", "scaling sweep: expand a grid, run locally or as a SLURM array"),
+    "collect": ("biomedgpt.tools.scaling.collect", "a sweep's results as a table"),
+    "fit-scaling": ("biomedgpt.tools.scaling.fit", "power-law fits, compute frontier, plots and report"),
     "estimate": ("biomedgpt.tools.estimate", "memory, FLOPs and time per step of a run config"),
     "train-tokenizer": ("biomedgpt.tools.train_tokenizer", "train a BPE tokenizer on your own text"),
     "make-demo-data": ("biomedgpt.data.demo", "build the demo shards from packaged real data"),
 }
 
-#: ``biomedgpt bench NAME`` -> description; the module is ``biomedgpt.tools.bench_NAME`` (``-`` as ``_``)
+#: ``biomedgpt bench NAME`` -> description; the module is ``biomedgpt.tools.bench.NAME`` (``-`` as ``_``)
 BENCHMARKS: dict[str, str] = {
     "attention": "attention backends: time and memory",
     "checkpoint": "training blocked per checkpoint: sync vs background writes",
@@ -72,7 +72,7 @@ def one_line_errors(*errors: type[BaseException]) -> Callable[[Callable[..., int
 
 
 def _bench_module(name: str) -> str:
-    return f"biomedgpt.tools.bench_{name.replace('-', '_')}"
+    return f"biomedgpt.tools.bench.{name.replace('-', '_')}"
 
 
 def _usage(table: dict[str, str], prefix: str) -> str:

@@ -1,8 +1,8 @@
 """Scaling sweeps from one command: expand a grid into run configs, train them, collect, fit, report.
 
-    python -m biomedgpt.tools.sweep --config configs/sweeps/demo_sizes.yaml
-    python -m biomedgpt.tools.sweep --config configs/sweeps/sizes_x_lr.yaml launcher=slurm sbatch_args='[--partition=gpu]'
-    python -m biomedgpt.tools.sweep --config configs/sweeps/demo_sizes.yaml launcher=plan   # configs + list only
+    python -m biomedgpt.tools.scaling.sweep --config configs/sweeps/demo_sizes.yaml
+    python -m biomedgpt.tools.scaling.sweep --config configs/sweeps/sizes_x_lr.yaml launcher=slurm sbatch_args='[--partition=gpu]'
+    python -m biomedgpt.tools.scaling.sweep --config configs/sweeps/demo_sizes.yaml launcher=plan   # configs + list only
 
 A sweep is a base run config (a ``RunConfig`` YAML, or the engine's demo config) with ``overrides``
 applied to every run and ``axes``: each axis sets one dotted RunConfig key to each of its values (an
@@ -15,8 +15,8 @@ still apply). A mapping value sets several keys under the axis key at once: the 
 Writes ``<root>/<name>/``: ``sweep.json`` (the manifest), ``configs/<run>.yaml``, ``runs.txt`` (one config
 per line: the job-array list of ``launchers/slurm_sweep.sbatch``) and ``runs/<run>/`` (each run's
 output_dir). ``local`` trains the runs one after another (``python -m biomedgpt.engine.train``, or
-``launchers/local.sh -n RANKS`` for several ranks), then collects (``biomedgpt.tools.collect``) and fits
-(``biomedgpt.tools.scaling_fit``). ``slurm`` submits the unfinished runs as one job array; collect and fit
+``launchers/local.sh -n RANKS`` for several ranks), then collects (``biomedgpt.tools.scaling.collect``) and fits
+(``biomedgpt.tools.scaling.fit``). ``slurm`` submits the unfinished runs as one job array; collect and fit
 afterwards. Rerunning skips finished runs; unfinished ones resume from their own checkpoints.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ import yaml
 from biomedgpt.engine.config import ConfigError, field_paths, from_dict, load, parse_cli, set_dotted, to_dict
 from biomedgpt.engine.durable import atomic_write_text
 from biomedgpt.engine.run_config import RunConfig, demo_config
-from biomedgpt.tools.collect import STATUS_FILE, collect, is_finished, summary
+from biomedgpt.tools.scaling.collect import STATUS_FILE, collect, is_finished, summary
 
 #: The fields the size table sets: a size axis drops the base config's own values of them.
 SIZE_FIELDS = ("d_model", "ffn_dim", "encoder_layers", "decoder_layers", "heads", "resnet_layers")
@@ -230,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.launcher == "slurm":
         if todo:
             print(submit_slurm(cfg, todo))
-        print(f"when the array is done: python -m biomedgpt.tools.collect sweep_dir={directory} && "
-              f"python -m biomedgpt.tools.scaling_fit sweep_dir={directory}")
+        print(f"when the array is done: python -m biomedgpt.tools.scaling.collect sweep_dir={directory} && "
+              f"python -m biomedgpt.tools.scaling.fit sweep_dir={directory}")
         return 0
     failed = []
     for i, run in enumerate(todo, 1):
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.stop_on_failure:
                 break
     if cfg.analyse:
-        from biomedgpt.tools.scaling_fit import FitConfig, run as fit_and_report
+        from biomedgpt.tools.scaling.fit import FitConfig, run as fit_and_report
 
         rows, _ = collect(directory)
         print(summary(rows))

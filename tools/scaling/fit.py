@@ -1,9 +1,9 @@
 """Scaling laws of a collected sweep: power-law fits with uncertainty, the compute-optimal frontier, plots, report.
 
-    python -m biomedgpt.tools.scaling_fit sweep_dir=runs/sweeps/demo-sizes
+    python -m biomedgpt.tools.scaling.fit sweep_dir=runs/sweeps/demo-sizes
 
 Reads ``results.parquet`` (one row per run) and ``curves.parquet`` (one row per logged step) written by
-``biomedgpt.tools.collect`` and writes ``fits.json``, ``scaling.png`` / ``scaling.svg`` and ``report.md`` there.
+``biomedgpt.tools.scaling.collect`` and writes ``fits.json``, ``scaling.png`` / ``scaling.svg`` and ``report.md`` there.
 
 Every fit is ``L(x) = E + A * x^-alpha`` (an irreducible loss E plus a power law), by least squares on
 relative residuals (``scipy.optimize.curve_fit``, so each point counts by its relative error). Standard
@@ -166,7 +166,7 @@ def _read_table(path: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `python -m biomedgpt.tools.collect sweep_dir={path.parent}` first")
+        raise FileNotFoundError(f"{path} not found: run `python -m biomedgpt.tools.scaling.collect sweep_dir={path.parent}` first")
     return pq.read_table(path).to_pylist()
 
 

@@ -28,7 +28,7 @@ from biomedgpt.engine import distributed  # noqa: F401  (sets DS_ACCELERATOR bef
 from biomedgpt.engine.checkpoint_files import LATEST_FILE
 from biomedgpt.engine.config import parse_cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the package root (launchers/ beside tools/)
 
 
 @dataclass
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     for spec in cfg.runs:
         ranks, stage = (int(x) for x in spec.split("x"))
         output = work / f"result_{spec}.json"
-        cmd = ["bash", str(REPO / "launchers/local.sh"), "-n", str(ranks), "-m", "biomedgpt.tools.bench_checkpoint",
+        cmd = ["bash", str(REPO / "launchers/local.sh"), "-n", str(ranks), "-m", "biomedgpt.tools.bench.checkpoint",
                "--", "worker=true", f"output={output.resolve()}", f"work_dir={work.resolve()}", f"model={cfg.model}",
                f"saves={cfg.saves}", f"batch_size={cfg.batch_size}", f"image_size={cfg.image_size}",
                f"zero_stage={stage}", f"train_between={str(cfg.train_between).lower()}"]

@@ -1,7 +1,7 @@
 """CPU benchmark of the attention backends: model step time, and attention memory at long sequences.
 
-    python -m biomedgpt.tools.bench_attention                        # time: tiny and base, 256 and 480 px
-    python -m biomedgpt.tools.bench_attention mode=memory            # memory: 900 image + 80 text tokens, batch 8, base
+    python -m biomedgpt.tools.bench.attention                        # time: tiny and base, 256 and 480 px
+    python -m biomedgpt.tools.bench.attention mode=memory            # memory: 900 image + 80 text tokens, batch 8, base
 
 ``time``: forward and forward+backward seconds of a whole model step per backend (``flex`` has no CPU
 backward in PyTorch, so it gets a forward time only). ``memory``: one encoder layer's self-attention with
@@ -151,7 +151,7 @@ def memory_table(cfg: MemoryConfig) -> list[dict]:
     """Every backend measured in one fresh process whose large frees go back to the OS at once, so the
     peak (reset before each measurement) is each backend's own."""
     env = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    out = subprocess.run([sys.executable, "-m", "biomedgpt.tools.bench_attention", "--memory-rows", json.dumps(asdict(cfg))],
+    out = subprocess.run([sys.executable, "-m", "biomedgpt.tools.bench.attention", "--memory-rows", json.dumps(asdict(cfg))],
                          capture_output=True, text=True, env={**os.environ, **env})
     if out.returncode != 0:
         raise RuntimeError(f"memory measurement failed:\n{out.stderr[-3000:]}")

@@ -1,7 +1,7 @@
 """GPU benchmark of the attention backends: one training step per model size, backend and image size.
 
-    python -m biomedgpt.tools.bench_gpu                                   # everything (tiny..xlarge, 256/480 px)
-    python -m biomedgpt.tools.bench_gpu sizes='[tiny, base]' variants='[ofa:sdpa, ofa:flex]' time_budget_s=400
+    python -m biomedgpt.tools.bench.gpu                                   # everything (tiny..xlarge, 256/480 px)
+    python -m biomedgpt.tools.bench.gpu sizes='[tiny, base]' variants='[ofa:sdpa, ofa:flex]' time_budget_s=400
 
 Self-contained on a bare GPU machine: packages it lacks (PyYAML for the config parser, flash-attn) are
 installed first from wheels carried in ``.whl/`` (``pip install --no-index --find-links .whl``); a
@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-WHEEL_DIR = Path(__file__).resolve().parents[1] / ".whl"
+WHEEL_DIR = Path(__file__).resolve().parents[2] / ".whl"
 #: import name -> distribution name, installed from WHEEL_DIR when missing
 PACKAGES = {"yaml": "PyYAML", "flash_attn": "flash-attn"}
 

@@ -1,6 +1,6 @@
 """Generation throughput (samples/s): VQA beam search inside an answer trie, and captioning with beam 5.
 
-    python -m biomedgpt.tools.bench_generation sizes=[tiny,base] batch_size=8 batches=2
+    python -m biomedgpt.tools.bench.generation sizes=[tiny,base] batch_size=8 batches=2
 
 Randomly initialised models of the named sizes on real images (scikit-image's fundus and histology
 photos): an untrained captioner rarely ends early, so captioning runs to ``caption_max_len`` (an upper

@@ -1,6 +1,6 @@
 """Forward + backward time and peak memory of one training step on this machine's CPU (fp32).
 
-    python -m biomedgpt.tools.bench_model sizes='[tiny, base]' batch=8 image_size=256 src_len=40 tgt_len=20
+    python -m biomedgpt.tools.bench.model sizes='[tiny, base]' batch=8 image_size=256 src_len=40 tgt_len=20
 
 Each size runs in a fresh process so its peak resident memory is its own.
 """
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
           f"backend {cfg.attention_backend}")
     print(f"{'size':<8}{'params':>10}{'fwd+bwd s':>12}{'min s':>9}{'peak RSS GiB':>14}{'threads':>9}")
     for size in cfg.sizes:
-        out = subprocess.run([sys.executable, "-m", "biomedgpt.tools.bench_model", "--one", json.dumps(asdict(cfg)), size],
+        out = subprocess.run([sys.executable, "-m", "biomedgpt.tools.bench.model", "--one", json.dumps(asdict(cfg)), size],
                              capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{r['size']:<8}{r['params_M']:>9}M{r['step_s']:>12}{r['min_step_s']:>9}{r['peak_rss_GiB']:>14}"

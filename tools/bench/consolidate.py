@@ -1,6 +1,6 @@
 """Peak memory and time: this project's streaming consolidation vs DeepSpeed's ``zero_to_fp32``.
 
-    python -m biomedgpt.tools.bench_consolidate [size=base] [workdir=runs/bench-consolidate]
+    python -m biomedgpt.tools.bench.consolidate [size=base] [workdir=runs/bench-consolidate]
 
 Makes (once) a ZeRO-3 checkpoint of a ``size`` model trained ``steps`` steps by ``world_size`` gloo CPU
 ranks, then consolidates it with each tool in its own subprocess and reports the subprocess's peak
@@ -71,7 +71,7 @@ def _make_checkpoint(cfg: BenchConfig) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-m", "biomedgpt.tools.bench_consolidate", f"size={cfg.size}",
+    procs = [subprocess.Popen([sys.executable, "-m", "biomedgpt.tools.bench.consolidate", f"size={cfg.size}",
                                f"steps={cfg.steps}", f"workdir={cfg.workdir}", "role=rank"],
                               env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(cfg.world_size),
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})

@@ -1,7 +1,7 @@
 """Engine benchmark: step time / tokens/s per ZeRO stage, checkpoint save/load cost, the MFU formula's check.
 
-    python -m biomedgpt.tools.bench_engine                      # everything, on the demo shards (built if missing)
-    python -m biomedgpt.tools.bench_engine parts=[flops]        # one part: zero | checkpoint | flops
+    python -m biomedgpt.tools.bench.engine                      # everything, on the demo shards (built if missing)
+    python -m biomedgpt.tools.bench.engine parts=[flops]        # one part: zero | checkpoint | flops
 
 - zero: the ``tiny`` model (real size) trained for a few steps at each ZeRO stage through
   launchers/local.sh (2 CPU ranks, or every GPU); the median step time and tokens/s after warm-up.
@@ -25,7 +25,7 @@ from biomedgpt.engine import distributed  # noqa: F401  (sets DS_ACCELERATOR bef
 from biomedgpt.engine.config import parse_cli
 from biomedgpt.engine.run_config import DEMO_CONFIG
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the package root (launchers/ beside tools/)
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Collect a sweep's runs into tables: one row per run with its config, one row per logged step.
 
-    python -m biomedgpt.tools.collect sweep_dir=runs/sweeps/demo-sizes
+    python -m biomedgpt.tools.scaling.collect sweep_dir=runs/sweeps/demo-sizes
 
-Reads the sweep's manifest (``sweep.json``, written by ``biomedgpt.tools.sweep``) and each run directory:
+Reads the sweep's manifest (``sweep.json``, written by ``biomedgpt.tools.scaling.sweep``) and each run directory:
 ``config.yaml`` as planned, ``metrics.jsonl`` (the trainer's logged windows and evaluations),
 ``sweep_status.json`` (the local launcher's return code and wall time) and an optional ``results.json``
 (a flat mapping of downstream results, added as ``result.<key>`` columns). Writes ``results.parquet`` /
@@ -47,7 +47,7 @@ def read_manifest(sweep_dir: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: not a sweep directory (biomedgpt.tools.sweep writes it)") from None
+        raise FileNotFoundError(f"{path} not found: not a sweep directory (biomedgpt.tools.scaling.sweep writes it)") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
 

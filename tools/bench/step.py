@@ -121,7 +121,7 @@ def _worker(spec: dict) -> None:
 class _Worker:
     def __init__(self, spec: dict):
         env = dict(os.environ)
-        self.proc = subprocess.Popen([sys.executable, "-m", "biomedgpt.tools.bench_step", "--worker", json.dumps(spec)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "biomedgpt.tools.bench.step", "--worker", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def read(self) -> dict:

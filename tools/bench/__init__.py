@@ -1,0 +1,1 @@
+"""Benchmarks (``biomedgpt bench NAME``): scripts that measure and print figures."""

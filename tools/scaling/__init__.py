@@ -1,0 +1,1 @@
+"""Scaling ablations: sweeps (``biomedgpt sweep``), their results (``collect``) and power-law fits (``fit-scaling``)."""
