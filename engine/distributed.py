@@ -77,6 +77,15 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
+def gather_lists(part: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank (the list itself on one rank)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return part
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, part)
+    return [item for p in parts for item in p]
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()

@@ -323,16 +323,10 @@ def start_ranks(zero_stage: int, device: str) -> Ranks:
     """Join the launched ranks (a launcher set WORLD_SIZE, or ZeRO-3 asks for DeepSpeed), else one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 and zero_stage != 3:
         return Ranks(0, 1, pick_device(device), lambda part: part)
-    from biomedgpt.engine.distributed import init_distributed
+    from biomedgpt.engine.distributed import gather_lists, init_distributed
 
     info = init_distributed("auto")
-
-    def gather(part: list) -> list:
-        parts: list = [None] * info.world_size
-        torch.distributed.all_gather_object(parts, part)
-        return [item for p in parts for item in p]
-
-    return Ranks(info.rank, info.world_size, info.device, gather)
+    return Ranks(info.rank, info.world_size, info.device, gather_lists)
 
 
 def prepare_model(model_dir: str | Path, bpe_dir: str | Path | None, zero_stage: int, ranks: Ranks):

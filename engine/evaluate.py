@@ -115,11 +115,7 @@ class Evaluator:
 
     def gather(self, part: list) -> list:
         """Every rank's list, concatenated in rank order (the same on every rank)."""
-        if self.world == 1:
-            return part
-        parts: list = [None] * self.world
-        torch.distributed.all_gather_object(parts, part)
-        return [item for p in parts for item in p]
+        return dist_utils.gather_lists(part) if self.world > 1 else part
 
     @torch.no_grad()
     def loss_metrics(self, batches: Iterable[dict], forward_loss: Callable[[dict], object],

@@ -11,7 +11,6 @@ prints the largest logit difference between the two paths (eval mode).
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass, field
