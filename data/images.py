@@ -421,15 +421,26 @@ def apply_plan(image: Image.Image, plan: list[tuple[str, float]], magnitude: int
 
 
 def _apply_lut(image: Image.Image, lut: np.ndarray) -> Image.Image:
-    """Each band through its row of ``lut`` ([bands, 256]) with numpy (``Image.point`` rounds the table in
-    Python first: 2 ms per call)."""
-    table = np.clip(lut, 0, 255).astype(np.uint8)
+    """Each band through its row of ``lut`` ([bands, 256]) with PIL's ``point``, given Python ints (it rounds
+    every entry in Python: cheap for ints, 2 ms for numpy scalars). A numpy gather per band of the interleaved
+    pixels takes 4x as long as ``point``."""
+    return image.point(np.clip(lut, 0, 255).astype(np.uint8).ravel().tolist())
+
+
+def _sharpened(image: Image.Image, factor: float) -> Image.Image:
+    """``ImageEnhance.Sharpness`` (blend of PIL's SMOOTH 3x3 filter with the image; edge pixels kept), the
+    same pixels in a third of its time: the 13-weight kernel as two 3-tap integer box sums plus 4x the centre,
+    rounded as PIL's float filter rounds (``(sum + 6.5) / 13`` is never within 0.03 of an integer, so float32
+    gives the exact floor), then PIL's float32 blend, truncated."""
     pixels = np.asarray(image)
-    if pixels.ndim == 2:
-        return Image.fromarray(table[0][pixels], image.mode)
-    out = np.empty_like(pixels)
-    for band in range(pixels.shape[2]):
-        out[..., band] = table[band][pixels[..., band]]
+    x = pixels.astype(np.int16)
+    rows = x[:-2] + x[1:-1] + x[2:]
+    total = rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]
+    centre = x[1:-1, 1:-1]
+    total += 4 * centre
+    smooth = np.floor((total + np.float32(6.5)) * np.float32(1 / 13))
+    out = pixels.copy()
+    out[1:-1, 1:-1] = np.clip(smooth + np.float32(factor) * (centre - smooth), 0, 255)
     return Image.fromarray(out, image.mode)
 
 
@@ -471,7 +482,7 @@ def _apply_op(image: Image.Image, op: str, level: float, sign: float) -> Image.I
     if op == "brightness":
         return ImageEnhance.Brightness(image).enhance(1.0 + sign * level * 0.9)
     if op == "sharpness":
-        return ImageEnhance.Sharpness(image).enhance(1.0 + sign * level * 0.9)
+        return _sharpened(image, 1.0 + sign * level * 0.9)
     if op == "shear_x":
         return image.transform(image.size, Image.AFFINE, (1, sign * level * 0.3, 0, 0, 1, 0), fillcolor=fill)
     if op == "shear_y":

@@ -213,3 +213,23 @@ def test_randaugment_tables_equal_pils():
         for image in (Image.fromarray(pixels), Image.fromarray(pixels[..., 0])):
             for op, reference in (("autocontrast", ImageOps.autocontrast), ("equalize", ImageOps.equalize)):
                 assert np.array_equal(np.asarray(im._apply_op(image, op, 0.7, 1.0)), np.asarray(reference(image))), op
+
+
+def test_sharpness_equals_pils():
+    """The numpy sharpness (integer box sums, PIL's rounding and float32 blend) gives PIL's pixels exactly."""
+    import numpy as np
+    from PIL import Image, ImageEnhance
+
+    from biomedgpt.data import images as im
+
+    rng = np.random.default_rng(0)
+    for case in range(8):
+        shape = (int(rng.integers(3, 90)), int(rng.integers(3, 90)), 3)
+        pixels = rng.integers(0, 256, shape).astype(np.uint8)
+        if case % 2:  # smooth ramps as well as noise: values near the rounding and clipping edges differ
+            pixels = np.clip(pixels // 4 + np.arange(shape[1])[None, :, None] * 3, 0, 255).astype(np.uint8)
+        for image in (Image.fromarray(pixels), Image.fromarray(pixels[..., 0])):
+            for sign in (-1.0, 1.0):
+                ours = im._apply_op(image, "sharpness", 0.7, sign)
+                reference = ImageEnhance.Sharpness(image).enhance(1.0 + sign * 0.7 * 0.9)
+                assert ours.mode == image.mode and np.array_equal(np.asarray(ours), np.asarray(reference)), (case, sign)
