@@ -308,13 +308,10 @@ def decoded_pixels(image: Image.Image | JpegSource, covering: tuple[int, int]) -
     data = getattr(image, "source_bytes", None)
     if (image.format == "JPEG" and data is not None and image.mode in ("RGB", "L")
             and _draft_scale(image.size, covering) == 1):
-        from torchvision.io import ImageReadMode  # loads torchvision's image ops
+        from torchvision.io import ImageReadMode, decode_jpeg
 
         try:
-            # the op ``torchvision.io.decode_jpeg`` calls (input, mode, apply_exif_orientation), without the
-            # wrapper's API logging and deprecation warning: ~30 us a sample
-            pixels = torch.ops.image.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                                 ImageReadMode.RGB.value, False)
+            pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
             if tuple(pixels.shape[1:]) == (image.height, image.width):
                 return pixels
         except RuntimeError:
@@ -330,6 +327,8 @@ def _resized(image: Image.Image | JpegSource, out: tuple[int, int], box: tuple[f
     scale that keeps at least ``out`` pixels over the box; the box is cut at whole pixels of the decoded image
     (at most half a pixel from the exact box) and resampled on the channels-last uint8 tensor (torchvision's
     SIMD kernels: ~4x PIL's bicubic resize here)."""
+    from torchvision.transforms.v2 import functional as TF
+
     box = box or (0.0, 0.0, float(image.width), float(image.height))
     bw, bh = box[2] - box[0], box[3] - box[1]
     covering = (math.ceil(out[0] * image.width / bw), math.ceil(out[1] * image.height / bh))
@@ -341,18 +340,8 @@ def _resized(image: Image.Image | JpegSource, out: tuple[int, int], box: tuple[f
     # H x W x 3 contiguous crop: the kernel's channels-last uint8 path (a strided view takes a 2-3x slower one)
     pixels = pixels[:, top:bottom, left:right].permute(1, 2, 0).contiguous().permute(2, 0, 1)
     if tuple(pixels.shape[1:]) != (out[1], out[0]):
-        pixels = _bicubic(pixels, out)
+        pixels = TF.resize(pixels, [out[1], out[0]], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     return pixels.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # H x W x 3 memory (a no-op for the kernel's output)
-
-
-def _bicubic(pixels: torch.Tensor, out: tuple[int, int]) -> torch.Tensor:
-    """torchvision's ``resize(BICUBIC, antialias=True)`` of a channels-last uint8 [3, h, w] to ``out`` = (w, h):
-    the kernel it ends in, called directly (its dispatch and ``interpolate``'s checks cost ~20 us a sample).
-    As torchvision does, the batch of one gets a batch stride of the image's size so that torch allocates
-    the output channels-last too (else it repacks it: pytorch/pytorch#68430)."""
-    c, h, w = pixels.shape
-    batch = pixels.as_strided((1, c, h, w), (c * h * w, *pixels.stride()))
-    return torch.ops.aten._upsample_bicubic2d_aa(batch, [out[1], out[0]], False)[0]
 
 
 def eval_transform(image: Image.Image, size: int) -> torch.Tensor:
