@@ -31,7 +31,11 @@ shift $((OPTIND - 1))
 [ "${1:-}" = "--" ] && shift
 
 PYTHON="${PYTHON:-python}"
-gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+gpus=0
+# torch's device count costs an import of torch (~3 s of a core): only where a GPU driver is present
+if [ -e /dev/nvidiactl ] || [ -e /dev/kfd ]; then
+    gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+fi
 if [ -z "$ranks" ]; then
     if [ "$gpus" -gt 0 ]; then ranks="$gpus"; else ranks=2; fi
 fi

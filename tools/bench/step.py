@@ -13,8 +13,8 @@ over the timed steps (``VmHWM`` reset after warm-up, so the compiler's own memor
 ``base MiB`` its resident memory before them (weights, gradients, allocator caches).
 
 A path is ``eager`` (attention_backend eager, channels-first, not compiled: numerically the reference),
-``default`` (the ModelConfig defaults: what a run on this CPU gets: ``auto`` attention, channels-last stem,
-``compile: auto``, which is off on CPU), ``compiled`` (the default with inductor layers: ``first s`` is then
+``default`` (the ModelConfig defaults: what a run on this CPU gets: ``auto`` attention (chunked on CPU),
+channels-first stem, ``compile: auto``, which is off on CPU), ``compiled`` (the default with inductor layers: ``first s`` is then
 mostly compile time), or ``key=value,key=value`` ModelConfig overrides.
 """
 from __future__ import annotations
