@@ -170,7 +170,6 @@ def test_pre_resized_images_hold_every_pixel_the_transform_resamples_from():
 def test_jpeg_frame_header_gives_pils_size_and_layout():
     import io
 
-    import numpy as np
     from PIL import Image
 
     from biomedgpt.data import images as im
@@ -199,7 +198,6 @@ def _png() -> bytes:
 
 
 def test_randaugment_tables_equal_pils():
-    import numpy as np
     from PIL import Image, ImageOps
 
     from biomedgpt.data import images as im
@@ -217,7 +215,6 @@ def test_randaugment_tables_equal_pils():
 
 def test_sharpness_equals_pils():
     """The numpy sharpness (integer box sums, PIL's rounding and float32 blend) gives PIL's pixels exactly."""
-    import numpy as np
     from PIL import Image, ImageEnhance
 
     from biomedgpt.data import images as im
