@@ -78,7 +78,17 @@ while [ "${#live[@]}" -gt 0 ]; do
     wait -n -p finished "${live[@]}"
     rc=$?
     if [ -z "${finished:-}" ]; then
-        continue  # a forwarded signal interrupted the wait
+        # A forwarded signal interrupted the wait -- or bash (5.2) reaped a rank meanwhile and `wait -n`
+        # no longer reports it ("no such job"; it would spin here forever): collect a gone rank directly.
+        for pid in "${live[@]}"; do
+            if ! kill -0 "$pid" 2>/dev/null; then
+                wait "$pid" 2>/dev/null
+                rc=$?
+                finished=$pid
+                break
+            fi
+        done
+        [ -z "$finished" ] && continue
     fi
     still=()
     for pid in "${live[@]}"; do [ "$pid" != "$finished" ] && still+=("$pid"); done

@@ -3,7 +3,8 @@
 - a rank that hangs: the watchdog dumps both ranks' stacks into <output_dir>/watchdog/ and the job ends non-zero;
 - a truncated checkpoint file in ``latest``: one line naming the file, the tag and the earlier complete tag;
 - an output_dir holding another model's checkpoint: one line naming the setting and the two ways out;
-- ``import_checkpoint`` on a file that is not a checkpoint at all: said to be that, not a pickle refusal.
+- ``import_checkpoint`` on a file that is not a checkpoint at all: said to be that, not a pickle refusal;
+- every rank killed at once (a node's OOM killer): the launcher ends with their status.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -135,3 +137,27 @@ def test_import_of_a_file_that_is_no_checkpoint(tmp_path, vocab_dir, capsys):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.timeout(240)
+def test_launcher_ends_with_the_status_when_every_rank_is_killed_at_once(repo_root):
+    """bash 5.2's ``wait -n`` can lose a rank that died while it was reporting another ("no such job"); the
+    launcher used to spin on that forever (about one try in four here)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    for attempt in range(12):
+        proc = subprocess.Popen([str(repo_root / "launchers/local.sh"), "-n", "2", "-m", "idle_rank"], cwd=repo_root,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 60
+        while len(ranks := [p for p in psutil.Process(proc.pid).children() if "idle_rank" in p.cmdline()]) < 2:
+            assert time.time() < deadline and proc.poll() is None, "the ranks did not start"
+            time.sleep(0.02)
+        time.sleep(0.03 * attempt)  # the kill lands at different points of the launcher's wait
+        for rank in ranks:
+            rank.kill()
+        try:
+            output, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise AssertionError(f"try {attempt}: the launcher still runs 15 s after both its ranks were killed")
+        assert proc.returncode == 137, (attempt, output)
