@@ -74,11 +74,23 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     return DistInfo(rank, local_rank, world, device, backend)
 
 
+def collective_device() -> torch.device:
+    """Where the default group's collectives take tensors: NCCL has no CPU backend (a CPU tensor fails
+    with "No backend type associated with device type cpu"), gloo takes CPU tensors."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce across the job (a no-op on one rank); ``op`` is sum or max."""
+    """In-place all-reduce across the job (a no-op on one rank); ``op`` is sum or max. The tensor may live
+    on any device: it travels through the group's device and back."""
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         reduce_op = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}[op]
-        torch.distributed.all_reduce(tensor, op=reduce_op)
+        moved = tensor.to(collective_device())
+        torch.distributed.all_reduce(moved, op=reduce_op)
+        if moved is not tensor:
+            tensor.copy_(moved)
     return tensor
 
 

@@ -106,8 +106,10 @@ class RankSync:
     models whose parameters are gathered collectively (ZeRO-3). Counts the decoder calls made only to
     keep step (``padding_calls``) and the rounds of batches (``rounds``)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    def __init__(self):
+        from biomedgpt.engine.distributed import collective_device
+
+        self.device = collective_device()
         self.padding_calls = 0
         self.agree_s = 0.0  # inside the agreement collectives (waiting for the slower rank included)
         self.decode_calls, self.decode_s = 0, 0.0  # with time_calls: to price the padding calls
@@ -347,7 +349,7 @@ def prepare_model(model_dir: str | Path, bpe_dir: str | Path | None, zero_stage:
     engine.module.eval()
     sync = None
     if ranks.world > 1:
-        sync = RankSync(ranks.device)
+        sync = RankSync()
         sync.time_calls(engine.module.decoder)
     return engine.module, tokenizer, sync
 

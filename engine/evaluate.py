@@ -111,7 +111,7 @@ class Evaluator:
     def __init__(self, model, device: torch.device, rank: int, world: int, partitions_params: bool,
                  beat: Callable[[str], None] = lambda phase: None):
         self.model, self.device, self.rank, self.world, self.beat = model, device, rank, world, beat
-        self.sync = RankSync(device) if partitions_params and world > 1 else None
+        self.sync = RankSync() if partitions_params and world > 1 else None
 
     def gather(self, part: list) -> list:
         """Every rank's list, concatenated in rank order (the same on every rank)."""
