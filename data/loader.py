@@ -8,12 +8,10 @@ kept (it is stored in the state). Augmentation randomness is a pure function of
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import random
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
@@ -24,6 +22,7 @@ from streaming.base.format.mds.reader import MDSReader
 
 from biomedgpt.data.collate import collate
 from biomedgpt.data.config import DataConfig, StreamConfig
+from biomedgpt.data.shared_memory import registration_lock
 from biomedgpt.data.tasks import TaskContext, process
 
 
@@ -84,27 +83,6 @@ def _ranks_on_this_host(world_size: int) -> int:
     return hosts.count(socket.gethostname())
 
 
-@contextlib.contextmanager
-def _registration_lock():
-    """Serialise streaming's shared-memory registration between unrelated processes of one machine.
-
-    streaming picks a free shared-memory prefix and then creates it, with no lock in between, so two
-    jobs (or test workers) starting together can pick the same one (FileExistsError). Only each job's
-    local leader registers; the other local ranks attach after a barrier, so they must not wait here.
-    """
-    if int(os.environ.get("LOCAL_RANK", 0)) != 0:
-        yield
-        return
-    from filelock import FileLock
-
-    # The lock lives beside what it protects: processes that share /dev/shm share the lock, while nodes
-    # with their own /dev/shm (but perhaps a shared /tmp) never wait for each other here -- the leader
-    # holds it across streaming's cross-node barrier, so a lock shared between nodes would deadlock.
-    lock_dir = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
-    with FileLock(os.path.join(lock_dir, "biomedgpt-streaming-register.lock")):
-        yield
-
-
 class TaskStreamingDataset(StreamingDataset):
     """Mixed task streams; ``__getitem__`` gives the row's processed examples (a list)."""
 
@@ -122,7 +100,7 @@ class TaskStreamingDataset(StreamingDataset):
             built.append(Stream(remote=remote, local=local, proportion=s.proportion,
                                 download_retry=cfg.download_retry, download_timeout=cfg.download_timeout))
         try:
-            with _registration_lock():
+            with registration_lock():
                 super().__init__(
                     streams=built, batch_size=cfg.batch_size if train else cfg.eval_batch_size,
                     shuffle=cfg.shuffle and train, shuffle_seed=cfg.shuffle_seed, shuffle_algo=cfg.shuffle_algo,
@@ -264,20 +242,10 @@ def _loader(dataset: TaskStreamingDataset, cfg: DataConfig, batch_size: int, dro
 
 
 def build_train_loader(cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1,
-                       local_rank: Optional[int] = None, local_world_size: Optional[int] = None,
-                       clean_shared_memory: bool = True) -> ResumableLoader:
-    """The training loader of this rank. Call once per run, before building evaluation loaders.
-
-    ``clean_shared_memory`` removes streaming's shared memory left by a crashed run on this node (it
-    would also remove that of live datasets in this process, hence "before the others"). Resume with
-    ``loader.load_state_dict(state)`` before iterating; ``loader.state_dict()`` (every rank gives the
-    same) goes into the checkpoint.
-    """
+                       local_rank: Optional[int] = None, local_world_size: Optional[int] = None) -> ResumableLoader:
+    """The training loader of this rank. Resume with ``loader.load_state_dict(state)`` before iterating;
+    ``loader.state_dict()`` (every rank gives the same) goes into the checkpoint."""
     set_distributed_env(rank, world_size, local_rank, local_world_size)
-    if clean_shared_memory:
-        from streaming.base.util import clean_stale_shared_memory
-
-        clean_stale_shared_memory()
     dataset = TaskStreamingDataset(cfg.streams, cfg, tokenizer, train=True, cache_subdir="train")
     return _loader(dataset, cfg, cfg.batch_size, drop_last=True, with_references=False)
 

@@ -208,7 +208,7 @@ def test_shuffle_seed_decides_the_sample_order(tmp_path, vocab_dir, monkeypatch)
         cfg = DataConfig(streams=[StreamConfig(name="summ", task="summarization", remote=paths["summ"])],
                          batch_size=40, num_workers=0, cache_dir=str(tmp_path / f"cache-{run}"), patch_image_size=16,
                          shuffle_seed=seed)
-        batch = next(iter(build_train_loader(cfg, tokenizer, clean_shared_memory=False)))
+        batch = next(iter(build_train_loader(cfg, tokenizer)))
         return list(batch["ids"])
 
     first = order(1, "a")

@@ -25,7 +25,7 @@ def test_demo_data_builds_and_loads(tmp_path, vocab_dir, monkeypatch):
     cfg = from_dict(DataConfig, {**data, "batch_size": 8, "eval_batch_size": 8, "num_workers": 0,
                                  "patch_image_size": 64, "cache_dir": str(tmp_path / "cache")})
     tok = Tokenizer.from_gpt2_files(vocab_dir)
-    train = build_train_loader(cfg, tok, clean_shared_memory=False)
+    train = build_train_loader(cfg, tok)
     tasks = set()
     for step, batch in enumerate(train):
         tasks.update(TASK_NAMES[i] for i in batch["task_ids"].tolist())

@@ -82,7 +82,7 @@ def test_mixing_proportions_over_10000_samples(tmp_path, vocab_dir, single_rank_
                               for n, p in paths.items()],
                      batch_size=100, epoch_size=10_000, num_workers=0, cache_dir=str(tmp_path / "cache"),
                      patch_image_size=16)
-    loader = build_train_loader(cfg, Tokenizer.from_gpt2_files(vocab_dir), clean_shared_memory=False)
+    loader = build_train_loader(cfg, Tokenizer.from_gpt2_files(vocab_dir))
     counts: Counter = Counter()
     for batch in loader:
         counts.update(TASK_NAMES[i] for i in batch["task_ids"].tolist())
@@ -126,8 +126,7 @@ def run_epoch(args: dict, rank: int, world: int, state: dict | None = None, stop
     cfg = DataConfig(streams=[StreamConfig(name="nli", task="nli", remote=args["nli"]),
                               StreamConfig(name="cap", task="caption", remote=args["cap"])],
                      batch_size=4, num_workers=1, patch_image_size=32, cache_dir=args["cache"])
-    # no shared-memory cleaning: other tests' live datasets may share this machine (pytest-xdist)
-    loader = build_train_loader(cfg, Tokenizer.from_gpt2_files(args["bpe"]), rank, world, clean_shared_memory=False)
+    loader = build_train_loader(cfg, Tokenizer.from_gpt2_files(args["bpe"]), rank, world)
     if state:
         loader.load_state_dict(state)
     batches, saved = [], None
@@ -204,7 +203,6 @@ def test_streaming_threads_do_not_lock_the_cache_for_every_sample(tmp_path, voca
                         lambda self, shard_id, blocking=True: (calls.append(shard_id), original(self, shard_id, blocking)))
     cfg = DataConfig(streams=[StreamConfig(name="cap", task="caption", remote=remote)], batch_size=8,
                      predownload=8, num_workers=0, cache_dir=str(tmp_path / "cache"), patch_image_size=32)
-    seen = sum(len(batch["ids"]) for batch in build_train_loader(cfg, Tokenizer.from_gpt2_files(vocab_dir),
-                                                                 clean_shared_memory=False))
+    seen = sum(len(batch["ids"]) for batch in build_train_loader(cfg, Tokenizer.from_gpt2_files(vocab_dir)))
     assert seen == 48 and 1 < shards < 10
     assert len(calls) <= 3 * shards, (len(calls), shards)  # per shard at most: each thread and the first read

@@ -216,8 +216,6 @@ def pin_one_core(core: Optional[int]) -> int:
 
 def run(cfg: BenchConfig) -> dict[str, float]:
     """Samples per CPU-second of each path and patch size; ratios to the original."""
-    from streaming.base.util import clean_stale_shared_memory
-
     from biomedgpt.data.config import DataConfig, StreamConfig
     from biomedgpt.data.images import training_image_sides
     from biomedgpt.data.loader import build_train_loader
@@ -247,11 +245,10 @@ def run(cfg: BenchConfig) -> dict[str, float]:
     n_cache = iter(range(10 ** 6))
 
     def loader(remote: str, size: int, augment: bool):
-        clean_stale_shared_memory()
         data = DataConfig(streams=[StreamConfig(name="vl", task="caption", remote=remote)], augment=augment,
                           batch_size=cfg.batch_size, patch_image_size=size, num_workers=0,
                           cache_dir=str(work / f"cache{next(n_cache)}"))
-        return build_train_loader(data, tokenizer, clean_shared_memory=False)
+        return build_train_loader(data, tokenizer)
 
     results: dict[str, tuple[float, float]] = {}
 
