@@ -88,7 +88,7 @@ while [ "${#live[@]}" -gt 0 ]; do
                 break
             fi
         done
-        [ -z "$finished" ] && continue
+        [ -z "${finished:-}" ] && continue
     fi
     still=()
     for pid in "${live[@]}"; do [ "$pid" != "$finished" ] && still+=("$pid"); done

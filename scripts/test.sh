@@ -12,4 +12,4 @@ else
 fi
 # Two workers, whole files per worker (module fixtures such as the trained ZeRO runs are built once):
 # most of the time goes to rank start-up, file I/O and waits, so two workers overlap well on two cores.
-python3 -m pytest tests -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
+python3 -m pytest tests -n "${PYTEST_WORKERS:-2}" --dist loadfile --durations=20 "$@"
