@@ -135,10 +135,6 @@ def test_import_of_a_file_that_is_no_checkpoint(tmp_path, vocab_dir, capsys):
     assert not (tmp_path / "out").exists()
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
-
-
 @pytest.mark.timeout(240)
 def test_launcher_ends_with_the_status_when_every_rank_is_killed_at_once(repo_root):
     """bash 5.2's ``wait -n`` can lose a rank that died while it was reporting another ("no such job"); the
@@ -161,3 +157,7 @@ def test_launcher_ends_with_the_status_when_every_rank_is_killed_at_once(repo_ro
             proc.communicate()
             raise AssertionError(f"try {attempt}: the launcher still runs 15 s after both its ranks were killed")
         assert proc.returncode == 137, (attempt, output)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

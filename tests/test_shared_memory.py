@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_data_loader import free_port, write_text_streams  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
-JOBS, ROUNDS = 3, 4
+JOBS, ROUNDS = 3, 3
 
 
 def rank_main(args: dict) -> None:
@@ -52,7 +52,7 @@ def rank_main(args: dict) -> None:
 
 
 def test_jobs_starting_together_each_register_their_own_prefix(tmp_path, vocab_dir):
-    """Three 2-rank jobs build their datasets at once, four times each: every rank opens its dataset (no
+    """Three 2-rank jobs build their datasets at once, three times each: every rank opens its dataset (no
     "shared memory registered does not match local leader"), and the ranks of a job agree on the prefix."""
     procs = []
     for job in range(JOBS):
