@@ -106,10 +106,13 @@ def train_losses(out: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def zero_runs(shards, tmp_path_factory, repo_root, vocab_dir) -> dict[int, Path]:
-    """Eight steps at ZeRO stages 0-3 on 2 ranks; stage 3 also with activation checkpointing and EMA."""
+    """Eight steps at ZeRO stages 0, 2 and 3 on 2 ranks; stage 3 also with activation checkpointing and EMA.
+
+    Stage 1 is left out for the suite's time: DeepSpeed runs stages 1 and 2 through one optimizer class
+    (stage_1_and_2.py), and our zero1 template differs from zero2 only in the gradient-communication flags."""
     base = tmp_path_factory.mktemp("zero")
     runs = {}
-    for stage in (0, 1, 2, 3):
+    for stage in (0, 2, 3):
         out = base / f"stage{stage}"
         extra = {"activation_checkpointing": True, "zero_init": True} if stage == 3 else {}
         cfg = run_config(shards, out, vocab_dir, deepspeed={"zero_stage": stage, **extra},
@@ -124,7 +127,7 @@ def zero_runs(shards, tmp_path_factory, repo_root, vocab_dir) -> dict[int, Path]
 
 
 def test_every_zero_stage_trains_and_matches_stage_0(zero_runs):
-    """Stages 1-3 (stage 3 built under zero.Init, with activation checkpointing and EMA) against stage 0."""
+    """Stages 2 and 3 (stage 3 built under zero.Init, with activation checkpointing and EMA) against stage 0."""
     reference = train_losses(zero_runs[0])
     assert sorted(reference) == list(range(1, 9))
     for stage, out in zero_runs.items():
