@@ -162,7 +162,8 @@ def test_fixture_parity_with_fused_backends(fixture_model, backend):
     """The fused backends on each compact case: within 1e-5 of eager and of the reference logits.
 
     flex: test_flex_forward_matches_eager, on one case's weights against eager (which matches the reference
-    logits here); each CPU compile of flex costs about a minute of the suite, so it runs once."""
+    logits in test_model's compact parity); each CPU compile of flex costs about a minute of the suite, so it
+    runs once."""
     if backend == "flash" and not attention.flash_attn_available():
         pytest.skip("flash-attn is not installed here: the flash backend resolves to sdpa (covered by test_model)")
     case, model, data, inputs, ref = fixture_model
