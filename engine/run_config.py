@@ -62,6 +62,9 @@ class DeepSpeedConfig:
     activation_checkpointing: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPUs, gloo on CPUs
     collective_timeout_s: int = 600  # a collective waiting longer (a dead peer) fails the rank
+    # host allocations from this size (MiB) return to the OS when freed (engine/host_memory.py); 0: glibc's own
+    # dynamic threshold; None: 1 MiB at ZeRO-3, 0 below (there the fixed threshold's page faults cost a CPU step)
+    host_mmap_threshold_mib: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -70,6 +73,15 @@ class DeepSpeedConfig:
             raise ValueError("deepspeed.offload_param needs zero_stage 3")
         if self.offload_optimizer != "none" and self.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs zero_stage >= 1")
+        if self.host_mmap_threshold_mib is not None and self.host_mmap_threshold_mib < 0:
+            raise ValueError(f"deepspeed.host_mmap_threshold_mib must be >= 0, got {self.host_mmap_threshold_mib}")
+
+    @property
+    def mmap_threshold_mib(self) -> float:
+        """The threshold this run sets (``host_mmap_threshold_mib`` resolved)."""
+        if self.host_mmap_threshold_mib is not None:
+            return self.host_mmap_threshold_mib
+        return 1.0 if self.zero_stage == 3 else 0.0
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from biomedgpt.engine.config import to_dict
 from biomedgpt.engine.ds_config import build_ds_config
 from biomedgpt.engine.ema import EMA
 from biomedgpt.engine.flops import batch_train_flops, device_peak, image_tokens
+from biomedgpt.engine.host_memory import set_mmap_threshold
 from biomedgpt.engine.loss import label_smoothed_cross_entropy
 from biomedgpt.engine.metrics import MetricsLogger, MetricWindow
 from biomedgpt.engine.model_setup import (apply_activation_checkpointing, apply_compile, build_model, compile_enabled,
@@ -86,6 +88,7 @@ class Trainer:
         may pass any iterable with ``state_dict()``/``load_state_dict()``."""
         self.cfg = cfg
         ds = cfg.deepspeed
+        set_mmap_threshold(ds.mmap_threshold_mib)
         self.dist = dist_utils.init_distributed(ds.backend, ds.collective_timeout_s)
         self.rank, self.world = self.dist.rank, self.dist.world_size
         self.plan = ZeroPlan.from_config(ds, self.world)
@@ -238,13 +241,14 @@ class Trainer:
             return
         self.checkpoint_memory_reserved = True
         if writer.background and self.cfg.checkpoint.background is None:
-            need = self._state_bytes()
+            # every rank on this machine reserves its own snapshot: all of them, twice over, must fit
+            need = self._state_bytes() * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             flag = torch.tensor([float(psutil.virtual_memory().available < 2 * need)])
             if dist_utils.all_reduce(flag, "max")[0] > 0:  # every rank writes the same way (reserve is collective)
                 writer.background = False
-                self.logger.write(f"checkpoints are written synchronously: {need / 2**30:.1f} GiB of state per rank "
-                                  f"and {psutil.virtual_memory().available / 2**30:.1f} GiB of host memory free "
-                                  "(checkpoint.background=true forces background writes)")
+                self.logger.write(f"checkpoints are written synchronously: {need / 2**30:.1f} GiB of state on this "
+                                  f"machine's ranks and {psutil.virtual_memory().available / 2**30:.1f} GiB of host "
+                                  "memory free (checkpoint.background=true forces background writes)")
         start = time.perf_counter()
         self.ckpt.reserve(self.engine, *self._checkpoint_state())
         if writer.background:
@@ -433,7 +437,8 @@ class Trainer:
             self.sample_log.write(json.dumps({"step": self.step, "ids": step_ids}) + "\n")
         if self.ema is not None:
             self.ema.update(self.engine.module, self.step)
-        self.reserve_checkpoint_memory()
+        if self.cfg.checkpoint.interval or self.cfg.checkpoint.at_end:  # else the first save (a signal) reserves
+            self.reserve_checkpoint_memory()
         self.logger.advance(1)
         if self._due(self.cfg.log.interval) or self.step == self.total_steps:
             self.logger.log(self.step, self._window_metrics(self.window))

@@ -3,8 +3,9 @@
     biomedgpt bench sizes                                   # tiny, medium, base, large, xlarge
     biomedgpt bench sizes sizes='[large, xlarge]' offload_from=xlarge memory_guard=false
 
-Each size is a real run of ``biomedgpt train -n 2`` (fp32, ZeRO-3, built under zero.Init from
-``zero_init_from`` up, optimizer states offloaded to DeepSpeed's CPU Adam from ``offload_from`` up, none by default) on small synthetic
+Each size is a real run of ``biomedgpt train -n 2`` (ZeRO-3 with ``ds_configs/zero3_low_memory.json``; fp32,
+bf16 mixed precision from ``bf16_from`` up; built under zero.Init from ``zero_init_from`` up; optimizer states
+offloaded to DeepSpeed's CPU Adam from ``offload_from`` up, none by default; no checkpoint) on small synthetic
 caption shards. Printed per size: the mean step time and the loss of the last step (from metrics.jsonl),
 each rank's peak RSS (``VmHWM`` of the rank processes, polled), and the estimator's prediction
 (``biomedgpt estimate``: model states + activations per rank, plus the offloaded states' CPU share).
@@ -39,6 +40,12 @@ class BenchSizesConfig:
     # machine the offloaded states are host memory too and add a second fp32 partition (+2.6 GiB/rank, large)
     offload_from: str = ""
     zero_init_from: str = "large"
+    # first size trained in bf16 mixed precision (bf16 weights, gradients and gathers; fp32 master weights and
+    # AdamW states): xlarge's five fp32 copies of its parameters alone are 17.3 GiB on 2 ranks, bf16's 13.9
+    bf16_from: str = "xlarge"
+    # ZeRO-3 tuned for host memory: layers released as soon as used, 10M-element buckets, 20M-element
+    # optimizer sub-groups (bounds the foreach AdamW temporaries); "" runs the default ds_configs/zero3.json
+    template: str = "ds_configs/zero3_low_memory.json"
     timeout_s: float = 1800.0  # per size
     memory_guard: bool = True  # skip a size whose expected RSS exceeds MemAvailable (no OOM kill of neighbours)
     work_dir: str = ""  # default: a temporary folder
@@ -60,17 +67,34 @@ def make_shards(root: Path, rows: int = 16, px: int = 256) -> None:
     writer.commit()
 
 
-#: measured rank RSS ~ RSS_BASE_GIB + RSS_PER_ESTIMATE x estimate (tiny 2.0/0.51, medium 3.4/1.13, base 4.9/1.91
-#: GiB on this machine): the process itself, and the estimator counts no gathered ZeRO-3 layers on CPU
-RSS_BASE_GIB, RSS_PER_ESTIMATE = 1.2, 1.9
+#: measured rank RSS ~ base + per_estimate x estimate, by precision, with the low-memory template: fp32 fitted to
+#: base 3.95 / 1.91 and large 8.07 / 4.41 GiB, bf16 to xlarge 10.64 / 8.59 (the process itself, ~0.8 GiB, and
+#: ZeRO-3's gathered layers and gradient buckets, which the estimator counts for GPUs, not for a CPU rank)
+RSS_FIT = {"fp32": (0.8, 1.65), "bf16": (0.8, 1.15)}
+
+
+def _template(path: str) -> str | None:
+    """A relative template path is the repository's (``ds_configs/...``), wherever the bench runs from."""
+    if not path:
+        return None
+    if Path(path).exists():
+        return str(Path(path).resolve())
+    from biomedgpt.engine.ds_config import DS_CONFIG_DIR
+
+    return str(DS_CONFIG_DIR.parent / path)
+
+
+def _precision(cfg: BenchSizesConfig, size: str) -> str:
+    return "bf16" if _from(size, cfg.bf16_from) else "fp32"
 
 
 def _from(size: str, first: str) -> bool:
     return bool(first) and SIZES.index(size) >= SIZES.index(first)
 
 
-def expected_rss_gib(predicted: float) -> float:
-    return RSS_BASE_GIB + RSS_PER_ESTIMATE * predicted
+def expected_rss_gib(predicted: float, precision: str) -> float:
+    base, per_estimate = RSS_FIT[precision]
+    return base + per_estimate * predicted
 
 
 def available_gib() -> float:
@@ -89,9 +113,10 @@ def run_config(cfg: BenchSizesConfig, size: str, shards: Path, out: Path) -> dic
                  "group_weights": [1.0], "cache_dir": str(out.parent / "cache")},
         "optim": {"lr": 1e-5, "max_steps": cfg.steps, "warmup_steps": 1},
         "deepspeed": {"zero_stage": 3, "offload_optimizer": "cpu" if big else "none",
-                      "zero_init": _from(size, cfg.zero_init_from)},
+                      "precision": _precision(cfg, size),
+                      "zero_init": _from(size, cfg.zero_init_from), "template": _template(cfg.template)},
         "log": {"interval": 1, "wandb_mode": "disabled", "progress_bar": False},
-        "checkpoint": {"interval": 0},
+        "checkpoint": {"interval": 0, "at_end": False},  # training's memory, not a checkpoint snapshot's
         "eval": {"interval": 0, "at_end": False, "export_best": False},
         "output_dir": str(out),
     }
@@ -102,7 +127,7 @@ def predicted_gib(cfg: BenchSizesConfig, size: str, offload: bool, zero_init: bo
     from biomedgpt.tools.estimate import EstimateConfig, estimate
 
     est = estimate(EstimateConfig(model=ModelSpec(size), zero_stage=3, offload_optimizer=offload, zero_init=zero_init,
-                                  precision="fp32", gpus_per_node=cfg.ranks, micro_batch=cfg.batch,
+                                  precision=_precision(cfg, size), gpus_per_node=cfg.ranks, micro_batch=cfg.batch,
                                   image_size=cfg.image_size, src_len=40, tgt_len=20))
     per_rank = est["total_bytes_per_gpu"] + (est["cpu_bytes_per_node"] / cfg.ranks if offload else 0)
     return per_rank / 2**30
@@ -167,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     from biomedgpt.engine.config import parse_cli
 
     cfg = parse_cli(BenchSizesConfig, argv)
-    for key, names in (("sizes", cfg.sizes), ("offload_from", [cfg.offload_from]),
+    for key, names in (("sizes", cfg.sizes), ("offload_from", [cfg.offload_from]), ("bf16_from", [cfg.bf16_from]),
                        ("zero_init_from", [cfg.zero_init_from])):
         bad = [n for n in names if n and n not in SIZES]
         if bad:
@@ -177,23 +202,25 @@ def main(argv: list[str] | None = None) -> int:
     shards = work / "shards"
     if not (shards / "caption").exists():
         make_shards(shards, px=cfg.image_size)
-    print(f"{cfg.steps} ZeRO-3 fp32 steps per size on {cfg.ranks} CPU ranks, batch {cfg.batch} per rank, "
+    print(f"{cfg.steps} ZeRO-3 steps per size on {cfg.ranks} CPU ranks, batch {cfg.batch} per rank, "
           f"{cfg.image_size} px; logs in {work}", flush=True)
-    print(f"{'size':<8}{'offload':>8}{'rc':>4}{'steps':>6}{'step s':>9}{'loss':>9}{'peak RSS GiB / rank':>24}"
-          f"{'estimate GiB':>14}", flush=True)
+    print(f"{'size':<8}{'precision':>10}{'offload':>8}{'rc':>4}{'steps':>6}{'step s':>9}{'loss':>9}"
+          f"{'peak RSS GiB / rank':>24}{'estimate GiB':>14}", flush=True)
     ok = True
     for size in cfg.sizes:
         offload, zero_init = _from(size, cfg.offload_from), _from(size, cfg.zero_init_from)
-        need, free = cfg.ranks * expected_rss_gib(predicted_gib(cfg, size, offload, zero_init)), available_gib()
+        need = cfg.ranks * expected_rss_gib(predicted_gib(cfg, size, offload, zero_init), _precision(cfg, size))
+        free = available_gib()
         if cfg.memory_guard and need > free:
-            print(f"{size:<8}{'cpu' if offload else '-':>8}  skipped: expects ~{need:.1f} GiB for {cfg.ranks} ranks, "
-                  f"{free:.1f} GiB available (memory_guard=false runs it anyway)", flush=True)
+            print(f"{size:<8}{_precision(cfg, size):>10}{'cpu' if offload else '-':>8}  skipped: expects ~{need:.1f} "
+                  f"GiB for {cfg.ranks} ranks, {free:.1f} GiB available (memory_guard=false runs it anyway)", flush=True)
             ok = False
             continue
         r = run_size(cfg, size, work, shards)
         ok &= r["rc"] == 0 and r["steps"] >= 1
         peaks = " / ".join(f"{p:.2f}" for p in r["rank_peak_GiB"]) or "-"
-        print(f"{size:<8}{'cpu' if r['offload'] else '-':>8}{r['rc']:>4}{r['steps']:>6}{r['step_s']:>9.2f}"
+        print(f"{size:<8}{_precision(cfg, size):>10}{'cpu' if r['offload'] else '-':>8}{r['rc']:>4}{r['steps']:>6}"
+              f"{r['step_s']:>9.2f}"
               f"{r['loss']:>9.3f}{peaks:>24}{r['predicted_GiB']:>14.2f}", flush=True)
     return 0 if ok else 1
 
