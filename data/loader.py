@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import os
 import random
-import socket
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
@@ -24,6 +23,7 @@ from biomedgpt.data.collate import collate
 from biomedgpt.data.config import DataConfig, StreamConfig
 from biomedgpt.data.shared_memory import registration_lock
 from biomedgpt.data.tasks import TaskContext, process
+from biomedgpt.engine.distributed import ranks_on_this_host
 
 
 #: hashes checked when a shard is first read, in order of preference (the first one index.json has)
@@ -64,23 +64,13 @@ def set_distributed_env(rank: int, world_size: int, local_rank: Optional[int] = 
     host names when torch.distributed is up, else 1 for a single process).
     """
     if local_world_size is None:
-        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or _ranks_on_this_host(world_size)
+        local_world_size = ranks_on_this_host(world_size)
     if local_rank is None:
         local_rank = int(os.environ.get("LOCAL_RANK", rank % local_world_size))
     if world_size % local_world_size:
         raise ValueError(f"world size {world_size} is not a multiple of the local world size {local_world_size}")
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
                       LOCAL_WORLD_SIZE=str(local_world_size))
-
-
-def _ranks_on_this_host(world_size: int) -> int:
-    import torch.distributed as dist
-
-    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-        return 1
-    hosts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(hosts, socket.gethostname())
-    return hosts.count(socket.gethostname())
 
 
 class TaskStreamingDataset(StreamingDataset):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -242,7 +241,7 @@ class Trainer:
         self.checkpoint_memory_reserved = True
         if writer.background and self.cfg.checkpoint.background is None:
             # every rank on this machine reserves its own snapshot: all of them, twice over, must fit
-            need = self._state_bytes() * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            need = self._state_bytes() * dist_utils.ranks_on_this_host(self.world)
             flag = torch.tensor([float(psutil.virtual_memory().available < 2 * need)])
             if dist_utils.all_reduce(flag, "max")[0] > 0:  # every rank writes the same way (reserve is collective)
                 writer.background = False

@@ -209,19 +209,19 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     for size in cfg.sizes:
         offload, zero_init = _from(size, cfg.offload_from), _from(size, cfg.zero_init_from)
-        need = cfg.ranks * expected_rss_gib(predicted_gib(cfg, size, offload, zero_init), _precision(cfg, size))
+        precision = _precision(cfg, size)
+        need = cfg.ranks * expected_rss_gib(predicted_gib(cfg, size, offload, zero_init), precision)
         free = available_gib()
         if cfg.memory_guard and need > free:
-            print(f"{size:<8}{_precision(cfg, size):>10}{'cpu' if offload else '-':>8}  skipped: expects ~{need:.1f} "
+            print(f"{size:<8}{precision:>10}{'cpu' if offload else '-':>8}  skipped: expects ~{need:.1f} "
                   f"GiB for {cfg.ranks} ranks, {free:.1f} GiB available (memory_guard=false runs it anyway)", flush=True)
             ok = False
             continue
         r = run_size(cfg, size, work, shards)
         ok &= r["rc"] == 0 and r["steps"] >= 1
         peaks = " / ".join(f"{p:.2f}" for p in r["rank_peak_GiB"]) or "-"
-        print(f"{size:<8}{_precision(cfg, size):>10}{'cpu' if r['offload'] else '-':>8}{r['rc']:>4}{r['steps']:>6}"
-              f"{r['step_s']:>9.2f}"
-              f"{r['loss']:>9.3f}{peaks:>24}{r['predicted_GiB']:>14.2f}", flush=True)
+        print(f"{size:<8}{precision:>10}{'cpu' if r['offload'] else '-':>8}{r['rc']:>4}{r['steps']:>6}"
+              f"{r['step_s']:>9.2f}{r['loss']:>9.3f}{peaks:>24}{r['predicted_GiB']:>14.2f}", flush=True)
     return 0 if ok else 1
 
 
