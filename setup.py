@@ -18,7 +18,7 @@ for folder in DATA_FOLDERS:
     package_dir[f"biomedgpt.{folder}"] = folder
 
 setup(
-    name="biomedgpt-scale",
+    name="biomedgpt",
     version="0.1.0",
     description="Train BiomedGPT-style generalist biomedical vision-language models from 33M to 930M parameters",
     long_description=open("README.md", encoding="utf-8").read(),

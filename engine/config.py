@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import inspect
+import re
 import types
 import typing
 from pathlib import Path
@@ -259,11 +261,11 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None, description: str 
     """Command line of every entry point: ``[--config FILE.yaml] [key.sub=value ...]``."""
     parser = argparse.ArgumentParser(
         description=description or cls.__doc__,
-        epilog="Settings (key=value overrides): " + ", ".join(
-            f"{key} (required)" if key in _required(cls) else key for key in field_paths(cls)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=settings_help(cls) + "\n\nPackaged configs (--config NAME): " + ", ".join(packaged_configs()),
     )
     parser.add_argument("--config", help="YAML file with settings, or a packaged recipe's name "
-                                             "(e.g. pretrain_base, finetune/vqa_rad)")
+                                             "(e.g. pretrain_base, finetune/vqa_rad; listed below)")
     # The DeepSpeed launcher passes --local_rank (LOCAL_RANK is also in the environment, which is read).
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -286,6 +288,72 @@ def field_paths(cls: type, prefix: str = "") -> list[str]:
         else:
             out.append(prefix + f.name)
     return out
+
+
+_FIELD_LINE = re.compile(r"^    (\w+)\s*:[^#]*?(?:#\s*(.*))?$")
+_COMMENT_LINE = re.compile(r"^    #\s?(.*)$")
+
+
+def field_descriptions(cls: type) -> dict[str, str]:
+    """Each field's description: the comment on its line in the class source, or the comment lines just
+    above it (the settings' documentation lives next to their declaration, shown by ``--help``)."""
+    out: dict[str, str] = dict(getattr(cls, "settings_notes", {}))
+    try:  # a generated dataclass (ModelSpec) names the class whose source documents its fields
+        lines = inspect.getsource(getattr(cls, "settings_described_by", cls)).splitlines()
+    except (OSError, TypeError):
+        return out
+    above: list[str] = []
+    for line in lines:
+        if (comment := _COMMENT_LINE.match(line)) is not None:
+            above.append(comment.group(1).strip())
+            continue
+        if (found := _FIELD_LINE.match(line)) is not None and not line.lstrip().startswith(("def ", "@")):
+            text = found.group(2) or " ".join(above)
+            if text:
+                out[found.group(1)] = text.strip()
+        above = []
+    return out
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return "null" if f.default is None else repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        return repr(value) if not dataclasses.is_dataclass(value) else ""
+    return "required"
+
+
+def _annotation_text(tp: Any) -> str:
+    text = str(tp) if typing.get_args(tp) else _type_name(tp)
+    for noise in ("typing.", "biomedgpt.engine.config.", "biomedgpt.data.config.", "<class '", "'>"):
+        text = text.replace(noise, "")
+    return text.replace("NoneType", "None")
+
+
+def settings_help(cls: type, prefix: str = "") -> str:
+    """Every setting of ``cls`` as ``dotted.key  (type, default)  description`` lines, for ``--help``."""
+    hints = typing.get_type_hints(cls)
+    notes = field_descriptions(cls)
+    rows = [] if prefix else ["Settings (key=value overrides; type, default, what):"]
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            doc = (tp.__doc__ or "").strip().splitlines()[0] if tp.__doc__ else ""
+            rows.append(f"\n{prefix}{f.name}.*  {doc}")
+            rows.append(settings_help(tp, prefix + f.name + "."))
+            continue
+        item = _item_dataclass(tp)
+        if item is not None and typing.get_origin(tp) is list:  # a list of sections: each item's keys
+            rows.append(f"  {prefix}{f.name}  (list of {item.__name__}, {_default_text(f)})  "
+                        f"{notes.get(f.name, '')}".rstrip())
+            rows.append(settings_help(item, prefix + f.name + "[]."))
+            continue
+        line = f"  {prefix}{f.name}  ({_annotation_text(tp)}, {_default_text(f)})"
+        if f.name in notes:
+            line += f"  {notes[f.name]}"
+        rows.append(line)
+    return "\n".join(rows)
 
 
 def _required(cls: type) -> set[str]:

@@ -16,34 +16,34 @@ PositionScheme = Literal["ofa", "rope"]
 class ModelConfig:
     """Architecture and regularisation of one encoder-decoder. Field names follow OFA's args."""
 
-    d_model: int = 256
-    ffn_dim: int = 1024
-    encoder_layers: int = 4
-    decoder_layers: int = 4
-    heads: int = 4
-    resnet_layers: list[int] = field(default_factory=lambda: [3, 4, 6])
-    vocab_size: int = CANONICAL_VOCAB_SIZE
-    pad_id: int = 1
-    max_source_positions: int = 1024
-    max_target_positions: int = 1024
-    token_bucket_size: int = 256
-    image_bucket_size: int = 42
+    d_model: int = 256  # hidden width of the encoder and decoder layers
+    ffn_dim: int = 1024  # inner width of each layer's feed-forward block
+    encoder_layers: int = 4  # transformer layers of the encoder
+    decoder_layers: int = 4  # transformer layers of the decoder
+    heads: int = 4  # attention heads per layer (d_model must be divisible by it)
+    resnet_layers: list[int] = field(default_factory=lambda: [3, 4, 6])  # ResNet stem blocks of layer1..3 (50: 3,4,6)
+    vocab_size: int = CANONICAL_VOCAB_SIZE  # text BPE + <mask> + image codes + location bins
+    pad_id: int = 1  # padding token id (fairseq's)
+    max_source_positions: int = 1024  # rows of the encoder's absolute position table
+    max_target_positions: int = 1024  # rows of the decoder's absolute position table
+    token_bucket_size: int = 256  # relative text positions bucketed into this many distances
+    image_bucket_size: int = 42  # relative 2-D image positions: grid side of the bucket table
     code_grid: int = 16  # decoder image-code window (code_image_size // 8 in OFA)
-    attn_scale_factor: float = 2.0
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
-    activation_dropout: float = 0.0
-    encoder_drop_path_rate: float = 0.0
-    decoder_drop_path_rate: float = 0.0
-    resnet_drop_path_rate: float = 0.0
-    attention_backend: AttentionBackend = "auto"
+    attn_scale_factor: float = 2.0  # OFA's query scaling with decoupled position biases
+    dropout: float = 0.1  # residual dropout (runtime: may change on resume)
+    attention_dropout: float = 0.0  # dropout on attention probabilities (eager/sdpa only)
+    activation_dropout: float = 0.0  # dropout after the FFN activation
+    encoder_drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this over encoder layers
+    decoder_drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this over decoder layers
+    resnet_drop_path_rate: float = 0.0  # stochastic depth in the ResNet stem
+    attention_backend: AttentionBackend = "auto"  # kernel: eager (reference), sdpa, chunked, flex, flash, auto
     position_scheme: PositionScheme = "ofa"  # ofa: released checkpoints' biases; rope: rotary, no additive bias
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # rotary base frequency (position_scheme rope)
     # Speed switches (engine/model_setup.py applies them; tests/test_default_path.py holds their numerics).
     # NHWC stem: off, because on some CPUs (this project's CI kind among them) oneDNN's channels-last fp32
     # weight gradient of the first convolution is ~7e-3 off an fp64 run where channels-first is ~2e-6; and no
     # CPU-time gain was measured (base 256 px batch 8: 0.98x)
-    channels_last: bool = False
+    channels_last: bool = False  # NHWC ResNet stem (off: see the numerics note above)
     compile: bool | Literal["auto"] = "auto"  # inductor transformer layers; auto: on CUDA below ZeRO-3 only
 
     def __post_init__(self) -> None:
@@ -152,6 +152,10 @@ ModelSpec = dataclasses.make_dataclass(
     "ModelSpec", _spec_fields(), namespace={
         "build": _build, "set_fields": _set_fields,
         "__post_init__": lambda self: self.build(),
+        # --help reads each field's description from ModelConfig's source (engine.config.field_descriptions)
+        "settings_described_by": ModelConfig,
+        "settings_notes": {"size": "a row of the size table (tiny, medium, base, large, xlarge); a null field "
+                                   "takes the size's value"},
         "__doc__": "How a run names its model: a size from the table; any ModelConfig field overrides it."})
 ModelSpec.__module__ = __name__
 

@@ -48,6 +48,23 @@ def test_every_model_field_is_a_listed_typed_setting(tmp_path):
                                              encoder_drop_path_rate=0.1, decoder_drop_path_rate=0.1)
 
 
+def test_help_gives_each_setting_its_type_default_and_description():
+    from biomedgpt.engine.config import field_paths, packaged_configs, settings_help
+
+    text = settings_help(RunConfig)
+    lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ")}
+    for key in field_paths(RunConfig):
+        assert key in lines, key
+    assert "  optim.lr  (float, 5e-05)" in text
+    assert "  data.streams[].remote  (PathStr, required)  a local or shared folder" in text
+    assert "  deepspeed.precision  (Literal['fp32', 'fp16', 'bf16'], 'fp32')" in text
+    for f in dataclasses.fields(ModelConfig):  # the generated ModelSpec is described from ModelConfig's source
+        assert len(lines[f"model.{f.name}"].split(")  ", 1)) == 2, f"model.{f.name} has no description"
+    result = _biomedgpt(["train", "--help"], ".")
+    assert "finetune/vqa_rad" in result.stdout.split("Packaged configs (--config NAME):")[1]
+    assert set(packaged_configs()) >= {"demo", "finetune/meqsum", "pretrain_base"}
+
+
 def test_saved_configs_of_either_form_give_the_same_model():
     old = {"size": "tiny", "overrides": {"d_model": 64, "heads": 2}}
     new = {"size": "tiny", "d_model": 64, "heads": 2}
