@@ -98,7 +98,7 @@ class MetricsLogger:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)
-        if cfg.progress_bar:
+        if cfg.progress_bar and sys.stderr.isatty():  # redirected to a file, a bar's \r would make one huge line
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                             file=sys.stderr, mininterval=2.0)
         mode = resolve_wandb_mode(cfg.wandb_mode)

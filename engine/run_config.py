@@ -120,7 +120,7 @@ class LogConfig:
     """Console, metrics.jsonl and wandb. wandb is offline unless WANDB_MODE / an API key says otherwise."""
 
     interval: int = 10  # optimizer steps between logged lines
-    progress_bar: bool = True
+    progress_bar: bool = True  # on a terminal only; redirected output gets the plain lines every interval
     wandb_mode: Literal["auto", "offline", "online", "disabled"] = "auto"
     wandb_project: str = "biomedgpt"
     wandb_run_name: Optional[str] = None

@@ -248,6 +248,20 @@ def test_unreachable_wandb_server_never_fails_the_run(tmp_path):
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
+def test_progress_bar_only_on_a_terminal(tmp_path, capsys):
+    """Output redirected to a file (here: captured, not a TTY) gets plain lines and no \\r-redrawn bar."""
+    from biomedgpt.engine.metrics import MetricsLogger
+    from biomedgpt.engine.run_config import LogConfig
+
+    log = MetricsLogger(LogConfig(wandb_mode="disabled", progress_bar=True), tmp_path, {}, 3, 0, True)
+    log.log(1, {"loss": 2.5})
+    log.advance(1)
+    log.close()
+    out = capsys.readouterr()
+    assert "\r" not in out.out + out.err
+    assert "step 1: loss=2.5" in out.out
+
+
 def test_metric_window_sums_by_name_and_per_task():
     from biomedgpt.engine.metrics import MetricWindow
 

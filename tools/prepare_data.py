@@ -481,7 +481,7 @@ def convert(cfg: PrepareConfig, log=None) -> Summary:
         raise ConversionError(str(exc)) from None
     try:
         for where, build in tqdm(rows(cfg, files), desc=f"converting {cfg.input}", unit="row",
-                                 disable=not cfg.progress, file=log):
+                                 disable=None if cfg.progress else True, file=log):  # None: no bar off a terminal
             try:
                 record = build()
                 if record["image"]:
