@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from biomedgpt.engine.library_noise import quiet_known_noise, without_shm_build_line
+
+quiet_known_noise()  # before deepspeed is imported (its import logs the first of them)
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # oneDNN keeps a primitive per convolution shape (1024 by default). Batches split by modality give the
@@ -83,8 +86,9 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     else:
         device = torch.device("cpu")
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                   auto_mpi_discovery=False, verbose=False)
+        with without_shm_build_line():
+            deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                       auto_mpi_discovery=False, verbose=False)
     return DistInfo(rank, local_rank, world, device, backend)
 
 
