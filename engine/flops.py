@@ -97,15 +97,18 @@ def train_step_flops(cfg: ModelConfig, batch: int, src_len: int, tgt_len: int, i
 
 
 def batch_train_flops(cfg: ModelConfig, batch: dict, sample_patch_num: int | None) -> float:
-    """Training FLOPs of one micro-batch in the DESIGN.md batch format."""
+    """Training FLOPs of one micro-batch in the DESIGN.md batch format. Only samples with an image
+    (``patch_masks``) count the ResNet and image tokens: a text-only sample's zero image is never run."""
     b, s = batch["src_tokens"].shape
     t = batch["prev_output_tokens"].shape[1]
     images = batch.get("patch_images")
-    n_img, hw = 0, None
-    if images is not None:
-        hw = (images.shape[-2], images.shape[-1])
-        n_img = image_tokens(*hw, sample_patch_num=sample_patch_num)
-    return train_step_flops(cfg, b, s, t, n_img, hw)
+    if images is None:
+        return train_step_flops(cfg, b, s, t)
+    masks = batch.get("patch_masks")
+    with_image = b if masks is None else int(masks.sum())
+    hw = (images.shape[-2], images.shape[-1])
+    n_img = image_tokens(*hw, sample_patch_num=sample_patch_num)
+    return train_step_flops(cfg, with_image, s, t, n_img, hw) + train_step_flops(cfg, b - with_image, s, t)
 
 
 def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:

@@ -81,6 +81,33 @@ def test_resnet_runs_only_on_image_samples_and_text_samples_see_no_image_tokens(
     assert sorted(lengths) == [(1, 12), (2, n_img + 12)]  # one stand-in text row
 
 
+@pytest.mark.parametrize("masks", [[False, False, False], [True, False, False], [True, True, True]])
+def test_mfu_counts_only_the_flops_run(masks):
+    """The trainer's FLOP count (engine/flops.py, MFU's numerator) never exceeds the matmul/conv FLOPs a
+    forward+backward really runs (torch's FlopCounterMode): a text-only sample's zero image is never run,
+    so it counts no ResNet or image tokens (MFU above 1 on text tasks came from counting them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from biomedgpt.engine.flops import batch_train_flops, image_tokens, train_step_flops
+
+    model = build()
+    inputs = batch(masks)
+    with FlopCounterMode(display=False) as counter:
+        model(**inputs).float().sum().backward()
+    run = counter.get_total_flops()  # includes the stand-in image row of a batch without images
+    counted = batch_train_flops(model.cfg, inputs, sample_patch_num=None)
+    b, s = inputs["src_tokens"].shape
+    t = inputs["prev_output_tokens"].shape[1]
+    text_only = train_step_flops(model.cfg, b - sum(masks), s, t)
+    with_images = counted - text_only
+    assert with_images == train_step_flops(model.cfg, sum(masks), s, t, image_tokens(48, 48), (48, 48))
+    # Convention: backward = 2 x forward, where the stem convolution's input gradient is never computed (<= 4%
+    # more than runs at this 48 px size); a text-only sample would add a whole ResNet and its image tokens.
+    assert counted <= run * 1.05, (counted, run)
+    if all(masks):  # the formula counts what runs, within its convention (no norms, softmax, embeddings)
+        assert counted >= run * 0.95, (counted, run)
+
+
 def test_gradients_equal_todays_path_and_reach_the_same_parameters():
     inputs = batch([True, False, True, False])
 
