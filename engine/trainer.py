@@ -143,6 +143,18 @@ class Trainer:
                               + (" through a universal checkpoint" if load_tag == "universal" else ""))
         for note in self.notes:
             self.logger.write(note)
+        self._write_start_summary()
+
+    def _write_start_summary(self) -> None:
+        from biomedgpt.engine.flops import parameter_counts
+        from biomedgpt.engine.run_summary import start_summary
+
+        if not self.is_main:
+            return
+        lines = start_summary(self.cfg, self.model_cfg, parameter_counts(self.model_cfg)[0], self.world,
+                              self.peak.name, self.peak.tflops, self.peak.source, self.total_steps, self.step)
+        for line in lines:
+            self.logger.write(line)
 
     # -- construction --------------------------------------------------------------------------
 
@@ -416,6 +428,12 @@ class Trainer:
                 metrics = self.evaluate_and_track()
             if cfg.checkpoint.at_end and last_save_step != self.step:
                 self.save()
+            self.ckpt.close()  # before the end summary names the latest checkpoint
+            if self.is_main:
+                from biomedgpt.engine.run_summary import end_summary
+
+                for line in end_summary(cfg, self.step, self.best, self.out):
+                    self.logger.write(line)
         finally:
             self.ckpt.close()  # the last checkpoint's background write completes before the run ends
             self.watchdog.stop()
@@ -546,6 +564,12 @@ class Trainer:
 
     def evaluate_and_track(self) -> dict:
         start = time.perf_counter()
+        if self.ema is not None and self.cfg.eval.use_ema:  # else a young run's near-initial EMA scores puzzle
+            updates = max(0, self.step - self.cfg.ema.start_step)
+            start = "initial weights" if not self.cfg.ema.start_step else f"weights of step {self.cfg.ema.start_step}"
+            self.logger.write(f"step {self.step}: evaluating the EMA weights (decay {self.cfg.ema.decay}: the "
+                              f"{start} still make up {self.cfg.ema.decay ** updates:.1%} of them; "
+                              f"eval.use_ema=false evaluates the trained weights)")
         metrics = self.evaluate()
         key, mode = self.cfg.eval.metric, self.cfg.eval.mode
         if key not in metrics:

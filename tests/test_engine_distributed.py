@@ -118,7 +118,7 @@ def zero_runs(shards, tmp_path_factory, repo_root, vocab_dir) -> dict[int, Path]
         cfg = run_config(shards, out, vocab_dir, deepspeed={"zero_stage": stage, **extra},
                          ema={"enabled": stage == 3, "decay": 0.9},
                          eval={"interval": 0, "at_end": stage == 3, "export_best": stage == 3})
-        launch(repo_root, cfg, 2)
+        (out.parent / f"{out.name}.console.txt").write_text(launch(repo_root, cfg, 2))
         runs[stage] = out
     out = base / "stage3_bf16"
     launch(repo_root, run_config(shards, out, vocab_dir, deepspeed={"zero_stage": 3, "precision": "bf16"}), 2)
@@ -147,6 +147,21 @@ def test_every_zero_stage_trains_and_matches_stage_0(zero_runs):
     evaluation = [m for m in logged if "eval/loss" in m]
     assert evaluation and np.isfinite(evaluation[-1]["eval/loss"])
     assert (zero_runs[3] / "best" / "model.safetensors").exists()  # gathered from ZeRO-3 shards (EMA weights)
+
+
+def test_console_summaries_and_no_library_noise(zero_runs):
+    """The start-up summary, the EMA note at evaluation and the end summary, once (rank 0), with none of the
+    filtered library noise and no progress-bar redraws in the redirected output."""
+    out = zero_runs[3]
+    console = (out.parent / f"{out.name}.console.txt").read_text()
+    for line in (f"run: {out}", "ranks: 2 on cpu, ZeRO stage 3, precision fp32",
+                 "batch: 4 rows per rank x 1 accumulation x 2 ranks = 8 rows per optimizer step",
+                 "(evaluated with EMA weights)", "MFU: against", "step 8: evaluating the EMA weights (decay 0.9: the "
+                 "initial weights still make up 43.0% of them", "finished at step 8",
+                 f"best eval/loss = ", f"model: {out / 'best'}"):
+        assert console.count(line) == 1, (line, console[-4000:])
+    for noise in ("No CUDA runtime is found", "built successfully", "FutureWarning", "\r"):
+        assert noise not in console, noise
 
 
 def test_two_rank_zero3_checkpoint_resumes_on_one_rank(zero_runs, tmp_path, repo_root, shards, vocab_dir):
