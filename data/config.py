@@ -22,7 +22,7 @@ StreamTask = Literal[
 #: centre crop, RandAugment (OFA pretraining); medmnist: the original MedMNIST fine-tuning's timm-style
 #: random resized crop, flip, RandAugment and random erasing.
 TrainTransform = Literal["resize", "ofa_augment", "medmnist"]
-#: Tasks whose targets are box coordinates: only ``ofa_augment`` moves their boxes with the pixels.
+#: Stream tasks with box targets (pretrain_vl: its grounding rows): only ``ofa_augment`` moves boxes with pixels.
 BOXED_TASKS = frozenset({"pretrain_vl", "grounding", "grounded_caption", "detection"})
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

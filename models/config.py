@@ -62,7 +62,8 @@ class ModelConfig:
             raise ValueError(f"attention_backend {self.attention_backend} has no attention dropout: set "
                              f"attention_dropout 0 or use sdpa")
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
-            raise ValueError(f"image_mean / image_std need 3 values (std > 0), got {self.image_mean} / {self.image_std}")
+            raise ValueError(f"image_mean / image_std need 3 values (std > 0), got {self.image_mean} / "
+                             f"{self.image_std}")
         for name in ("encoder_layers", "decoder_layers", "heads", "ffn_dim", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

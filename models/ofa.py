@@ -381,8 +381,9 @@ class Encoder(_Stack):
         """Image tokens, their padding mask and position ids (``[1, n]``, or ``[B, k]`` for a random subset).
 
         ``patch_images`` uint8 (0..255) are normalised here, on their device, with the config's image_mean /
-        image_std; float images are taken as normalised. Text-only samples' image tokens are zeros (they are masked): the ResNet runs
-        on one placeholder only when no sample has an image, so every rank runs the same modules (ZeRO-3).
+        image_std; float images are taken as normalised. Text-only samples' image tokens are zeros (they are
+        masked): the ResNet runs on one placeholder only when no sample has an image, so every rank runs the
+        same modules (ZeRO-3).
         """
         patch_images = normalise_images(patch_images, self.image_proj.weight.dtype, self.cfg.image_mean,
                                         self.cfg.image_std)
