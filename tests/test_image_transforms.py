@@ -107,15 +107,15 @@ def test_medmnist_erasing_is_standard_normal_noise_after_normalisation():
     erase = im.normalised_noise_erasing()(p=1.0, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3),
                                           mean=IMAGENET_MEAN, std=IMAGENET_STD)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    image = torch.full((3, 224, 224), 7, dtype=torch.uint8)
+    image = torch.full((3, 128, 128), 7, dtype=torch.uint8)
     values = []
     torch.manual_seed(0)
-    for _ in range(20):
+    for _ in range(16):
         out = erase(image)
         changed = (out != image).any(0)
         rows, cols = changed.any(1).nonzero(), changed.any(0).nonzero()
         box = (slice(int(rows.min()), int(rows.max()) + 1), slice(int(cols.min()), int(cols.max()) + 1))
-        area = (box[0].stop - box[0].start) * (box[1].stop - box[1].start) / 224 ** 2
+        area = (box[0].stop - box[0].start) * (box[1].stop - box[1].start) / 128 ** 2
         assert 0.015 < area < 1 / 3 + 0.01, area
         outside = torch.ones_like(changed)
         outside[box] = False
@@ -169,7 +169,7 @@ def test_defaults_are_the_released_checkpoints_normalisation_bit_for_bit():
 def test_run_normalisation_reaches_the_model_input_and_its_saved_directory(tmp_path):
     """data.image_mean / image_std -> the run's model config -> the ResNet's input is (x / 255 - mean) / std;
     the model directory keeps them, so evaluation / inference load the same normalisation."""
-    from biomedgpt.models.checkpoint import load_pretrained, save_pretrained
+    from biomedgpt.models.checkpoint import read_model_config, save_pretrained
     from biomedgpt.models.ofa import BiomedGPT
 
     run = from_dict(RunConfig, {"model": {"size": "tiny", **SMALL},
@@ -188,14 +188,8 @@ def test_run_normalisation_reaches_the_model_input_and_its_saved_directory(tmp_p
         model.encode(src, images, torch.ones(2, dtype=torch.bool))
     torch.testing.assert_close(seen[0], expected, rtol=0, atol=1e-6)
 
-    save_pretrained(model, tmp_path / "model")
-    loaded = load_pretrained(tmp_path / "model").eval()
-    assert loaded.cfg.image_mean == IMAGENET_MEAN and loaded.cfg.image_std == IMAGENET_STD
-    seen.clear()
-    loaded.encoder.embed_images.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
-    with torch.no_grad():
-        loaded.encode(src, images, torch.ones(2, dtype=torch.bool))
-    torch.testing.assert_close(seen[0], expected, rtol=0, atol=1e-6)
+    save_pretrained(model, tmp_path / "model")  # evaluate / infer / export-hf build from this config
+    assert read_model_config(tmp_path / "model") == cfg
 
 
 def test_a_consolidated_checkpoint_keeps_the_runs_normalisation():
