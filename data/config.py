@@ -17,6 +17,15 @@ StreamTask = Literal[
     "nli", "summarization", "classification", "instruction",
 ]
 
+#: How training images are made (``biomedgpt.data.images``; evaluation always resizes to size x size, bicubic):
+#: resize: that resize only (the original's VQA and captioning fine-tuning); ofa_augment: random short side,
+#: centre crop, RandAugment (OFA pretraining); medmnist: the original MedMNIST fine-tuning's timm-style
+#: random resized crop, flip, RandAugment and random erasing.
+TrainTransform = Literal["resize", "ofa_augment", "medmnist"]
+#: Stream tasks with box targets (pretrain_vl: its grounding rows): only ``ofa_augment`` moves boxes with pixels.
+BOXED_TASKS = frozenset({"pretrain_vl", "grounding", "grounded_caption", "detection"})
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
 
 @dataclass
 class StreamConfig:
@@ -50,7 +59,11 @@ class DataConfig:
     max_src_tokens: int = 80
     max_tgt_tokens: int = 30
     group_weights: list[float] = field(default_factory=lambda: [1.0, 2.0])
-    augment: bool = True  # random resize + centre crop + RandAugment on training images
+    train_transform: TrainTransform = "ofa_augment"  # training images: resize / ofa_augment / medmnist
+    # the model's input is (pixel / 255 - mean) / std per RGB channel; saved with the model it trains
+    # (ImageNet's 0.485 0.456 0.406 / 0.229 0.224 0.225: the original's --imagenet-default-mean-and-std)
+    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     vqa_prompt_type: Literal["none", "prev_output"] = "none"  # prev_output: question prefix fed to the decoder
     vqa_add_objects: bool = False  # append " object: {objects}" to VQA sources
     text_mask_ratio: float = 0.3
@@ -74,6 +87,15 @@ class DataConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.download_retry < 1:
             raise ValueError(f"download_retry is the number of attempts, at least 1; got {self.download_retry}")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ValueError(f"image_mean and image_std take one value per RGB channel, got {self.image_mean} "
+                             f"and {self.image_std}")
+        if min(self.image_std) <= 0:
+            raise ValueError(f"image_std must be positive, got {self.image_std}")
+        boxed = sorted({s.task for s in self.streams} & BOXED_TASKS)
+        if self.train_transform == "medmnist" and boxed:
+            raise ValueError(f"train_transform medmnist crops and flips without moving boxes; training streams of "
+                             f"task {', '.join(boxed)} need ofa_augment or resize")
         if not 0.0 <= self.text_mask_ratio < 1.0:
             raise ValueError(f"text_mask_ratio must be in [0, 1), got {self.text_mask_ratio}")
         for streams in (self.streams, self.eval_streams):

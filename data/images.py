@@ -1,18 +1,26 @@
-"""Image bytes in, normalised tensors out: decoding (incl. DICOM), the spec's train/eval transforms.
+"""Image bytes in, uint8 tensors out: decoding (incl. DICOM), the training and evaluation transforms.
 
-Training images for image-text tasks: random resize of the short side to [size, 480] (long side <= 672),
-centre crop to ``size``, two RandAugment ops at magnitude 7. Boxed tasks (grounding, detection) skip the
-photometric/geometric ops and crop around the object so the box stays valid. Evaluation: a deterministic
-resize to size × size. All randomness comes from the caller's ``random.Random`` so a sample's augmentation
-is a pure function of (seed, epoch, sample id): exact resumption.
+Evaluation, and training with ``data.train_transform: resize`` (the original's VQA and captioning fine-tuning):
+PIL's bicubic resize of the whole image to size x size, pixel for pixel the original's ``Resize`` before its
+``ToTensor``. ``ofa_augment`` (OFA's pretraining): random resize of the short side to [size, 480] (long side
+<= 672), centre crop to ``size``, two RandAugment ops at magnitude 7; boxed tasks (grounding, detection) skip
+the photometric/geometric ops and crop around the object so the box stays valid. ``medmnist`` (the original's
+MedMNIST fine-tuning: timm's ``create_transform`` training pipeline with OFA's RandAugment spliced in) is built
+from torchvision.transforms.v2; see ``medmnist_ops`` for how it follows timm's ``rand-m9-mstd0.5-inc1`` and
+pixel-mode random erasing. All randomness comes from the caller's ``random.Random`` (torchvision's ops draw
+from a torch generator seeded by it) so a sample's augmentation is a pure function of (seed, epoch, sample id):
+exact resumption.
 
-Transforms give ``uint8`` [3, H, W] tensors; the model normalises (mean = std = 0.5) on its device
-(``biomedgpt.models.ofa.normalise_images``). JPEGs are decoded at the smallest DCT scale that still covers
-the size they are resampled to (PIL ``draft``), and resize + centre crop is one resampling of the crop's
-source box (``resize(box=...)``), so no pixel outside the crop is resampled.
+Transforms give ``uint8`` [3, H, W] tensors; the model normalises, ``(x / 255 - mean) / std`` with its
+config's ``image_mean`` / ``image_std`` (``data.image_mean`` / ``data.image_std`` of the run that trained it),
+on its device (``biomedgpt.models.ofa.normalise_images``). For ``ofa_augment`` JPEGs are decoded at the
+smallest DCT scale that still covers the size they are resampled to (PIL ``draft``), and resize + centre
+crop is one resampling of the crop's source box (``resize(box=...)``), so no pixel outside the crop is
+resampled.
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -133,14 +141,25 @@ def storable_image(data: bytes, name: str = "") -> bytes:
     return encode_png(_eight_bit(image))
 
 
-def training_image_sides(patch_size: int, augment: bool) -> tuple[int, int]:
+#: the smallest crop ``medmnist``'s random resized crop takes: 8% of the area at aspect 3/4 or 4/3
+MEDMNIST_MIN_CROP_SIDE = math.sqrt(0.08 * 3 / 4)
+
+
+def training_image_sides(patch_size: int, train_transform: str) -> tuple[int, int]:
     """(longest, shortest) side bounds for ``pre_resized``: images so stored hold at least the pixels the
-    transform of a ``patch_size`` run ever resamples from. ``augment=false`` resizes to size x size (the
-    shortest side must stay >= size); the random resize of ``augment=true`` goes up to a short side of 480
-    and a long side of 672 (more only where 672 would break the short side's lower bound, which 480 covers)."""
-    if augment:
+    training transform (``data.train_transform``) of a ``patch_size`` run ever resamples from. ``resize``
+    resizes to size x size (the shortest side must stay >= size); the random resize of ``ofa_augment`` goes
+    up to a short side of 480 and a long side of 672 (more only where 672 would break the short side's lower
+    bound, which 480 covers); ``medmnist``'s random crop can be as small as ``MEDMNIST_MIN_CROP_SIDE`` of
+    the short side, enlarged to size."""
+    if train_transform == "ofa_augment":
         return max(MAX_LONG_SIDE, patch_size), max(MAX_RESIZE, patch_size)
-    return patch_size, patch_size
+    if train_transform == "medmnist":
+        side = math.ceil(patch_size / MEDMNIST_MIN_CROP_SIDE)
+        return side, side
+    if train_transform == "resize":
+        return patch_size, patch_size
+    raise ValueError(f"unknown train_transform {train_transform!r}")
 
 
 def pre_resized(data: bytes, max_side: int, min_side: int = 0, name: str = "") -> tuple[bytes, float, float]:
@@ -344,11 +363,26 @@ def _resized(image: Image.Image | JpegSource, out: tuple[int, int], box: tuple[f
     return pixels.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # H x W x 3 memory (a no-op for the kernel's output)
 
 
-def eval_transform(image: Image.Image, size: int) -> torch.Tensor:
-    return _resized(image, (size, size))
+def transform_image(image: Image.Image | JpegSource, size: int, train_transform: str | None,
+                    rng: random.Random, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """An ``open_image`` result -> uint8 [3, size, size]: ``train_transform`` (None: evaluation, which
+    resizes as ``resize`` does). ``mean`` / ``std`` are the model's normalisation (``medmnist``'s fills)."""
+    if train_transform is None or train_transform == "resize":
+        return eval_transform(image, size)
+    if train_transform == "ofa_augment":
+        return ofa_augment_transform(image, size, rng)
+    if train_transform == "medmnist":
+        return medmnist_transform(image, size, rng, mean, std)
+    raise ValueError(f"unknown train_transform {train_transform!r}")
 
 
-def train_transform(image: Image.Image, size: int, rng: random.Random) -> torch.Tensor:
+def eval_transform(image: Image.Image | JpegSource, size: int) -> torch.Tensor:
+    """PIL's bicubic resize of the whole decoded image to size x size: the original's evaluation and
+    VQA / captioning training transform (``Resize((size, size), BICUBIC)``), pixel for pixel."""
+    return to_uint8(load_rgb(image).resize((size, size), Image.BICUBIC))
+
+
+def ofa_augment_transform(image: Image.Image | JpegSource, size: int, rng: random.Random) -> torch.Tensor:
     """Random resize, centre crop and RandAugment (2 ops, magnitude 7) of the spec."""
     width, height = _random_size(image.size, size, rng)
     left, top = (width - size) // 2, (height - size) // 2
@@ -358,6 +392,74 @@ def train_transform(image: Image.Image, size: int, rng: random.Random) -> torch.
     if not plan:
         return crop
     return to_uint8(apply_plan(Image.fromarray(crop.permute(1, 2, 0).numpy()), plan))  # HWC: no copy
+
+
+def medmnist_transform(image: Image.Image | JpegSource, size: int, rng: random.Random, mean: Sequence[float],
+                       std: Sequence[float]) -> torch.Tensor:
+    """The original MedMNIST training image: random resized crop, flip, timm-style RandAugment (torchvision
+    ops), OFA's RandAugment (2 ops, magnitude 7), random erasing in normalised noise (``medmnist_ops``)."""
+    crop_flip_augment, erase = medmnist_ops(size, tuple(mean), tuple(std))
+    with torch.random.fork_rng(devices=[]):  # the sample's own draws; the process's torch RNG is left as it was
+        torch.default_generator.manual_seed(rng.getrandbits(63))  # the CPU one (torch.manual_seed: +3 ms)
+        augmented = crop_flip_augment(load_rgb(image))  # on the PIL image, as timm: PIL's bicubic resampling
+        return erase(to_uint8(apply_plan(augmented, rand_augment_plan(rng))))
+
+
+@functools.lru_cache(maxsize=8)
+def medmnist_ops(size: int, mean: tuple[float, ...], std: tuple[float, ...]):
+    """(crop, flip and RandAugment; random erasing): torchvision v2 ops with the parameters timm's
+    ``create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic",
+    re_prob=0.25, re_mode="pixel", re_count=1)`` gives the original's MedMNIST recipe.
+
+    - ``RandomResizedCrop``: area (0.08, 1), aspect (3/4, 4/3), bicubic; ``RandomHorizontalFlip`` p 0.5.
+    - timm's RandAugment draws 2 ops (with replacement), each applied with probability 0.5, at magnitude 9 of
+      10: two ``RandomApply(RandAugment(num_ops=1, magnitude=9, num_magnitude_bins=11), p=0.5)`` (9 of 10
+      steps of torchvision's maxima, which equal timm's: shear 0.3, translate 0.45 of the side, rotate 30
+      degrees, enhance factors 1 +- 0.9, solarize threshold 26), bicubic, filled with the mean colour as timm
+      fills. What torchvision's op set does not give: timm's magnitude noise (std 0.5), its Invert and
+      SolarizeAdd ops and its posterize to 1 bit (torchvision keeps 4 bits at this magnitude); torchvision
+      adds an Identity op.
+    - ``normalised_noise_erasing()``: timm's pixel-mode random erasing (p 0.25, area (0.02, 1/3), aspect
+      (0.3, 1/0.3), one box) on the uint8 image.
+    """
+    from torchvision.transforms import v2
+
+    bicubic = v2.InterpolationMode.BICUBIC
+    fill = [min(255, round(255 * m)) for m in mean]
+    rand_augment = v2.RandomApply([v2.RandAugment(num_ops=1, magnitude=9, num_magnitude_bins=11,
+                                                  interpolation=bicubic, fill=fill)], p=0.5)
+    crop_flip_augment = v2.Compose([
+        v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=bicubic, antialias=True),
+        v2.RandomHorizontalFlip(p=0.5), rand_augment, rand_augment])
+    erase = normalised_noise_erasing()(p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), mean=mean, std=std)
+    return crop_flip_augment, erase
+
+
+@functools.lru_cache(maxsize=1)
+def normalised_noise_erasing():
+    """The ``NormalisedNoiseErasing`` class, defined on first use (torchvision is imported lazily here)."""
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as TF
+
+    class NormalisedNoiseErasing(v2.RandomErasing):
+        """torchvision's random erasing with per-pixel N(0, 1) noise (timm's mode "pixel", applied after
+        ``Normalize`` there) on a uint8 image the model normalises later: each erased value is the uint8 whose
+        ``(x / 255 - mean) / std`` is nearest the noise (clipped to 0..255: the noise's tails beyond ~2.1
+        standard deviations at ImageNet's statistics, beyond 1 at 0.5 / 0.5)."""
+
+        def __init__(self, *, mean: Sequence[float], std: Sequence[float], **kwargs) -> None:
+            super().__init__(value="random", **kwargs)
+            self.mean, self.std = tuple(mean), tuple(std)
+            self._mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
+            self._std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+
+        def transform(self, inpt, params: dict):
+            if params["v"] is None:
+                return inpt
+            pixels = (params["v"] * self._std + self._mean).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+            return self._call_kernel(TF.erase, inpt, **{**params, "v": pixels}, inplace=self.inplace)
+
+    return NormalisedNoiseErasing
 
 
 def _random_size(source: tuple[int, int], size: int, rng: random.Random) -> tuple[int, int]:

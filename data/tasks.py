@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from biomedgpt.data.config import DataConfig
-from biomedgpt.data.images import boxed_transform, eval_transform, open_image, train_transform
+from biomedgpt.data.images import boxed_transform, eval_transform, open_image, transform_image
 from biomedgpt.data.records import clean_caption, clean_question
 
 BOS, PAD, EOS = 0, 1, 2
@@ -71,11 +71,14 @@ class TaskContext:
         return list(ids)
 
     def image(self, record: dict) -> torch.Tensor:
-        image = row_image(record)
-        size = self.cfg.patch_image_size
-        if self.train and self.cfg.augment:
-            return train_transform(image, size, self.rng)
-        return eval_transform(image, size)
+        cfg = self.cfg
+        return transform_image(row_image(record), cfg.patch_image_size, cfg.train_transform if self.train else None,
+                               self.rng, cfg.image_mean, cfg.image_std)
+
+    @property
+    def box_rng(self) -> random.Random | None:
+        """The RNG of boxed tasks' random crop (training with ``ofa_augment``), else None: a plain resize."""
+        return self.rng if (self.train and self.cfg.train_transform == "ofa_augment") else None
 
     def bins(self, box: list[float]) -> list[int]:
         """Patch-pixel coordinates -> ``<bin_round(c / max_image_size * (num_bins - 1))>`` ids."""
@@ -207,8 +210,7 @@ def _negative_answer(ctx: TaskContext, answer: str, tries: int = 8) -> Optional[
 
 def _grounding_view(record: dict, ctx: TaskContext) -> tuple[torch.Tensor, list[int]]:
     image = row_image(record)
-    rng = ctx.rng if (ctx.train and ctx.cfg.augment) else None
-    tensor, boxes = boxed_transform(image, [record["meta"]["box"]], ctx.cfg.patch_image_size, rng)
+    tensor, boxes = boxed_transform(image, [record["meta"]["box"]], ctx.cfg.patch_image_size, ctx.box_rng)
     return tensor, ctx.bins(boxes[0])
 
 
@@ -291,8 +293,7 @@ def image_infilling(record: dict, ctx: TaskContext) -> list[Example]:
 def detection(record: dict, ctx: TaskContext) -> list[Example]:
     """Per box (as many whole boxes as fit max_tgt_tokens): 4 bins + BPE(" label")."""
     meta = record["meta"]
-    rng = ctx.rng if (ctx.train and ctx.cfg.augment) else None
-    image, boxes = boxed_transform(row_image(record), meta["boxes"], ctx.cfg.patch_image_size, rng)
+    image, boxes = boxed_transform(row_image(record), meta["boxes"], ctx.cfg.patch_image_size, ctx.box_rng)
     ids: list[int] = []
     for box in boxes:
         piece = ctx.bins(box) + ctx.encode(" " + meta["labels"][int(box[4])])

@@ -5,6 +5,7 @@ config and written into the ``ds_configs/*.json`` template by the engine, so the
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -12,7 +13,7 @@ from typing import Literal, Optional
 from biomedgpt.data.config import DataConfig
 from biomedgpt.engine.config import PathStr
 from biomedgpt.engine.eval_config import DownstreamConfig
-from biomedgpt.models.config import ModelSpec
+from biomedgpt.models.config import ModelConfig, ModelSpec
 
 Precision = Literal["fp32", "fp16", "bf16"]
 
@@ -179,6 +180,11 @@ class RunConfig:
     seed: int = 1
     output_dir: PathStr = "runs/default"
     demo_data_dir: Optional[PathStr] = None  # build the demo shards (biomedgpt.data.demo) here when absent
+
+    def model_config(self) -> ModelConfig:
+        """The model this run trains: ``model``'s architecture with the data's image normalisation."""
+        return dataclasses.replace(self.model.build(), image_mean=list(self.data.image_mean),
+                                   image_std=list(self.data.image_std))
 
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

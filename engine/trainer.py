@@ -97,7 +97,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
 
-        self.model_cfg = cfg.model.build()
+        self.model_cfg = cfg.model_config()
         self.tokenizer = self._load_tokenizer()
         if self.tokenizer is not None and self.tokenizer.vocab_size != self.model_cfg.vocab_size:
             raise ValueError(f"model.vocab_size {self.model_cfg.vocab_size} != tokenizer vocabulary "

@@ -46,7 +46,7 @@ from biomedgpt.engine import checkpoint_files as layout
 from biomedgpt.engine.checkpoint_files import MODEL_FILE_RE, OPTIM_FILE_RE, REPORT_FILE
 from biomedgpt.models.checkpoint import (TIED_ALIASES, TIED_KEY, CheckpointError, write_dir_atomically,
                                read_model_config, read_model_weights)
-from biomedgpt.models.config import ModelConfig, ModelSpec, spec_from_saved
+from biomedgpt.models.config import DATA_FIELDS, ModelConfig, ModelSpec, spec_from_saved
 from biomedgpt.models.ofa import BiomedGPT
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -590,23 +590,26 @@ def checkpoint_model_config(ckpt: ZeroCheckpoint, spec: ModelSpec | None = None)
         return ModelConfig(**client["model_config"])
     run_cfg = client.get("config")
     if isinstance(run_cfg, dict) and isinstance(run_cfg.get("model"), dict):
-        return _spec_from(run_cfg["model"], f"{ckpt.model_files[0].path} (client state 'config.model')")
+        return _spec_from(run_cfg, f"{ckpt.model_files[0].path} (client state 'config.model')")
     run_yaml = ckpt.directory.parent.parent / "config.yaml"
     if ckpt.directory.parent.name == "checkpoints" and run_yaml.exists():
         import yaml
 
         data = yaml.safe_load(run_yaml.read_text()) or {}
         if isinstance(data.get("model"), dict):
-            return _spec_from(data["model"], f"{run_yaml} (model)")
+            return _spec_from(data, f"{run_yaml} (model)")
     raise CheckpointError(f"{ckpt.directory}: no model config in the client state nor a run config.yaml beside "
                           f"it; pass model.size=... [model.d_model=...]")
 
 
-def _spec_from(data: dict, where: str) -> ModelConfig:
+def _spec_from(run_cfg: dict, where: str) -> ModelConfig:
+    """A saved run config's model: its ``model`` section with the image normalisation of its ``data``."""
     from biomedgpt.engine.config import ConfigError
 
+    data = run_cfg.get("data") if isinstance(run_cfg.get("data"), dict) else {}
     try:
-        return spec_from_saved(data).build()
+        cfg = spec_from_saved(run_cfg["model"]).build()
+        return dataclasses.replace(cfg, **{k: list(data[k]) for k in DATA_FIELDS if k in data})
     except (ConfigError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{where}: {exc}") from None
 

@@ -45,6 +45,11 @@ class ModelConfig:
     # CPU-time gain was measured (base 256 px batch 8: 0.98x)
     channels_last: bool = False  # NHWC ResNet stem (off: see the numerics note above)
     compile: bool | Literal["auto"] = "auto"  # inductor transformer layers; auto: on CUDA below ZeRO-3 only
+    # The pixel normalisation the weights were trained with: uint8 images become (x / 255 - mean) / std per RGB
+    # channel. A run sets both from data.image_mean / data.image_std (``RunConfig.model_config``), so a saved
+    # model directory evaluates, infers and exports with its training's normalisation.
+    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
     def __post_init__(self) -> None:
         if self.d_model % self.heads:
@@ -56,6 +61,9 @@ class ModelConfig:
         if self.attention_backend in ("flex", "chunked") and self.attention_dropout > 0:
             raise ValueError(f"attention_backend {self.attention_backend} has no attention dropout: set "
                              f"attention_dropout 0 or use sdpa")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise ValueError(f"image_mean / image_std need 3 values (std > 0), got {self.image_mean} / "
+                             f"{self.image_std}")
         for name in ("encoder_layers", "decoder_layers", "heads", "ffn_dim", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -101,6 +109,9 @@ RUNTIME_FIELDS = frozenset({"dropout", "attention_dropout", "activation_dropout"
                             "decoder_drop_path_rate", "resnet_drop_path_rate", "attention_backend",
                             "channels_last", "compile"})
 
+#: ModelConfig fields a run takes from its data settings (data.image_mean / data.image_std), not ``model.*``.
+DATA_FIELDS = frozenset({"image_mean", "image_std"})
+
 RESNET50, RESNET101, RESNET152 = [3, 4, 6], [3, 4, 23], [3, 8, 36]
 
 #: name: (d_model, ffn, encoder layers, decoder layers, heads, resnet blocks of layer1..3)
@@ -131,7 +142,8 @@ def _spec_fields() -> list[tuple]:
     """``ModelSpec``'s fields: ``size``, then every ModelConfig field as ``Optional[type] = None``."""
     hints = typing.get_type_hints(ModelConfig)
     return [("size", str, field(default="tiny"))] + [
-        (f.name, Optional[hints[f.name]], field(default=None)) for f in dataclasses.fields(ModelConfig)]
+        (f.name, Optional[hints[f.name]], field(default=None)) for f in dataclasses.fields(ModelConfig)
+        if f.name not in DATA_FIELDS]
 
 
 def _build(spec) -> ModelConfig:
@@ -141,7 +153,7 @@ def _build(spec) -> ModelConfig:
 
 def _set_fields(spec) -> dict:
     return {f.name: getattr(spec, f.name) for f in dataclasses.fields(ModelConfig)
-            if getattr(spec, f.name) is not None}
+            if f.name not in DATA_FIELDS and getattr(spec, f.name) is not None}
 
 
 #: How a run names its model: ``size`` from the table, and any ModelConfig field (``None``: the size's value).

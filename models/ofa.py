@@ -6,7 +6,9 @@ See ``docs/architecture.md`` for the structure this file implements.
 """
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,12 +81,26 @@ def linear_rates(stop: float, n: int) -> list[float]:
     return [stop * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
 
 
-def normalise_images(images: Tensor, dtype: torch.dtype) -> Tensor:
-    """uint8 RGB (0..255) -> ``dtype`` with mean = std = 0.5 (values in [-1, 1]); float input is kept as is."""
+def normalise_images(images: Tensor, dtype: torch.dtype, mean: Sequence[float] = (0.5, 0.5, 0.5),
+                     std: Sequence[float] = (0.5, 0.5, 0.5)) -> Tensor:
+    """uint8 RGB (0..255) -> ``dtype`` as ``(x / 255 - mean) / std`` per channel, in float32 (mean = std = 0.5
+    gives exactly the old ``x / 127.5 - 1``: scaling by 2 is exact); float input is taken as normalised."""
     if images.is_floating_point():
         return images.to(dtype)
-    images = images.to(torch.float32, memory_format=torch.contiguous_format)  # batches come channels-last
-    return images.div_(127.5).sub_(1.0).to(dtype)
+    images = images.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)  # batches come channels-last
+    if len(set(mean)) == 1 and len(set(std)) == 1:
+        images.sub_(mean[0]).div_(std[0])
+    else:
+        channel_mean, channel_std = _channel_stats(tuple(mean), tuple(std), images.device)
+        images.sub_(channel_mean).div_(channel_std)
+    return images.to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """[1, 3, 1, 1] float32 mean and std on ``device``, made once (no host-to-device copy per batch)."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1))
 
 
 def drop_path(x: Tensor, prob: float, training: bool) -> Tensor:
@@ -364,11 +380,13 @@ class Encoder(_Stack):
     def embed_image(self, patch_images: Tensor, patch_masks: Tensor | None, sample_patch_num: int | None):
         """Image tokens, their padding mask and position ids (``[1, n]``, or ``[B, k]`` for a random subset).
 
-        ``patch_images`` uint8 (0..255) are normalised here, on their device (mean = std = 0.5); float images
-        are taken as normalised. Text-only samples' image tokens are zeros (they are masked): the ResNet runs
-        on one placeholder only when no sample has an image, so every rank runs the same modules (ZeRO-3).
+        ``patch_images`` uint8 (0..255) are normalised here, on their device, with the config's image_mean /
+        image_std; float images are taken as normalised. Text-only samples' image tokens are zeros (they are
+        masked): the ResNet runs on one placeholder only when no sample has an image, so every rank runs the
+        same modules (ZeRO-3).
         """
-        patch_images = normalise_images(patch_images, self.image_proj.weight.dtype)
+        patch_images = normalise_images(patch_images, self.image_proj.weight.dtype, self.cfg.image_mean,
+                                        self.cfg.image_std)
         rows_idx = None
         if self.image_rows_only and patch_masks is not None and not bool(patch_masks.all()):
             rows_idx = patch_masks.bool().nonzero().squeeze(1)

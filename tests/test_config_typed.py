@@ -12,7 +12,7 @@ import pytest
 
 from biomedgpt.engine.config import ConfigError, from_dict, load
 from biomedgpt.engine.run_config import RunConfig
-from biomedgpt.models.config import ModelConfig, model_config, spec_from_saved
+from biomedgpt.models.config import DATA_FIELDS, ModelConfig, model_config, spec_from_saved
 
 
 def _biomedgpt(args: list[str], cwd) -> subprocess.CompletedProcess:
@@ -40,8 +40,8 @@ def test_a_bad_model_setting_fails_in_seconds_before_any_rank_starts(tmp_path, s
 def test_every_model_field_is_a_listed_typed_setting(tmp_path):
     result = _biomedgpt(["train", "--help"], tmp_path)
     listed = " ".join(result.stdout.split())
-    for f in dataclasses.fields(ModelConfig):
-        assert f"model.{f.name}" in listed, f.name
+    for f in dataclasses.fields(ModelConfig):  # the image normalisation is the data's setting, the model keeps it
+        assert f"{'data' if f.name in DATA_FIELDS else 'model'}.{f.name}" in listed, f.name
     cfg = load(RunConfig, "finetune/vqa_rad", ["model.size=base", "model.heads=16", "model.attention_backend=sdpa",
                                                "model={dropout: 0.0}"])  # a mapping merges into the section
     assert cfg.model.build() == model_config("base", heads=16, attention_backend="sdpa", dropout=0.0,

@@ -141,8 +141,9 @@ def test_jpeg_is_decoded_at_a_reduced_scale_that_still_covers_the_target():
 # ----- pre-resized storage, JPEG headers, RandAugment tables ---------------------------------------------------
 
 def test_pre_resized_images_hold_every_pixel_the_transform_resamples_from():
-    """Stored within ``training_image_sides``, an image is never smaller than the random resize (augment) or
-    the size x size resize (no augment) of its source: training resamples from at least as many pixels."""
+    """Stored within ``training_image_sides``, an image is never smaller than the random resize (ofa_augment),
+    the size x size resize (resize) or the smallest random crop enlarged to size (medmnist) of its source:
+    training resamples from at least as many pixels."""
     import io
     import random
 
@@ -154,15 +155,18 @@ def test_pre_resized_images_hold_every_pixel_the_transform_resamples_from():
     for case in range(300):
         source = (rng.randint(60, 2000), rng.randint(60, 2000))
         for size in (128, 256, 480):
-            for augment in (False, True):
-                stored = im.pre_resized_size(source, *im.training_image_sides(size, augment))
-                needed = [(size, size)] if not augment else [im._random_size(source, size, random.Random(s))
-                                                             for s in range(5)]
+            smallest_crop = min(source) * im.MEDMNIST_MIN_CROP_SIDE  # either side of an 8% area, 3:4 crop
+            for transform in ("resize", "ofa_augment", "medmnist"):
+                stored = im.pre_resized_size(source, *im.training_image_sides(size, transform))
+                needed = {"resize": [(size, size)],
+                          "ofa_augment": [im._random_size(source, size, random.Random(s)) for s in range(5)],
+                          "medmnist": [(round(source[0] * size / smallest_crop),
+                                        round(source[1] * size / smallest_crop))]}[transform]
                 for w, h in needed:
-                    assert stored[0] >= min(source[0], w) and stored[1] >= min(source[1], h), (source, size, augment)
+                    assert stored[0] >= min(source[0], w) and stored[1] >= min(source[1], h), (source, size, transform)
     buf = io.BytesIO()
     Image.new("RGB", (900, 700), (90, 40, 200)).save(buf, format="JPEG")
-    data, sx, sy = im.pre_resized(buf.getvalue(), *im.training_image_sides(256, False))
+    data, sx, sy = im.pre_resized(buf.getvalue(), *im.training_image_sides(256, "resize"))
     assert Image.open(io.BytesIO(data)).size == im.pre_resized_size((900, 700), 256, 256) == (329, 256)
     assert (sx, sy) == (329 / 900, 256 / 700)
 

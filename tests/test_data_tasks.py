@@ -98,7 +98,7 @@ def test_finetune_vqa_prompt_prev_output_and_objects(tok):
 
 
 def test_grounding_bins_and_grounded_caption(tok):
-    ground, region = process("pretrain_vl", GROUNDING, context(tok, train=True, augment=False))
+    ground, region = process("pretrain_vl", GROUNDING, context(tok, train=True, train_transform="resize"))
     # 100x50 -> 64x64: box (10,5,50,25) -> (6.4, 6.4, 32, 32); bin = round(c / 512 * 999)
     bins = [tok.bin_id(j) for j in (12, 12, 62, 62)]
     check(ground, tok, src(tok, ' which region does the text " the left lung " describe?'), target_ids=bins)
@@ -132,7 +132,7 @@ def test_image_infilling_codes(tok):
 def test_detection_boxes_then_labels(tok):
     record = make_record("d1", "detection", {"boxes": [[0, 0, 100, 50], [50, 25, 100, 50]],
                                              "labels": ["nodule", "pleural effusion"]}, png(100, 50))
-    ex = process("detection", record, context(tok, augment=False))[0]
+    ex = process("detection", record, context(tok, train_transform="resize"))[0]
     scale = [0.64, 1.28, 0.64, 1.28]
     ids = []
     for box, label in zip(record["meta"]["boxes"], record["meta"]["labels"]):
@@ -182,7 +182,7 @@ def test_wrong_row_kind_is_named(tok):
 
 
 def test_collate_batch_layout(tok):
-    ctx = context(tok, train=True, augment=True)
+    ctx = context(tok, train=True, train_transform="ofa_augment")
     examples = (process("pretrain_vl", CAPTION, context(tok, other=OTHER_CAPTION, train=True))
                 + process("nli", make_record("n", "nli", {"s1": "a", "s2": "b", "label": "neutral"}), ctx))
     examples[-1].loss_group = 1

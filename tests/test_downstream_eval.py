@@ -61,7 +61,7 @@ def _batch(tokenizer, rows: list[tuple[str, dict, bool]], prompt: str = "none") 
     from PIL import Image
     from skimage import data as skdata
 
-    cfg = DataConfig(patch_image_size=32, augment=False, vqa_prompt_type=prompt)
+    cfg = DataConfig(patch_image_size=32, train_transform="resize", vqa_prompt_type=prompt)
     png = _png(Image.fromarray(skdata.retina()[::16, ::16]))
     examples = []
     for i, (kind, meta, image) in enumerate(rows):

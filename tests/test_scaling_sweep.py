@@ -31,7 +31,7 @@ def _run(args: list[str], repo_root: Path, timeout: int) -> subprocess.Completed
 def test_sweep_end_to_end_and_resume(tmp_path, demo_data, repo_root, vocab_dir):
     data = yaml.safe_load((demo_data / "data_config.yaml").read_text())
     data.update(batch_size=2, patch_image_size=64, max_src_tokens=32, max_tgt_tokens=12, num_workers=0,
-                group_weights=[1.0], augment=False, cache_dir=str(tmp_path / "cache"), eval_streams=[])
+                group_weights=[1.0], train_transform="resize", cache_dir=str(tmp_path / "cache"), eval_streams=[])
     base = {"model": {"size": "tiny", "resnet_layers": [1, 1, 1], "dropout": 0.0},
             "data": data, "optim": {"lr": 2e-3, "max_steps": STEPS, "warmup_steps": 0},
             "eval": {"at_end": False}, "log": {"interval": 1, "progress_bar": False, "wandb_mode": "disabled"},

@@ -49,7 +49,7 @@ def _config(shards: Path, out: Path, vocab_dir: Path, **sections) -> dict:
                              {"name": "summ", "task": "summarization", "remote": str(shards / split / "summ")}]
     cfg = {"model": {**TINY_MODEL, "dropout": 0.0},
            "data": {"streams": streams("train"), "eval_streams": streams("eval"), "batch_size": 4,
-                    "eval_batch_size": 3, "patch_image_size": 32, "num_workers": 0, "augment": False,
+                    "eval_batch_size": 3, "patch_image_size": 32, "num_workers": 0, "train_transform": "resize",
                     "group_weights": [1.0], "cache_dir": str(out.parent / "cache"),
                     "vqa_prompt_type": "prev_output"},
            "optim": {"lr": 3e-3, "max_steps": 16, "warmup_steps": 1},

@@ -46,7 +46,7 @@ BENCHMARKS: dict[str, str] = {
     "engine": "ZeRO stages: step time, tokens/s; checkpoint save/resume",
     "generation": "beam search throughput per task",
     "gpu": "GPU table: sizes x backends x image sizes",
-    "loader": "loader samples per CPU-second: the original TSV path vs ours (augment off/on), local vs S3",
+    "loader": "loader samples per CPU-second: the original TSV path vs ours (resize / ofa_augment), local vs S3",
     "sizes": "every size trains: 2 ZeRO-3 steps on 2 CPU ranks, RSS vs estimate",
     "step": "training step: eager reference path vs default path, alternating",
     "model": "forward+backward time and peak memory per size",

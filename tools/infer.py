@@ -139,7 +139,7 @@ def run(cfg: InferConfig) -> list[dict]:
     """Every image's row, in input order (on every rank); rank 0 prints or writes them."""
     ranks = start_ranks(cfg.zero_stage, cfg.device)
     model, tokenizer, sync = prepare_model(cfg.model_dir, cfg.bpe_dir, cfg.zero_stage, ranks)
-    data_cfg = DataConfig(patch_image_size=cfg.image_size, max_src_tokens=cfg.max_src_tokens, augment=False,
+    data_cfg = DataConfig(patch_image_size=cfg.image_size, max_src_tokens=cfg.max_src_tokens,
                           vqa_prompt_type=cfg.prompt_type, max_image_size=cfg.max_image_size)
     answers = read_answers(cfg.answers) if cfg.answers is not None else None
     task = dataclasses.replace(TASK_DEFAULTS[cfg.task], generation=cfg.generation or TASK_DEFAULTS[cfg.task].generation)

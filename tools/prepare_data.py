@@ -62,8 +62,8 @@ class PrepareConfig:
     store_attempts: int = 2  # s3:// output: attempts before the store counts as unreachable
     # Pre-resize stored images (aspect kept): longest side <= max_image_side unless that takes the shortest
     # below min_image_side; 0 = off (stored as found). The bounds a run's transform needs, so that it still
-    # resamples from at least as many pixels: biomedgpt.data.images.training_image_sides(patch, augment),
-    # e.g. 672 / 480 for augment=true at any patch size up to 480, 256 / 256 for augment=false at 256 px.
+    # resamples from at least as many pixels: biomedgpt.data.images.training_image_sides(patch, train_transform),
+    # e.g. 672 / 480 for ofa_augment at any patch size up to 480, 256 / 256 for resize at 256 px.
     max_image_side: int = 0
     min_image_side: int = 0
 

@@ -6,17 +6,17 @@ Builds ``rows`` rows of an original-format ``vision_language.tsv`` (caption rows
 longest side <= ``max_source_side``) from real packaged images (scikit-image's retina / histology / cell
 images and pydicom-data's DICOMs, randomly scaled and cropped) and converts it with
 ``prepare_data format=vision_language_tsv``, pre-resizing the images for each run as its transform needs
-(``max_image_side`` / ``min_image_side`` = ``training_image_sides(patch, augment)``: 256 / 256 for
-``augment=false`` at 256 px, 672 / 480 -- no change for sources <= 512 px -- for ``augment=true``). Then, on one pinned core (torch threads 1, no loader
+(``max_image_side`` / ``min_image_side`` = ``training_image_sides(patch, train_transform)``: 256 / 256 for
+``resize`` at 256 px, 672 / 480 -- no change for sources <= 512 px -- for ``ofa_augment``). Then, on one pinned core (torch threads 1, no loader
 workers), for each patch size and in one run:
 
 - ``original``: what OFA/BiomedGPT's caption dataset does per sample: seek to the row's byte offset, read and
   split the line, url-safe base64 -> PIL -> RGB, bicubic resize to size x size, float tensor normalised with
   mean = std = 0.5 (torchvision ``Resize``/``ToTensor``/``Normalize``), pre_caption, GPT-2 BPE of the prompt and
   the caption (every sample), and a collate that stacks images and pads tokens;
-- ``augment=false`` / ``augment=true``: ``biomedgpt.data.loader.build_train_loader`` (task ``caption``), the
-  batch with uint8 images (normalised later on the device);
-- ``s3 (moto)``: the ``augment=false`` loader from a moto S3 server (a separate process on 127.0.0.1,
+- ``resize`` / ``ofa_augment``: ``biomedgpt.data.loader.build_train_loader`` (task ``caption``,
+  ``data.train_transform``), the batch with uint8 images (normalised later on the device);
+- ``s3 (moto)``: the ``resize`` loader from a moto S3 server (a separate process on 127.0.0.1,
   cold cache) next to the same loader on local shards.
 
 Prints samples per CPU-second of this process (and per wall second), the ratio to ``original``, and with
@@ -42,9 +42,13 @@ from typing import Optional
 import numpy as np
 
 
+#: the training transforms timed (``data.train_transform``): resize-only and OFA's augmentation
+TRANSFORMS = ("resize", "ofa_augment")
+
+
 @dataclass
 class BenchConfig:
-    """Loader samples per CPU-second on one core: the original TSV path vs. our loader (augment off/on)."""
+    """Loader samples per CPU-second on one core: the original TSV path vs. our loader (resize / ofa_augment)."""
 
     workdir: str = "/tmp/biomedgpt-bench-loader"
     rows: int = 1000
@@ -53,7 +57,7 @@ class BenchConfig:
     batch_size: int = 16
     repeats: int = 2  # each path timed this many times, interleaved; the best is reported
     s3: bool = True
-    profile: bool = False  # cProfile of the project's loader (augment=true, the first patch size)
+    profile: bool = False  # cProfile of the project's loader (both transforms, the first patch size)
     core: Optional[int] = None  # pin to this CPU (default: the last one this process may use)
     bpe_dir: Optional[str] = None  # GPT-2 BPE files; None: the packaged copy
 
@@ -230,9 +234,9 @@ def run(cfg: BenchConfig) -> dict[str, float]:
     write_tsv(cfg, tsv)
     stores: dict[tuple[int, int], tuple[Path, str]] = {}
 
-    def store(size: int, augment: bool) -> str:
-        """The rows converted with the pre-resize a run at this patch size and augment setting needs."""
-        sides = training_image_sides(size, augment)
+    def store(size: int, transform: str) -> str:
+        """The rows converted with the pre-resize a run at this patch size and training transform needs."""
+        sides = training_image_sides(size, transform)
         if sides not in stores:
             out = work / f"mds-{sides[0]}x{sides[1]}"
             summary = convert(PrepareConfig(input=str(tsv), format="vision_language_tsv", output=str(out),
@@ -244,8 +248,8 @@ def run(cfg: BenchConfig) -> dict[str, float]:
     tokenizer = Tokenizer.from_gpt2_files(cfg.bpe_dir)
     n_cache = iter(range(10 ** 6))
 
-    def loader(remote: str, size: int, augment: bool):
-        data = DataConfig(streams=[StreamConfig(name="vl", task="caption", remote=remote)], augment=augment,
+    def loader(remote: str, size: int, transform: str):
+        data = DataConfig(streams=[StreamConfig(name="vl", task="caption", remote=remote)], train_transform=transform,
                           batch_size=cfg.batch_size, patch_image_size=size, num_workers=0,
                           cache_dir=str(work / f"cache{next(n_cache)}"))
         return build_train_loader(data, tokenizer)
@@ -259,18 +263,18 @@ def run(cfg: BenchConfig) -> dict[str, float]:
         original = OriginalCaptionDataset(tsv, tokenizer, size)
         for _ in range(cfg.repeats):
             best(f"{size}/original", time_original(original, cfg.batch_size))
-            best(f"{size}/augment=false", time_loader(loader(store(size, False), size, False), cfg.rows))
-            best(f"{size}/augment=true", time_loader(loader(store(size, True), size, True), cfg.rows))
+            for transform in TRANSFORMS:
+                best(f"{size}/{transform}", time_loader(loader(store(size, transform), size, transform), cfg.rows))
     if cfg.s3:
         proc, remote = start_moto(work)
         try:
             size = cfg.patch_sizes[0]
-            sides = training_image_sides(size, False)
+            sides = training_image_sides(size, "resize")
             convert(PrepareConfig(input=str(tsv), format="vision_language_tsv", output=remote, progress=False,
                                   max_image_side=sides[0], min_image_side=sides[1]), log=io.StringIO())
             for _ in range(cfg.repeats):
-                best(f"{size}/augment=false local", time_loader(loader(store(size, False), size, False), cfg.rows))
-                best(f"{size}/augment=false s3 (moto, cold cache)", time_loader(loader(remote, size, False), cfg.rows))
+                best(f"{size}/resize local", time_loader(loader(store(size, "resize"), size, "resize"), cfg.rows))
+                best(f"{size}/resize s3 (moto, cold cache)", time_loader(loader(remote, size, "resize"), cfg.rows))
         finally:
             proc.terminate()
             proc.wait(10)
@@ -284,24 +288,24 @@ def run(cfg: BenchConfig) -> dict[str, float]:
         print(f"  {size:>5s}  {path:38s} {per_cpu:13.1f} {per_wall:14.1f} {per_cpu / base:10.2f}x")
     tsv_bytes = tsv.stat().st_size
     print(f"  the loader reads the rows converted with max_image_side / min_image_side = "
-          f"biomedgpt.data.images.training_image_sides(patch, augment) (what that run's transform resamples "
+          f"biomedgpt.data.images.training_image_sides(patch, train_transform) (what that run's transform resamples "
           f"from; the original reads the TSV of the unresized sources, {tsv_bytes / 2**20:.1f} MiB):")
     for size in cfg.patch_sizes:
-        for augment in (False, True):
-            out, note = stores[training_image_sides(size, augment)]
-            print(f"    {size:>4d} px augment={str(augment).lower():5s}: {out.name} ({note}; "
+        for transform in TRANSFORMS:
+            out, note = stores[training_image_sides(size, transform)]
+            print(f"    {size:>4d} px {transform:11s}: {out.name} ({note}; "
                   f"{du(out) / 2**20:.1f} MiB, {du(out) / tsv_bytes:.2f}x the TSV)")
     if cfg.profile:
         size = cfg.patch_sizes[0]
-        for augment in (False, True):
+        for transform in TRANSFORMS:
             profiler = cProfile.Profile(time.thread_time)  # this thread's CPU: wall time would count other jobs
-            it = loader(store(size, augment), size, augment)
+            it = loader(store(size, transform), size, transform)
             cpu, main = time.process_time(), time.thread_time()
             profiler.enable()
             time_loader(it, cfg.rows)
             profiler.disable()
             cpu, main = time.process_time() - cpu, time.thread_time() - main
-            print(f"\nprofile: project loader, {size} px, augment={str(augment).lower()}: {main:.2f} s CPU in the "
+            print(f"\nprofile: project loader, {size} px, {transform}: {main:.2f} s CPU in the "
                   f"loading thread, {max(cpu - main, 0.0):.2f} s in streaming's background threads "
                   f"(tottime of the loading thread, top 14):")
             pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(14)

@@ -109,7 +109,7 @@ def run_config(cfg: BenchSizesConfig, size: str, shards: Path, out: Path) -> dic
     return {
         "model": {"size": size, "dropout": 0.0},
         "data": {"streams": [{"name": "caption", "task": "caption", "remote": str(shards / "caption")}],
-                 "batch_size": cfg.batch, "patch_image_size": cfg.image_size, "num_workers": 0, "augment": False,
+                 "batch_size": cfg.batch, "patch_image_size": cfg.image_size, "num_workers": 0, "train_transform": "resize",
                  "group_weights": [1.0], "cache_dir": str(out.parent / "cache")},
         "optim": {"lr": 1e-5, "max_steps": cfg.steps, "warmup_steps": 1},
         "deepspeed": {"zero_stage": 3, "offload_optimizer": "cpu" if big else "none",
