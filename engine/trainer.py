@@ -566,9 +566,9 @@ class Trainer:
         start = time.perf_counter()
         if self.ema is not None and self.cfg.eval.use_ema:  # else a young run's near-initial EMA scores puzzle
             updates = max(0, self.step - self.cfg.ema.start_step)
-            start = "initial weights" if not self.cfg.ema.start_step else f"weights of step {self.cfg.ema.start_step}"
+            first = "initial weights" if not self.cfg.ema.start_step else f"weights of step {self.cfg.ema.start_step}"
             self.logger.write(f"step {self.step}: evaluating the EMA weights (decay {self.cfg.ema.decay}: the "
-                              f"{start} still make up {self.cfg.ema.decay ** updates:.1%} of them; "
+                              f"{first} still make up {self.cfg.ema.decay ** updates:.1%} of them; "
                               f"eval.use_ema=false evaluates the trained weights)")
         metrics = self.evaluate()
         key, mode = self.cfg.eval.metric, self.cfg.eval.mode
