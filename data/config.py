@@ -51,8 +51,12 @@ class DataConfig:
     max_tgt_tokens: int = 30
     group_weights: list[float] = field(default_factory=lambda: [1.0, 2.0])
     augment: bool = True  # random resize + centre crop + RandAugment on training images
-    vqa_prompt_type: Literal["none", "prev_output"] = "none"  # prev_output: question prefix fed to the decoder
-    vqa_add_objects: bool = False  # append " object: {objects}" to VQA sources
+    # VQA decoder prompt (OFA --prompt-type): none; src: the whole source; prev_output: the source without </s>
+    vqa_prompt_type: Literal["none", "src", "prev_output"] = "none"
+    vqa_add_objects: bool = False  # OFA --add-object: append " object: {objects}" (even when empty) to VQA sources
+    # NLI decoder prompt (OFA --prompt-type of the mnli task; MedNLI: src): the answer token is scored after it
+    text_prompt_type: Literal["none", "src", "prev_output"] = "none"
+    noise_ratio: float = 0.0  # OFA --noise-ratio: share of summarization decoder inputs replaced by random text ids
     text_mask_ratio: float = 0.3
     poisson_lambda: float = 3.0
     num_workers: int = 2
@@ -74,6 +78,8 @@ class DataConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.download_retry < 1:
             raise ValueError(f"download_retry is the number of attempts, at least 1; got {self.download_retry}")
+        if not 0.0 <= self.noise_ratio < 1.0:
+            raise ValueError(f"noise_ratio must be in [0, 1), got {self.noise_ratio}")
         if not 0.0 <= self.text_mask_ratio < 1.0:
             raise ValueError(f"text_mask_ratio must be in [0, 1), got {self.text_mask_ratio}")
         for streams in (self.streams, self.eval_streams):
