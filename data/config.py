@@ -61,6 +61,9 @@ class DataConfig:
     poisson_lambda: float = 3.0
     num_workers: int = 2
     prefetch_factor: int = 2
+    # random: rows drawn by proportion over the epoch; stratified: every rank's batch takes from each stream
+    # its proportion of batch_size rows (the pretraining mixture's fixed composition, as the original's)
+    batching: Literal["random", "stratified"] = "random"
     shuffle: bool = True
     shuffle_seed: int = 9176
     shuffle_algo: str = "py1e"
@@ -93,3 +96,6 @@ class DataConfig:
             given = [s.proportion is not None for s in streams]
             if any(given) and not all(given):
                 raise ValueError(f"give a proportion for every stream or for none: {names}")
+        if self.batching == "stratified" and not all(s.proportion is not None for s in self.streams):
+            raise ValueError("batching: stratified takes each stream's share of a batch from its proportion: "
+                             "give every training stream a proportion")

@@ -318,3 +318,54 @@ def test_pretraining_rows(tok):
     boxes = "&&".join(f"{x0},{y0},{x1},{y1},{i},{label}" for i, (x0, y0, x1, y1, label) in enumerate(DETECTIONS))
     det = parse("detection_tsv", "d1", b64png(), boxes)
     assert_rows(batch_of(tok, "detection", [det], max_src_tokens=80, max_tgt_tokens=30), "pre_detection")
+
+
+def test_pretraining_batch_composition(tok, tmp_path, monkeypatch):
+    """The original's pretraining batch: 16 image-text rows give 32 examples (each with its matching or
+    region example) and, per 8 of them, 2 text-infilling, 1 image-infilling and 1 detection example -- 40
+    examples, 8 of them in loss group 1. ``batching: stratified`` over 24 rows in 16 : 4 : 2 : 2 gives
+    exactly that in every batch."""
+    from biomedgpt.data.config import StreamConfig
+    from biomedgpt.data.loader import build_train_loader
+    from biomedgpt.data.tasks import TASK_NAMES
+    from biomedgpt.tools.prepare_data import PrepareConfig, convert
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.setenv(key, "1" if "SIZE" in key else "0")
+    image = b64png(32)
+    tsv = {
+        "vision_language_tsv": [f"vl{i}\t{image}\tA chest film {i}\t\t\t\tmedicat\tcaption" for i in range(64)],
+        "text_tsv": [f"t{i}\tThe heart size is normal in study {i}." for i in range(16)],
+        "image_tsv": [f"im{i}\t{image}\t" + " ".join(str((i + j) % 8192) for j in range(256)) for i in range(8)],
+        "detection_tsv": [f"d{i}\t{image}\t1,2,20,30,3,nodule" for i in range(8)],
+    }
+    streams = []
+    for (fmt, lines), (task, share, group) in zip(tsv.items(), [("pretrain_vl", 16, 0), ("text_infilling", 4, 1),
+                                                               ("image_infilling", 2, 1), ("detection", 2, 1)]):
+        (tmp_path / f"{fmt}.tsv").write_text("\n".join(lines) + "\n")
+        convert(PrepareConfig(input=str(tmp_path / f"{fmt}.tsv"), format=fmt, output=str(tmp_path / fmt),
+                              progress=False))
+        streams.append(StreamConfig(name=fmt, task=task, remote=str(tmp_path / fmt), proportion=share / 24,
+                                    loss_group=group))
+    cfg = DataConfig(streams=streams, batching="stratified", batch_size=24, num_workers=0, patch_image_size=32,
+                     cache_dir=str(tmp_path / "cache"), augment=False)
+    batches = list(build_train_loader(cfg, tok))
+    assert len(batches) == 4
+    for batch in batches:
+        tasks = sorted(TASK_NAMES[i] for i in batch["task_ids"].tolist())
+        assert {t: tasks.count(t) for t in set(tasks)} == {"caption": 16, "itm": 16, "text_infilling": 4,
+                                                           "image_infilling": 2, "detection": 2}
+        assert batch["loss_groups"].tolist().count(1) == 8 and len(tasks) == 40
+
+
+def test_stratified_batches_are_dealt_evenly_to_ranks():
+    """streaming strata a global batch as a whole (stream after stream); every rank must get its share."""
+    from biomedgpt.data.loader import deal_strata_to_ranks
+
+    offsets = np.array([0, 100, 200])  # streams of sample ids 0.., 100.., 200..
+    one_global_batch = np.array([0, 1, 2, 3, 4, 5, 100, 101, 102, 103, 200, 201]).reshape(1, 2, 1, 1, 6)
+    dealt = deal_strata_to_ranks(one_global_batch.copy(), offsets)
+    assert dealt[0, 0, 0, 0].tolist() == [0, 2, 4, 100, 102, 200]
+    assert dealt[0, 1, 0, 0].tolist() == [1, 3, 5, 101, 103, 201]
+    padded = np.array([0, 1, 100, -1]).reshape(1, 2, 1, 1, 2)
+    assert deal_strata_to_ranks(padded, offsets)[0, :, 0, 0].tolist() == [[0, 100], [1, -1]]
