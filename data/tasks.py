@@ -48,6 +48,7 @@ class Example:
     loss_group: int = 0
     references: list[str] = field(default_factory=list)
     answer_type: Optional[str] = None  # VQA: "open" / "closed" when the dataset annotates it
+    sample_patches: bool = False  # patch sampling (sample_patch_num) applies: pretraining image-text rows
 
 
 @dataclass
@@ -279,13 +280,14 @@ def pretrain_vl(record: dict, ctx: TaskContext) -> list[Example]:
     kind = record["kind"]
     if kind == "grounding":
         view = _grounding_view(record, ctx)
-        return grounding(record, ctx, view) + grounded_caption(record, ctx, view)
-    image = ctx.image(record)
-    if kind == "caption":
-        out = pretrain_caption(record, ctx, image)
-        return out + itm(record, ctx, image) if ctx.train else out
-    out = pretrain_vqa(record, ctx, image)
-    return out + vqa_matching(record, ctx, image) if ctx.train else out
+        out = grounding(record, ctx, view) + grounded_caption(record, ctx, view)
+    else:
+        image = ctx.image(record)
+        first, second = (pretrain_caption, itm) if kind == "caption" else (pretrain_vqa, vqa_matching)
+        out = first(record, ctx, image) + (second(record, ctx, image) if ctx.train else [])
+    for example in out:  # OFA samples patches of this sub-batch only
+        example.sample_patches = True
+    return out
 
 
 # ----- text infilling, image infilling, detection -----------------------------------------------

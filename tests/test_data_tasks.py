@@ -198,7 +198,7 @@ def test_collate_batch_layout(tok):
     examples[-1].loss_group = 1
     batch = collate(examples, 64, [1.0, 2.0], with_references=True)
     assert set(batch) == {"src_tokens", "src_lengths", "patch_images", "patch_masks", "prev_output_tokens", "target",
-                          "code_masks", "conf", "loss_groups", "group_weights", "task_ids", "ids", "references",
+                          "code_masks", "sample_patches", "conf", "loss_groups", "group_weights", "task_ids", "ids", "references",
                           "answer_types"}
     assert batch["patch_images"].shape == (3, 3, 64, 64) and batch["patch_images"][2].abs().sum() == 0
     assert batch["patch_masks"].tolist() == [True, True, False]

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from small_models import build
 
 from biomedgpt.data.collate import collate
 from biomedgpt.data.config import DataConfig
@@ -369,3 +370,40 @@ def test_stratified_batches_are_dealt_evenly_to_ranks():
     assert dealt[0, 1, 0, 0].tolist() == [1, 3, 5, 101, 103, 201]
     padded = np.array([0, 1, 100, -1]).reshape(1, 2, 1, 1, 2)
     assert deal_strata_to_ranks(padded, offsets)[0, :, 0, 0].tolist() == [[0, 100], [1, -1]]
+
+
+def test_patch_sampling_only_on_the_image_text_rows():
+    """OFA samples ``sample_patch_num`` patches of its pretraining's image-text sub-batch only: a row the
+    batch does not mark keeps every patch (logits as unsampled), a marked row sees exactly k patches (logits
+    as when every row is sampled with the same draw: masked slots equal dropped ones)."""
+    model = build().eval()
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(4, 300, (3, 9), generator=g)
+    src[:, 0], src[:, -1] = 0, 2
+    prev = torch.randint(4, 300, (3, 6), generator=g)
+    prev[:, 0] = 0
+    images = torch.randint(0, 256, (3, 3, 96, 96), generator=g, dtype=torch.uint8)  # 6 x 6 = 36 patches
+    masks = torch.ones(3, dtype=torch.bool)
+    rows = torch.tensor([True, False, True])
+    with torch.no_grad():
+        enc = model.encode(src, images, masks, sample_patch_num=10, sample_rows=rows)
+        assert (~enc.padding_mask[:, :36]).sum(1).tolist() == [10, 36, 10]
+        torch.manual_seed(5)
+        mixed = model(src, prev, images, masks, sample_patch_num=10, sample_rows=rows)
+        torch.manual_seed(5)
+        every = model(src, prev, images, masks, sample_patch_num=10)
+        whole = model(src, prev, images, masks)
+        assert torch.allclose(mixed[1], whole[1], atol=1e-5) and not torch.allclose(mixed[1], every[1], atol=1e-3)
+        assert torch.allclose(mixed[[0, 2]], every[[0, 2]], atol=1e-5)
+        unmarked = model(src, prev, images, masks, sample_patch_num=10, sample_rows=torch.zeros(3, dtype=torch.bool))
+        assert torch.allclose(unmarked, whole, atol=1e-6)
+
+
+def test_pretraining_marks_image_text_examples_for_patch_sampling(tok):
+    vl = parse("vision_language_tsv", "vl1", b64png(), "A chest film", "", "", "", "medicat", "caption")
+    text = parse("text_tsv", "t1", "The heart size is normal.")
+    batch = collate([*process("pretrain_vl", vl, TaskContext(tok, DataConfig(patch_image_size=64, augment=False),
+                                                              random.Random(0), True, lambda rng: vl)),
+                     *process("text_infilling", text, TaskContext(tok, DataConfig(), random.Random(0), True,
+                                                                 lambda rng: text))], 64, [1.0, 2.0])
+    assert batch["sample_patches"].tolist() == [True, True, False]
