@@ -382,21 +382,19 @@ def test_patch_sampling_only_on_the_image_text_rows():
     src[:, 0], src[:, -1] = 0, 2
     prev = torch.randint(4, 300, (3, 6), generator=g)
     prev[:, 0] = 0
-    images = torch.randint(0, 256, (3, 3, 96, 96), generator=g, dtype=torch.uint8)  # 6 x 6 = 36 patches
+    images = torch.randint(0, 256, (3, 3, 64, 64), generator=g, dtype=torch.uint8)  # 4 x 4 = 16 patches
     masks = torch.ones(3, dtype=torch.bool)
     rows = torch.tensor([True, False, True])
     with torch.no_grad():
-        enc = model.encode(src, images, masks, sample_patch_num=10, sample_rows=rows)
-        assert (~enc.padding_mask[:, :36]).sum(1).tolist() == [10, 36, 10]
+        enc = model.encode(src, images, masks, sample_patch_num=5, sample_rows=rows)
+        assert (~enc.padding_mask[:, :16]).sum(1).tolist() == [5, 16, 5]
         torch.manual_seed(5)
-        mixed = model(src, prev, images, masks, sample_patch_num=10, sample_rows=rows)
+        mixed = model(src, prev, images, masks, sample_patch_num=5, sample_rows=rows)
         torch.manual_seed(5)
-        every = model(src, prev, images, masks, sample_patch_num=10)
+        every = model(src, prev, images, masks, sample_patch_num=5)
         whole = model(src, prev, images, masks)
         assert torch.allclose(mixed[1], whole[1], atol=1e-5) and not torch.allclose(mixed[1], every[1], atol=1e-3)
         assert torch.allclose(mixed[[0, 2]], every[[0, 2]], atol=1e-5)
-        unmarked = model(src, prev, images, masks, sample_patch_num=10, sample_rows=torch.zeros(3, dtype=torch.bool))
-        assert torch.allclose(unmarked, whole, atol=1e-6)
 
 
 def test_pretraining_marks_image_text_examples_for_patch_sampling(tok):
