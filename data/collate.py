@@ -51,6 +51,7 @@ def collate(examples: Sequence[Example], patch_image_size: int, group_weights: S
         "prev_output_tokens": _pad([ex.prev_output for ex in examples]),
         "target": _pad([ex.target for ex in examples]),
         "code_masks": torch.tensor([ex.code_mask for ex in examples], dtype=torch.bool),
+        "sample_patches": torch.tensor([ex.sample_patches for ex in examples], dtype=torch.bool),
         "conf": torch.tensor([ex.conf for ex in examples], dtype=torch.float),
         "loss_groups": torch.tensor([ex.loss_group for ex in examples], dtype=torch.long),
         "group_weights": [float(w) for w in group_weights],

@@ -64,12 +64,19 @@ class DataConfig:
     # (ImageNet's 0.485 0.456 0.406 / 0.229 0.224 0.225: the original's --imagenet-default-mean-and-std)
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    vqa_prompt_type: Literal["none", "prev_output"] = "none"  # prev_output: question prefix fed to the decoder
-    vqa_add_objects: bool = False  # append " object: {objects}" to VQA sources
+    # VQA decoder prompt (OFA --prompt-type): none; src: the whole source; prev_output: the source without </s>
+    vqa_prompt_type: Literal["none", "src", "prev_output"] = "none"
+    vqa_add_objects: bool = False  # OFA --add-object: append " object: {objects}" (even when empty) to VQA sources
+    # NLI decoder prompt (OFA --prompt-type of the mnli task; MedNLI: src): the answer token is scored after it
+    text_prompt_type: Literal["none", "src", "prev_output"] = "none"
+    noise_ratio: float = 0.0  # OFA --noise-ratio: share of summarization decoder inputs replaced by random text ids
     text_mask_ratio: float = 0.3
     poisson_lambda: float = 3.0
     num_workers: int = 2
     prefetch_factor: int = 2
+    # random: rows drawn by proportion over the epoch; stratified: every rank's batch takes from each stream
+    # its proportion of batch_size rows (the pretraining mixture's fixed composition, as the original's)
+    batching: Literal["random", "stratified"] = "random"
     shuffle: bool = True
     shuffle_seed: int = 9176
     shuffle_algo: str = "py1e"
@@ -96,6 +103,8 @@ class DataConfig:
         if self.train_transform == "medmnist" and boxed:
             raise ValueError(f"train_transform medmnist crops and flips without moving boxes; training streams of "
                              f"task {', '.join(boxed)} need ofa_augment or resize")
+        if not 0.0 <= self.noise_ratio < 1.0:
+            raise ValueError(f"noise_ratio must be in [0, 1), got {self.noise_ratio}")
         if not 0.0 <= self.text_mask_ratio < 1.0:
             raise ValueError(f"text_mask_ratio must be in [0, 1), got {self.text_mask_ratio}")
         for streams in (self.streams, self.eval_streams):
@@ -109,3 +118,6 @@ class DataConfig:
             given = [s.proportion is not None for s in streams]
             if any(given) and not all(given):
                 raise ValueError(f"give a proportion for every stream or for none: {names}")
+        if self.batching == "stratified" and not all(s.proportion is not None for s in self.streams):
+            raise ValueError("batching: stratified takes each stream's share of a batch from its proportion: "
+                             "give every training stream a proportion")

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
+import numpy as np
+
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.dataset import _ShardState
 from streaming.base.format.mds.reader import MDSReader
@@ -93,6 +95,7 @@ class TaskStreamingDataset(StreamingDataset):
             with registration_lock():
                 super().__init__(
                     streams=built, batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+                    batching_method=cfg.batching if train else "random",
                     shuffle=cfg.shuffle and train, shuffle_seed=cfg.shuffle_seed, shuffle_algo=cfg.shuffle_algo,
                     shuffle_block_size=cfg.shuffle_block_size, num_canonical_nodes=cfg.num_canonical_nodes,
                     epoch_size=cfg.epoch_size if train else None, predownload=cfg.predownload,
@@ -135,6 +138,15 @@ class TaskStreamingDataset(StreamingDataset):
         super().prepare_shard(shard_id, blocking)
         if self.cfg.cache_limit is None and self._shard_states[shard_id] == _ShardState.LOCAL:
             self._local_shards.add(shard_id)
+
+    def _share_work(self, sample_ids):
+        """streaming's hand-over of an epoch's sample order from the local leader; a stratified order is
+        first dealt so that every rank's batch has each stream's share (streaming strata whole global
+        batches only: rank 0 would get the first stream's rows). Reordered in place: the leader reads its
+        own part from the same array."""
+        if self.batching_method == "stratified" and sample_ids.size:
+            sample_ids[...] = deal_strata_to_ranks(sample_ids, np.asarray(self.sample_offset_per_stream))
+        return super()._share_work(sample_ids)
 
     def __getstate__(self) -> dict:
         """Pickled for spawned loader workers: memory maps stay behind (each process maps its own)."""
@@ -207,6 +219,19 @@ class TaskStreamingDataset(StreamingDataset):
             return self.get_item(sample_id)
         other = start + rng.randrange(count - 1)
         return self.get_item(other + 1 if other >= sample_id else other)
+
+
+def deal_strata_to_ranks(work: np.ndarray, stream_offsets: np.ndarray) -> np.ndarray:
+    """A (nodes, ranks, workers, batches, batch size) sample order with each global batch's rows regrouped:
+    sorted by stream (order kept within one), then dealt to the ranks in turn, so every rank gets
+    ``1/ranks`` of each stream's rows (and padding, -1, last)."""
+    nodes, ranks, workers, batches, size = work.shape
+    flat = work.transpose(2, 3, 0, 1, 4).reshape(workers * batches, nodes * ranks * size)
+    stream = np.searchsorted(stream_offsets, flat, side="right") - 1
+    stream[flat < 0] = len(stream_offsets)
+    ordered = np.take_along_axis(flat, np.argsort(stream, axis=1, kind="stable"), axis=1)
+    dealt = ordered.reshape(workers * batches, size, nodes * ranks).transpose(0, 2, 1)
+    return dealt.reshape(workers, batches, nodes, ranks, size).transpose(2, 3, 0, 1, 4)
 
 
 class ResumableLoader(StreamingDataLoader):

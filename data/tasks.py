@@ -1,14 +1,17 @@
-"""Task processors: one shard row -> the exact source / target token sequences of the spec's tasks.
+"""Task processors: one shard row -> the exact source / target token sequences of the original dataset classes.
 
-Every source is ``<s> + BPE(prompt) + </s>``, every target ``BPE(text) + </s>`` and the decoder input
-``<s> + BPE(text)`` (docs/tasks-and-data.md). Prompts are encoded in pieces that meet at
-GPT-2 pre-token boundaries (a space or a quote), so the ids equal those of the whole prompt string while
-the free text in the middle can be cut to the length limit without cutting the prompt.
+Each processor restates the rules of the BiomedGPT/OFA dataset class its task comes from (text cleaning,
+prompt, word and token limits, decoder prompt), so the ids equal the original's token for token
+(docs/tasks-and-data.md; tests/test_task_parity.py holds them). Every source is ``<s> + BPE(prompt) + </s>``;
+targets and decoder inputs follow each class (``BPE(text) + </s>`` / ``<s> + BPE(text)`` unless a decoder
+prompt is fed). Prompts are encoded in pieces that meet at GPT-2 pre-token boundaries (a space or a quote),
+so the ids equal those of the whole prompt string.
 """
 from __future__ import annotations
 
 import math
 import random
+import string
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -21,7 +24,9 @@ from biomedgpt.data.images import boxed_transform, eval_transform, open_image, t
 from biomedgpt.data.records import clean_caption, clean_question
 
 BOS, PAD, EOS = 0, 1, 2
-TEXT_INFILL_MAX_TOKENS = 256
+TEXT_INFILL_READ_TOKENS = 512  # text infilling encodes up to 512 tokens of a row ...
+TEXT_INFILL_MAX_TOKENS = 256  # ... and keeps the last 256 (OFA's UnifyDataset)
+VQA_MAX_OBJECTS = 30  # objects appended to a VQA question (OFA --max-object-length, 30 in every script)
 #: Example-level tasks; a batch's ``task_ids`` index this tuple.
 TASK_NAMES = ("caption", "itm", "vqa", "vqa_matching", "grounding", "grounded_caption", "text_infilling",
               "image_infilling", "detection", "nli", "summarization", "classification", "instruction")
@@ -43,6 +48,7 @@ class Example:
     loss_group: int = 0
     references: list[str] = field(default_factory=list)
     answer_type: Optional[str] = None  # VQA: "open" / "closed" when the dataset annotates it
+    sample_patches: bool = False  # patch sampling (sample_patch_num) applies: pretraining image-text rows
 
 
 @dataclass
@@ -98,21 +104,39 @@ def row_image(record: dict) -> Image.Image:
 
 
 def source_ids(ctx: TaskContext, prefix: str, text: str = "", suffix: str = "",
-               extra: list[int] | None = None) -> list[int]:
-    """``<s> prefix text suffix [extra] </s>`` with ``text`` cut so the whole fits max_src_tokens."""
+               extra: list[int] | None = None, limit: Optional[int] = None) -> list[int]:
+    """``<s> prefix text suffix [extra] </s>``; with ``limit``, ``text`` is cut so the whole fits it (the
+    original classes cut words, not tokens: only instruction rows use a limit)."""
     head, tail = ctx.prompt(prefix), ctx.prompt(suffix) + list(extra or [])
-    budget = max(ctx.cfg.max_src_tokens - 2 - len(head) - len(tail), 0)
-    return [BOS] + head + ctx.encode(text)[:budget] + tail + [EOS]
+    body = ctx.encode(text)
+    if limit is not None:
+        body = body[: max(limit - 2 - len(head) - len(tail), 0)]
+    return [BOS] + head + body + tail + [EOS]
 
 
 def text_example(ctx: TaskContext, record: dict, task: str, source: list[int], target_text: str,
                  image: Optional[torch.Tensor], conf: float = 1.0, references: list[str] | None = None,
-                 target_ids: list[int] | None = None) -> Example:
-    """An example whose target is text (or given ids), cut to max_tgt_tokens including ``</s>``."""
+                 target_ids: list[int] | None = None, max_tokens: Optional[int] = None) -> Example:
+    """``<s> + ids`` -> ``ids + </s>`` for a text target (or given ids); ``max_tokens`` cuts the ids (the
+    original classes keep whole targets, their limits being in words, except where a processor says)."""
     ids = target_ids if target_ids is not None else ctx.encode(target_text)
-    ids = ids[: ctx.cfg.max_tgt_tokens - 1]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
     return Example(uid=record["id"], task=task, source=source, prev_output=[BOS] + ids, target=ids + [EOS],
                    image=image, conf=conf, loss_group=ctx.loss_group, references=references or [])
+
+
+def decoder_prompt(example: Example, prompt_type: str) -> Example:
+    """OFA's ``--prompt-type`` on a ``<s> + answer -> answer + </s>`` example: ``src`` feeds the whole
+    source to the decoder before the answer, ``prev_output`` the source without ``</s>``; the target is pad
+    over the prompt (no loss there)."""
+    if prompt_type == "none":
+        return example
+    prompt = example.source if prompt_type == "src" else example.source[:-1]
+    answer = example.prev_output[1:]
+    example.prev_output = prompt + answer
+    example.target = [PAD] * (len(prompt) - 1) + example.target
+    return example
 
 
 def _max_words(ctx: TaskContext, target: bool) -> int:
@@ -121,12 +145,27 @@ def _max_words(ctx: TaskContext, target: bool) -> int:
 
 # ----- image-text tasks -------------------------------------------------------------------------
 
+PUNCTUATION = str.maketrans({c: None for c in string.punctuation})
+
+
 def caption(record: dict, ctx: TaskContext, image=None) -> list[Example]:
-    refs = [clean_caption(c, _max_words(ctx, True)) for c in record["meta"]["captions"]]
-    chosen = ctx.rng.choice(refs) if ctx.train else refs[0]
+    """Fine-tuning captioning (OFA's CaptionDataset): punctuation removed, case kept; in training one
+    reference cut to max_tgt_tokens words; in evaluation every reference, joined by ``&&``."""
+    refs = [" ".join(c.split()).translate(PUNCTUATION).strip() for c in record["meta"]["captions"]]
+    if ctx.train:
+        chosen = " ".join(ctx.rng.choice(refs).split()[: ctx.cfg.max_tgt_tokens])
+    else:
+        chosen = "&&".join(refs)
     image = ctx.image(record) if image is None else image
     src = source_ids(ctx, " what does the image describe?")
     return [text_example(ctx, record, "caption", src, f" {chosen}", image, references=refs)]
+
+
+def pretrain_caption(record: dict, ctx: TaskContext, image) -> list[Example]:
+    """Pretraining captioning (OFA's UnifyDataset): pre_caption, max_tgt_tokens words."""
+    cap = clean_caption(record["meta"]["captions"][0], _max_words(ctx, True))
+    src = source_ids(ctx, " what does the image describe?")
+    return [text_example(ctx, record, "caption", src, f" {cap}", image, references=[cap])]
 
 
 def itm(record: dict, ctx: TaskContext, image=None) -> list[Example]:
@@ -151,27 +190,36 @@ def _other_caption(ctx: TaskContext, own: str, tries: int = 8) -> Optional[str]:
     return None
 
 
-def vqa(record: dict, ctx: TaskContext, image=None, finetune: bool = True) -> list[Example]:
-    """VQA: the most confident answer is the target and its confidence weights the loss."""
+def vqa(record: dict, ctx: TaskContext, image=None) -> list[Example]:
+    """Fine-tuning VQA (OFA's VqaGenDataset): `` {question}?`` [`` object: {objects}``], the most confident
+    answer cut to max_tgt_tokens tokens and weighted by its confidence, the decoder prompt of
+    ``vqa_prompt_type``."""
     meta = record["meta"]
     question = clean_question(meta["question"], _max_words(ctx, False))
-    if finetune and not question.endswith("?"):
+    if not question.endswith("?"):
         question += "?"
     answers = {str(a): float(c) for a, c in meta["answers"].items()}
     answer = max(answers, key=answers.get)
-    objects = meta.get("objects") or []
-    extra = ctx.encode(" object: " + " ".join(objects)) if ctx.cfg.vqa_add_objects and objects else []
+    extra = []
+    if ctx.cfg.vqa_add_objects:  # the original appends it for an empty objects column too
+        extra = ctx.encode(" object: " + " ".join((meta.get("objects") or [])[:VQA_MAX_OBJECTS]))
     src = source_ids(ctx, "", " " + question, "", extra)
     image = ctx.image(record) if image is None else image
     example = text_example(ctx, record, "vqa", src, f" {answer}", image, conf=answers[answer],
-                           references=list(answers))
+                           references=list(answers), max_tokens=ctx.cfg.max_tgt_tokens)
     example.answer_type = meta.get("answer_type")
-    if finetune and ctx.cfg.vqa_prompt_type == "prev_output":
-        prefix = src[1:-1]  # the question (and objects) without <s> / </s>
-        answer_ids = example.target[:-1]
-        example.prev_output = [BOS] + prefix + answer_ids
-        example.target = [PAD] * len(prefix) + answer_ids + [EOS]
-    return [example]
+    return [decoder_prompt(example, ctx.cfg.vqa_prompt_type)]
+
+
+def pretrain_vqa(record: dict, ctx: TaskContext, image) -> list[Example]:
+    """Pretraining VQA (OFA's UnifyDataset): the question as cleaned (no ``?`` added), no decoder prompt."""
+    meta = record["meta"]
+    question = clean_question(meta["question"], _max_words(ctx, False))
+    answers = {str(a): float(c) for a, c in meta["answers"].items()}
+    answer = max(answers, key=answers.get)
+    src = source_ids(ctx, "", " " + question)
+    return [text_example(ctx, record, "vqa", src, f" {answer}", image, conf=answers[answer],
+                         references=list(answers))]
 
 
 def vqa_matching(record: dict, ctx: TaskContext, image=None) -> list[Example]:
@@ -229,25 +277,27 @@ def grounded_caption(record: dict, ctx: TaskContext, view=None) -> list[Example]
 
 
 def pretrain_vl(record: dict, ctx: TaskContext) -> list[Example]:
-    """A vision_language row gives its task example plus (training) a matching / region example."""
+    """A vision_language row gives its task example plus a second one: matching (training only) or, for a
+    grounding row, the region caption (always, as the original)."""
     kind = record["kind"]
     if kind == "grounding":
         view = _grounding_view(record, ctx)
-        out = grounding(record, ctx, view)
-        return out + grounded_caption(record, ctx, view) if ctx.train else out
-    image = ctx.image(record)
-    if kind == "caption":
-        out = caption(record, ctx, image)
-        return out + itm(record, ctx, image) if ctx.train else out
-    out = vqa(record, ctx, image, finetune=False)
-    return out + vqa_matching(record, ctx, image) if ctx.train else out
+        out = grounding(record, ctx, view) + grounded_caption(record, ctx, view)
+    else:
+        image = ctx.image(record)
+        first, second = (pretrain_caption, itm) if kind == "caption" else (pretrain_vqa, vqa_matching)
+        out = first(record, ctx, image) + (second(record, ctx, image) if ctx.train else [])
+    for example in out:  # OFA samples patches of this sub-batch only
+        example.sample_patches = True
+    return out
 
 
 # ----- text infilling, image infilling, detection -----------------------------------------------
 
 def text_infilling(record: dict, ctx: TaskContext) -> list[Example]:
-    """BART-style: 30% of whole words masked in Poisson(3)-length spans, one ``<mask>`` per span."""
-    ids = ctx.encode(" " + " ".join(record["meta"]["text"].split()))[:TEXT_INFILL_MAX_TOKENS]
+    """BART-style infilling of `` {text}`` lower-cased: of its first 512 tokens the last 256 are kept."""
+    text = str(record["meta"]["text"]).strip().lower()
+    ids = ctx.encode(" " + text)[:TEXT_INFILL_READ_TOKENS][-TEXT_INFILL_MAX_TOKENS:]
     masked = mask_spans(ids, ctx)
     src = ([BOS] + ctx.prompt(' what is the complete text of "') + masked + ctx.prompt(' "?') + [EOS])
     return [Example(uid=record["id"], task="text_infilling", source=src, prev_output=[BOS] + ids,
@@ -255,27 +305,44 @@ def text_infilling(record: dict, ctx: TaskContext) -> list[Example]:
 
 
 def mask_spans(ids: list[int], ctx: TaskContext) -> list[int]:
-    """Replace ~text_mask_ratio of the words, in spans of Poisson(λ) words (at least 1), by ``<mask>``."""
-    starts = [i for i, t in enumerate(ids) if i == 0 or ctx.is_word_start(t)]
-    words = [ids[s:e] for s, e in zip(starts, starts[1:] + [len(ids)])]
-    to_mask = math.ceil(len(words) * ctx.cfg.text_mask_ratio)
-    masked = [False] * len(words)
-    count = 0
+    """fairseq's whole-word span masking (``mask_length=span-poisson``, ``replace_length=1``).
+
+    ⌈text_mask_ratio × words⌉ words are masked in spans of Poisson(λ) words drawn until they cover that
+    budget (the last span trimmed), started at distinct random word starts; a span's first token becomes
+    ``<mask>`` and the rest of its words are deleted (spans may meet: two ``<mask>``; overlap: one).
+    Zero-length spans insert a ``<mask>`` at a random inner position instead. A leading piece of a word
+    cut by the 256-token window is not a word start, so it is never masked.
+    """
+    item = [BOS] + ids + [EOS]
+    starts = [False] + [ctx.is_word_start(t) for t in ids] + [False]
+    budget = math.ceil(sum(starts) * ctx.cfg.text_mask_ratio)
+    if budget == 0:
+        return list(ids)
     np_rng = np.random.default_rng(ctx.rng.getrandbits(63))
-    while count < to_mask:
-        length = min(max(int(np_rng.poisson(ctx.cfg.poisson_lambda)), 1), to_mask - count)
-        start = int(np_rng.integers(0, len(words)))
-        for w in range(start, min(start + length, len(words))):
-            if not masked[w]:
-                masked[w] = True
-                count += 1
-    out: list[int] = []
-    for w, word in enumerate(words):
-        if not masked[w]:
-            out.extend(word)
-        elif w == 0 or not masked[w - 1]:
-            out.append(ctx.tokenizer.mask_id)
-    return out
+    lengths: list[int] = []
+    while sum(lengths) < budget:
+        lengths.append(int(np_rng.poisson(ctx.cfg.poisson_lambda)))
+    lengths[-1] -= sum(lengths) - budget
+    spans = [n for n in lengths if n > 0]
+    inserts = len(lengths) - len(spans)
+    keep = [True] * len(item)
+    word_starts = [i for i, s in enumerate(starts) if s]
+    for start, length in zip(np_rng.permutation(word_starts)[: len(spans)].tolist(), spans):
+        item[start] = ctx.tokenizer.mask_id
+        left, j = length - 1, start + 1
+        while j < len(item) - 1:  # a span never runs over </s>
+            left -= starts[j]
+            if left < 0:
+                break
+            keep[j] = False
+            j += 1
+    out = [t for t, k in zip(item, keep) if k]
+    if inserts:
+        count = math.ceil(len(out) * (inserts / len(out)))
+        where = set((np_rng.permutation(len(out) + count - 2)[:count] + 1).tolist())
+        rest = iter(out)
+        out = [ctx.tokenizer.mask_id if i in where else next(rest) for i in range(len(out) + count)]
+    return out[1:-1]
 
 
 def image_infilling(record: dict, ctx: TaskContext) -> list[Example]:
@@ -291,15 +358,12 @@ def image_infilling(record: dict, ctx: TaskContext) -> list[Example]:
 
 
 def detection(record: dict, ctx: TaskContext) -> list[Example]:
-    """Per box (as many whole boxes as fit max_tgt_tokens): 4 bins + BPE(" label")."""
+    """Every box the transform keeps, in order: 4 bins + BPE(" label") (no length cut, as the original)."""
     meta = record["meta"]
     image, boxes = boxed_transform(row_image(record), meta["boxes"], ctx.cfg.patch_image_size, ctx.box_rng)
     ids: list[int] = []
     for box in boxes:
-        piece = ctx.bins(box) + ctx.encode(" " + meta["labels"][int(box[4])])
-        if len(ids) + len(piece) > ctx.cfg.max_tgt_tokens - 1:
-            break
-        ids.extend(piece)
+        ids.extend(ctx.bins(box) + ctx.encode(" " + meta["labels"][int(box[4])]))
     src = source_ids(ctx, " what are the objects in the image?")
     return [text_example(ctx, record, "detection", src, "", image, target_ids=ids)]
 
@@ -307,31 +371,44 @@ def detection(record: dict, ctx: TaskContext) -> list[Example]:
 # ----- fine-tuning text and classification tasks ------------------------------------------------
 
 def nli(record: dict, ctx: TaskContext) -> list[Example]:
+    """MedNLI (OFA's MNLIDataset): sentences lower-cased, whitespace squeezed, cut to max_src_tokens words;
+    the answer is one token without ``</s>``, scored after the decoder prompt of ``text_prompt_type``."""
     meta = record["meta"]
-    limit = _max_words(ctx, False)
-    s1, s2 = clean_caption(meta["s1"], limit), clean_caption(meta["s2"], limit)
-    head = ctx.prompt(' can text1 "')
-    mid = ctx.prompt(' " imply text2 "')
-    tail = ctx.prompt(' "?')
-    budget = max(ctx.cfg.max_src_tokens - 2 - len(head) - len(mid) - len(tail), 0)
-    t1, t2 = ctx.encode(" " + s1), ctx.encode(" " + s2)
-    t1 = t1[: max(budget - len(t2), budget // 2)]
-    t2 = t2[: budget - len(t1)]
-    src = [BOS] + head + t1 + mid + t2 + tail + [EOS]
+    s1, s2 = (" ".join(str(meta[k]).lower().split()[: ctx.cfg.max_src_tokens]) for k in ("s1", "s2"))
+    src = [BOS] + ctx.encode(f' can text1 " {s1} " imply text2 " {s2} "?') + [EOS]
     answer = NLI_ANSWERS[meta["label"]]
-    return [text_example(ctx, record, "nli", src, answer, None, references=[answer.strip()])]
+    token = ctx.prompt(answer)
+    prompt = {"none": [BOS], "src": src, "prev_output": src[:-1]}[ctx.cfg.text_prompt_type]
+    return [Example(uid=record["id"], task="nli", source=src, prev_output=list(prompt),
+                    target=[PAD] * (len(prompt) - 1) + token, loss_group=ctx.loss_group,
+                    references=[answer.strip()])]
 
 
 def summarization(record: dict, ctx: TaskContext) -> list[Example]:
+    """OFA's SummaryDataset: pre_caption on both sides, prompt + source cut together to max_src_tokens
+    tokens, the summary without a leading space; in training ``noise_ratio`` of the decoder inputs (after
+    ``<s>``) are replaced by random text ids."""
     meta = record["meta"]
-    text = " " + clean_caption(meta["source"], _max_words(ctx, False))
-    summary = clean_caption(meta["summary"], _max_words(ctx, True))
-    src = source_ids(ctx, ' what is the summary of article "', text, ' "?')
-    return [text_example(ctx, record, "summarization", src, summary, None, references=[summary])]
+    text = clean_caption(meta["source"], _max_words(ctx, False)).replace("<unk>", "unk")
+    summary = clean_caption(meta["summary"], _max_words(ctx, True)).replace("<unk>", "unk")
+    body = ctx.encode(f' what is the summary of article " {text} "?')[: ctx.cfg.max_src_tokens]
+    example = text_example(ctx, record, "summarization", [BOS] + body + [EOS], summary, None,
+                           references=[str(meta["summary"]).lower()])
+    if ctx.train and ctx.cfg.noise_ratio > 0:
+        example.prev_output = [BOS] + add_noise(example.prev_output[1:], ctx)
+    return [example]
+
+
+def add_noise(ids: list[int], ctx: TaskContext) -> list[int]:
+    """Each token replaced, with probability noise_ratio, by a uniform id in [4, first code) (OFA's range:
+    any text entry, ``<mask>`` included)."""
+    high = ctx.tokenizer.first_code_id
+    return [ctx.rng.randrange(4, high) if ctx.rng.random() < ctx.cfg.noise_ratio else t for t in ids]
 
 
 def classification(record: dict, ctx: TaskContext) -> list[Example]:
-    name = str(record["meta"]["label_name"]).strip()
+    """MedMNIST (OFA's ImageClassifyDataset): `` {label name}`` as written, whole."""
+    name = str(record["meta"]["label_name"])
     src = source_ids(ctx, " what does the image describe?")
     return [text_example(ctx, record, "classification", src, f" {name}", ctx.image(record), references=[name])]
 
@@ -339,14 +416,16 @@ def classification(record: dict, ctx: TaskContext) -> list[Example]:
 def instruction(record: dict, ctx: TaskContext) -> list[Example]:
     """Free-form instruction tuning: `` {instruction}`` -> `` {response}``, judged against the whole response.
 
-    The text is kept as written (case, punctuation, line breaks: responses are free text); a row without
+    A project addition (no original class): the instruction is cut so the source fits max_src_tokens and
+    the target to max_tgt_tokens with ``</s>``. The text is kept as written (case, punctuation, line breaks: responses are free text); a row without
     an image is text-only.
     """
     meta = record["meta"]
     text, response = str(meta["instruction"]).strip(), str(meta["response"]).strip()
-    src = source_ids(ctx, "", " " + text)
+    src = source_ids(ctx, "", " " + text, limit=ctx.cfg.max_src_tokens)
     image = ctx.image(record) if record["image"] else None
-    return [text_example(ctx, record, "instruction", src, f" {response}", image, references=[response])]
+    return [text_example(ctx, record, "instruction", src, f" {response}", image, references=[response],
+                         max_tokens=ctx.cfg.max_tgt_tokens - 1)]
 
 
 def _single(fn):

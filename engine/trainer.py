@@ -356,7 +356,8 @@ class Trainer:
         logits = self.engine(src_tokens=batch["src_tokens"], prev_output_tokens=batch["prev_output_tokens"],
                              patch_images=batch.get("patch_images"), patch_masks=batch.get("patch_masks"),
                              code_masks=batch.get("code_masks"),
-                             sample_patch_num=self.cfg.sample_patch_num if train else None)
+                             sample_patch_num=self.cfg.sample_patch_num if train else None,
+                             sample_rows=batch.get("sample_patches"))
         return label_smoothed_cross_entropy(
             logits, batch["target"], self.cfg.optim.label_smoothing if train else 0.0,
             pad_id=self.model_cfg.pad_id, conf=batch.get("conf"), constraint_masks=batch.get("constraint_masks"),

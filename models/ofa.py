@@ -377,8 +377,13 @@ class Encoder(_Stack):
         """The type embedding ``[d]`` of text (0) or image (1) tokens."""
         return self.type_embedding(torch.tensor(kind, device=device))
 
-    def embed_image(self, patch_images: Tensor, patch_masks: Tensor | None, sample_patch_num: int | None):
+    def embed_image(self, patch_images: Tensor, patch_masks: Tensor | None, sample_patch_num: int | None,
+                    sample_rows: Tensor | None = None):
         """Image tokens, their padding mask and position ids (``[1, n]``, or ``[B, k]`` for a random subset).
+
+        ``sample_patch_num`` keeps that many random patches of the rows ``sample_rows`` marks (all rows when
+        None): OFA samples only its pretraining's image-text sub-batch. When only some rows are sampled,
+        every row keeps n slots and a sampled row's slots past ``sample_patch_num`` are padding (masked).
 
         ``patch_images`` uint8 (0..255) are normalised here, on their device, with the config's image_mean /
         image_std; float images are taken as normalised. Text-only samples' image tokens are zeros (they are
@@ -401,8 +406,19 @@ class Encoder(_Stack):
                              f"(images up to {16 * self.cfg.image_bucket_size} px)")
         tokens = features.flatten(2).transpose(1, 2)
         ids = image_position_ids(rows, cols, self.cfg.image_bucket_size).to(tokens.device)[None]
-        if sample_patch_num is not None and sample_patch_num < ids.shape[1]:
-            order = torch.rand(b, ids.shape[1], device=tokens.device).argsort(dim=1)[:, :sample_patch_num]
+        sampled_away = None  # [b, n]: slots of sampled rows beyond sample_patch_num
+        rows = None if sample_rows is None else sample_rows.bool()
+        if rows is not None and rows_idx is not None:
+            rows = rows.index_select(0, rows_idx)
+        n = ids.shape[1]
+        if sample_patch_num is not None and sample_patch_num < n and (rows is None or bool(rows.any())):
+            order = torch.rand(b, n, device=tokens.device).argsort(dim=1)
+            if rows is None or bool(rows.all()):
+                order = order[:, :sample_patch_num]
+            else:
+                slots = torch.arange(n, device=tokens.device)
+                order = torch.where(rows[:, None], order, slots.expand(b, n))
+                sampled_away = rows[:, None] & (slots >= sample_patch_num)[None]
             tokens = tokens.gather(1, order[:, :, None].expand(-1, -1, tokens.shape[2]))
             ids = ids.expand(b, -1).gather(1, order)
         x = self.image_proj(tokens) + self.token_type(1, tokens.device)
@@ -411,12 +427,14 @@ class Encoder(_Stack):
             x = x.new_zeros(full_b, *x.shape[1:]).index_copy(0, rows_idx, x)
             ids = ids if ids.shape[0] == 1 else ids.new_zeros(full_b, ids.shape[1]).index_copy(0, rows_idx, ids)
         padding = torch.zeros((full_b, ids.shape[1]), dtype=torch.bool, device=tokens.device)
+        if sampled_away is not None:
+            padding = sampled_away if rows_idx is None else padding.index_copy(0, rows_idx, sampled_away)
         if patch_masks is not None:
             padding = padding | ~patch_masks.bool()[:, None]
         return x, padding, ids
 
     def forward(self, src_tokens: Tensor, patch_images: Tensor | None = None, patch_masks: Tensor | None = None,
-                sample_patch_num: int | None = None) -> EncoderOutput:
+                sample_patch_num: int | None = None, sample_rows: Tensor | None = None) -> EncoderOutput:
         b, s = src_tokens.shape
         if s > self.cfg.max_source_positions:
             raise ValueError(f"source length {s} exceeds max_source_positions {self.cfg.max_source_positions}")
@@ -425,7 +443,8 @@ class Encoder(_Stack):
         padding = src_tokens.eq(self.cfg.pad_id)
         image_ids = None
         if patch_images is not None:
-            image_x, image_padding, image_ids = self.embed_image(patch_images, patch_masks, sample_patch_num)
+            image_x, image_padding, image_ids = self.embed_image(patch_images, patch_masks, sample_patch_num,
+                                                                 sample_rows)
             x = torch.cat([image_x, x], dim=1)
             padding = torch.cat([image_padding, padding], dim=1)
         x = x * (1 - padding.unsqueeze(-1).type_as(x))
@@ -646,8 +665,8 @@ class BiomedGPT(nn.Module):
         return self
 
     def encode(self, src_tokens: Tensor, patch_images: Tensor | None = None, patch_masks: Tensor | None = None,
-               sample_patch_num: int | None = None) -> EncoderOutput:
-        return self.encoder(src_tokens, patch_images, patch_masks, sample_patch_num)
+               sample_patch_num: int | None = None, sample_rows: Tensor | None = None) -> EncoderOutput:
+        return self.encoder(src_tokens, patch_images, patch_masks, sample_patch_num, sample_rows)
 
     def new_cache(self) -> DecoderCache:
         return DecoderCache(self.cfg.decoder_layers)
@@ -660,12 +679,14 @@ class BiomedGPT(nn.Module):
 
     def forward(self, src_tokens: Tensor, prev_output_tokens: Tensor, patch_images: Tensor | None = None,
                 patch_masks: Tensor | None = None, code_masks: Tensor | None = None,
-                sample_patch_num: int | None = None) -> Tensor:
+                sample_patch_num: int | None = None, sample_rows: Tensor | None = None) -> Tensor:
+        """Logits [B, T, V]; ``sample_patch_num`` random patches per image of the rows ``sample_rows`` marks
+        (every row when None)."""
         if (patch_images is not None and patch_masks is not None and self.encoder.image_rows_only
                 and (self.same_calls_every_batch or not bool(patch_masks.all()))):
             return self._forward_by_modality(src_tokens, prev_output_tokens, patch_images, patch_masks, code_masks,
-                                             sample_patch_num)
-        encoder_out = self.encode(src_tokens, patch_images, patch_masks, sample_patch_num)
+                                             sample_patch_num, sample_rows)
+        encoder_out = self.encode(src_tokens, patch_images, patch_masks, sample_patch_num, sample_rows)
         return self.decode(prev_output_tokens, encoder_out, code_masks)
 
     #: side of the placeholder image of a batch without images (a 2 x 2 feature grid: BatchNorm needs > 1 value)
@@ -675,7 +696,8 @@ class BiomedGPT(nn.Module):
     same_calls_every_batch = False
 
     def _forward_by_modality(self, src_tokens: Tensor, prev_output_tokens: Tensor, patch_images: Tensor,
-                             patch_masks: Tensor, code_masks: Tensor | None, sample_patch_num: int | None) -> Tensor:
+                             patch_masks: Tensor, code_masks: Tensor | None, sample_patch_num: int | None,
+                             sample_rows: Tensor | None = None) -> Tensor:
         """A batch as two passes: samples with an image, then text-only samples without image tokens.
 
         A text-only sample's image tokens are all masked, so leaving them out changes no logit; it saves
@@ -693,7 +715,8 @@ class BiomedGPT(nn.Module):
 
         def part(index: Tensor, images: Tensor | None) -> Tensor:
             codes = None if code_masks is None else code_masks.index_select(0, index)
-            enc = self.encode(src_tokens.index_select(0, index), images, None, sample_patch_num)
+            rows = None if sample_rows is None else sample_rows.index_select(0, index)
+            enc = self.encode(src_tokens.index_select(0, index), images, None, sample_patch_num, rows)
             return self.decode(prev_output_tokens.index_select(0, index), enc, codes)
 
         if img.numel():

@@ -53,10 +53,14 @@ GROUNDING = make_record("g1", "grounding", {"caption": "the left lung", "box": [
 
 
 def test_known_ids_and_leading_spaces(tok):
+    """Fine-tuning captions as OFA's CaptionDataset: punctuation removed, case kept; evaluation joins the
+    references with && (the original's validation target)."""
     ex = process("caption", CAPTION, context(tok))[0]
     assert ex.source[:2] == [0, 99] and ex.source[-2:] == [116, 2]  # " what" = 99, "?" = 116
-    check(ex, tok, src(tok, " what does the image describe?"), " chest x ray: normal clear lungs.")
-    assert ex.references == ["chest x ray: normal clear lungs.", "second ref"]
+    check(ex, tok, src(tok, " what does the image describe?"), " Chest Xray normalclear lungs&&second ref")
+    assert ex.references == ["Chest Xray normalclear lungs", "second ref"]
+    train = process("caption", CAPTION, context(tok, train=True, train_transform="resize", max_tgt_tokens=2, seed=1))[0]
+    assert train.target[:-1] in (tok.encode(" Chest Xray"), tok.encode(" second ref"))  # 2 words, whole
     assert ex.image.shape == (3, 64, 64) and ex.image.dtype == torch.uint8  # normalised by the model, on its device
 
 
@@ -107,17 +111,16 @@ def test_grounding_bins_and_grounded_caption(tok):
 
 
 def test_text_infilling_span_masking(tok):
-    text = " ".join(f"word{i}" for i in range(40))
-    ex = process("text_infilling", make_record("t1", "text", {"text": text}), context(tok, seed=3))[0]
-    check(ex, tok, ex.source, " " + text)
-    head, tail = tok.encode(' what is the complete text of "'), tok.encode(' "?')
-    assert ex.source[: 1 + len(head)] == [0] + head and ex.source[-len(tail) - 1:] == tail + [2]
-    masked = tok.decode(ex.source[1 + len(head): -len(tail) - 1])
-    assert tok.encode(' what is the complete text of "' + masked + ' "?') == ex.source[1:-1]
-    kept = [w for w in masked.replace("<mask>", " ").split()]
-    assert len(kept) == 40 - 12  # ceil(30% of 40) whole words masked
-    assert kept == [w for w in text.split() if w in kept]  # order kept, words whole
-    assert "<mask><mask>" not in masked.replace(" ", "")  # one <mask> per span
+    text = " ".join(f"Word{i}" for i in range(40))
+    for seed in range(6):
+        ex = process("text_infilling", make_record("t1", "text", {"text": text}), context(tok, seed=seed))[0]
+        check(ex, tok, ex.source, " " + text.lower())
+        head, tail = tok.encode(' what is the complete text of "'), tok.encode(' "?')
+        assert ex.source[: 1 + len(head)] == [0] + head and ex.source[-len(tail) - 1:] == tail + [2]
+        masked = tok.decode(ex.source[1 + len(head): -len(tail) - 1])
+        kept = [w for w in masked.replace("<mask>", " ").split()]
+        assert 40 - 12 <= len(kept) < 40  # at most ceil(30% of 40) words masked (spans may overlap)
+        assert kept == [w for w in text.lower().split() if w in kept]  # order kept, words whole
 
 
 def test_image_infilling_codes(tok):
@@ -144,11 +147,13 @@ def test_nli_summarization_classification(tok):
     for label, answer in (("entailment", " yes"), ("contradiction", " no"), ("neutral", " maybe")):
         ex = process("nli", make_record("n", "nli", {"s1": "He has a fever.", "s2": "He is febrile", "label": label}),
                      context(tok))[0]
-        check(ex, tok, src(tok, ' can text1 " he has a fever. " imply text2 " he is febrile "?'), answer)
+        assert ex.source == src(tok, ' can text1 " he has a fever. " imply text2 " he is febrile "?')
+        assert ex.prev_output == [0] and ex.target == tok.encode(answer)  # prompt type none: one token, no </s>
         assert ex.image is None
     ex = process("summarization", make_record("s", "summarization", {"source": "No acute disease. Heart normal.",
                                                                      "summary": "No acute disease"}), context(tok))[0]
     check(ex, tok, src(tok, ' what is the summary of article " no acute disease. heart normal. "?'), "no acute disease")
+    assert ex.references == ["no acute disease"]  # the summary lower-cased, as the original's target_str
     ex = process("classification", make_record("m", "classification", {"label": 3, "label_name": "basophil"}, png()),
                  context(tok))[0]
     check(ex, tok, src(tok, " what does the image describe?"), " basophil")
@@ -168,12 +173,17 @@ def test_instruction_with_and_without_image(tok):
     assert [TASK_NAMES[i] for i in batch["task_ids"]] == ["instruction", "instruction"]
 
 
-def test_length_limits_keep_the_prompt(tok):
+def test_length_limits(tok):
+    """The original's limits: summarization cuts prompt + source together to max_src_tokens tokens (the
+    closing quote may go) and the summary to max_tgt_tokens words; instruction rows keep their prompt."""
     long = " ".join(["finding"] * 300)
     ex = process("summarization", make_record("s", "summarization", {"source": long, "summary": long}),
                  context(tok, max_src_tokens=40, max_tgt_tokens=10))[0]
-    assert len(ex.source) == 40 and ex.source[-len(tok.encode(' "?')) - 1:] == tok.encode(' "?') + [2]
-    assert len(ex.target) == 10 and ex.target[-1] == 2
+    assert ex.source == [0] + tok.encode(' what is the summary of article " ' + long + ' "?')[:40] + [2]
+    assert ex.target == tok.encode(" ".join(["finding"] * 10)) + [2]
+    meta = {"instruction": long + " explain", "response": long}
+    ex = process("instruction", make_record("i", "instruction", meta), context(tok, max_src_tokens=40))[0]
+    assert len(ex.source) == 40 and ex.source[-1] == 2 and len(ex.target) == 30
 
 
 def test_wrong_row_kind_is_named(tok):
@@ -188,7 +198,7 @@ def test_collate_batch_layout(tok):
     examples[-1].loss_group = 1
     batch = collate(examples, 64, [1.0, 2.0], with_references=True)
     assert set(batch) == {"src_tokens", "src_lengths", "patch_images", "patch_masks", "prev_output_tokens", "target",
-                          "code_masks", "conf", "loss_groups", "group_weights", "task_ids", "ids", "references",
+                          "code_masks", "sample_patches", "conf", "loss_groups", "group_weights", "task_ids", "ids", "references",
                           "answer_types"}
     assert batch["patch_images"].shape == (3, 3, 64, 64) and batch["patch_images"][2].abs().sum() == 0
     assert batch["patch_masks"].tolist() == [True, True, False]

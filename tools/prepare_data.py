@@ -174,7 +174,8 @@ def _medmnist(p: list[str], line: int) -> dict:
 
 
 def _mednli(p: list[str], line: int) -> dict:
-    s1, s2, label = _columns(p, 3)
+    # BiomedGPT's preprocessing writes a fourth column (genre:sentence1) that training does not read
+    s1, s2, label = _columns(p, 4 if len(p) == 4 else 3)[:3]
     return make_record(f"row{line}", "nli", {"s1": s1, "s2": s2, "label": _nli_label(label)})
 
 
