@@ -53,6 +53,14 @@ class DataConfig:
     augment: bool = True  # random resize + centre crop + RandAugment on training images
     vqa_prompt_type: Literal["none", "prev_output"] = "none"  # prev_output: question prefix fed to the decoder
     vqa_add_objects: bool = False  # append " object: {objects}" to VQA sources
+    # OFA's trie-constrained training: training batches carry constraint_masks (per target position, the tokens
+    # the answer set allows after the answer so far) for vqa, nli and classification streams; the loss
+    # normalises and smooths over those tokens only
+    constrain_training: bool = False
+    # the closed answer set of vqa / classification streams (OFA's --ans2label-file: a pickle or JSON
+    # answer -> index, a JSON list, or one answer per line); None: every answer of the training streams' rows.
+    # nli's set is fixed (yes / no / maybe)
+    answer_set: Optional[PathStr] = None
     text_mask_ratio: float = 0.3
     poisson_lambda: float = 3.0
     num_workers: int = 2
