@@ -24,8 +24,8 @@ def _local(param: nn.Parameter) -> torch.Tensor:
 
 def persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
     """The module's buffers that its state dict holds (BatchNorm statistics; not recomputed tables)."""
-    kept = set(module.state_dict(keep_vars=True))
-    return {name: buf for name, buf in module.named_buffers() if name in kept}
+    return {f"{prefix}.{name}" if prefix else name: buf for prefix, sub in module.named_modules()
+            for name, buf in sub.named_buffers(recurse=False) if name not in sub._non_persistent_buffers_set}
 
 
 def _shadow_of(buffer: torch.Tensor) -> torch.Tensor:
