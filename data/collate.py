@@ -1,12 +1,15 @@
 """Collation: examples -> the batch dict of docs/DESIGN.md ("Batches"), the same keys on every rank, every step."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
 
 from biomedgpt.data.tasks import PAD, TASK_NAMES, Example
+
+if TYPE_CHECKING:
+    from biomedgpt.data.constraints import AnswerConstraints
 
 _TASK_INDEX = {name: i for i, name in enumerate(TASK_NAMES)}
 
@@ -20,13 +23,14 @@ def _pad(rows: Sequence[Sequence[int]]) -> torch.Tensor:
 
 
 def collate(examples: Sequence[Example], patch_image_size: int, group_weights: Sequence[float],
-            with_references: bool = False) -> dict:
+            with_references: bool = False, constraints: Optional["AnswerConstraints"] = None) -> dict:
     """Right-pad tokens with 1; images stay uint8 (the model normalises them on its device); text-only
     examples get a zero image and ``patch_masks`` False.
 
     ``group_weights`` is carried whole even when a group has no example in this batch, so every rank
     sees the same structure. ``with_references`` adds, for evaluation, ``references`` (list of reference
     strings per example) and ``answer_types`` (the VQA "open" / "closed" annotation, or None).
+    ``constraints`` adds ``constraint_masks`` (``data/constraints.py``: answer-set constrained training).
     """
     if not examples:
         raise ValueError("cannot collate an empty batch")
@@ -58,6 +62,8 @@ def collate(examples: Sequence[Example], patch_image_size: int, group_weights: S
         "task_ids": torch.tensor([_TASK_INDEX[ex.task] for ex in examples], dtype=torch.long),
         "ids": [ex.uid for ex in examples],
     }
+    if constraints is not None:
+        batch["constraint_masks"] = constraints.masks(examples, batch["target"].shape[1])
     if with_references:
         batch["references"] = [list(ex.references) for ex in examples]
         batch["answer_types"] = [ex.answer_type for ex in examples]

@@ -70,6 +70,14 @@ class DataConfig:
     # NLI decoder prompt (OFA --prompt-type of the mnli task; MedNLI: src): the answer token is scored after it
     text_prompt_type: Literal["none", "src", "prev_output"] = "none"
     noise_ratio: float = 0.0  # OFA --noise-ratio: share of summarization decoder inputs replaced by random text ids
+    # OFA's trie-constrained training: training batches carry constraint_masks (per target position, the tokens
+    # the answer set allows after the answer so far) for vqa, nli and classification streams; the loss
+    # normalises and smooths over those tokens only
+    constrain_training: bool = False
+    # the closed answer set of vqa / classification streams (OFA's --ans2label-file: a pickle or JSON
+    # answer -> index, a JSON list, or one answer per line); None: every answer of the training streams' rows.
+    # nli's set is fixed (yes / no / maybe)
+    answer_set: Optional[PathStr] = None
     text_mask_ratio: float = 0.3
     poisson_lambda: float = 3.0
     num_workers: int = 2

@@ -242,18 +242,20 @@ class ResumableLoader(StreamingDataLoader):
 
 
 def _collate_rows(rows: list[list], patch_image_size: int, group_weights: list[float],
-                  with_references: bool) -> dict:
-    return collate([ex for row in rows for ex in row], patch_image_size, group_weights, with_references)
+                  with_references: bool, constraints=None) -> dict:
+    return collate([ex for row in rows for ex in row], patch_image_size, group_weights, with_references,
+                   constraints)
 
 
 def _loader(dataset: TaskStreamingDataset, cfg: DataConfig, batch_size: int, drop_last: bool,
-            with_references: bool) -> ResumableLoader:
+            with_references: bool, constraints=None) -> ResumableLoader:
     workers = cfg.num_workers
     return ResumableLoader(
         dataset, batch_size=batch_size, drop_last=drop_last, num_workers=workers,
         prefetch_factor=cfg.prefetch_factor if workers else None, persistent_workers=False,
         collate_fn=functools.partial(_collate_rows, patch_image_size=cfg.patch_image_size,
-                                     group_weights=list(cfg.group_weights), with_references=with_references))
+                                     group_weights=list(cfg.group_weights), with_references=with_references,
+                                     constraints=constraints))
 
 
 def build_train_loader(cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1,
@@ -262,7 +264,12 @@ def build_train_loader(cfg: DataConfig, tokenizer, rank: int = 0, world_size: in
     ``loader.state_dict()`` (every rank gives the same) goes into the checkpoint."""
     set_distributed_env(rank, world_size, local_rank, local_world_size)
     dataset = TaskStreamingDataset(cfg.streams, cfg, tokenizer, train=True, cache_subdir="train")
-    return _loader(dataset, cfg, cfg.batch_size, drop_last=True, with_references=False)
+    constraints = None
+    if cfg.constrain_training:
+        from biomedgpt.data.constraints import training_constraints
+
+        constraints = training_constraints(cfg, tokenizer, dataset)
+    return _loader(dataset, cfg, cfg.batch_size, drop_last=True, with_references=False, constraints=constraints)
 
 
 def build_eval_loader(cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1,

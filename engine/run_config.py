@@ -36,7 +36,18 @@ class OptimConfig:
     grad_accum: int = 1
     clip_norm: float = 1.0  # 0 disables clipping
     label_smoothing: float = 0.0
-    freeze_embeddings: bool = False  # the shared token embedding is not trained (VQA fine-tuning)
+    # OFA's --freeze-encoder-embedding / --freeze-decoder-embedding. Encoder and decoder share one token table
+    # (tied to the output projection, as OFA's --share-all-embeddings): either flag keeps that table fixed, and
+    # it gets no optimizer state.
+    freeze_encoder_embedding: bool = False
+    freeze_decoder_embedding: bool = False
+    # OFA's --drop-worst-ratio / --drop-worst-after: once more than drop_worst_after optimizer steps are done,
+    # each micro-batch drops this fraction of its target tokens with the largest loss (per loss group)
+    drop_worst_ratio: float = 0.0
+    drop_worst_after: int = 0
+    # accumulation: fairseq's - the loss summed over every micro-batch of an optimizer step on every rank, divided
+    # by their total target tokens (one big batch's loss); micro_batch: each micro-batch's own mean, averaged
+    loss_normalization: Literal["accumulation", "micro_batch"] = "accumulation"
     implementation: Literal["torch", "deepspeed"] = "torch"  # deepspeed: its compiled Fused/CPU Adam
 
     def __post_init__(self) -> None:
@@ -48,6 +59,15 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"optim.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 <= self.drop_worst_ratio < 1.0:
+            raise ValueError(f"optim.drop_worst_ratio must be in [0, 1), got {self.drop_worst_ratio}")
+        if self.drop_worst_after < 0:
+            raise ValueError(f"optim.drop_worst_after must be >= 0, got {self.drop_worst_after}")
+
+    def drop_worst_at(self, completed_steps: int) -> float:
+        """The share of token losses dropped while the optimizer has done ``completed_steps`` steps
+        (OFA drops once its update count exceeds ``drop_worst_after``)."""
+        return self.drop_worst_ratio if completed_steps > self.drop_worst_after else 0.0
 
 
 @dataclass
@@ -92,6 +112,9 @@ class EmaConfig:
     enabled: bool = False
     decay: float = 0.9999
     start_step: int = 0  # steps before this copy the weights instead of averaging
+    # also average the floating buffers (BatchNorm running mean / var) and copy the integer ones
+    # (num_batches_tracked), as fairseq's EMA; evaluation with the EMA uses them too
+    buffers: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.decay < 1.0:

@@ -21,7 +21,7 @@ from biomedgpt.engine.ds_config import build_ds_config
 from biomedgpt.engine.ema import EMA
 from biomedgpt.engine.flops import batch_train_flops, device_peak, image_tokens
 from biomedgpt.engine.host_memory import set_mmap_threshold
-from biomedgpt.engine.loss import label_smoothed_cross_entropy
+from biomedgpt.engine.loss import kept_tokens, label_smoothed_cross_entropy
 from biomedgpt.engine.metrics import MetricsLogger, MetricWindow
 from biomedgpt.engine.model_setup import (apply_activation_checkpointing, apply_compile, build_model, compile_enabled,
                                           use_zero_init)
@@ -124,7 +124,8 @@ class Trainer:
 
         self.engine = self._build_engine()
         self.float_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ds.precision]
-        self.ema = EMA(self.engine.module, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.enabled else None
+        self.ema = (EMA(self.engine.module, cfg.ema.decay, cfg.ema.start_step, buffers=cfg.ema.buffers)
+                    if cfg.ema.enabled else None)
         self.step, self.epoch, self.nonfinite = 0, 0, 0
         self.checkpoint_memory_reserved = False
         self.best: Optional[float] = None
@@ -207,8 +208,8 @@ class Trainer:
         # Ranks' batches mix modalities differently; the same module calls on every rank keep ZeRO's gathers
         # and bucketed reductions in step (models/ofa.py _forward_by_modality).
         model.same_calls_every_batch = self.world > 1
-        if cfg.optim.freeze_embeddings:
-            model.embed_tokens.weight.requires_grad_(False)
+        if cfg.optim.freeze_encoder_embedding or cfg.optim.freeze_decoder_embedding:
+            model.embed_tokens.weight.requires_grad_(False)  # the one table both sides share: no optimizer state
         if ds.activation_checkpointing:
             apply_activation_checkpointing(model)
         if compile_enabled(self.model_cfg, self.dist.device, ds.zero_stage):
@@ -352,7 +353,7 @@ class Trainer:
             iterator = iter(self.train_loader)
             pending = next(iterator, None)
 
-    def _forward_loss(self, batch: dict, train: bool):
+    def _forward_loss(self, batch: dict, train: bool, window_tokens: Optional[torch.Tensor] = None):
         logits = self.engine(src_tokens=batch["src_tokens"], prev_output_tokens=batch["prev_output_tokens"],
                              patch_images=batch.get("patch_images"), patch_masks=batch.get("patch_masks"),
                              code_masks=batch.get("code_masks"),
@@ -361,24 +362,57 @@ class Trainer:
         return label_smoothed_cross_entropy(
             logits, batch["target"], self.cfg.optim.label_smoothing if train else 0.0,
             pad_id=self.model_cfg.pad_id, conf=batch.get("conf"), constraint_masks=batch.get("constraint_masks"),
-            loss_groups=batch.get("loss_groups"), group_weights=batch.get("group_weights"))
+            loss_groups=batch.get("loss_groups"), group_weights=batch.get("group_weights"),
+            drop_worst_ratio=self.cfg.optim.drop_worst_at(self.step) if train else 0.0, group_tokens=window_tokens)
+
+    def window_tokens(self, batches: list[dict]) -> torch.Tensor:
+        """Collective: the target tokens per loss group that the loss keeps in ``batches`` (one accumulation
+        window's micro-batches) summed over every rank: fairseq's denominator of an update's loss."""
+        counts = sum(kept_tokens(b["target"], b.get("loss_groups"), len(b.get("group_weights") or [1.0]),
+                                 self.cfg.optim.drop_worst_at(self.step), self.model_cfg.pad_id) for b in batches)
+        return dist_utils.all_reduce(counts, "sum")
+
+    def _next_window(self, batches: Iterator[dict], tokens: Optional[torch.Tensor]):
+        """The micro-batches left in DeepSpeed's accumulation window, and the window's token count
+        (``loss_normalization: accumulation``; collective) counted before the first of them runs. A micro-batch
+        that replaces a skipped one (non-finite loss: no backward) keeps its window's count."""
+        accum = self.cfg.optim.grad_accum
+        left = accum - self.engine.micro_steps % accum
+        window = [next(batches) for _ in range(left)]
+        if self.cfg.optim.loss_normalization == "accumulation" and left == accum:
+            tokens = self.window_tokens(window)
+        return window, tokens
 
     def _new_window(self) -> MetricWindow:
         return MetricWindow(len(self.task_names))
 
-    def train_step(self, batch: dict) -> StepResult:
+    def train_step(self, batch: dict, window_tokens: Optional[torch.Tensor] = None) -> StepResult:
         """One micro-batch: forward and loss; the ranks agree whether to skip it (a non-finite loss on any
         rank) and whether to stop (a signal on any rank); backward; the gradient norm where DeepSpeed
-        records none; DeepSpeed's step (the optimizer steps at a gradient-accumulation boundary)."""
+        records none; DeepSpeed's step (the optimizer steps at a gradient-accumulation boundary).
+
+        ``loss_normalization: accumulation`` divides the loss by ``window_tokens`` (``window_tokens()`` of the
+        accumulation window's micro-batches; with ``grad_accum`` 1 this batch's count when not given) and
+        scales it so that DeepSpeed's mean over the ranks leaves the window's sum over the ranks: the update
+        is one big batch's. ``micro_batch``: each micro-batch's own mean, DeepSpeed averaging them."""
         self.engine.train()
+        accumulate = self.cfg.optim.loss_normalization == "accumulation"
+        if accumulate and window_tokens is None:
+            if self.cfg.optim.grad_accum > 1:
+                raise ValueError("loss_normalization accumulation with grad_accum > 1: pass the window's count "
+                                 "(Trainer.window_tokens of its micro-batches) to train_step")
+            window_tokens = self.window_tokens([batch])
         batch = _move(batch, self.dist.device, self.float_dtype)
-        out = self._forward_loss(batch, train=True)
+        out = self._forward_loss(batch, train=True, window_tokens=window_tokens if accumulate else None)
         flags = torch.tensor([0.0 if torch.isfinite(out.loss) else 1.0, float(self.stop.requested)])
         dist_utils.all_reduce(flags, "max")
         if flags[0] > 0:
             self._skip_nonfinite()
             return StepResult(skipped=True, boundary=False, stop=bool(flags[1] > 0))
-        self.engine.backward(out.loss)
+        if accumulate:
+            self.engine.backward(out.loss * self.world, scale_wrt_gas=False)
+        else:
+            self.engine.backward(out.loss)
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary and self.plan.own_grad_norm:
             self.window.grad_norm = self._unclipped_grad_norm()
@@ -407,10 +441,14 @@ class Trainer:
         from biomedgpt.engine.watchdog import Watchdog
 
         self.watchdog = Watchdog(self.out, self.rank, cfg.watchdog.timeout_s, cfg.watchdog.poll_s).start()
+        window: list[dict] = []
+        tokens: Optional[torch.Tensor] = None
         try:
             while self.step < self.total_steps:
                 self.watchdog.beat("train", self.step)
-                result = self.train_step(next(batches))
+                if not window:  # empty at every optimizer step: checkpoints see the whole window consumed
+                    window, tokens = self._next_window(batches, tokens)
+                result = self.train_step(window.pop(0), tokens)
                 if result.skipped:
                     continue
                 step_ids.extend(result.ids)
@@ -479,7 +517,8 @@ class Trainer:
         if images is not None:
             per_image = image_tokens(images.shape[-2], images.shape[-1], sample_patch_num=self.cfg.sample_patch_num)
             n_img = float(batch["patch_masks"].sum()) * per_image
-        text_tokens = float(batch["src_tokens"].ne(self.model_cfg.pad_id).sum() + out.sample_tokens.sum())
+        text_tokens = float(batch["src_tokens"].ne(self.model_cfg.pad_id).sum()
+                            + batch["target"].ne(self.model_cfg.pad_id).sum())
         self.window.add(batch.get("task_ids"), out.sample_loss, out.sample_tokens,
                         loss=float(out.sample_loss.sum()), nll=float(out.sample_nll.sum()),
                         tokens=float(out.sample_tokens.sum()), correct=float(out.sample_correct.sum()),

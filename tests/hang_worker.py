@@ -20,10 +20,10 @@ def install() -> None:
     original = trainer.Trainer._forward_loss
     hang_rank, hang_step = int(os.environ["HANG_RANK"]), int(os.environ["HANG_STEP"])
 
-    def forward_loss(self, batch, train):
+    def forward_loss(self, batch, train, **kwargs):
         if train and self.rank == hang_rank and self.step >= hang_step:
             injected_hang()
-        return original(self, batch, train)
+        return original(self, batch, train, **kwargs)
 
     trainer.Trainer._forward_loss = forward_loss
 

@@ -36,7 +36,7 @@ def worker(out: Path) -> None:
     for stage in (0, 3):
         torch.manual_seed(0)
         engine = _engine(BiomedGPT(cfg).init_weights(), stage, info.world_size)
-        ema = EMA(engine.module, decay=0.5)
+        ema = EMA(engine.module, decay=0.5, buffers=True)  # BatchNorm buffers stay whole under ZeRO-3
 
         def full_weights() -> dict[str, torch.Tensor]:
             gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters())) if stage == 3
