@@ -50,6 +50,41 @@ class DataSourceError(RuntimeError):
     """A stream that cannot be read: unreachable store, missing index, truncated shard."""
 
 
+class UnsafeIndexError(DataSourceError):
+    """An index.json naming a file outside its stream's folder (``../``, an absolute path): refused before
+    any shard is downloaded, so an untrusted bucket cannot write anywhere else on this machine."""
+
+
+def unsafe_file_name(name: str) -> bool:
+    """Whether ``name`` (a file name from an index) could resolve outside the folder it is joined to: empty,
+    absolute, or with a ``..`` part anywhere (no writer makes one; none is needed to name a file inside)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        return True
+    return os.path.isabs(name) or ".." in Path(name).parts
+
+
+class CheckedStream(Stream):
+    """streaming's ``Stream`` whose index is checked as soon as it is read (after index.json is fetched,
+    before any shard): every file it names (raw and zip shards, a format's sidecar files) must stay
+    inside the stream's local folder; streaming itself joins the names to that folder unchecked."""
+
+    def __init__(self, *, name: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.stream_name = name
+
+    def get_shards(self, world, allow_unsafe_types: bool) -> list:
+        shards = super().get_shards(world, allow_unsafe_types)
+        for shard in shards:
+            for raw_info, zip_info in shard.file_pairs:
+                for info in (raw_info, zip_info):
+                    if info is not None and unsafe_file_name(info.basename):
+                        raise UnsafeIndexError(
+                            f"stream {self.stream_name}: index.json of {self.remote or self.local} names the "
+                            f"file {info.basename!r}, outside the stream's folder; refusing the whole stream "
+                            "(nothing downloaded): rewrite the index or convert the data again")
+        return shards
+
+
 def is_remote(path: str) -> bool:
     return bool(urlparse(path).scheme) and urlparse(path).scheme != "file"
 
@@ -87,8 +122,8 @@ class TaskStreamingDataset(StreamingDataset):
             if remote is None and not (Path(local) / "index.json").is_file():
                 raise DataSourceError(f"stream {s.name}: no index.json under {local} (not a converted "
                                       f"dataset, or its conversion did not finish)")
-            built.append(Stream(remote=remote, local=local, proportion=s.proportion,
-                                download_retry=cfg.download_retry, download_timeout=cfg.download_timeout))
+            built.append(CheckedStream(name=s.name, remote=remote, local=local, proportion=s.proportion,
+                                       download_retry=cfg.download_retry, download_timeout=cfg.download_timeout))
         try:
             with registration_lock():
                 super().__init__(
@@ -98,6 +133,8 @@ class TaskStreamingDataset(StreamingDataset):
                     epoch_size=cfg.epoch_size if train else None, predownload=cfg.predownload,
                     cache_limit=cfg.cache_limit, download_retry=cfg.download_retry,
                     download_timeout=cfg.download_timeout)
+        except UnsafeIndexError:
+            raise
         except Exception as exc:
             where = ", ".join(f"{s.name}={s.remote}" for s in streams)
             raise DataSourceError(f"cannot open streams ({where}): {type(exc).__name__}: {exc}") from exc
