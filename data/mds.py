@@ -2,17 +2,25 @@
 
 Local output: shards go to a hidden ``.NAME.partial`` directory beside the target, which is renamed
 into place (``os.replace``) only after ``index.json`` is written. Remote output (``s3://…``; the
-endpoint from ``S3_ENDPOINT_URL``): shards are uploaded as they fill and ``index.json`` is uploaded
-last, only by :meth:`ShardWriter.commit`; an old ``index.json`` at the prefix is deleted before the
-first new shard lands, so a killed conversion leaves a prefix without an index (unreadable), never a
-mix of old index and new shards.
+endpoint from ``S3_ENDPOINT_URL``): shards are uploaded as they fill into a fresh generation folder
+under the prefix (``gen-<UTC time>-<random>/shard.NNNNN.mds``, the index names them so), and
+``index.json`` is replaced last, only by :meth:`ShardWriter.commit`, in one PUT. A killed or failed
+conversion therefore leaves the previous dataset (index and shards) readable in full; after the new
+index is in place, the objects only the old index named and other generations' folders are deleted.
+The local staging folder is one ``mds-upload-<pid>-*`` temporary folder, removed on success, failure,
+SIGTERM; one left by a killed (SIGKILL) conversion is removed by the next conversion on the machine.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
+import secrets
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
@@ -23,6 +31,8 @@ from streaming.base.storage.upload import CloudUploader
 from biomedgpt.data.records import MDS_COLUMNS
 
 INDEX = "index.json"
+GENERATION = "gen-"  # remote shards live under <prefix>/gen-<UTC time>-<random>/
+TEMP_PREFIX = "mds-upload-"
 
 
 class OutputExistsError(FileExistsError):
@@ -69,13 +79,18 @@ class _IndexHeldWriter(MDSWriter):
     last shards are still uploading; we upload the index ourselves after every shard has landed.
     """
 
-    def __init__(self, *, index_dir: str, **kwargs) -> None:
+    def __init__(self, *, index_dir: str, folder: str = "", **kwargs) -> None:
         super().__init__(**kwargs)
-        self.index_dir = index_dir
+        self.index_dir, self.folder = index_dir, folder
 
     def _write_index(self) -> None:
+        shards = copy.deepcopy(self.shards)
+        for shard in shards:  # the index sits above the generation folder the shards went to
+            for key in ("raw_data", "zip_data"):
+                if self.folder and shard.get(key):
+                    shard[key]["basename"] = f"{self.folder}/{shard[key]['basename']}"
         with open(os.path.join(self.index_dir, INDEX), "w") as out:
-            json.dump({"version": 2, "shards": self.shards}, out, sort_keys=True)
+            json.dump({"version": 2, "shards": shards}, out, sort_keys=True)
 
 
 class ShardWriter:
@@ -88,11 +103,17 @@ class ShardWriter:
         self.store_timeout, self.store_attempts = store_timeout, store_attempts
         self.remote = bool(urlparse(out).scheme) and urlparse(out).scheme != "file"
         self._committed = False
+        self._old_files: set[str] = set()  # what the index being replaced names (deleted once replaced)
+        self.folder = ""
         if self.remote:
-            self._prepare_remote(overwrite)
-            self._staging = tempfile.mkdtemp(prefix="mds-upload-")
-            self._index_dir = tempfile.mkdtemp(prefix="mds-index-")
-            target = (self._staging, out)
+            self._old_files = self._prepare_remote(overwrite)
+            remove_orphaned_temp_dirs()
+            self.folder = f"{GENERATION}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(4)}"
+            self._temp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
+            self._staging, self._index_dir = os.path.join(self._temp, "shards"), os.path.join(self._temp, "index")
+            os.mkdir(self._staging)
+            os.mkdir(self._index_dir)
+            target = (self._staging, f"{out.rstrip('/')}/{self.folder}")
         else:
             final = Path(out)
             if (final / INDEX).exists() and not overwrite:
@@ -100,14 +121,15 @@ class ShardWriter:
             final.parent.mkdir(parents=True, exist_ok=True)
             self._staging = str(final.parent / f".{final.name}.partial")
             shutil.rmtree(self._staging, ignore_errors=True)  # a killed earlier conversion's leftovers
-            self._index_dir = target = self._staging
-        self._writer = _IndexHeldWriter(index_dir=self._index_dir, out=target, columns=MDS_COLUMNS,
+            self._temp = self._index_dir = target = self._staging
+        self._writer = _IndexHeldWriter(index_dir=self._index_dir, folder=self.folder, out=target, columns=MDS_COLUMNS,
                                         compression=compression, hashes=list(hashes), size_limit=size_limit,
                                         exist_ok=True)
 
-    def _prepare_remote(self, overwrite: bool) -> None:
+    def _prepare_remote(self, overwrite: bool) -> set[str]:
+        """Check the store and bucket; the files the current index names (empty when there is none)."""
         if urlparse(self.out).scheme != "s3":
-            return  # other stores: streaming's uploader; index.json is still written last
+            return set()  # other stores: streaming's uploader; index.json is still replaced last
         from botocore.exceptions import BotoCoreError, ClientError
 
         bucket, prefix = _split_s3(self.out)
@@ -135,8 +157,14 @@ class ShardWriter:
             raise StoreError(f"cannot write {self.out}: {where}: {_store_reason(exc)}") from None
         if exists and not overwrite:
             raise OutputExistsError(f"{self.out} already holds a dataset (index.json); pass overwrite=true")
-        if exists:
-            client.delete_object(Bucket=bucket, Key=key)
+        if not exists:
+            return set()
+        try:
+            index = json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+            return {info["basename"] for shard in index["shards"] for info in (shard.get("raw_data"),
+                                                                                 shard.get("zip_data")) if info}
+        except (ClientError, BotoCoreError, ValueError, KeyError, TypeError):
+            return set()  # an unreadable old index: its shards are left, only other generations are removed
 
     def write(self, record: dict) -> None:
         self._writer.write(record)
@@ -146,8 +174,9 @@ class ShardWriter:
         self._writer.finish()  # raises if an upload failed
         if self.remote:
             CloudUploader.get((self._index_dir, self.out), keep_local=True, retry=2, exist_ok=True).upload_file(INDEX)
-            for path in (self._staging, self._index_dir):
-                shutil.rmtree(path, ignore_errors=True)
+            self._committed = True  # the new dataset is published; what follows only frees space
+            shutil.rmtree(self._temp, ignore_errors=True)
+            self._remove_unreferenced()
         else:
             final = Path(self.out)
             trash = None
@@ -161,9 +190,58 @@ class ShardWriter:
         self._committed = True
 
     def abort(self) -> None:
-        """Drop everything written (remote shards already uploaded stay, without an index)."""
+        """Drop everything written; the published dataset (if any) is untouched. Remote shards already
+        uploaded are deleted where the store allows (else the next publication at the prefix removes them)."""
         if self._committed:
             return
         self._writer.cancel_future_jobs()
-        for path in (self._staging, self._index_dir):
+        shutil.rmtree(self._temp, ignore_errors=True)
+        if self.remote and urlparse(self.out).scheme == "s3":
+            self._writer.executor.shutdown(wait=True)  # no upload lands after the deletion
+            self._delete_where(lambda name: name.startswith(f"{self.folder}/"), quiet=True)
+
+    def _remove_unreferenced(self) -> None:
+        """After publication: delete what only the replaced index named, and every other generation's folder
+        (killed or failed conversions' uploads). Failures only leave garbage, reported in one line."""
+        if urlparse(self.out).scheme != "s3":
+            return
+        pattern = re.compile(rf"{re.escape(GENERATION)}[^/]+/")
+
+        def stale(name: str) -> bool:
+            if name.startswith(f"{self.folder}/"):
+                return False
+            return name in self._old_files or bool(pattern.match(name))
+
+        self._delete_where(stale, quiet=False)
+
+    def _delete_where(self, stale, quiet: bool) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, prefix = _split_s3(self.out)
+        base = f"{prefix}/" if prefix else ""
+        client = _s3_client(self.store_timeout, self.store_attempts)
+        try:
+            keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base)
+                    for obj in page.get("Contents", []) if stale(obj["Key"][len(base):])]
+            for start in range(0, len(keys), 1000):
+                client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[start:start + 1000]],
+                                                             "Quiet": True})
+        except (BotoCoreError, ClientError) as exc:
+            if not quiet:
+                print(f"warning: {self.out} is published, but its replaced shards were not all deleted "
+                      f"({_store_reason(exc)}); the next publication there retries", file=sys.stderr, flush=True)
+
+
+def remove_orphaned_temp_dirs() -> None:
+    """Delete this user's ``mds-upload-<pid>-*`` folders whose process is gone (SIGKILL leaves them)."""
+    base = Path(tempfile.gettempdir())
+    for path in base.glob(f"{TEMP_PREFIX}*-*"):
+        pid = path.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or path.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
             shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue  # alive under another user, or already gone

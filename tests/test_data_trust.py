@@ -4,6 +4,12 @@ images too large to decode, bad rows in training and evaluation shards (moto's S
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -69,3 +75,49 @@ def test_index_naming_files_outside_the_cache_is_refused_before_any_download(s3,
     (local / "index.json").write_text(json.dumps(crafted))
     with pytest.raises(UnsafeIndexError, match=rf"^stream s: index.json of {local} names the file '\.\./text\.tsv'"):
         read_rows(str(local), tmp_path)
+
+
+# ----- an S3 overwrite killed midway leaves the old dataset readable --------------------------------------
+
+@pytest.mark.timeout(300)
+def test_s3_overwrite_killed_mid_upload_keeps_the_old_dataset(s3, tmp_path, monkeypatch):
+    """Dataset A at s3://data/ds; an overwrite with B is SIGKILLed once its first shard object has landed:
+    A still reads back in full. The next overwrite publishes B, removes A's shards, the killed upload's
+    objects and its temporary folder, and leaves no temporary folder of its own."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    a_ids = text_rows(tmp_path / "a.tsv", 60, "a")
+    convert(PrepareConfig(input=str(tmp_path / "a.tsv"), format="text_tsv", output="s3://data/ds", shard_size="1kb",
+                          progress=False))
+    expected = read_rows("s3://data/ds", tmp_path)
+    assert [r["id"] for r in expected] == a_ids
+    a_keys = {o["Key"] for o in s3.list_objects_v2(Bucket="data", Prefix="ds/")["Contents"]}
+    assert not list(temp.glob("mds-*"))
+
+    text_rows(tmp_path / "b.tsv", 30_000, "b")
+    proc = subprocess.Popen([sys.executable, "-m", "biomedgpt.tools.prepare_data", f"input={tmp_path / 'b.tsv'}",
+                             "format=text_tsv", "output=s3://data/ds", "overwrite=true", "shard_size=4kb",
+                             "progress=false"], env={**os.environ, "TMPDIR": str(temp)}, stderr=subprocess.PIPE,
+                            cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 240  # its start (imports) takes a while on a busy machine
+    uploaded: list = []
+    while not uploaded and time.monotonic() < deadline and proc.poll() is None:
+        listing = s3.list_objects_v2(Bucket="data", Prefix="ds/").get("Contents", [])
+        uploaded = [o["Key"] for o in listing if o["Key"] not in a_keys]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert uploaded and all(k.startswith("ds/gen-") for k in uploaded), uploaded
+    assert read_rows("s3://data/ds", tmp_path) == expected  # the old dataset, complete
+    assert [p.name.split("-")[:3] for p in temp.glob("mds-*")] == [["mds", "upload", str(proc.pid)]]
+
+    b_ids = text_rows(tmp_path / "b.tsv", 40, "b")
+    convert(PrepareConfig(input=str(tmp_path / "b.tsv"), format="text_tsv", output="s3://data/ds", overwrite=True,
+                          shard_size="1kb", progress=False))
+    assert [r["id"] for r in read_rows("s3://data/ds", tmp_path)] == b_ids
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="data", Prefix="ds/")["Contents"]}
+    index = json.loads(s3.get_object(Bucket="data", Key="ds/index.json")["Body"].read())
+    assert keys == {"ds/index.json"} | {f"ds/{s['raw_data']['basename']}" for s in index["shards"]}
+    assert not list(temp.glob("mds-*"))  # the killed conversion's folder and this one's are gone

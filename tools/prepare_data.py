@@ -25,6 +25,7 @@ import csv
 import functools
 import glob
 import json
+import signal
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -516,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     from biomedgpt.engine.config import parse_cli
 
     cfg = parse_cli(PrepareConfig, argv)
+    # SIGTERM (a scheduler's kill) unwinds like an error: convert() drops its temporary files and uploads
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         convert(cfg)
     except (ConversionError, OutputExistsError, StoreError) as exc:
