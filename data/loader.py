@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
@@ -21,8 +22,9 @@ from streaming.base.format.mds.reader import MDSReader
 
 from biomedgpt.data.collate import collate
 from biomedgpt.data.config import DataConfig, StreamConfig
+from biomedgpt.data.images import check_image_pixels
 from biomedgpt.data.shared_memory import registration_lock
-from biomedgpt.data.tasks import TaskContext, process
+from biomedgpt.data.tasks import PROCESSORS, TaskContext, process
 from biomedgpt.engine.distributed import ranks_on_this_host
 
 
@@ -48,6 +50,14 @@ def file_hash(path: str, algo: str, chunk: int = 1 << 22) -> str:
 
 class DataSourceError(RuntimeError):
     """A stream that cannot be read: unreachable store, missing index, truncated shard."""
+
+
+class BadRowsError(DataSourceError):
+    """More than ``data.max_bad_fraction`` of the rows read were bad."""
+
+
+#: max_bad_fraction stops a run only from this many bad rows on (one bad row among the first few is no verdict)
+MIN_BAD_ROWS_TO_STOP = 10
 
 
 class UnsafeIndexError(DataSourceError):
@@ -142,6 +152,7 @@ class TaskStreamingDataset(StreamingDataset):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.train = train
+        self._rows_read = self._bad_rows = 0  # this process's, for max_bad_fraction
         self._checked_shards: set[int] = set()
         self._local_shards: set[int] = set()  # seen whole on disk (no cache_limit: they stay so)
         self._maps: dict = {}  # shard id -> mmap of its raw file (see _mapped_item)
@@ -223,19 +234,46 @@ class TaskStreamingDataset(StreamingDataset):
                                       f"{algo} {actual}, index.json says {raw_info.hashes[algo]}")
 
     def __getitem__(self, sample_id: int) -> list:
-        row = self.get_item(sample_id)
-        stream_id = int(self.stream_per_shard[self.spanner[sample_id][0]])
-        stream = self.stream_cfgs[stream_id]
-        epoch = max(self.next_epoch - 1, 0) if self.train else 0
-        rng = random.Random(f"{self.cfg.shuffle_seed}/{epoch}/{sample_id}")
-        ctx = TaskContext(tokenizer=self.tokenizer, cfg=self.cfg, rng=rng, train=self.train,
-                          other_row=functools.partial(self._other_row, stream_id, sample_id),
-                          loss_group=stream.loss_group, _word_start=self._word_start, prompts=self._prompts)
+        """The row's examples; a bad row (see ``DataConfig.max_bad_fraction``) gives none, with a warning line."""
+        shard_id = self.spanner[sample_id][0]
+        stream = self.stream_cfgs[int(self.stream_per_shard[shard_id])]
+        self._rows_read += 1
+        row: dict = {}
         try:
+            row = self.get_item(sample_id)
+            kinds = PROCESSORS[stream.task][1]
+            if isinstance(row, dict) and row.get("kind") not in kinds:  # the stream's task, not the row, is wrong
+                raise DataSourceError(f"stream {stream.name}: row {row.get('id')!r} is a {row.get('kind')!r} row; "
+                                      f"task {stream.task!r} takes {kinds}: check the stream's task or remote")
+            if row.get("image"):
+                check_image_pixels(row["image"], self.cfg.max_image_pixels, f"row {row.get('id')!r}")
+            epoch = max(self.next_epoch - 1, 0) if self.train else 0
+            rng = random.Random(f"{self.cfg.shuffle_seed}/{epoch}/{sample_id}")
+            ctx = TaskContext(tokenizer=self.tokenizer, cfg=self.cfg, rng=rng, train=self.train,
+                              other_row=functools.partial(self._other_row, int(self.stream_per_shard[shard_id]),
+                                                          sample_id),
+                              loss_group=stream.loss_group, _word_start=self._word_start, prompts=self._prompts)
             return process(stream.task, row, ctx)
-        except Exception as exc:
-            raise ValueError(f"stream {stream.name} (task {stream.task}), sample {sample_id}, "
-                             f"row {row.get('id')!r}: {type(exc).__name__}: {exc}") from exc
+        except DataSourceError:
+            raise  # the stream or a whole shard: nothing to skip past
+        except Exception as exc:  # an undecodable image, a corrupt sample, a row the task cannot use
+            return self._skip_bad_row(stream, sample_id, row, exc)
+
+    def _skip_bad_row(self, stream: StreamConfig, sample_id: int, row: Any, exc: Exception) -> list:
+        """One warning line naming the row; stop (BadRowsError, one line) once too many rows were bad."""
+        self._bad_rows += 1
+        uid = row.get("id") if isinstance(row, dict) else None
+        reason = getattr(exc, "reason", type(exc).__name__)
+        where = f"stream {stream.name}, row {uid!r} (sample {sample_id})" if uid else \
+            f"stream {stream.name}, sample {sample_id}"
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"warning: {where}: {reason}: {detail}; skipped ({self._bad_rows} bad of {self._rows_read} rows read)",
+              file=sys.stderr, flush=True)
+        if self._bad_rows >= MIN_BAD_ROWS_TO_STOP and self._bad_rows > self.cfg.max_bad_fraction * self._rows_read:
+            raise BadRowsError(f"{self._bad_rows} of the {self._rows_read} rows read were bad, more than "
+                               f"data.max_bad_fraction={self.cfg.max_bad_fraction:g} (last: {where}: {reason}); "
+                               "fix or reconvert the shards, or raise data.max_bad_fraction")
+        return []
 
     def _other_row(self, stream_id: int, sample_id: int, rng: random.Random) -> dict:
         """A random row of the same stream other than ``sample_id`` (negatives for ITM / VQA matching)."""
@@ -255,7 +293,11 @@ class ResumableLoader(StreamingDataLoader):
 
 def _collate_rows(rows: list[list], patch_image_size: int, group_weights: list[float],
                   with_references: bool) -> dict:
-    return collate([ex for row in rows for ex in row], patch_image_size, group_weights, with_references)
+    examples = [ex for row in rows for ex in row]
+    if not examples:
+        raise BadRowsError(f"every row of a batch of {len(rows)} was bad (see the warnings above); fix or reconvert "
+                           "the shards")
+    return collate(examples, patch_image_size, group_weights, with_references)
 
 
 def _loader(dataset: TaskStreamingDataset, cfg: DataConfig, batch_size: int, drop_last: bool,

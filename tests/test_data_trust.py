@@ -3,6 +3,7 @@ images too large to decode, bad rows in training and evaluation shards (moto's S
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,109 @@ def test_s3_overwrite_killed_mid_upload_keeps_the_old_dataset(s3, tmp_path, monk
     index = json.loads(s3.get_object(Bucket="data", Key="ds/index.json")["Body"].read())
     assert keys == {"ds/index.json"} | {f"ds/{s['raw_data']['basename']}" for s in index["shards"]}
     assert not list(temp.glob("mds-*"))  # the killed conversion's folder and this one's are gone
+
+
+# ----- images above the pixel limit, bad rows in training and evaluation shards ----------------------------
+
+def huge_png(side: int = 13_000) -> bytes:
+    """A black 1-bit side x side PNG of a few tens of KB (decoded as RGB: side * side * 3 bytes)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    line = bytes(1 + (side + 7) // 8)  # filter byte + packed bits
+    packer = zlib.compressobj(9)
+    data = b"".join(packer.compress(line * 1000) for _ in range(side // 1000)) + packer.compress(
+        line * (side % 1000)) + packer.flush()
+    header = side.to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])  # bit depth 1, greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def test_image_above_the_pixel_limit_is_refused_from_its_header(tmp_path):
+    from PIL import Image
+
+    from biomedgpt.data.images import check_image_pixels, storable_image
+    from biomedgpt.data.records import BadRecord
+
+    data = huge_png()
+    assert len(data) < 300_000 and Image.open(io.BytesIO(data)).size == (13_000, 13_000)
+    start = time.monotonic()
+    for check in (lambda: storable_image(data, "big.png"), lambda: check_image_pixels(data, name="big.png")):
+        with pytest.raises(BadRecord, match=r"^big.png: 13000 x 13000 = 169 Mpx is above the limit of 36 Mpx "
+                                            r"\(max_image_pixels=36000000\)$") as info:
+            check()
+        assert info.value.reason == "image too large"
+    assert time.monotonic() - start < 0.5  # nothing decoded (decoding it takes seconds and 0.5 GB)
+    check_image_pixels(png(1), 24 * 32)  # at the limit: fine
+    with pytest.raises(BadRecord, match=r"32 x 24 = 0.000768 Mpx is above the limit of 0.000767 Mpx"):
+        check_image_pixels(png(1), 24 * 32 - 1)
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "big.png").write_bytes(data)
+    lines = [json.dumps({"id": f"r{i}", "image": f"{i}.png", "caption": f"report {i}"}) for i in range(30)]
+    lines.insert(3, json.dumps({"id": "big", "image": "big.png", "caption": "huge"}))
+    for i in range(30):
+        (tmp_path / "img" / f"{i}.png").write_bytes(png(i))
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    log = io.StringIO()
+    start = time.monotonic()
+    summary = convert(PrepareConfig(input=str(tmp_path / "rows.jsonl"), format="jsonl", kind="caption",
+                                    image_root=str(tmp_path / "img"), output=str(tmp_path / "out"), progress=False,
+                                    max_bad_fraction=0.05), log=log)
+    assert time.monotonic() - start < 20
+    assert summary.written == 30 and dict(summary.skipped) == {"image too large": 1}
+    assert (f"rows.jsonl:4: image too large: {tmp_path / 'img' / 'big.png'}: 13000 x 13000 = 169 Mpx is above "
+            "the limit of 36 Mpx") in log.getvalue()
+
+
+def write_rows(out: Path, records: list[dict]) -> None:
+    """Rows straight into shards (what another tool, or a shard damaged after conversion, gives us)."""
+    from biomedgpt.data.mds import ShardWriter
+
+    writer = ShardWriter(str(out), size_limit="4kb")
+    for record in records:
+        writer.write(record)
+    writer.commit()
+
+
+def caption_rows(count: int) -> list[dict]:
+    return [{"id": f"c{i}", "kind": "caption", "image": png(i), "meta": {"captions": [f"report {i}"]}}
+            for i in range(count)]
+
+
+def loader_ids(build, cfg, tokenizer) -> list[str]:
+    return [uid for batch in build(cfg, tokenizer) for uid in batch["ids"]]
+
+
+def test_bad_rows_are_skipped_and_counted_in_training_and_evaluation(tmp_path, capfd, canonical_tokenizer):
+    """An undecodable image, a row without its fields and an image above the pixel limit are skipped, one
+    warning line each naming the row; the training epoch and the evaluation pass go on over every good row.
+    A stream that is mostly bad stops with one line."""
+    from biomedgpt.data.config import DataConfig, StreamConfig
+    from biomedgpt.data.loader import BadRowsError, build_eval_loader, build_train_loader
+
+    good = caption_rows(61)  # 64 rows: whole batches of 4
+    bad = [{"id": "broken", "kind": "caption", "image": png(99)[:60], "meta": {"captions": ["x"]}},
+           {"id": "empty", "kind": "caption", "image": png(98), "meta": {}},
+           {"id": "huge", "kind": "caption", "image": huge_png(), "meta": {"captions": ["y"]}}]
+    write_rows(tmp_path / "shards", good[:20] + bad[:1] + good[20:40] + bad[1:] + good[40:])
+    stream = [StreamConfig(name="cap", task="caption", remote=str(tmp_path / "shards"))]
+    cfg = DataConfig(streams=stream, eval_streams=stream, cache_dir=str(tmp_path / "cache"), batch_size=4,
+                     eval_batch_size=4, num_workers=0, patch_image_size=32, max_bad_fraction=0.1)
+    expected = sorted(r["id"] for r in good)
+    start = time.monotonic()
+    assert sorted(loader_ids(build_train_loader, cfg, canonical_tokenizer)) == expected
+    assert time.monotonic() - start < 20  # the 169 Mpx image was never decoded
+    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 3, warnings
+    assert any("stream cap, row 'broken'" in w and "corrupt image" in w for w in warnings), warnings
+    assert any("row 'empty'" in w and "KeyError" in w for w in warnings), warnings
+    assert any("row 'huge'" in w and "image too large" in w and "169 Mpx" in w for w in warnings), warnings
+    assert sorted(set(loader_ids(build_eval_loader, cfg, canonical_tokenizer))) == expected  # evaluation goes on
+
+    mostly_bad = [dict(r, image=r["image"][:50]) if i % 2 else r for i, r in enumerate(caption_rows(40))]
+    write_rows(tmp_path / "mostly_bad", mostly_bad)
+    cfg.eval_streams = [StreamConfig(name="bad", task="caption", remote=str(tmp_path / "mostly_bad"))]
+    with pytest.raises(BadRowsError) as info:
+        loader_ids(build_eval_loader, cfg, canonical_tokenizer)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("10 of the ") and "data.max_bad_fraction=0.1" in message

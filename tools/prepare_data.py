@@ -28,11 +28,13 @@ import json
 import signal
 import sys
 from collections import Counter
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional
 
-from biomedgpt.data.images import dicom_to_uint8, encode_png, pre_resized, storable_image
+from biomedgpt.data.images import (MAX_IMAGE_PIXELS, check_image_pixels, dicom_to_uint8, encode_png, pre_resized,
+                                   storable_image)
 from biomedgpt.data.mds import OutputExistsError, ShardWriter, StoreError
 from biomedgpt.engine.config import PathStr
 from biomedgpt.data.records import (KINDS, MEDNLI_LABEL_INDEX, BadRecord, make_record, parse_answer_type, parse_answers,
@@ -67,6 +69,14 @@ class PrepareConfig:
     # e.g. 672 / 480 for augment=true at any patch size up to 480, 256 / 256 for augment=false at 256 px.
     max_image_side: int = 0
     min_image_side: int = 0
+    # Images with more pixels (width x height, read from the header before decoding) are bad rows, reported
+    # and skipped: a small file can hold a huge image (a 13,000 x 13,000 PNG of 190 KB). Training applies
+    # data.max_image_pixels (same default) to what is in the shards.
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
 
 
 class ConversionError(ValueError):
@@ -102,6 +112,8 @@ class Summary:
 
 
 Row = tuple[str, Callable[[], dict]]  # (file:line, builds the record or raises BadRecord)
+#: the running conversion's max_image_pixels (the row builders are called inside convert())
+_max_pixels: ContextVar[int] = ContextVar("max_image_pixels", default=MAX_IMAGE_PIXELS)
 
 
 # ----- the original TSV formats ----------------------------------------------------------------------
@@ -112,7 +124,7 @@ def _b64_image(text: str) -> bytes:
         data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as exc:
         raise BadRecord(f"image column is not url-safe base64: {exc}", "corrupt image") from None
-    return storable_image(data)
+    return storable_image(data, max_pixels=_max_pixels.get())
 
 
 def _columns(parts: list[str], count: int) -> list[str]:
@@ -287,11 +299,11 @@ def _field_image(value: Any, base: Path) -> bytes:
         if not value:
             return b""
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return storable_image(bytes(value))
+        return storable_image(bytes(value), max_pixels=_max_pixels.get())
     path = Path(str(value))
     path = path if path.is_absolute() else base / path
     try:
-        return storable_image(path.read_bytes(), str(path))
+        return storable_image(path.read_bytes(), str(path), _max_pixels.get())
     except FileNotFoundError:
         raise BadRecord(f"image file {path} not found", "missing image") from None
 
@@ -356,7 +368,9 @@ def dicom_rows(path: Path, cfg: PrepareConfig) -> Iterator[Row]:
             raise BadRecord(f"unreadable DICOM: {exc}", "corrupt image") from None
         values = {cfg.columns.get(name, name): _dicom_value(ds, cfg.columns.get(name, name))
                   for name in KINDS[cfg.kind][0] + ("id", "objects")}
-        values[cfg.columns.get("image", "image")] = encode_png(dicom_to_uint8(str(path)))
+        data = path.read_bytes()
+        check_image_pixels(data, cfg.max_image_pixels, str(path))
+        values[cfg.columns.get("image", "image")] = encode_png(dicom_to_uint8(data, str(path)))
         if values[cfg.columns.get("id", "id")] is None:
             values[cfg.columns.get("id", "id")] = str(getattr(ds, "SOPInstanceUID", "") or path.stem)
         return field_record(cfg, values, path.stem, path.parent)
@@ -464,8 +478,6 @@ def convert(cfg: PrepareConfig, log=None) -> Summary:
     log = log or sys.stderr
     if cfg.format not in TSV_PARSERS and cfg.format != "llava_json" and cfg.kind not in KINDS:
         raise ConversionError(f"format {cfg.format} needs kind= one of {sorted(KINDS)}")
-    from tqdm import tqdm
-
     summary = Summary()
     if cfg.max_image_side:
         if cfg.max_image_side < 0 or cfg.min_image_side < 0 or cfg.min_image_side > cfg.max_image_side:
@@ -474,6 +486,16 @@ def convert(cfg: PrepareConfig, log=None) -> Summary:
         summary.resize_note = f"longest side <= {cfg.max_image_side}" + (
             f" unless the shortest would drop below {cfg.min_image_side}" if cfg.min_image_side else "")
     files = input_files(cfg.input, cfg.format)  # before the output is touched
+    limit = _max_pixels.set(cfg.max_image_pixels)
+    try:
+        return _convert(cfg, files, summary, log)
+    finally:
+        _max_pixels.reset(limit)
+
+
+def _convert(cfg: PrepareConfig, files: list[Path], summary: Summary, log) -> Summary:
+    from tqdm import tqdm
+
     try:
         writer = ShardWriter(cfg.output, overwrite=cfg.overwrite, compression=cfg.compression,
                              size_limit=cfg.shard_size, store_timeout=cfg.store_timeout,
