@@ -23,6 +23,7 @@ from streaming.base.format.mds.reader import MDSReader
 from biomedgpt.data.collate import collate
 from biomedgpt.data.config import DataConfig, StreamConfig
 from biomedgpt.data.images import check_image_pixels
+from biomedgpt.data.mds import INDEX, s3_client, split_s3, store_cause
 from biomedgpt.data.shared_memory import registration_lock
 from biomedgpt.data.tasks import PROCESSORS, TaskContext, process
 from biomedgpt.engine.distributed import ranks_on_this_host
@@ -95,6 +96,38 @@ class CheckedStream(Stream):
         return shards
 
 
+def check_remote_index(stream: StreamConfig, local: str, cfg: DataConfig) -> None:
+    """HEAD an s3:// stream's index.json before streaming fetches it (unless it is cached), so that a denied,
+    missing or unreachable store is one line naming the stream, the prefix and the cause, on every rank at once.
+    streaming reports each as "index.json not found! …" after its retries, and its other ranks wait
+    ``download_timeout`` for the file the local leader never writes."""
+    if urlparse(stream.remote).scheme != "s3" or (Path(local) / INDEX).is_file():
+        return
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = split_s3(stream.remote)
+    client = s3_client(cfg.download_timeout, cfg.download_retry)
+    try:
+        client.head_object(Bucket=bucket, Key=f"{prefix}/{INDEX}" if prefix else INDEX)
+        return
+    except (BotoCoreError, ClientError) as exc:
+        reason = store_cause(client, bucket, exc)
+    endpoint = os.environ.get("S3_ENDPOINT_URL") or "the default AWS endpoint"
+    raise DataSourceError(f"stream {stream.name}: cannot read {stream.remote.rstrip('/')}/{INDEX} at {endpoint}: "
+                          f"{reason}")
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line to show for a data error, also when a loader worker raised it: torch re-raises a worker's
+    exception with the worker's whole traceback as its message, whose last line is the original's."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(exc).__name__
+    last = lines[-1]
+    name = type(exc).__name__
+    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+
+
 def is_remote(path: str) -> bool:
     return bool(urlparse(path).scheme) and urlparse(path).scheme != "file"
 
@@ -129,9 +162,11 @@ class TaskStreamingDataset(StreamingDataset):
         for s in streams:
             remote, local = (s.remote, s.local or str(Path(cfg.cache_dir) / cache_subdir / s.name)) \
                 if is_remote(s.remote) else (None, s.remote)
-            if remote is None and not (Path(local) / "index.json").is_file():
+            if remote is None and not (Path(local) / INDEX).is_file():
                 raise DataSourceError(f"stream {s.name}: no index.json under {local} (not a converted "
                                       f"dataset, or its conversion did not finish)")
+            if remote is not None:
+                check_remote_index(s, local, cfg)
             built.append(CheckedStream(name=s.name, remote=remote, local=local, proportion=s.proportion,
                                        download_retry=cfg.download_retry, download_timeout=cfg.download_timeout))
         try:

@@ -43,7 +43,7 @@ class StoreError(OSError):
     """The object store cannot be reached or refuses the output (one line: endpoint, bucket, reason)."""
 
 
-def _s3_client(timeout: float | None = None, attempts: int | None = None):
+def s3_client(timeout: float | None = None, attempts: int | None = None):
     import boto3
     from botocore.config import Config
 
@@ -51,23 +51,72 @@ def _s3_client(timeout: float | None = None, attempts: int | None = None):
     options = {"retries": {"max_attempts": attempts, "mode": "standard"}}
     if timeout is not None:
         options.update(connect_timeout=timeout, read_timeout=timeout)
-    return boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None, config=Config(**options))
+    # a session of its own: boto3's default session keeps the first credentials it resolved for the process
+    return boto3.session.Session().client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None,
+                                          config=Config(**options))
 
 
-def _store_reason(exc: Exception) -> str:
-    """A botocore failure in a few words (no traceback)."""
+#: S3 error codes -> the cause in words (what the user must fix differs: key id, secret, policy, name)
+_DENIED = {
+    "InvalidAccessKeyId": "access denied: the store does not know the access key id (InvalidAccessKeyId)",
+    "SignatureDoesNotMatch": "access denied: wrong secret access key (SignatureDoesNotMatch)",
+    "AccessDenied": "access denied (403): the credentials have no permission there",
+    "403": "access denied (403)",
+    "Forbidden": "access denied (403)",
+}
+_NOT_FOUND = {"NoSuchBucket": "no such bucket", "NoSuchKey": "not found", "404": "not found", "NotFound": "not found"}
+
+
+def store_reason(exc: Exception) -> str:
+    """A botocore failure in a few words (no traceback): denied (which credential), not found, no credentials,
+    unreachable."""
+    from botocore.exceptions import (ConnectionError as BotoConnectionError, NoCredentialsError,
+                                     PartialCredentialsError)
+
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return ("no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) "
+                f"({type(exc).__name__})")
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         error = response.get("Error", {})
         code = str(error.get("Code", "?"))
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code in ("403", "AccessDenied", "Forbidden") or status == 403:
-            return "access denied (403)"
+        if code in _DENIED:
+            return _DENIED[code]
+        if status == 403:
+            return f"access denied (403, {code})"
+        if code in _NOT_FOUND:
+            return _NOT_FOUND[code]
         return f"{code}: {error.get('Message') or 'refused'}"
+    if isinstance(exc, BotoConnectionError):
+        return f"unreachable ({_error_text(exc)})"
+    return _error_text(exc)
+
+
+def _error_text(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
 
 
-def _split_s3(url: str) -> tuple[str, str]:
+def store_cause(client, bucket: str, exc: Exception) -> str:
+    """``store_reason``, made precise with one more request: a HEAD's 403 carries no error code (a listing
+    says which credential is wrong) and its 404 does not say whether the bucket or the object is missing."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    reason = store_reason(exc)
+    try:
+        if reason.startswith("access denied (403)"):
+            client.list_objects_v2(Bucket=bucket, MaxKeys=1)
+        elif reason == "not found":
+            client.head_bucket(Bucket=bucket)
+    except ClientError as probe:
+        code = str(probe.response.get("Error", {}).get("Code"))
+        return "no such bucket" if code in ("404", "NoSuchBucket", "NotFound") else store_reason(probe)
+    except BotoCoreError:
+        pass
+    return reason
+
+
+def split_s3(url: str) -> tuple[str, str]:
     parsed = urlparse(url)
     return parsed.netloc, parsed.path.lstrip("/").rstrip("/")
 
@@ -130,31 +179,31 @@ class ShardWriter:
         """Check the store and bucket; the files the current index names (empty when there is none)."""
         if urlparse(self.out).scheme != "s3":
             return set()  # other stores: streaming's uploader; index.json is still replaced last
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
-        bucket, prefix = _split_s3(self.out)
+        bucket, prefix = split_s3(self.out)
         key = f"{prefix}/{INDEX}" if prefix else INDEX
         endpoint = os.environ.get("S3_ENDPOINT_URL") or "the default AWS endpoint"
         where = f"object store {endpoint}, bucket {bucket}"
-        client = _s3_client(self.store_timeout, self.store_attempts)
+        client = s3_client(self.store_timeout, self.store_attempts)
         try:
             client.head_bucket(Bucket=bucket)
         except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code"))
-            reason = "no such bucket" if code in ("404", "NoSuchBucket", "NotFound") else _store_reason(exc)
-            raise StoreError(f"cannot write {self.out}: {where}: {reason}") from None
+            raise StoreError(f"cannot write {self.out}: {where}: {store_cause(client, bucket, exc)}") from None
+        except (NoCredentialsError, PartialCredentialsError) as exc:
+            raise StoreError(f"cannot write {self.out}: {where}: {store_reason(exc)}") from None
         except BotoCoreError as exc:
             raise StoreError(f"cannot write {self.out}: {where} unreachable after {self.store_attempts} "
-                             f"attempt(s) of {self.store_timeout:g} s: {_store_reason(exc)}") from None
+                             f"attempt(s) of {self.store_timeout:g} s: {_error_text(exc)}") from None
         try:
             client.head_object(Bucket=bucket, Key=key)
             exists = True
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
-                raise StoreError(f"cannot write {self.out}: {where}: {_store_reason(exc)}") from None
+                raise StoreError(f"cannot write {self.out}: {where}: {store_reason(exc)}") from None
             exists = False
         except BotoCoreError as exc:
-            raise StoreError(f"cannot write {self.out}: {where}: {_store_reason(exc)}") from None
+            raise StoreError(f"cannot write {self.out}: {where}: {store_reason(exc)}") from None
         if exists and not overwrite:
             raise OutputExistsError(f"{self.out} already holds a dataset (index.json); pass overwrite=true")
         if not exists:
@@ -217,9 +266,9 @@ class ShardWriter:
     def _delete_where(self, stale, quiet: bool) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        bucket, prefix = _split_s3(self.out)
+        bucket, prefix = split_s3(self.out)
         base = f"{prefix}/" if prefix else ""
-        client = _s3_client(self.store_timeout, self.store_attempts)
+        client = s3_client(self.store_timeout, self.store_attempts)
         try:
             keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base)
                     for obj in page.get("Contents", []) if stale(obj["Key"][len(base):])]
@@ -229,7 +278,7 @@ class ShardWriter:
         except (BotoCoreError, ClientError) as exc:
             if not quiet:
                 print(f"warning: {self.out} is published, but its replaced shards were not all deleted "
-                      f"({_store_reason(exc)}); the next publication there retries", file=sys.stderr, flush=True)
+                      f"({store_reason(exc)}); the next publication there retries", file=sys.stderr, flush=True)
 
 
 def remove_orphaned_temp_dirs() -> None:

@@ -229,3 +229,83 @@ def test_bad_rows_are_skipped_and_counted_in_training_and_evaluation(tmp_path, c
         loader_ids(build_eval_loader, cfg, canonical_tokenizer)
     message = str(info.value)
     assert "\n" not in message and message.startswith("10 of the ") and "data.max_bad_fraction=0.1" in message
+
+
+# ----- a store that refuses: one line naming the prefix and the cause ----------------------------------------
+
+@pytest.fixture
+def iam_user(s3):
+    """An IAM user of moto's account with no permission: its key, and what a wrong secret looks like."""
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+    name = f"reader{time.monotonic_ns()}"
+    iam.create_user(UserName=name)
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    return key["AccessKeyId"], key["SecretAccessKey"]
+
+
+def test_denied_missing_or_unreachable_store_is_one_line_naming_the_cause(s3, tmp_path, monkeypatch, iam_user):
+    """Opening a stream: a wrong secret, an unknown key id, a key without permission, a missing index or bucket,
+    an unreachable endpoint each give one line naming the stream, the prefix and the cause (streaming says
+    "index.json not found! Either check the bucket path or the bucket permission" for all of them)."""
+    from moto.core.authorization import enable_iam_authentication
+
+    from biomedgpt.data.loader import DataSourceError
+
+    text_rows(tmp_path / "text.tsv", 5)
+    convert(PrepareConfig(input=str(tmp_path / "text.tsv"), format="text_tsv", output="s3://data/secure",
+                          progress=False))
+    key_id, secret = iam_user
+    endpoint = os.environ["S3_ENDPOINT_URL"]
+
+    def refusal(remote: str = "s3://data/secure") -> str:
+        with pytest.raises(DataSourceError) as info:
+            read_rows(remote, tmp_path)
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"stream s: cannot read {remote}/index.json at "), message
+        return message
+
+    with enable_iam_authentication():
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong" + secret[5:])
+        assert refusal().endswith(f"{endpoint}: access denied: wrong secret access key (SignatureDoesNotMatch)")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        assert refusal().endswith(": access denied (403): the credentials have no permission there")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOSUCHKEY0000000")
+        assert refusal().endswith("access denied: the store does not know the access key id (InvalidAccessKeyId)")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    assert refusal("s3://data/nothing-here").endswith(": not found")
+    assert refusal("s3://no-such-bucket/x").endswith(": no such bucket")
+    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    assert ": unreachable (EndpointConnectionError: " in refusal()
+
+
+def test_prepare_data_says_wrong_secret_or_missing_credentials(s3, tmp_path, monkeypatch, capsys, iam_user):
+    from moto.core.authorization import enable_iam_authentication
+
+    from biomedgpt.tools.prepare_data import main
+
+    text_rows(tmp_path / "text.tsv", 3)
+
+    def error() -> str:
+        with pytest.raises(SystemExit) as info:
+            main([f"input={tmp_path / 'text.tsv'}", "format=text_tsv", "output=s3://data/p", "progress=false"])
+        assert info.value.code == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("prepare-data: error: cannot write s3://data/p: "), err
+        return err
+
+    key_id, secret = iam_user
+    with enable_iam_authentication():
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong" + secret[5:])
+        assert error().endswith("bucket data: access denied: wrong secret access key (SignatureDoesNotMatch)")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    assert error().endswith("bucket data: no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                            "AWS_PROFILE) (NoCredentialsError)")
