@@ -309,3 +309,28 @@ def test_prepare_data_says_wrong_secret_or_missing_credentials(s3, tmp_path, mon
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     assert error().endswith("bucket data: no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
                             "AWS_PROFILE) (NoCredentialsError)")
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_train_on_a_denied_bucket_is_one_line_once(s3, tmp_path, monkeypatch, iam_user, repo_root, vocab_dir):
+    """`biomedgpt train` on 2 ranks whose stream the store refuses: exit status 1 and one `error:` line (rank 0's)
+    naming the prefix and the cause, no traceback (before: 85-154 lines ending "index.json not found! ...")."""
+    from moto.core.authorization import enable_iam_authentication
+
+    from tests.test_engine_distributed import TINY_MODEL, launch
+
+    stream = {"name": "caption", "task": "caption", "remote": "s3://data/denied"}
+    cfg = {"model": TINY_MODEL, "bpe_dir": str(vocab_dir), "output_dir": str(tmp_path / "run"),
+           "data": {"streams": [stream], "cache_dir": str(tmp_path / "cache"), "num_workers": 0,
+                    "download_retry": 1, "download_timeout": 10},
+           "optim": {"max_steps": 2}, "log": {"wandb_mode": "disabled", "progress_bar": False}}
+    key_id, secret = iam_user
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    with enable_iam_authentication():
+        output = launch(repo_root, cfg, 2, expect=1, timeout=240)
+    errors = [line for line in output.splitlines() if "error" in line.lower()]
+    assert errors == [f"error: stream caption: cannot read s3://data/denied/index.json at {os.environ['S3_ENDPOINT_URL']}"
+                      ": access denied (403): the credentials have no permission there"], output[-4000:]
+    assert "Traceback" not in output, output[-4000:]
