@@ -67,11 +67,10 @@ class DataConfig:
     cache_limit: Optional[str] = None  # e.g. "50gb": evict shards beyond this
     download_retry: int = 2  # attempts per shard / index download
     download_timeout: float = 60.0
-    # A bad row (undecodable image, corrupt sample, image above max_image_pixels) is skipped with one warning line
-    # naming it; once more than this share of the rows a loader process has read were bad (from its 10th bad row
-    # on), the run stops with one line. Training and evaluation streams alike.
-    max_bad_fraction: float = 0.01
-    max_image_pixels: int = 36_000_000  # width x height from the image's header, checked before decoding
+    # A bad row (undecodable image or sample, image above max_image_pixels) is skipped with one warning line naming
+    # it, in training and evaluation streams; past max_bad_fraction of the rows a loader process read, it stops.
+    max_bad_fraction: float = 0.01  # bad rows tolerated, as a share of the rows read (judged from the 10th bad row)
+    max_image_pixels: int = 36_000_000  # images above width x height (from the header, before decoding) are bad rows
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_bad_fraction <= 1.0:

@@ -69,10 +69,8 @@ class PrepareConfig:
     # e.g. 672 / 480 for augment=true at any patch size up to 480, 256 / 256 for augment=false at 256 px.
     max_image_side: int = 0
     min_image_side: int = 0
-    # Images with more pixels (width x height, read from the header before decoding) are bad rows, reported
-    # and skipped: a small file can hold a huge image (a 13,000 x 13,000 PNG of 190 KB). Training applies
-    # data.max_image_pixels (same default) to what is in the shards.
-    max_image_pixels: int = MAX_IMAGE_PIXELS
+    # A small file can hold a huge image (a 13,000 x 13,000 PNG of 190 KB); training applies data.max_image_pixels.
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # images above width x height (read from the header) are bad rows
 
     def __post_init__(self) -> None:
         if self.max_image_pixels < 1:
