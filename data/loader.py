@@ -277,7 +277,7 @@ class TaskStreamingDataset(StreamingDataset):
         try:
             row = self.get_item(sample_id)
             kinds = PROCESSORS[stream.task][1]
-            if isinstance(row, dict) and row.get("kind") not in kinds:  # the stream's task, not the row, is wrong
+            if row.get("kind") not in kinds:  # the stream's task (or remote) is wrong, not this row
                 raise DataSourceError(f"stream {stream.name}: row {row.get('id')!r} is a {row.get('kind')!r} row; "
                                       f"task {stream.task!r} takes {kinds}: check the stream's task or remote")
             if row.get("image"):
@@ -294,10 +294,10 @@ class TaskStreamingDataset(StreamingDataset):
         except Exception as exc:  # an undecodable image, a corrupt sample, a row the task cannot use
             return self._skip_bad_row(stream, sample_id, row, exc)
 
-    def _skip_bad_row(self, stream: StreamConfig, sample_id: int, row: Any, exc: Exception) -> list:
+    def _skip_bad_row(self, stream: StreamConfig, sample_id: int, row: dict, exc: Exception) -> list:
         """One warning line naming the row; stop (BadRowsError, one line) once too many rows were bad."""
         self._bad_rows += 1
-        uid = row.get("id") if isinstance(row, dict) else None
+        uid = row.get("id")
         reason = getattr(exc, "reason", type(exc).__name__)
         where = f"stream {stream.name}, row {uid!r} (sample {sample_id})" if uid else \
             f"stream {stream.name}, sample {sample_id}"

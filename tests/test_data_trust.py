@@ -331,6 +331,7 @@ def test_train_on_a_denied_bucket_is_one_line_once(s3, tmp_path, monkeypatch, ia
     with enable_iam_authentication():
         output = launch(repo_root, cfg, 2, expect=1, timeout=240)
     errors = [line for line in output.splitlines() if "error" in line.lower()]
-    assert errors == [f"error: stream caption: cannot read s3://data/denied/index.json at {os.environ['S3_ENDPOINT_URL']}"
-                      ": access denied (403): the credentials have no permission there"], output[-4000:]
+    endpoint = os.environ["S3_ENDPOINT_URL"]
+    assert errors == [f"error: stream caption: cannot read s3://data/denied/index.json at {endpoint}: access denied "
+                      "(403): the credentials have no permission there"], output[-4000:]
     assert "Traceback" not in output, output[-4000:]
