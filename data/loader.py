@@ -302,7 +302,8 @@ class TaskStreamingDataset(StreamingDataset):
         where = f"stream {stream.name}, row {uid!r} (sample {sample_id})" if uid else \
             f"stream {stream.name}, sample {sample_id}"
         detail = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"warning: {where}: {reason}: {detail}; skipped ({self._bad_rows} bad of {self._rows_read} rows read)",
+        detail = detail if reason in detail else f"{reason}: {detail}".rstrip(": ")
+        print(f"warning: {where}: {detail}; skipped ({self._bad_rows} bad of {self._rows_read} rows read)",
               file=sys.stderr, flush=True)
         if self._bad_rows >= MIN_BAD_ROWS_TO_STOP and self._bad_rows > self.cfg.max_bad_fraction * self._rows_read:
             raise BadRowsError(f"{self._bad_rows} of the {self._rows_read} rows read were bad, more than "
