@@ -7,8 +7,9 @@ under the prefix (``gen-<UTC time>-<random>/shard.NNNNN.mds``, the index names t
 ``index.json`` is replaced last, only by :meth:`ShardWriter.commit`, in one PUT. A killed or failed
 conversion therefore leaves the previous dataset (index and shards) readable in full; after the new
 index is in place, the objects only the old index named and other generations' folders are deleted.
-The local staging folder is one ``mds-upload-<pid>-*`` temporary folder, removed on success, failure,
-SIGTERM; one left by a killed (SIGKILL) conversion is removed by the next conversion on the machine.
+The local staging folder is one ``mds-upload-*`` temporary folder, removed on success, failure and
+SIGTERM; one left by a killed (SIGKILL) conversion (its flock released by the OS) is removed by the next
+remote conversion on the machine.
 """
 from __future__ import annotations
 
@@ -153,12 +154,14 @@ class ShardWriter:
         self.remote = bool(urlparse(out).scheme) and urlparse(out).scheme != "file"
         self._committed = False
         self._old_files: set[str] = set()  # what the index being replaced names (deleted once replaced)
+        self._temp_lock = None  # held while the remote staging folder is in use (see remove_orphaned_temp_dirs)
         self.folder = ""
         if self.remote:
             self._old_files = self._prepare_remote(overwrite)
             remove_orphaned_temp_dirs()
             self.folder = f"{GENERATION}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(4)}"
-            self._temp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
+            self._temp = tempfile.mkdtemp(prefix=TEMP_PREFIX)
+            self._temp_lock = _hold_lock(self._temp)
             self._staging, self._index_dir = os.path.join(self._temp, "shards"), os.path.join(self._temp, "index")
             os.mkdir(self._staging)
             os.mkdir(self._index_dir)
@@ -224,7 +227,7 @@ class ShardWriter:
         if self.remote:
             CloudUploader.get((self._index_dir, self.out), keep_local=True, retry=2, exist_ok=True).upload_file(INDEX)
             self._committed = True  # the new dataset is published; what follows only frees space
-            shutil.rmtree(self._temp, ignore_errors=True)
+            self._remove_temp()
             self._remove_unreferenced()
         else:
             final = Path(self.out)
@@ -244,10 +247,16 @@ class ShardWriter:
         if self._committed:
             return
         self._writer.cancel_future_jobs()
-        shutil.rmtree(self._temp, ignore_errors=True)
+        self._remove_temp()
         if self.remote and urlparse(self.out).scheme == "s3":
             self._writer.executor.shutdown(wait=True)  # no upload lands after the deletion
             self._delete_where(lambda name: name.startswith(f"{self.folder}/"), quiet=True)
+
+    def _remove_temp(self) -> None:
+        shutil.rmtree(self._temp, ignore_errors=True)
+        if self._temp_lock is not None:
+            self._temp_lock.close()
+            self._temp_lock = None
 
     def _remove_unreferenced(self) -> None:
         """After publication: delete what only the replaced index named, and every other generation's folder
@@ -281,16 +290,32 @@ class ShardWriter:
                       f"({store_reason(exc)}); the next publication there retries", file=sys.stderr, flush=True)
 
 
+TEMP_LOCK = ".in-use"
+TEMP_MIN_AGE_S = 60.0  # a staging folder younger than this is never taken for orphaned
+
+
+def _hold_lock(folder: str):
+    """An exclusive flock on a file in ``folder``, held by the open file (the OS drops it when the process dies)."""
+    import fcntl
+
+    handle = open(os.path.join(folder, TEMP_LOCK), "w")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
 def remove_orphaned_temp_dirs() -> None:
-    """Delete this user's ``mds-upload-<pid>-*`` folders whose process is gone (SIGKILL leaves them)."""
-    base = Path(tempfile.gettempdir())
-    for path in base.glob(f"{TEMP_PREFIX}*-*"):
-        pid = path.name[len(TEMP_PREFIX):].split("-", 1)[0]
+    """Delete this user's ``mds-upload-*`` staging folders whose conversion is gone (a SIGKILL leaves them): their
+    lock is free. A lock, not a process id, so that processes in other PID namespaces sharing /tmp are safe."""
+    import fcntl
+
+    for path in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
         try:
-            if not pid.isdigit() or path.stat().st_uid != os.getuid():
-                continue
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
+            info = path.stat()
+            if info.st_uid != os.getuid() or not (path / TEMP_LOCK).is_file() or \
+                    time.time() - info.st_mtime < TEMP_MIN_AGE_S:
+                continue  # another user's, not one of ours, or just being created (its lock maybe not yet taken)
+            with open(path / TEMP_LOCK, "a") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(path, ignore_errors=True)
         except OSError:
-            continue  # alive under another user, or already gone
+            continue  # in use (BlockingIOError), or gone meanwhile
