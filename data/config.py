@@ -95,8 +95,16 @@ class DataConfig:
     cache_limit: Optional[str] = None  # e.g. "50gb": evict shards beyond this
     download_retry: int = 2  # attempts per shard / index download
     download_timeout: float = 60.0
+    # A bad row (undecodable image or sample, image above max_image_pixels) is skipped with one warning line naming
+    # it, in training and evaluation streams; past max_bad_fraction of the rows a loader process read, it stops.
+    max_bad_fraction: float = 0.01  # bad rows tolerated, as a share of the rows read (judged from the 10th bad row)
+    max_image_pixels: int = 36_000_000  # images above width x height (from the header, before decoding) are bad rows
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
         for name in ("batch_size", "eval_batch_size", "patch_image_size", "max_src_tokens", "max_tgt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

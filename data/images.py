@@ -25,6 +25,7 @@ import io
 import math
 import os
 import random
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,6 +35,11 @@ from PIL import Image, ImageEnhance
 from biomedgpt.data.records import BadRecord
 
 MAX_RESIZE, MAX_LONG_SIDE = 480, 672
+#: default limit on an image's width x height, checked from its header before anything is decoded (conversion
+#: and training): far above what training resamples from (672 px sides), well below the 89.5 Mpx at which
+#: PIL only starts to warn (a 13,000 x 13,000 PNG of 190 KB decodes to 0.5 GB of pixels in seconds)
+MAX_IMAGE_PIXELS = 36_000_000
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RANDAUG_OPS = ("identity", "autocontrast", "equalize", "brightness", "sharpness",
                "shear_x", "shear_y", "translate_x", "translate_y", "rotate")
 
@@ -48,6 +54,37 @@ def decode_image(data: bytes, name: str = "") -> Image.Image:
     except Exception as exc:  # PIL raises many types for corrupt data
         raise BadRecord(f"{_label(data, name)}: corrupt image: {exc}", "corrupt image") from None
     return _eight_bit(image).convert("RGB")
+
+
+def image_size(data: bytes, name: str = "") -> tuple[int, int]:
+    """(width, height) from the header alone (JPEG frame, PNG IHDR, DICOM Rows/Columns, else PIL's lazy open);
+    BadRecord naming ``name`` if there is no readable header."""
+    frame = _jpeg_frame(data)
+    if frame is not None:
+        return frame[0], frame[1]
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    try:
+        if is_dicom(data):
+            import pydicom
+
+            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            return int(header.Columns), int(header.Rows)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data)).size
+    except Image.DecompressionBombError as exc:
+        raise BadRecord(f"{_label(data, name)}: image too large: {exc}", "image too large") from None
+    except Exception as exc:
+        raise BadRecord(f"{_label(data, name)}: corrupt image: {type(exc).__name__}: {exc}", "corrupt image") from None
+
+
+def check_image_pixels(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, name: str = "") -> None:
+    """BadRecord ("image too large") when the header says the image has more than ``max_pixels`` pixels."""
+    width, height = image_size(data, name)
+    if width * height > max_pixels:
+        raise BadRecord(f"{_label(data, name)}: {width} x {height} = {width * height / 1e6:.3g} Mpx is above the "
+                        f"limit of {max_pixels / 1e6:.3g} Mpx (max_image_pixels={max_pixels})", "image too large")
 
 
 def is_dicom(data: bytes) -> bool:
@@ -127,8 +164,10 @@ def encode_png(array_or_image) -> bytes:
     return buf.getvalue()
 
 
-def storable_image(data: bytes, name: str = "") -> bytes:
-    """Bytes to keep in a shard: JPEG/PNG as they are (checked by decoding), DICOM and others as PNG."""
+def storable_image(data: bytes, name: str = "", max_pixels: int = MAX_IMAGE_PIXELS) -> bytes:
+    """Bytes to keep in a shard: JPEG/PNG as they are (checked by decoding), DICOM and others as PNG; an image
+    above ``max_pixels`` is refused from its header, before it is decoded."""
+    check_image_pixels(data, max_pixels, name)
     if is_dicom(data):
         return encode_png(dicom_to_uint8(data, name))
     try:

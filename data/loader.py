@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
@@ -23,8 +24,10 @@ from streaming.base.format.mds.reader import MDSReader
 
 from biomedgpt.data.collate import collate
 from biomedgpt.data.config import DataConfig, StreamConfig
+from biomedgpt.data.images import check_image_pixels
+from biomedgpt.data.mds import INDEX, s3_client, split_s3, store_cause
 from biomedgpt.data.shared_memory import registration_lock
-from biomedgpt.data.tasks import TaskContext, process
+from biomedgpt.data.tasks import PROCESSORS, TaskContext, process
 from biomedgpt.engine.distributed import ranks_on_this_host
 
 
@@ -50,6 +53,81 @@ def file_hash(path: str, algo: str, chunk: int = 1 << 22) -> str:
 
 class DataSourceError(RuntimeError):
     """A stream that cannot be read: unreachable store, missing index, truncated shard."""
+
+
+class BadRowsError(DataSourceError):
+    """More than ``data.max_bad_fraction`` of the rows read were bad."""
+
+
+#: max_bad_fraction stops a run only from this many bad rows on (one bad row among the first few is no verdict)
+MIN_BAD_ROWS_TO_STOP = 10
+
+
+class UnsafeIndexError(DataSourceError):
+    """An index.json naming a file outside its stream's folder (``../``, an absolute path): refused before
+    any shard is downloaded, so an untrusted bucket cannot write anywhere else on this machine."""
+
+
+def unsafe_file_name(name: str) -> bool:
+    """Whether ``name`` (a file name from an index) could resolve outside the folder it is joined to: empty,
+    absolute, or with a ``..`` part anywhere (no writer makes one; none is needed to name a file inside)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        return True
+    return os.path.isabs(name) or ".." in Path(name).parts
+
+
+class CheckedStream(Stream):
+    """streaming's ``Stream`` whose index is checked as soon as it is read (after index.json is fetched,
+    before any shard): every file it names (raw and zip shards, a format's sidecar files) must stay
+    inside the stream's local folder; streaming itself joins the names to that folder unchecked."""
+
+    def __init__(self, *, name: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.stream_name = name
+
+    def get_shards(self, world, allow_unsafe_types: bool) -> list:
+        shards = super().get_shards(world, allow_unsafe_types)
+        for shard in shards:
+            for raw_info, zip_info in shard.file_pairs:
+                for info in (raw_info, zip_info):
+                    if info is not None and unsafe_file_name(info.basename):
+                        raise UnsafeIndexError(
+                            f"stream {self.stream_name}: index.json of {self.remote or self.local} names the "
+                            f"file {info.basename!r}, outside the stream's folder; refusing the whole stream "
+                            "(nothing downloaded): rewrite the index or convert the data again")
+        return shards
+
+
+def check_remote_index(stream: StreamConfig, local: str, cfg: DataConfig) -> None:
+    """HEAD an s3:// stream's index.json before streaming fetches it (unless it is cached), so that a denied,
+    missing or unreachable store is one line naming the stream, the prefix and the cause, on every rank at once.
+    streaming reports each as "index.json not found! …" after its retries, and its other ranks wait
+    ``download_timeout`` for the file the local leader never writes."""
+    if urlparse(stream.remote).scheme != "s3" or (Path(local) / INDEX).is_file():
+        return
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = split_s3(stream.remote)
+    client = s3_client(cfg.download_timeout, cfg.download_retry)
+    try:
+        client.head_object(Bucket=bucket, Key=f"{prefix}/{INDEX}" if prefix else INDEX)
+        return
+    except (BotoCoreError, ClientError) as exc:
+        reason = store_cause(client, bucket, exc)
+    endpoint = os.environ.get("S3_ENDPOINT_URL") or "the default AWS endpoint"
+    raise DataSourceError(f"stream {stream.name}: cannot read {stream.remote.rstrip('/')}/{INDEX} at {endpoint}: "
+                          f"{reason}")
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line to show for a data error, also when a loader worker raised it: torch re-raises a worker's
+    exception with the worker's whole traceback as its message, whose last line is the original's."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(exc).__name__
+    last = lines[-1]
+    name = type(exc).__name__
+    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
 
 
 def is_remote(path: str) -> bool:
@@ -86,11 +164,13 @@ class TaskStreamingDataset(StreamingDataset):
         for s in streams:
             remote, local = (s.remote, s.local or str(Path(cfg.cache_dir) / cache_subdir / s.name)) \
                 if is_remote(s.remote) else (None, s.remote)
-            if remote is None and not (Path(local) / "index.json").is_file():
+            if remote is None and not (Path(local) / INDEX).is_file():
                 raise DataSourceError(f"stream {s.name}: no index.json under {local} (not a converted "
                                       f"dataset, or its conversion did not finish)")
-            built.append(Stream(remote=remote, local=local, proportion=s.proportion,
-                                download_retry=cfg.download_retry, download_timeout=cfg.download_timeout))
+            if remote is not None:
+                check_remote_index(s, local, cfg)
+            built.append(CheckedStream(name=s.name, remote=remote, local=local, proportion=s.proportion,
+                                       download_retry=cfg.download_retry, download_timeout=cfg.download_timeout))
         try:
             with registration_lock():
                 super().__init__(
@@ -101,6 +181,8 @@ class TaskStreamingDataset(StreamingDataset):
                     epoch_size=cfg.epoch_size if train else None, predownload=cfg.predownload,
                     cache_limit=cfg.cache_limit, download_retry=cfg.download_retry,
                     download_timeout=cfg.download_timeout)
+        except UnsafeIndexError:
+            raise
         except Exception as exc:
             where = ", ".join(f"{s.name}={s.remote}" for s in streams)
             raise DataSourceError(f"cannot open streams ({where}): {type(exc).__name__}: {exc}") from exc
@@ -108,6 +190,7 @@ class TaskStreamingDataset(StreamingDataset):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.train = train
+        self._rows_read = self._bad_rows = 0  # this process's, for max_bad_fraction
         self._checked_shards: set[int] = set()
         self._local_shards: set[int] = set()  # seen whole on disk (no cache_limit: they stay so)
         self._maps: dict = {}  # shard id -> mmap of its raw file (see _mapped_item)
@@ -198,19 +281,47 @@ class TaskStreamingDataset(StreamingDataset):
                                       f"{algo} {actual}, index.json says {raw_info.hashes[algo]}")
 
     def __getitem__(self, sample_id: int) -> list:
-        row = self.get_item(sample_id)
-        stream_id = int(self.stream_per_shard[self.spanner[sample_id][0]])
-        stream = self.stream_cfgs[stream_id]
-        epoch = max(self.next_epoch - 1, 0) if self.train else 0
-        rng = random.Random(f"{self.cfg.shuffle_seed}/{epoch}/{sample_id}")
-        ctx = TaskContext(tokenizer=self.tokenizer, cfg=self.cfg, rng=rng, train=self.train,
-                          other_row=functools.partial(self._other_row, stream_id, sample_id),
-                          loss_group=stream.loss_group, _word_start=self._word_start, prompts=self._prompts)
+        """The row's examples; a bad row (see ``DataConfig.max_bad_fraction``) gives none, with a warning line."""
+        shard_id = self.spanner[sample_id][0]
+        stream = self.stream_cfgs[int(self.stream_per_shard[shard_id])]
+        self._rows_read += 1
+        row: dict = {}
         try:
+            row = self.get_item(sample_id)
+            kinds = PROCESSORS[stream.task][1]
+            if row.get("kind") not in kinds:  # the stream's task (or remote) is wrong, not this row
+                raise DataSourceError(f"stream {stream.name}: row {row.get('id')!r} is a {row.get('kind')!r} row; "
+                                      f"task {stream.task!r} takes {kinds}: check the stream's task or remote")
+            if row.get("image"):
+                check_image_pixels(row["image"], self.cfg.max_image_pixels, f"row {row.get('id')!r}")
+            epoch = max(self.next_epoch - 1, 0) if self.train else 0
+            rng = random.Random(f"{self.cfg.shuffle_seed}/{epoch}/{sample_id}")
+            ctx = TaskContext(tokenizer=self.tokenizer, cfg=self.cfg, rng=rng, train=self.train,
+                              other_row=functools.partial(self._other_row, int(self.stream_per_shard[shard_id]),
+                                                          sample_id),
+                              loss_group=stream.loss_group, _word_start=self._word_start, prompts=self._prompts)
             return process(stream.task, row, ctx)
-        except Exception as exc:
-            raise ValueError(f"stream {stream.name} (task {stream.task}), sample {sample_id}, "
-                             f"row {row.get('id')!r}: {type(exc).__name__}: {exc}") from exc
+        except DataSourceError:
+            raise  # the stream or a whole shard: nothing to skip past
+        except Exception as exc:  # an undecodable image, a corrupt sample, a row the task cannot use
+            return self._skip_bad_row(stream, sample_id, row, exc)
+
+    def _skip_bad_row(self, stream: StreamConfig, sample_id: int, row: dict, exc: Exception) -> list:
+        """One warning line naming the row; stop (BadRowsError, one line) once too many rows were bad."""
+        self._bad_rows += 1
+        uid = row.get("id")
+        reason = getattr(exc, "reason", type(exc).__name__)
+        where = f"stream {stream.name}, row {uid!r} (sample {sample_id})" if uid else \
+            f"stream {stream.name}, sample {sample_id}"
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        detail = detail if reason in detail else f"{reason}: {detail}".rstrip(": ")
+        print(f"warning: {where}: {detail}; skipped ({self._bad_rows} bad of {self._rows_read} rows read)",
+              file=sys.stderr, flush=True)
+        if self._bad_rows >= MIN_BAD_ROWS_TO_STOP and self._bad_rows > self.cfg.max_bad_fraction * self._rows_read:
+            raise BadRowsError(f"{self._bad_rows} of the {self._rows_read} rows read were bad, more than "
+                               f"data.max_bad_fraction={self.cfg.max_bad_fraction:g} (last: {where}: {reason}); "
+                               "fix or reconvert the shards, or raise data.max_bad_fraction")
+        return []
 
     def _other_row(self, stream_id: int, sample_id: int, rng: random.Random) -> dict:
         """A random row of the same stream other than ``sample_id`` (negatives for ITM / VQA matching)."""
@@ -243,8 +354,11 @@ class ResumableLoader(StreamingDataLoader):
 
 def _collate_rows(rows: list[list], patch_image_size: int, group_weights: list[float],
                   with_references: bool, constraints=None) -> dict:
-    return collate([ex for row in rows for ex in row], patch_image_size, group_weights, with_references,
-                   constraints)
+    examples = [ex for row in rows for ex in row]
+    if not examples:
+        raise BadRowsError(f"every row of a batch of {len(rows)} was bad (see the warnings above); fix or reconvert "
+                           "the shards")
+    return collate(examples, patch_image_size, group_weights, with_references, constraints)
 
 
 def _loader(dataset: TaskStreamingDataset, cfg: DataConfig, batch_size: int, drop_last: bool,

@@ -404,7 +404,14 @@ def run(cfg: EvaluateConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(EvaluateConfig, argv, description=__doc__.split("\n\n")[0])
-    results = run(cfg)
+    from biomedgpt.data.loader import BadRowsError, DataSourceError, error_line
+
+    try:
+        results = run(cfg)
+    except DataSourceError as exc:  # one line: rank 0's for a stream (alike on every rank), else the failing rank's
+        if int(os.environ.get("RANK", "0")) == 0 or isinstance(exc, BadRowsError):
+            print(f"evaluate: error: {error_line(exc)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     if int(os.environ.get("RANK", "0")) == 0:
         json.dump(results["metrics"], sys.stdout, indent=2)
         print()

@@ -7,6 +7,7 @@ Under a launcher (launchers/local.sh, SLURM) every rank runs this same command.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -48,12 +49,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     if cfg.demo_data_dir:
         ensure_demo_data(cfg.demo_data_dir)
+    from biomedgpt.data.loader import DataSourceError, error_line
+
     try:
         trainer = Trainer(cfg)
     except ResumeError as exc:  # one line that names the file or setting and the way out, no traceback
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    metrics = trainer.train()
+    except DataSourceError as exc:  # a stream that cannot be opened fails alike on every rank: rank 0 says so
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error_line(exc)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    try:
+        metrics = trainer.train()
+    except DataSourceError as exc:  # a shard, or too many bad rows, on this rank's share
+        print(f"error: rank {trainer.rank}: {error_line(exc)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     if trainer.is_main and metrics:
         print("final evaluation: " + json.dumps({k: round(v, 5) for k, v in metrics.items()}), flush=True)
     return metrics

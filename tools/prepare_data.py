@@ -25,13 +25,16 @@ import csv
 import functools
 import glob
 import json
+import signal
 import sys
 from collections import Counter
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional
 
-from biomedgpt.data.images import dicom_to_uint8, encode_png, pre_resized, storable_image
+from biomedgpt.data.images import (MAX_IMAGE_PIXELS, check_image_pixels, dicom_to_uint8, encode_png, pre_resized,
+                                   storable_image)
 from biomedgpt.data.mds import OutputExistsError, ShardWriter, StoreError
 from biomedgpt.engine.config import PathStr
 from biomedgpt.data.records import (KINDS, MEDNLI_LABEL_INDEX, BadRecord, make_record, parse_answer_type, parse_answers,
@@ -66,6 +69,12 @@ class PrepareConfig:
     # e.g. 672 / 480 for ofa_augment at any patch size up to 480, 256 / 256 for resize at 256 px.
     max_image_side: int = 0
     min_image_side: int = 0
+    # A small file can hold a huge image (a 13,000 x 13,000 PNG of 190 KB); training applies data.max_image_pixels.
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # images above width x height (read from the header) are bad rows
+
+    def __post_init__(self) -> None:
+        if self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
 
 
 class ConversionError(ValueError):
@@ -101,6 +110,8 @@ class Summary:
 
 
 Row = tuple[str, Callable[[], dict]]  # (file:line, builds the record or raises BadRecord)
+#: the running conversion's max_image_pixels (the row builders are called inside convert())
+_max_pixels: ContextVar[int] = ContextVar("max_image_pixels", default=MAX_IMAGE_PIXELS)
 
 
 # ----- the original TSV formats ----------------------------------------------------------------------
@@ -111,7 +122,7 @@ def _b64_image(text: str) -> bytes:
         data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as exc:
         raise BadRecord(f"image column is not url-safe base64: {exc}", "corrupt image") from None
-    return storable_image(data)
+    return storable_image(data, max_pixels=_max_pixels.get())
 
 
 def _columns(parts: list[str], count: int) -> list[str]:
@@ -287,11 +298,11 @@ def _field_image(value: Any, base: Path) -> bytes:
         if not value:
             return b""
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return storable_image(bytes(value))
+        return storable_image(bytes(value), max_pixels=_max_pixels.get())
     path = Path(str(value))
     path = path if path.is_absolute() else base / path
     try:
-        return storable_image(path.read_bytes(), str(path))
+        return storable_image(path.read_bytes(), str(path), _max_pixels.get())
     except FileNotFoundError:
         raise BadRecord(f"image file {path} not found", "missing image") from None
 
@@ -356,7 +367,9 @@ def dicom_rows(path: Path, cfg: PrepareConfig) -> Iterator[Row]:
             raise BadRecord(f"unreadable DICOM: {exc}", "corrupt image") from None
         values = {cfg.columns.get(name, name): _dicom_value(ds, cfg.columns.get(name, name))
                   for name in KINDS[cfg.kind][0] + ("id", "objects")}
-        values[cfg.columns.get("image", "image")] = encode_png(dicom_to_uint8(str(path)))
+        data = path.read_bytes()
+        check_image_pixels(data, cfg.max_image_pixels, str(path))
+        values[cfg.columns.get("image", "image")] = encode_png(dicom_to_uint8(data, str(path)))
         if values[cfg.columns.get("id", "id")] is None:
             values[cfg.columns.get("id", "id")] = str(getattr(ds, "SOPInstanceUID", "") or path.stem)
         return field_record(cfg, values, path.stem, path.parent)
@@ -464,8 +477,6 @@ def convert(cfg: PrepareConfig, log=None) -> Summary:
     log = log or sys.stderr
     if cfg.format not in TSV_PARSERS and cfg.format != "llava_json" and cfg.kind not in KINDS:
         raise ConversionError(f"format {cfg.format} needs kind= one of {sorted(KINDS)}")
-    from tqdm import tqdm
-
     summary = Summary()
     if cfg.max_image_side:
         if cfg.max_image_side < 0 or cfg.min_image_side < 0 or cfg.min_image_side > cfg.max_image_side:
@@ -474,6 +485,16 @@ def convert(cfg: PrepareConfig, log=None) -> Summary:
         summary.resize_note = f"longest side <= {cfg.max_image_side}" + (
             f" unless the shortest would drop below {cfg.min_image_side}" if cfg.min_image_side else "")
     files = input_files(cfg.input, cfg.format)  # before the output is touched
+    limit = _max_pixels.set(cfg.max_image_pixels)
+    try:
+        return _convert(cfg, files, summary, log)
+    finally:
+        _max_pixels.reset(limit)
+
+
+def _convert(cfg: PrepareConfig, files: list[Path], summary: Summary, log) -> Summary:
+    from tqdm import tqdm
+
     try:
         writer = ShardWriter(cfg.output, overwrite=cfg.overwrite, compression=cfg.compression,
                              size_limit=cfg.shard_size, store_timeout=cfg.store_timeout,
@@ -517,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     from biomedgpt.engine.config import parse_cli
 
     cfg = parse_cli(PrepareConfig, argv)
+    # SIGTERM (a scheduler's kill) unwinds like an error: convert() drops its temporary files and uploads
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         convert(cfg)
     except (ConversionError, OutputExistsError, StoreError) as exc:
