@@ -24,6 +24,7 @@ from biomedgpt.data.config import DataConfig, StreamConfig
 from biomedgpt.data.shared_memory import registration_lock
 from biomedgpt.data.tasks import TaskContext, process
 from biomedgpt.engine.distributed import ranks_on_this_host
+from biomedgpt.engine.user_errors import UserError
 
 
 #: hashes checked when a shard is first read, in order of preference (the first one index.json has)
@@ -46,7 +47,7 @@ def file_hash(path: str, algo: str, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(UserError, RuntimeError):
     """A stream that cannot be read: unreachable store, missing index, truncated shard."""
 
 

@@ -29,6 +29,7 @@ from biomedgpt.data.config import DataConfig
 from biomedgpt.data.tasks import TASK_NAMES
 from biomedgpt.engine.durable import atomic_write_text
 from biomedgpt.engine.config import ConfigError, load, parse_cli, to_dict
+from biomedgpt.engine.user_errors import command
 from biomedgpt.engine.eval_config import FIXED_ANSWERS, TASK_DEFAULTS, DownstreamConfig, EvaluateConfig, TaskEvalConfig
 from biomedgpt.models.generation import TokenRange, Trie, decoder_prefixes, generate, score_candidates
 
@@ -402,6 +403,7 @@ def run(cfg: EvaluateConfig) -> dict:
     return results
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(EvaluateConfig, argv, description=__doc__.split("\n\n")[0])
     results = run(cfg)

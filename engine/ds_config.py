@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from biomedgpt.engine.run_config import RunConfig
+from biomedgpt.engine.user_errors import UserError
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(UserError, ValueError):
     pass
 
 

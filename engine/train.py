@@ -13,6 +13,7 @@ from typing import Sequence
 
 from biomedgpt.engine.config import parse_cli
 from biomedgpt.engine.run_config import DEMO_CONFIG, RunConfig
+from biomedgpt.engine.user_errors import command
 
 
 def ensure_demo_data(directory: str) -> None:
@@ -40,19 +41,15 @@ def parse(argv: Sequence[str] | None = None) -> RunConfig:
     return parse_cli(RunConfig, argv, description=__doc__)
 
 
+@command  # a user error (bad path, missing shard or weights, a checkpoint that cannot resume): one line, exit 1
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse(argv)  # torch-free: a bad setting fails here in well under a second, before any import of torch
     from biomedgpt.engine import distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
-    from biomedgpt.engine.checkpointing import ResumeError
     from biomedgpt.engine.trainer import Trainer
 
     if cfg.demo_data_dir:
         ensure_demo_data(cfg.demo_data_dir)
-    try:
-        trainer = Trainer(cfg)
-    except ResumeError as exc:  # one line that names the file or setting and the way out, no traceback
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+    trainer = Trainer(cfg)
     metrics = trainer.train()
     if trainer.is_main and metrics:
         print("final evaluation: " + json.dumps({k: round(v, 5) for k, v in metrics.items()}), flush=True)
