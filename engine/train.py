@@ -7,13 +7,15 @@ Under a launcher (launchers/local.sh, SLURM) every rank runs this same command.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from biomedgpt.engine.config import parse_cli
 from biomedgpt.engine.run_config import DEMO_CONFIG, RunConfig
-from biomedgpt.engine.user_errors import command
+from biomedgpt.engine.run_lock import RunLock
+from biomedgpt.engine.user_errors import UserError, command
 
 
 def ensure_demo_data(directory: str) -> None:
@@ -33,6 +35,19 @@ def ensure_demo_data(directory: str) -> None:
             build(DemoConfig(output_dir=str(root)))
 
 
+def check_init_from(model_dir: str | None) -> None:
+    """A fine-tuning recipe's starting weights exist, or one line names the folder and the two ways out."""
+    if model_dir is None:
+        return
+    from biomedgpt.models.checkpoint import model_weight_files
+
+    missing = [str(p) for p in [Path(model_dir) / "config.json", *model_weight_files(model_dir)] if not p.is_file()]
+    if missing:
+        raise UserError(f"checkpoint.init_from {model_dir}: not a model directory ({', '.join(missing)} missing): "
+                        f"make it from a released checkpoint with 'biomedgpt import-checkpoint source=<file.pt> "
+                        f"output={model_dir}', or train from scratch with checkpoint.init_from=null")
+
+
 def parse(argv: Sequence[str] | None = None) -> RunConfig:
     """``--config FILE`` and overrides; without ``--config``, configs/demo.yaml with the overrides."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -44,6 +59,9 @@ def parse(argv: Sequence[str] | None = None) -> RunConfig:
 @command  # a user error (bad path, missing shard or weights, a checkpoint that cannot resume): one line, exit 1
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse(argv)  # torch-free: a bad setting fails here in well under a second, before any import of torch
+    check_init_from(cfg.checkpoint.init_from)
+    if int(os.environ.get("RANK", "0")) == 0:  # a folder in use is refused in a second too (the Trainer keeps it)
+        RunLock.acquire(cfg.output_dir)
     from biomedgpt.engine import distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
     from biomedgpt.engine.trainer import Trainer
 
