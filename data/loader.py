@@ -103,6 +103,7 @@ class TaskStreamingDataset(StreamingDataset):
             where = ", ".join(f"{s.name}={s.remote}" for s in streams)
             raise DataSourceError(f"cannot open streams ({where}): {type(exc).__name__}: {exc}") from exc
         self.stream_cfgs = streams
+        self._check_local_shards_exist()
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.train = train
@@ -161,6 +162,18 @@ class TaskStreamingDataset(StreamingDataset):
         if end <= begin:
             raise IndexError(f"sample {index} is not in shard {self.shards[shard_id].raw_data.basename}")
         return self.shards[shard_id].decode_sample(mapped[begin:end])
+
+    def _check_local_shards_exist(self) -> None:
+        """Every shard file a local stream's index.json lists is there: else one error names it now, where
+        streaming's background thread would fail on it unseen and the epoch would end empty."""
+        for shard_id, shard in enumerate(self.shards):
+            if is_remote(self._stream_of(shard_id).remote):
+                continue
+            for raw_info, _ in shard.file_pairs:
+                path = os.path.join(shard.dirname, shard.split or "", raw_info.basename)
+                if not os.path.exists(path):
+                    raise DataSourceError(f"stream {self._stream_of(shard_id).name}: shard file {path} is missing "
+                                          f"(its index.json lists it): the dataset is incomplete; convert it again")
 
     def _stream_of(self, shard_id: int) -> StreamConfig:
         return self.stream_cfgs[int(self.stream_per_shard[shard_id])]

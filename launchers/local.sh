@@ -80,7 +80,7 @@ live=("${pids[@]}")
 killer=""
 while [ "${#live[@]}" -gt 0 ]; do
     finished=""
-    wait -n -p finished "${live[@]}"
+    wait -n -p finished "${live[@]}" 2>/dev/null  # bash's "Killed" job notice: the status is reported below
     rc=$?
     if [ -z "${finished:-}" ]; then
         # A forwarded signal interrupted the wait -- or bash (5.2) reaped a rank meanwhile and `wait -n`
