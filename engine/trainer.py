@@ -115,10 +115,11 @@ class Trainer:
                                       background=cfg.checkpoint.background is not False,
                                       timeout_s=ds.collective_timeout_s)
         resume_tag = self.ckpt.latest() if cfg.checkpoint.resume == "auto" else None
+        changed: list[str] = []  # optimizer settings this resumed run changes
         if resume_tag is not None:
             from biomedgpt.engine.resume_checks import check_resumable
 
-            self.resume_changes = check_resumable(self.ckpt.root, resume_tag, self.rank, to_dict(cfg))
+            changed = check_resumable(self.ckpt.root, resume_tag, self.rank, to_dict(cfg))
         self.ds_config = build_ds_config(cfg)
         load_dir, load_tag = str(self.ckpt.root), resume_tag
         if resume_tag is not None and self.ckpt.needs_universal(resume_tag, self.plan):
@@ -134,7 +135,7 @@ class Trainer:
         self.notes: list[str] = [n for n in (self.run_lock.note if self.run_lock else None, precision_note) if n]
         self.resumed_rng: Optional[dict] = None
         if resume_tag is not None:
-            self._resume(load_dir, load_tag, resume_tag)
+            self._resume(load_dir, load_tag, resume_tag, changed)
         if self.is_main:  # this run's settings (a resumed run's changes are applied or refused above)
             atomic_write_text(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.peak = device_peak(ds.precision, cfg.log.peak_tflops)
@@ -279,16 +280,16 @@ class Trainer:
         mixed = self.cfg.deepspeed.precision != "fp32"
         return local * (2 if mixed else 4) + local_opt * 4 * (3 if mixed else 2) + (local * 4 if self.ema else 0)
 
-    def _resume(self, load_dir: str, load_tag: str, tag: str) -> None:
+    def _resume(self, load_dir: str, load_tag: str, tag: str, changed: list[str]) -> None:
         path, client = self.engine.load_checkpoint(load_dir, tag=load_tag, load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if path is None:
             raise ResumeError(f"DeepSpeed could not load {load_dir}/{load_tag}")
-        if self.resume_changes:  # settings checked before loading (resume_checks): these apply from here on
+        if changed:  # settings checked before loading (resume_checks): these apply from here on
             from biomedgpt.engine.resume_checks import apply_optimizer_settings
 
             apply_optimizer_settings(self.engine.lr_scheduler, self.cfg.optim)
-            self.notes.append(f"resumed with changed optimizer settings, applied: {'; '.join(self.resume_changes)}")
+            self.notes.append(f"resumed with changed optimizer settings, applied: {'; '.join(changed)}")
         self.step, self.epoch = client["step"], client["epoch"]
         self.nonfinite, self.best = client["nonfinite"], client["best"]
         state = self.ckpt.load_rank_state(tag)
