@@ -191,8 +191,8 @@ def test_a_tag_in_an_override_is_one_line_and_runs_nothing(tmp_path):
     result = _biomedgpt(["train", f"seed=!!python/object/apply:os.system ['touch {marker}']"], tmp_path, 60)
     assert result.returncode == 1 and not marker.exists()
     assert result.stderr.strip().splitlines() == [
-        "biomedgpt train: error: command line: seed: could not determine a constructor for the tag "
-        "'tag:yaml.org,2002:python/object/apply:os.system' (values are plain YAML: numbers, text, lists, mappings)"]
+        f"biomedgpt train: error: command line: seed: expected an integer, got "
+        f"\"!!python/object/apply:os.system ['touch {marker}']\""]
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim:\n  lr: 1e-3\nseed: [1,\n")
     result = _biomedgpt(["train", "--config", str(bad)], tmp_path, 60)
