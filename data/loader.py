@@ -29,6 +29,7 @@ from biomedgpt.data.mds import INDEX, s3_client, split_s3, store_cause
 from biomedgpt.data.shared_memory import registration_lock
 from biomedgpt.data.tasks import PROCESSORS, TaskContext, process
 from biomedgpt.engine.distributed import ranks_on_this_host
+from biomedgpt.engine.user_errors import UserError
 
 
 #: hashes checked when a shard is first read, in order of preference (the first one index.json has)
@@ -51,7 +52,7 @@ def file_hash(path: str, algo: str, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(UserError, RuntimeError):
     """A stream that cannot be read: unreachable store, missing index, truncated shard."""
 
 
@@ -119,17 +120,6 @@ def check_remote_index(stream: StreamConfig, local: str, cfg: DataConfig) -> Non
                           f"{reason}")
 
 
-def error_line(exc: BaseException) -> str:
-    """The one line to show for a data error, also when a loader worker raised it: torch re-raises a worker's
-    exception with the worker's whole traceback as its message, whose last line is the original's."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    if len(lines) <= 1:
-        return lines[0] if lines else type(exc).__name__
-    last = lines[-1]
-    name = type(exc).__name__
-    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
-
-
 def is_remote(path: str) -> bool:
     return bool(urlparse(path).scheme) and urlparse(path).scheme != "file"
 
@@ -187,6 +177,7 @@ class TaskStreamingDataset(StreamingDataset):
             where = ", ".join(f"{s.name}={s.remote}" for s in streams)
             raise DataSourceError(f"cannot open streams ({where}): {type(exc).__name__}: {exc}") from exc
         self.stream_cfgs = streams
+        self._check_local_shards_exist()
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.train = train
@@ -255,6 +246,18 @@ class TaskStreamingDataset(StreamingDataset):
         if end <= begin:
             raise IndexError(f"sample {index} is not in shard {self.shards[shard_id].raw_data.basename}")
         return self.shards[shard_id].decode_sample(mapped[begin:end])
+
+    def _check_local_shards_exist(self) -> None:
+        """Every shard file a local stream's index.json lists is there: else one error names it now, where
+        streaming's background thread would fail on it unseen and the epoch would end empty."""
+        for shard_id, shard in enumerate(self.shards):
+            if is_remote(self._stream_of(shard_id).remote):
+                continue
+            for raw_info, _ in shard.file_pairs:
+                path = os.path.join(shard.dirname, shard.split or "", raw_info.basename)
+                if not os.path.exists(path):
+                    raise DataSourceError(f"stream {self._stream_of(shard_id).name}: shard file {path} is missing "
+                                          f"(its index.json lists it): the dataset is incomplete; convert it again")
 
     def _stream_of(self, shard_id: int) -> StreamConfig:
         return self.stream_cfgs[int(self.stream_per_shard[shard_id])]

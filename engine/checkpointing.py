@@ -32,9 +32,10 @@ from biomedgpt.engine.checkpoint_files import TAG_RE, tag_for
 from biomedgpt.engine.checkpoint_writer import BackgroundWriter, snapshot_engine
 from biomedgpt.engine.durable import atomic_write_text, fsync_dir
 from biomedgpt.engine.distributed import barrier
+from biomedgpt.engine.user_errors import UserError
 
 
-class ResumeError(RuntimeError):
+class ResumeError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed (incomplete, or missing a rank's state)."""
 
 

@@ -24,11 +24,26 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
+from biomedgpt.engine.user_errors import UserError, report
+
 T = TypeVar("T")
 
 #: The installed package's root (``site-packages/biomedgpt``, or the repository in a checkout).
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PACKAGE_ROOT / "configs"
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (YAML 1.1), which reads ``1e-3`` and ``5E-5`` as strings (1.1 wants ``1.0e-3``),
+    with YAML 1.2's floats: an exponent without a dot is a number too, in files and on the command line."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=YamlLoader)
 
 
 class PathStr(str):
@@ -53,7 +68,7 @@ def resolve_config(name_or_path: str | Path) -> tuple[Path, bool]:
                       f"packaged: {', '.join(packaged_configs())})")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not fit its dataclass."""
 
 
@@ -219,14 +234,30 @@ def read_yaml(path: str | Path) -> dict:
     """A config file's top-level mapping (one-line errors for a missing file or bad YAML)."""
     path = Path(path)
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = parse_yaml(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except yaml.MarkedYAMLError as exc:
+        where = f", line {exc.problem_mark.line + 1}" if exc.problem_mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return loaded
+
+
+def override_value(raw: str) -> Any:
+    """The value of ``key=raw``: a YAML scalar, list or mapping. Anything else stays the text typed, for the
+    setting's type to accept or refuse in one line: text that is no YAML (``text=SUBJECT: a: b``), and a tag
+    the safe loader does not construct (``seed=!!python/object/apply:os.system [...]`` is the text
+    ``'!!python/...'``, refused as not an integer; nothing is constructed or run)."""
+    if raw == "":
+        return ""
+    try:
+        return parse_yaml(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
@@ -241,7 +272,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        set_dotted(data, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        set_dotted(data, key.strip(), override_value(raw))
     try:
         return from_dict(cls, data)
     except ConfigError as exc:
@@ -272,9 +303,9 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None, description: str 
     args = parser.parse_intermixed_args(argv)
     try:
         return load(cls, args.config, args.overrides)
-    except ConfigError as exc:
-        parser.error(str(exc))
-        raise  # unreachable: parser.error exits
+    except ConfigError as exc:  # one line (no usage block), once per job, exit 1: as every user error
+        report(exc, prog=parser.prog)
+        raise SystemExit(1) from None
 
 
 def field_paths(cls: type, prefix: str = "") -> list[str]:

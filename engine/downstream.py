@@ -29,6 +29,7 @@ from biomedgpt.data.config import DataConfig
 from biomedgpt.data.tasks import TASK_NAMES
 from biomedgpt.engine.durable import atomic_write_text
 from biomedgpt.engine.config import ConfigError, load, parse_cli, to_dict
+from biomedgpt.engine.user_errors import command
 from biomedgpt.engine.eval_config import FIXED_ANSWERS, TASK_DEFAULTS, DownstreamConfig, EvaluateConfig, TaskEvalConfig
 from biomedgpt.models.generation import TokenRange, Trie, decoder_prefixes, generate, score_candidates
 
@@ -402,16 +403,10 @@ def run(cfg: EvaluateConfig) -> dict:
     return results
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_cli(EvaluateConfig, argv, description=__doc__.split("\n\n")[0])
-    from biomedgpt.data.loader import BadRowsError, DataSourceError, error_line
-
-    try:
-        results = run(cfg)
-    except DataSourceError as exc:  # one line: rank 0's for a stream (alike on every rank), else the failing rank's
-        if int(os.environ.get("RANK", "0")) == 0 or isinstance(exc, BadRowsError):
-            print(f"evaluate: error: {error_line(exc)}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+    results = run(cfg)  # a data error (DataSourceError, too many bad rows) is a UserError: one line (@command)
     if int(os.environ.get("RANK", "0")) == 0:
         json.dump(results["metrics"], sys.stdout, indent=2)
         print()

@@ -12,12 +12,27 @@ from pathlib import Path
 from typing import Any
 
 from biomedgpt.engine.run_config import RunConfig
+from biomedgpt.engine.user_errors import UserError
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(UserError, ValueError):
     pass
+
+
+def device_precision(precision: str) -> tuple[str, str | None]:
+    """``precision`` where this device's accelerator supports it, else fp32 and the line that says so (a
+    fine-tuning recipe's fp16 on a CPU, where DeepSpeed would stop with "Type fp16 is not supported")."""
+    if precision == "fp32":
+        return precision, None
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if (accelerator.is_fp16_supported() if precision == "fp16" else accelerator.is_bf16_supported()):
+        return precision, None
+    return "fp32", (f"deepspeed.precision {precision} is not supported on this device "
+                    f"({accelerator.device_name()}): training in fp32 instead")
 
 
 def template_path(cfg: RunConfig) -> Path:

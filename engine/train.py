@@ -14,6 +14,8 @@ from typing import Sequence
 
 from biomedgpt.engine.config import parse_cli
 from biomedgpt.engine.run_config import DEMO_CONFIG, RunConfig
+from biomedgpt.engine.run_lock import RunLock
+from biomedgpt.engine.user_errors import UserError, command
 
 
 def ensure_demo_data(directory: str) -> None:
@@ -33,6 +35,19 @@ def ensure_demo_data(directory: str) -> None:
             build(DemoConfig(output_dir=str(root)))
 
 
+def check_init_from(model_dir: str | None) -> None:
+    """A fine-tuning recipe's starting weights exist, or one line names the folder and the two ways out."""
+    if model_dir is None:
+        return
+    from biomedgpt.models.checkpoint import model_weight_files
+
+    missing = [str(p) for p in [Path(model_dir) / "config.json", *model_weight_files(model_dir)] if not p.is_file()]
+    if missing:
+        raise UserError(f"checkpoint.init_from {model_dir}: not a model directory ({', '.join(missing)} missing): "
+                        f"make it from a released checkpoint with 'biomedgpt import-checkpoint source=<file.pt> "
+                        f"output={model_dir}', or train from scratch with checkpoint.init_from=null")
+
+
 def parse(argv: Sequence[str] | None = None) -> RunConfig:
     """``--config FILE`` and overrides; without ``--config``, configs/demo.yaml with the overrides."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -41,30 +56,19 @@ def parse(argv: Sequence[str] | None = None) -> RunConfig:
     return parse_cli(RunConfig, argv, description=__doc__)
 
 
+@command  # a user error (bad path, missing shard or weights, a checkpoint that cannot resume): one line, exit 1
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse(argv)  # torch-free: a bad setting fails here in well under a second, before any import of torch
+    check_init_from(cfg.checkpoint.init_from)
+    if int(os.environ.get("RANK", "0")) == 0:  # a folder in use is refused in a second too (the Trainer keeps it)
+        RunLock.acquire(cfg.output_dir)
     from biomedgpt.engine import distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
-    from biomedgpt.engine.checkpointing import ResumeError
     from biomedgpt.engine.trainer import Trainer
 
     if cfg.demo_data_dir:
         ensure_demo_data(cfg.demo_data_dir)
-    from biomedgpt.data.loader import DataSourceError, error_line
-
-    try:
-        trainer = Trainer(cfg)
-    except ResumeError as exc:  # one line that names the file or setting and the way out, no traceback
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    except DataSourceError as exc:  # a stream that cannot be opened fails alike on every rank: rank 0 says so
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {error_line(exc)}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    try:
-        metrics = trainer.train()
-    except DataSourceError as exc:  # a shard, or too many bad rows, on this rank's share
-        print(f"error: rank {trainer.rank}: {error_line(exc)}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+    trainer = Trainer(cfg)
+    metrics = trainer.train()
     if trainer.is_main and metrics:
         print("final evaluation: " + json.dumps({k: round(v, 5) for k, v in metrics.items()}), flush=True)
     return metrics

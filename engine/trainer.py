@@ -17,7 +17,7 @@ from biomedgpt.engine import distributed as dist_utils  # sets DS_ACCELERATOR be
 from biomedgpt.engine.checkpointing import CheckpointManager, ResumeError, rng_state, set_rng_state
 from biomedgpt.engine.durable import atomic_write_text
 from biomedgpt.engine.config import to_dict
-from biomedgpt.engine.ds_config import build_ds_config
+from biomedgpt.engine.ds_config import build_ds_config, device_precision
 from biomedgpt.engine.ema import EMA
 from biomedgpt.engine.flops import batch_train_flops, device_peak, image_tokens
 from biomedgpt.engine.host_memory import set_mmap_threshold
@@ -26,6 +26,7 @@ from biomedgpt.engine.metrics import MetricsLogger, MetricWindow
 from biomedgpt.engine.model_setup import (apply_activation_checkpointing, apply_compile, build_model, compile_enabled,
                                           use_zero_init)
 from biomedgpt.engine.run_config import OptimConfig, RunConfig
+from biomedgpt.engine.run_lock import lock_output_dir
 from biomedgpt.engine.zero_plan import ZeroPlan
 
 EXIT_RESUME = 75  # EX_TEMPFAIL: checkpoint written after a signal, resume to continue
@@ -90,9 +91,11 @@ class Trainer:
         set_mmap_threshold(ds.mmap_threshold_mib)
         self.dist = dist_utils.init_distributed(ds.backend, ds.collective_timeout_s)
         self.rank, self.world = self.dist.rank, self.dist.world_size
+        ds.precision, precision_note = device_precision(ds.precision)  # the run (and its config.yaml) says fp32
         self.plan = ZeroPlan.from_config(ds, self.world)
         self.is_main = self.rank == 0
         self.out = Path(cfg.output_dir)
+        self.run_lock = lock_output_dir(self.out, self.rank)  # one run per folder, before anything is written there
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -112,10 +115,11 @@ class Trainer:
                                       background=cfg.checkpoint.background is not False,
                                       timeout_s=ds.collective_timeout_s)
         resume_tag = self.ckpt.latest() if cfg.checkpoint.resume == "auto" else None
+        changed: list[str] = []  # optimizer settings this resumed run changes
         if resume_tag is not None:
             from biomedgpt.engine.resume_checks import check_resumable
 
-            check_resumable(self.ckpt.root, resume_tag, self.rank, to_dict(cfg)["model"])
+            changed = check_resumable(self.ckpt.root, resume_tag, self.rank, to_dict(cfg))
         self.ds_config = build_ds_config(cfg)
         load_dir, load_tag = str(self.ckpt.root), resume_tag
         if resume_tag is not None and self.ckpt.needs_universal(resume_tag, self.plan):
@@ -129,11 +133,11 @@ class Trainer:
         self.step, self.epoch, self.nonfinite = 0, 0, 0
         self.checkpoint_memory_reserved = False
         self.best: Optional[float] = None
-        self.notes: list[str] = []
+        self.notes: list[str] = [n for n in (self.run_lock.note if self.run_lock else None, precision_note) if n]
         self.resumed_rng: Optional[dict] = None
         if resume_tag is not None:
-            self._resume(load_dir, load_tag, resume_tag)
-        elif self.is_main:
+            self._resume(load_dir, load_tag, resume_tag, changed)
+        if self.is_main:  # this run's settings (a resumed run's changes are applied or refused above)
             atomic_write_text(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.peak = device_peak(ds.precision, cfg.log.peak_tflops)
         self.stop = dist_utils.StopRequest().install()
@@ -289,15 +293,16 @@ class Trainer:
         mixed = self.cfg.deepspeed.precision != "fp32"
         return local * (2 if mixed else 4) + local_opt * 4 * (3 if mixed else 2) + (local * 4 if self.ema else 0)
 
-    def _resume(self, load_dir: str, load_tag: str, tag: str) -> None:
+    def _resume(self, load_dir: str, load_tag: str, tag: str, changed: list[str]) -> None:
         path, client = self.engine.load_checkpoint(load_dir, tag=load_tag, load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if path is None:
             raise ResumeError(f"DeepSpeed could not load {load_dir}/{load_tag}")
-        saved_model = client["config"]["model"]
-        if saved_model != to_dict(self.cfg)["model"]:
-            raise ResumeError(f"checkpoint {tag} was trained with model {saved_model}, this run asks for "
-                              f"{to_dict(self.cfg)['model']}; use a new output_dir or checkpoint.init_from")
+        if changed:  # settings checked before loading (resume_checks): these apply from here on
+            from biomedgpt.engine.resume_checks import apply_optimizer_settings
+
+            apply_optimizer_settings(self.engine.lr_scheduler, self.cfg.optim)
+            self.notes.append(f"resumed with changed optimizer settings, applied: {'; '.join(changed)}")
         self.step, self.epoch = client["step"], client["epoch"]
         self.nonfinite, self.best = client["nonfinite"], client["best"]
         state = self.ckpt.load_rank_state(tag)

@@ -14,7 +14,10 @@
 #   writing their checkpoint, where torchrun and deepspeed kill them after 30 s;
 # - the job's status is the first non-zero rank status (75 stays 75 for a requeue), where torchrun
 #   reports 1; a rank exiting non-zero otherwise gets its peers killed after 5 s;
-# - without GPUs it selects DeepSpeed's CPU accelerator and splits the cores between the ranks.
+# - without GPUs it selects DeepSpeed's CPU accelerator and splits the cores between the ranks;
+# - a user error (bad setting, path, file) met by every rank is printed once: the ranks de-duplicate their
+#   `error:` lines in the file BIOMEDGPT_ERRORS_FILE names (engine/user_errors.py), and the job ends with
+#   status 1 without a line of its own.
 set -u
 
 ranks=""
@@ -23,8 +26,8 @@ while getopts "n:m:h" opt; do
     case "$opt" in
         n) ranks="$OPTARG" ;;
         m) module="$OPTARG" ;;
-        h) sed -n '2,18p' "$0"; exit 0 ;;
-        *) sed -n '2,18p' "$0" >&2; exit 2 ;;
+        h) sed -n '2,21p' "$0"; exit 0 ;;
+        *) sed -n '2,21p' "$0" >&2; exit 2 ;;
     esac
 done
 shift $((OPTIND - 1))
@@ -57,6 +60,8 @@ export MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 export MASTER_PORT="${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}"
 export WORLD_SIZE="$ranks" LOCAL_WORLD_SIZE="$ranks"
 export PYTHONUNBUFFERED=1
+errors=$(mktemp "${TMPDIR:-/tmp}/biomedgpt-errors.XXXXXX")
+export BIOMEDGPT_ERRORS_FILE="$errors"
 
 pids=()
 for ((r = 0; r < ranks; r++)); do
@@ -75,7 +80,7 @@ live=("${pids[@]}")
 killer=""
 while [ "${#live[@]}" -gt 0 ]; do
     finished=""
-    wait -n -p finished "${live[@]}"
+    wait -n -p finished "${live[@]}" 2>/dev/null  # bash's "Killed" job notice: the status is reported below
     rc=$?
     if [ -z "${finished:-}" ]; then
         # A forwarded signal interrupted the wait -- or bash (5.2) reaped a rank meanwhile and `wait -n`
@@ -96,11 +101,14 @@ while [ "${#live[@]}" -gt 0 ]; do
     if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then
         status=$rc
         if [ "$rc" -eq 75 ]; then grace="${RESUME_GRACE_S:-600}"; else grace=5; fi
-        echo "local.sh: rank with pid $finished exited with status $rc; stopping the job (grace ${grace}s)" >&2
+        if ! { [ "$rc" -eq 1 ] && [ -s "$errors" ]; }; then  # a reported user error already said why
+            echo "local.sh: rank with pid $finished exited with status $rc; stopping the job (grace ${grace}s)" >&2
+        fi
         # (detached from our stdout/stderr, so whoever reads this job's output sees it end with the job)
         ( sleep "$grace"; for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null; done ) >/dev/null 2>&1 &
         killer=$!
     fi
 done
 [ -n "$killer" ] && kill "$killer" 2>/dev/null
+rm -f "$errors"
 exit "$status"

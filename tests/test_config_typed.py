@@ -30,8 +30,9 @@ def test_a_bad_model_setting_fails_in_seconds_before_any_rank_starts(tmp_path, s
     start = time.perf_counter()
     result = _biomedgpt(["train", "-n", "2", setting], tmp_path)
     elapsed = time.perf_counter() - start
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr.strip().splitlines()[-1], result.stderr
+    lines = result.stderr.strip().splitlines()  # one line, exit 1: as every user error
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("biomedgpt train: error: "), lines
+    assert message in lines[0], result.stderr
     assert elapsed < 3.0, f"{elapsed:.2f} s"
     assert not (tmp_path / "runs").exists()  # no rank ran: nothing was built or written
     assert "local.sh" not in result.stderr and "Traceback" not in result.stderr

@@ -202,7 +202,8 @@ def test_bad_rows_are_skipped_and_counted_in_training_and_evaluation(tmp_path, c
     warning line each naming the row; the training epoch and the evaluation pass go on over every good row.
     A stream that is mostly bad stops with one line."""
     from biomedgpt.data.config import DataConfig, StreamConfig
-    from biomedgpt.data.loader import BadRowsError, build_eval_loader, build_train_loader, error_line
+    from biomedgpt.data.loader import BadRowsError, build_eval_loader, build_train_loader
+    from biomedgpt.engine.user_errors import one_line
 
     good = caption_rows(61)  # 64 rows: whole batches of 4
     bad = [{"id": "broken", "kind": "caption", "image": png(99)[:60], "meta": {"captions": ["x"]}},
@@ -229,7 +230,7 @@ def test_bad_rows_are_skipped_and_counted_in_training_and_evaluation(tmp_path, c
     cfg.num_workers = 1  # raised in a loader worker: torch re-raises it with the worker's traceback as message
     with pytest.raises(BadRowsError) as info:
         loader_ids(build_eval_loader, cfg, canonical_tokenizer)
-    message = error_line(info.value)
+    message = one_line(info.value)
     assert "\n" not in message and message.startswith("10 of the ") and "data.max_bad_fraction=0.1" in message
 
 

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from biomedgpt.engine.user_errors import command, report
+
 #: subcommand -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("biomedgpt.engine.train", "train (or fine-tune) a model from a run config"),
@@ -58,14 +60,14 @@ LOCAL_LAUNCHER = Path(__file__).resolve().parents[1] / "launchers" / "local.sh"
 
 def one_line_errors(*errors: type[BaseException]) -> Callable[[Callable[..., int]], Callable[..., int]]:
     """For a command's ``main``: an expected error (its message names the file or setting) prints as one
-    ``error:`` line and the command returns 1, without a traceback."""
+    ``error:`` line (``engine.user_errors.report``) and the command returns 1, without a traceback."""
     def wrap(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
         def run(argv: list[str] | None = None) -> int:
             try:
                 return main(argv)
             except errors as exc:
-                print(f"error: {exc}", file=sys.stderr)
+                report(exc)
                 return 1
         return run
     return wrap
@@ -83,7 +85,7 @@ def _usage(table: dict[str, str], prefix: str) -> str:
 
 def _run_module(module: str, argv: list[str], prog: str) -> int:
     sys.argv = [prog, *argv]  # argparse names the subcommand in usage and errors
-    result = importlib.import_module(module).main(argv)
+    result = command(importlib.import_module(module).main)(argv)  # every command: a user error is one line, exit 1
     return result if isinstance(result, int) else 0
 
 

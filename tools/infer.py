@@ -34,6 +34,7 @@ from biomedgpt.data.records import make_record
 from biomedgpt.data.tasks import TaskContext, process
 from biomedgpt.engine.durable import atomic_write_text
 from biomedgpt.engine.config import PathStr, parse_cli
+from biomedgpt.engine.user_errors import UserError, command
 from biomedgpt.engine.downstream import TASK_DEFAULTS, predict_task, prepare_model, read_answers, select_rows, start_ranks
 from biomedgpt.models.generation import GenerationConfig
 
@@ -78,14 +79,14 @@ def image_files(cfg: InferConfig) -> list[Path]:
     if cfg.image is not None:
         path = Path(cfg.image)
         if not path.is_file():
-            raise FileNotFoundError(f"image {path} not found")
+            raise UserError(f"image {path}: file not found")
         return [path]
     folder = Path(cfg.images_dir)
     if not folder.is_dir():
-        raise FileNotFoundError(f"images_dir {folder} is not a directory")
+        raise UserError(f"images_dir {folder}: not a directory")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} files in {folder}")
+        raise UserError(f"images_dir {folder}: no {'/'.join(IMAGE_SUFFIXES)} files in it")
     return files
 
 
@@ -137,6 +138,7 @@ def _task_examples(cfg: InferConfig, record: dict, tokenizer, data_cfg: DataConf
 
 def run(cfg: InferConfig) -> list[dict]:
     """Every image's row, in input order (on every rank); rank 0 prints or writes them."""
+    files = image_files(cfg)  # a missing image fails before the model loads
     ranks = start_ranks(cfg.zero_stage, cfg.device)
     model, tokenizer, sync = prepare_model(cfg.model_dir, cfg.bpe_dir, cfg.zero_stage, ranks)
     data_cfg = DataConfig(patch_image_size=cfg.image_size, max_src_tokens=cfg.max_src_tokens,
@@ -146,7 +148,7 @@ def run(cfg: InferConfig) -> list[dict]:
     if cfg.task == "vqa":  # inside the answer trie when an answer set is given, else free (zero-shot style)
         task = dataclasses.replace(task, inference="trie" if answers is not None else "generate")
     dtype = next(model.parameters()).dtype
-    mine = list(enumerate(image_files(cfg)))[ranks.rank::ranks.world]
+    mine = list(enumerate(files))[ranks.rank::ranks.world]
     batches = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
     rounds = sync.max_count(len(batches)) if sync is not None else len(batches)
     blank = None
@@ -189,6 +191,7 @@ def _blank_examples(cfg: InferConfig, tokenizer, data_cfg: DataConfig) -> list:
     return _task_examples(cfg, _record(cfg, Path("blank.png"), blank), tokenizer, data_cfg)
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     results = run(parse_cli(InferConfig, argv, description=__doc__.split("\n\n")[0]))
     failed = [r["image"] for r in results if "error" in r]
