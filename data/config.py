@@ -51,8 +51,16 @@ class DataConfig:
     max_tgt_tokens: int = 30
     group_weights: list[float] = field(default_factory=lambda: [1.0, 2.0])
     augment: bool = True  # random resize + centre crop + RandAugment on training images
-    vqa_prompt_type: Literal["none", "prev_output"] = "none"  # prev_output: question prefix fed to the decoder
+    vqa_prompt_type: Literal["none", "src", "prev_output"] = "none"  # prev_output: question prefix fed to the decoder
     vqa_add_objects: bool = False  # append " object: {objects}" to VQA sources
+    # Declared for recipes; implemented by other issue-23 changes (task formatting, training features, transforms):
+    text_prompt_type: Literal["none", "src", "prev_output"] = "none"  # --prompt-type of text tasks (MedNLI: src)
+    noise_ratio: float = 0.0  # --noise-ratio: share of decoder-input tokens replaced by random text tokens
+    constrain_training: bool = False  # answer-set constraint masks in the training loss (VQA, NLI, MedMNIST)
+    answer_set: Optional[PathStr] = None  # --ans2label-file (None: answers from the training data)
+    train_transform: Literal["resize", "ofa_augment", "medmnist"] = "ofa_augment"  # training image transform
+    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # --imagenet-default-mean-and-std
+    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     text_mask_ratio: float = 0.3
     poisson_lambda: float = 3.0
     num_workers: int = 2

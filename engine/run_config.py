@@ -36,6 +36,12 @@ class OptimConfig:
     clip_norm: float = 1.0  # 0 disables clipping
     label_smoothing: float = 0.0
     freeze_embeddings: bool = False  # the shared token embedding is not trained (VQA fine-tuning)
+    # Declared for recipes; implemented by the issue-23 training features:
+    freeze_encoder_embedding: bool = False  # --freeze-encoder-embedding
+    freeze_decoder_embedding: bool = False  # --freeze-decoder-embedding
+    drop_worst_ratio: float = 0.0  # --drop-worst-ratio: share of the worst token losses dropped
+    drop_worst_after: int = 0  # --drop-worst-after: from this update on
+    loss_normalization: Literal["accumulation", "micro_batch"] = "accumulation"  # fairseq: over the update
     implementation: Literal["torch", "deepspeed"] = "torch"  # deepspeed: its compiled Fused/CPU Adam
 
     def __post_init__(self) -> None:
@@ -91,6 +97,7 @@ class EmaConfig:
     enabled: bool = False
     decay: float = 0.9999
     start_step: int = 0  # steps before this copy the weights instead of averaging
+    buffers: bool = True  # declared for recipes (issue 23): average BatchNorm running statistics too
 
     def __post_init__(self) -> None:
         if not 0.0 < self.decay < 1.0:
