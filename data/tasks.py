@@ -41,7 +41,9 @@ class Example:
     code_mask: bool = False
     conf: float = 1.0
     loss_group: int = 0
-    references: list[str] = field(default_factory=list)
+    # what evaluation scores against, as the original's evaluation reads it: the raw text (captions, summaries),
+    # answer -> confidence (VQA); the metric does the original's cleaning (engine/task_metrics.py)
+    references: list[str] | dict[str, float] = field(default_factory=list)
     answer_type: Optional[str] = None  # VQA: "open" / "closed" when the dataset annotates it
 
 
@@ -103,7 +105,8 @@ def source_ids(ctx: TaskContext, prefix: str, text: str = "", suffix: str = "",
 
 
 def text_example(ctx: TaskContext, record: dict, task: str, source: list[int], target_text: str,
-                 image: Optional[torch.Tensor], conf: float = 1.0, references: list[str] | None = None,
+                 image: Optional[torch.Tensor], conf: float = 1.0,
+                 references: list[str] | dict[str, float] | None = None,
                  target_ids: list[int] | None = None) -> Example:
     """An example whose target is text (or given ids), cut to max_tgt_tokens including ``</s>``."""
     ids = target_ids if target_ids is not None else ctx.encode(target_text)
@@ -123,7 +126,8 @@ def caption(record: dict, ctx: TaskContext, image=None) -> list[Example]:
     chosen = ctx.rng.choice(refs) if ctx.train else refs[0]
     image = ctx.image(record) if image is None else image
     src = source_ids(ctx, " what does the image describe?")
-    return [text_example(ctx, record, "caption", src, f" {chosen}", image, references=refs)]
+    return [text_example(ctx, record, "caption", src, f" {chosen}", image,
+                         references=[str(c) for c in record["meta"]["captions"]])]
 
 
 def itm(record: dict, ctx: TaskContext, image=None) -> list[Example]:
@@ -161,7 +165,7 @@ def vqa(record: dict, ctx: TaskContext, image=None, finetune: bool = True) -> li
     src = source_ids(ctx, "", " " + question, "", extra)
     image = ctx.image(record) if image is None else image
     example = text_example(ctx, record, "vqa", src, f" {answer}", image, conf=answers[answer],
-                           references=list(answers))
+                           references=answers)
     example.answer_type = meta.get("answer_type")
     if finetune and ctx.cfg.vqa_prompt_type == "prev_output":
         prefix = src[1:-1]  # the question (and objects) without <s> / </s>
@@ -326,7 +330,7 @@ def summarization(record: dict, ctx: TaskContext) -> list[Example]:
     text = " " + clean_caption(meta["source"], _max_words(ctx, False))
     summary = clean_caption(meta["summary"], _max_words(ctx, True))
     src = source_ids(ctx, ' what is the summary of article "', text, ' "?')
-    return [text_example(ctx, record, "summarization", src, summary, None, references=[summary])]
+    return [text_example(ctx, record, "summarization", src, summary, None, references=[str(meta["summary"])])]
 
 
 def classification(record: dict, ctx: TaskContext) -> list[Example]:

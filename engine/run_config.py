@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 from biomedgpt.data.config import DataConfig
 from biomedgpt.engine.config import PathStr
-from biomedgpt.engine.eval_config import DownstreamConfig
+from biomedgpt.engine.eval_config import DownstreamConfig, selection_data
 from biomedgpt.models.config import ModelSpec
 
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -115,6 +115,9 @@ class EvalConfig:
     max_batches: Optional[int] = None  # cap per evaluation (None: the whole eval set)
     use_ema: bool = True  # evaluate the EMA weights when EMA is enabled
     export_best: bool = True  # write <output_dir>/best (a model directory) when the metric improves
+    # Training evaluates the eval streams that are not split: test; a run whose eval streams are all test splits
+    # refuses to select the best model on them unless this is true (numbers picked on test are optimistic).
+    select_on_test: bool = False
     # The paper's task metrics (VQA accuracy, BLEU/CIDEr, ROUGE, ...) by generation, added to the results
     # under their names (e.g. metric: vqa/accuracy, mode: max). At every ZeRO stage: under ZeRO-3 the
     # ranks decode in lockstep (biomedgpt.models.generation, synced decoding).
@@ -186,6 +189,9 @@ class RunConfig:
     seed: int = 1
     output_dir: PathStr = "runs/default"
     demo_data_dir: Optional[PathStr] = None  # build the demo shards (biomedgpt.data.demo) here when absent
+
+    def __post_init__(self) -> None:
+        selection_data(self.data, self.eval.select_on_test, self.eval.export_best)  # refuses to select on test
 
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

@@ -168,9 +168,12 @@ class Trainer:
     def _build_eval_loader(self):
         from biomedgpt.data.loader import build_eval_loader
 
+        from biomedgpt.engine.eval_config import selection_data
+
         if not self.cfg.data.eval_streams:
             return None
-        return build_eval_loader(self.cfg.data, self.tokenizer, self.rank, self.world)
+        data = selection_data(self.cfg.data, self.cfg.eval.select_on_test, self.cfg.eval.export_best)
+        return build_eval_loader(data, self.tokenizer, self.rank, self.world)
 
     def _total_steps(self) -> int:
         optim = self.cfg.optim

@@ -159,7 +159,7 @@ CASES = {
     "vqa": ("vqa_rad.yaml", [], [],
             ["vqa/accuracy", "vqa/closed_accuracy", "vqa/open_accuracy"]),
     "caption": ("iu_xray_caption.yaml", [], ["downstream.tasks.caption.generation.max_len=8"],
-                ["caption/bleu_4", "caption/meteor", "caption/rouge_l", "caption/cider"]),
+                ["caption/bleu_4", "caption/meteor", "caption/rouge_l", "caption/cider", "caption/cider_d"]),
     "summarization": ("meqsum.yaml", ["data.max_src_tokens=128", "data.max_tgt_tokens=32"],
                       ["downstream.tasks.summarization.generation.max_len=8"],
                       ["summarization/rouge1", "summarization/rouge2", "summarization/rougeL"]),
