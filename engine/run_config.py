@@ -71,6 +71,12 @@ class DeepSpeedConfig:
     # host allocations from this size (MiB) return to the OS when freed (engine/host_memory.py); 0: glibc's own
     # dynamic threshold; None: 1 MiB at ZeRO-3, 0 below (there the fixed threshold's page faults cost a CPU step)
     host_mmap_threshold_mib: Optional[float] = None
+    # fp16 dynamic loss scaling (None: the template's values). fairseq's scaler, which the original scripts run,
+    # starts at 2**7 (--fp16-init-scale 128), grows after --fp16-scale-window overflow-free updates and halves
+    # on the first overflow (hysteresis 1)
+    initial_scale_power: Optional[int] = None  # the first loss scale is 2**this
+    loss_scale_window: Optional[int] = None  # --fp16-scale-window
+    loss_scale_hysteresis: Optional[int] = None  # overflows tolerated before the scale drops
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -79,6 +85,11 @@ class DeepSpeedConfig:
             raise ValueError("deepspeed.offload_param needs zero_stage 3")
         if self.offload_optimizer != "none" and self.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs zero_stage >= 1")
+        for name in ("initial_scale_power", "loss_scale_window", "loss_scale_hysteresis"):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "initial_scale_power" else 1):
+                raise ValueError(f"deepspeed.{name} must be {'>= 0' if name == 'initial_scale_power' else '>= 1'}, "
+                                 f"got {value}")
         if self.host_mmap_threshold_mib is not None and self.host_mmap_threshold_mib < 0:
             raise ValueError(f"deepspeed.host_mmap_threshold_mib must be >= 0, got {self.host_mmap_threshold_mib}")
 
