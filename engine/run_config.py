@@ -120,6 +120,7 @@ class EvalConfig:
     """When to evaluate on ``data.eval_streams`` and which metric picks the best checkpoint."""
 
     interval: int = 0  # optimizer steps between evaluations; 0: only at the end
+    interval_epochs: int = 0  # also every this many epochs (the original's --validate-interval); 0: off
     at_end: bool = True
     metric: str = "loss"  # a key of the evaluation results (loss, accuracy, loss/<task>, ...)
     mode: Literal["min", "max"] = "min"
@@ -134,6 +135,11 @@ class EvalConfig:
     # ranks decode in lockstep (biomedgpt.models.generation, synced decoding).
     downstream: Optional[DownstreamConfig] = None
     write_predictions: bool = True  # with downstream: <output_dir>/eval_predictions/step_N.jsonl (rank 0)
+
+    def __post_init__(self) -> None:
+        if self.interval < 0 or self.interval_epochs < 0:
+            raise ValueError(f"eval.interval and eval.interval_epochs must be >= 0, got {self.interval}, "
+                             f"{self.interval_epochs}")
 
 
 @dataclass
