@@ -56,7 +56,7 @@ def test_known_ids_and_leading_spaces(tok):
     ex = process("caption", CAPTION, context(tok))[0]
     assert ex.source[:2] == [0, 99] and ex.source[-2:] == [116, 2]  # " what" = 99, "?" = 116
     check(ex, tok, src(tok, " what does the image describe?"), " chest x ray: normal clear lungs.")
-    assert ex.references == ["chest x ray: normal clear lungs.", "second ref"]
+    assert ex.references == ["Chest X-ray: normal/clear lungs.", "second ref"]  # raw: the metric cleans as the original
     assert ex.image.shape == (3, 64, 64) and ex.image.dtype == torch.uint8  # normalised by the model, on its device
 
 
