@@ -139,3 +139,16 @@ def test_a_changed_recipe_value_is_caught():
     assert not _same(actual_value(cfg, "optim.max_epochs"), EXPECTED["finetune/vqa_rad"]["optim.max_epochs"], "vqa_rad")
     assert not _same(actual_value(cfg, "test:vqa.generation.beam_size"),
                      EXPECTED["finetune/vqa_rad"]["test:vqa.generation.beam_size"], "vqa_rad")
+
+
+def test_fp16_loss_scaling_reaches_deepspeed():
+    """The scripts' --fp16-init-scale / --fp16-scale-window (and fairseq's halving on the first overflow)
+    replace the DeepSpeed template's values."""
+    from biomedgpt.engine.ds_config import build_ds_config
+
+    fp16 = build_ds_config(load(RunConfig, "finetune/mednli"))["fp16"]
+    assert (fp16["initial_scale_power"], fp16["loss_scale_window"], fp16["hysteresis"]) == (4, 512, 1)
+    template = build_ds_config(load(RunConfig, "finetune/mednli", ["deepspeed.initial_scale_power=null",
+                                                                    "deepspeed.loss_scale_window=null",
+                                                                    "deepspeed.loss_scale_hysteresis=null"]))["fp16"]
+    assert (template["initial_scale_power"], template["loss_scale_window"], template["hysteresis"]) == (16, 1000, 2)
