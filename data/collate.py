@@ -65,6 +65,7 @@ def collate(examples: Sequence[Example], patch_image_size: int, group_weights: S
     if constraints is not None:
         batch["constraint_masks"] = constraints.masks(examples, batch["target"].shape[1])
     if with_references:
-        batch["references"] = [list(ex.references) for ex in examples]
+        batch["references"] = [dict(ex.references) if isinstance(ex.references, dict) else list(ex.references)
+                               for ex in examples]
         batch["answer_types"] = [ex.answer_type for ex in examples]
     return batch

@@ -37,6 +37,9 @@ class StreamConfig:
     local: Optional[PathStr] = None  # cache dir for a remote; default: <DataConfig.cache_dir>/<name>
     proportion: Optional[float] = None  # share of the mixture; None: all streams by their size
     loss_group: int = 0  # index into DataConfig.group_weights (the pretraining ×2 sub-batch is group 1)
+    # The dataset split these shards hold. Training evaluates (and selects the best model on) the eval streams
+    # that are not "test"; `biomedgpt evaluate split=test` evaluates the test ones (engine/eval_config.py).
+    split: Optional[Literal["train", "valid", "test"]] = None
 
     def __post_init__(self) -> None:
         if self.proportion is not None and self.proportion <= 0:

@@ -46,7 +46,9 @@ class Example:
     code_mask: bool = False
     conf: float = 1.0
     loss_group: int = 0
-    references: list[str] = field(default_factory=list)
+    # what evaluation scores against, as the original's evaluation reads it: the raw text (captions, summaries),
+    # answer -> confidence (VQA); the metric does the original's cleaning (engine/task_metrics.py)
+    references: list[str] | dict[str, float] = field(default_factory=list)
     answer_type: Optional[str] = None  # VQA: "open" / "closed" when the dataset annotates it
     sample_patches: bool = False  # patch sampling (sample_patch_num) applies: pretraining image-text rows
 
@@ -115,7 +117,8 @@ def source_ids(ctx: TaskContext, prefix: str, text: str = "", suffix: str = "",
 
 
 def text_example(ctx: TaskContext, record: dict, task: str, source: list[int], target_text: str,
-                 image: Optional[torch.Tensor], conf: float = 1.0, references: list[str] | None = None,
+                 image: Optional[torch.Tensor], conf: float = 1.0,
+                 references: list[str] | dict[str, float] | None = None,
                  target_ids: list[int] | None = None, max_tokens: Optional[int] = None) -> Example:
     """``<s> + ids`` -> ``ids + </s>`` for a text target (or given ids); ``max_tokens`` cuts the ids (the
     original classes keep whole targets, their limits being in words, except where a processor says)."""
@@ -158,7 +161,8 @@ def caption(record: dict, ctx: TaskContext, image=None) -> list[Example]:
         chosen = "&&".join(refs)
     image = ctx.image(record) if image is None else image
     src = source_ids(ctx, " what does the image describe?")
-    return [text_example(ctx, record, "caption", src, f" {chosen}", image, references=refs)]
+    return [text_example(ctx, record, "caption", src, f" {chosen}", image,
+                         references=[str(c) for c in record["meta"]["captions"]])]
 
 
 def pretrain_caption(record: dict, ctx: TaskContext, image) -> list[Example]:
@@ -206,7 +210,7 @@ def vqa(record: dict, ctx: TaskContext, image=None) -> list[Example]:
     src = source_ids(ctx, "", " " + question, "", extra)
     image = ctx.image(record) if image is None else image
     example = text_example(ctx, record, "vqa", src, f" {answer}", image, conf=answers[answer],
-                           references=list(answers), max_tokens=ctx.cfg.max_tgt_tokens)
+                           references=answers, max_tokens=ctx.cfg.max_tgt_tokens)
     example.answer_type = meta.get("answer_type")
     return [decoder_prompt(example, ctx.cfg.vqa_prompt_type)]
 
@@ -219,7 +223,7 @@ def pretrain_vqa(record: dict, ctx: TaskContext, image) -> list[Example]:
     answer = max(answers, key=answers.get)
     src = source_ids(ctx, "", " " + question)
     return [text_example(ctx, record, "vqa", src, f" {answer}", image, conf=answers[answer],
-                         references=list(answers))]
+                         references=answers)]
 
 
 def vqa_matching(record: dict, ctx: TaskContext, image=None) -> list[Example]:

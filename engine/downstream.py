@@ -4,10 +4,11 @@ paper's metrics, write a results JSON and per-sample predictions.
 Decoding lives here; the evaluator (``engine/evaluate.py``) scores it, inside training (its metrics such
 as ``vqa/accuracy`` select the best checkpoint) and in this command on a model directory::
 
-    biomedgpt evaluate recipe=finetune/vqa_rad model_dir=runs/vqa_rad/best output_dir=runs/vqa_rad/eval
+    biomedgpt evaluate recipe=finetune/vqa_rad split=test model_dir=runs/vqa_rad/best output_dir=runs/vqa_rad/eval
 
 (the recipe, a RunConfig file or packaged name, gives the ``data`` and ``eval.downstream`` sections).
-How each task is decoded (``TASK_DEFAULTS``, overridable per task under ``downstream.tasks``):
+How each task is decoded (``TASK_DEFAULTS``: the original's test settings, overridable per task under
+``downstream.tasks``, and for validation under ``downstream.valid_tasks``):
 VQA beam search inside a trie of the answer set (or every answer scored), captions and summaries by
 beam search with n-gram blocking, NLI / classification / matching by scoring each closed answer,
 grounding by beam search over location bins only.
@@ -30,7 +31,8 @@ from biomedgpt.data.tasks import TASK_NAMES
 from biomedgpt.engine.durable import atomic_write_text
 from biomedgpt.engine.config import ConfigError, load, parse_cli, to_dict
 from biomedgpt.engine.user_errors import command
-from biomedgpt.engine.eval_config import FIXED_ANSWERS, TASK_DEFAULTS, DownstreamConfig, EvaluateConfig, TaskEvalConfig
+from biomedgpt.engine.eval_config import (FIXED_ANSWERS, TASK_DEFAULTS, DownstreamConfig, EvaluateConfig, TaskEvalConfig,
+                                          streams_of_split)
 from biomedgpt.models.generation import TokenRange, Trie, decoder_prefixes, generate, score_candidates
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +270,8 @@ def predict(model, tokenizer, batches: Iterable[dict], cfg: DownstreamConfig, se
 
 
 def resolve(cfg: EvaluateConfig) -> tuple[DataConfig, DownstreamConfig]:
-    """The data and downstream settings: explicit ones, else the recipe's (loaded as the RunConfig it is)."""
+    """The data and downstream settings: explicit ones, else the recipe's (loaded as the RunConfig it is),
+    for the eval streams of ``cfg.split``."""
     recipe = None
     if cfg.recipe is not None:
         from biomedgpt.engine.run_config import RunConfig
@@ -283,7 +286,11 @@ def resolve(cfg: EvaluateConfig) -> tuple[DataConfig, DownstreamConfig]:
     downstream = cfg.downstream or (recipe.eval.downstream if recipe is not None else None) or DownstreamConfig()
     if not data.eval_streams:
         raise ConfigError("no data.eval_streams to evaluate")
-    return data, downstream
+    try:
+        data = streams_of_split(data, cfg.split)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return data, downstream.for_split(cfg.split)
 
 
 def load_tokenizer(model_dir: str | Path, bpe_dir: str | Path | None, vocab_size: int):
@@ -374,7 +381,7 @@ def run(cfg: EvaluateConfig) -> dict:
     """Evaluate and write ``results.json`` and ``predictions.jsonl`` into ``output_dir``."""
     from biomedgpt.data.loader import build_eval_loader
 
-    from biomedgpt.engine.evaluate import evaluate_model, unique_records
+    from biomedgpt.engine.evaluate import evaluate_model, paper_metrics, unique_records
 
     data, downstream = resolve(cfg)
     ranks = start_ranks(cfg.zero_stage, cfg.device)
@@ -390,7 +397,8 @@ def run(cfg: EvaluateConfig) -> dict:
     synced = gather([sync_costs(sync)]) if sync is not None else None
     if rank != 0:
         return {"metrics": metrics}
-    results = {"model_dir": str(cfg.model_dir), "metrics": metrics, "samples": len({r["id"] for r in records}),
+    results = {"model_dir": str(cfg.model_dir), "split": cfg.split, "paper_metrics": paper_metrics(metrics),
+               "metrics": metrics, "samples": len({r["id"] for r in records}),
                "seconds": elapsed, "peak_rss_gib_per_rank": {"after_load": loaded_rss, "at_end": rss},
                **({"synced_decoding_per_rank": synced} if synced is not None else {}),
                "eval_streams": [to_dict(s) for s in data.eval_streams],

@@ -100,6 +100,11 @@ def build_ds_config(cfg: RunConfig) -> dict:
             raise DeepSpeedConfigError(f"{path}: {'.'.join(keys)} is {current!r} but the run config gives "
                                        f"{value!r}; write \"auto\" in the template")
         node[keys[-1]] = value
+    ds = cfg.deepspeed
+    for key, value in (("initial_scale_power", ds.initial_scale_power), ("loss_scale_window", ds.loss_scale_window),
+                       ("hysteresis", ds.loss_scale_hysteresis)):
+        if value is not None:  # the run's fp16 loss scaling replaces the template's
+            _set(config, ("fp16", key), value)
     _drop_disabled_offload(config)
     leftover = _find_auto(config)
     if leftover:

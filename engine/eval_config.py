@@ -2,6 +2,7 @@
 so that a run config loads without importing the model (``biomedgpt.engine.downstream`` does the work)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -21,13 +22,18 @@ class TaskEvalConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     zero_shot: bool = False
     answers: Optional[PathStr] = None  # answer-set file (JSON list / ans2label JSON or pickle / lines); None: see below
+    # Captions: OFA's cached CIDEr-D document frequencies (a pickle with document_frequency and ref_len, the
+    # original's --eval-cider-cached-tokens) for caption/cider_d; None: from the evaluated references.
+    cider_df: Optional[PathStr] = None
 
 
-#: The spec's inference settings per task. Closed sets without a file: NLI / matching answers are fixed,
-#: VQA and classification take every reference answer / class name seen in the evaluation data.
+#: The inference settings per task: the original's test-time settings (scripts/*/evaluate_*.sh): VQA beam 1
+#: with unnormalised scores inside the answer trie, captions beam 10 up to 32 tokens, summaries beam 5 with
+#: length penalty 0.7 up to 128 tokens. Closed sets without a file: NLI / matching answers are fixed, VQA and
+#: classification take every reference answer / class name seen in the evaluation data.
 TASK_DEFAULTS: dict[str, TaskEvalConfig] = {
-    "vqa": TaskEvalConfig("trie", GenerationConfig(beam_size=5, max_len=16)),
-    "caption": TaskEvalConfig("generate", GenerationConfig(beam_size=5, max_len=32, no_repeat_ngram_size=3)),
+    "vqa": TaskEvalConfig("trie", GenerationConfig(beam_size=1, max_len=16, normalize_scores=False)),
+    "caption": TaskEvalConfig("generate", GenerationConfig(beam_size=10, max_len=32, no_repeat_ngram_size=3)),
     "grounded_caption": TaskEvalConfig("generate", GenerationConfig(beam_size=5, max_len=32,
                                                                     no_repeat_ngram_size=3)),
     "summarization": TaskEvalConfig("generate", GenerationConfig(beam_size=5, max_len=128, len_penalty=0.7,
@@ -44,21 +50,70 @@ FIXED_ANSWERS = {"nli": ["yes", "no", "maybe"], "itm": ["yes", "no"], "vqa_match
 
 @dataclass
 class DownstreamConfig:
-    """Per-task settings over ``TASK_DEFAULTS`` (only what changes, e.g. ``{vqa: {inference: candidates}}``)."""
+    """Per-task settings over ``TASK_DEFAULTS`` (only what changes, e.g. ``{vqa: {inference: candidates}}``);
+    ``valid_tasks`` over those in validation (in training and ``biomedgpt evaluate split=valid``), as the
+    original decodes its validation set with other settings (``--eval-args``) than its test set."""
 
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    valid_tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {vqa: {generation: {beam_size: 5}}}
     max_batches: Optional[int] = None  # cap per evaluation (None: the whole evaluation set)
     candidate_rows: int = 256  # decoder rows per chunk when scoring candidates (memory bound)
 
     def __post_init__(self) -> None:
-        for name in self.tasks:
+        for name in {*self.tasks, *self.valid_tasks}:
             self.task(name)  # unknown tasks / keys are errors now, not mid-evaluation
+        for name in self.valid_tasks:
+            self.validation().task(name)
 
     def task(self, name: str) -> TaskEvalConfig:
         if name not in TASK_DEFAULTS:
             raise ValueError(f"task {name!r} has no downstream evaluation; evaluable: {sorted(TASK_DEFAULTS)}")
         merged = deep_merge(to_dict(TASK_DEFAULTS[name]), self.tasks.get(name, {}))
         return from_dict(TaskEvalConfig, merged, prefix=f"downstream.tasks.{name}.")
+
+    def validation(self) -> "DownstreamConfig":
+        """The settings validation decodes with: ``valid_tasks`` merged over ``tasks``."""
+        tasks = {name: deep_merge(self.tasks.get(name, {}), self.valid_tasks.get(name, {}))
+                 for name in {*self.tasks, *self.valid_tasks}}
+        return dataclasses.replace(self, tasks=tasks, valid_tasks={})
+
+    def for_split(self, split: Optional[str]) -> "DownstreamConfig":
+        """The settings for evaluating streams of ``split`` (test, or untagged: ``tasks``; valid: ``validation()``)."""
+        return self.validation() if split == "valid" else self
+
+
+Split = Literal["train", "valid", "test"]
+
+
+def selection_data(data: DataConfig, select_on_test: bool, selects: bool) -> DataConfig:
+    """The data section in-training evaluation uses: the eval streams that are not a test split (those are
+    for ``biomedgpt evaluate split=test``). Where every eval stream is a test split, training selects the
+    best model on it only when told (``eval.select_on_test``): numbers picked on the test split are
+    optimistic and not comparable with the paper's (the original selects on its val.tsv)."""
+    kept = [s for s in data.eval_streams if s.split != "test"]
+    if not kept and data.eval_streams:
+        if selects and not select_on_test:
+            names = ", ".join(s.name for s in data.eval_streams)
+            raise ValueError(f"data.eval_streams ({names}) are all test splits: selecting the best model on the "
+                             f"test split gives optimistic numbers; add the validation split as an eval stream "
+                             f"(split: valid) or set eval.select_on_test=true")
+        kept = list(data.eval_streams)
+    return dataclasses.replace(data, eval_streams=kept)
+
+
+def streams_of_split(data: DataConfig, split: Optional[Split]) -> DataConfig:
+    """The data section with the eval streams of ``split`` only (None: every eval stream, which must then
+    not mix splits: one metric per task would average over them)."""
+    splits = sorted({str(s.split) for s in data.eval_streams})
+    if split is None:
+        if len(splits) > 1:
+            raise ValueError(f"data.eval_streams hold several splits ({', '.join(splits)}): "
+                             f"name one, e.g. split=test")
+        return data
+    kept = [s for s in data.eval_streams if s.split == split]
+    if not kept:
+        raise ValueError(f"no eval stream of split {split!r} (data.eval_streams hold: {', '.join(splits) or 'none'})")
+    return dataclasses.replace(data, eval_streams=kept)
 
 
 @dataclass
@@ -72,6 +127,9 @@ class EvaluateConfig:
     output_dir: PathStr = "eval"
     device: str = "auto"  # auto: cuda when available
     bpe_dir: Optional[PathStr] = None  # tokenizer when the model directory has none (None: packaged GPT-2)
+    # evaluate the eval streams of this split (a recipe lists its valid and test streams); valid decodes with
+    # downstream.valid_tasks as training does. None: every eval stream (which must all be of one split)
+    split: Optional[Split] = None
     # 3: partition the model across the launched ranks with DeepSpeed ZeRO-3 (ranks decode in lockstep).
     # Started by a launcher (launchers/local.sh -m biomedgpt.engine.downstream -n N), every rank evaluates
     # its share of the data; rank 0 writes the results.

@@ -58,8 +58,10 @@ def unique_records(records: Iterable[dict]) -> list[dict]:
     return list(unique.values())
 
 
-def compute_metrics(records: list[dict]) -> dict[str, float]:
-    """``<task>/<metric>`` for every task present (each sample id counted once)."""
+def compute_metrics(records: list[dict], cfg: Optional[DownstreamConfig] = None) -> dict[str, float]:
+    """``<task>/<metric>`` for every task present (each sample id counted once); ``cfg`` gives per-task
+    metric inputs (the captions' CIDEr-D document frequencies)."""
+    cfg = cfg or DownstreamConfig()
     by_task: dict[str, list[dict]] = {}
     for record in unique_records(records):
         by_task.setdefault(record["task"], []).append(record)
@@ -69,9 +71,19 @@ def compute_metrics(records: list[dict]) -> dict[str, float]:
         refs = [r["references"] for r in rows]
         if name == "vqa":
             values = task_metrics.vqa_accuracy(preds, refs, [r.get("answer_type") for r in rows])
-        elif name in ("caption", "grounded_caption"):
+        elif name == "caption":
             values = task_metrics.caption_metrics(preds, refs)
-        elif name in ("summarization", "instruction"):
+            values.update(task_metrics.caption_metrics_paper(preds, refs))
+            values["cider_d"] = task_metrics.cider_d(
+                [task_metrics.strip_punctuation(p) for p in preds],
+                [[task_metrics.strip_punctuation(" ".join(r.split())) for r in rs] for rs in refs],
+                cfg.task(name).cider_df)
+        elif name == "grounded_caption":
+            values = task_metrics.caption_metrics(preds, refs)
+        elif name == "summarization":
+            values = {f"mean_{k}": v for k, v in task_metrics.rouge_metrics(preds, refs).items()}
+            values.update(task_metrics.summary_rouge_paper(preds, refs))
+        elif name == "instruction":
             values = task_metrics.rouge_metrics(preds, refs)
         elif name == "grounding":
             values = task_metrics.grounding_accuracy(preds, refs)
@@ -80,6 +92,12 @@ def compute_metrics(records: list[dict]) -> dict[str, float]:
         metrics.update({f"{name}/{k}": v for k, v in values.items()})
         metrics[f"{name}/samples"] = float(len(rows))
     return metrics
+
+
+def paper_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The paper's numbers among ``metrics`` (``task_metrics.PAPER_METRICS``), as the original computes them."""
+    return {f"{task}/{m}": metrics[f"{task}/{m}"] for task, names in task_metrics.PAPER_METRICS.items()
+            for m in names if f"{task}/{m}" in metrics}
 
 
 def evaluate_model(model, tokenizer, batches: Iterable[dict], cfg: DownstreamConfig, device: torch.device,
@@ -99,7 +117,7 @@ def evaluate_model(model, tokenizer, batches: Iterable[dict], cfg: DownstreamCon
         sets.update(found)
         records += predict(model, tokenizer, batches, cfg, sets, device, only=set(found), sync=sync)[0]
     records = gather(records)
-    return compute_metrics(records), records
+    return compute_metrics(records, cfg), records
 
 
 class Evaluator:
@@ -147,8 +165,9 @@ class Evaluator:
 
     def task_metrics(self, tokenizer, batches: Iterable[dict], cfg: DownstreamConfig
                      ) -> tuple[dict[str, float], list[dict]]:
-        """The task metrics by generation, and every rank's predictions (each sample once)."""
+        """The task metrics by generation on the validation streams (decoded with ``cfg.validation()``, the
+        settings the original validates with), and every rank's predictions (each sample once)."""
         self.beat("downstream eval")
-        metrics, records = evaluate_model(self.model, tokenizer, batches, cfg, self.device, self.gather,
-                                          self.sync)
+        metrics, records = evaluate_model(self.model, tokenizer, batches, cfg.validation(), self.device,
+                                          self.gather, self.sync)
         return metrics, unique_records(records)

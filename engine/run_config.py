@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 from biomedgpt.data.config import DataConfig
 from biomedgpt.engine.config import PathStr
-from biomedgpt.engine.eval_config import DownstreamConfig
+from biomedgpt.engine.eval_config import DownstreamConfig, selection_data
 from biomedgpt.models.config import ModelConfig, ModelSpec
 
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -86,6 +86,12 @@ class DeepSpeedConfig:
     # host allocations from this size (MiB) return to the OS when freed (engine/host_memory.py); 0: glibc's own
     # dynamic threshold; None: 1 MiB at ZeRO-3, 0 below (there the fixed threshold's page faults cost a CPU step)
     host_mmap_threshold_mib: Optional[float] = None
+    # fp16 dynamic loss scaling (None: the template's values). fairseq's scaler, which the original scripts run,
+    # starts at 2**7 (--fp16-init-scale 128), grows after --fp16-scale-window overflow-free updates and halves
+    # on the first overflow (hysteresis 1)
+    initial_scale_power: Optional[int] = None  # the first loss scale is 2**this
+    loss_scale_window: Optional[int] = None  # --fp16-scale-window
+    loss_scale_hysteresis: Optional[int] = None  # overflows tolerated before the scale drops
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -94,6 +100,11 @@ class DeepSpeedConfig:
             raise ValueError("deepspeed.offload_param needs zero_stage 3")
         if self.offload_optimizer != "none" and self.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs zero_stage >= 1")
+        for name in ("initial_scale_power", "loss_scale_window", "loss_scale_hysteresis"):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "initial_scale_power" else 1):
+                raise ValueError(f"deepspeed.{name} must be {'>= 0' if name == 'initial_scale_power' else '>= 1'}, "
+                                 f"got {value}")
         if self.host_mmap_threshold_mib is not None and self.host_mmap_threshold_mib < 0:
             raise ValueError(f"deepspeed.host_mmap_threshold_mib must be >= 0, got {self.host_mmap_threshold_mib}")
 
@@ -126,17 +137,26 @@ class EvalConfig:
     """When to evaluate on ``data.eval_streams`` and which metric picks the best checkpoint."""
 
     interval: int = 0  # optimizer steps between evaluations; 0: only at the end
+    interval_epochs: int = 0  # also every this many epochs (the original's --validate-interval); 0: off
     at_end: bool = True
     metric: str = "loss"  # a key of the evaluation results (loss, accuracy, loss/<task>, ...)
     mode: Literal["min", "max"] = "min"
     max_batches: Optional[int] = None  # cap per evaluation (None: the whole eval set)
     use_ema: bool = True  # evaluate the EMA weights when EMA is enabled
     export_best: bool = True  # write <output_dir>/best (a model directory) when the metric improves
+    # Training evaluates the eval streams that are not split: test; a run whose eval streams are all test splits
+    # refuses to select the best model on them unless this is true (numbers picked on test are optimistic).
+    select_on_test: bool = False
     # The paper's task metrics (VQA accuracy, BLEU/CIDEr, ROUGE, ...) by generation, added to the results
     # under their names (e.g. metric: vqa/accuracy, mode: max). At every ZeRO stage: under ZeRO-3 the
     # ranks decode in lockstep (biomedgpt.models.generation, synced decoding).
     downstream: Optional[DownstreamConfig] = None
     write_predictions: bool = True  # with downstream: <output_dir>/eval_predictions/step_N.jsonl (rank 0)
+
+    def __post_init__(self) -> None:
+        if self.interval < 0 or self.interval_epochs < 0:
+            raise ValueError(f"eval.interval and eval.interval_epochs must be >= 0, got {self.interval}, "
+                             f"{self.interval_epochs}")
 
 
 @dataclass
@@ -208,6 +228,9 @@ class RunConfig:
         """The model this run trains: ``model``'s architecture with the data's image normalisation."""
         return dataclasses.replace(self.model.build(), image_mean=list(self.data.image_mean),
                                    image_std=list(self.data.image_std))
+
+    def __post_init__(self) -> None:
+        selection_data(self.data, self.eval.select_on_test, self.eval.export_best)  # refuses to select on test
 
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

@@ -185,9 +185,12 @@ class Trainer:
     def _build_eval_loader(self):
         from biomedgpt.data.loader import build_eval_loader
 
+        from biomedgpt.engine.eval_config import selection_data
+
         if not self.cfg.data.eval_streams:
             return None
-        return build_eval_loader(self.cfg.data, self.tokenizer, self.rank, self.world)
+        data = selection_data(self.cfg.data, self.cfg.eval.select_on_test, self.cfg.eval.export_best)
+        return build_eval_loader(data, self.tokenizer, self.rank, self.world)
 
     def _total_steps(self) -> int:
         optim = self.cfg.optim
@@ -461,7 +464,7 @@ class Trainer:
                     continue
                 self._finish_optimizer_step(step_ids)
                 step_ids = []
-                if self._due(cfg.eval.interval) and self.eval_loader is not None:
+                if self._eval_due() and self.eval_loader is not None:
                     metrics = self.evaluate_and_track()
                     last_eval_step = self.step
                 self._stop_if_asked(result.stop)
@@ -489,6 +492,13 @@ class Trainer:
 
     def _due(self, interval: int | None) -> bool:
         return bool(interval) and self.step % interval == 0
+
+    def _eval_due(self) -> bool:
+        """Every ``eval.interval`` steps and every ``eval.interval_epochs`` epochs (the original's
+        --validate-interval-updates and --validate-interval; an epoch is the loader's length in steps)."""
+        epochs = self.cfg.eval.interval_epochs
+        steps_per_epoch = max(1, len(self.train_loader) // self.cfg.optim.grad_accum) if epochs else 0
+        return self._due(self.cfg.eval.interval) or self._due(epochs * steps_per_epoch)
 
     def _finish_optimizer_step(self, step_ids: list[str]) -> None:
         """After the optimizer stepped: count the step, log its sample ids, update the EMA, log the window."""

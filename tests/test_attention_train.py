@@ -46,7 +46,7 @@ def test_rope_trains_under_deepspeed_on_two_cpu_ranks(backend, tmp_path, repo_ro
     args = ["--config", "configs/finetune/vqa_rad.yaml", f"model={TINY_ROPE.replace('BACKEND', backend)}",
             f"data.streams={stream}", "data.eval_streams=[]", "data.batch_size=4", "data.patch_image_size=48",
             "data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}", "optim.max_steps=5", "optim.max_epochs=null",
-            "optim.grad_accum=1", "optim.lr=0.002", "optim.warmup_ratio=0.0", "optim.freeze_encoder_embedding=false",
+            "optim.grad_accum=1", "data.answer_set=null", "optim.lr=0.002", "optim.warmup_ratio=0.0", "optim.freeze_encoder_embedding=false",
             "optim.freeze_decoder_embedding=false",
             "optim.label_smoothing=0.0", "ema.enabled=false", "deepspeed.precision=fp32", "deepspeed.zero_stage=2",
             "checkpoint.init_from=null", "checkpoint.interval=0", "eval.interval=0", "log.interval=1",

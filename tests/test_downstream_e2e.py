@@ -139,7 +139,7 @@ def _finetune_and_evaluate(recipe: str, task: str, shards: Path, tmp_path: Path,
           "data.patch_image_size=64", "data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}",
           "optim.max_steps=4", "optim.max_epochs=null", "optim.grad_accum=1", "optim.lr=0.001",
           "deepspeed.precision=fp32", "checkpoint.init_from=null", "checkpoint.interval=0", "eval.interval=0",
-          "log.interval=1", "log.progress_bar=false", "log.wandb_mode=disabled", f"bpe_dir={vocab_dir}",
+          "eval.interval_epochs=0", "data.answer_set=null", "log.interval=1", "log.progress_bar=false", "log.wandb_mode=disabled", f"bpe_dir={vocab_dir}",
           f"output_dir={run_dir}", *data_overrides, *[f"eval.{o}" for o in eval_overrides]], cwd=repo_root)
     assert (run_dir / "best" / "model.safetensors").is_file()
     # In-training evaluation scored the recipe's task metric by generation and picked the best model by it.
@@ -156,15 +156,17 @@ def _finetune_and_evaluate(recipe: str, task: str, shards: Path, tmp_path: Path,
 
 # recipe, task, data overrides, evaluation overrides, the metric keys the results must hold
 CASES = {
-    "vqa": ("vqa_rad.yaml", [], [],
+    "vqa": ("vqa_rad.yaml", [], ["downstream.tasks.vqa.answers=null"],
             ["vqa/accuracy", "vqa/closed_accuracy", "vqa/open_accuracy"]),
     "caption": ("iu_xray_caption.yaml", [], ["downstream.tasks.caption.generation.max_len=8"],
-                ["caption/bleu_4", "caption/meteor", "caption/rouge_l", "caption/cider"]),
+                ["caption/bleu_4", "caption/meteor", "caption/rouge_l", "caption/cider", "caption/cider_d"]),
     "summarization": ("meqsum.yaml", ["data.max_src_tokens=128", "data.max_tgt_tokens=32"],
-                      ["downstream.tasks.summarization.generation.max_len=8"],
+                      ["downstream.tasks.summarization.generation.max_len=8",
+                       "downstream.valid_tasks.summarization.generation.max_len=8"],
                       ["summarization/rouge1", "summarization/rouge2", "summarization/rougeL"]),
     "nli": ("mednli.yaml", ["data.max_src_tokens=128"], [], ["nli/accuracy"]),
-    "classification": ("medmnist_pneumonia.yaml", [], [], ["classification/accuracy"]),
+    "classification": ("medmnist_pneumonia.yaml", [], ["downstream.tasks.classification.answers=null"],
+                       ["classification/accuracy"]),
 }
 
 

@@ -54,14 +54,14 @@ def test_caption_metrics_hand_values_and_library_agreement():
 
     gts = {i: r for i, r in enumerate(refs)}
     res = {i: [p] for i, p in enumerate(preds)}
-    assert out["cider"] == pytest.approx(Cider().compute_score(gts, res)[0])
-    assert out["rouge_l"] == pytest.approx(Rouge().compute_score(gts, res)[0])
+    assert out["coco_cider"] == pytest.approx(Cider().compute_score(gts, res)[0])
+    assert out["coco_rouge_l"] == pytest.approx(Rouge().compute_score(gts, res)[0])
     assert 0.0 < out["meteor"] < 1.0
 
 
 def test_caption_metrics_survive_an_empty_prediction():
     out = tm.caption_metrics(["", "normal chest"], [["normal chest"], ["normal chest x ray"]])
-    assert set(out) >= {"bleu_4", "meteor", "rouge_l", "cider"}
+    assert set(out) >= {"bleu_4", "meteor", "coco_rouge_l", "coco_cider"}
 
 
 def test_box_iou_and_grounding_accuracy():
