@@ -6,11 +6,12 @@
     biomedgpt sweep --config sweeps/demo_sizes overrides.optim.max_steps=10 root=/scratch/sweeps
 
 A sweep is a base run config (a ``RunConfig`` YAML or a packaged recipe's name, or the engine's demo
-config) with ``overrides`` applied to every run (``overrides.optim.max_steps=10`` on the command line) and ``axes``: each axis sets one dotted RunConfig key to each of its values (an
-axis name is that key, or its last part where that is unique: ``lr``, ``size``, ``zero_stage``,
-``patch_image_size``). A size axis drops the base config's own width/depth (``overrides`` of the sweep
-still apply). A mapping value sets several keys under the axis key at once: the ``model`` axis with
-``{d_model: 64, encoder_layers: 2, ...}`` is a custom width/depth. Axes combine as a product (or
+config) with ``overrides`` applied to every run (``overrides.optim.max_steps=10`` on the command line)
+and ``axes``: each axis sets one dotted RunConfig key to each of its values (an axis name is that key,
+or its last part where that is unique: ``lr``, ``size``, ``zero_stage``, ``patch_image_size``). A size
+axis drops the base config's own width/depth (``overrides`` of the sweep still apply). A mapping value
+sets several keys under the axis key at once: the ``model`` axis with ``{d_model: 64, encoder_layers: 2,
+...}`` is a custom width/depth. Axes combine as a product (or
 ``zip``). Every run config is validated before anything starts.
 
 Paths: ``root``, ``base`` and path settings in ``overrides`` / axis values resolve like every config's
@@ -161,13 +162,11 @@ def _base_config(cfg: SweepConfig, folder: Path) -> dict:
     return to_dict(load(RunConfig, beside if beside.is_file() else cfg.base))
 
 
-def _set(data: dict, key: str, value: Any, folder: Path) -> None:
-    """``data[key] = value`` (a mapping merged), its path settings made absolute against ``folder``."""
+def _with(data: dict, key: str, value: Any, folder: Path) -> dict:
+    """``data`` with ``key`` set to ``value`` (a mapping merged), its path settings absolute against ``folder``."""
     update: dict = {}
     set_dotted(update, key, copy.deepcopy(value))
-    merged = deep_merge(data, resolve_paths(RunConfig, update, folder))
-    data.clear()
-    data.update(merged)
+    return deep_merge(data, resolve_paths(RunConfig, update, folder))
 
 
 def expand(cfg: SweepConfig, folder: Path | None = None) -> list[PlannedRun]:
@@ -179,7 +178,7 @@ def expand(cfg: SweepConfig, folder: Path | None = None) -> list[PlannedRun]:
         for name in SIZE_FIELDS:
             base["model"][name] = None
     for key, value in cfg.overrides.items():
-        _set(base, key, value, folder)
+        base = _with(base, key, value, folder)
     indices = [range(len(a.values)) for a in cfg.axes]
     combos = zip(*indices) if cfg.combine == "zip" else itertools.product(*indices)
     runs = []
@@ -187,7 +186,7 @@ def expand(cfg: SweepConfig, folder: Path | None = None) -> list[PlannedRun]:
         data = copy.deepcopy(base)
         labels = {}
         for axis, i in zip(cfg.axes, combo):
-            _set(data, axis.key, axis.values[i], folder)
+            data = _with(data, axis.key, axis.values[i], folder)
             labels[axis.name] = axis.labels[i]
         name = "_".join(f"{axis}-{label}" for axis, label in labels.items()) or "base"
         data["output_dir"] = str(cfg.directory / "runs" / name)
