@@ -1,4 +1,5 @@
-"""Scaling-law fits on points from known laws, the compute frontier, and collection of every run's status."""
+"""Scaling-law fits on points from known laws (under-determined fits refused, wide intervals flagged), the compute
+frontier, collection of every run's status, and sweep files' paths."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from biomedgpt.engine.config import from_dict
 from biomedgpt.tools.scaling.collect import SweepDataError, collect, read_metrics
@@ -162,3 +164,32 @@ def test_sweep_expansion_validates_every_run(tmp_path):
                                    "axes": [{"name": "lr", "key": "optim.learning_rate", "values": [1e-4]}]})
     with pytest.raises(ValueError, match="optim.learning_rate"):
         expand(typo)
+
+
+def test_sweep_file_paths_resolve_against_its_folder(tmp_path, monkeypatch, capsys):
+    """A sweep file's relative root, base and path overrides mean its own folder, from any current directory;
+    every generated run config holds absolute paths."""
+    from biomedgpt.tools.scaling.sweep import main as sweep
+
+    project = tmp_path / "project"
+    project.mkdir()
+    base = {"optim": {"max_steps": 3}, "model": {"d_model": 16, "heads": 2}}
+    (project / "base.yaml").write_text(yaml.safe_dump(base))
+    (project / "sweep.yaml").write_text(yaml.safe_dump({
+        "name": "paths", "base": "base.yaml", "root": "sweeps", "launcher": "plan",
+        "overrides": {"data.cache_dir": "cache",
+                      "data.streams": [{"name": "s", "task": "caption", "remote": "shards"}]},
+        "axes": [{"name": "lr", "values": [1e-4, 2e-4]}]}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert sweep(["--config", str(project / "sweep.yaml")]) == 0
+    directory = project / "sweeps" / "paths"
+    assert f"2 runs, 0 already finished, 2 to run ({directory})" in capsys.readouterr().out
+    for name in ("lr-0.0001", "lr-0.0002"):
+        config = yaml.safe_load((directory / "configs" / f"{name}.yaml").read_text())
+        assert config["output_dir"] == str(directory / "runs" / name)
+        assert config["optim"]["max_steps"] == 3 and config["model"]["d_model"] == 16  # the base beside the file
+        assert config["data"]["cache_dir"] == str(project / "cache")
+        assert config["data"]["streams"][0]["remote"] == str(project / "shards")
+    assert not (elsewhere / "sweeps").exists()
