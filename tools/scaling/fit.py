@@ -319,13 +319,17 @@ def _power_of_ten(value: float, _=None) -> str:
 
 
 def _label_log_axis(axis, values: list[float], formatter) -> None:
-    """Labelled ticks on a log axis however narrow the range: 1-2-5 steps, every integer step below a decade."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    """Labelled ticks on a log axis however narrow the range: decades, 1-2-5 steps, integer steps below a
+    decade, evenly spaced values below half a decade."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     values = [v for v in values if v > 0]
     decades = math.log10(max(values) / min(values)) if values else 3.0
-    subs = (1, 2, 3, 4, 5, 6, 8) if decades < 1 else (1, 2, 5) if decades < 3 else (1,)
-    axis.set_major_locator(LogLocator(base=10, subs=subs, numticks=30))
+    if decades < 0.5:
+        axis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 5, 10]))
+    else:
+        subs = (1, 2, 3, 4, 5, 6, 8) if decades < 1 else (1, 2, 5) if decades < 3 else (1,)
+        axis.set_major_locator(LogLocator(base=10, subs=subs, numticks=30))
     axis.set_major_formatter(FuncFormatter(formatter))
     axis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10)), numticks=30))
     axis.set_minor_formatter(NullFormatter())
@@ -422,8 +426,8 @@ def plot(analysis: Analysis, out_base: Path) -> list[Path]:
         if y:  # the points and fitted lines set the range; a wide band is clipped, not allowed to flatten them
             span = max(y) / min(y)
             ax.set_ylim(min(y) / span ** 0.1 / 1.02, max(y) * span ** 0.1 * 1.02)
-        ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 5, 10]))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.4g}"))
         ax.yaxis.set_minor_locator(NullLocator())
         ax.set_ylabel(y_name)
         ax.grid(True, which="major", alpha=0.35)
