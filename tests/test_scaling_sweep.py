@@ -1,72 +1,100 @@
-"""A real sweep end to end: four sizes trained on the demo data (CPU), collected, fitted, plotted, reported;
-then rerun, which must skip every finished run."""
+"""The README's sweep example as a new user runs it: ``biomedgpt sweep --config sweeps/demo_sizes`` from an
+empty folder, made tiny on the command line (2 sizes, 2 steps, 1 rank). Real training runs land in the
+sweep's folder, ``collect`` finds every run finished, ``fit-scaling``'s report says the fit is
+under-determined, a rerun skips the finished runs; with no metrics at all ``collect``, ``fit-scaling``
+and the sweep itself exit 1 with one line and draw nothing."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-SIZES = [  # micro to tiny's transformer width/depth; a one-block ResNet keeps CPU steps short
-    {"d_model": 32, "ffn_dim": 64, "encoder_layers": 1, "decoder_layers": 1, "heads": 2},
-    {"d_model": 64, "ffn_dim": 256, "encoder_layers": 1, "decoder_layers": 1, "heads": 4},
-    {"d_model": 128, "ffn_dim": 512, "encoder_layers": 2, "decoder_layers": 2, "heads": 4},
-    {"d_model": 256, "ffn_dim": 1024, "encoder_layers": 4, "decoder_layers": 4, "heads": 4},
-]
-STEPS = 3
-pytestmark = pytest.mark.timeout(600)  # ~90 s on two idle cores; the demo data build is ~40 s of it
+from biomedgpt.tools.cli import main as biomedgpt
+
+#: the packaged sweep made tiny: two micro sizes, 2 steps, small batches, a one-batch evaluation at the end
+TINY = ["axes=[{name: model, labels: [micro, mini], values: ["
+        "{d_model: 16, ffn_dim: 32, encoder_layers: 1, decoder_layers: 1, heads: 2}, "
+        "{d_model: 32, ffn_dim: 64, encoder_layers: 1, decoder_layers: 1, heads: 2}]}]",
+        "overrides.optim.max_steps=2", "overrides.log.interval=1", "overrides.checkpoint.interval=0",
+        "overrides.data.batch_size=2", "overrides.data.eval_batch_size=4", "overrides.eval.max_batches=1",
+        "overrides.data.num_workers=0", "overrides.data.max_src_tokens=32", "overrides.data.max_tgt_tokens=12",
+        "bootstrap=20"]
+pytestmark = pytest.mark.timeout(600)
 
 
-def _run(args: list[str], repo_root: Path, timeout: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, *args], cwd=repo_root, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+@pytest.fixture
+def empty_folder(tmp_path, demo_data, monkeypatch) -> Path:
+    """A fresh current folder holding only the demo shards where the demo config looks for them (building
+    them is the demo's own test); the runs' subprocesses get two threads and no wandb."""
+    fresh = tmp_path / "fresh"
+    (fresh / "runs").mkdir(parents=True)
+    (fresh / "runs" / "demo-data").symlink_to(demo_data, target_is_directory=True)
+    monkeypatch.chdir(fresh)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    return fresh
 
 
-def test_sweep_end_to_end_and_resume(tmp_path, demo_data, repo_root, vocab_dir):
-    data = yaml.safe_load((demo_data / "data_config.yaml").read_text())
-    data.update(batch_size=2, patch_image_size=64, max_src_tokens=32, max_tgt_tokens=12, num_workers=0,
-                group_weights=[1.0], train_transform="resize", cache_dir=str(tmp_path / "cache"), eval_streams=[])
-    base = {"model": {"size": "tiny", "resnet_layers": [1, 1, 1], "dropout": 0.0},
-            "data": data, "optim": {"lr": 2e-3, "max_steps": STEPS, "warmup_steps": 0},
-            "eval": {"at_end": False}, "log": {"interval": 1, "progress_bar": False, "wandb_mode": "disabled"},
-            "checkpoint": {"interval": 0, "at_end": False}, "bpe_dir": str(vocab_dir)}
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
-    sweep = {"name": "sizes", "base": str(tmp_path / "base.yaml"), "root": str(tmp_path / "sweeps"),
-             "bootstrap": 50,
-             "axes": [{"name": "model", "values": SIZES, "labels": ["micro", "mini", "small", "tinywidth"]}]}
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+def test_readme_sweep_from_an_empty_folder(empty_folder, tmp_path, monkeypatch, capsys):
+    assert biomedgpt(["sweep", "--config", "sweeps/demo_sizes", *TINY]) == 0
+    out = capsys.readouterr().out
+    directory = empty_folder / "runs" / "sweeps" / "demo_sizes"
+    assert "2 runs: 2 finished" in out, out
 
-    done = _run(["-m", "biomedgpt.tools.scaling.sweep", "--config", str(tmp_path / "sweep.yaml")], repo_root, 600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    directory = tmp_path / "sweeps" / "sizes"
+    for name in ("model-micro", "model-mini"):  # every run trained into the sweep's folder, nowhere else
+        config = yaml.safe_load((directory / "configs" / f"{name}.yaml").read_text())
+        assert config["output_dir"] == str(directory / "runs" / name)
+        assert (directory / "runs" / name / "metrics.jsonl").stat().st_size > 0
+    assert not (directory / "configs" / "runs").exists()
+
+    monkeypatch.chdir(tmp_path)  # collect and fit from another folder
+    assert biomedgpt(["collect", f"sweep_dir={directory}"]) == 0
     rows = pq.read_table(directory / "results.parquet").to_pylist()
-    assert [r["run"] for r in rows] == [f"model-{n}" for n in ("micro", "mini", "small", "tinywidth")]
-    assert all(r["status"] == "finished" and r["steps_done"] == STEPS for r in rows), rows
-    params = [r["params"] for r in rows]
-    assert params == sorted(params) and params[0] < params[-1] / 5
-    assert all(r["tokens"] > 0 and r["flops"] > 0 and r["loss"] > 0 for r in rows)
-    assert json.loads(rows[-1]["config_json"])["model"]["d_model"] == 256
-    curves = pq.read_table(directory / "curves.parquet").to_pylist()
-    assert len([c for c in curves if c["loss"] is not None]) == 4 * STEPS
-    assert (directory / "results.csv").exists()
+    assert [r["run"] for r in rows] == ["model-micro", "model-mini"]
+    assert all(r["status"] == "finished" and r["steps_done"] == 2 for r in rows), rows
+    assert all(r["eval_loss"] > 0 and r["tokens"] > 0 and r["flops"] > 0 for r in rows), rows
+    assert rows[0]["params"] < rows[1]["params"]
 
-    fits = json.loads((directory / "fits.json").read_text())
-    assert set(fits["fits"]) | set(fits["not_fitted"]) == {"params", "tokens", "compute"}
-    assert fits["frontier"], "the compute frontier has points"
+    (directory / "report.md").unlink()
+    assert biomedgpt(["fit-scaling", f"sweep_dir={directory}", "bootstrap=20"]) == 0
     report = (directory / "report.md").read_text()
+    assert "**loss vs parameters N (each size's most-trained run)**: not fitted — under-determined: 2 distinct" \
+        in report, report
+    assert "Fits use `eval_loss`, the evaluation loss at the end of the run" in report
     assert "| model-micro | finished |" in report and "![scaling](scaling.png)" in report
-    png = (directory / "scaling.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
-    assert (directory / "scaling.svg").stat().st_size > 10_000
+    fits = json.loads((directory / "fits.json").read_text())
+    assert fits["metric"] == "eval_loss" and "under-determined" in fits["not_fitted"]["params"]
+    assert {p["loss"] for p in fits["frontier"]} <= {r["eval_loss"] for r in rows}  # end-of-run evaluations
+    assert (directory / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     logs = {r["run"]: (Path(r["output_dir"]) / "metrics.jsonl").read_text() for r in rows}
-    again = _run(["-m", "biomedgpt.tools.scaling.sweep", "--config", str(tmp_path / "sweep.yaml"), "analyse=false"], repo_root, 120)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "4 already finished, 0 to run" in again.stdout
+    monkeypatch.chdir(empty_folder)
+    capsys.readouterr()
+    assert biomedgpt(["sweep", "--config", "sweeps/demo_sizes", *TINY, "analyse=false"]) == 0
+    assert "2 already finished, 0 to run" in capsys.readouterr().out
     assert logs == {r["run"]: (Path(r["output_dir"]) / "metrics.jsonl").read_text() for r in rows}
+
+
+def _one_error_line(status: int, capsys) -> str:
+    err = capsys.readouterr().err
+    assert status == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_no_metrics_is_one_line_and_no_figure(empty_folder, tmp_path, capsys):
+    missing = tmp_path / "no-such-shards"
+    failing = [*TINY[1:], "axes=[{name: model, labels: [micro], values: [{d_model: 16, heads: 2}]}]",
+               f"overrides.data.streams=[{{name: gone, task: caption, remote: {missing}}}]"]
+    error = _one_error_line(biomedgpt(["sweep", "--config", "sweeps/demo_sizes", *failing]), capsys)
+    directory = empty_folder / "runs" / "sweeps" / "demo_sizes"
+    assert "no run of" in error and "logged any metrics (1 runs: 1 failed)" in error, error
+    assert "train.log" in error
+    for command in ("collect", "fit-scaling"):
+        error = _one_error_line(biomedgpt([command, f"sweep_dir={directory}"]), capsys)
+        assert "logged any metrics" in error and "nothing to fit or plot" in error, error
+    assert not list(directory.glob("scaling.*")) and not (directory / "report.md").exists()

@@ -33,9 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reshard": ("biomedgpt.tools.reshard", "ZeRO checkpoint -> universal checkpoint (resume on another world size)"),
     "inspect-checkpoint": ("biomedgpt.tools.inspect_checkpoint", "what a checkpoint holds and whether it is usable"),
     "sweep": ("biomedgpt.tools.scaling.sweep", "scaling sweep: expand a grid, run locally or as a SLURM array"),
-    "collect": ("biomedgpt.tools.scaling.collect", "a sweep's results as a table"),
-    "fit-scaling": ("biomedgpt.tools.scaling.fit", "power-law fits, compute frontier, plots and report"),
-    "estimate": ("biomedgpt.tools.estimate", "memory, FLOPs and time per step of a run config"),
+    "collect": ("biomedgpt.tools.scaling.collect", "a sweep's runs, status and end-of-run losses as tables"),
+    "fit-scaling": ("biomedgpt.tools.scaling.fit", "power-law fits with bootstrap intervals, frontier, figure, report"),
+    "estimate": ("biomedgpt.tools.estimate", "memory, FLOPs and time per step of a run config on a named GPU "
+                 "(measure=true: real steps here)"),
     "train-tokenizer": ("biomedgpt.tools.train_tokenizer", "train a BPE tokenizer on your own text"),
     "make-demo-data": ("biomedgpt.data.demo", "build the demo shards from packaged real data"),
 }

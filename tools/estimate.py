@@ -1,67 +1,79 @@
-"""Plan a run before launching it: memory per GPU, FLOPs and time per step, ZeRO communication per step.
+"""Plan a run before launching it: memory per device, FLOPs and time per step, ZeRO communication per step.
 
-    python -m biomedgpt.tools.estimate model.size=xlarge zero_stage=3 gpus_per_node=8 nodes=2 micro_batch=16 \
-        image_size=384 precision=bf16 mfu=0.4 gpu=H100 interconnect_gbps=50
-    python -m biomedgpt.tools.estimate model.size=base precision=fp32 zero_stage=0 gpus_per_node=1 measure=true
+    biomedgpt estimate --config demo                          # any run config or recipe, on 8 H100s (the default)
+    biomedgpt estimate --config pretrain_xlarge gpu=A100 gpus_per_node=8 nodes=2 interconnect_gbps=50
+    biomedgpt estimate model.size=xlarge deepspeed.zero_stage=3 deepspeed.precision=bf16 data.batch_size=16 \\
+        data.patch_image_size=384 gpus_per_node=8 nodes=2
+    biomedgpt estimate --config demo gpu=cpu gpus_per_node=2 measure=true   # and time real steps here
+
+The settings are a run config's (``--config FILE|RECIPE`` and ``key=value`` overrides, exactly as for
+``biomedgpt train``) plus the hardware of the plan below. Read from the run config: ``model.*``,
+``data.batch_size`` (the micro-batch per rank), ``data.patch_image_size``, ``data.max_src_tokens`` /
+``max_tgt_tokens``, ``optim.grad_accum``, ``deepspeed.zero_stage`` / ``offload_*`` / ``zero_init`` /
+``precision`` / ``activation_checkpointing`` and ``sample_patch_num``; the rest of it is not used. Every sample
+is counted with an image and full-length text (an upper bound).
+
+``gpu`` names the device the plan assumes (printed with its peak): a GPU of the peak table
+(``biomedgpt.engine.flops.GPU_PEAKS``) or ``cpu``, this machine's CPU with its matmul peak measured; any
+other name needs ``peak_tflops``. ``measure=true`` also trains ``measure_steps`` real steps on this
+machine's device, one rank: the trainer with the config's model, ZeRO stage and precision on synthetic
+batches of the config's shape, and prints the measured time per step, its MFU against this device's peak
+and the peak memory beside the estimate for one rank; on a CPU also the fp32 AdamW model states.
 
 The arithmetic (and how model states and activations are counted): ``biomedgpt.engine.flops``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
-
-from biomedgpt.engine.config import from_dict, parse_cli
-from biomedgpt.engine.flops import (activation_memory, communication_bytes, image_tokens, model_state_memory,
-                                    parameter_counts, table_peak_tflops, train_step_flops)
-from biomedgpt.engine.run_config import Precision
+from biomedgpt.engine.config import parse_cli, to_dict
+from biomedgpt.engine.flops import (GPU_PEAKS, activation_memory, communication_bytes, image_tokens,
+                                    model_state_memory, parameter_counts, train_step_flops)
+from biomedgpt.engine.run_config import RunConfig
 from biomedgpt.models.config import ModelSpec
 
 GIB = 2 ** 30
 
 
 @dataclass
-class EstimateConfig:
-    """One hypothetical run: model, ZeRO layout, batch shape, hardware."""
+class EstimateConfig(RunConfig):
+    """A run config (any recipe) on the hardware of the plan."""
 
-    model: ModelSpec = field(default_factory=ModelSpec)
-    zero_stage: int = 2
-    offload_optimizer: bool = False
-    offload_param: bool = False  # ZeRO-3 only
-    zero_init: bool = True  # ZeRO-3: build under zero.Init (no full model per process in CPU memory)
-    precision: Precision = "bf16"
-    gpus_per_node: int = 8
+    # the device of the plan: a GPU of the peak table (H100, A100, ...) or cpu (this machine's, peak measured)
+    gpu: str = "H100"
+    peak_tflops: Optional[float] = None  # dense peak per device; overrides the table (any gpu name then)
+    gpus_per_node: int = 8  # ranks (devices) per node
     nodes: int = 1
-    micro_batch: int = 8  # samples per GPU per forward
-    grad_accum: int = 1
-    image_size: int = 256  # 0: text-only batches
-    src_len: int = 80
-    tgt_len: int = 30
-    sample_patch_num: Optional[int] = None
-    activation_checkpointing: bool = False
-    gpu: str = "H100"  # a key of biomedgpt.engine.flops.GPU_PEAKS
-    peak_tflops: Optional[float] = None  # per GPU; overrides the table
-    mfu: float = 0.4
-    interconnect_gbps: float = 100.0  # GB/s of collective bus bandwidth per GPU
+    mfu: float = 0.4  # the model FLOPs utilisation assumed for the time per step
+    interconnect_gbps: float = 100.0  # GB/s of collective bus bandwidth per device
     buffer_factor: float = 1.5  # DeepSpeed's additional_buffer_factor for CPU memory
-    measure: bool = False  # also measure fp32 AdamW model states of this model on this CPU
+    measure: bool = False  # also time real training steps of this config on this machine (one rank)
+    measure_steps: int = 3  # timed optimizer steps with measure=true (after one untimed)
     output: Literal["text", "json"] = "text"
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.offload_param and self.zero_stage != 3:
-            raise ValueError("offload_param needs zero_stage 3")
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        known = {name.lower(): name for name in GPU_PEAKS}
+        if self.gpu.lower() == "cpu":
+            self.gpu = "cpu"
+        elif self.gpu.lower() in known:
+            self.gpu = known[self.gpu.lower()]
+            if self.peak_tflops is None and not GPU_PEAKS[self.gpu].get(self.deepspeed.precision):
+                raise ValueError(f"the table has no {self.deepspeed.precision} peak for {self.gpu}; choose another "
+                                 f"deepspeed.precision or set peak_tflops")
+        elif self.peak_tflops is None:
+            raise ValueError(f"unknown gpu {self.gpu!r}: valid are {', '.join(GPU_PEAKS)} and cpu (this machine's CPU, "
+                             f"its peak measured); for another device also set peak_tflops")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ValueError(f"peak_tflops must be positive, got {self.peak_tflops}")
         if not 0.0 < self.mfu <= 1.0:
             raise ValueError(f"mfu must be in (0, 1], got {self.mfu}")
-        for name in ("gpus_per_node", "nodes", "micro_batch", "grad_accum"):
+        for name in ("gpus_per_node", "nodes", "measure_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -70,32 +82,55 @@ class EstimateConfig:
         return self.gpus_per_node * self.nodes
 
 
+def plan_peak(cfg: EstimateConfig) -> tuple[float, str]:
+    """(dense peak TFLOP/s per device, where it comes from) of the plan's device."""
+    precision = cfg.deepspeed.precision
+    if cfg.peak_tflops is not None:
+        return cfg.peak_tflops, "peak_tflops"
+    if cfg.gpu == "cpu":
+        import torch
+
+        from biomedgpt.engine.flops import measure_matmul_tflops
+
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # no fast fp16 matmul on CPUs
+        return measure_matmul_tflops(dtype, device="cpu"), "measured on this CPU"
+    return GPU_PEAKS[cfg.gpu][precision], "table"
+
+
 def estimate(cfg: EstimateConfig) -> dict:
     """Every figure of the plan, in bytes / FLOPs / seconds (GiB and TFLOP in the printed table)."""
+    from biomedgpt.engine.model_setup import use_zero_init
+
     model_cfg = cfg.model.build()
+    ds, data = cfg.deepspeed, cfg.data
     params, largest = parameter_counts(model_cfg)
-    states = model_state_memory(params, largest, cfg.zero_stage, cfg.precision, cfg.gpus_per_node, cfg.nodes,
-                                cfg.offload_optimizer, cfg.offload_param, cfg.zero_init, cfg.buffer_factor)
-    activations = activation_memory(model_cfg, cfg.micro_batch, cfg.src_len, cfg.tgt_len, cfg.image_size,
-                                    cfg.sample_patch_num, cfg.precision, cfg.activation_checkpointing)
-    n_img = image_tokens(cfg.image_size, sample_patch_num=cfg.sample_patch_num)
-    hw = (cfg.image_size, cfg.image_size) if cfg.image_size > 0 else None
-    flops_gpu = train_step_flops(model_cfg, cfg.micro_batch, cfg.src_len, cfg.tgt_len, n_img, hw) * cfg.grad_accum
-    if cfg.activation_checkpointing:
+    offload_optimizer, offload_param = ds.offload_optimizer != "none", ds.offload_param != "none"
+    zero_init = use_zero_init(model_cfg, ds.zero_stage, ds.zero_init) if ds.zero_stage == 3 else True
+    states = model_state_memory(params, largest, ds.zero_stage, ds.precision, cfg.gpus_per_node, cfg.nodes,
+                                offload_optimizer, offload_param, zero_init, cfg.buffer_factor)
+    activations = activation_memory(model_cfg, data.batch_size, data.max_src_tokens, data.max_tgt_tokens,
+                                    data.patch_image_size, cfg.sample_patch_num, ds.precision,
+                                    ds.activation_checkpointing)
+    n_img = image_tokens(data.patch_image_size, sample_patch_num=cfg.sample_patch_num)
+    hw = (data.patch_image_size, data.patch_image_size)
+    flops_gpu = train_step_flops(model_cfg, data.batch_size, data.max_src_tokens, data.max_tgt_tokens, n_img,
+                                 hw) * cfg.optim.grad_accum
+    if ds.activation_checkpointing:
         flops_gpu *= 4 / 3  # one more forward in backward (hardware FLOPs; MFU counts 3 forwards)
-    peak = table_peak_tflops(cfg.gpu, cfg.precision, cfg.peak_tflops)
+    peak, peak_source = plan_peak(cfg)
     compute_s = flops_gpu / (cfg.mfu * peak * 1e12)
-    comm = communication_bytes(params, cfg.zero_stage, cfg.world, cfg.precision, cfg.grad_accum)
+    comm = communication_bytes(params, ds.zero_stage, cfg.world, ds.precision, cfg.optim.grad_accum)
     comm_s = comm / (cfg.interconnect_gbps * 1e9)
     return {
-        "params": params, "largest_layer_params": largest, "world": cfg.world,
+        "gpu": cfg.gpu, "peak_tflops": peak, "peak_source": peak_source,
+        "params": params, "largest_layer_params": largest, "world": cfg.world, "zero_init": zero_init,
         "param_bytes_per_gpu": states.params, "grad_bytes_per_gpu": states.grads,
         "optimizer_bytes_per_gpu": states.optimizer, "model_state_bytes_per_gpu": states.gpu_total,
         "activation_bytes_per_gpu": activations, "total_bytes_per_gpu": states.gpu_total + activations,
         "cpu_bytes_per_node": states.cpu_per_node,
         "flops_per_step_per_gpu": flops_gpu, "flops_per_step": flops_gpu * cfg.world,
-        "samples_per_step": cfg.micro_batch * cfg.grad_accum * cfg.world,
-        "peak_tflops": peak, "compute_s_per_step": compute_s,
+        "samples_per_step": data.batch_size * cfg.optim.grad_accum * cfg.world,
+        "compute_s_per_step": compute_s,
         "comm_bytes_per_step_per_gpu": comm, "comm_s_per_step": comm_s,
         "step_s": compute_s + comm_s,  # no overlap: an upper bound; full overlap gives max(compute, comm)
         "step_s_overlapped": max(compute_s, comm_s),
@@ -142,56 +177,169 @@ def measure_model_states(spec: ModelSpec) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def synthetic_batch(cfg: RunConfig, vocab_size: int, seed: int = 0) -> dict:
+    """One micro-batch in the DESIGN.md batch format at the config's nominal shape: ``data.batch_size``
+    samples, each with a ``patch_image_size`` image, ``max_src_tokens`` source and ``max_tgt_tokens`` target
+    tokens (random text ids between ``<s>`` = 0 and ``</s>`` = 2, no padding)."""
+    import torch
+
+    d = cfg.data
+    g = torch.Generator().manual_seed(seed)
+    b, s, t, px = d.batch_size, d.max_src_tokens, d.max_tgt_tokens, d.patch_image_size
+    src = torch.randint(4, vocab_size, (b, s), generator=g)
+    src[:, 0], src[:, -1] = 0, 2
+    target = torch.randint(4, vocab_size, (b, t), generator=g)
+    target[:, -1] = 2
+    prev = torch.cat([torch.zeros(b, 1, dtype=torch.long), target[:, :-1]], dim=1)
+    images = torch.randint(0, 256, (b, 3, px, px), dtype=torch.uint8, generator=g)
+    return {"src_tokens": src, "src_lengths": torch.full((b,), s), "prev_output_tokens": prev, "target": target,
+            "patch_images": images.contiguous(memory_format=torch.channels_last),
+            "patch_masks": torch.ones(b, dtype=torch.bool), "code_masks": torch.zeros(b, dtype=torch.bool),
+            "conf": torch.ones(b), "task_ids": torch.zeros(b, dtype=torch.long),
+            "ids": [f"synthetic-{i}" for i in range(b)]}
+
+
+def _measure_worker() -> None:
+    """A fresh process (one rank): the trainer of the run config on synthetic batches; JSON on stdout."""
+    import statistics
+    import tempfile
+    import time
+
+    import psutil
+    import torch
+
+    from biomedgpt.engine import distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
+    from biomedgpt.engine.config import from_dict
+    from biomedgpt.engine.flops import device_peak
+    from biomedgpt.engine.trainer import Trainer
+
+    request = json.loads(sys.stdin.read())
+    data = request["config"]
+    with tempfile.TemporaryDirectory(prefix="biomedgpt-estimate-") as out:
+        data.update(output_dir=out, demo_data_dir=None)
+        data["data"]["eval_streams"] = []
+        data["optim"].update(max_steps=10 ** 6, max_epochs=None)
+        data["eval"].update(at_end=False, interval=0)
+        data["checkpoint"].update(interval=0, at_end=False, resume="never", init_from=None, background=False)
+        data["log"].update(interval=10 ** 6, progress_bar=False, wandb_mode="disabled")
+        data["watchdog"]["timeout_s"] = 0
+        cfg = from_dict(RunConfig, data)
+        before = psutil.Process().memory_info().rss
+        trainer = Trainer(cfg, train_loader=[])
+        batch = synthetic_batch(cfg, min(trainer.model_cfg.vocab_size, trainer.tokenizer.first_code_id))
+        cuda = trainer.dist.device.type == "cuda"
+        times = []
+        for i in range(1 + request["steps"]):  # the first step (allocator, optimizer state) is not timed
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(cfg.optim.grad_accum):
+                trainer.train_step(batch)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        if cuda:
+            memory, kind = torch.cuda.max_memory_allocated(), "allocated on the GPU"
+        else:
+            with open("/proc/self/status") as f:
+                peak_rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+            memory, kind = peak_rss - before, "resident, beyond the process before the trainer"
+        peak = device_peak(cfg.deepspeed.precision, cfg.log.peak_tflops)
+    print(json.dumps({"device": peak.name, "peak_tflops": peak.tflops, "peak_source": peak.source,
+                      "step_s": statistics.median(times[1:]), "steps_s": times[1:], "first_step_s": times[0],
+                      "peak_memory_bytes": memory, "memory_kind": kind}))
+
+
+#: a launcher's settings, not passed on: the measurement is a one-rank job of its own
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def measure_step(cfg: EstimateConfig) -> dict:
+    """Time real training steps of the run config on this machine's device (one rank, a fresh process)."""
+    run = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)}
+    request = {"config": to_dict(RunConfig(**run)), "steps": cfg.measure_steps}
+    out = subprocess.run([sys.executable, "-c", "from biomedgpt.tools.estimate import _measure_worker; "
+                          "_measure_worker()"], input=json.dumps(request), capture_output=True, text=True,
+                         timeout=1800, env={k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES})
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the step measurement failed (exit status {out.returncode}): {last}")
+    return json.loads(lines[-1])
+
+
 def format_table(cfg: EstimateConfig, est: dict) -> str:
     def gib(key: str) -> str:
         return f"{est[key] / GIB:9.2f} GiB"
 
-    spec = cfg.model
+    spec, ds, data = cfg.model, cfg.deepspeed, cfg.data
+    device = "device" if cfg.gpu == "cpu" else "GPU"
+    others = ", ".join(name for name in [*GPU_PEAKS, "cpu"] if name != cfg.gpu)
     lines = [
         f"model {spec.size} {spec.set_fields() or ''}: {est['params'] / 1e6:.2f}M parameters "
         f"(largest module {est['largest_layer_params'] / 1e6:.2f}M)",
-        f"ZeRO-{cfg.zero_stage}, {cfg.precision}, offload optimizer={cfg.offload_optimizer} param={cfg.offload_param}, "
-        f"{cfg.nodes} node(s) x {cfg.gpus_per_node} GPU(s) {cfg.gpu}, micro-batch {cfg.micro_batch} x accum "
-        f"{cfg.grad_accum}, image {cfg.image_size}px, src {cfg.src_len} / tgt {cfg.tgt_len} tokens",
-        f"  parameters     {gib('param_bytes_per_gpu')} per GPU",
-        f"  gradients      {gib('grad_bytes_per_gpu')} per GPU",
-        f"  optimizer      {gib('optimizer_bytes_per_gpu')} per GPU",
-        f"  activations    {gib('activation_bytes_per_gpu')} per GPU"
-        + (" (checkpointed)" if cfg.activation_checkpointing else ""),
-        f"  total          {gib('total_bytes_per_gpu')} per GPU",
+        f"run: ZeRO-{ds.zero_stage}, {ds.precision}, offload optimizer={ds.offload_optimizer} "
+        f"param={ds.offload_param}, micro-batch {data.batch_size} x accum {cfg.optim.grad_accum}, image "
+        f"{data.patch_image_size}px, src {data.max_src_tokens} / tgt {data.max_tgt_tokens} tokens",
+        f"assumed hardware: {cfg.nodes} node(s) x {cfg.gpus_per_node} {cfg.gpu}, peak {est['peak_tflops']:.4g} "
+        f"TFLOP/s {ds.precision} per {device} ({est['peak_source']}); other devices: gpu={others}",
+        f"  parameters     {gib('param_bytes_per_gpu')} per {device}",
+        f"  gradients      {gib('grad_bytes_per_gpu')} per {device}",
+        f"  optimizer      {gib('optimizer_bytes_per_gpu')} per {device}",
+        f"  activations    {gib('activation_bytes_per_gpu')} per {device}"
+        + (" (checkpointed)" if ds.activation_checkpointing else ""),
+        f"  total          {gib('total_bytes_per_gpu')} per {device}",
         f"  CPU            {gib('cpu_bytes_per_node')} per node (DeepSpeed cold-start estimate)",
-        f"  FLOPs per step {est['flops_per_step'] / 1e12:9.2f} TFLOP ({est['samples_per_step']} samples)",
-        f"  compute        {est['compute_s_per_step']:9.3f} s per step at MFU {cfg.mfu} of {est['peak_tflops']} TFLOP/s",
-        f"  communication  {est['comm_bytes_per_step_per_gpu'] / GIB:9.2f} GiB per GPU per step = "
-        f"{est['comm_s_per_step']:.3f} s at {cfg.interconnect_gbps} GB/s",
-        f"  step time      {est['step_s_overlapped']:9.3f} s (overlapped) .. {est['step_s']:.3f} s (serial)",
+        f"  FLOPs per step {est['flops_per_step'] / 1e12:9.4g} TFLOP ({est['samples_per_step']} samples)",
+        f"  compute        {est['compute_s_per_step']:9.4g} s per step at MFU {cfg.mfu} of {est['peak_tflops']:.4g} "
+        f"TFLOP/s",
+        f"  communication  {est['comm_bytes_per_step_per_gpu'] / GIB:9.2f} GiB per {device} per step = "
+        f"{est['comm_s_per_step']:.4g} s at {cfg.interconnect_gbps} GB/s",
+        f"  step time      {est['step_s_overlapped']:9.4g} s (overlapped) .. {est['step_s']:.4g} s (serial)",
     ]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def format_measurement(cfg: EstimateConfig, one_rank: dict, measured: dict) -> str:
+    achieved = one_rank["flops_per_step_per_gpu"] / measured["step_s"] / 1e12
+    return "\n".join([
+        f"measured on this machine ({measured['device']}, one rank, {cfg.deepspeed.precision}, ZeRO-"
+        f"{cfg.deepspeed.zero_stage}, median of {cfg.measure_steps} steps after one untimed):",
+        f"  step time      {measured['step_s']:9.4g} s (first step {measured['first_step_s']:.4g} s) = "
+        f"{achieved:.4g} TFLOP/s, MFU {achieved / measured['peak_tflops']:.3g} of {measured['peak_tflops']:.4g} "
+        f"TFLOP/s ({measured['peak_source']})",
+        f"  peak memory    {measured['peak_memory_bytes'] / GIB:9.2f} GiB {measured['memory_kind']}; estimate for one "
+        f"rank {one_rank['total_bytes_per_gpu'] / GIB:.2f} GiB",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(EstimateConfig, argv, description=__doc__)
     est = estimate(cfg)
+    lines = []
     if cfg.measure:
-        fp32 = from_dict(EstimateConfig, {**asdict(cfg), "precision": "fp32", "zero_stage": 0, "nodes": 1,
-                                          "gpus_per_node": 1, "offload_optimizer": False, "offload_param": False,
-                                          "measure": False})
-        expected = estimate(fp32)["model_state_bytes_per_gpu"]
-        measured = measure_model_states(cfg.model)
-        est["measured_fp32_model_states"] = {**measured, "estimated": expected,
-                                             "steady_error": measured["steady"] / expected - 1,
-                                             "peak_error": measured["peak"] / expected - 1}
+        try:
+            est["measured_step"] = measure_step(cfg)
+        except RuntimeError as exc:
+            print(format_table(cfg, est) if cfg.output == "text" else json.dumps(est, indent=2))
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        one_rank = estimate(dataclasses.replace(cfg, gpus_per_node=1, nodes=1, peak_tflops=est["peak_tflops"]))
+        lines.append(format_measurement(cfg, one_rank, est["measured_step"]))
+        if est["measured_step"]["device"] == "cpu":
+            expected = model_state_memory(est["params"], est["largest_layer_params"], 0, "fp32").gpu_total
+            m = measure_model_states(cfg.model)
+            est["measured_fp32_model_states"] = {**m, "estimated": expected, "steady_error": m["steady"] / expected - 1,
+                                                 "peak_error": m["peak"] / expected - 1}
+            lines.append(f"  fp32 AdamW model states on this CPU: steady {m['steady'] / GIB:.3f} GiB "
+                         f"({m['steady'] / expected - 1:+.1%}), peak {m['peak'] / GIB:.3f} GiB "
+                         f"({m['peak'] / expected - 1:+.1%}) vs estimated {expected / GIB:.3f} GiB")
     if cfg.output == "json":
         print(json.dumps(est, indent=2))
     else:
-        print(format_table(cfg, est))
-        if cfg.measure:
-            m = est["measured_fp32_model_states"]
-            print(f"  measured fp32 AdamW model states on this CPU: steady {m['steady'] / GIB:.3f} GiB "
-                  f"({m['steady_error']:+.1%}), peak {m['peak'] / GIB:.3f} GiB ({m['peak_error']:+.1%}) vs "
-                  f"estimated {m['estimated'] / GIB:.3f} GiB")
-    return est
+        print("\n".join([format_table(cfg, est), *lines]))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -123,12 +123,15 @@ def run_config(cfg: BenchSizesConfig, size: str, shards: Path, out: Path) -> dic
 
 
 def predicted_gib(cfg: BenchSizesConfig, size: str, offload: bool, zero_init: bool) -> float:
-    from biomedgpt.models.config import ModelSpec
+    from biomedgpt.engine.config import from_dict
     from biomedgpt.tools.estimate import EstimateConfig, estimate
 
-    est = estimate(EstimateConfig(model=ModelSpec(size), zero_stage=3, offload_optimizer=offload, zero_init=zero_init,
-                                  precision=_precision(cfg, size), gpus_per_node=cfg.ranks, micro_batch=cfg.batch,
-                                  image_size=cfg.image_size, src_len=40, tgt_len=20))
+    est = estimate(from_dict(EstimateConfig, {
+        "model": {"size": size}, "gpu": "cpu", "peak_tflops": 1.0, "gpus_per_node": cfg.ranks,  # memory only
+        "deepspeed": {"zero_stage": 3, "offload_optimizer": "cpu" if offload else "none", "zero_init": zero_init,
+                      "precision": _precision(cfg, size)},
+        "data": {"batch_size": cfg.batch, "patch_image_size": cfg.image_size, "max_src_tokens": 40,
+                 "max_tgt_tokens": 20}}))
     per_rank = est["total_bytes_per_gpu"] + (est["cpu_bytes_per_node"] / cfg.ranks if offload else 0)
     return per_rank / 2**30
 

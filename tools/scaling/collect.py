@@ -1,6 +1,6 @@
 """Collect a sweep's runs into tables: one row per run with its config, one row per logged step.
 
-    python -m biomedgpt.tools.scaling.collect sweep_dir=runs/sweeps/demo-sizes
+    biomedgpt collect sweep_dir=runs/sweeps/demo_sizes
 
 Reads the sweep's manifest (``sweep.json``, written by ``biomedgpt.tools.scaling.sweep``) and each run directory:
 ``config.yaml`` as planned, ``metrics.jsonl`` (the trainer's logged windows and evaluations),
@@ -10,7 +10,10 @@ Reads the sweep's manifest (``sweep.json``, written by ``biomedgpt.tools.scaling
 
 Every planned run gets a row and a ``status``: ``finished`` (reached optim.max_steps), ``failed`` (its
 process exited non-zero), ``incomplete`` (started, not at the end: still running, pre-empted or killed)
-or ``not_started``. Nothing is dropped silently.
+or ``not_started``. Nothing is dropped silently. ``eval_loss`` is the evaluation at the run's last logged
+step (``eval.at_end``), the point the fits use; an earlier evaluation is not an end-of-run loss
+(``last_eval_step`` says where the last one was). When no run logged any metrics, the tables are still
+written and the command exits 1 with one line saying so.
 
 Tokens are the trainer's logged throughput integrated over each window (tokens_per_s * step_time_s *
 steps); FLOPs are ``biomedgpt.engine.flops.train_step_flops`` at the config's nominal batch shape (batch_size rows
@@ -30,9 +33,14 @@ from biomedgpt.engine.config import ConfigError, from_dict, parse_cli, to_dict
 from biomedgpt.engine.flops import image_tokens, parameter_counts, train_step_flops
 from biomedgpt.engine.run_config import RunConfig
 from biomedgpt.models.config import ModelConfig
+from biomedgpt.tools.cli import one_line_errors
 
 STATUS_FILE = "sweep_status.json"
 EXIT_RESUME = 75  # the trainer's "stopped, resume to continue" status
+
+
+class SweepDataError(ValueError):
+    """A sweep directory that cannot be read or holds nothing to analyse (one line: what and where)."""
 
 
 @dataclass
@@ -47,9 +55,9 @@ def read_manifest(sweep_dir: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found: not a sweep directory (biomedgpt.tools.scaling.sweep writes it)") from None
+        raise SweepDataError(f"{path} not found: not a sweep directory (`biomedgpt sweep` writes it)") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        raise SweepDataError(f"{path}: not valid JSON ({exc})") from None
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict], Optional[str]]:
@@ -72,9 +80,9 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict], Optional[str]]:
             if number == len(lines):
                 note = f"{path}: last line {number} is cut off (the run was killed while writing)"
                 continue
-            raise ValueError(f"{path}: line {number} is not valid JSON ({exc})") from None
+            raise SweepDataError(f"{path}: line {number} is not valid JSON ({exc})") from None
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise ValueError(f"{path}: line {number} has no integer 'step'")
+            raise SweepDataError(f"{path}: line {number} has no integer 'step'")
         if "eval/loss" in record:
             evals[record["step"]] = record
         elif "loss" in record:
@@ -89,7 +97,7 @@ def read_status(run_dir: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        raise SweepDataError(f"{path}: not valid JSON ({exc})") from None
 
 
 def classify(steps_done: int, max_steps: int, status_file: dict, started: bool) -> str:
@@ -160,7 +168,7 @@ def run_row(entry: dict, ranks: int, params_cache: dict) -> tuple[dict, list[dic
     try:
         cfg = from_dict(RunConfig, entry["config"])
     except ConfigError as exc:
-        raise ValueError(f"sweep.json: run {name}: {exc}") from None
+        raise SweepDataError(f"sweep.json: run {name}: {exc}") from None
     model_cfg = cfg.model.build()
     key = json.dumps(to_dict(model_cfg), sort_keys=True)
     if key not in params_cache:
@@ -180,6 +188,7 @@ def run_row(entry: dict, ranks: int, params_cache: dict) -> tuple[dict, list[dic
         error = note
     last = max(train, key=lambda r: r["step"]) if train else {}
     last_eval = max(evals, key=lambda r: r["step"]) if evals else {}
+    end_eval = last_eval if last_eval and last_eval["step"] >= steps_done else {}
     step_times = sorted(t for t in (_number(r.get("step_time_s")) for r in train) if t is not None)
     memory = [m for m in (_number(r.get("memory_gb")) for r in train) if m is not None]
     mfus = [m for m in (_number(r.get("mfu")) for r in train) if m is not None]
@@ -196,7 +205,8 @@ def run_row(entry: dict, ranks: int, params_cache: dict) -> tuple[dict, list[dic
         "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision,
         "max_steps": cfg.optim.max_steps, "steps_done": steps_done,
         "tokens": token_curve[-1] if token_curve else None, "flops": flops_per_step * steps_done,
-        "loss": _number(last.get("loss")), "eval_loss": _number(last_eval.get("eval/loss")),
+        "loss": _number(last.get("loss")), "eval_loss": _number(end_eval.get("eval/loss")),
+        "last_eval_step": last_eval.get("step"),
         "step_time_s": step_times[len(step_times) // 2] if step_times else None,
         "mfu": sum(mfus) / len(mfus) if mfus else None, "memory_gb": max(memory) if memory else None,
         "wall_s": _number(status_file.get("wall_s")), "returncode": returncode,
@@ -207,9 +217,9 @@ def run_row(entry: dict, ranks: int, params_cache: dict) -> tuple[dict, list[dic
         try:
             extra = json.loads(results.read_text())
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{results}: not valid JSON ({exc})") from None
+            raise SweepDataError(f"{results}: not valid JSON ({exc})") from None
         if not isinstance(extra, dict):
-            raise ValueError(f"{results}: expected a JSON object of results")
+            raise SweepDataError(f"{results}: expected a JSON object of results")
         for k, v in extra.items():
             if not isinstance(v, (dict, list)):
                 row[f"result.{k}"] = _number(v) if _number(v) is not None else str(v)
@@ -260,25 +270,44 @@ def collect(sweep_dir: str | Path) -> tuple[list[dict], list[dict]]:
     return rows, curves
 
 
-def summary(rows: list[dict]) -> str:
+def status_counts(rows: list[dict]) -> str:
+    """``4 runs: 2 finished, 2 failed``."""
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    lines = [f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
+    return f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+
+
+def summary(rows: list[dict]) -> str:
+    def value(v: Optional[float]) -> str:
+        return "–" if v is None or math.isnan(v) else f"{v:.4f}"
+
+    lines = [status_counts(rows)]
     for r in rows:
-        loss = r["loss"]
         lines.append(f"  {r['run']:<40} {r['status']:<12} params {r['params'] / 1e6:8.3f}M  steps "
-                     f"{r['steps_done']}/{r['max_steps']}  loss "
-                     + ("–" if loss is None or math.isnan(loss) else f"{loss:.4f}")
+                     f"{r['steps_done']}/{r['max_steps']}  loss {value(r['loss'])}  eval loss {value(r['eval_loss'])}"
                      + (f"  ({r['error']})" if r["error"] else ""))
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def require_metrics(rows: list[dict], sweep_dir: str | Path) -> None:
+    """Raise SweepDataError when no run of the sweep logged a single step (nothing to fit or plot)."""
+    if any(r["steps_done"] > 0 or r["eval_loss"] is not None for r in rows):
+        return
+    logs = [f"{r['output_dir']}/train.log" for r in rows if r["status"] == "failed"]
+    raise SweepDataError(
+        f"no run of {sweep_dir} logged any metrics ({status_counts(rows)}): nothing to fit or plot; "
+        + (f"see {logs[0]}" if logs else "train the runs first (biomedgpt sweep --config SWEEP)"))
+
+
+@one_line_errors(SweepDataError)
+def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(CollectConfig, argv, description=__doc__)
     rows, _ = collect(cfg.sweep_dir)
     print(summary(rows))
+    require_metrics(rows, cfg.sweep_dir)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

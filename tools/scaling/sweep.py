@@ -1,26 +1,36 @@
 """Scaling sweeps from one command: expand a grid into run configs, train them, collect, fit, report.
 
-    python -m biomedgpt.tools.scaling.sweep --config configs/sweeps/demo_sizes.yaml
-    python -m biomedgpt.tools.scaling.sweep --config configs/sweeps/sizes_x_lr.yaml launcher=slurm sbatch_args='[--partition=gpu]'
-    python -m biomedgpt.tools.scaling.sweep --config configs/sweeps/demo_sizes.yaml launcher=plan   # configs + list only
+    biomedgpt sweep --config sweeps/demo_sizes                  # a packaged sweep, into ./runs/sweeps/demo_sizes
+    biomedgpt sweep --config my_sweep.yaml launcher=slurm sbatch_args='[--partition=gpu]'
+    biomedgpt sweep --config sweeps/demo_sizes launcher=plan    # configs + list only
+    biomedgpt sweep --config sweeps/demo_sizes overrides.optim.max_steps=10 root=/scratch/sweeps
 
-A sweep is a base run config (a ``RunConfig`` YAML, or the engine's demo config) with ``overrides``
-applied to every run and ``axes``: each axis sets one dotted RunConfig key to each of its values (an
-axis name is that key, or its last part where that is unique: ``lr``, ``size``, ``zero_stage``,
-``patch_image_size``). A size axis drops the base config's own width/depth (``overrides`` of the sweep
-still apply). A mapping value sets several keys under the axis key at once: the ``model`` axis with
-``{d_model: 64, encoder_layers: 2, ...}`` is a custom width/depth. Axes combine as a product (or
+A sweep is a base run config (a ``RunConfig`` YAML or a packaged recipe's name, or the engine's demo
+config) with ``overrides`` applied to every run (``overrides.optim.max_steps=10`` on the command line)
+and ``axes``: each axis sets one dotted RunConfig key to each of its values (an axis name is that key,
+or its last part where that is unique: ``lr``, ``size``, ``zero_stage``, ``patch_image_size``). A size
+axis drops the base config's own width/depth (``overrides`` of the sweep still apply). A mapping value
+sets several keys under the axis key at once: the ``model`` axis with ``{d_model: 64, encoder_layers: 2,
+...}`` is a custom width/depth. Axes combine as a product (or
 ``zip``). Every run config is validated before anything starts.
+
+Paths: ``root``, ``base`` and path settings in ``overrides`` / axis values resolve like every config's
+paths, against the sweep file's folder (a packaged sweep and the command line: the current directory);
+each generated run config holds absolute paths (its ``output_dir`` is ``<root>/<name>/runs/<run>``), so it
+trains into the sweep's folder from any directory, here or as a SLURM array task.
 
 Writes ``<root>/<name>/``: ``sweep.json`` (the manifest), ``configs/<run>.yaml``, ``runs.txt`` (one config
 per line: the job-array list of ``launchers/slurm_sweep.sbatch``) and ``runs/<run>/`` (each run's
 output_dir). ``local`` trains the runs one after another (``python -m biomedgpt.engine.train``, or
 ``launchers/local.sh -n RANKS`` for several ranks), then collects (``biomedgpt.tools.scaling.collect``) and fits
-(``biomedgpt.tools.scaling.fit``). ``slurm`` submits the unfinished runs as one job array; collect and fit
-afterwards. Rerunning skips finished runs; unfinished ones resume from their own checkpoints.
+(``biomedgpt.tools.scaling.fit``: end-of-run evaluation losses, so keep ``eval.at_end`` on with
+``data.eval_streams``); when no run logged any metrics it says so and exits 1 (no empty figure). ``slurm``
+submits the unfinished runs as one job array; collect and fit afterwards. Rerunning skips finished runs;
+unfinished ones resume from their own checkpoints. Exit status 1 when a run failed.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import itertools
@@ -36,10 +46,13 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from biomedgpt.engine.config import ConfigError, field_paths, from_dict, load, parse_cli, set_dotted, to_dict
+from biomedgpt.engine.config import (ConfigError, PathStr, deep_merge, field_paths, from_dict, load, parse_cli,
+                                     resolve_config, resolve_paths, set_dotted, to_dict)
 from biomedgpt.engine.durable import atomic_write_text
 from biomedgpt.engine.run_config import RunConfig, demo_config
-from biomedgpt.tools.scaling.collect import STATUS_FILE, collect, is_finished, summary
+from biomedgpt.tools.cli import one_line_errors
+from biomedgpt.tools.scaling.collect import (STATUS_FILE, SweepDataError, collect, is_finished, require_metrics,
+                                             summary)
 
 #: The fields the size table sets: a size axis drops the base config's own values of them.
 SIZE_FIELDS = ("d_model", "ffn_dim", "encoder_layers", "decoder_layers", "heads", "resnet_layers")
@@ -84,11 +97,11 @@ class SweepConfig:
     """A grid of training runs and how to launch them."""
 
     name: str = "sweep"
-    base: Optional[str] = None  # a RunConfig YAML; None: the engine's demo config
+    base: Optional[str] = None  # a RunConfig YAML (beside the sweep file) or a packaged recipe; None: the demo config
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted RunConfig key -> value, for every run
     axes: list[Axis] = field(default_factory=list)
     combine: Literal["product", "zip"] = "product"
-    root: str = "runs/sweeps"  # the sweep lives in <root>/<name>
+    root: PathStr = "runs/sweeps"  # the sweep lives in <root>/<name> (absolute in every run config)
     launcher: Literal["local", "slurm", "plan"] = "local"
     ranks: int = 1  # processes per run (local: launchers/local.sh -n RANKS when > 1; SLURM: the script's)
     analyse: bool = True  # local: collect, fit, plot and report after the runs
@@ -112,7 +125,7 @@ class SweepConfig:
 
     @property
     def directory(self) -> Path:
-        return Path(self.root) / self.name
+        return Path(self.root).absolute() / self.name
 
 
 def _label(value: Any) -> str:
@@ -131,14 +144,41 @@ class PlannedRun:
     config_path: Path
 
 
-def expand(cfg: SweepConfig) -> list[PlannedRun]:
-    """Every run of the grid as a validated RunConfig (errors name the run and the key)."""
-    base = to_dict(load(RunConfig, cfg.base)) if cfg.base else to_dict(demo_config())
+def sweep_file_folder(argv: list[str] | None) -> Path:
+    """Where the sweep file's relative paths resolve: its folder (a packaged sweep, or none: the current one)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    given = parser.parse_known_args(sys.argv[1:] if argv is None else argv)[0].config
+    if given is None:
+        return Path.cwd()
+    path, packaged = resolve_config(given)
+    return Path.cwd() if packaged else path.resolve().parent
+
+
+def _base_config(cfg: SweepConfig, folder: Path) -> dict:
+    if cfg.base is None:
+        return to_dict(demo_config())
+    beside = folder / cfg.base
+    return to_dict(load(RunConfig, beside if beside.is_file() else cfg.base))
+
+
+def _with(data: dict, key: str, value: Any, folder: Path) -> dict:
+    """``data`` with ``key`` set to ``value`` (a mapping merged), its path settings absolute against ``folder``."""
+    update: dict = {}
+    set_dotted(update, key, copy.deepcopy(value))
+    return deep_merge(data, resolve_paths(RunConfig, update, folder))
+
+
+def expand(cfg: SweepConfig, folder: Path | None = None) -> list[PlannedRun]:
+    """Every run of the grid as a validated RunConfig (errors name the run and the key); relative paths of
+    ``base``, ``overrides`` and axis values resolve against ``folder`` (default: the current directory)."""
+    folder = Path.cwd() if folder is None else folder
+    base = _base_config(cfg, folder)
     if any(a.key == "model.size" for a in cfg.axes):  # the base's own width/depth would mask the swept size
         for name in SIZE_FIELDS:
             base["model"][name] = None
     for key, value in cfg.overrides.items():
-        set_dotted(base, key, copy.deepcopy(value))
+        base = _with(base, key, value, folder)
     indices = [range(len(a.values)) for a in cfg.axes]
     combos = zip(*indices) if cfg.combine == "zip" else itertools.product(*indices)
     runs = []
@@ -146,7 +186,7 @@ def expand(cfg: SweepConfig) -> list[PlannedRun]:
         data = copy.deepcopy(base)
         labels = {}
         for axis, i in zip(cfg.axes, combo):
-            set_dotted(data, axis.key, copy.deepcopy(axis.values[i]))
+            data = _with(data, axis.key, axis.values[i], folder)
             labels[axis.name] = axis.labels[i]
         name = "_".join(f"{axis}-{label}" for axis, label in labels.items()) or "base"
         data["output_dir"] = str(cfg.directory / "runs" / name)
@@ -218,9 +258,14 @@ def submit_slurm(cfg: SweepConfig, todo: list[PlannedRun]) -> str:
     return out.stdout.strip()
 
 
+@one_line_errors(SweepDataError)
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(SweepConfig, argv, description=__doc__)
-    runs = expand(cfg)
+    try:
+        runs = expand(cfg, sweep_file_folder(argv))
+    except (ConfigError, ValueError) as exc:  # a bad run config or axis: one line, before anything starts
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     directory = write_plan(cfg, runs)
     todo = pending(runs)
     print(f"sweep {cfg.name}: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run "
@@ -230,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.launcher == "slurm":
         if todo:
             print(submit_slurm(cfg, todo))
-        print(f"when the array is done: python -m biomedgpt.tools.scaling.collect sweep_dir={directory} && "
-              f"python -m biomedgpt.tools.scaling.fit sweep_dir={directory}")
+        print(f"when the array is done: biomedgpt collect sweep_dir={directory} && "
+              f"biomedgpt fit-scaling sweep_dir={directory}")
         return 0
     failed = []
     for i, run in enumerate(todo, 1):
@@ -244,16 +289,12 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.stop_on_failure:
                 break
     if cfg.analyse:
-        from biomedgpt.tools.scaling.fit import FitConfig, run as fit_and_report
+        from biomedgpt.tools.scaling.fit import FitConfig, print_analysis, run as fit_and_report
 
         rows, _ = collect(directory)
-        print(summary(rows))
-        analysis = fit_and_report(FitConfig(sweep_dir=str(directory), bootstrap=cfg.bootstrap))
-        for name, fit in analysis.fits.items():
-            print(f"L vs {name}: {fit.describe()}")
-        for name, why in analysis.failures.items():
-            print(f"L vs {name}: not fitted ({why})")
-        print(f"report: {directory / 'report.md'}")
+        print(summary(rows), flush=True)
+        require_metrics(rows, directory)
+        print_analysis(fit_and_report(FitConfig(sweep_dir=str(directory), bootstrap=cfg.bootstrap)), directory)
     return 1 if failed else 0
 
 
