@@ -20,7 +20,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Optional, Sequence, TypeVar
 
 import yaml
 
@@ -229,8 +229,35 @@ def read_yaml(path: str | Path) -> dict:
     return loaded
 
 
+def _annotation_at(cls: type, dotted: str) -> Any:
+    """The annotation of setting ``a.b.c`` of ``cls`` (through nested and Optional sections), else None."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        section = _item_dataclass(tp) if typing.get_origin(tp) is not list else None
+        if section is None:
+            return None
+        tp = typing.get_type_hints(section).get(part)
+        if tp is None:
+            return None
+    return tp
+
+
+_TEXT_TYPES = (str, PathStr, Optional[str], Optional[PathStr])
+_YAML_NULLS = ("null", "Null", "NULL", "~")
+
+
+def override_value(cls: type, dotted: str, raw: str) -> Any:
+    """The value of override ``dotted=raw``: a text setting (str, PathStr, or Optional of them) takes the
+    raw text as written (``text=SUBJECT: a: b``), an Optional one ``null`` / ``~`` as None; every other
+    setting parses ``raw`` as a YAML scalar or flow collection."""
+    tp = _annotation_at(cls, dotted)
+    if tp in _TEXT_TYPES:
+        return None if tp in _TEXT_TYPES[2:] and raw in _YAML_NULLS else raw
+    return yaml.safe_load(raw) if raw != "" else ""
+
+
 def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults <- YAML file or packaged recipe <- ``key.sub=value`` overrides (YAML scalars)."""
+    """Defaults <- YAML file or packaged recipe <- ``key.sub=value`` overrides (``override_value``)."""
     data: dict = {}
     if path is not None:
         path, packaged = resolve_config(path)
@@ -241,7 +268,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        set_dotted(data, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        set_dotted(data, key.strip(), override_value(cls, key.strip(), raw))
     try:
         return from_dict(cls, data)
     except ConfigError as exc:
