@@ -47,7 +47,9 @@ class DownstreamConfig:
     """Per-task settings over ``TASK_DEFAULTS`` (only what changes, e.g. ``{vqa: {inference: candidates}}``)."""
 
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
-    max_batches: Optional[int] = None  # cap per evaluation (None: the whole evaluation set)
+    # cap per evaluation (None: the whole evaluation set): the first max_batches x data.eval_batch_size
+    # samples, over all ranks together
+    max_batches: Optional[int] = None
     candidate_rows: int = 256  # decoder rows per chunk when scoring candidates (memory bound)
 
     def __post_init__(self) -> None:
