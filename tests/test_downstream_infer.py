@@ -186,4 +186,6 @@ def test_vqa_with_an_answer_set_equals_evaluate(model_dir, chest_dicom, tmp_path
     assert row["decoding"] == "inside the answer set (5 answers)"
     [free] = infer.run(load(infer.InferConfig, None, [*common, "generation.max_len=3"]))
     assert free["decoding"].startswith("unconstrained") and "answers=trainval_ans2label.pkl" in free["decoding"]
-    assert "answers=trainval_ans2label.pkl" in infer.InferConfig.__doc__ + infer.__doc__
+    from biomedgpt.engine.config import settings_help
+
+    assert "answers=trainval_ans2label.pkl; without it unconstrained" in settings_help(infer.InferConfig)  # --help
