@@ -79,7 +79,8 @@ def test_text_settings_take_the_override_as_written():
     from biomedgpt.tools.infer import InferConfig
 
     cfg = load(InferConfig, overrides=["model_dir=m: 1", "task=nli", "text=SUBJECT: a: b", "hypothesis=[not, a list]",
-                                       "image=null", "answers=yes", "output=~", "batch_size=3", "generation.len_penalty=0.5"])
+                                       "image=null", "answers=yes", "output=~", "batch_size=3",
+                                       "generation.len_penalty=0.5"])
     assert (cfg.model_dir.endswith("m: 1"), cfg.text, cfg.hypothesis) == (True, "SUBJECT: a: b", "[not, a list]")
     assert (cfg.image, cfg.answers, cfg.output, cfg.batch_size) == (None, "yes", None, 3)
     assert cfg.generation.len_penalty == 0.5

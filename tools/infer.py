@@ -1,7 +1,8 @@
 """Run a fine-tuned model on every task it trains: answer a question, caption, ground, classify an image;
 summarise, judge entailment or follow an instruction in text (with an image or without).
 
-    biomedgpt infer model_dir=runs/vqa_rad/best image=scan.dcm task=vqa 'question=what modality is this?' answers=trainval_ans2label.pkl
+    biomedgpt infer model_dir=runs/vqa_rad/best image=scan.dcm task=vqa 'question=what modality is this?' \
+        answers=trainval_ans2label.pkl
     biomedgpt infer model_dir=runs/iu_xray/best images_dir=xrays/ task=caption output=captions.jsonl
     biomedgpt infer model_dir=M image=cxr.png task=grounding 'text=the left lung'
     biomedgpt infer model_dir=runs/meqsum/best task=summarization 'text=SUBJECT: ... MESSAGE: ...'
@@ -51,6 +52,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 InferTask = Literal["vqa", "caption", "grounding", "classification", "summarization", "nli", "instruction"]
 IMAGE_TASKS = ("vqa", "caption", "grounding", "classification")  # need an image
 TEXT_ONLY_TASKS = ("summarization", "nli")  # take none
+TEXT_TASKS = ("grounding", "summarization", "nli", "instruction")  # need text=
 UNCONSTRAINED_VQA = ("unconstrained (free generation); give answers=trainval_ans2label.pkl (the fine-tuning "
                      "answer set) to decode inside it as biomedgpt evaluate does")
 
@@ -60,11 +62,14 @@ class InferConfig:
     """Run a model directory on one image or every image of a folder, or on a text."""
 
     model_dir: PathStr
-    image: Optional[str] = None  # one PNG / JPEG / DICOM file (vqa, caption, grounding, classification; instruction: optional)
+    # one PNG / JPEG / DICOM file (vqa, caption, grounding, classification; optional for instruction)
+    image: Optional[str] = None
     images_dir: Optional[str] = None  # batch mode: every image file in this folder (sorted by name)
     task: InferTask = "vqa"
     question: str = ""  # vqa, as written
-    text: str = ""  # as written: grounding the region's description, summarization the source, nli the premise, instruction the instruction
+    # as written: grounding the region's description, summarization the source, nli the premise, instruction the
+    # instruction
+    text: str = ""
     hypothesis: str = ""  # nli: the hypothesis (text= the premise)
     # closed answer set file: vqa decodes inside it as evaluate does (answers=trainval_ans2label.pkl; without it
     # unconstrained), classification scores its class names (required), nli its answers (default yes/no/maybe)
@@ -88,7 +93,7 @@ class InferConfig:
             raise ValueError(f"task {self.task} is text-only: leave out image= / images_dir=")
         if self.task == "vqa" and not self.question.strip():
             raise ValueError("task vqa needs question=")
-        if self.task in ("grounding", "summarization", "nli", "instruction") and not self.text.strip():
+        if self.task in TEXT_TASKS and not self.text.strip():
             raise ValueError(f"task {self.task} needs text=")
         if self.task == "nli" and not self.hypothesis.strip():
             raise ValueError("task nli needs hypothesis= (text= is the premise)")
@@ -133,7 +138,7 @@ def _row(path: Optional[Path], prediction, score: float, original_size: Optional
     if cfg.task == "vqa":
         out["question"] = cfg.question
         out["decoding"] = decoding
-    if cfg.task in ("grounding", "summarization", "nli", "instruction"):
+    if cfg.task in TEXT_TASKS:
         out["text"] = cfg.text
     if cfg.task == "nli":
         out["hypothesis"] = cfg.hypothesis
