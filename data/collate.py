@@ -69,3 +69,16 @@ def collate(examples: Sequence[Example], patch_image_size: int, group_weights: S
                                for ex in examples]
         batch["answer_types"] = [ex.answer_type for ex in examples]
     return batch
+
+
+def first_rows(batch: dict, count: int) -> dict:
+    """The examples of a collated batch's first ``count`` rows (a row's examples share its id and follow
+    each other); ``group_weights`` stays whole."""
+    ids, seen, end = batch["ids"], set(), 0
+    for end, uid in enumerate(ids):
+        if uid not in seen and len(seen) == count:
+            break
+        seen.add(uid)
+    else:
+        end = len(ids)
+    return {key: value if key == "group_weights" else value[:end] for key, value in batch.items()}

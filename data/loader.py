@@ -13,7 +13,7 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 from urllib.parse import urlparse
 
 import numpy as np
@@ -21,8 +21,9 @@ import numpy as np
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 from streaming.base.dataset import _ShardState
 from streaming.base.format.mds.reader import MDSReader
+from streaming.base.world import World
 
-from biomedgpt.data.collate import collate
+from biomedgpt.data.collate import collate, first_rows
 from biomedgpt.data.config import DataConfig, StreamConfig
 from biomedgpt.data.images import check_image_pixels
 from biomedgpt.data.mds import INDEX, s3_client, split_s3, store_cause
@@ -387,6 +388,44 @@ def build_train_loader(cfg: DataConfig, tokenizer, rank: int = 0, world_size: in
 
         constraints = training_constraints(cfg, tokenizer, dataset)
     return _loader(dataset, cfg, cfg.batch_size, drop_last=True, with_references=False, constraints=constraints)
+
+
+def eval_rows_of_rank(max_batches: Optional[int], batch_size: int, world: Optional[World] = None) -> Optional[int]:
+    """How many rows this rank evaluates so that the ranks together evaluate the first
+    ``max_batches * batch_size`` samples of the global evaluation order (None: every row), the same samples on
+    any number of ranks (while ``num_canonical_nodes`` stays fixed; on one host it always does).
+
+    streaming deals that order out one sample at a time, node by node and within a node rank by rank:
+    local rank r of node n (of N nodes, W ranks) gets positions ``q * W + r * N + n``, q = 0, 1, ... in
+    its loader order, so the first ``ceil((rows - r * N - n) / W)`` rows of every rank are the first ``rows``
+    positions. ``world``: streaming's view of the ranks (default: the environment ``set_distributed_env``
+    wrote)."""
+    if max_batches is None:
+        return None
+    world = world or World.detect()
+    offset = world.rank_of_node * world.num_nodes + world.node
+    return max(0, -(-(max_batches * batch_size - offset) // world.num_ranks))
+
+
+def global_eval_batches(batches: Iterable[dict], max_batches: Optional[int]) -> Iterator[dict]:
+    """This rank's share of the first ``max_batches`` global evaluation batches (``eval_rows_of_rank``),
+    the last one cut at the share's end. The batch size is the loader's (a plain list: its first batch's)."""
+    iterator = iter(batches)
+    if max_batches is None:
+        yield from iterator
+        return
+    left = None
+    for batch in iterator:
+        if left is None:
+            size = getattr(batches, "batch_size", None) or len(dict.fromkeys(batch["ids"]))
+            left = eval_rows_of_rank(max_batches, size)
+        if left <= 0:  # a share of no rows (fewer rows asked for than there are ranks)
+            return
+        rows = len(dict.fromkeys(batch["ids"]))
+        yield batch if rows <= left else first_rows(batch, left)
+        left -= rows
+        if left <= 0:
+            return
 
 
 def build_eval_loader(cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1,

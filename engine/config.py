@@ -20,7 +20,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Optional, Sequence, TypeVar
 
 import yaml
 
@@ -247,21 +247,42 @@ def read_yaml(path: str | Path) -> dict:
     return loaded
 
 
-def override_value(raw: str) -> Any:
-    """The value of ``key=raw``: a YAML scalar, list or mapping. Anything else stays the text typed, for the
-    setting's type to accept or refuse in one line: text that is no YAML (``text=SUBJECT: a: b``), and a tag
-    the safe loader does not construct (``seed=!!python/object/apply:os.system [...]`` is the text
-    ``'!!python/...'``, refused as not an integer; nothing is constructed or run)."""
+def _annotation_at(cls: type, dotted: str) -> Any:
+    """The annotation of setting ``a.b.c`` of ``cls`` (through nested and Optional sections), else None."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        section = _item_dataclass(tp) if typing.get_origin(tp) is not list else None
+        if section is None:
+            return None
+        tp = typing.get_type_hints(section).get(part)
+        if tp is None:
+            return None
+    return tp
+
+
+_TEXT_TYPES = (str, PathStr, Optional[str], Optional[PathStr])
+_YAML_NULLS = ("null", "Null", "NULL", "~")
+
+
+def override_value(cls: type, dotted: str, raw: str) -> Any:
+    """The value of override ``dotted=raw``: a text setting (str, PathStr, or Optional of them) takes the
+    raw text as written (``text=SUBJECT: a: b``), an Optional one ``null`` / ``~`` as None; every other
+    setting parses ``raw`` as a YAML scalar or flow collection. A tag the safe loader does not construct
+    (``seed=!!python/object/apply:os.system [...]``) stays the text ``'!!python/...'``, refused as not an
+    integer: nothing is constructed or run."""
+    tp = _annotation_at(cls, dotted)
+    if tp in _TEXT_TYPES:
+        return None if tp in _TEXT_TYPES[2:] and raw in _YAML_NULLS else raw
     if raw == "":
         return ""
     try:
         return parse_yaml(raw)
-    except yaml.YAMLError:
+    except yaml.YAMLError:  # no YAML: the text typed, for the setting's type to accept or refuse in one line
         return raw
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults <- YAML file or packaged recipe <- ``key.sub=value`` overrides (YAML scalars)."""
+    """Defaults <- YAML file or packaged recipe <- ``key.sub=value`` overrides (``override_value``)."""
     data: dict = {}
     if path is not None:
         path, packaged = resolve_config(path)
@@ -272,7 +293,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        set_dotted(data, key.strip(), override_value(raw))
+        set_dotted(data, key.strip(), override_value(cls, key.strip(), raw))
     try:
         return from_dict(cls, data)
     except ConfigError as exc:

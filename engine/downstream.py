@@ -79,13 +79,6 @@ def sets_from_references(seen: list[tuple[str, str]]) -> dict[str, list[str]]:
     return {name: sorted(values) for name, values in sets.items()}
 
 
-def _limited(batches: Iterable[dict], max_batches: Optional[int]) -> Iterable[dict]:
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            return
-        yield batch
-
-
 # ----------------------------------------------------------------------------------------------
 # Prediction
 # ----------------------------------------------------------------------------------------------
@@ -202,7 +195,9 @@ def _box(tokenizer, tokens: list[int]) -> Optional[list[float]]:
 def _rounds(batches: Iterable[dict], max_batches: Optional[int], sync: Optional[RankSync]):
     """(batch or None, the tasks every rank has in this round): alone, each batch with its own tasks;
     synced, as many rounds as the rank with the most batches, ``None`` once this rank has run out."""
-    iterator = iter(_limited(batches, max_batches))
+    from biomedgpt.data.loader import global_eval_batches
+
+    iterator = iter(global_eval_batches(batches, max_batches))
     while True:
         batch = next(iterator, None)
         names = sorted({TASK_NAMES[t] for t in batch["task_ids"].tolist()}) if batch is not None else []

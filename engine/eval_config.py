@@ -56,7 +56,9 @@ class DownstreamConfig:
 
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     valid_tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {vqa: {generation: {beam_size: 5}}}
-    max_batches: Optional[int] = None  # cap per evaluation (None: the whole evaluation set)
+    # cap per evaluation (None: the whole evaluation set): the first max_batches x data.eval_batch_size
+    # samples, over all ranks together
+    max_batches: Optional[int] = None
     candidate_rows: int = 256  # decoder rows per chunk when scoring candidates (memory bound)
 
     def __post_init__(self) -> None:

@@ -139,21 +139,25 @@ class Evaluator:
     def loss_metrics(self, batches: Iterable[dict], forward_loss: Callable[[dict], object],
                      task_names: Sequence[str], max_batches: Optional[int] = None) -> dict:
         """Loss, perplexity and token accuracy (``eval_metrics``). ``forward_loss(batch)`` returns the
-        per-sample ``sample_loss``, ``sample_nll``, ``sample_tokens``, ``sample_correct`` of a raw batch."""
+        per-sample ``sample_loss``, ``sample_nll``, ``sample_tokens``, ``sample_correct`` of a raw batch.
+        ``max_batches``: global batches, over all ranks together (``data.loader.global_eval_batches``)."""
+        from biomedgpt.data.loader import global_eval_batches
+
         records: list[tuple[str, int, float, float, int, int]] = []
-        iterator = iter(batches)
+        iterator = iter(global_eval_batches(batches, max_batches))
         last = None
-        rounds = 0
-        while max_batches is None or rounds < max_batches:
+        while True:
             batch = next(iterator, None)
             alive = dist_utils.all_reduce(torch.tensor([0.0 if batch is None else 1.0]), "max")
             if alive[0] == 0:
                 break
-            rounds += 1
             self.beat("eval")
             if batch is None:
+                if last is None and self.sync is None:
+                    continue  # its share was empty; only partitioned parameters need its calls
                 if last is None:
-                    raise RuntimeError(f"rank {self.rank} got no evaluation batch at all")
+                    raise RuntimeError(f"rank {self.rank} got no evaluation batch at all (eval.max_batches x "
+                                       f"data.eval_batch_size is smaller than the number of ranks)")
                 forward_loss(last)
                 continue
             last = batch

@@ -141,7 +141,9 @@ class EvalConfig:
     at_end: bool = True
     metric: str = "loss"  # a key of the evaluation results (loss, accuracy, loss/<task>, ...)
     mode: Literal["min", "max"] = "min"
-    max_batches: Optional[int] = None  # cap per evaluation (None: the whole eval set)
+    # cap per evaluation (None: the whole eval set): the first max_batches x data.eval_batch_size samples,
+    # over all ranks together (each rank its share), so eval/loss means the same on any number of ranks
+    max_batches: Optional[int] = None
     use_ema: bool = True  # evaluate the EMA weights when EMA is enabled
     export_best: bool = True  # write <output_dir>/best (a model directory) when the metric improves
     # Training evaluates the eval streams that are not split: test; a run whose eval streams are all test splits

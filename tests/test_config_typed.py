@@ -76,6 +76,23 @@ def test_saved_configs_of_either_form_give_the_same_model():
         spec_from_saved({"size": "tiny", "heads": "2"})
 
 
+def test_text_settings_take_the_override_as_written():
+    """A str / PathStr setting (Optional or not) takes the text after ``=`` as is: ``text=SUBJECT: a: b`` is not
+    YAML; ``null`` still clears an Optional one; every other type keeps YAML scalars."""
+    from biomedgpt.tools.infer import InferConfig
+
+    cfg = load(InferConfig, overrides=["model_dir=m: 1", "task=nli", "text=SUBJECT: a: b", "hypothesis=[not, a list]",
+                                       "image=null", "answers=yes", "output=~", "batch_size=3",
+                                       "generation.len_penalty=0.5"])
+    assert (cfg.model_dir.endswith("m: 1"), cfg.text, cfg.hypothesis) == (True, "SUBJECT: a: b", "[not, a list]")
+    assert (cfg.image, cfg.answers, cfg.output, cfg.batch_size) == (None, "yes", None, 3)
+    assert cfg.generation.len_penalty == 0.5
+    run = load(RunConfig, overrides=["checkpoint.init_from=null", "data.cache_dir=a: b", "eval.max_batches=2"])
+    assert (run.checkpoint.init_from, run.data.cache_dir.endswith("a: b"), run.eval.max_batches) == (None, True, 2)
+    with pytest.raises(ConfigError, match="batch_size: expected an integer"):
+        load(InferConfig, overrides=["model_dir=m", "task=nli", "text=a", "hypothesis=b", "batch_size=a: b"])
+
+
 def test_required_settings_are_fields_without_defaults():
     from biomedgpt.tools.consolidate import ConsolidateConfig
 

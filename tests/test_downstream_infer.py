@@ -1,4 +1,5 @@
-"""biomedgpt.tools.infer on real packaged images: a question about a clinical DICOM, a folder in batch mode."""
+"""biomedgpt.tools.infer on real packaged images (a question about a clinical DICOM, a folder in batch mode) and
+on text for the text tasks (summarization, nli, instruction); VQA with an answer set answers as evaluate does."""
 from __future__ import annotations
 
 import json
@@ -10,8 +11,11 @@ import sys
 import pytest
 import torch
 
+from biomedgpt.data.config import DataConfig
+from biomedgpt.engine.config import load
 from biomedgpt.models.checkpoint import save_pretrained
 from biomedgpt.models.config import model_config
+from biomedgpt.models.generation import GenerationConfig
 from biomedgpt.models.ofa import BiomedGPT
 from biomedgpt.models.tokenizer import Tokenizer
 from biomedgpt.tools import infer
@@ -107,3 +111,81 @@ def test_zero3_infer_across_two_ranks_matches_one_process(model_dir, chest_dicom
         else:  # the error names a BytesIO object by its address
             assert mine.pop("error").split(" <")[0] == reference.pop("error").split(" <")[0]
         assert mine == reference
+
+
+def _cli_rows(capsys, argv: list[str]) -> list[dict]:
+    infer.main(argv)
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_summarization_of_a_raw_text_with_colons(model_dir, vocab_dir, capsys):
+    """MeQSum style text-only input: ``text=SUBJECT: a: b`` is taken as written (no YAML), no image needed."""
+    rows = _cli_rows(capsys, [f"model_dir={model_dir}", "task=summarization", "text=SUBJECT: a: b",
+                              "device=cpu", f"bpe_dir={vocab_dir}", "generation.beam_size=2", "generation.max_len=6"])
+    assert len(rows) == 1 and rows[0]["task"] == "summarization" and "image" not in rows[0]
+    assert rows[0]["text"] == "SUBJECT: a: b" and isinstance(rows[0]["prediction"], str)
+
+
+def test_nli_answers_from_its_closed_set(model_dir, vocab_dir, capsys):
+    rows = _cli_rows(capsys, [f"model_dir={model_dir}", "task=nli", "text=the patient has a fever: 39 C",
+                              "hypothesis=the patient is febrile", "device=cpu", f"bpe_dir={vocab_dir}"])
+    assert len(rows) == 1 and rows[0]["prediction"] in {"yes", "no", "maybe"}
+    assert rows[0]["hypothesis"] == "the patient is febrile" and rows[0]["score"] <= 0.0
+
+
+def test_instruction_with_and_without_an_image(model_dir, chest_dicom, vocab_dir):
+    common = dict(model_dir=str(model_dir), task="instruction", text="list the findings", image_size=64,
+                  device="cpu", bpe_dir=str(vocab_dir), generation=GenerationConfig(beam_size=2, max_len=5))
+    text_only = infer.run(infer.InferConfig(**common))
+    with_image = infer.run(infer.InferConfig(**common, image=chest_dicom))
+    assert "image" not in text_only[0] and with_image[0]["image"] == chest_dicom
+    assert text_only[0]["score"] != with_image[0]["score"]  # the image reaches the model
+
+
+def test_text_tasks_refuse_images_and_need_their_texts(model_dir):
+    with pytest.raises(ValueError, match="text-only"):
+        infer.InferConfig(model_dir=str(model_dir), task="nli", image="x.png", text="a", hypothesis="b")
+    with pytest.raises(ValueError, match="needs hypothesis="):
+        infer.InferConfig(model_dir=str(model_dir), task="nli", text="a")
+    with pytest.raises(ValueError, match="needs text="):
+        infer.InferConfig(model_dir=str(model_dir), task="summarization")
+
+
+def test_vqa_with_an_answer_set_equals_evaluate(model_dir, chest_dicom, tmp_path, vocab_dir, monkeypatch):
+    """The same model, image, question and answer set: ``infer``'s answer is ``evaluate``'s (its decoding
+    function on a one-row VQA evaluation shard written by prepare-data); without the set, rows say the
+    decoding is unconstrained and how to constrain it."""
+    from biomedgpt.data.config import StreamConfig
+    from biomedgpt.data.loader import build_eval_loader
+    from biomedgpt.engine.downstream import load_model_and_tokenizer
+    from biomedgpt.engine.eval_config import DownstreamConfig
+    from biomedgpt.engine.evaluate import evaluate_model
+    from biomedgpt.tools.prepare_data import PrepareConfig, convert
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.setenv(key, "1" if "SIZE" in key else "0")
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(["x ray", "ct", "no", "ultrasound of the left lower lobe", "mri scan"]))
+    question = "what: modality is this image?"
+    shutil.copy(chest_dicom, tmp_path / "chest.dcm")
+    (tmp_path / "vqa.jsonl").write_text(json.dumps({"id": "q0", "image": "chest.dcm", "question": question,
+                                                    "answers": ["ct"]}) + "\n")
+    convert(PrepareConfig(input=str(tmp_path / "vqa.jsonl"), format="jsonl", kind="vqa", image_root=str(tmp_path),
+                          output=str(tmp_path / "shard"), progress=False))
+    data = DataConfig(eval_streams=[StreamConfig(name="vqa", remote=str(tmp_path / "shard"), task="vqa")],
+                      patch_image_size=64, eval_batch_size=1, cache_dir=str(tmp_path / "cache"))
+    model, tokenizer = load_model_and_tokenizer(model_dir, vocab_dir, torch.device("cpu"))
+    downstream = DownstreamConfig(tasks={"vqa": {"answers": str(answers)}})
+    _, records = evaluate_model(model, tokenizer, build_eval_loader(data, tokenizer), downstream, torch.device("cpu"))
+
+    common = [f"model_dir={model_dir}", f"image={tmp_path / 'chest.dcm'}", "task=vqa", f"question={question}",
+              "image_size=64", "device=cpu", f"bpe_dir={vocab_dir}"]
+    [row] = infer.run(load(infer.InferConfig, None, [*common, f"answers={answers}"]))
+    assert [r["prediction"] for r in records] == [row["prediction"]]
+    assert row["score"] == pytest.approx(records[0]["score"], rel=1e-5)
+    assert row["decoding"] == "inside the answer set (5 answers)"
+    [free] = infer.run(load(infer.InferConfig, None, [*common, "generation.max_len=3"]))
+    assert free["decoding"].startswith("unconstrained") and "answers=trainval_ans2label.pkl" in free["decoding"]
+    from biomedgpt.engine.config import settings_help
+
+    assert "answers=trainval_ans2label.pkl; without it unconstrained" in settings_help(infer.InferConfig)  # --help
