@@ -33,7 +33,7 @@ from biomedgpt.engine.config import ConfigError, load, parse_cli, to_dict
 from biomedgpt.engine.user_errors import command
 from biomedgpt.engine.eval_config import (FIXED_ANSWERS, TASK_DEFAULTS, DownstreamConfig, EvaluateConfig, TaskEvalConfig,
                                           streams_of_split)
-from biomedgpt.models.generation import TokenRange, Trie, decoder_prefixes, generate, score_candidates
+from biomedgpt.models.generation import EOS, TokenRange, Trie, decoder_prefixes, generate, score_candidates
 
 # ----------------------------------------------------------------------------------------------
 # Answer sets
@@ -161,8 +161,11 @@ def predict_task(model, tokenizer, name: str, sub: dict, task: TaskEvalConfig, a
         encoded = [tokenizer.encode(" " + a) for a in answers]
         trie = Trie(encoded)
     if task.inference == "candidates":
+        # a task trained without </s> after its answer (nli after the src prompt) is scored without it too
+        with_eos = bool(sub["target"].eq(EOS).any(1).all())
         scores = score_candidates(model, sub["src_tokens"], encoded, prefix=prefixes, constraint=trie,
-                                  constraint_mode=mode, max_rows=candidate_rows, sync=sync, **image)
+                                  constraint_mode=mode, max_rows=candidate_rows, sync=sync, with_eos=with_eos,
+                                  **image)
         best = scores.argmax(1).tolist()
         for record, b, row in zip(records, best, scores.tolist()):
             record.update(prediction=answers[b], score=row[b])

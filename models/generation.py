@@ -308,8 +308,9 @@ def score_candidates(model: BiomedGPT, src_tokens: Tensor, candidates: Sequence[
                      patch_images: Optional[Tensor] = None, patch_masks: Optional[Tensor] = None,
                      prefix: Optional[Sequence[Sequence[int]]] = None, constraint: Optional[Trie] = None,
                      constraint_mode: ConstraintMode = "before", max_rows: int = 256,
-                     sync: Optional[StepSync] = None) -> Tensor:
-    """[batch, len(candidates)] sum of log p(candidate tokens + ``</s>``), teacher-forced.
+                     sync: Optional[StepSync] = None, with_eos: bool = True) -> Tensor:
+    """[batch, len(candidates)] sum of log p(candidate tokens + ``</s>``), teacher-forced; ``with_eos=False``
+    leaves ``</s>`` out (targets trained without it: MedNLI's one answer token after the ``src`` prompt).
 
     With ``constraint`` (a trie of the candidates) and mode "before", each position's distribution is
     renormalised over the tokens the trie allows there (OFA's all-candidate VQA); mode "after" or no
@@ -330,12 +331,14 @@ def score_candidates(model: BiomedGPT, src_tokens: Tensor, candidates: Sequence[
     cand_tgt = torch.full((len(candidates), longest + 1), PAD, dtype=torch.long, device=device)
     for c, seq in enumerate(candidates):
         cand_in[c, :len(seq)] = torch.tensor(list(seq), dtype=torch.long, device=device)
-        cand_tgt[c, :len(seq) + 1] = torch.tensor(list(seq) + [EOS], dtype=torch.long, device=device)
+        scored = list(seq) + [EOS] if with_eos else list(seq)
+        cand_tgt[c, :len(scored)] = torch.tensor(scored, dtype=torch.long, device=device)
     masks = None
     if constraint is not None and constraint_mode == "before":
-        masks = torch.zeros(len(candidates), longest + 1, vocab, dtype=torch.bool)
+        masks = torch.ones(len(candidates), longest + 1, vocab, dtype=torch.bool)  # unscored positions: any token
         for c, seq in enumerate(candidates):
-            for j in range(len(seq) + 1):
+            for j in range(len(seq) + int(with_eos)):
+                masks[c, j] = False
                 masks[c, j, constraint.next_tokens(seq[:j])] = True
         masks = masks.to(device)
 

@@ -113,18 +113,21 @@ def test_top_k_one_sampling_is_greedy(model, inputs):
     assert [o[0].tokens for o in hyps] == [_greedy(model, inputs, i, 6) for i in range(3)]
 
 
-@pytest.mark.parametrize("mode", ["before", "after"])
-def test_candidate_scores_match_brute_force(model, inputs, mode):
+@pytest.mark.parametrize("mode, with_eos", [("before", True), ("after", True), ("before", False)])
+def test_candidate_scores_match_brute_force(model, inputs, mode, with_eos):
+    """``with_eos=False``: answers trained without ``</s>`` (MedNLI's one token after the src prompt) are scored
+    on their own tokens, as the original's argmax over the answers at the last position."""
     trie = Trie(ANSWERS)
     scores = score_candidates(model, inputs["src_tokens"], ANSWERS, inputs["patch_images"], inputs["patch_masks"],
-                              prefix=PREFIXES, constraint=trie, constraint_mode=mode, max_rows=4)
+                              prefix=PREFIXES, constraint=trie, constraint_mode=mode, max_rows=4,
+                              with_eos=with_eos)
     brute = torch.zeros(3, len(ANSWERS))
     with torch.no_grad():
         for i in range(3):
             for c, answer in enumerate(ANSWERS):
                 logits = model(inputs["src_tokens"][i:i + 1], torch.tensor([[BOS, *PREFIXES[i], *answer]]),
                                inputs["patch_images"][i:i + 1], inputs["patch_masks"][i:i + 1])[0]
-                for j, token in enumerate(answer + [EOS]):
+                for j, token in enumerate(answer + [EOS] if with_eos else answer):
                     step = logits[len(PREFIXES[i]) + j].float()
                     if mode == "before":
                         allowed = torch.zeros(VOCAB, dtype=torch.bool)
