@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 import queue
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -74,7 +74,8 @@ class HostSnapshot:
         self.bytes = 0
 
     def take(self, obj: Any, key: str) -> Any:
-        """A copy of ``obj`` whose tensors live in this snapshot's buffers (non-tensors deep-copied)."""
+        """A copy of ``obj`` whose tensors live in this snapshot's buffers; everything else is deep-copied,
+        types included."""
         return self._walk(obj, key, copy_data=True)
 
     def reserve(self, obj: Any, key: str) -> None:
@@ -109,30 +110,53 @@ class HostSnapshot:
                 copies[ident] = buf.untyped_storage()
             return copies[ident]
 
-        def walk(value: Any) -> Any:
-            if isinstance(value, torch.Tensor) and not copy_data:
-                if value.layout == torch.strided:
-                    storage_copy(value.detach())
-                return None
-            if isinstance(value, torch.Tensor):
-                if value.layout != torch.strided:
-                    return value.detach().to("cpu", copy=True)
-                out = torch.empty(0, dtype=value.dtype)
-                return out.set_(storage_copy(value.detach()), value.storage_offset(), value.size(), value.stride())
-            if isinstance(value, (dict, OrderedDict)):
-                return type(value)((k, walk(v)) for k, v in value.items())
-            if isinstance(value, list):
-                return [walk(v) for v in value]
-            if isinstance(value, tuple) and not hasattr(value, "_fields"):
-                return tuple(walk(v) for v in value)
-            if isinstance(value, (str, int, float, bool, type(None), bytes)) or not copy_data:
-                return value
-            return copy.deepcopy(value)
+        def tensor_copy(value: torch.Tensor) -> torch.Tensor:
+            if value.layout != torch.strided:
+                return value.detach().to("cpu", copy=True)
+            out = torch.empty(0, dtype=value.dtype)
+            out.set_(storage_copy(value.detach()), value.storage_offset(), value.size(), value.stride())
+            if isinstance(value, torch.nn.Parameter):
+                return torch.nn.Parameter(out, requires_grad=value.requires_grad)
+            return out.requires_grad_(value.requires_grad) if value.is_leaf else out
 
-        out = walk(obj)
+        tensors = _tensors_in(obj)
+        if not copy_data:
+            for tensor in tensors:
+                if tensor.layout == torch.strided:
+                    storage_copy(tensor.detach())
+            return None
+        # Everything but the tensors is deep-copied, so every object keeps its type (torch.Size, enums,
+        # DeepSpeed's loss scaler, named tuples, ...) and the file is what torch.save of ``obj`` writes.
+        memo = {id(tensor): tensor_copy(tensor) for tensor in tensors}
+        out = copy.deepcopy(obj, memo)
         if pending_cuda[0]:
             torch.cuda.synchronize()
         return out
+
+
+class _TensorFinder(pickle.Pickler):
+    """Lists the tensors ``torch.save`` would write, reached the way it reaches them (pickling)."""
+
+    def __init__(self) -> None:
+        super().__init__(_Discard(), protocol=pickle.HIGHEST_PROTOCOL)
+        self.tensors: dict[int, torch.Tensor] = {}
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            self.tensors.setdefault(id(obj), obj)
+            return id(obj)
+        return None
+
+
+class _Discard:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+def _tensors_in(obj: Any) -> list[torch.Tensor]:
+    finder = _TensorFinder()
+    finder.dump(obj)
+    return list(finder.tensors.values())
 
 
 class BackgroundWriter:
@@ -222,8 +246,9 @@ class BackgroundWriter:
                     self._cond.notify_all()
 
 
-def snapshot_engine(writer: BackgroundWriter):
-    """A DeepSpeed checkpoint engine that hands every file to ``writer`` (loading stays torch.load)."""
+def snapshot_engine(writer: BackgroundWriter, load: Callable[[str], Any]):
+    """A DeepSpeed checkpoint engine that hands every file to ``writer`` and reads every file DeepSpeed
+    loads with ``load`` (weights-only, instead of DeepSpeed's ``torch.load(weights_only=False)``)."""
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     class SnapshotEngine(TorchCheckpointEngine):
@@ -236,6 +261,9 @@ def snapshot_engine(writer: BackgroundWriter):
 
         def save(self, state_dict, path: str) -> None:
             writer.add(state_dict, path)
+
+        def load(self, path: str, map_location=None):
+            return load(path)
 
         def commit(self, info) -> bool:
             return True  # our CheckpointManager commits (the meta file, the pointer) once every rank's files are durable

@@ -19,7 +19,6 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,18 +34,19 @@ from biomedgpt.engine.distributed import barrier
 
 
 class ResumeError(RuntimeError):
-    """A checkpoint that cannot be resumed (incomplete, or missing a rank's state)."""
+    """A checkpoint that cannot be resumed (incomplete, unsafe, or missing a rank's state)."""
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+def load_file(path: str | Path) -> Any:
+    """A checkpoint file for resuming (into memory, not mapped), weights-only: a crafted file is refused
+    with one line (``ResumeError``), nothing in it runs."""
+    from biomedgpt.engine.checkpoint_load import load_checkpoint_file
+    from biomedgpt.models.checkpoint import CheckpointError
+
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return load_checkpoint_file(path, mmap=False)
+    except CheckpointError as exc:
+        raise ResumeError(f"{exc}; the checkpoint cannot be resumed") from None
 
 
 def rng_state() -> dict:
@@ -98,6 +98,7 @@ class CheckpointManager:
         """Convert ``tag`` once (rank 0, atomically) with deepspeed's ds_to_universal; returns (load_dir, tag)."""
         out = self.root / tag / layout.UNIVERSAL_DIR
         if self.rank == 0 and not out.exists():
+            self._check_files(sorted((self.root / tag).glob("*.pt")))  # ds_to_universal unpickles them all
             tmp = self.root / tag / ".universal.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             result = subprocess.run(
@@ -110,7 +111,21 @@ class CheckpointManager:
                                   f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
             os.replace(tmp, out)
         barrier()
+        # DeepSpeed loads the universal files with torch.load(weights_only=False): each is checked first
+        self._check_files(sorted(out.rglob("*.pt")))
         return str(self.root / tag), layout.UNIVERSAL_DIR
+
+    @staticmethod
+    def _check_files(paths: list[Path]) -> None:
+        for path in paths:
+            load_file(path)
+
+    def attach(self, engine) -> None:
+        """Route the DeepSpeed engine's checkpoint files through this manager: its saves to the writer, its
+        loads (``engine.load_checkpoint``) through the weights-only reader. Call before loading."""
+        if self._engine_writer is None or engine.checkpoint_engine is not self._engine_writer:
+            self._engine_writer = snapshot_engine(self.writer, load_file)
+            engine.checkpoint_engine = self._engine_writer
 
     def load_rank_state(self, tag: str) -> dict:
         """This rank's engine state; a rank new to the job (more ranks than saved) takes rank r mod saved."""
@@ -119,7 +134,7 @@ class CheckpointManager:
         path = self.root / tag / layout.rank_state_file(source)
         if not path.exists():
             raise ResumeError(f"{path} is missing: the checkpoint {tag} is incomplete")
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_file(path)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -133,7 +148,7 @@ class CheckpointManager:
         if self.rank == 0 and tag_dir.exists():
             shutil.rmtree(tag_dir)  # a partial save of this step from a crashed attempt
         barrier()
-        self._hand_files_to_writer(engine)
+        self.attach(engine)
         self.writer.snapshot.reset_count()
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         tag_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +164,7 @@ class CheckpointManager:
         if not self.writer.background:
             return
         scratch = self.root / ".reserve"
-        self._hand_files_to_writer(engine)
+        self.attach(engine)
         self.writer.reserving = True
         try:
             engine.save_checkpoint(str(scratch), tag="buffers", client_state=client_state, save_latest=False)
@@ -159,11 +174,6 @@ class CheckpointManager:
         barrier()
         if self.rank == 0:
             shutil.rmtree(scratch, ignore_errors=True)
-
-    def _hand_files_to_writer(self, engine) -> None:
-        if self._engine_writer is None or engine.checkpoint_engine is not self._engine_writer:
-            self._engine_writer = snapshot_engine(self.writer)
-            engine.checkpoint_engine = self._engine_writer
 
     def wait(self) -> None:
         """Until this rank's checkpoint writes (rank 0: and the commit of the pointer) are done."""

@@ -123,6 +123,7 @@ class Trainer:
             self.ds_config["checkpoint"] = {"load_universal": True}
 
         self.engine = self._build_engine()
+        self.ckpt.attach(self.engine)  # DeepSpeed's loads and saves go through the checkpoint manager
         self.float_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ds.precision]
         self.ema = EMA(self.engine.module, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.enabled else None
         self.step, self.epoch, self.nonfinite = 0, 0, 0
