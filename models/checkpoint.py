@@ -11,9 +11,10 @@ import dataclasses
 import json
 import os
 import pickle
+import pickletools
 import re
+import secrets
 import shutil
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -134,12 +135,38 @@ def _refusal(path: Path, allowed: list, reason: str) -> str:
     except (ValueError, RuntimeError, OSError, pickle.UnpicklingError):
         pass  # a legacy (non-zip) file: torch's message names the global
     if not names:
-        names = set(re.findall(r"GLOBAL (\S+?)(?: was| whose|$)", reason, flags=re.M))
+        names = set(re.findall(r"GLOBAL (\S+?)(?: was| whose|$)", reason, flags=re.M)) or _stack_globals(path)
     if names:
         return f"refers to {', '.join(sorted(names))}"
     lines = [line.strip() for line in reason.splitlines() if line.strip() and "weights_only" not in line
              and "Weights only" not in line and not line.strip().startswith(("(1)", "(2)", "Check the"))]
     return f"holds what weights-only loading refuses ({lines[-1] if lines else 'unknown reason'})"
+
+
+def _stack_globals(path: Path) -> set[str]:
+    """The globals a protocol-4+ pickle names with STACK_GLOBAL (which weights-only loading refuses
+    outright, so torch names none), read statically from the archive's data.pkl."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+        strings: list[str] = []  # the strings pushed so far (module and name precede a STACK_GLOBAL)
+        memo: dict[int, str | None] = {}
+        names, last = set(), None
+        for op, arg, _ in pickletools.genops(data):
+            if "UNICODE" in op.name:
+                strings.append(arg)
+            elif op.name == "MEMOIZE":
+                memo[len(memo)] = strings[-1] if last is not None and "UNICODE" in last else None
+            elif op.name.endswith("PUT"):
+                memo[arg] = strings[-1] if last is not None and "UNICODE" in last else None
+            elif op.name.endswith("GET") and memo.get(arg) is not None:
+                strings.append(memo[arg])
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.add(f"{strings[-2]}.{strings[-1]}")
+            last = op.name
+        return names
+    except (zipfile.BadZipFile, OSError, StopIteration, ValueError):
+        return set()
 
 
 def read_state_dict(path: str | Path, ema: bool = False) -> dict[str, Tensor]:
@@ -311,7 +338,13 @@ def write_dir_atomically(out_dir: Path, write, overwrite: bool) -> Path:
     if out_dir.exists() and not overwrite:
         raise CheckpointError(f"{out_dir} already exists (pass overwrite=true to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    while True:  # not tempfile.mkdtemp: its 0700 would keep the published folder from the group
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir()
+            break
+        except FileExistsError:
+            continue
     try:
         write(tmp)
         if out_dir.exists():
