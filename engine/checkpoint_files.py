@@ -8,6 +8,7 @@ Layout under ``<output_dir>/checkpoints``::
         zero_pp_rank_R_mp_rank_00_optim_states.pt  rank R's optimizer shard (ZeRO 1-3)
         rank_00000.pt ...          this rank's loader state, RNG states, BN buffers, EMA shard
         .complete_rank_00000 ...   this rank's files are durable
+        .failed_rank_00000 ...     this rank's write failed (disk full, ...): the tag is never completed
         meta.json                  written last: the checkpoint is complete
         universal/                 made on demand when resuming into another world size / ZeRO stage
         zero/<param>/fp32.pt       (a universal checkpoint's own tag) one fp32 tensor per parameter
@@ -45,6 +46,11 @@ def rank_state_file(rank: int) -> str:
 
 def complete_mark(rank: int) -> str:
     return f".complete_rank_{rank:05d}"
+
+
+def failed_mark(rank: int) -> str:
+    """This rank could not write its files (rank 0 then stops waiting for them)."""
+    return f".failed_rank_{rank:05d}"
 
 
 def model_states_file(rank: int | None = None) -> str:

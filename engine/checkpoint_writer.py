@@ -35,6 +35,7 @@ import pickle
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -159,6 +160,27 @@ def _tensors_in(obj: Any) -> list[torch.Tensor]:
     return list(finder.tensors.values())
 
 
+@dataclass
+class WriteFailure:
+    """A checkpoint write that failed: the error, the file being written (None: the commit), the step."""
+
+    error: BaseException
+    path: Optional[str]
+    step: Optional[int]
+
+
+def os_error(exc: BaseException) -> Optional[OSError]:
+    """The OSError behind ``exc`` (torch.save reports a failed write, e.g. ENOSPC, as a RuntimeError
+    raised while the OSError was being handled)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 class BackgroundWriter:
     """One thread, one job at a time, in order. A job: files (path, object), then ``on_done()``."""
 
@@ -169,7 +191,9 @@ class BackgroundWriter:
         self._jobs: "queue.Queue[Optional[tuple[list, Callable[[], None]]]]" = queue.Queue()
         self._cond = threading.Condition()
         self._pending = 0
-        self._error: Optional[BaseException] = None
+        self.failure: Optional[WriteFailure] = None  # the first failed write; nothing is written after it
+        self.job_step: Optional[int] = None  # the step of the checkpoint being handed over (for messages)
+        self.on_failure: Optional[Callable[[WriteFailure], None]] = None  # called in the writer thread
         self._thread: Optional[threading.Thread] = None
         self.reserving = False  # ``add`` only allocates the snapshot buffers (``CheckpointManager.reserve``)
         self.delay_s = float(os.environ.get(DELAY_ENV, "0") or 0)
@@ -177,34 +201,45 @@ class BackgroundWriter:
     # -- the caller's side (the training thread) -----------------------------------------------
 
     def add(self, obj: Any, path: str | Path) -> None:
-        """A file of the current job: snapshotted now (background) or written now (sync)."""
+        """A file of the current job: snapshotted now (background) or written now (sync). A failed
+        synchronous write (disk full, ...) is recorded in ``failure``, not raised, so every rank goes
+        on through DeepSpeed's save in step and the manager reports it once, collectively."""
         if self.reserving:
             self.snapshot.reserve(obj, Path(path).name)
         elif self.background:
             self._files.append((str(path), self.snapshot.take(obj, Path(path).name)))
-        else:
-            durable_torch_save(obj, path)
+        elif self.failure is None:
+            try:
+                durable_torch_save(obj, path)
+            except Exception as exc:  # noqa: BLE001
+                if os_error(exc) is None:
+                    raise
+                self.failure = WriteFailure(exc, str(path), self.job_step)
 
     def finish(self, on_done: Callable[[], None]) -> None:
-        """Close the current job: in the background its files are written, then ``on_done`` runs."""
+        """Close the current job: in the background its files are written, then ``on_done`` runs (not
+        after a failed write)."""
         files, self._files = self._files, []
         if not self.background:
-            on_done()
+            if self.failure is None:
+                try:
+                    on_done()
+                except Exception as exc:  # noqa: BLE001
+                    if os_error(exc) is None:
+                        raise
+                    self.failure = WriteFailure(exc, None, self.job_step)
             return
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
             self._thread.start()
         with self._cond:
             self._pending += 1
-        self._jobs.put((files, on_done))
+        self._jobs.put((files, on_done, self.job_step))
 
     def wait(self) -> None:
-        """Until every queued job is written; re-raises a failed background write."""
+        """Until every queued job is written (or given up after a failure: see ``failure``)."""
         with self._cond:
             self._cond.wait_for(lambda: self._pending == 0)
-            error, self._error = self._error, None
-        if error is not None:
-            raise RuntimeError(f"a background checkpoint write failed: {error!r}") from error
 
     @property
     def busy(self) -> bool:
@@ -226,19 +261,22 @@ class BackgroundWriter:
             job = self._jobs.get()
             if job is None:
                 return
-            files, on_done = job
-            job = None
+            files, on_done, step = job
+            job, path = None, None
             try:
-                if self._error is None:  # after a failure nothing more is committed
+                if self.failure is None:  # after a failure nothing more is written or committed
                     while files:
                         path, obj = files.pop(0)
                         if self.delay_s:
                             time.sleep(self.delay_s)
                         durable_torch_save(obj, path)
                         obj = None
+                    path = None
                     on_done()
-            except BaseException as exc:  # noqa: BLE001  (reported by wait())
-                self._error = exc
+            except BaseException as exc:  # noqa: BLE001  (reported by the checkpoint manager)
+                self.failure = WriteFailure(exc, path, step)
+                if self.on_failure is not None:
+                    self.on_failure(self.failure)
             finally:
                 files = None
                 with self._cond:

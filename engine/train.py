@@ -43,7 +43,7 @@ def parse(argv: Sequence[str] | None = None) -> RunConfig:
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse(argv)  # torch-free: a bad setting fails here in well under a second, before any import of torch
     from biomedgpt.engine import distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
-    from biomedgpt.engine.checkpointing import ResumeError
+    from biomedgpt.engine.checkpointing import CheckpointWriteError, ResumeError
     from biomedgpt.engine.trainer import Trainer
 
     if cfg.demo_data_dir:
@@ -53,7 +53,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     except ResumeError as exc:  # one line that names the file or setting and the way out, no traceback
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    metrics = trainer.train()
+    try:
+        metrics = trainer.train()
+    except CheckpointWriteError as exc:  # disk full, ...: one line (from one rank), exit status 1
+        if exc.line:
+            print(f"error: {exc.line}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     if trainer.is_main and metrics:
         print("final evaluation: " + json.dumps({k: round(v, 5) for k, v in metrics.items()}), flush=True)
     return metrics

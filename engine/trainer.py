@@ -361,8 +361,11 @@ class Trainer:
         self.engine.train()
         batch = _move(batch, self.dist.device, self.float_dtype)
         out = self._forward_loss(batch, train=True)
-        flags = torch.tensor([0.0 if torch.isfinite(out.loss) else 1.0, float(self.stop.requested)])
+        flags = torch.tensor([0.0 if torch.isfinite(out.loss) else 1.0, float(self.stop.requested),
+                              float(self.ckpt.write_failed)])
         dist_utils.all_reduce(flags, "max")
+        if flags[2] > 0:  # a background checkpoint write failed (disk full, ...): one line, every rank stops
+            self.ckpt.raise_write_failure()
         if flags[0] > 0:
             self._skip_nonfinite()
             return StepResult(skipped=True, boundary=False, stop=bool(flags[1] > 0))

@@ -183,3 +183,87 @@ def test_atomic_writes_get_the_umask_modes(tmp_path):
     assert (tmp_path / "latest").stat().st_mode & 0o777 == 0o644
     assert out.stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "meta.json").stat().st_mode & 0o777 == 0o640
+
+
+# ----------------------------------------------------------------------------------------------
+# Disk full during a save: one line at the failing save, latest untouched
+# ----------------------------------------------------------------------------------------------
+
+
+def worker_disk_full(mount: Path) -> None:
+    """One gloo rank, writing in the background, then synchronously: a tiny ZeRO-2 engine saves step 1,
+    the filesystem is filled to half a checkpoint, step 2 is saved; prints the reported line
+    (``CheckpointWriteError``) and ``latest``."""
+    import deepspeed
+
+    from biomedgpt.engine.checkpointing import CheckpointManager, CheckpointWriteError
+    from biomedgpt.engine.distributed import init_distributed
+    from biomedgpt.models.config import ModelSpec
+    from biomedgpt.models.ofa import BiomedGPT
+
+    init_distributed("gloo")
+    model = BiomedGPT(ModelSpec(size="tiny", d_model=64, ffn_dim=128, encoder_layers=1, decoder_layers=1,
+                                resnet_layers=[1, 1, 1], vocab_size=1000).build())
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config={
+        "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10 ** 9})
+    for background in (True, False):
+        out = mount / str(background)
+        manager = CheckpointManager(out, 0, 1, keep_last_n=1, background=background)
+        manager.save(engine, 1, {"step": 1}, {"rng": torch.get_rng_state()}, 2)
+        manager.wait()
+        size = sum(p.stat().st_size for p in (manager.root / "step_00000001").iterdir())
+        free = os.statvfs(out).f_bavail * os.statvfs(out).f_frsize
+        (mount / "filler").write_bytes(b"\0" * max(0, free - size // 2))
+        try:
+            manager.save(engine, 2, {"step": 2}, {"rng": torch.get_rng_state()}, 2)
+            print(f"{background} returned from save", flush=True)  # background: the write goes on, training too
+            manager.wait()
+            assert manager.write_failed
+            manager.raise_write_failure()  # what the trainer does at its next step (the flag all-reduced)
+        except CheckpointWriteError as exc:
+            print(f"{background} line: {exc.line}", flush=True)
+        print(f"{background} latest: {(manager.root / 'latest').read_text()}", flush=True)
+        manager.close()
+        (mount / "filler").unlink()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_disk_full_is_reported_at_the_failing_save(small_tmpfs):
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
+    done = subprocess.run([sys.executable, __file__, str(small_tmpfs)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert "True returned from save" in lines and "False returned from save" not in lines, lines
+    for background in (True, False):
+        root = small_tmpfs / str(background) / "checkpoints"
+        assert (f"{background} line: no space left on {root}: checkpoint step 2 not written; latest is step 1"
+                in lines), lines
+        assert f"{background} latest: step_00000001" in lines
+        assert (root / "step_00000001" / META_FILE).exists() and not (root / "step_00000002" / META_FILE).exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    worker_disk_full(Path(sys.argv[1]))
