@@ -71,15 +71,5 @@ def is_optim_file(name: str) -> bool:
     return OPTIM_FILE_RE.match(name) is not None
 
 
-def is_deepspeed_model_file(name: str) -> bool:
-    return MODEL_FILE_RE.match(name) is not None
-
-
-def is_rank0_model_file(name: str) -> bool:
-    """Rank 0's model states, which every rank reads."""
-    match = MODEL_FILE_RE.match(name)
-    return match is not None and int(match["rank"] or 0) == 0
-
-
 def is_complete(tag_dir: Path) -> bool:
     return (tag_dir / META_FILE).exists()

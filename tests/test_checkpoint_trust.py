@@ -166,22 +166,26 @@ def test_missing_or_truncated_checkpoints_get_one_line(tmp_path, capsys, vocab_d
         assert len(lines) == 1 and "Traceback" not in captured.err, (main.__module__, captured)
 
 
-def test_atomic_writes_get_the_umask_modes(tmp_path):
-    """``latest``, ``meta.json``, ``config.yaml`` (engine/durable.py) and consolidated model folders are
-    readable by the group and others under umask 022, as any file the process writes."""
+def test_atomic_writes_get_the_umask_modes(tmp_path, vocab_dir):
+    """``latest``, ``meta.json``, ``config.yaml`` (engine/durable.py) and model folders (consolidated,
+    imported: their tokenizer files too) are readable by the group and others under umask 022, as any
+    file the process writes."""
     from biomedgpt.engine.durable import atomic_write_text
     from biomedgpt.models.checkpoint import write_dir_atomically
+    from biomedgpt.models.tokenizer import Tokenizer
 
     old = os.umask(0o022)
     try:
         atomic_write_text(tmp_path / "latest", TAG)
-        out = write_dir_atomically(tmp_path / "model", lambda d: (d / "config.json").write_text("{}"), False)
+        out = write_dir_atomically(tmp_path / "model", lambda d: Tokenizer.from_gpt2_files(vocab_dir).save(d / "tok"),
+                                   False)
         os.umask(0o027)
         atomic_write_text(tmp_path / "meta.json", "{}")
     finally:
         os.umask(old)
     assert (tmp_path / "latest").stat().st_mode & 0o777 == 0o644
     assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in (out / "tok").iterdir()} == {0o644}
     assert (tmp_path / "meta.json").stat().st_mode & 0o777 == 0o640
 
 
