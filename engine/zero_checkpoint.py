@@ -160,6 +160,8 @@ class ParamSource:
     origin: str  # the file the values come from, for error messages
 
 
+#: elements copied out of a mapped file before its pages are given back
+COPY_CHUNK = 1 << 20
 #: (file, tensor of that file, first element, number of elements): one piece of an output tensor
 Segment = tuple[CheckpointFile, Tensor, int, int]
 
@@ -176,9 +178,11 @@ def _read_segments(segments: list[Segment], shape: tuple[int, ...], dtype: torch
             break
         if start + count > tensor.numel():
             raise CheckpointError(f"{source.path}: read {start}+{count} past a tensor of {tensor.numel()}")
-        piece = tensor.reshape(-1)[start:start + count]
-        out[pos:pos + count].copy_(piece)
-        source.release(piece)
+        flat = tensor.reshape(-1)
+        for lo in range(start, start + count, COPY_CHUNK):  # in chunks: few mapped pages resident at once
+            piece = flat[lo:min(lo + COPY_CHUNK, start + count)]
+            out[pos + lo - start:pos + lo - start + piece.numel()].copy_(piece)
+            source.release(piece)
         pos += count
     if pos != numel:
         raise CheckpointError(f"{segments[0][0].path}: only {pos} of {numel} values found")
@@ -186,10 +190,8 @@ def _read_segments(segments: list[Segment], shape: tuple[int, ...], dtype: torch
 
 
 def _read_whole(source: CheckpointFile, tensor: Tensor) -> Tensor:
-    """A copy of a saved tensor (its pages given back)."""
-    out = tensor.clone()
-    source.release(tensor)
-    return out
+    """A copy of a saved tensor (its pages given back as they are copied)."""
+    return _read_segments([(source, tensor, 0, tensor.numel())], tuple(tensor.shape), tensor.dtype)
 
 
 def _canonical(name: str) -> str:
