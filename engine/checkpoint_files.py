@@ -8,6 +8,7 @@ Layout under ``<output_dir>/checkpoints``::
         zero_pp_rank_R_mp_rank_00_optim_states.pt  rank R's optimizer shard (ZeRO 1-3)
         rank_00000.pt ...          this rank's loader state, RNG states, BN buffers, EMA shard
         .complete_rank_00000 ...   this rank's files are durable
+        .failed_rank_00000 ...     this rank's write failed (disk full, ...): the tag is never completed
         meta.json                  written last: the checkpoint is complete
         universal/                 made on demand when resuming into another world size / ZeRO stage
         zero/<param>/fp32.pt       (a universal checkpoint's own tag) one fp32 tensor per parameter
@@ -47,6 +48,11 @@ def complete_mark(rank: int) -> str:
     return f".complete_rank_{rank:05d}"
 
 
+def failed_mark(rank: int) -> str:
+    """This rank could not write its files (rank 0 then stops waiting for them)."""
+    return f".failed_rank_{rank:05d}"
+
+
 def model_states_file(rank: int | None = None) -> str:
     """DeepSpeed's model-states file: rank 0's single file (stages 0-2) or, with ``rank``, ZeRO-3's per-rank one."""
     return "mp_rank_00_model_states.pt" if rank is None else f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
@@ -63,16 +69,6 @@ def with_rank(name: str, rank: int) -> str:
 
 def is_optim_file(name: str) -> bool:
     return OPTIM_FILE_RE.match(name) is not None
-
-
-def is_deepspeed_model_file(name: str) -> bool:
-    return MODEL_FILE_RE.match(name) is not None
-
-
-def is_rank0_model_file(name: str) -> bool:
-    """Rank 0's model states, which every rank reads."""
-    match = MODEL_FILE_RE.match(name)
-    return match is not None and int(match["rank"] or 0) == 0
 
 
 def is_complete(tag_dir: Path) -> bool:

@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 import queue
 import threading
 import time
-from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -74,7 +75,8 @@ class HostSnapshot:
         self.bytes = 0
 
     def take(self, obj: Any, key: str) -> Any:
-        """A copy of ``obj`` whose tensors live in this snapshot's buffers (non-tensors deep-copied)."""
+        """A copy of ``obj`` whose tensors live in this snapshot's buffers; everything else is deep-copied,
+        types included."""
         return self._walk(obj, key, copy_data=True)
 
     def reserve(self, obj: Any, key: str) -> None:
@@ -109,30 +111,74 @@ class HostSnapshot:
                 copies[ident] = buf.untyped_storage()
             return copies[ident]
 
-        def walk(value: Any) -> Any:
-            if isinstance(value, torch.Tensor) and not copy_data:
-                if value.layout == torch.strided:
-                    storage_copy(value.detach())
-                return None
-            if isinstance(value, torch.Tensor):
-                if value.layout != torch.strided:
-                    return value.detach().to("cpu", copy=True)
-                out = torch.empty(0, dtype=value.dtype)
-                return out.set_(storage_copy(value.detach()), value.storage_offset(), value.size(), value.stride())
-            if isinstance(value, (dict, OrderedDict)):
-                return type(value)((k, walk(v)) for k, v in value.items())
-            if isinstance(value, list):
-                return [walk(v) for v in value]
-            if isinstance(value, tuple) and not hasattr(value, "_fields"):
-                return tuple(walk(v) for v in value)
-            if isinstance(value, (str, int, float, bool, type(None), bytes)) or not copy_data:
-                return value
-            return copy.deepcopy(value)
+        def tensor_copy(value: torch.Tensor) -> torch.Tensor:
+            if value.layout != torch.strided:
+                return value.detach().to("cpu", copy=True)
+            out = torch.empty(0, dtype=value.dtype)
+            out.set_(storage_copy(value.detach()), value.storage_offset(), value.size(), value.stride())
+            if isinstance(value, torch.nn.Parameter):
+                return torch.nn.Parameter(out, requires_grad=value.requires_grad)
+            return out.requires_grad_(value.requires_grad) if value.is_leaf else out
 
-        out = walk(obj)
+        tensors = _tensors_in(obj)
+        if not copy_data:
+            for tensor in tensors:
+                if tensor.layout == torch.strided:
+                    storage_copy(tensor.detach())
+            return None
+        # Everything but the tensors is deep-copied, so every object keeps its type (torch.Size, enums,
+        # DeepSpeed's loss scaler, named tuples, ...) and the file is what torch.save of ``obj`` writes.
+        memo = {id(tensor): tensor_copy(tensor) for tensor in tensors}
+        out = copy.deepcopy(obj, memo)
         if pending_cuda[0]:
             torch.cuda.synchronize()
         return out
+
+
+class _TensorFinder(pickle.Pickler):
+    """Lists the tensors ``torch.save`` would write, reached the way it reaches them (pickling)."""
+
+    def __init__(self) -> None:
+        super().__init__(_Discard(), protocol=pickle.HIGHEST_PROTOCOL)
+        self.tensors: dict[int, torch.Tensor] = {}
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            self.tensors.setdefault(id(obj), obj)
+            return id(obj)
+        return None
+
+
+class _Discard:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+def _tensors_in(obj: Any) -> list[torch.Tensor]:
+    finder = _TensorFinder()
+    finder.dump(obj)
+    return list(finder.tensors.values())
+
+
+@dataclass
+class WriteFailure:
+    """A checkpoint write that failed: the error, the file being written (None: the commit), the step."""
+
+    error: BaseException
+    path: Optional[str]
+    step: Optional[int]
+
+
+def os_error(exc: BaseException) -> Optional[OSError]:
+    """The OSError behind ``exc`` (torch.save reports a failed write, e.g. ENOSPC, as a RuntimeError
+    raised while the OSError was being handled)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class BackgroundWriter:
@@ -145,7 +191,9 @@ class BackgroundWriter:
         self._jobs: "queue.Queue[Optional[tuple[list, Callable[[], None]]]]" = queue.Queue()
         self._cond = threading.Condition()
         self._pending = 0
-        self._error: Optional[BaseException] = None
+        self.failure: Optional[WriteFailure] = None  # the first failed write; nothing is written after it
+        self.job_step: Optional[int] = None  # the step of the checkpoint being handed over (for messages)
+        self.on_failure: Optional[Callable[[WriteFailure], None]] = None  # called in the writer thread
         self._thread: Optional[threading.Thread] = None
         self.reserving = False  # ``add`` only allocates the snapshot buffers (``CheckpointManager.reserve``)
         self.delay_s = float(os.environ.get(DELAY_ENV, "0") or 0)
@@ -153,34 +201,45 @@ class BackgroundWriter:
     # -- the caller's side (the training thread) -----------------------------------------------
 
     def add(self, obj: Any, path: str | Path) -> None:
-        """A file of the current job: snapshotted now (background) or written now (sync)."""
+        """A file of the current job: snapshotted now (background) or written now (sync). A failed
+        synchronous write (disk full, ...) is recorded in ``failure``, not raised, so every rank goes
+        on through DeepSpeed's save in step and the manager reports it once, collectively."""
         if self.reserving:
             self.snapshot.reserve(obj, Path(path).name)
         elif self.background:
             self._files.append((str(path), self.snapshot.take(obj, Path(path).name)))
-        else:
-            durable_torch_save(obj, path)
+        elif self.failure is None:
+            try:
+                durable_torch_save(obj, path)
+            except Exception as exc:  # noqa: BLE001
+                if os_error(exc) is None:
+                    raise
+                self.failure = WriteFailure(exc, str(path), self.job_step)
 
     def finish(self, on_done: Callable[[], None]) -> None:
-        """Close the current job: in the background its files are written, then ``on_done`` runs."""
+        """Close the current job: in the background its files are written, then ``on_done`` runs (not
+        after a failed write)."""
         files, self._files = self._files, []
         if not self.background:
-            on_done()
+            if self.failure is None:
+                try:
+                    on_done()
+                except Exception as exc:  # noqa: BLE001
+                    if os_error(exc) is None:
+                        raise
+                    self.failure = WriteFailure(exc, None, self.job_step)
             return
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
             self._thread.start()
         with self._cond:
             self._pending += 1
-        self._jobs.put((files, on_done))
+        self._jobs.put((files, on_done, self.job_step))
 
     def wait(self) -> None:
-        """Until every queued job is written; re-raises a failed background write."""
+        """Until every queued job is written (or given up after a failure: see ``failure``)."""
         with self._cond:
             self._cond.wait_for(lambda: self._pending == 0)
-            error, self._error = self._error, None
-        if error is not None:
-            raise RuntimeError(f"a background checkpoint write failed: {error!r}") from error
 
     @property
     def busy(self) -> bool:
@@ -202,19 +261,22 @@ class BackgroundWriter:
             job = self._jobs.get()
             if job is None:
                 return
-            files, on_done = job
-            job = None
+            files, on_done, step = job
+            job, path = None, None
             try:
-                if self._error is None:  # after a failure nothing more is committed
+                if self.failure is None:  # after a failure nothing more is written or committed
                     while files:
                         path, obj = files.pop(0)
                         if self.delay_s:
                             time.sleep(self.delay_s)
                         durable_torch_save(obj, path)
                         obj = None
+                    path = None
                     on_done()
-            except BaseException as exc:  # noqa: BLE001  (reported by wait())
-                self._error = exc
+            except BaseException as exc:  # noqa: BLE001  (reported by the checkpoint manager)
+                self.failure = WriteFailure(exc, path, step)
+                if self.on_failure is not None:
+                    self.on_failure(self.failure)
             finally:
                 files = None
                 with self._cond:
@@ -222,8 +284,9 @@ class BackgroundWriter:
                     self._cond.notify_all()
 
 
-def snapshot_engine(writer: BackgroundWriter):
-    """A DeepSpeed checkpoint engine that hands every file to ``writer`` (loading stays torch.load)."""
+def snapshot_engine(writer: BackgroundWriter, load: Callable[[str], Any]):
+    """A DeepSpeed checkpoint engine that hands every file to ``writer`` and reads every file DeepSpeed
+    loads with ``load`` (weights-only, instead of DeepSpeed's ``torch.load(weights_only=False)``)."""
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     class SnapshotEngine(TorchCheckpointEngine):
@@ -236,6 +299,9 @@ def snapshot_engine(writer: BackgroundWriter):
 
         def save(self, state_dict, path: str) -> None:
             writer.add(state_dict, path)
+
+        def load(self, path: str, map_location=None):
+            return load(path)
 
         def commit(self, info) -> bool:
             return True  # our CheckpointManager commits (the meta file, the pointer) once every rank's files are durable

@@ -1,7 +1,11 @@
 """Training checkpoints: DeepSpeed's sharded state + per-rank engine state, an atomic pointer to the newest
 complete tag, keep-last-N. The layout and its file names: ``biomedgpt.engine.checkpoint_files``.
 
-A crash mid-save leaves the pointer at the previous complete checkpoint; DeepSpeed's own pointer file is
+A crash mid-save leaves the pointer at the previous complete checkpoint; a failed write (disk full, ...)
+too: it is reported once, as one line (``CheckpointWriteError``: ``no space left on <root>: checkpoint step
+N not written; latest is step M``) by every rank together - at the save itself when writing synchronously,
+at the next training step when writing in the background (``Trainer.train_step`` shares the flag) - and
+the run stops; DeepSpeed's own pointer file is
 not written (``save_latest=False``), ours has the same name and format so DeepSpeed's tools
 (``zero_to_fp32.py``) still find it.
 
@@ -13,13 +17,14 @@ previous one on every rank, so two checkpoints never interleave.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,25 +34,35 @@ import torch
 
 from biomedgpt.engine import checkpoint_files as layout
 from biomedgpt.engine.checkpoint_files import TAG_RE, tag_for
-from biomedgpt.engine.checkpoint_writer import BackgroundWriter, snapshot_engine
+from biomedgpt.engine.checkpoint_writer import BackgroundWriter, os_error, snapshot_engine
 from biomedgpt.engine.durable import atomic_write_text, fsync_dir
-from biomedgpt.engine.distributed import barrier
+from biomedgpt.engine.distributed import all_reduce, barrier
 from biomedgpt.engine.user_errors import UserError
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint that could not be written. ``line`` is the one line the reporting rank prints (None on
+    the other ranks, which stop quietly)."""
+
+    def __init__(self, line: str | None):
+        super().__init__(line or "a checkpoint write failed on another rank")
+        self.line = line
+
+
 class ResumeError(UserError, RuntimeError):
-    """A checkpoint that cannot be resumed (incomplete, or missing a rank's state)."""
+    """A checkpoint that cannot be resumed (incomplete, unsafe, or missing a rank's state)."""
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+def load_file(path: str | Path) -> Any:
+    """A checkpoint file for resuming (into memory, not mapped), weights-only: a crafted file is refused
+    with one line (``ResumeError``), nothing in it runs."""
+    from biomedgpt.engine.checkpoint_load import load_checkpoint_file
+    from biomedgpt.models.checkpoint import CheckpointError
+
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return load_checkpoint_file(path, mmap=False)
+    except CheckpointError as exc:
+        raise ResumeError(f"{exc}; the checkpoint cannot be resumed") from None
 
 
 def rng_state() -> dict:
@@ -72,8 +87,10 @@ class CheckpointManager:
         self.rank, self.world_size, self.keep_last_n = rank, world_size, keep_last_n
         self.root.mkdir(parents=True, exist_ok=True)
         self.writer = BackgroundWriter(background)
+        self.writer.on_failure = self._mark_failed
         self.timeout_s = timeout_s
         self._engine_writer = None
+        self._abort = threading.Event()  # a failed write was reported: rank 0 stops waiting to commit
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -99,6 +116,7 @@ class CheckpointManager:
         """Convert ``tag`` once (rank 0, atomically) with deepspeed's ds_to_universal; returns (load_dir, tag)."""
         out = self.root / tag / layout.UNIVERSAL_DIR
         if self.rank == 0 and not out.exists():
+            self._check_files(sorted((self.root / tag).glob("*.pt")))  # ds_to_universal unpickles them all
             tmp = self.root / tag / ".universal.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             result = subprocess.run(
@@ -111,7 +129,21 @@ class CheckpointManager:
                                   f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
             os.replace(tmp, out)
         barrier()
+        # DeepSpeed loads the universal files with torch.load(weights_only=False): each is checked first
+        self._check_files(sorted(out.rglob("*.pt")))
         return str(self.root / tag), layout.UNIVERSAL_DIR
+
+    @staticmethod
+    def _check_files(paths: list[Path]) -> None:
+        for path in paths:
+            load_file(path)
+
+    def attach(self, engine) -> None:
+        """Route the DeepSpeed engine's checkpoint files through this manager: its saves to the writer, its
+        loads (``engine.load_checkpoint``) through the weights-only reader. Call before loading."""
+        if self._engine_writer is None or engine.checkpoint_engine is not self._engine_writer:
+            self._engine_writer = snapshot_engine(self.writer, load_file)
+            engine.checkpoint_engine = self._engine_writer
 
     def load_rank_state(self, tag: str) -> dict:
         """This rank's engine state; a rank new to the job (more ranks than saved) takes rank r mod saved."""
@@ -120,7 +152,7 @@ class CheckpointManager:
         path = self.root / tag / layout.rank_state_file(source)
         if not path.exists():
             raise ResumeError(f"{path} is missing: the checkpoint {tag} is incomplete")
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_file(path)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -130,15 +162,18 @@ class CheckpointManager:
         tag = tag_for(step)
         tag_dir = self.root / tag
         self.writer.wait()  # the previous checkpoint is complete on this rank (rank 0: and committed)
-        barrier()
+        self.check_writes()
         if self.rank == 0 and tag_dir.exists():
             shutil.rmtree(tag_dir)  # a partial save of this step from a crashed attempt
         barrier()
-        self._hand_files_to_writer(engine)
+        self.attach(engine)
         self.writer.snapshot.reset_count()
+        self.writer.job_step = step
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         tag_dir.mkdir(parents=True, exist_ok=True)
         self.writer.add(rank_state, tag_dir / layout.rank_state_file(self.rank))
+        if not self.writer.background:
+            self.check_writes()  # every rank's files are written (or not): nothing is committed after a failure
         self.writer.finish(lambda: self._complete(tag, step, zero_stage))
         barrier()
         return tag
@@ -150,7 +185,7 @@ class CheckpointManager:
         if not self.writer.background:
             return
         scratch = self.root / ".reserve"
-        self._hand_files_to_writer(engine)
+        self.attach(engine)
         self.writer.reserving = True
         try:
             engine.save_checkpoint(str(scratch), tag="buffers", client_state=client_state, save_latest=False)
@@ -161,17 +196,59 @@ class CheckpointManager:
         if self.rank == 0:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def _hand_files_to_writer(self, engine) -> None:
-        if self._engine_writer is None or engine.checkpoint_engine is not self._engine_writer:
-            self._engine_writer = snapshot_engine(self.writer)
-            engine.checkpoint_engine = self._engine_writer
-
     def wait(self) -> None:
         """Until this rank's checkpoint writes (rank 0: and the commit of the pointer) are done."""
         self.writer.wait()
 
+    @property
+    def write_failed(self) -> bool:
+        """This rank's last checkpoint write failed (the trainer all-reduces it with its step flags)."""
+        return self.writer.failure is not None
+
+    def check_writes(self) -> None:
+        """Collective: raise ``CheckpointWriteError`` on every rank if any rank's write failed."""
+        flag = torch.tensor([1.0 if self.write_failed else 0.0])
+        if all_reduce(flag, "max")[0] > 0:
+            self.raise_write_failure()
+
+    def raise_write_failure(self) -> None:
+        """Collective, once some rank's write failed: every rank raises; the lowest failing rank's error
+        carries the line to print, so it is printed once."""
+        flag = torch.tensor([-float(self.rank if self.write_failed else self.world_size)])
+        first = -int(all_reduce(flag, "max")[0])
+        self._abort.set()
+        raise CheckpointWriteError(self._failure_line() if self.rank == first else None)
+
+    def _failure_line(self) -> str:
+        failure = self.writer.failure
+        error = os_error(failure.error)
+        if error is not None and error.errno == errno.ENOSPC:
+            what = f"no space left on {self.root}"
+        elif error is not None:
+            what = f"{error.filename or failure.path or self.root}: {error.strerror or error}"
+        else:
+            what = f"{failure.path or self.root}: {str(failure.error).splitlines()[0] if str(failure.error) else repr(failure.error)}"
+        pointer = self.root / layout.LATEST_FILE
+        match = TAG_RE.match(pointer.read_text().strip()) if pointer.exists() else None
+        latest = f"step {int(match[1])}" if match else "none (no checkpoint is complete)"
+        return f"{what}: checkpoint step {failure.step} not written; latest is {latest}"
+
     def close(self) -> None:
+        """Finish the background writes. A failure not reported yet (the run's last save) is raised here,
+        with its line on the rank whose write failed."""
         self.writer.close()
+        if self.write_failed and not self._abort.is_set():
+            self._abort.set()
+            elsewhere = isinstance(self.writer.failure.error, CheckpointWriteError)
+            raise CheckpointWriteError(None if elsewhere else self._failure_line())
+
+    def _mark_failed(self, failure) -> None:
+        """Writer thread: tell rank 0, which waits for every rank's files, that this rank's never come."""
+        if failure.step is not None and not isinstance(failure.error, CheckpointWriteError):
+            try:
+                (self.root / tag_for(failure.step) / layout.failed_mark(self.rank)).touch()
+            except OSError:
+                pass  # rank 0 then waits until timeout_s, or until the failure is reported at a step
 
     def _complete(self, tag: str, step: int, zero_stage: int) -> None:
         """After this rank's files are durable (writer thread, or inline): mark them; rank 0 commits."""
@@ -183,6 +260,8 @@ class CheckpointManager:
         deadline = time.monotonic() + self.timeout_s
         marks = [tag_dir / layout.complete_mark(r) for r in range(self.world_size)]
         while not all(m.exists() for m in marks):
+            if self._abort.is_set() or any((tag_dir / layout.failed_mark(r)).exists() for r in range(self.world_size)):
+                raise CheckpointWriteError(None)  # another rank's write failed: reported there
             if time.monotonic() > deadline:
                 missing = [m.name for m in marks if not m.exists()]
                 raise TimeoutError(f"checkpoint {tag}: no completion mark from {missing} in {self.timeout_s}s")

@@ -3,7 +3,7 @@ half of one). Import-light (no torch) so the command-line tools write their repo
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 
@@ -15,8 +15,19 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def create_temporary(path: Path) -> tuple[int, Path]:
+    """A new, unique hidden file beside ``path``, opened for writing, with the modes the process umask
+    gives any new file (``tempfile.mkstemp`` would make it 0600, unreadable to the group)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = create_temporary(path)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

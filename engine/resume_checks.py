@@ -1,7 +1,8 @@
 """Checks made before a run resumes, so that a bad checkpoint fails in one line that says what to do.
 
-- every file of the tag is a readable ``torch.save`` archive (its zip directory and pickle parse; no tensor
-  is read), else the error names the file and the tag, and an earlier complete tag if there is one;
+- every file of the tag is a readable ``torch.save`` archive that holds nothing but what DeepSpeed and this
+  engine write (read weights-only, ``engine/checkpoint_load.py``; no tensor is read), else the error names
+  the file (and the refused global) and the tag, and an earlier complete tag if there is one;
 - the settings a run cannot change midway (``FIXED``: the data order, the optimizer state's shape, the model
   architecture) equal this run's, else the error names the settings that differ and the two ways out (a
   fresh ``output_dir``, or ``checkpoint.resume=never``) instead of DeepSpeed's hundreds of "size mismatch"
@@ -20,7 +21,9 @@ from pathlib import Path
 
 from biomedgpt.engine import checkpoint_files as layout
 from biomedgpt.engine.checkpoint_files import MODEL_FILE_RE, RANK_RE, TAG_RE
+from biomedgpt.engine.checkpoint_load import load_checkpoint_file
 from biomedgpt.engine.checkpointing import ResumeError
+from biomedgpt.models.checkpoint import CheckpointError, UnsafeCheckpointError
 
 # With more files than this, a rank checks rank 0's model states and its own files only.
 CHECK_ALL_FILES_UP_TO = 64
@@ -127,14 +130,11 @@ def _files_to_check(tag_dir: Path, rank: int) -> list[Path]:
     return keep
 
 
-def _unreadable(path: Path) -> str | None:
-    from biomedgpt.models.checkpoint import CheckpointError
-    from biomedgpt.engine.zero_checkpoint import TorchFile
-
+def _problem(path: Path) -> CheckpointError | None:
     try:
-        TorchFile(path)
+        load_checkpoint_file(path)
     except CheckpointError as exc:
-        return str(exc)
+        return exc
     return None
 
 
@@ -142,7 +142,7 @@ def _way_out(root: Path, tag: str, output_dir: Path) -> str:
     earlier = [t for t in _complete_tags(root) if t < tag]
     fresh = f"or start over in a new output_dir (or with checkpoint.resume=never, which overwrites {root})"
     for candidate in reversed(earlier):
-        if not any(_unreadable(p) for p in sorted((root / candidate).glob("*.pt"))):
+        if not any(_problem(p) for p in sorted((root / candidate).glob("*.pt"))):
             return (f"the earlier checkpoint {candidate} is complete: to resume from it, move {root / tag} "
                     f"aside and write {candidate} into {root / layout.LATEST_FILE}; {fresh}")
     return f"no earlier complete checkpoint exists in {root}: start over in a new output_dir " \
@@ -157,17 +157,18 @@ def check_resumable(root: str | Path, tag: str, rank: int, run_config: dict) -> 
     tag_dir = root / tag
     output_dir = root.parent
     for path in _files_to_check(tag_dir, rank):
-        problem = _unreadable(path)
+        problem = _problem(path)
+        if isinstance(problem, UnsafeCheckpointError):
+            raise ResumeError(f"{problem}, so checkpoint {tag} cannot be resumed; {_way_out(root, tag, output_dir)}")
         if problem is not None:
             raise ResumeError(f"{path}: truncated or corrupt, so checkpoint {tag} cannot be resumed; "
                               f"{_way_out(root, tag, output_dir)}")
-    from biomedgpt.engine.zero_checkpoint import TorchFile
 
     states = [p for p in sorted(tag_dir.iterdir()) if MODEL_FILE_RE.match(p.name)]
     if not states:
         raise ResumeError(f"{tag_dir}: no DeepSpeed model-states file, so checkpoint {tag} cannot be resumed; "
                           f"{_way_out(root, tag, output_dir)}")
-    client = TorchFile(states[0]).obj
+    client = load_checkpoint_file(states[0])
     saved = client.get("config") if isinstance(client, dict) else None
     if not isinstance(saved, dict):
         return []

@@ -63,12 +63,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if int(os.environ.get("RANK", "0")) == 0:  # a folder in use is refused in a second too (the Trainer keeps it)
         RunLock.acquire(cfg.output_dir)
     from biomedgpt.engine import distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
+    from biomedgpt.engine.checkpointing import CheckpointWriteError
     from biomedgpt.engine.trainer import Trainer
 
     if cfg.demo_data_dir:
         ensure_demo_data(cfg.demo_data_dir)
     trainer = Trainer(cfg)
-    metrics = trainer.train()
+    try:
+        metrics = trainer.train()
+    except CheckpointWriteError as exc:  # disk full, ...: one line (from one rank), exit status 1
+        if exc.line:
+            print(f"error: {exc.line}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     if trainer.is_main and metrics:
         print("final evaluation: " + json.dumps({k: round(v, 5) for k, v in metrics.items()}), flush=True)
     return metrics

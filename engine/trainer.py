@@ -127,6 +127,7 @@ class Trainer:
             self.ds_config["checkpoint"] = {"load_universal": True}
 
         self.engine = self._build_engine()
+        self.ckpt.attach(self.engine)  # DeepSpeed's loads and saves go through the checkpoint manager
         self.float_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ds.precision]
         self.ema = (EMA(self.engine.module, cfg.ema.decay, cfg.ema.start_step, buffers=cfg.ema.buffers)
                     if cfg.ema.enabled else None)
@@ -412,8 +413,11 @@ class Trainer:
             window_tokens = self.window_tokens([batch])
         batch = _move(batch, self.dist.device, self.float_dtype)
         out = self._forward_loss(batch, train=True, window_tokens=window_tokens if accumulate else None)
-        flags = torch.tensor([0.0 if torch.isfinite(out.loss) else 1.0, float(self.stop.requested)])
+        flags = torch.tensor([0.0 if torch.isfinite(out.loss) else 1.0, float(self.stop.requested),
+                              float(self.ckpt.write_failed)])
         dist_utils.all_reduce(flags, "max")
+        if flags[2] > 0:  # a background checkpoint write failed (disk full, ...): one line, every rank stops
+            self.ckpt.raise_write_failure()
         if flags[0] > 0:
             self._skip_nonfinite()
             return StepResult(skipped=True, boundary=False, stop=bool(flags[1] > 0))

@@ -1,11 +1,13 @@
 """DeepSpeed ZeRO checkpoints read tensor by tensor: inspection, streaming consolidation, verification.
 
 DeepSpeed's ``zero_to_fp32`` unpickles every rank's optimizer file and concatenates whole flat partitions,
-so consolidating needs several copies of the model in host memory. Here a checkpoint file is opened as
-the zip archive ``torch.save`` writes: only its pickle is parsed (tensors become ``LazyTensor`` records
-of where their bytes lie) and each output tensor is assembled from byte ranges of the ranks' fp32
-master partitions, converted and written straight into a safetensors file before the next one is read.
-Peak memory is about the largest tensor, whatever the model size or the number of ranks.
+so consolidating needs several copies of the model in host memory. Here every file is read with
+``torch.load(weights_only=True, mmap=True)`` under an allow-list of what DeepSpeed writes
+(``engine/checkpoint_load.py``: a crafted file is refused, nothing in it runs): tensors stay in the
+mapped file, and each output tensor is assembled from slices of the ranks' fp32 master partitions,
+converted and written straight into a safetensors file before the next one is read, the pages it
+read given back (``CheckpointFile.release``). Peak memory is about the largest tensor, whatever the
+model size or the number of ranks.
 
 Layouts understood (DeepSpeed 0.19, cf. ``deepspeed/utils/zero_to_fp32.py``):
 
@@ -22,19 +24,17 @@ per-rank state files (see ``engine/ema.py``). The file names: ``engine/checkpoin
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
-import io
 import json
 import math
+import mmap
 import os
-import pickle
 import re
 import struct
 import subprocess
 import sys
-import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -55,167 +55,74 @@ DS_MODEL_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_
                  "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
                  "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size",
                  "checkpoint_parallel_dimensions", "ds_config", "ds_version", "universal_checkpoint_info"}
-# Pickled globals a training checkpoint may reference (DeepSpeed enums, numpy RNG state, our configs).
-TRUSTED_MODULES = ("torch", "deepspeed", "collections", "numpy", "_codecs", "engine", "data", "models",
-                   "streaming", "argparse", "pathlib", "datetime")
-SAFE_BUILTINS = {"set", "frozenset", "slice", "complex", "bytearray", "range", "tuple", "list", "dict"}
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                       torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.save archives, read lazily
+# Checkpoint files: weights-only, tensors mapped from disk
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _StorageRef:
-    key: str
-    dtype: torch.dtype
-    numel: int
-
-
-@dataclass(frozen=True)
-class LazyTensor:
-    """Where a saved tensor's bytes lie; nothing is read until ``read``."""
-
-    source: "TorchFile"
-    storage: _StorageRef
-    offset: int
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.storage.dtype
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def _contiguous(self) -> bool:
-        expected, acc = [], 1
-        for size in reversed(self.shape):
-            expected.append(acc)
-            acc *= size
-        return all(s == e or n == 1 for s, e, n in zip(self.stride, reversed(expected), self.shape))
-
-    def read_into(self, out: Tensor, start: int = 0) -> None:
-        """Copy elements ``start:start+out.numel()`` of this (contiguous, flattened) tensor into ``out``."""
-        if not self._contiguous():
-            out.copy_(self.read().reshape(-1)[start:start + out.numel()])
-            return
-        if start < 0 or start + out.numel() > self.numel:
-            raise CheckpointError(f"{self.source.path}: read {start}+{out.numel()} past a tensor of {self.numel}")
-        self.source.read_storage(self.storage, (self.offset + start) * out.element_size(), out)
-
-    def read(self) -> Tensor:
-        """The whole tensor, with its saved dtype and shape."""
-        if self._contiguous():
-            out = torch.empty(self.shape, dtype=self.dtype)
-            self.read_into(out.view(-1))
-            return out
-        span = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride)) + 1
-        flat = torch.empty(span, dtype=self.dtype)
-        self.source.read_storage(self.storage, 0, flat)
-        return flat.as_strided(self.shape, self.stride, self.offset).clone()
-
-
-class _LazyUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, source: "TorchFile"):
-        super().__init__(io.BytesIO(data))
-        self.source = source
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return self._rebuild_tensor
-        if (module, name) == ("torch._utils", "_rebuild_parameter"):
-            return lambda data, requires_grad, hooks, *rest: data
-        if (module, name) == ("torch._tensor", "_rebuild_from_type_v2"):  # a Tensor subclass: keep the data
-            return lambda func, new_type, args, state: func(*args)
-        if module == "builtins" and name in SAFE_BUILTINS or module.split(".")[0] in TRUSTED_MODULES:
-            return super().find_class(module, name)
-        raise CheckpointError(f"{self.source.path}: refers to {module}.{name}, which a training checkpoint "
-                              f"never holds (not loading it)")
-
-    def persistent_load(self, pid: Any) -> _StorageRef:
-        _, storage_type, key, _location, numel = pid
-        with warnings.catch_warnings():  # legacy typed-storage classes name the dtype
-            warnings.simplefilter("ignore", UserWarning)
-            dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
-        return _StorageRef(str(key), dtype, int(numel))
-
-    def _rebuild_tensor(self, storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-        return LazyTensor(self.source, storage, int(offset), tuple(size), tuple(stride))
-
-
-class TorchFile:
-    """A ``torch.save`` zip archive: its object tree with ``LazyTensor`` leaves, tensors read by byte range."""
+class CheckpointFile:
+    """One ``torch.save`` file of a tag, read by ``engine/checkpoint_load.py`` (weights-only: a file that
+    refers to anything else is refused, nothing in it runs) with ``mmap=True``: its tensors are views of
+    the file mapped into memory, so opening reads only the pickle and each tensor's bytes are read when
+    copied. ``release`` drops pages already copied from this process's resident memory."""
 
     def __init__(self, path: str | Path):
+        from biomedgpt.engine.checkpoint_load import load_checkpoint_file
+
         self.path = Path(path)
-        if not self.path.is_file():
-            raise CheckpointError(f"{self.path}: missing")
-        try:
-            with zipfile.ZipFile(self.path) as archive:
-                self._entries = {info.filename: info for info in archive.infolist()}
-                pkl = next((n for n in self._entries if n.endswith("data.pkl")), None)
-                if pkl is None:
-                    raise CheckpointError(f"{self.path}: no data.pkl inside (not a torch.save archive)")
-                self._prefix = pkl[: -len("data.pkl")]
-                data = archive.read(pkl)
-                order = self._entries.get(self._prefix + "byteorder")
-                if order is not None and archive.read(order).decode() != sys.byteorder:
-                    raise CheckpointError(f"{self.path}: saved with another byte order")
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
-            raise CheckpointError(f"{self.path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
-                                  f"{exc}") from None
-        self._offsets: dict[str, int] = {}
-        try:
-            self.obj = _LazyUnpickler(data, self).load()
-        except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as exc:
-            raise CheckpointError(f"{self.path}: unreadable pickle: {exc}") from None
+        self.obj = load_checkpoint_file(self.path)
+        self._mapped = _mapped_ranges(self.path)
 
-    def _data_offset(self, key: str) -> tuple[int, int]:
-        name = f"{self._prefix}data/{key}"
-        info = self._entries.get(name)
-        if info is None:
-            raise CheckpointError(f"{self.path}: storage {name} is missing from the archive")
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise CheckpointError(f"{self.path}: storage {name} is compressed (not written by torch.save)")
-        if name not in self._offsets:
-            try:
-                with open(self.path, "rb") as f:
-                    f.seek(info.header_offset)
-                    header = f.read(30)
-            except OSError as exc:
-                raise CheckpointError(f"{self.path}: cannot be read any more: {exc}") from None
-            if len(header) < 30 or header[:4] != b"PK\x03\x04":
-                raise CheckpointError(f"{self.path}: corrupt local header of {name}")
-            name_len, extra_len = struct.unpack("<HH", header[26:30])
-            self._offsets[name] = info.header_offset + 30 + name_len + extra_len
-        return self._offsets[name], info.file_size
+    def populate(self, tensor: Tensor) -> None:
+        """Map ``tensor``'s pages in one call before it is copied (instead of one page fault per page)."""
+        self._advise(tensor, MADV_POPULATE_READ)
 
-    def read_storage(self, storage: _StorageRef, byte_start: int, out: Tensor) -> None:
-        """Fill ``out`` (contiguous) from ``storage`` starting ``byte_start`` bytes in."""
-        start, size = self._data_offset(storage.key)
-        nbytes = out.numel() * out.element_size()
-        if byte_start + nbytes > size:
-            raise CheckpointError(f"{self.path}: storage {storage.key} holds {size} bytes, need "
-                                  f"{byte_start + nbytes}")
-        if nbytes == 0:
-            return
-        view = memoryview(out.view(-1).view(torch.uint8).numpy())
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(start + byte_start)
-                got = f.readinto(view)
-        except OSError as exc:
-            raise CheckpointError(f"{self.path}: cannot be read any more: {exc}") from None
-        if got != nbytes:
-            raise CheckpointError(f"{self.path}: truncated (storage {storage.key} ends after {got} of {nbytes} "
-                                  f"bytes)")
+    def release(self, tensor: Tensor) -> None:
+        """Give back the resident pages of ``tensor``'s bytes in this file's mapping (clean file pages:
+        the kernel re-reads them if they are touched again). Without it a consolidation's resident memory
+        would grow by every byte it reads; with it, it stays about one tensor. Linux only (elsewhere
+        nothing is given back early)."""
+        self._advise(tensor, mmap.MADV_DONTNEED)
+
+    def _advise(self, tensor: Tensor, advice: int) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        begin = tensor.data_ptr()
+        for lo, hi in self._mapped:
+            if lo <= begin and begin + nbytes <= hi:
+                first = begin - begin % mmap.PAGESIZE
+                last = min(hi, -(-(begin + nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE)
+                _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), advice)  # -1 if unknown: fine
+                return
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if hasattr(mmap, "MADV_DONTNEED") else None
+MADV_POPULATE_READ = 22  # Linux 5.14+; older kernels refuse it (EINVAL) and pages fault in one by one
+
+
+def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """Address ranges at which ``path`` is mapped into this process (from ``/proc/self/maps``): pages are
+    only given back inside them, so nothing else is ever touched."""
+    if _LIBC is None:
+        return []
+    try:
+        info = os.stat(path)
+        with open("/proc/self/maps") as maps:
+            lines = maps.readlines()
+    except OSError:
+        return []
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}"
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) >= 5 and fields[3] == device and fields[4] == str(info.st_ino):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,21 +168,39 @@ class ParamSource:
     origin: str  # the file the values come from, for error messages
 
 
-def _read_segments(segments: list[tuple[LazyTensor, int, int]], shape: tuple[int, ...],
-                   dtype: torch.dtype) -> Tensor:
-    """Concatenate (tensor, start, count) pieces into one tensor of ``shape`` (surplus padding dropped)."""
+#: elements copied out of a mapped file before its pages are given back
+COPY_CHUNK = 1 << 20
+#: (file, tensor of that file, first element, number of elements): one piece of an output tensor
+Segment = tuple[CheckpointFile, Tensor, int, int]
+
+
+def _read_segments(segments: list[Segment], shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Concatenate the pieces into one tensor of ``shape`` (surplus padding dropped), giving back the
+    pages read."""
     numel = math.prod(shape)
     out = torch.empty(numel, dtype=dtype)
     pos = 0
-    for lazy, start, count in segments:
+    for source, tensor, start, count in segments:
         count = min(count, numel - pos)
         if count <= 0:
             break
-        lazy.read_into(out[pos:pos + count], start)
+        if start + count > tensor.numel():
+            raise CheckpointError(f"{source.path}: read {start}+{count} past a tensor of {tensor.numel()}")
+        flat = tensor.reshape(-1)
+        for lo in range(start, start + count, COPY_CHUNK):  # in chunks: few mapped pages resident at once
+            piece = flat[lo:min(lo + COPY_CHUNK, start + count)]
+            source.populate(piece)
+            out[pos + lo - start:pos + lo - start + piece.numel()].copy_(piece)
+            source.release(piece)
         pos += count
     if pos != numel:
-        raise CheckpointError(f"{segments[0][0].source.path}: only {pos} of {numel} values found")
+        raise CheckpointError(f"{segments[0][0].path}: only {pos} of {numel} values found")
     return out.view(shape)
+
+
+def _read_whole(source: CheckpointFile, tensor: Tensor) -> Tensor:
+    """A copy of a saved tensor (its pages given back as they are copied)."""
+    return _read_segments([(source, tensor, 0, tensor.numel())], tuple(tensor.shape), tensor.dtype)
 
 
 def _canonical(name: str) -> str:
@@ -292,8 +217,8 @@ class ZeroCheckpoint:
     directory: Path
     stage: int
     world_size: int
-    model_files: list[TorchFile]
-    optim_files: list[TorchFile] = field(default_factory=list)
+    model_files: list[CheckpointFile]
+    optim_files: list[CheckpointFile] = field(default_factory=list)
     universal: bool = False
 
     @property
@@ -340,10 +265,10 @@ class ZeroCheckpoint:
         buffers = set(self.model_state.get("buffer_names") or [])
         shapes, seen = {}, set()
         for name, value in module.items():
-            if name in buffers or not isinstance(value, LazyTensor) or _canonical(name) in seen:
+            if name in buffers or not isinstance(value, Tensor) or _canonical(name) in seen:
                 continue
             seen.add(_canonical(name))
-            shapes[name] = value.shape
+            shapes[name] = tuple(value.shape)
         return shapes
 
     def num_parameters(self) -> int:
@@ -381,13 +306,14 @@ class ZeroCheckpoint:
         first = self.directory / layout.rank_state_file(0)
         if not first.exists():
             raise CheckpointError(f"{first}: missing, so there are no EMA weights (not an engine checkpoint?)")
-        state = TorchFile(first).obj
+        source = CheckpointFile(first)
+        state = source.obj
         ema = state.get("ema") if isinstance(state, dict) else None
         if not isinstance(ema, dict) or "shadow" not in ema:
             raise CheckpointError(f"{first}: no EMA state (the run trained with ema.enabled=false)")
         shapes = {_canonical(n): s for g in self.param_shapes() for n, s in g.items()}
         # Partitioned (ZeRO-3): rank r holds piece r of each parameter, as the ZeRO-3 optimizer does.
-        shards = [ema["shadow"]]
+        shards = [(source, ema["shadow"])]
         if ema["partitioned"]:
             shards += [self._rank_ema(r) for r in range(1, self.world_size)]
         sources = {}
@@ -395,23 +321,23 @@ class ZeroCheckpoint:
             shape = shapes.get(_canonical(name))
             if shape is None:
                 raise CheckpointError(f"{first}: EMA of {name!r}, which the checkpoint has no parameter for")
-            segments = [(shard[name], 0, shard[name].numel) for shard in shards]
+            segments = [(file, shard[name], 0, shard[name].numel()) for file, shard in shards]
             sources[_canonical(name)] = ParamSource(
-                shape, torch.float32, lambda seg=segments, s=shape: _read_segments(seg, s, seg[0][0].dtype).float(),
+                shape, torch.float32, lambda seg=segments, s=shape: _read_segments(seg, s, seg[0][1].dtype).float(),
                 str(first))
         return sources
 
-    def _rank_ema(self, rank: int) -> dict[str, LazyTensor]:
+    def _rank_ema(self, rank: int) -> tuple[CheckpointFile, dict[str, Tensor]]:
         path = self.directory / layout.rank_state_file(rank)
-        state = TorchFile(path).obj
+        source = CheckpointFile(path)
         try:
-            return state["ema"]["shadow"]
+            return source, source.obj["ema"]["shadow"]
         except (KeyError, TypeError):
             raise CheckpointError(f"{path}: no EMA shard although rank 0 has one") from None
 
     @staticmethod
-    def _whole(lazy: LazyTensor, source: TorchFile) -> ParamSource:
-        return ParamSource(lazy.shape, lazy.dtype, lazy.read, str(source.path))
+    def _whole(tensor: Tensor, source: CheckpointFile) -> ParamSource:
+        return ParamSource(tuple(tensor.shape), tensor.dtype, lambda: _read_whole(source, tensor), str(source.path))
 
     def _optim(self, rank: int) -> dict:
         return self.optim_files[rank].obj["optimizer_state_dict"]
@@ -420,18 +346,19 @@ class ZeroCheckpoint:
         sources = {}
         paddings = self._optim(0).get("param_alignment_paddings")
         for g, shapes in enumerate(self.param_shapes()):
-            parts = [self._optim(r)["single_partition_of_fp32_groups"][g] for r in range(self.world_size)]
-            total = sum(p.numel for p in parts)
+            parts = [(self.optim_files[r], self._optim(r)["single_partition_of_fp32_groups"][g])
+                     for r in range(self.world_size)]
+            total = sum(part.numel() for _, part in parts)
             pads = paddings[g] if paddings is not None else [0] * len(shapes)
             offset = 0
             for (name, shape), pad in zip(shapes.items(), pads):
                 numel = math.prod(shape)
                 segments, base = [], 0
-                for part in parts:
-                    lo, hi = max(offset, base), min(offset + numel, base + part.numel)
+                for file, part in parts:
+                    lo, hi = max(offset, base), min(offset + numel, base + part.numel())
                     if lo < hi:
-                        segments.append((part, lo - base, hi - lo))
-                    base += part.numel
+                        segments.append((file, part, lo - base, hi - lo))
+                    base += part.numel()
                 sources[_canonical(name)] = ParamSource(
                     shape, torch.float32, lambda seg=segments, s=shape: _read_segments(seg, s, torch.float32),
                     str(self.optim_files[0].path))
@@ -445,17 +372,17 @@ class ZeroCheckpoint:
         sources = {}
         world = self.world_size
         for g, shapes in enumerate(self.param_shapes()):
-            flats = [self._optim(r)["fp32_flat_groups"][g] for r in range(world)]
+            flats = [(self.optim_files[r], self._optim(r)["fp32_flat_groups"][g]) for r in range(world)]
             offset = 0
             for name, shape in shapes.items():
                 piece = math.ceil(math.prod(shape) / world)
-                segments = [(flat, offset, piece) for flat in flats]
+                segments = [(file, flat, offset, piece) for file, flat in flats]
                 sources[_canonical(name)] = ParamSource(
                     shape, torch.float32, lambda seg=segments, s=shape: _read_segments(seg, s, torch.float32),
                     str(self.optim_files[0].path))
                 offset += piece
-            if offset != flats[0].numel:
-                raise CheckpointError(f"{self.optim_files[0].path}: parameter group {g} holds {flats[0].numel} "
+            if offset != flats[0][1].numel():
+                raise CheckpointError(f"{self.optim_files[0].path}: parameter group {g} holds {flats[0][1].numel()} "
                                       f"values per rank but {world} ranks' pieces need {offset} (world size "
                                       f"mismatch or files from different runs?)")
         return sources
@@ -466,16 +393,17 @@ class ZeroCheckpoint:
         for name, shape in frozen.items():
             shape = tuple(shape)
             if self.stage == 3:
-                segments = [(mf.obj["frozen_param_fragments"][name], 0,
-                             mf.obj["frozen_param_fragments"][name].numel) for mf in self.model_files]
-                dtype = segments[0][0].dtype
+                segments = [(mf, mf.obj["frozen_param_fragments"][name], 0,
+                             mf.obj["frozen_param_fragments"][name].numel()) for mf in self.model_files]
+                dtype = segments[0][1].dtype
                 sources[_canonical(name)] = ParamSource(
                     shape, dtype, lambda seg=segments, s=shape, d=dtype: _read_segments(seg, s, d),
                     str(self.model_files[0].path))
             else:
-                lazy = self.model_state["frozen_param_fragments"][name]
-                sources[_canonical(name)] = ParamSource(shape, lazy.dtype, lambda t=lazy, s=shape: t.read().view(s),
-                                                        str(self.model_files[0].path))
+                saved = self.model_state["frozen_param_fragments"][name]
+                sources[_canonical(name)] = ParamSource(
+                    shape, saved.dtype, lambda t=saved, s=shape: _read_whole(self.model_files[0], t).view(s),
+                    str(self.model_files[0].path))
         return sources
 
     def _universal_sources(self) -> dict[str, ParamSource]:
@@ -489,11 +417,11 @@ class ZeroCheckpoint:
 
 
 def _universal_tensor(path: Path, shape: tuple[int, ...]) -> Tensor:
-    obj = TorchFile(path).obj
-    lazy = obj.get("param") if isinstance(obj, dict) else obj
-    if not isinstance(lazy, LazyTensor) or lazy.numel < math.prod(shape):
+    source = CheckpointFile(path)
+    saved = source.obj.get("param") if isinstance(source.obj, dict) else source.obj
+    if not isinstance(saved, Tensor) or saved.numel() < math.prod(shape):
         raise CheckpointError(f"{path}: no fp32 tensor of {math.prod(shape)} values")
-    return _read_segments([(lazy, 0, lazy.numel)], shape, torch.float32)
+    return _read_segments([(source, saved, 0, saved.numel())], shape, torch.float32)
 
 
 def _rank_files(directory: Path, pattern: re.Pattern) -> dict[int, Path]:
@@ -518,14 +446,14 @@ def open_checkpoint(path: str | Path, tag: str | None = None) -> ZeroCheckpoint:
         raise CheckpointError(f"{directory}: no model-states file of rank 0 ({layout.model_states_file()} or "
                               f"{layout.model_states_file(0)}) - not a DeepSpeed checkpoint tag")
     if not optim_paths:  # stage 0, or a universal checkpoint: the run's own config says which
-        state = TorchFile(model_paths[0]).obj
+        state = CheckpointFile(model_paths[0]).obj
         stage = int((state.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
         world = int(state.get("dp_world_size", 1))
     else:
         if 0 not in optim_paths:
             name = layout.with_rank(next(iter(optim_paths.values())).name, 0)
             raise CheckpointError(f"{directory / name}: missing (rank 0's optimizer shard)")
-        first = TorchFile(optim_paths[0])
+        first = CheckpointFile(optim_paths[0])
         state = first.obj.get("optimizer_state_dict") if isinstance(first.obj, dict) else None
         if not isinstance(state, dict):
             raise CheckpointError(f"{first.path}: no optimizer_state_dict (not a ZeRO optimizer shard)")
@@ -546,10 +474,16 @@ def open_checkpoint(path: str | Path, tag: str | None = None) -> ZeroCheckpoint:
             if rank not in model_paths:
                 raise CheckpointError(f"{directory / layout.model_states_file(rank)}: missing "
                                       f"(ZeRO-3 writes one model-states file per rank)")
-    model_files = [TorchFile(model_paths[r]) for r in (range(world) if stage == 3 else [0])]
-    optim_files = [first] + [TorchFile(optim_paths[r]) for r in range(1, world)] if optim_paths else []
+    model_files = [CheckpointFile(model_paths[r]) for r in (range(world) if stage == 3 else [0])]
+    optim_files = [first] + [CheckpointFile(optim_paths[r]) for r in range(1, world)] if optim_paths else []
     ckpt = ZeroCheckpoint(directory, stage, world, model_files, optim_files, universal)
     _check_consistent(ckpt)
+    # DeepSpeed's tools (zero_to_fp32 for verify, ds_to_universal for reshard) unpickle every file they
+    # find: each is read weights-only here first, so a crafted one is refused before they run.
+    read = {f.path for f in (*model_files, *optim_files)}
+    for path in sorted(directory.glob("*.pt")):
+        if path not in read:
+            CheckpointFile(path)
     return ckpt
 
 
@@ -571,9 +505,10 @@ def _check_consistent(ckpt: ZeroCheckpoint) -> None:
                 int(state.get("zero_stage", 1)) != ckpt.stage:
             raise CheckpointError(f"{tf.path}: partition count {state.get('partition_count')} / stage "
                                   f"{state.get('zero_stage')} differ from rank 0's (files from different runs?)")
-        if ckpt.stage == 3 and [t.numel for t in state[key]] != [t.numel for t in reference[key]]:
-            raise CheckpointError(f"{tf.path}: partition sizes {[t.numel for t in state[key]]} differ from rank 0's "
-                                  f"{[t.numel for t in reference[key]]} (world size mismatch?)")
+        sizes, expected = [t.numel() for t in state[key]], [t.numel() for t in reference[key]]
+        if ckpt.stage == 3 and sizes != expected:
+            raise CheckpointError(f"{tf.path}: partition sizes {sizes} differ from rank 0's {expected} (world size "
+                                  f"mismatch?)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -913,7 +848,7 @@ def _has_ema(ckpt: ZeroCheckpoint) -> bool:
     path = ckpt.directory / layout.rank_state_file(0)
     if not path.exists():
         return False
-    obj = TorchFile(path).obj
+    obj = CheckpointFile(path).obj
     return isinstance(obj, dict) and isinstance(obj.get("ema"), dict)
 
 

@@ -11,9 +11,11 @@ import dataclasses
 import json
 import os
 import pickle
+import pickletools
 import re
+import secrets
 import shutil
-import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,10 @@ from biomedgpt.models.ofa import BiomedGPT
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked; the message names the file and key."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickled file that refers to something weights-only loading does not allow (it could run code)."""
 
 
 TIED_KEY = "embed_tokens.weight"
@@ -48,9 +54,10 @@ HF_MARKERS = ("self_attn_mid_layer_norm", "ffn_layer_norm", "cross_attn_mid_laye
 # ----------------------------------------------------------------------------------------------
 
 
-def _sniff_torch_file(path: Path) -> None:
-    """A file torch.save wrote (a zip archive with a data.pkl, or a legacy pickle), else a one-line error
-    that says what the file is not - before any unpickling, so junk is never called unsafe."""
+def _sniff_torch_file(path: Path, zip_only: bool = False) -> None:
+    """A file torch.save wrote (a zip archive with a data.pkl, or - unless ``zip_only`` - a legacy pickle),
+    else a one-line error that says what the file is not - before any unpickling, so junk is never called
+    unsafe."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -67,35 +74,105 @@ def _sniff_torch_file(path: Path) -> None:
             raise CheckpointError(f"{path}: not a checkpoint (a zip archive without torch.save's data.pkl); "
                                   f"pass the released .pt, .bin or .safetensors file")
         return
+    if zip_only and head[:1] == b"\x80":
+        raise CheckpointError(f"{path}: a legacy-format torch.save file, which training checkpoints never are "
+                              f"(they are zip archives)")
     if head[:1] != b"\x80":  # every torch.save pickle (legacy format) starts with the PROTO opcode
         raise CheckpointError(f"{path}: not a checkpoint at all (neither a torch.save archive, a pickle nor "
                               f"safetensors; it begins with bytes {head.hex()}); pass the released .pt, .bin "
                               f"or .safetensors file")
 
 
-def _torch_load(path: Path, trust_pickle: bool) -> Any:
-    """torch.load with weights_only=True (argparse.Namespace allowed for fairseq's ``args``)."""
-    _sniff_torch_file(path)
+def _numpy_globals() -> list:
+    """numpy's array and scalar reconstructors and dtype, under the module names numpy 1 and 2 pickle
+    them with (a fairseq file's logged values, a numpy RNG state). They build arrays, never call code."""
+    import numpy as np
+
+    core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    found = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), type(np.dtype(np.float64)), type(np.dtype(np.int64))]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        found += [(core._reconstruct, f"{module}._reconstruct"), (core.scalar, f"{module}.scalar")]
+    return found
+
+
+#: What a released fairseq / HF-port file may hold besides tensors and plain containers.
+RELEASED_GLOBALS = [argparse.Namespace]
+
+
+def load_weights_only(path: str | Path, allowed: list | tuple = (), mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` under ``safe_globals(allowed)`` (plus numpy's reconstructors):
+    nothing in the file can run code. ``mmap``: tensors stay in the file, mapped, until read.
+
+    Errors are one line naming the file: junk, truncated, or a global that is not allowed (named)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    _sniff_torch_file(path, zip_only=mmap)
+    allowed = [*_numpy_globals(), *allowed]
     try:
-        if trust_pickle:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "pickle protocol 4": the refusal says more
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        if trust_pickle or "Weights only load failed" not in str(exc):
-            raise CheckpointError(f"{path}: truncated or corrupt checkpoint (its pickle does not parse: "
-                                  f"{str(exc).splitlines()[0]}); copy or download the file again") from None
-        raise CheckpointError(
-            f"{path}: holds Python objects that weights-only loading refuses ({str(exc).splitlines()[0]}). "
-            "If you trust the file, import it with trust_pickle=true.") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        reason = str(exc)
+        if "Weights only load failed" not in reason:
+            raise CheckpointError(f"{path}: truncated or corrupt PyTorch checkpoint (its pickle does not parse: "
+                                  f"{reason.splitlines()[0]}); copy or download the file again") from None
+        raise UnsafeCheckpointError(f"{path}: {_refusal(path, allowed, reason)}, which no checkpoint needs: "
+                                    f"not loaded (unpickling it could run code)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: truncated or corrupt PyTorch checkpoint ({str(exc).splitlines()[0]}); "
                               f"copy or download the file again") from None
 
 
-def read_state_dict(path: str | Path, ema: bool = False, trust_pickle: bool = False) -> dict[str, Tensor]:
+def _refusal(path: Path, allowed: list, reason: str) -> str:
+    """What weights-only loading refused: the globals the pickle names that are not allowed (read
+    statically, nothing executed), else torch's reason."""
+    names = set()
+    try:
+        with torch.serialization.safe_globals(allowed):
+            names = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except (ValueError, RuntimeError, OSError, pickle.UnpicklingError):
+        pass  # a legacy (non-zip) file: torch's message names the global
+    if not names:
+        names = set(re.findall(r"GLOBAL (\S+?)(?: was| whose|$)", reason, flags=re.M)) or _stack_globals(path)
+    if names:
+        return f"refers to {', '.join(sorted(names))}"
+    lines = [line.strip() for line in reason.splitlines() if line.strip() and "weights_only" not in line
+             and "Weights only" not in line and not line.strip().startswith(("(1)", "(2)", "Check the"))]
+    return f"holds what weights-only loading refuses ({lines[-1] if lines else 'unknown reason'})"
+
+
+def _stack_globals(path: Path) -> set[str]:
+    """The globals a protocol-4+ pickle names with STACK_GLOBAL (which weights-only loading refuses
+    outright, so torch names none), read statically from the archive's data.pkl."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+        strings: list[str] = []  # the strings pushed so far (module and name precede a STACK_GLOBAL)
+        memo: dict[int, str | None] = {}
+        names, last = set(), None
+        for op, arg, _ in pickletools.genops(data):
+            if "UNICODE" in op.name:
+                strings.append(arg)
+            elif op.name == "MEMOIZE":
+                memo[len(memo)] = strings[-1] if last is not None and "UNICODE" in last else None
+            elif op.name.endswith("PUT"):
+                memo[arg] = strings[-1] if last is not None and "UNICODE" in last else None
+            elif op.name.endswith("GET") and memo.get(arg) is not None:
+                strings.append(memo[arg])
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.add(f"{strings[-2]}.{strings[-1]}")
+            last = op.name
+        return names
+    except (zipfile.BadZipFile, OSError, StopIteration, ValueError):
+        return set()
+
+
+def read_state_dict(path: str | Path, ema: bool = False) -> dict[str, Tensor]:
     """The weights of a released file: a fairseq checkpoint (``model`` or ``extra_state.ema``), a plain
-    state dict (.pt/.bin), a .safetensors file, or a directory holding one of those."""
+    state dict (.pt/.bin), a .safetensors file, or a directory holding one of those. Pickled files are
+    read weights-only (``RELEASED_GLOBALS``): a crafted file runs nothing, it is refused."""
     path = Path(path)
     if path.is_dir():
         candidates = [path / n for n in ("model.safetensors", "pytorch_model.bin", "checkpoint.pt")]
@@ -110,7 +187,12 @@ def read_state_dict(path: str | Path, ema: bool = False, trust_pickle: bool = Fa
             return load_file(path)
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from None
-    obj = _torch_load(path, trust_pickle)
+    try:
+        obj = load_weights_only(path, RELEASED_GLOBALS)
+    except UnsafeCheckpointError as exc:
+        raise UnsafeCheckpointError(f"{exc}; if you trust the file, save its weights alone where you trust it "
+                              f"(torch.save(torch.load(f, weights_only=False)['model'], 'weights.pt')) and "
+                              f"import that") from None
     if isinstance(obj, dict) and "checkpoint" in obj and isinstance(obj["checkpoint"], dict):
         obj = obj["checkpoint"]  # a wrapper holding a fairseq checkpoint (e.g. a parity fixture)
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
@@ -228,10 +310,9 @@ def check_fits(expected: dict[str, tuple], found: dict[str, tuple], source: str 
         raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
 
 
-def import_released(path: str | Path, ema: bool = False, trust_pickle: bool = False,
-                    **config_overrides) -> BiomedGPT:
+def import_released(path: str | Path, ema: bool = False, **config_overrides) -> BiomedGPT:
     """A released BiomedGPT/OFA checkpoint (fairseq or HF-port names) as an fp32 BiomedGPT."""
-    state = tie_embeddings(to_fairseq_names(read_state_dict(path, ema=ema, trust_pickle=trust_pickle)))
+    state = tie_embeddings(to_fairseq_names(read_state_dict(path, ema=ema)))
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     state["encoder.embed_tokens.weight"] = state[TIED_KEY]  # infer_config reads the fairseq name
     cfg = infer_config(state, **config_overrides)
@@ -257,7 +338,13 @@ def write_dir_atomically(out_dir: Path, write, overwrite: bool) -> Path:
     if out_dir.exists() and not overwrite:
         raise CheckpointError(f"{out_dir} already exists (pass overwrite=true to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    while True:  # not tempfile.mkdtemp: its 0700 would keep the published folder from the group
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir()
+            break
+        except FileExistsError:
+            continue
     try:
         write(tmp)
         if out_dir.exists():

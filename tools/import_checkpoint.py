@@ -5,7 +5,9 @@
 
 Accepts fairseq checkpoints (``model`` or ``extra_state.ema``), HF-port state dicts (.bin /
 .safetensors / a directory). The architecture is inferred from tensor shapes; the output is
-``config.json`` + safetensors + ``tokenizer/``, written atomically.
+``config.json`` + safetensors + ``tokenizer/``, written atomically. Pickled files are read weights-only
+(tensors, containers, ``argparse.Namespace``, numpy values): a file holding anything else is refused
+with one line naming it, never unpickled.
 """
 from __future__ import annotations
 
@@ -33,7 +35,6 @@ class ImportConfig:
     output: PathStr
     tokenizer: Optional[str] = None  # GPT-2 files, a BART dir or a saved tokenizer; None: the packaged GPT-2 BPE
     ema: bool = False
-    trust_pickle: bool = False  # allow full unpickling for files that hold non-tensor Python objects
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     overwrite: bool = False
 
@@ -54,7 +55,7 @@ def load_any_tokenizer(path: str | Path | None) -> Tokenizer:
 
 def run(cfg: ImportConfig) -> Path:
     tokenizer = load_any_tokenizer(cfg.tokenizer)
-    model = import_released(cfg.source, ema=cfg.ema, trust_pickle=cfg.trust_pickle)
+    model = import_released(cfg.source, ema=cfg.ema)
     if model.cfg.vocab_size != tokenizer.vocab_size:
         raise CheckpointError(f"{cfg.source}: embedding has {model.cfg.vocab_size} rows but the tokenizer at "
                               f"{cfg.tokenizer or 'the packaged GPT-2 BPE'} has {tokenizer.vocab_size} ids")
