@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from biomedgpt.data.config import DataConfig
+from biomedgpt.data.safe_pickle import load_data_pickle
 from biomedgpt.data.tasks import TASK_NAMES
 from biomedgpt.engine.durable import atomic_write_text
 from biomedgpt.engine.config import ConfigError, load, parse_cli, to_dict
@@ -49,7 +49,7 @@ def read_answers(path: str | Path) -> list[str]:
     except FileNotFoundError:
         raise FileNotFoundError(f"answer set file {path} not found") from None
     if path.suffix == ".pkl":
-        data = pickle.loads(raw)  # the released answer lists are pickles; only read files you trust
+        data = load_data_pickle(path)  # the released answer lists are pickles: read from an allow-list
     elif path.suffix == ".json":
         data = json.loads(raw)
     else:

@@ -21,13 +21,14 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import pickle
 import re
 import shutil
 import string
 from collections import Counter
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
+
+from biomedgpt.data.safe_pickle import load_data_pickle
 
 References = Union[Sequence[str], Mapping[str, float]]
 
@@ -321,7 +322,7 @@ def read_cider_df(path: str | Path) -> tuple[dict, float]:
     """OFA's cached CIDEr-D statistics (a pickle: ``document_frequency`` n-gram -> count, ``ref_len`` the
     number of reference documents): (document frequencies, log of that number). Only read files you trust."""
     try:
-        data = pickle.loads(Path(path).read_bytes(), encoding="latin1")
+        data = load_data_pickle(path)  # read from an allow-list (data/safe_pickle.py): nothing in it runs
     except FileNotFoundError:
         raise FileNotFoundError(f"CIDEr-D document frequency file {path} not found") from None
     if not isinstance(data, dict) or "document_frequency" not in data or "ref_len" not in data:

@@ -338,3 +338,37 @@ def test_train_on_a_denied_bucket_is_one_line_once(s3, tmp_path, monkeypatch, ia
     assert errors == [f"error: stream caption: cannot read s3://data/denied/index.json at {endpoint}: access denied "
                       "(403): the credentials have no permission there"], output[-4000:]
     assert "Traceback" not in output, output[-4000:]
+
+
+# ----- data pickles (answer lists, CIDEr-D caches): read from an allow-list, nothing in them runs -------------
+
+def test_data_pickles_load_plain_data_and_refuse_code(tmp_path):
+    import collections
+    import pickle
+
+    import numpy as np
+
+    from biomedgpt.data.safe_pickle import UnsafePickleError, load_data_pickle
+    from biomedgpt.engine.downstream import read_answers
+    from biomedgpt.engine.task_metrics import read_cider_df
+
+    (tmp_path / "ans2label.pkl").write_bytes(pickle.dumps({"yes": 0, "no": 1, "left lung": 2}, protocol=2))
+    assert read_answers(tmp_path / "ans2label.pkl") == ["yes", "no", "left lung"]
+    df = collections.defaultdict(float, {("a",): 2.0, ("a", "b"): 1.0})
+    (tmp_path / "df.p").write_bytes(pickle.dumps({"document_frequency": df, "ref_len": np.float64(3.0)}))
+    frequencies, log_docs = read_cider_df(tmp_path / "df.p")
+    assert frequencies[("a", "b")] == 1.0 and log_docs == pytest.approx(np.log(3.0))
+
+    marker = tmp_path / "ran"
+
+    class Crafted:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    for protocol in (0, 2, 4):
+        (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"yes": Crafted()}, protocol=protocol))
+        with pytest.raises(UnsafePickleError, match=r"evil.pkl: refers to (posix|os)\.system"):
+            read_answers(tmp_path / "evil.pkl")
+        with pytest.raises(UnsafePickleError, match="refers to"):
+            load_data_pickle(tmp_path / "evil.pkl")
+    assert not marker.exists()

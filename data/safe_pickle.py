@@ -1,0 +1,49 @@
+"""Plain pickle data files read without running code: OFA's answer lists (``trainval_ans2label.pkl``: answer
+-> index) and its cached CIDEr-D document frequencies (a ``defaultdict`` of n-gram tuples, numpy scalars).
+
+Neither ``torch.load`` (which reads its own archive format) nor ``json`` reads them, and ``pickle.loads``
+would run whatever a crafted file names. This unpickler resolves only the globals on ``ALLOWED`` (containers
+and numpy scalars: nothing that calls code); any other global refuses the whole file with one line naming
+the file and the global. Checkpoints never come here (``engine/checkpoint_load.py`` reads them with
+``torch.load(weights_only=True)``).
+"""
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+from biomedgpt.engine.user_errors import UserError
+
+#: (module, name) pairs a data pickle may name: a defaultdict with a builtin factory, numpy scalars / dtypes
+ALLOWED = frozenset({
+    ("collections", "defaultdict"), ("collections", "OrderedDict"), ("collections", "Counter"),
+    ("builtins", "float"), ("builtins", "int"), ("builtins", "list"), ("builtins", "set"), ("builtins", "str"),
+    ("__builtin__", "float"), ("__builtin__", "int"), ("__builtin__", "list"), ("__builtin__", "set"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "dtype"),
+})
+
+
+class UnsafePickleError(UserError, ValueError):
+    """A data pickle that names a global outside ``ALLOWED``."""
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, source: str):
+        super().__init__(io.BytesIO(data), encoding="latin1")  # Python 2 pickles (OFA's caches) too
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in ALLOWED:
+            raise UnsafePickleError(f"{self.source}: refers to {module}.{name}, which no data file needs: not "
+                                    f"loaded (unpickling it could run code); save it as JSON instead")
+        return super().find_class(module, name)
+
+
+def load_data_pickle(path: str | Path) -> object:
+    """The object a plain data pickle holds, built from allow-listed globals only."""
+    path = Path(path)
+    try:
+        return _AllowListUnpickler(path.read_bytes(), str(path)).load()
+    except (pickle.UnpicklingError, EOFError) as exc:
+        raise UnsafePickleError(f"{path}: not a readable pickle ({exc})") from None
