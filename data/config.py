@@ -31,8 +31,8 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 class StreamConfig:
     """One task's shards. ``remote`` is ``s3://bucket/prefix`` (or gs://, ...) or a local/shared path."""
 
-    name: str
-    task: StreamTask
+    name: str  # the stream's name (unique; names its cache folder and its per-task metrics)
+    task: StreamTask  # how its rows become examples (biomedgpt.data.tasks)
     remote: PathStr  # a local or shared folder, or s3://bucket/prefix
     local: Optional[PathStr] = None  # cache dir for a remote; default: <DataConfig.cache_dir>/<name>
     proportion: Optional[float] = None  # share of the mixture; None: all streams by their size
@@ -52,15 +52,18 @@ class StreamConfig:
 class DataConfig:
     """Streams, batch shape, length limits, transforms and loader settings of one run."""
 
-    streams: list[StreamConfig] = field(default_factory=list)
+    streams: list[StreamConfig] = field(default_factory=list)  # training streams, mixed by proportion
+    # evaluation streams (split: valid selects the best model)
     eval_streams: list[StreamConfig] = field(default_factory=list)
-    cache_dir: PathStr = "/tmp/biomedgpt-mds-cache"
+    cache_dir: PathStr = "/tmp/biomedgpt-mds-cache"  # local copies of remote shards
     batch_size: int = 16  # rows drawn per rank per step (a pretraining row can give two examples)
-    eval_batch_size: int = 16
-    patch_image_size: int = 256
+    eval_batch_size: int = 16  # rows per rank per evaluation batch
+    patch_image_size: int = 256  # image side in pixels the model sees (the original's --patch-image-size)
     max_image_size: int = 512  # coordinate range quantised into location bins
-    max_src_tokens: int = 80
+    max_src_tokens: int = 80  # source length limit (--max-src-length)
+    # target length limit (--max-tgt-length; words for captions and summaries, as the original)
     max_tgt_tokens: int = 30
+    # loss weight of each loss group (the pretraining mixture's x2 sub-batch is group 1)
     group_weights: list[float] = field(default_factory=lambda: [1.0, 2.0])
     train_transform: TrainTransform = "ofa_augment"  # training images: resize / ofa_augment / medmnist
     # the model's input is (pixel / 255 - mean) / std per RGB channel; saved with the model it trains

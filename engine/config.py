@@ -354,16 +354,20 @@ def field_descriptions(cls: type) -> dict[str, str]:
         lines = inspect.getsource(getattr(cls, "settings_described_by", cls)).splitlines()
     except (OSError, TypeError):
         return out
-    above: list[str] = []
+    above: list[str] = []  # a comment block describes each field under it, up to a blank line
+    after_field = False
     for line in lines:
         if (comment := _COMMENT_LINE.match(line)) is not None:
-            above.append(comment.group(1).strip())
+            above = ([] if after_field else above) + [comment.group(1).strip()]
+            after_field = False
             continue
         if (found := _FIELD_LINE.match(line)) is not None and not line.lstrip().startswith(("def ", "@")):
             text = found.group(2) or " ".join(above)
             if text:
-                out[found.group(1)] = text.strip()
-        above = []
+                out.setdefault(found.group(1), text.strip())
+            after_field = True
+            continue
+        above, after_field = [], False
     return out
 
 

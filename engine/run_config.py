@@ -22,20 +22,21 @@ Precision = Literal["fp32", "fp16", "bf16"]
 class OptimConfig:
     """AdamW with linear warmup then linear / polynomial decay (the published runs' settings)."""
 
-    lr: float = 5e-5
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.01
+    lr: float = 5e-5  # peak learning rate
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
     warmup_ratio: float = 0.01  # share of max steps spent warming up (used when warmup_steps is None)
-    warmup_steps: Optional[int] = None
+    warmup_steps: Optional[int] = None  # warmup length in optimizer steps (overrides warmup_ratio)
+    # decay after warmup (polynomial with power 1.0 is linear)
     schedule: Literal["linear", "polynomial", "constant"] = "polynomial"
     power: float = 1.0  # polynomial decay exponent (1.0 = linear)
-    end_lr: float = 0.0
+    end_lr: float = 0.0  # learning rate at the end of the decay
     max_steps: Optional[int] = 1000  # optimizer steps; with max_epochs the smaller wins (null: epochs only)
-    max_epochs: Optional[int] = None
-    grad_accum: int = 1
+    max_epochs: Optional[int] = None  # epochs over the training streams (with max_steps the smaller wins)
+    grad_accum: int = 1  # micro-batches per optimizer step (--update-freq)
     clip_norm: float = 1.0  # 0 disables clipping
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # label smoothing of the cross-entropy
     # OFA's --freeze-encoder-embedding / --freeze-decoder-embedding. Encoder and decoder share one token table
     # (tied to the output projection, as OFA's --share-all-embeddings): either flag keeps that table fixed, and
     # it gets no optimizer state.
@@ -74,12 +75,13 @@ class OptimConfig:
 class DeepSpeedConfig:
     """ZeRO stage, offload, precision and the distributed run's failure handling."""
 
-    zero_stage: int = 0
+    zero_stage: int = 0  # DeepSpeed ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters partitioned
     template: Optional[PathStr] = None  # a ds_configs/*.json file; None: ds_configs/zero{stage}[_offload].json
-    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_optimizer: Literal["none", "cpu"] = "none"  # ZeRO >= 1: optimizer states in host memory
     offload_param: Literal["none", "cpu"] = "none"  # ZeRO-3 only
     zero_init: Optional[bool] = None  # build under zero.Init (ZeRO-3); None: from 300M parameters up
-    precision: Precision = "fp32"
+    precision: Precision = "fp32"  # fp32, or bf16 / fp16 mixed precision (fp32 on a device without them, said once)
+    # recompute each transformer layer in the backward (less memory, ~30% more compute)
     activation_checkpointing: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPUs, gloo on CPUs
     collective_timeout_s: int = 600  # a collective waiting longer (a dead peer) fails the rank
@@ -120,8 +122,8 @@ class DeepSpeedConfig:
 class EmaConfig:
     """Exponential moving average of the weights (the paper evaluates EMA weights)."""
 
-    enabled: bool = False
-    decay: float = 0.9999
+    enabled: bool = False  # keep an exponential moving average of the weights
+    decay: float = 0.9999  # EMA decay per optimizer step
     start_step: int = 0  # steps before this copy the weights instead of averaging
     # also average the floating buffers (BatchNorm running mean / var) and copy the integer ones
     # (num_batches_tracked), as fairseq's EMA; evaluation with the EMA uses them too
@@ -138,9 +140,9 @@ class EvalConfig:
 
     interval: int = 0  # optimizer steps between evaluations; 0: only at the end
     interval_epochs: int = 0  # also every this many epochs (the original's --validate-interval); 0: off
-    at_end: bool = True
+    at_end: bool = True  # evaluate once more at the end of training
     metric: str = "loss"  # a key of the evaluation results (loss, accuracy, loss/<task>, ...)
-    mode: Literal["min", "max"] = "min"
+    mode: Literal["min", "max"] = "min"  # whether a lower (min) or higher (max) metric is better
     # cap per evaluation (None: the whole eval set): the first max_batches x data.eval_batch_size samples,
     # over all ranks together (each rank its share), so eval/loss means the same on any number of ranks
     max_batches: Optional[int] = None
@@ -167,9 +169,10 @@ class LogConfig:
 
     interval: int = 10  # optimizer steps between logged lines
     progress_bar: bool = True  # on a terminal only; redirected output gets the plain lines every interval
+    # auto: WANDB_MODE, online with an API key, else offline files under output_dir/wandb
     wandb_mode: Literal["auto", "offline", "online", "disabled"] = "auto"
-    wandb_project: str = "biomedgpt"
-    wandb_run_name: Optional[str] = None
+    wandb_project: str = "biomedgpt"  # wandb project name
+    wandb_run_name: Optional[str] = None  # wandb run name (None: wandb's own)
     peak_tflops: Optional[float] = None  # per device, for MFU; None: from the device table / a measurement
     sample_ids: bool = False  # write each rank's sample ids per step to sample_ids/rank_NNNNN.jsonl (data audit)
 
@@ -177,8 +180,8 @@ class LogConfig:
 @dataclass
 class CheckpointConfig:
     interval: int = 1000  # optimizer steps between checkpoints (0: only on exit / signal)
-    keep_last_n: int = 2
-    at_end: bool = True
+    keep_last_n: int = 2  # checkpoints kept (older ones are deleted once a newer one is complete)
+    at_end: bool = True  # checkpoint at the end of training
     resume: Literal["auto", "never"] = "auto"  # auto: continue from <output_dir>/checkpoints/latest
     stop_after: Optional[int] = None  # steps to run in this invocation, then checkpoint and exit 75 (chunked jobs)
     init_from: Optional[PathStr] = None  # a model directory (biomedgpt.models.checkpoint) to start a fresh run from
@@ -197,7 +200,7 @@ class WatchdogConfig:
     into <output_dir>/watchdog/ and the job exits 86. Sized for slow GPU steps and large checkpoint writes."""
 
     timeout_s: float = 1800.0  # 0: off
-    poll_s: float = 1.0
+    poll_s: float = 1.0  # seconds between the watchdog's progress checks
 
     def __post_init__(self) -> None:
         if self.timeout_s < 0 or self.poll_s <= 0:
@@ -222,8 +225,8 @@ class RunConfig:
     bpe_dir: Optional[PathStr] = None  # GPT-2 BPE files (encoder.json, vocab.bpe, dict.txt); None: packaged
     sample_patch_num: Optional[int] = None  # random image patches per sample in training (196 in pretraining)
     max_nonfinite_steps: int = 20  # skipped NaN/inf losses tolerated before the run fails
-    seed: int = 1
-    output_dir: PathStr = "runs/default"
+    seed: int = 1  # seed of the model's initialisation and dropout (the data order: data.shuffle_seed)
+    output_dir: PathStr = "runs/default"  # where the run writes checkpoints, metrics.jsonl, config.yaml and best/
     demo_data_dir: Optional[PathStr] = None  # build the demo shards (biomedgpt.data.demo) here when absent
 
     def model_config(self) -> ModelConfig:
