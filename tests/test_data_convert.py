@@ -412,6 +412,26 @@ def test_missing_and_empty_input_are_one_line_errors(tmp_path, capsys):
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "no input files" in proc.stderr
 
 
+def test_format_comes_from_the_suffix_or_is_asked_for(tmp_path, capsys):
+    from biomedgpt.tools.prepare_data import PrepareConfig
+
+    from biomedgpt.tools.prepare_data import main
+
+    (tmp_path / "rows.tsv").write_text("1\tsome text\n")
+    with pytest.raises(SystemExit) as info:
+        main([f"input={tmp_path / 'rows.tsv'}", f"output={tmp_path / 'o'}"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 1 and err.count("\n") == 0 and "Traceback" not in err, err
+    assert "a .tsv input needs format= naming its original layout: vision_language_tsv, text_tsv" in err
+    assert PrepareConfig(input="a/b.parquet", output="o").format == "parquet"
+    assert PrepareConfig(input="a/*.jsonl", output="o").format == "jsonl"
+    assert PrepareConfig(input="llava_med.json", output="o").format == "llava_json"
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "scans" / "IM0001").write_bytes(b"")
+    assert PrepareConfig(input=str(tmp_path / "scans"), output="o").format == "dicom"
+    assert PrepareConfig(input="x.tsv", output="o", format="text_tsv").format == "text_tsv"
+
+
 def test_unreachable_or_refusing_store_is_one_line_within_10s(s3, tmp_path, capsys, monkeypatch):
     (tmp_path / "text.tsv").write_text("t0\tsome report\n")
     args = (f"input={tmp_path / 'text.tsv'}", "format=text_tsv")

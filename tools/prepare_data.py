@@ -27,6 +27,7 @@ import glob
 import json
 import signal
 import sys
+import typing
 from collections import Counter
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -50,8 +51,12 @@ class PrepareConfig:
 
     input: PathStr
     output: PathStr  # a folder, or s3://bucket/prefix
-    format: Format = "jsonl"
-    kind: str = ""  # row kind for parquet / jsonl / csv / dicom input (biomedgpt.data.records.KINDS); others imply it
+    # the input's format (listed above); None: from the input's suffix (.parquet, .jsonl, .csv, .json for
+    # LLaVA, .dcm or a folder for DICOM); a .tsv names its original layout (vision_language_tsv, vqa_tsv, ...)
+    format: Optional[Format] = None
+    # what each row is, for parquet / jsonl / csv / dicom input: caption, classification, detection, grounding,
+    # image_codes, instruction, nli, summarization, text or vqa (biomedgpt.data.records.KINDS); others imply it
+    kind: str = ""
     columns: dict[str, str] = field(default_factory=dict)  # our field -> source column (or DICOM keyword)
     image_root: str = ""  # base of relative image paths in jsonl / csv
     compression: Optional[str] = None  # e.g. zstd; None keeps shards directly readable
@@ -75,6 +80,28 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if self.max_image_pixels < 1:
             raise ValueError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
+        if self.format is None:
+            self.format = format_of(self.input)
+
+
+#: input suffix -> format, where the suffix alone says it
+SUFFIX_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".csv": "csv", ".json": "llava_json", ".dcm": "dicom",
+                  ".dicom": "dicom"}
+
+
+def format_of(path: str) -> str:
+    """The format of an input given without ``format=``, from its suffix (a folder: DICOM files)."""
+    suffix = Path(path.rstrip("/")).suffix.lower()
+    if suffix in SUFFIX_FORMATS:
+        return SUFFIX_FORMATS[suffix]
+    tsv = [f for f in typing.get_args(Format) if f.endswith("_tsv")]
+    if suffix == ".tsv":
+        raise ValueError(f"{path}: a .tsv input needs format= naming its original layout: {', '.join(tsv)}")
+    if "://" not in path and Path(path).is_dir():  # a folder: its files' one known suffix, else DICOM files
+        found = {SUFFIX_FORMATS.get(p.suffix.lower()) for p in Path(path).rglob("*") if p.is_file()} - {None}
+        return found.pop() if len(found) == 1 else "dicom"
+    raise ValueError(f"{path}: give format= (one of {', '.join(typing.get_args(Format))}); the suffix "
+                     f"{suffix or '(none)'} does not say it")
 
 
 class ConversionError(ValueError):
