@@ -276,7 +276,8 @@ def write_transformers(directory: Path, state: dict[str, Tensor], cfg: ModelConf
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(ExportConfig, argv, description=__doc__)
     out = export(cfg.model, cfg.output, cfg.dtype, cfg.overwrite, cfg.format, cfg.image_size, cfg.tokenizer)
-    print(f"{cfg.model} -> {out} ({'stock transformers, trust_remote_code' if cfg.format == 'transformers' else 'HF-port names'})")
+    kind = "stock transformers, trust_remote_code=True" if cfg.format == "transformers" else "HF-port names"
+    print(f"{cfg.model} -> {out} ({kind})")
     return 0
 
 
