@@ -137,6 +137,7 @@ def test_bundled_modules_import_nothing_but_torch_and_transformers(exported):
     processor = json.loads((export / "preprocessor_config.json").read_text())
     assert processor["size"] == {"height": IMAGE_SIZE, "width": IMAGE_SIZE} and processor["resample"] == 3
     assert processor["image_mean"] == [0.48, 0.46, 0.41] and processor["image_std"] == [0.27, 0.26, 0.28]
+    assert Tokenizer.from_bart_dir(export) == Tokenizer.load(root / "model" / "tokenizer")  # vocab.json, merges.txt
     card = (export / "README.md").read_text()
     assert "Apache License 2.0" in card and "M parameters" in card
 
@@ -180,3 +181,16 @@ def test_import_of_the_downloaded_collection_layout(tmp_path, capsys):
     print(f"collection vs fairseq import: max |d logits| = {diff:.2e}")
     assert diff == 0
     torch.testing.assert_close(a, c, rtol=0, atol=1e-5)  # and they are the weights that were written
+
+
+def test_collection_directory_that_is_not_ofa_or_lacks_merges_is_one_line(tmp_path, capsys):
+    folder = tmp_path / "downloaded"
+    folder.mkdir()
+    (folder / "vocab.json").write_text("{}")
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert import_checkpoint.main([f"source={folder}", f"output={tmp_path / 'out'}"]) == 1
+    assert f"{folder / 'config.json'}: model_type 'bert'" in capsys.readouterr().err
+    (folder / "config.json").write_text(json.dumps({"model_type": "ofa"}))
+    assert import_checkpoint.main([f"source={folder}", f"output={tmp_path / 'out'}"]) == 1
+    assert "vocab.json without merges.txt" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

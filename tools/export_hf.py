@@ -244,7 +244,9 @@ print(tokenizer.batch_decode(tokens, skip_special_tokens=True))
 
 The modeling code in this directory is BiomedGPT's own (`ofa.py`, `attention.py`, ...) and `generate()` runs
 its beam search, so the tokens equal `biomedgpt infer`'s on the same weights and prompt. The prompt must be
-written as the model was fine-tuned (see the project's `biomedgpt.data.tasks`).
+written as the model was fine-tuned (see the project's `biomedgpt.data.tasks`). The tokenizer gives the
+project's ids, `<mask>`, `<code_i>` and `<bin_j>` written in text included; one difference: `<s>`, `</s>`,
+`<pad>`, `<unk>` written literally in text are special tokens here, ordinary text in the project.
 
 ## Licence
 The code and weights format are under the Apache License 2.0 (BiomedGPT, OFA). The weights were trained on
