@@ -31,6 +31,7 @@ setup(
         "biomedgpt.ds_configs": ["*.json"],
         "biomedgpt.models": ["vocab/gpt2/*"],
         "biomedgpt.launchers": ["*.sh", "*.sbatch"],
+        "biomedgpt.tools": ["hf_templates/*.py"],  # written into format=transformers exports, never imported
     },
     entry_points={"console_scripts": ["biomedgpt = biomedgpt.tools.cli:main"]},
     install_requires=[

@@ -209,6 +209,28 @@ def read_state_dict(path: str | Path, ema: bool = False) -> dict[str, Tensor]:
     raise CheckpointError(f"{path}: neither a fairseq checkpoint (with 'model') nor a state dict of tensors")
 
 
+def collection_tokenizer_dir(path: str | Path) -> Path | None:
+    """``path`` itself when it is a downloaded HF-port collection directory (``config.json`` with model_type
+    "ofa", ``pytorch_model.bin`` or ``model.safetensors``, and its BPE as ``vocab.json`` + ``merges.txt``);
+    None for any other source (a file, or a directory without ``vocab.json``)."""
+    path = Path(path)
+    if not path.is_dir() or not (path / "vocab.json").is_file():
+        return None
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise CheckpointError(f"{config}: not a JSON object ({exc}); download the file again") from None
+        if model_type not in (None, "ofa"):
+            raise CheckpointError(f"{config}: model_type {model_type!r} is not an OFA/BiomedGPT collection "
+                                  f"(expected \"ofa\"); pass the released weights of BiomedGPT or OFA")
+    if not (path / "merges.txt").is_file():
+        raise CheckpointError(f"{path}: vocab.json without merges.txt; download both tokenizer files, or pass "
+                              f"tokenizer= a BPE folder")
+    return path
+
+
 def to_fairseq_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Normalise key names: strip wrapper prefixes, map HF-port names, drop recomputed buffers."""
     keys = list(state)

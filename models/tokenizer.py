@@ -200,13 +200,21 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         vocab = {token: i for i, token in enumerate(self._tokens)}
         _write_atomic(directory / VOCAB_FILE, json.dumps(vocab, ensure_ascii=False))
-        _write_atomic(directory / MERGES_FILE, "\n".join([MERGES_HEADER] + [f"{a} {b}" for a, b in self._merges]) + "\n")
+        _write_atomic(directory / MERGES_FILE, self.merges_text())
         config = {
             "format": FORMAT, "version": FORMAT_VERSION, "source": self.source,
             "vocab_size": self.vocab_size, "num_codes": self.num_codes, "num_bins": self.num_bins,
             "mask_id": self.mask_id, "first_code_id": self.first_code_id, "first_bin_id": self.first_bin_id,
         }
         _write_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+
+    def merges_text(self) -> str:
+        """The merge rules as a ``merges.txt`` (GPT-2 / BART format)."""
+        return "\n".join([MERGES_HEADER] + [f"{a} {b}" for a, b in self._merges]) + "\n"
+
+    def backend(self) -> HFTokenizer:
+        """A copy of the HF ``tokenizers`` object that encodes (for exports that wrap it)."""
+        return HFTokenizer.from_str(self._hf.to_str())
 
     # ---- text ---------------------------------------------------------------------------------------
 
