@@ -142,3 +142,12 @@ def test_evaluate_command_runs_a_zero3_model_across_ranks(shards, tmp_path, repo
     results = {n: json.loads((tmp_path / n / "results.json").read_text()) for n in ("alone", "zero3")}
     assert results["zero3"]["metrics"] == results["alone"]["metrics"]
     assert results["zero3"]["decoding"] == "whole model" and "synced_decoding_per_rank" not in results["zero3"]
+
+
+def test_gather_rule_counts_every_rank_on_the_host_against_the_budget():
+    from biomedgpt.engine.zero_plan import gather_fits
+
+    gib = 2**30
+    assert gather_fits(2 * gib, 10 * gib, 2, 0.5)  # 4 GiB of whole copies within half of 10 GiB
+    assert not gather_fits(2 * gib, 10 * gib, 3, 0.5)  # a third rank on the host tips it over
+    assert not gather_fits(1, 10 * gib, 1, 0.0)  # 0: always per module
