@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -338,12 +339,13 @@ def start_ranks(zero_stage: int, device: str) -> Ranks:
 
 
 def prepare_model(model_dir: str | Path, bpe_dir: str | Path | None, zero_stage: int, ranks: Ranks):
-    """(model, tokenizer, sync) for evaluation or inference. Stage 3: built partitioned across the ranks
-    (``model_setup.load_partitioned``: no rank materialises the whole model), wrapped in DeepSpeed's
-    ZeRO-3 engine; on several ranks ``sync`` makes them decode in lockstep."""
+    """(model, tokenizer, sync, engine) for evaluation or inference. Stage 3: built partitioned across the
+    ranks (``model_setup.load_partitioned``: no rank materialises the whole model), wrapped in DeepSpeed's
+    ZeRO-3 ``engine`` (for ``decoding_model``); on several ranks ``sync`` makes them decode in lockstep
+    where the whole model does not fit."""
     if zero_stage != 3:
         model, tokenizer = load_model_and_tokenizer(model_dir, bpe_dir, ranks.device)
-        return model, tokenizer, None
+        return model, tokenizer, None, None
     import deepspeed
 
     from biomedgpt.engine.model_setup import load_partitioned
@@ -357,7 +359,19 @@ def prepare_model(model_dir: str | Path, bpe_dir: str | Path | None, zero_stage:
     if ranks.world > 1:
         sync = RankSync()
         sync.time_calls(engine.module.decoder)
-    return engine.module, tokenizer, sync
+    return engine.module, tokenizer, sync, engine
+
+
+def decoding_model(engine, ranks: Ranks, fraction: float):
+    """Context yielding whether decoding runs on the whole model: ZeRO-3 ``engine`` (``prepare_model``)
+    gathered once when it fits (``zero_plan.decoding_model``; rank 0 says which way on stderr); stage 0
+    (``engine`` None): the model is whole already and the ranks independent, nothing to do."""
+    if engine is None:
+        return nullcontext(False)
+    from biomedgpt.engine.zero_plan import decoding_model as zero3_decoding
+
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if ranks.rank == 0 else (lambda line: None)
+    return zero3_decoding(engine, ranks.device, ranks.world, fraction, log)
 
 
 def sync_costs(sync: RankSync) -> dict[str, float]:
@@ -384,11 +398,13 @@ def run(cfg: EvaluateConfig) -> dict:
     data, downstream = resolve(cfg)
     ranks = start_ranks(cfg.zero_stage, cfg.device)
     rank, device, gather = ranks.rank, ranks.device, ranks.gather
-    model, tokenizer, sync = prepare_model(cfg.model_dir, cfg.bpe_dir, cfg.zero_stage, ranks)
+    model, tokenizer, sync, engine = prepare_model(cfg.model_dir, cfg.bpe_dir, cfg.zero_stage, ranks)
     loaded_rss = gather([peak_rss_gib()])
     loader = build_eval_loader(data, tokenizer, rank, ranks.world)
     start = time.perf_counter()
-    metrics, records = evaluate_model(model, tokenizer, loader, downstream, device, gather, sync)
+    with decoding_model(engine, ranks, downstream.gather_memory_fraction) as whole:
+        sync = None if whole else sync
+        metrics, records = evaluate_model(model, tokenizer, loader, downstream, device, gather, sync)
     elapsed = time.perf_counter() - start
     records = unique_records(records)
     rss = gather([peak_rss_gib()])
@@ -397,7 +413,9 @@ def run(cfg: EvaluateConfig) -> dict:
         return {"metrics": metrics}
     results = {"model_dir": str(cfg.model_dir), "split": cfg.split, "paper_metrics": paper_metrics(metrics),
                "metrics": metrics, "samples": len({r["id"] for r in records}),
-               "seconds": elapsed, "peak_rss_gib_per_rank": {"after_load": loaded_rss, "at_end": rss},
+               "seconds": elapsed,
+               **({"decoding": "whole model" if whole else "per module"} if engine is not None else {}),
+               "peak_rss_gib_per_rank": {"after_load": loaded_rss, "at_end": rss},
                **({"synced_decoding_per_rank": synced} if synced is not None else {}),
                "eval_streams": [to_dict(s) for s in data.eval_streams],
                "downstream": {name: to_dict(downstream.task(name))

@@ -60,8 +60,14 @@ class DownstreamConfig:
     # samples, over all ranks together
     max_batches: Optional[int] = None
     candidate_rows: int = 256  # decoder rows per chunk when scoring candidates (memory bound)
+    # ZeRO-3: gather the whole model once per evaluation pass when it takes at most this share of the free
+    # device memory (CPU: host memory, shared by the host's ranks); else per-module gathers in lockstep.
+    # 0: always per module
+    gather_memory_fraction: float = 0.5
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.gather_memory_fraction <= 1.0:
+            raise ValueError(f"gather_memory_fraction must be in [0, 1], got {self.gather_memory_fraction}")
         for name in {*self.tasks, *self.valid_tasks}:
             self.task(name)  # unknown tasks / keys are errors now, not mid-evaluation
         for name in self.valid_tasks:
@@ -132,7 +138,8 @@ class EvaluateConfig:
     # evaluate the eval streams of this split (a recipe lists its valid and test streams); valid decodes with
     # downstream.valid_tasks as training does. None: every eval stream (which must all be of one split)
     split: Optional[Split] = None
-    # 3: partition the model across the launched ranks with DeepSpeed ZeRO-3 (ranks decode in lockstep).
+    # 3: partition the model across the launched ranks with DeepSpeed ZeRO-3 (decoding gathers the whole
+    # model once when it fits, see downstream.gather_memory_fraction; else the ranks decode in lockstep).
     # Started by a launcher (launchers/local.sh -m biomedgpt.engine.downstream -n N), every rank evaluates
     # its share of the data; rank 0 writes the results.
     zero_stage: Literal[0, 3] = 0

@@ -10,12 +10,14 @@
 Across ranks each rank evaluates its share; results are gathered in rank order and each sample id counts
 once (the eval loader pads the shares by repeating samples). Where the parameters are partitioned (ZeRO-3)
 every module call is a collective, so every rank makes the same calls: the loss pass runs a forward each
-round (a rank whose share is done repeats its last batch), and decoding runs in lockstep (``RankSync``;
-each module gathers its own parameters per call).
+round (a rank whose share is done repeats its last batch). Decoding gathers the whole model once per pass
+when it fits (``zero_plan.decoding_model``) and the ranks then decode independently as at stage 0; else
+it runs in lockstep (``RankSync``; each module gathers its own parameters per call).
 """
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -124,12 +126,18 @@ class Evaluator:
     """Evaluation of one model on this rank's share of the eval data, the ranks agreeing on the result.
 
     ``model`` is the module to evaluate (DeepSpeed's ``engine.module`` or a plain model, in eval mode);
-    ``partitions_params``: its parameters are ZeRO-3 partitions (``ZeroPlan.partitions_params``)."""
+    ``partitions_params``: its parameters are ZeRO-3 partitions (``ZeroPlan.partitions_params``); then
+    ``engine`` (the DeepSpeed engine of ``model``) lets decoding gather the whole model once, and ``log``
+    (rank 0's) says which way it decodes."""
 
     def __init__(self, model, device: torch.device, rank: int, world: int, partitions_params: bool,
-                 beat: Callable[[str], None] = lambda phase: None):
+                 beat: Callable[[str], None] = lambda phase: None, engine=None,
+                 log: Callable[[str], None] = lambda line: None):
         self.model, self.device, self.rank, self.world, self.beat = model, device, rank, world, beat
+        self.engine = engine if partitions_params else None
+        self.log = log
         self.sync = RankSync() if partitions_params and world > 1 else None
+        self.gathered: Optional[bool] = None  # under ZeRO-3: whether the last decoding ran on the whole model
 
     def gather(self, part: list) -> list:
         """Every rank's list, concatenated in rank order (the same on every rank)."""
@@ -172,6 +180,18 @@ class Evaluator:
         """The task metrics by generation on the validation streams (decoded with ``cfg.validation()``, the
         settings the original validates with), and every rank's predictions (each sample once)."""
         self.beat("downstream eval")
-        metrics, records = evaluate_model(self.model, tokenizer, batches, cfg.validation(), self.device,
-                                          self.gather, self.sync)
+        cfg = cfg.validation()
+        with self.decoding_model(cfg.gather_memory_fraction) as whole:
+            metrics, records = evaluate_model(self.model, tokenizer, batches, cfg, self.device, self.gather,
+                                              None if whole else self.sync)
+        if self.engine is not None:
+            self.gathered = whole
         return metrics, unique_records(records)
+
+    def decoding_model(self, fraction: float):
+        """ZeRO-3: the whole model for this pass when it fits (yields True), else the partitioned one."""
+        if self.engine is None:
+            return nullcontext(False)
+        from biomedgpt.engine.zero_plan import decoding_model
+
+        return decoding_model(self.engine, self.device, self.world, fraction, self.log)

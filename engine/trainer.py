@@ -591,7 +591,8 @@ class Trainer:
         use_ema = self.ema is not None and self.cfg.eval.use_ema
         self.engine.eval()
         evaluator = Evaluator(self.engine.module, self.dist.device, self.rank, self.world,
-                              self.plan.partitions_params, beat=self._beat)
+                              self.plan.partitions_params, beat=self._beat, engine=self.engine,
+                              log=self.logger.write)
         context = self.ema.swapped_in(self.engine.module) if use_ema else nullcontext()
         with context:
             metrics = evaluator.loss_metrics(
@@ -607,6 +608,8 @@ class Trainer:
         start = time.perf_counter()
         results, records = evaluator.task_metrics(self.tokenizer, self.eval_loader, self.cfg.eval.downstream)
         results["downstream_time_s"] = time.perf_counter() - start
+        if evaluator.gathered is not None:
+            results["decoding_gathered"] = float(evaluator.gathered)
         if evaluator.sync is not None:
             results["synced_padding_calls"] = float(sum(evaluator.gather([evaluator.sync.padding_calls])))
         if self.is_main and self.cfg.eval.write_predictions:

@@ -76,9 +76,9 @@ def test_bad_arguments_are_clear(model_dir):
 
 
 def test_zero3_infer_across_two_ranks_matches_one_process(model_dir, chest_dicom, tmp_path, repo_root, vocab_dir):
-    """``biomedgpt infer -n 2 zero_stage=3``: images dealt out to 2 ranks of a partitioned model, decoded in
-    lockstep (trie answers of different lengths), rows in input order; the same rows as one process at
-    stage 0. Rank 1's second batch holds only an unreadable file, so it keeps step on the blank image."""
+    """``biomedgpt infer -n 2 zero_stage=3``: images dealt out to 2 ranks of a partitioned model, decoded per module
+    in lockstep (gather_memory_fraction=0; trie answers of different lengths), rows in input order; the same rows as
+    one process at stage 0. Rank 1's second batch holds only an unreadable file, so it keeps step on the blank image."""
     from skimage import data as skdata
     from PIL import Image
 
@@ -98,7 +98,8 @@ def test_zero3_infer_across_two_ranks_matches_one_process(model_dir, chest_dicom
         infer.main([*common, f"output={tmp_path / 'alone.jsonl'}"])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     done = subprocess.run([sys.executable, "-m", "biomedgpt.tools.cli", "infer", "-n", "2", *common, "zero_stage=3",
-                           f"output={tmp_path / 'zero3.jsonl'}"], cwd=repo_root, capture_output=True, text=True,
+                           "gather_memory_fraction=0", f"output={tmp_path / 'zero3.jsonl'}"], cwd=repo_root,
+                          capture_output=True, text=True,
                           env={**env, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}, timeout=400)
     assert done.returncode != 0 and "1 of 6 images" in done.stderr, done.stdout[-3000:] + done.stderr[-5000:]
     assert "synced decoding on 2 ranks: 2 rounds" in done.stderr

@@ -1,7 +1,9 @@
-"""In-training task-metric evaluation (eval.downstream) under ZeRO-3 on 2 CPU ranks (gloo) gives what stage 0
-gives on the same weights: the ranks decode in lockstep (synced decoding), and do need different numbers
-of decoder steps (VQA answers of different lengths inside the trie, summaries that end at different
-lengths), so without the lockstep their parameter gathers would not line up."""
+"""Evaluation by generation under ZeRO-3 on 2 CPU ranks (gloo) gives what stage 0 gives on the same weights,
+on both of its paths: the whole model gathered once per pass, the ranks decoding independently (the default
+where it fits: ``biomedgpt evaluate``), and per module in lockstep where it does not (a tiny
+``gather_memory_fraction``: in training). The ranks need different numbers of decoder steps (VQA answers
+of different lengths inside the trie, summaries that end at different lengths), so on the per-module path
+without the lockstep their parameter gathers would not line up."""
 from __future__ import annotations
 
 import json
@@ -81,15 +83,17 @@ def test_zero3_downstream_eval_matches_stage0(shards, tmp_path, repo_root, vocab
     weights = _random_model_dir(shards, tmp_path / "weights", vocab_dir)
     # Questions of different lengths: VQA's decoder prompt is the question, so batches take different
     # numbers of forced steps; beam 2 inside the trie ends once two answers have.
+    # A budget no model fits in: the measured check sends ZeRO-3 down the per-module lockstep path.
     downstream = {"tasks": {"vqa": {"generation": {"beam_size": 2}},
-                            "summarization": {"generation": {"max_len": 6, "beam_size": 2}}}}
-    results, predictions = {}, {}
+                            "summarization": {"generation": {"max_len": 6, "beam_size": 2}}},
+                  "gather_memory_fraction": 1e-12}
+    results, predictions, logs = {}, {}, {}
     for stage in (0, 3):
         out = tmp_path / f"stage{stage}"
         cfg = _config(shards, out, vocab_dir, deepspeed={"zero_stage": stage},
                       optim={"max_steps": 0}, checkpoint={"init_from": str(weights)},
                       eval={"export_best": False, "metric": "vqa/accuracy", "mode": "max", "downstream": downstream})
-        launch(repo_root, cfg, 2, timeout=400)
+        logs[stage] = launch(repo_root, cfg, 2, timeout=400)
         results[stage] = [m for m in metrics(out) if "eval/vqa/accuracy" in m][-1]
         predictions[stage] = (out / "eval_predictions" / "step_00000000.jsonl").read_text().splitlines()
     tasks = {json.loads(line)["task"] for line in predictions[0]}
@@ -99,12 +103,16 @@ def test_zero3_downstream_eval_matches_stage0(shards, tmp_path, repo_root, vocab
         if key.startswith(("eval/vqa/", "eval/summarization/")):
             assert results[3][key] == pytest.approx(value, abs=1e-9), key
     # The ranks needed different numbers of decoder steps: the lockstep made padding calls.
+    assert results[3]["eval/decoding_gathered"] == 0.0
+    assert "ZeRO-3 decoding per module in lockstep across ranks: the whole model does not fit" in logs[3]
+    assert "ZeRO-3 decoding" not in logs[0]
     assert results[3]["eval/synced_padding_calls"] > 0
     print(json.dumps({f"stage{s}": {k: v for k, v in r.items() if k.startswith("eval/")} for s, r in results.items()}))
 
 
 def test_evaluate_command_runs_a_zero3_model_across_ranks(shards, tmp_path, repo_root, vocab_dir):
-    """``biomedgpt evaluate zero_stage=3`` on 2 ranks: the same predictions as one process without DeepSpeed."""
+    """``biomedgpt evaluate zero_stage=3`` on 2 ranks: the model fits, so it is gathered once and the ranks decode
+    independently; the same predictions as one process without DeepSpeed."""
     weights = _random_model_dir(shards, tmp_path / "weights", vocab_dir)
     recipe = tmp_path / "recipe.yaml"
     import yaml
@@ -114,6 +122,7 @@ def test_evaluate_command_runs_a_zero3_model_across_ranks(shards, tmp_path, repo
         "tasks": {"vqa": {"generation": {"beam_size": 2}}, "summarization": {"generation": {"max_len": 6}}}}}}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = [f"model_dir={weights}", f"recipe={recipe}", f"bpe_dir={vocab_dir}"]
+    stderr = {}
     for name, cmd in (("alone", ["python", "-m", "biomedgpt.engine.downstream"]),
                       ("zero3", [str(repo_root / "launchers/local.sh"), "-n", "2", "-m", "biomedgpt.engine.downstream",
                                  "--", "zero_stage=3"])):
@@ -121,6 +130,8 @@ def test_evaluate_command_runs_a_zero3_model_across_ranks(shards, tmp_path, repo
         done = subprocess.run([*cmd, *common, f"output_dir={tmp_path / name}"], cwd=repo_root, env=env_run,
                               capture_output=True, text=True, timeout=400)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+        stderr[name] = done.stderr
+    assert "ZeRO-3 decoding on the whole model, gathered once for this pass, ranks independent" in stderr["zero3"]
     rows = {name: sorted((json.loads(line) for line in (tmp_path / name / "predictions.jsonl").read_text().splitlines()),
                          key=lambda r: (r["task"], r["id"])) for name in ("alone", "zero3")}
     assert len(rows["alone"]) == 20
@@ -128,5 +139,15 @@ def test_evaluate_command_runs_a_zero3_model_across_ranks(shards, tmp_path, repo
         # batches are made up differently on one and on two ranks: scores agree to float rounding
         assert mine.pop("score") == pytest.approx(reference.pop("score"), rel=1e-5)
         assert mine == reference
-    results = {n: json.loads((tmp_path / n / "results.json").read_text())["metrics"] for n in ("alone", "zero3")}
-    assert results["zero3"] == results["alone"]
+    results = {n: json.loads((tmp_path / n / "results.json").read_text()) for n in ("alone", "zero3")}
+    assert results["zero3"]["metrics"] == results["alone"]["metrics"]
+    assert results["zero3"]["decoding"] == "whole model" and "synced_decoding_per_rank" not in results["zero3"]
+
+
+def test_gather_rule_counts_every_rank_on_the_host_against_the_budget():
+    from biomedgpt.engine.zero_plan import gather_fits
+
+    gib = 2**30
+    assert gather_fits(2 * gib, 10 * gib, 2, 0.5)  # 4 GiB of whole copies within half of 10 GiB
+    assert not gather_fits(2 * gib, 10 * gib, 3, 0.5)  # a third rank on the host tips it over
+    assert not gather_fits(1, 10 * gib, 1, 0.0)  # 0: always per module

@@ -22,7 +22,8 @@ exits non-zero after the others.
 
 Across ranks (``biomedgpt infer -n 2 ...``, or torchrun / the deepspeed launcher): the images are dealt
 out to the ranks, rank 0 writes every row in input order. ``zero_stage=3`` partitions the model across
-the ranks (built partitioned, as ``biomedgpt evaluate zero_stage=3``); the ranks then decode in lockstep
+the ranks (built partitioned, as ``biomedgpt evaluate zero_stage=3``); decoding gathers the whole model
+once when it fits (``engine.zero_plan.decoding_model``), else the ranks decode in lockstep
 (``engine.downstream.RankSync``), a rank without images left decoding a blank placeholder image.
 """
 from __future__ import annotations
@@ -46,7 +47,8 @@ from biomedgpt.engine.durable import atomic_write_text
 from biomedgpt.engine.config import PathStr, parse_cli
 from biomedgpt.engine.user_errors import UserError, command
 from biomedgpt.engine.downstream import TASK_DEFAULTS, predict_task, prepare_model, read_answers, select_rows, start_ranks
-from biomedgpt.engine.eval_config import FIXED_ANSWERS
+from biomedgpt.engine.downstream import decoding_model
+from biomedgpt.engine.eval_config import FIXED_ANSWERS, DownstreamConfig
 from biomedgpt.models.generation import GenerationConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -87,8 +89,13 @@ class InferConfig:
     device: str = "auto"
     bpe_dir: Optional[str] = None  # GPT-2 BPE files; None: the packaged copy
     zero_stage: Literal[0, 3] = 0  # 3: the model partitioned across the launched ranks (DeepSpeed ZeRO-3)
+    # zero_stage=3: gather the whole model once when it takes at most this share of the free memory (as
+    # evaluate's downstream.gather_memory_fraction); 0: decode per module in lockstep
+    gather_memory_fraction: float = DownstreamConfig.gather_memory_fraction
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.gather_memory_fraction <= 1.0:
+            raise ValueError(f"gather_memory_fraction must be in [0, 1], got {self.gather_memory_fraction}")
         images = (self.image is not None) + (self.images_dir is not None)
         if images > 1 or (images == 0 and self.task in IMAGE_TASKS):
             raise ValueError("give exactly one of image= or images_dir=")
@@ -181,7 +188,12 @@ def run(cfg: InferConfig) -> list[dict]:
     """Every image's row, in input order (on every rank); rank 0 prints or writes them."""
     files = image_files(cfg)  # a missing image fails before the model loads
     ranks = start_ranks(cfg.zero_stage, cfg.device)
-    model, tokenizer, sync = prepare_model(cfg.model_dir, cfg.bpe_dir, cfg.zero_stage, ranks)
+    model, tokenizer, sync, engine = prepare_model(cfg.model_dir, cfg.bpe_dir, cfg.zero_stage, ranks)
+    with decoding_model(engine, ranks, cfg.gather_memory_fraction) as whole:
+        return _predict_all(cfg, files, ranks, model, tokenizer, None if whole else sync)
+
+
+def _predict_all(cfg: InferConfig, files: list, ranks, model, tokenizer, sync) -> list[dict]:
     data_cfg = DataConfig(patch_image_size=cfg.image_size, max_src_tokens=cfg.max_src_tokens,
                           vqa_prompt_type=cfg.prompt_type, text_prompt_type=cfg.prompt_type,
                           max_image_size=cfg.max_image_size)
