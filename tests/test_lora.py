@@ -50,7 +50,7 @@ def test_only_adapters_and_listed_modules_are_trainable():
     assert not any("k_proj.lora" in n or "fc2.lora" in n for n in model.state_dict())  # not listed: no adapter
 
 
-def test_merged_model_gives_the_adapter_models_logits():
+def test_merged_model_gives_the_adapter_models_logits(tmp_path):
     from small_models import build
 
     model = _adapter_model()
@@ -62,6 +62,15 @@ def test_merged_model_gives_the_adapter_models_logits():
     with torch.no_grad():
         merged = plain(**batch)
     assert (merged - adapted).abs().max() <= 1e-5
+    # the run's best-model export writes the same merged weights as a plain model directory
+    from biomedgpt.engine.lora import write_merged_lora
+    from biomedgpt.models.checkpoint import load_into, read_model_weights
+
+    write_merged_lora(model, tmp_path / "best", None, LoraConfig(**SETTINGS))
+    exported = build().eval()
+    load_into(exported, read_model_weights(tmp_path / "best"))
+    with torch.no_grad():
+        assert (exported(**batch) - adapted).abs().max() <= 1e-5
     untouched = build().eval()
     with torch.no_grad():
         assert (untouched(**batch) - adapted).abs().max() > 1e-3  # the adapters really change the output
