@@ -138,8 +138,10 @@ def worker(out: Path) -> None:
             pass
         resumed = _trainer(out / f"split{stage}", rank, stage)
         resumed.train()
-        result[stage] = {"trainable_numel": sum(p.numel() for p in straight.engine.module.parameters()
-                                                if p.requires_grad) if stage == 2 else None,
+        numel = {n: getattr(p, "ds_numel", p.numel()) for n, p in straight.engine.module.named_parameters()}
+        result[stage] = {"trainable_numel": sum(numel[n] for n, p in straight.engine.module.named_parameters()
+                                                if p.requires_grad),
+                         "total_numel": sum(numel.values()),
                          "changed": sorted(n for n in before if not torch.equal(before[n], after[n])),
                          "trainable": sorted(n for n, p in straight.engine.module.named_parameters() if p.requires_grad),
                          "resumed_equal": all(torch.equal(v, after[n]) for n, v in _full_state(resumed).items()),
@@ -184,6 +186,10 @@ def test_two_ranks_train_checkpoint_resume_and_merge(tmp_path):
         assert r["changed"] and set(r["changed"]) <= set(r["trainable"]), stage
         assert all(".lora_" in n or ".modules_to_save." in n for n in r["trainable"]), stage
         assert any(".lora_B." in n for n in r["changed"]), stage
+        # AdamW's two fp32 moments for this rank's share of the trainable parameters, none for the frozen ones
+        print(f"ZeRO-{stage}: {r['trainable_numel']:,} of {r['total_numel']:,} parameters trainable, optimizer "
+              f"state {r['optimizer_state_bytes']:,} bytes on rank 0")
+        assert 0 < r["optimizer_state_bytes"] <= 8 * r["trainable_numel"] + 1024, stage
 
         # The checkpoint holds the adapters; consolidate merges them into a plain model directory.
         ckpt = open_checkpoint(tmp_path / f"split{stage}")
