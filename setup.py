@@ -57,6 +57,7 @@ setup(
         "rouge_score>=0.1.2",
         "nltk>=3.8",
         "sacrebleu>=2.3",
+        "peft>=0.17,<0.22",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3", "pytest-timeout>=2", "moto[server]>=5", "pydicom-data>=1.0",

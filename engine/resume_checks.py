@@ -32,7 +32,8 @@ CHECK_ALL_FILES_UP_TO = 64
 #: of this mixture in this order), the optimizer state's layout, or the random streams.
 FIXED = ("seed", "data.batch_size", "data.group_weights", "data.shuffle", "data.shuffle_seed", "data.shuffle_algo",
          "data.shuffle_block_size", "data.num_canonical_nodes", "data.epoch_size", "optim.grad_accum",
-         "optim.freeze_embeddings")
+         "optim.freeze_embeddings", "lora.enabled", "lora.r", "lora.alpha", "lora.target_modules",
+         "lora.modules_to_save")
 #: Per stream, matched by name: what it holds and its share of the mixture (``remote``/``local`` may move).
 FIXED_STREAM_KEYS = ("task", "proportion", "loss_group")
 #: Optimizer and schedule settings a resumed run applies (``apply_optimizer_settings``) and logs as changed.

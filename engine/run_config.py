@@ -209,6 +209,31 @@ class WatchdogConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA fine-tuning through peft (engine/lora.py): low-rank adapters on the matching Linear layers, every
+    other weight frozen (no gradients, no optimizer state) except the modules listed as fully trainable."""
+
+    enabled: bool = False
+    r: int = 8  # adapter rank
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapters' input
+    # Linear layers that get adapters: names or name suffixes as peft matches them (models/ofa.py: q_proj,
+    # k_proj, v_proj, out_proj in attention; fc1, fc2 in the feed-forward blocks)
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    modules_to_save: list[str] = field(default_factory=list)  # modules trained in full beside the adapters
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"lora.r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.enabled and not self.target_modules:
+            raise ValueError("lora.target_modules is empty: name the Linear layers that get adapters")
+
+
+@dataclass
 class RunConfig:
     """A training run: model, data, optimisation, DeepSpeed, EMA, evaluation, logging and checkpoints."""
 
@@ -221,6 +246,7 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     tokenizer: Optional[PathStr] = None  # a saved tokenizer dir; None: the canonical one from bpe_dir
     bpe_dir: Optional[PathStr] = None  # GPT-2 BPE files (encoder.json, vocab.bpe, dict.txt); None: packaged
     sample_patch_num: Optional[int] = None  # random image patches per sample in training (196 in pretraining)
@@ -236,6 +262,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         selection_data(self.data, self.eval.select_on_test, self.eval.export_best)  # refuses to select on test
+        if self.lora.enabled and self.ema.enabled:
+            raise ValueError("lora.enabled with ema.enabled is not supported: turn one of them off")
 
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

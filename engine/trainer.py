@@ -126,6 +126,7 @@ class Trainer:
             load_dir, load_tag = self.ckpt.prepare_universal(resume_tag)
             self.ds_config["checkpoint"] = {"load_universal": True}
 
+        self.lora_note: Optional[str] = None  # set by _build_engine when LoRA is on
         self.engine = self._build_engine()
         self.ckpt.attach(self.engine)  # DeepSpeed's loads and saves go through the checkpoint manager
         self.float_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ds.precision]
@@ -134,7 +135,8 @@ class Trainer:
         self.step, self.epoch, self.nonfinite = 0, 0, 0
         self.checkpoint_memory_reserved = False
         self.best: Optional[float] = None
-        self.notes: list[str] = [n for n in (self.run_lock.note if self.run_lock else None, precision_note) if n]
+        self.notes: list[str] = [n for n in (self.run_lock.note if self.run_lock else None, precision_note,
+                                             self.lora_note) if n]
         self.resumed_rng: Optional[dict] = None
         if resume_tag is not None:
             self._resume(load_dir, load_tag, resume_tag, changed)
@@ -216,6 +218,10 @@ class Trainer:
         # Ranks' batches mix modalities differently; the same module calls on every rank keep ZeRO's gathers
         # and bucketed reductions in step (models/ofa.py _forward_by_modality).
         model.same_calls_every_batch = self.world > 1
+        if cfg.lora.enabled:
+            from biomedgpt.engine.lora import apply_lora
+
+            self.lora_note = f"LoRA (peft): {apply_lora(model, cfg.lora):,} trainable parameters"
         if cfg.optim.freeze_encoder_embedding or cfg.optim.freeze_decoder_embedding:
             model.embed_tokens.weight.requires_grad_(False)  # the one table both sides share: no optimizer state
         if ds.activation_checkpointing:
@@ -650,13 +656,16 @@ class Trainer:
 
     def export(self, directory: Path) -> None:
         """Write a model directory (biomedgpt.models.checkpoint format) with the evaluated weights (EMA if used)."""
+        from biomedgpt.engine.lora import write_merged_lora
         from biomedgpt.models.checkpoint import save_pretrained
 
         use_ema = self.ema is not None and self.cfg.eval.use_ema
         module = self.engine.module
         with (self.ema.swapped_in(module) if use_ema else nullcontext()):
             with self.plan.gathered(module):
-                if self.is_main:
+                if self.is_main and self.cfg.lora.enabled:
+                    write_merged_lora(module, directory, self.tokenizer, self.cfg.lora)
+                elif self.is_main:
                     save_pretrained(module, directory, self.tokenizer, overwrite=True)
         dist_utils.barrier()
 

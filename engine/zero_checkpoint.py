@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -556,12 +557,19 @@ def expected_state(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.d
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if k not in TIED_ALIASES}
 
 
-def weight_sources(ckpt: ZeroCheckpoint, cfg: ModelConfig, ema: bool = False) -> dict[str, ParamSource]:
-    """Every tensor of the output, in the model's order; a checkpoint that does not fit ``cfg`` is an error."""
+def weight_sources(ckpt: ZeroCheckpoint, cfg: ModelConfig, ema: bool = False, merge_lora: bool = False
+                   ) -> dict[str, ParamSource]:
+    """Every tensor of the output, in the model's order; a checkpoint that does not fit ``cfg`` is an error.
+    A LoRA run's checkpoint needs ``merge_lora``: its adapters are merged into plain weights as they stream."""
     found = ckpt.parameter_sources()
     if ema:
         found.update(ckpt.ema_sources())
     found.update(ckpt.buffer_sources())
+    if merge_lora:
+        found = _lora_merged_sources(ckpt, found)
+    elif any(".lora_A." in key for key in found):
+        raise CheckpointError(f"{ckpt.directory} holds LoRA adapters: pass merge_lora=true to merge them into "
+                              f"plain weights")
     expected = expected_state(cfg)
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
@@ -572,6 +580,23 @@ def weight_sources(ckpt: ZeroCheckpoint, cfg: ModelConfig, ema: bool = False) ->
                               f"unexpected {unexpected[:10]}, wrong shapes {wrong[:10]}")
     return {k: dataclasses.replace(found[k], dtype=expected[k][1] if not expected[k][1].is_floating_point
                                    else found[k].dtype) for k in expected}
+
+
+def _lora_merged_sources(ckpt: ZeroCheckpoint, found: dict[str, ParamSource]) -> dict[str, ParamSource]:
+    """The plain model's tensors of a LoRA run's checkpoint: each adapted weight read with its two adapter
+    matrices and merged by peft (engine/lora.py), one layer at a time; the run's ``lora`` settings come from
+    the checkpoint's client state."""
+    from biomedgpt.engine.lora import merged_keys, produce_merged
+
+    run_cfg = ckpt.client_state.get("config")
+    settings = run_cfg.get("lora") if isinstance(run_cfg, dict) else None
+    if not isinstance(settings, dict) or not settings.get("enabled"):
+        raise CheckpointError(f"{ckpt.directory}: merge_lora=true, but its run did not train LoRA adapters "
+                              f"(no lora.enabled in the saved run config): leave merge_lora off")
+    plan = merged_keys(list(found))
+    produce = produce_merged(plan, lambda key: found[key].read(), settings)
+    return {key: dataclasses.replace(found[parts[0]], read=functools.partial(produce, key))
+            for key, parts in plan.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -644,7 +669,7 @@ class ConsolidationResult:
 
 def consolidate(ckpt: ZeroCheckpoint, output: str | Path, cfg: ModelConfig, dtype: str = "fp32",
                 ema: bool = False, tokenizer=None, max_shard_bytes: int = 2 << 30, overwrite: bool = False,
-                progress: bool = True, verify_output: bool = False) -> ConsolidationResult:
+                progress: bool = True, verify_output: bool = False, merge_lora: bool = False) -> ConsolidationResult:
     """Write a model directory (``biomedgpt.models.checkpoint`` layout) from ``ckpt``, streaming, atomically;
     ``verify_output`` runs ``verify`` against DeepSpeed's reconstruction before the directory appears."""
     from tqdm import tqdm
@@ -652,7 +677,10 @@ def consolidate(ckpt: ZeroCheckpoint, output: str | Path, cfg: ModelConfig, dtyp
     if verify_output and ema:
         raise CheckpointError("verification compares with DeepSpeed's zero_to_fp32, which knows no EMA weights")
     out_dtype = DTYPES[dtype]
-    sources = weight_sources(ckpt, cfg, ema=ema)
+    if verify_output and merge_lora:
+        raise CheckpointError("verification compares tensor by tensor with zero_to_fp32, which holds the adapters "
+                              "unmerged: verify=true and merge_lora=true do not go together")
+    sources = weight_sources(ckpt, cfg, ema=ema, merge_lora=merge_lora)
     entries = [(k, s.shape, out_dtype if s.dtype.is_floating_point else s.dtype) for k, s in sources.items()]
     shards = plan_shards(entries, max_shard_bytes)
     total = sum(math.prod(e[1]) * torch.empty((), dtype=e[2]).element_size() for e in entries)
@@ -679,7 +707,7 @@ def consolidate(ckpt: ZeroCheckpoint, output: str | Path, cfg: ModelConfig, dtyp
             tokenizer.save(directory / "tokenizer")
         report = {"source": str(ckpt.directory.resolve()), "tag": ckpt.tag, "step": ckpt.step,
                   "zero_stage": ckpt.stage, "world_size": ckpt.world_size, "universal": ckpt.universal,
-                  "dtype": dtype, "ema": ema, "sha256": digests}
+                  "dtype": dtype, "ema": ema, "merge_lora": merge_lora, "sha256": digests}
         (directory / REPORT_FILE).write_text(json.dumps(report, indent=2))
         if verify_output:
             verify(directory, ckpt)

@@ -1,13 +1,15 @@
 """Consolidate a DeepSpeed ZeRO checkpoint into a model directory (safetensors + config + tokenizer).
 
     python -m biomedgpt.tools.consolidate checkpoint=runs/demo output=models/demo [tag=step_00000200] \
-        [dtype=bf16] [ema=true] [verify=true] [model.size=base]
+        [dtype=bf16] [ema=true] [verify=true] [merge_lora=true] [model.size=base]
 
 ``checkpoint`` is a run's output directory, its ``checkpoints/`` root (``latest`` picks the tag) or a tag
 directory; ZeRO 1/2/3 from any world size, stage 0 and universal checkpoints. Tensors are streamed one
 at a time (memory about the largest tensor, see ``engine/zero_checkpoint.py``); the directory appears
 complete or not at all. ``verify=true`` checks, before the directory is published, every tensor against
 DeepSpeed's own ``zero_to_fp32`` reconstruction and a forward pass (that step holds the model in memory).
+A LoRA run's checkpoint needs ``merge_lora=true``: peft merges each adapter into its weight as it streams, and
+the directory is a plain model (``export-hf`` takes it as any other).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class ConsolidateConfig:
     tokenizer: Optional[str] = None  # default: the run's tokenizer / bpe_dir when it can be found
     max_shard_gb: float = 2.0
     verify: bool = False
+    merge_lora: bool = False  # a LoRA run's checkpoint: merge the adapters into plain weights (W + B@A * alpha/r)
     overwrite: bool = False
     progress: bool = True
 
@@ -66,7 +69,8 @@ def run(cfg: ConsolidateConfig) -> Path:
                               f"the model's embedding {model_cfg.vocab_size} rows")
     result = consolidate(ckpt, cfg.output, model_cfg, dtype=cfg.dtype, ema=cfg.ema, tokenizer=tokenizer,
                          max_shard_bytes=int(cfg.max_shard_gb * (1 << 30)), overwrite=cfg.overwrite,
-                         progress=cfg.progress, verify_output=cfg.verify)
+                         progress=cfg.progress, verify_output=cfg.verify,
+                         merge_lora=cfg.merge_lora)
     print(f"{ckpt.directory} (ZeRO-{ckpt.stage}, {ckpt.world_size} ranks, step {ckpt.step}"
           f"{', EMA' if cfg.ema else ''}) -> {result.output}: {result.tensors} tensors, "
           f"{result.bytes / 1e6:.1f} MB {cfg.dtype}{', verified' if cfg.verify else ''}"
