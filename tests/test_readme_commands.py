@@ -85,7 +85,8 @@ RUNS: dict[str, tuple[list[str], list[str]]] = {
     "biomedgpt estimate --config pretrain_xlarge gpus_per_node=8 nodes=2": ([], []),
     "biomedgpt estimate model.size=xlarge deepspeed.zero_stage=3 deepspeed.precision=bf16 data.batch_size=16 "
     "data.patch_image_size=384 gpu=A100 gpus_per_node=8 nodes=2 interconnect_gbps=50": ([], []),
-    "biomedgpt estimate --config demo gpu=cpu gpus_per_node=1 measure=true": ([], []),
+    "biomedgpt estimate --config demo gpu=cpu gpus_per_node=1 measure=true":  # the demo's steps take ~10 s here
+        ([*TINY_MODEL, "data.batch_size=2", "data.patch_image_size=64"], []),
 }
 
 
