@@ -59,7 +59,7 @@ RUNS: dict[str, tuple[list[str], list[str]]] = {
         ([], ["shards/instruct/index.json"]),
     "biomedgpt train --config finetune/vqa_rad model.size=base checkpoint.init_from=ckpt/biomedgpt-base":
         # the imported stand-in is tiny-shaped; fp16 falls back to fp32 on CPU; 2 steps, evaluated on val
-        ([*TINY_RUN, "optim.grad_accum=1", "eval.interval=2"], ["runs/vqa_rad/best/model.safetensors"]),
+        ([*TINY_RUN, "optim.grad_accum=1", "eval.interval=2", "eval.downstream.max_batches=1"], ["runs/vqa_rad/best/model.safetensors"]),
     "biomedgpt evaluate recipe=runs/vqa_rad/config.yaml split=test model_dir=runs/vqa_rad/best "
     "output_dir=eval/vqa_rad": ([], ["eval/vqa_rad/results.json",
                                                                      "eval/vqa_rad/predictions.jsonl"]),
