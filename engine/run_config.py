@@ -213,7 +213,7 @@ class LoraConfig:
     """LoRA fine-tuning through peft (engine/lora.py): low-rank adapters on the matching Linear layers, every
     other weight frozen (no gradients, no optimizer state) except the modules listed as fully trainable."""
 
-    enabled: bool = False
+    enabled: bool = False  # LoRA adapters (peft) on target_modules; everything else frozen
     r: int = 8  # adapter rank
     alpha: float = 16.0  # the update is scaled by alpha / r
     dropout: float = 0.0  # dropout on the adapters' input
