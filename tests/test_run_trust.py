@@ -288,7 +288,7 @@ def test_a_finetuning_recipe_from_an_empty_folder_on_cpu(tmp_path):
     from biomedgpt.data.mds import ShardWriter
     from biomedgpt.data.records import make_record
 
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):  # the recipe trains on train and selects on val
         writer = ShardWriter(str(tmp_path / "data/meqsum" / split))
         for i in range(8):
             writer.write(make_record(f"{split}-{i}", "summarization", {"source": f"what dose of aspirin {i}",
