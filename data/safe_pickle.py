@@ -1,8 +1,10 @@
 """Plain pickle data files read without running code: OFA's answer lists (``trainval_ans2label.pkl``: answer
 -> index) and its cached CIDEr-D document frequencies (a ``defaultdict`` of n-gram tuples, numpy scalars).
 
-Neither ``torch.load`` (which reads its own archive format) nor ``json`` reads them, and ``pickle.loads``
-would run whatever a crafted file names. This unpickler resolves only the globals on ``ALLOWED`` (containers
+Neither ``torch.load(weights_only=True)`` nor ``json`` reads them: ``torch.load`` expects its own archive (a
+plain pickle fails its magic-number check), and torch's weights-only unpickler underneath it handles pickle
+protocol 2 only (protocols 0 and 4, which Python writes by default, fail with "Unsupported operand": measured
+with torch 2.14 on a protocol-4 answer list). ``pickle.loads`` would run whatever a crafted file names. This unpickler resolves only the globals on ``ALLOWED`` (containers
 and numpy scalars: nothing that calls code); any other global refuses the whole file with one line naming
 the file and the global. Checkpoints never come here (``engine/checkpoint_load.py`` reads them with
 ``torch.load(weights_only=True)``).
