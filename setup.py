@@ -6,7 +6,7 @@ from setuptools import find_packages, setup
 
 # The repository keeps its top-level folders; installed, they are subpackages of one namespace,
 # ``biomedgpt`` (no top-level ``models``/``data``/... that could clash with an OFA checkout's own).
-SUBPACKAGES = ("models", "data", "engine", "tools", "launchers")
+SUBPACKAGES = ("core", "models", "data", "engine", "tools", "launchers")
 DATA_FOLDERS = ("configs", "ds_configs")  # package data only (YAML recipes, DeepSpeed templates)
 packages, package_dir = [], {}
 for sub in SUBPACKAGES:

@@ -1,13 +1,13 @@
 """Settings of the training / evaluation data: one stream of MDS shards per task, mixed by proportion.
 
-Plain dataclasses, built by ``biomedgpt.engine.config.from_dict`` (unknown keys are errors).
+Plain dataclasses, built by ``biomedgpt.core.config.from_dict`` (unknown keys are errors).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from biomedgpt.engine.config import PathStr
+from biomedgpt.core.config import PathStr
 
 #: What one stream's rows are turned into (see ``biomedgpt.data.tasks``).
 StreamTask = Literal[
@@ -38,7 +38,7 @@ class StreamConfig:
     proportion: Optional[float] = None  # share of the mixture; None: all streams by their size
     loss_group: int = 0  # index into DataConfig.group_weights (the pretraining ×2 sub-batch is group 1)
     # The dataset split these shards hold. Training evaluates (and selects the best model on) the eval streams
-    # that are not "test"; `biomedgpt evaluate split=test` evaluates the test ones (engine/eval_config.py).
+    # that are not "test"; `biomedgpt evaluate split=test` evaluates the test ones (engine/eval/config.py).
     split: Optional[Literal["train", "valid", "test"]] = None
 
     def __post_init__(self) -> None:

@@ -3,7 +3,7 @@
 OFA's VQA, MNLI and image-classification datasets give every training example a ``constraint_mask``: per
 target position, the tokens that the closed answer set allows after the answer so far (a trie over the
 answers' token sequences, each ending in ``</s>``). Its criterion sets the other logits to -inf before the
-log-softmax, so the loss and its label smoothing cover the answer set only (``engine/loss.py``).
+log-softmax, so the loss and its label smoothing cover the answer set only (``engine/train/loss.py``).
 
 What this adds to ``models.generation.Trie`` (the same trie decoding uses): the answer sets of a run's
 training streams (an answer file, every answer of the training rows, or NLI's fixed set) and the [B, T, V]
@@ -83,7 +83,7 @@ def training_constraints(cfg: DataConfig, tokenizer, dataset) -> Optional[Answer
     open_tasks = sorted(tasks - {"nli"})
     if open_tasks:
         if cfg.answer_set is not None:
-            from biomedgpt.engine.downstream import read_answers
+            from biomedgpt.engine.eval.decoding import read_answers
 
             given = set(read_answers(cfg.answer_set))
             sets = {task: given for task in open_tasks}

@@ -167,7 +167,7 @@ def build(cfg: DemoConfig) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from biomedgpt.engine.config import parse_cli
+    from biomedgpt.core.config import parse_cli
 
     cfg = parse_cli(DemoConfig, argv)
     for name, count in build(cfg).items():

@@ -6,7 +6,7 @@ plain pickle fails its magic-number check), and torch's weights-only unpickler u
 protocol 2 only (protocols 0 and 4, which Python writes by default, fail with "Unsupported operand": measured
 with torch 2.14 on a protocol-4 answer list). ``pickle.loads`` would run whatever a crafted file names. This unpickler resolves only the globals on ``ALLOWED`` (containers
 and numpy scalars: nothing that calls code); any other global refuses the whole file with one line naming
-the file and the global. Checkpoints never come here (``engine/checkpoint_load.py`` reads them with
+the file and the global. Checkpoints never come here (``engine/checkpoint/load.py`` reads them with
 ``torch.load(weights_only=True)``).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import io
 import pickle
 from pathlib import Path
 
-from biomedgpt.engine.user_errors import UserError
+from biomedgpt.core.user_errors import UserError
 
 #: (module, name) pairs a data pickle may name: a defaultdict with a builtin factory, numpy scalars / dtypes
 ALLOWED = frozenset({

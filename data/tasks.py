@@ -47,7 +47,7 @@ class Example:
     conf: float = 1.0
     loss_group: int = 0
     # what evaluation scores against, as the original's evaluation reads it: the raw text (captions, summaries),
-    # answer -> confidence (VQA); the metric does the original's cleaning (engine/task_metrics.py)
+    # answer -> confidence (VQA); the metric does the original's cleaning (engine/eval/metrics.py)
     references: list[str] | dict[str, float] = field(default_factory=list)
     answer_type: Optional[str] = None  # VQA: "open" / "closed" when the dataset annotates it
     sample_patches: bool = False  # patch sampling (sample_patch_num) applies: pretraining image-text rows

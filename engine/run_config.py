@@ -1,4 +1,4 @@
-"""The settings of one training run, as the typed dataclasses that ``biomedgpt.engine.config`` parses.
+"""The settings of one training run, as the typed dataclasses that ``biomedgpt.core.config`` parses.
 
 Every value DeepSpeed needs (batch sizes, clipping, precision, ZeRO stage, offload) is derived from this
 config and written into the ``ds_configs/*.json`` template by the engine, so the two cannot disagree.
@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from biomedgpt.data.config import DataConfig
-from biomedgpt.engine.config import PathStr
-from biomedgpt.engine.eval_config import DownstreamConfig, selection_data
+from biomedgpt.core.config import PathStr
+from biomedgpt.engine.eval.config import DownstreamConfig, selection_data
 from biomedgpt.models.config import ModelConfig, ModelSpec
 
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -85,7 +85,7 @@ class DeepSpeedConfig:
     activation_checkpointing: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on GPUs, gloo on CPUs
     collective_timeout_s: int = 600  # a collective waiting longer (a dead peer) fails the rank
-    # host allocations from this size (MiB) return to the OS when freed (engine/host_memory.py); 0: glibc's own
+    # host allocations from this size (MiB) return to the OS when freed (engine/train/host_memory.py); 0: glibc's own
     # dynamic threshold; None: 1 MiB at ZeRO-3, 0 below (there the fixed threshold's page faults cost a CPU step)
     host_mmap_threshold_mib: Optional[float] = None
     # fp16 dynamic loss scaling (None: the template's values). fairseq's scaler, which the original scripts run,
@@ -196,7 +196,7 @@ class CheckpointConfig:
 
 @dataclass
 class WatchdogConfig:
-    """Progress watchdog (engine/watchdog.py): a rank without progress this long dumps every rank's stacks
+    """Progress watchdog (engine/distributed/watchdog.py): a rank without progress this long dumps every rank's stacks
     into <output_dir>/watchdog/ and the job exits 86. Sized for slow GPU steps and large checkpoint writes."""
 
     timeout_s: float = 1800.0  # 0: off
@@ -210,7 +210,7 @@ class WatchdogConfig:
 
 @dataclass
 class LoraConfig:
-    """LoRA fine-tuning through peft (engine/lora.py): low-rank adapters on the matching Linear layers, every
+    """LoRA fine-tuning through peft (engine/train/lora.py): low-rank adapters on the matching Linear layers, every
     other weight frozen (no gradients, no optimizer state) except the modules listed as fully trainable."""
 
     enabled: bool = False  # LoRA adapters (peft) on target_modules; everything else frozen
@@ -270,7 +270,7 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def demo_config() -> RunConfig:
-    """The demo recipe (configs/demo.yaml): what ``python -m biomedgpt.engine.train`` runs without --config."""
-    from biomedgpt.engine.config import load
+    """The demo recipe (configs/demo.yaml): what ``python -m biomedgpt.tools.train`` runs without --config."""
+    from biomedgpt.core.config import load
 
     return load(RunConfig, DEMO_CONFIG)

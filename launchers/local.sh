@@ -3,11 +3,11 @@
 #
 #   launchers/local.sh [-n RANKS] [-m MODULE] [--] [ARGS...]      (biomedgpt train -n RANKS runs this)
 #
-# RANKS defaults to the number of GPUs, or 2 without GPUs; MODULE defaults to biomedgpt.engine.train, so
+# RANKS defaults to the number of GPUs, or 2 without GPUs; MODULE defaults to biomedgpt.tools.train, so
 # with no arguments this runs the demo (the README's main job). ARGS go to every rank: --config FILE key=value.
 #
-# The standard launchers work too (torchrun --nproc-per-node N -m biomedgpt.engine.train ...;
-# deepspeed --num_gpus N --module biomedgpt.engine.train ...). This script adds what they lack for
+# The standard launchers work too (torchrun --nproc-per-node N -m biomedgpt.tools.train ...;
+# deepspeed --num_gpus N --module biomedgpt.tools.train ...). This script adds what they lack for
 # preemptible checkpointing jobs:
 # - SIGUSR1 (SLURM's time-limit warning) is forwarded to every rank, not only SIGTERM/SIGINT;
 # - ranks stopping for a resumable reason (exit 75, after a signal) get RESUME_GRACE_S (600 s) to finish
@@ -16,12 +16,12 @@
 #   reports 1; a rank exiting non-zero otherwise gets its peers killed after 5 s;
 # - without GPUs it selects DeepSpeed's CPU accelerator and splits the cores between the ranks;
 # - a user error (bad setting, path, file) met by every rank is printed once: the ranks de-duplicate their
-#   `error:` lines in the file BIOMEDGPT_ERRORS_FILE names (engine/user_errors.py), and the job ends with
+#   `error:` lines in the file BIOMEDGPT_ERRORS_FILE names (core/user_errors.py), and the job ends with
 #   status 1 without a line of its own.
 set -u
 
 ranks=""
-module="biomedgpt.engine.train"
+module="biomedgpt.tools.train"
 while getopts "n:m:h" opt; do
     case "$opt" in
         n) ranks="$OPTARG" ;;

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping, Optional, Sequence
 
-from biomedgpt.engine.config import parse_cli
+from biomedgpt.core.config import parse_cli
 
 # Environment variables whose values must not land in a run directory.
 _SECRET = re.compile(r"KEY|SECRET|TOKEN|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
@@ -187,7 +187,7 @@ class SlurmEnvConfig:
     """Translate SLURM's variables for the training ranks (see the module docstring)."""
 
     action: Literal["prepare", "rank-exec", "node-exec", "show"] = "show"
-    module: str = "biomedgpt.engine.train"  # the training entry point, run as ``python -m module``
+    module: str = "biomedgpt.tools.train"  # the training entry point, run as ``python -m module``
     hostfile: Optional[str] = None  # node-exec: the hostfile ``prepare`` wrote
     log_dir: Optional[str] = None  # node-exec: where the deepspeed launcher writes one log per rank
 
@@ -214,7 +214,7 @@ def prepare(module: str, train_args: Sequence[str], env: Mapping[str, str]) -> s
 
     import yaml
 
-    from biomedgpt.engine.config import to_dict
+    from biomedgpt.core.config import to_dict
 
     cfg = importlib.import_module(module).parse(list(train_args))
     run_dir = Path(cfg.output_dir).resolve()

@@ -1,6 +1,6 @@
 # Shared by the sbatch scripts (sourced from the repository root): run one training job step.
 #
-# biomedgpt_train TRAIN_ARGS...   (TRAIN_ARGS: what `python -m biomedgpt.engine.train` takes)
+# biomedgpt_train TRAIN_ARGS...   (TRAIN_ARGS: what `python -m biomedgpt.tools.train` takes)
 #   1. `biomedgpt.launchers.slurm_env action=prepare` validates the config, captures config / command /
 #      environment / hostfile under <output_dir>/slurm/job<ID>-attempt<N>/ and picks MASTER_ADDR
 #      (the first node) and a free MASTER_PORT;

@@ -427,7 +427,7 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path}: missing (not a model directory)") from None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: not valid JSON: {exc}") from None
-    from biomedgpt.engine.config import ConfigError, from_dict
+    from biomedgpt.core.config import ConfigError, from_dict
 
     try:
         return from_dict(ModelConfig, data)

@@ -39,7 +39,7 @@ class ModelConfig:
     attention_backend: AttentionBackend = "auto"  # kernel: eager (reference), sdpa, chunked, flex, flash, auto
     position_scheme: PositionScheme = "ofa"  # ofa: released checkpoints' biases; rope: rotary, no additive bias
     rope_theta: float = 10000.0  # rotary base frequency (position_scheme rope)
-    # Speed switches (engine/model_setup.py applies them; tests/test_default_path.py holds their numerics).
+    # Speed switches (engine/distributed/parallelize.py applies them; tests/test_default_path.py holds their numerics).
     # NHWC stem: off, because on some CPUs (this project's CI kind among them) oneDNN's channels-last fp32
     # weight gradient of the first convolution is ~7e-3 off an fp64 run where channels-first is ~2e-6; and no
     # CPU-time gain was measured (base 256 px batch 8: 0.98x)
@@ -164,7 +164,7 @@ ModelSpec = dataclasses.make_dataclass(
     "ModelSpec", _spec_fields(), namespace={
         "build": _build, "set_fields": _set_fields,
         "__post_init__": lambda self: self.build(),
-        # --help reads each field's description from ModelConfig's source (engine.config.field_descriptions)
+        # --help reads each field's description from ModelConfig's source (core.config.field_descriptions)
         "settings_described_by": ModelConfig,
         "settings_notes": {"size": "a row of the size table (tiny, medium, base, large, xlarge); a null field "
                                    "takes the size's value"},
@@ -175,7 +175,7 @@ ModelSpec.__module__ = __name__
 def spec_from_saved(data: dict):
     """A ModelSpec from a saved run config's ``model`` section, also of runs written before the fields
     were typed (``{size, overrides: {...}}``)."""
-    from biomedgpt.engine.config import from_dict  # the one typed loader (torch-free)
+    from biomedgpt.core.config import from_dict  # the one typed loader (torch-free)
 
     data = dict(data)
     data.update(data.pop("overrides", None) or {})

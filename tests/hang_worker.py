@@ -1,12 +1,12 @@
 """A training rank with a hang injected (run through launchers/local.sh -m hang_worker): on rank
 ``HANG_RANK`` at step ``HANG_STEP`` the forward pass calls ``injected_hang``, which never returns; the time it
-started is written to ``HANG_FILE``. Everything else is the real ``biomedgpt.engine.train``."""
+started is written to ``HANG_FILE``. Everything else is the real ``biomedgpt.tools.train``."""
 from __future__ import annotations
 
 import os
 import time
 
-from biomedgpt.engine import train, trainer
+from biomedgpt.tools import train, trainer
 
 
 def injected_hang() -> None:

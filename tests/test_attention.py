@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from biomedgpt.engine.model_setup import apply_activation_checkpointing
+from biomedgpt.engine.distributed.parallelize import apply_activation_checkpointing
 from biomedgpt.models import attention, kernels
 from biomedgpt.models.config import model_config
 from biomedgpt.models.ofa import BiomedGPT, MultiheadAttention, image_bucket_positions, image_position_ids, token_bucket_positions

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from biomedgpt.engine.checkpoint_files import META_FILE
-from biomedgpt.engine.ema import EMA
-from biomedgpt.engine.model_setup import apply_activation_checkpointing
+from biomedgpt.engine.checkpoint.layout import META_FILE
+from biomedgpt.engine.train.ema import EMA
+from biomedgpt.engine.distributed.parallelize import apply_activation_checkpointing
 from biomedgpt.models import attention
 from biomedgpt.models.config import model_config
 from biomedgpt.models.ofa import BiomedGPT, drop_path
@@ -166,7 +166,7 @@ def test_ema_moves_by_one_minus_decay_and_honours_start_step():
 
 def test_pruning_keeps_exactly_the_last_n_complete_checkpoints(tmp_path):
     """Breakage guarded: an off-by-one in ``keep_last_n``."""
-    from biomedgpt.engine.checkpointing import CheckpointManager, tag_for
+    from biomedgpt.engine.checkpoint.manager import CheckpointManager, tag_for
 
     manager = CheckpointManager(tmp_path, rank=0, world_size=1, keep_last_n=3)
     for step in range(1, 7):
@@ -177,7 +177,7 @@ def test_pruning_keeps_exactly_the_last_n_complete_checkpoints(tmp_path):
 
 
 def test_resume_check_reports_only_real_model_differences():
-    from biomedgpt.engine.resume_checks import model_differences
+    from biomedgpt.engine.checkpoint.resume_checks import model_differences
 
     saved = {"size": "tiny", "overrides": {"d_model": 64, "heads": 2}}  # a run saved before the typed fields
     assert model_differences(saved, {"size": "tiny", "d_model": 64, "heads": 2, "dropout": 0.3,

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from biomedgpt.engine.checkpoint_files import LATEST_FILE, META_FILE, is_optim_file, rank_state_file
+from biomedgpt.engine.checkpoint.layout import LATEST_FILE, META_FILE, is_optim_file, rank_state_file
 from tests.test_engine_distributed import launch, run_config, shards, train_losses  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.timeout(900)
@@ -91,7 +91,7 @@ def test_reserved_buffers_are_the_ones_a_save_copies_into():
     copies nothing; ``take`` then copies the values, views of one storage staying views of one copy."""
     import torch
 
-    from biomedgpt.engine.checkpoint_writer import HostSnapshot
+    from biomedgpt.engine.checkpoint.writer import HostSnapshot
 
     weights = torch.randn(6, 4)
     state = {"w": weights, "row": weights[2], "moments": [torch.arange(5.0)], "step": 3}

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from biomedgpt.engine.checkpoint_files import META_FILE, optim_states_file
+from biomedgpt.engine.checkpoint.layout import META_FILE, optim_states_file
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = {"size": "tiny", "d_model": 64, "ffn_dim": 128, "encoder_layers": 1, "decoder_layers": 1,
@@ -69,7 +69,7 @@ def _engine(model, stage: int, world: int, extra: dict | None = None):
 
 
 def _train_step(engine, step: int, cfg, rank: int, world: int, images: bool) -> float:
-    from biomedgpt.engine.distributed import all_reduce
+    from biomedgpt.engine.distributed.process_group import all_reduce
 
     batch = _batch(step, cfg, rank, world, images)
     target = batch.pop("target")
@@ -94,7 +94,7 @@ def _full_state(module, stage: int) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def _logits(module, cfg) -> torch.Tensor:
-    from biomedgpt.engine.zero_checkpoint import sample_batch
+    from biomedgpt.engine.checkpoint.zero_reader import sample_batch
 
     module.eval()
     out = module(**sample_batch(cfg))
@@ -105,9 +105,9 @@ def _logits(module, cfg) -> torch.Tensor:
 def worker_train(root: Path, stages: list[int]) -> None:
     """Each stage: 2 steps (with images), an engine checkpoint with EMA, the live logits; ZeRO-3 goes on
     text-only (BatchNorm statistics differ per rank, text steps do not touch them) to ``LAST_STEP``."""
-    from biomedgpt.engine.checkpointing import CheckpointManager
-    from biomedgpt.engine.distributed import init_distributed
-    from biomedgpt.engine.ema import EMA
+    from biomedgpt.engine.checkpoint.manager import CheckpointManager
+    from biomedgpt.engine.distributed.process_group import init_distributed
+    from biomedgpt.engine.train.ema import EMA
     from biomedgpt.models.checkpoint import TIED_ALIASES, load_into
     from biomedgpt.models.config import ModelSpec
     from biomedgpt.models.ofa import BiomedGPT
@@ -154,8 +154,8 @@ def worker_train(root: Path, stages: list[int]) -> None:
 def worker_train_bf16(root: Path, stage: int, info, cfg) -> None:
     """bf16 (DeepSpeed's bf16 optimizer at stage 0): text-only steps, an engine checkpoint with EMA, and the
     live bf16 weights (which DeepSpeed copies from the fp32 master after every step)."""
-    from biomedgpt.engine.checkpointing import CheckpointManager
-    from biomedgpt.engine.ema import EMA
+    from biomedgpt.engine.checkpoint.manager import CheckpointManager
+    from biomedgpt.engine.train.ema import EMA
     from biomedgpt.models.ofa import BiomedGPT
 
     torch.manual_seed(0)
@@ -174,7 +174,7 @@ def worker_train_bf16(root: Path, stage: int, info, cfg) -> None:
 
 def worker_resume(load_dir: Path, out: Path) -> None:
     """One rank resumes ZeRO-3 from a universal checkpoint and trains to ``LAST_STEP``."""
-    from biomedgpt.engine.distributed import init_distributed
+    from biomedgpt.engine.distributed.process_group import init_distributed
     from biomedgpt.models.config import ModelSpec
     from biomedgpt.models.ofa import BiomedGPT
 
@@ -241,7 +241,7 @@ def model_cfg():
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_round_trip_matches_live_model(runs, stage, tmp_path, model_cfg):
     from biomedgpt.models.checkpoint import TIED_ALIASES, load_pretrained, read_model_weights
-    from biomedgpt.engine.zero_checkpoint import consolidate, open_checkpoint, sample_batch
+    from biomedgpt.engine.checkpoint.zero_reader import consolidate, open_checkpoint, sample_batch
 
     ckpt = open_checkpoint(runs / f"zero{stage}")  # the run directory: checkpoints/latest picks the tag
     assert (ckpt.stage, ckpt.world_size, ckpt.step, ckpt.tag) == (stage, 2, SAVE_STEP, f"step_{SAVE_STEP:08d}")
@@ -260,7 +260,7 @@ def test_ema_and_bf16(runs, tmp_path, model_cfg):
     """ZeRO-3's EMA is partitioned per rank; ZeRO-0's and ZeRO-1's are whole on every rank."""
     from biomedgpt.models.checkpoint import load_pretrained
     from safetensors import safe_open
-    from biomedgpt.engine.zero_checkpoint import consolidate, open_checkpoint, sample_batch
+    from biomedgpt.engine.checkpoint.zero_reader import consolidate, open_checkpoint, sample_batch
 
     batch = sample_batch(model_cfg)
     for stage in (0, 1, 3):
@@ -287,7 +287,7 @@ def test_bf16_training_checkpoints(runs, tmp_path, model_cfg, stage):
     the bf16 output equals the live bf16 weights, with and without EMA, and inspect calls it usable."""
     from biomedgpt.models.checkpoint import TIED_ALIASES, read_model_weights
     from biomedgpt.tools import inspect_checkpoint
-    from biomedgpt.engine.zero_checkpoint import consolidate, open_checkpoint
+    from biomedgpt.engine.checkpoint.zero_reader import consolidate, open_checkpoint
 
     run = runs / f"zero{stage}-bf16"
     ckpt = open_checkpoint(run)
@@ -308,7 +308,7 @@ def test_bf16_training_checkpoints(runs, tmp_path, model_cfg, stage):
 def test_verify_against_deepspeed_live_model_and_checksums(runs, tmp_path, model_cfg):
     from biomedgpt.models.checkpoint import CheckpointError, load_into
     from biomedgpt.models.ofa import BiomedGPT
-    from biomedgpt.engine.zero_checkpoint import consolidate, open_checkpoint, reference_state, verify
+    from biomedgpt.engine.checkpoint.zero_reader import consolidate, open_checkpoint, reference_state, verify
 
     ckpt = open_checkpoint(tag_dir(runs, 3))
     # verified against DeepSpeed's zero_to_fp32 before the directory is published
@@ -340,7 +340,7 @@ def _assert_no_output(parent: Path) -> None:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_broken_checkpoints_name_the_file(runs, tmp_path, model_cfg, stage):
     from biomedgpt.models.checkpoint import CheckpointError
-    from biomedgpt.engine.zero_checkpoint import consolidate, open_checkpoint
+    from biomedgpt.engine.checkpoint.zero_reader import consolidate, open_checkpoint
 
     out_parent = tmp_path / "out"
     out_parent.mkdir()
@@ -404,7 +404,7 @@ def _assert_same_objects(a, b, where: str) -> None:
 def test_background_zero3_files_are_what_deepspeed_writes_synchronously(runs):
     """Every file of the background-written ZeRO-3 tag holds what the synchronous save of the same state
     holds, types included (``param_shapes``' torch.Size, DeepSpeed's enums and loss scaler)."""
-    from biomedgpt.engine.checkpoint_load import load_checkpoint_file
+    from biomedgpt.engine.checkpoint.load import load_checkpoint_file
 
     background, sync = tag_dir(runs, 3), runs / "zero3-sync" / "checkpoints" / f"step_{SAVE_STEP:08d}"
     names = sorted(p.name for p in sync.glob("*.pt"))
@@ -435,7 +435,7 @@ def test_deepspeed_zero_to_fp32_reads_a_background_zero3_checkpoint(runs, tmp_pa
 
 def test_universal_reshard_resumes_on_one_rank(runs, tmp_path, model_cfg):
     from biomedgpt.models.checkpoint import load_pretrained
-    from biomedgpt.engine.zero_checkpoint import consolidate, open_checkpoint, sample_batch, to_universal
+    from biomedgpt.engine.checkpoint.zero_reader import consolidate, open_checkpoint, sample_batch, to_universal
 
     source = _copy_tag(runs, 3, tmp_path / "checkpoints" / f"step_{SAVE_STEP:08d}")
     universal = to_universal(open_checkpoint(source))
@@ -460,7 +460,7 @@ def test_cli_consolidate_inspect_and_export(runs, tmp_path, model_cfg, capsys, v
     from biomedgpt.models.checkpoint import import_released
     from biomedgpt.tools import consolidate as consolidate_cli
     from biomedgpt.tools import export_hf, inspect_checkpoint
-    from biomedgpt.engine.zero_checkpoint import sample_batch
+    from biomedgpt.engine.checkpoint.zero_reader import sample_batch
 
     assert inspect_checkpoint.main([f"path={runs / 'zero3'}", "json=true"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -498,7 +498,7 @@ def test_biomedgpt_command_on_zero0_checkpoint(runs, tmp_path, model_cfg):
     """The README's `biomedgpt inspect-checkpoint` / `consolidate checkpoint=runs/demo` on a ZeRO-0 run (the
     demo's default stage), through the installed console command."""
     from biomedgpt.models.checkpoint import load_pretrained
-    from biomedgpt.engine.zero_checkpoint import sample_batch
+    from biomedgpt.engine.checkpoint.zero_reader import sample_batch
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
     cli = [sys.executable, "-m", "biomedgpt.tools.cli"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from biomedgpt.engine.checkpoint_files import LATEST_FILE, META_FILE, model_states_file, optim_states_file
+from biomedgpt.engine.checkpoint.layout import LATEST_FILE, META_FILE, model_states_file, optim_states_file
 
 REPO = Path(__file__).resolve().parents[1]
 TAG = "step_00000002"
@@ -104,8 +104,8 @@ def test_commands_refuse_a_crafted_checkpoint_in_one_line(crafted_run, tmp_path,
 def test_resume_reads_refuse_a_crafted_checkpoint(crafted_run):
     """What the trainer reads when it resumes: the pre-check of every file, its rank state, and every file
     DeepSpeed's ``load_checkpoint`` loads (through the checkpoint engine ``CheckpointManager.attach`` sets)."""
-    from biomedgpt.engine.checkpointing import CheckpointManager, ResumeError
-    from biomedgpt.engine.resume_checks import check_resumable
+    from biomedgpt.engine.checkpoint.manager import CheckpointManager, ResumeError
+    from biomedgpt.engine.checkpoint.resume_checks import check_resumable
 
     out, crafted, name = crafted_run
     manager = CheckpointManager(out, rank=0, world_size=1, keep_last_n=2)
@@ -124,7 +124,7 @@ def test_resume_reads_refuse_a_crafted_checkpoint(crafted_run):
 def test_every_file_of_a_tag_is_checked_before_deepspeed_tools_read_it(tmp_path):
     """A crafted optimizer shard, rank state or stray model-states file beside valid ones is refused by
     ``open_checkpoint`` (which runs before ``zero_to_fp32``/``ds_to_universal`` would unpickle it)."""
-    from biomedgpt.engine.zero_checkpoint import open_checkpoint
+    from biomedgpt.engine.checkpoint.zero_reader import open_checkpoint
     from biomedgpt.models.checkpoint import UnsafeCheckpointError
 
     marker = tmp_path / "MARKER"
@@ -167,10 +167,10 @@ def test_missing_or_truncated_checkpoints_get_one_line(tmp_path, capsys, vocab_d
 
 
 def test_atomic_writes_get_the_umask_modes(tmp_path, vocab_dir):
-    """``latest``, ``meta.json``, ``config.yaml`` (engine/durable.py) and model folders (consolidated,
+    """``latest``, ``meta.json``, ``config.yaml`` (core/durable.py) and model folders (consolidated,
     imported: their tokenizer files too) are readable by the group and others under umask 022, as any
     file the process writes."""
-    from biomedgpt.engine.durable import atomic_write_text
+    from biomedgpt.core.durable import atomic_write_text
     from biomedgpt.models.checkpoint import write_dir_atomically
     from biomedgpt.models.tokenizer import Tokenizer
 
@@ -200,8 +200,8 @@ def worker_disk_full(mount: Path) -> None:
     (``CheckpointWriteError``) and ``latest``."""
     import deepspeed
 
-    from biomedgpt.engine.checkpointing import CheckpointManager, CheckpointWriteError
-    from biomedgpt.engine.distributed import init_distributed
+    from biomedgpt.engine.checkpoint.manager import CheckpointManager, CheckpointWriteError
+    from biomedgpt.engine.distributed.process_group import init_distributed
     from biomedgpt.models.config import ModelSpec
     from biomedgpt.models.ofa import BiomedGPT
 

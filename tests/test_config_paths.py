@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from biomedgpt.engine.config import ConfigError, load, packaged_configs
+from biomedgpt.core.config import ConfigError, load, packaged_configs
 from biomedgpt.engine.run_config import RunConfig
 
 

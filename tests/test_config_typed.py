@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from biomedgpt.engine.config import ConfigError, from_dict, load
+from biomedgpt.core.config import ConfigError, from_dict, load
 from biomedgpt.engine.run_config import RunConfig
 from biomedgpt.models.config import DATA_FIELDS, ModelConfig, model_config, spec_from_saved
 
@@ -50,7 +50,7 @@ def test_every_model_field_is_a_listed_typed_setting(tmp_path):
 
 
 def test_help_gives_each_setting_its_type_default_and_description():
-    from biomedgpt.engine.config import field_paths, packaged_configs, settings_help
+    from biomedgpt.core.config import field_paths, packaged_configs, settings_help
 
     text = settings_help(RunConfig)
     lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ")}
@@ -100,7 +100,7 @@ def test_required_settings_are_fields_without_defaults():
 
 
 def test_loading_a_run_config_imports_no_torch():
-    code = ("import sys; from biomedgpt.engine.config import load; from biomedgpt.engine.run_config import RunConfig; "
+    code = ("import sys; from biomedgpt.core.config import load; from biomedgpt.engine.run_config import RunConfig; "
             "load(RunConfig, 'finetune/vqa_rad'); print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('torch', 'deepspeed', 'streaming', 'numpy') or m in ('biomedgpt.models.ofa', 'biomedgpt.data.tasks')))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

@@ -1,6 +1,6 @@
 """CPU training memory stays flat. When batch shapes change every step (the modality split varies the ResNet's
 image count), oneDNN's per-shape primitive cache, left at its default, grew the demo's ranks by ~30 MB a step;
-and host blocks a step frees go back to the OS (engine/host_memory.py), where glibc's heap kept them."""
+and host blocks a step frees go back to the OS (engine/train/host_memory.py), where glibc's heap kept them."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,7 @@ import pytest
 
 STEPS = r"""
 import torch
-import biomedgpt.engine.distributed  # what every training/evaluation process imports before building a model
+import biomedgpt.engine.distributed.process_group  # what every training/evaluation process imports before building a model
 from biomedgpt.models.config import model_config
 from biomedgpt.models.ofa import BiomedGPT
 
@@ -48,7 +48,7 @@ def test_resident_memory_stays_flat_over_changing_batch_shapes():
 FREED = r"""
 import sys
 import torch
-from biomedgpt.engine.host_memory import set_mmap_threshold
+from biomedgpt.engine.train.host_memory import set_mmap_threshold
 
 if sys.argv[1] == "threshold":
     assert set_mmap_threshold(1.0)

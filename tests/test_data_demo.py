@@ -6,7 +6,7 @@ import yaml
 
 from biomedgpt.data.config import DataConfig
 from biomedgpt.data.tasks import TASK_NAMES
-from biomedgpt.engine.config import from_dict
+from biomedgpt.core.config import from_dict
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -171,7 +171,7 @@ def test_resume_exact_on_two_ranks_and_elastic_to_one(tmp_path, vocab_dir, singl
 
 
 def test_config_from_dict_rejects_unknown_keys():
-    from biomedgpt.engine.config import ConfigError, from_dict
+    from biomedgpt.core.config import ConfigError, from_dict
 
     cfg = from_dict(DataConfig, {"streams": [{"name": "a", "task": "nli", "remote": "s3://b/a", "proportion": 1.0}],
                                  "batch_size": 8})

@@ -203,7 +203,7 @@ def test_bad_rows_are_skipped_and_counted_in_training_and_evaluation(tmp_path, c
     A stream that is mostly bad stops with one line."""
     from biomedgpt.data.config import DataConfig, StreamConfig
     from biomedgpt.data.loader import BadRowsError, build_eval_loader, build_train_loader
-    from biomedgpt.engine.user_errors import one_line
+    from biomedgpt.core.user_errors import one_line
 
     good = caption_rows(61)  # 64 rows: whole batches of 4
     bad = [{"id": "broken", "kind": "caption", "image": png(99)[:60], "meta": {"captions": ["x"]}},
@@ -349,8 +349,8 @@ def test_data_pickles_load_plain_data_and_refuse_code(tmp_path):
     import numpy as np
 
     from biomedgpt.data.safe_pickle import UnsafePickleError, load_data_pickle
-    from biomedgpt.engine.downstream import read_answers
-    from biomedgpt.engine.task_metrics import read_cider_df
+    from biomedgpt.engine.eval.decoding import read_answers
+    from biomedgpt.engine.eval.metrics import read_cider_df
 
     (tmp_path / "ans2label.pkl").write_bytes(pickle.dumps({"yes": 0, "no": 1, "left lung": 2}, protocol=2))
     assert read_answers(tmp_path / "ans2label.pkl") == ["yes", "no", "left lung"]

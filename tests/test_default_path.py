@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from biomedgpt.engine.model_setup import apply_compile, compile_enabled
+from biomedgpt.engine.distributed.parallelize import apply_compile, compile_enabled
 from biomedgpt.models.config import ModelConfig
 from biomedgpt.models.ofa import BiomedGPT
 from biomedgpt.tools.bench import step as bench_step

@@ -1,4 +1,4 @@
-"""biomedgpt.engine.downstream without training: settings, answer sets, per-task decoding of collated batches, metrics."""
+"""biomedgpt.engine.eval.decoding without training: settings, answer sets, per-task decoding of collated batches, metrics."""
 from __future__ import annotations
 
 import json
@@ -12,10 +12,10 @@ from biomedgpt.data.collate import collate
 from biomedgpt.data.config import DataConfig
 from biomedgpt.data.records import make_record
 from biomedgpt.data.tasks import TaskContext, process
-from biomedgpt.engine.config import ConfigError, load
-from biomedgpt.engine.downstream import (DownstreamConfig, EvaluateConfig, answer_sets, predict, read_answers,
+from biomedgpt.core.config import ConfigError, load
+from biomedgpt.engine.eval.decoding import (DownstreamConfig, EvaluateConfig, answer_sets, predict, read_answers,
                                          sets_from_references)
-from biomedgpt.engine.evaluate import compute_metrics, evaluate_model
+from biomedgpt.engine.eval.evaluator import compute_metrics, evaluate_model
 from biomedgpt.models.config import model_config
 from biomedgpt.models.ofa import BiomedGPT
 from biomedgpt.models.tokenizer import Tokenizer
@@ -118,7 +118,7 @@ def test_metrics_count_each_sample_once():
 
 
 def test_in_training_task_metrics_are_allowed_at_every_zero_stage():
-    from biomedgpt.engine.config import load
+    from biomedgpt.core.config import load
     from biomedgpt.engine.run_config import RunConfig
 
     recipe = "configs/finetune/vqa_rad.yaml"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from biomedgpt.data.config import DataConfig
-from biomedgpt.engine.config import load
+from biomedgpt.core.config import load
 from biomedgpt.models.checkpoint import save_pretrained
 from biomedgpt.models.config import model_config
 from biomedgpt.models.generation import GenerationConfig
@@ -158,9 +158,9 @@ def test_vqa_with_an_answer_set_equals_evaluate(model_dir, chest_dicom, tmp_path
     decoding is unconstrained and how to constrain it."""
     from biomedgpt.data.config import StreamConfig
     from biomedgpt.data.loader import build_eval_loader
-    from biomedgpt.engine.downstream import load_model_and_tokenizer
-    from biomedgpt.engine.eval_config import DownstreamConfig
-    from biomedgpt.engine.evaluate import evaluate_model
+    from biomedgpt.engine.eval.decoding import load_model_and_tokenizer
+    from biomedgpt.engine.eval.config import DownstreamConfig
+    from biomedgpt.engine.eval.evaluator import evaluate_model
     from biomedgpt.tools.prepare_data import PrepareConfig, convert
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
@@ -187,6 +187,6 @@ def test_vqa_with_an_answer_set_equals_evaluate(model_dir, chest_dicom, tmp_path
     assert row["decoding"] == "inside the answer set (5 answers)"
     [free] = infer.run(load(infer.InferConfig, None, [*common, "generation.max_len=3"]))
     assert free["decoding"].startswith("unconstrained") and "answers=trainval_ans2label.pkl" in free["decoding"]
-    from biomedgpt.engine.config import settings_help
+    from biomedgpt.core.config import settings_help
 
     assert "answers=trainval_ans2label.pkl; without it unconstrained" in settings_help(infer.InferConfig)  # --help

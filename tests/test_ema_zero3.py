@@ -22,11 +22,11 @@ def worker(out: Path) -> None:
 
     import deepspeed
 
-    from biomedgpt.engine.distributed import init_distributed
-    from biomedgpt.engine.ema import EMA
+    from biomedgpt.engine.distributed.process_group import init_distributed
+    from biomedgpt.engine.train.ema import EMA
     from biomedgpt.models.config import ModelSpec
     from biomedgpt.models.ofa import BiomedGPT
-    from biomedgpt.engine.zero_checkpoint import sample_batch
+    from biomedgpt.engine.checkpoint.zero_reader import sample_batch
     from test_checkpoint_tools import MODEL, _engine, _train_step
 
     info = init_distributed("gloo")

@@ -1,4 +1,4 @@
-"""Real multi-process DeepSpeed on CPU (gloo, 2 ranks) through launchers/local.sh and ``python -m biomedgpt.engine.train``.
+"""Real multi-process DeepSpeed on CPU (gloo, 2 ranks) through launchers/local.sh and ``python -m biomedgpt.tools.train``.
 
 Each test trains a tiny-shaped model on MDS shards the module writes (captions with small PNG images,
 text-only summarisation), so the image branch, text-only samples, the streaming loader and the
@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from biomedgpt.engine.checkpoint_files import LATEST_FILE, META_FILE
+from biomedgpt.engine.checkpoint.layout import LATEST_FILE, META_FILE
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.distributed, pytest.mark.slow]
 

@@ -8,18 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from biomedgpt.engine.checkpoint_files import LATEST_FILE, META_FILE, model_states_file
-from biomedgpt.engine.checkpointing import CheckpointManager, ResumeError, atomic_write_text
-from biomedgpt.engine.config import ConfigError, load
-from biomedgpt.engine.ds_config import DeepSpeedConfigError, build_ds_config
-from biomedgpt.engine.ema import EMA
-from biomedgpt.engine.evaluate import eval_metrics
+from biomedgpt.engine.checkpoint.layout import LATEST_FILE, META_FILE, model_states_file
+from biomedgpt.engine.checkpoint.manager import CheckpointManager, ResumeError, atomic_write_text
+from biomedgpt.core.config import ConfigError, load
+from biomedgpt.engine.distributed.ds_config import DeepSpeedConfigError, build_ds_config
+from biomedgpt.engine.train.ema import EMA
+from biomedgpt.engine.eval.evaluator import eval_metrics
 from biomedgpt.engine.flops import forward_flops, resnet_flops, train_step_flops
-from biomedgpt.engine.loss import label_smoothed_cross_entropy
-from biomedgpt.engine.model_setup import apply_activation_checkpointing
+from biomedgpt.engine.train.loss import label_smoothed_cross_entropy
+from biomedgpt.engine.distributed.parallelize import apply_activation_checkpointing
 from biomedgpt.engine.run_config import RunConfig
-from biomedgpt.engine.train import parse
-from biomedgpt.engine.trainer import lr_lambda
+from biomedgpt.tools.train import parse
+from biomedgpt.engine.train.trainer import lr_lambda
 from biomedgpt.models.config import model_config
 from biomedgpt.models.ofa import BiomedGPT
 
@@ -236,7 +236,7 @@ def test_unreachable_wandb_server_never_fails_the_run(tmp_path):
     import subprocess
     import sys
 
-    script = ("from biomedgpt.engine.metrics import MetricsLogger\nfrom biomedgpt.engine.run_config import LogConfig\n"
+    script = ("from biomedgpt.engine.train.metrics import MetricsLogger\nfrom biomedgpt.engine.run_config import LogConfig\n"
               f"log = MetricsLogger(LogConfig(wandb_mode='online', progress_bar=False), {str(tmp_path)!r}, {{}}, 3, 0, True)\n"
               "log.log(1, {'loss': 2.5})\nlog.close()\n")
     env = {**os.environ, "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "5"}
@@ -250,7 +250,7 @@ def test_unreachable_wandb_server_never_fails_the_run(tmp_path):
 
 def test_progress_bar_only_on_a_terminal(tmp_path, capsys):
     """Output redirected to a file (here: captured, not a TTY) gets plain lines and no \\r-redrawn bar."""
-    from biomedgpt.engine.metrics import MetricsLogger
+    from biomedgpt.engine.train.metrics import MetricsLogger
     from biomedgpt.engine.run_config import LogConfig
 
     log = MetricsLogger(LogConfig(wandb_mode="disabled", progress_bar=True), tmp_path, {}, 3, 0, True)
@@ -263,7 +263,7 @@ def test_progress_bar_only_on_a_terminal(tmp_path, capsys):
 
 
 def test_metric_window_sums_by_name_and_per_task():
-    from biomedgpt.engine.metrics import MetricWindow
+    from biomedgpt.engine.train.metrics import MetricWindow
 
     window = MetricWindow(3)
     for tokens in (2.0, 3.0):
@@ -275,7 +275,7 @@ def test_metric_window_sums_by_name_and_per_task():
 
 
 def test_zero_plan_decides_by_stage():
-    from biomedgpt.engine.zero_plan import ZeroPlan
+    from biomedgpt.engine.distributed.zero import ZeroPlan
 
     plans = {stage: ZeroPlan(stage, world=4, precision="fp32") for stage in range(4)}
     assert [p.partitions_params for p in plans.values()] == [False, False, False, True]

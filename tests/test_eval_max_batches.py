@@ -54,7 +54,7 @@ def test_each_rank_share_is_a_slice_of_the_one_rank_order(samples, canonical, no
 
 def eval_ids_and_loss(args: dict, rank: int, world: int) -> dict:
     """The ids this rank evaluates under ``eval.max_batches`` and the loss pass's gathered sample count."""
-    from biomedgpt.engine.evaluate import Evaluator
+    from biomedgpt.engine.eval.evaluator import Evaluator
     from biomedgpt.models.tokenizer import Tokenizer
 
     cfg = DataConfig(eval_streams=[StreamConfig(name="nli", task="nli", remote=args["nli"])], eval_batch_size=BATCH,

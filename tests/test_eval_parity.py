@@ -21,11 +21,11 @@ from biomedgpt.data.collate import collate
 from biomedgpt.data.config import DataConfig, StreamConfig
 from biomedgpt.data.records import make_record
 from biomedgpt.data.tasks import TaskContext, process
-from biomedgpt.engine import task_metrics as tm
-from biomedgpt.engine.config import ConfigError, load
-from biomedgpt.engine.downstream import predict_task, resolve, select_rows
-from biomedgpt.engine.eval_config import DownstreamConfig, EvaluateConfig, selection_data
-from biomedgpt.engine.evaluate import compute_metrics, paper_metrics
+from biomedgpt.engine.eval import metrics as tm
+from biomedgpt.core.config import ConfigError, load
+from biomedgpt.engine.eval.decoding import predict_task, resolve, select_rows
+from biomedgpt.engine.eval.config import DownstreamConfig, EvaluateConfig, selection_data
+from biomedgpt.engine.eval.evaluator import compute_metrics, paper_metrics
 from biomedgpt.engine.run_config import RunConfig
 
 # ----- the original's text handling --------------------------------------------------------------------
@@ -185,7 +185,7 @@ def test_vqa_test_decoding_is_greedy_unnormalised_inside_the_answer_set(tokenize
     batch = _vqa_batch(tokenizer, {"right": 1.0})
     task = load(DownstreamConfig, overrides=[f"tasks.vqa.answers={answer_file}"]).task("vqa")
     assert (task.inference, task.generation.beam_size, task.generation.normalize_scores) == ("trie", 1, False)
-    from biomedgpt.engine.downstream import read_answers
+    from biomedgpt.engine.eval.decoding import read_answers
 
     sub = select_rows(batch, [0], torch.device("cpu"), torch.float32)
     [record] = predict_task(model, tokenizer, "vqa", sub, task, read_answers(answer_file))
@@ -241,7 +241,7 @@ def test_the_trainers_eval_loader_reads_only_the_validation_stream(tmp_path, tok
     """The in-training evaluation (which selects the best model) iterates the valid stream's samples only."""
     from test_data_loader import write_text_streams
 
-    from biomedgpt.engine.trainer import Trainer
+    from biomedgpt.engine.train.trainer import Trainer
 
     (tmp_path / "valid").mkdir()
     (tmp_path / "test").mkdir()
@@ -272,7 +272,7 @@ def test_evaluate_split_picks_its_streams_and_decoding():
 
 
 def test_evaluation_every_epoch():
-    from biomedgpt.engine.trainer import Trainer
+    from biomedgpt.engine.train.trainer import Trainer
 
     trainer = Trainer.__new__(Trainer)
     trainer.cfg = load(RunConfig, "finetune/peir_gross", ["optim.grad_accum=2", "eval.interval=500"])

@@ -16,7 +16,7 @@ from biomedgpt.data import images as im
 from biomedgpt.data.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig, StreamConfig
 from biomedgpt.data.records import make_record
 from biomedgpt.data.tasks import TaskContext, process
-from biomedgpt.engine.config import ConfigError, from_dict
+from biomedgpt.core.config import ConfigError, from_dict
 from biomedgpt.engine.run_config import RunConfig
 from biomedgpt.models.ofa import normalise_images
 from biomedgpt.models.tokenizer import Tokenizer
@@ -194,8 +194,8 @@ def test_run_normalisation_reaches_the_model_input_and_its_saved_directory(tmp_p
 
 def test_a_consolidated_checkpoint_keeps_the_runs_normalisation():
     """A ZeRO checkpoint's model config comes from the saved run config: its data normalisation too."""
-    from biomedgpt.engine.config import to_dict
-    from biomedgpt.engine.zero_checkpoint import _spec_from
+    from biomedgpt.core.config import to_dict
+    from biomedgpt.engine.checkpoint.zero_reader import _spec_from
 
     run = to_dict(from_dict(RunConfig, {"data": {"image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD}}))
     cfg = _spec_from(run, "test")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from biomedgpt.engine.lora import apply_lora, merged_state
+from biomedgpt.engine.train.lora import apply_lora, merged_state
 from biomedgpt.engine.run_config import LoraConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ SETTINGS = dict(enabled=True, r=4, alpha=8.0, target_modules=["q_proj", "v_proj"
 
 
 def _batch(cfg, seed: int = 0) -> dict:
-    from biomedgpt.engine.zero_checkpoint import sample_batch
+    from biomedgpt.engine.checkpoint.zero_reader import sample_batch
 
     return sample_batch(cfg, seed=seed)
 
@@ -63,7 +63,7 @@ def test_merged_model_gives_the_adapter_models_logits(tmp_path):
         merged = plain(**batch)
     assert (merged - adapted).abs().max() <= 1e-5
     # the run's best-model export writes the same merged weights as a plain model directory
-    from biomedgpt.engine.lora import write_merged_lora
+    from biomedgpt.engine.train.lora import write_merged_lora
     from biomedgpt.models.checkpoint import load_into, read_model_weights
 
     write_merged_lora(model, tmp_path / "best", None, LoraConfig(**SETTINGS))
@@ -93,9 +93,9 @@ STEPS, STOP_AFTER = 4, 2
 
 
 def _trainer(out: Path, rank: int, stage: int, **checkpoint):
-    from biomedgpt.engine.config import from_dict
+    from biomedgpt.core.config import from_dict
     from biomedgpt.engine.run_config import RunConfig
-    from biomedgpt.engine.trainer import Trainer
+    from biomedgpt.engine.train.trainer import Trainer
     from test_train_features import MODEL, _Batches, _micro_batch
 
     cfg = from_dict(RunConfig, {
@@ -121,7 +121,7 @@ def optimizer_state_bytes(optimizer) -> int:
 
 
 def worker(out: Path) -> None:
-    from biomedgpt.engine.trainer import TrainingStopped
+    from biomedgpt.engine.train.trainer import TrainingStopped
 
     rank = int(os.environ["RANK"])
     result = {}
@@ -161,7 +161,7 @@ def _losses(out: Path) -> dict[int, float]:
 def test_two_ranks_train_checkpoint_resume_and_merge(tmp_path):
     from test_checkpoint_tools import _free_port
 
-    from biomedgpt.engine.zero_checkpoint import consolidate, open_checkpoint, reference_state
+    from biomedgpt.engine.checkpoint.zero_reader import consolidate, open_checkpoint, reference_state
     from biomedgpt.models.checkpoint import load_into, read_model_config, read_model_weights
     from biomedgpt.models.ofa import BiomedGPT
 
@@ -209,7 +209,7 @@ def test_two_ranks_train_checkpoint_resume_and_merge(tmp_path):
 
 
 def read_model_config_from(ckpt):
-    from biomedgpt.engine.zero_checkpoint import checkpoint_model_config
+    from biomedgpt.engine.checkpoint.zero_reader import checkpoint_model_config
 
     return checkpoint_model_config(ckpt)
 

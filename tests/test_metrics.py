@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from biomedgpt.engine import task_metrics as tm
+from biomedgpt.engine.eval import metrics as tm
 
 
 def test_accuracy_and_vqa_split():

@@ -80,7 +80,7 @@ def test_wheel_installs_one_package_and_runs_from_an_empty_folder(tmp_path, repo
     bin_dir = env_dir / "bin"
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(py)}
     work = _work_dir(tmp_path, demo_data)
-    where = _run([str(py), "-c", "import biomedgpt.engine.train as t; print(t.__file__)"], work, env=env)
+    where = _run([str(py), "-c", "import biomedgpt.tools.train as t; print(t.__file__)"], work, env=env)
     assert str(env_dir) in where, f"the wheel's package is not the one imported: {where}"
 
     _run([str(bin_dir / "biomedgpt"), "demo", "-n", "2", *QUICK], work, env=env)
@@ -102,7 +102,7 @@ def test_wheel_installs_one_package_and_runs_from_an_empty_folder(tmp_path, repo
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
 def test_standard_launchers_train_two_ranks(launcher, tmp_path, demo_data):
     work = _work_dir(tmp_path, demo_data)
-    module = "biomedgpt.engine.train"
+    module = "biomedgpt.tools.train"
     if launcher == "deepspeed":
         cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
                "--module", module]

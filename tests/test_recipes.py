@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from biomedgpt.engine.config import PACKAGE_ROOT, load, to_dict
+from biomedgpt.core.config import PACKAGE_ROOT, load, to_dict
 from biomedgpt.engine.run_config import RunConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
@@ -146,7 +146,7 @@ def test_a_changed_recipe_value_is_caught():
 def test_fp16_loss_scaling_reaches_deepspeed():
     """The scripts' --fp16-init-scale / --fp16-scale-window (and fairseq's halving on the first overflow)
     replace the DeepSpeed template's values."""
-    from biomedgpt.engine.ds_config import build_ds_config
+    from biomedgpt.engine.distributed.ds_config import build_ds_config
 
     fp16 = build_ds_config(load(RunConfig, "finetune/mednli"))["fp16"]
     assert (fp16["initial_scale_power"], fp16["loss_scale_window"], fp16["hysteresis"]) == (4, 512, 1)

@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from biomedgpt.engine.checkpoint_files import LATEST_FILE, rank_state_file
+from biomedgpt.engine.checkpoint.layout import LATEST_FILE, rank_state_file
 from test_engine_distributed import launch, metrics, run_config, shards  # noqa: F401  (shards: a module fixture)
 
 TESTS = Path(__file__).resolve().parent

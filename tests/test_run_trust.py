@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from biomedgpt.engine.config import load, to_dict
+from biomedgpt.core.config import load, to_dict
 from biomedgpt.engine.run_config import RunConfig
 from test_engine_distributed import _wait_for_step, launch, metrics, run_config, shards  # noqa: F401  (a fixture)
 
@@ -80,12 +80,12 @@ def test_a_second_run_into_a_live_runs_folder_is_refused_and_the_first_finishes_
 
 
 def test_a_killed_runs_lock_never_blocks_the_next_and_a_requeued_job_takes_it_over(tmp_path, monkeypatch):
-    from biomedgpt.engine.run_lock import OutputDirInUse, RunLock
+    from biomedgpt.engine.train.run_lock import OutputDirInUse, RunLock
 
     out = tmp_path / "run"
 
     def holder(**env) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", "import sys, time; from biomedgpt.engine.run_lock import "
+        proc = subprocess.Popen([sys.executable, "-c", "import sys, time; from biomedgpt.engine.train.run_lock import "
                                  "RunLock; RunLock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)",
                                  str(out)], env={**_env(), **env}, stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "held"
@@ -120,7 +120,7 @@ def test_a_killed_runs_lock_never_blocks_the_next_and_a_requeued_job_takes_it_ov
 
 def _checkpoint_of(tmp_path: Path, cfg: RunConfig) -> Path:
     """A checkpoint folder as far as the pre-load checks read it: its tag's model states hold the config."""
-    from biomedgpt.engine.checkpoint_files import LATEST_FILE
+    from biomedgpt.engine.checkpoint.layout import LATEST_FILE
 
     root = tmp_path / "out" / "checkpoints"
     (root / "step_00000002").mkdir(parents=True)
@@ -130,8 +130,8 @@ def _checkpoint_of(tmp_path: Path, cfg: RunConfig) -> Path:
 
 
 def test_resume_refuses_settings_it_cannot_change_before_loading_and_lists_the_optimizer_changes(tmp_path):
-    from biomedgpt.engine.checkpointing import ResumeError
-    from biomedgpt.engine.resume_checks import check_resumable
+    from biomedgpt.engine.checkpoint.manager import ResumeError
+    from biomedgpt.engine.checkpoint.resume_checks import check_resumable
 
     streams = ["data.streams=[{name: a, task: caption, remote: /d/a, proportion: 0.5}, "
                "{name: b, task: summarization, remote: /d/b, proportion: 0.5}]"]
@@ -211,7 +211,7 @@ def test_exponent_floats_parse_as_numbers_in_overrides_and_files(tmp_path):
 
 def test_model_and_image_errors_of_infer_and_evaluate_are_one_line(tmp_path, capsys):
     from biomedgpt.data.images import encode_png
-    from biomedgpt.engine import downstream
+    from biomedgpt.engine.eval import decoding as downstream
     from biomedgpt.models.checkpoint import save_pretrained
     from biomedgpt.models.config import model_config
     from biomedgpt.models.ofa import BiomedGPT
@@ -245,7 +245,7 @@ def test_model_and_image_errors_of_infer_and_evaluate_are_one_line(tmp_path, cap
 def test_a_missing_shard_is_one_line(tmp_path, capsys, monkeypatch):
     from biomedgpt.data.config import DataConfig, StreamConfig
     from biomedgpt.data.loader import build_train_loader
-    from biomedgpt.engine.user_errors import command
+    from biomedgpt.core.user_errors import command
     from biomedgpt.models.tokenizer import GPT2_VOCAB_DIR, Tokenizer
     from test_data_loader import write_text_streams
 

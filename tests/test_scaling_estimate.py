@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from biomedgpt.engine.config import load
+from biomedgpt.core.config import load
 from biomedgpt.engine.flops import communication_bytes, model_state_memory, parameter_counts, train_step_flops
 from biomedgpt.models.config import PUBLISHED_PARAMS, model_config
 from biomedgpt.tools.estimate import EstimateConfig, estimate, format_measurement, main
@@ -149,7 +149,7 @@ def test_bad_settings_are_named(capsys):
         plan("deepspeed.zero_stage=2", "deepspeed.offload_param=cpu")
     with pytest.raises(SystemExit) as exit_:
         main(["gpu=B9000"])
-    assert exit_.value.code == 1  # a user error: one line, exit status 1 (engine.user_errors)
+    assert exit_.value.code == 1  # a user error: one line, exit status 1 (core.user_errors)
     err = capsys.readouterr().err
     assert "unknown gpu 'B9000': valid are H200, H100, A100" in err and "and cpu" in err and "Traceback" not in err
     with pytest.raises(ValueError, match="no bf16 peak for V100"):

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from biomedgpt.engine.config import from_dict
+from biomedgpt.core.config import from_dict
 from biomedgpt.tools.scaling.collect import SweepDataError, collect, read_metrics
 from biomedgpt.tools.scaling.fit import FitConfig, FitError, compute_frontier, fit_optimal_size, fit_power_law, run
 from biomedgpt.tools.scaling.sweep import SweepConfig, expand, pending, write_plan

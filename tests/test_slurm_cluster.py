@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from biomedgpt.engine.checkpoint_files import LATEST_FILE
+from biomedgpt.engine.checkpoint.layout import LATEST_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"

@@ -147,7 +147,7 @@ def test_prepare_captures_the_run_and_exports(tmp_path):
     out = tmp_path / "run"
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(f"output_dir: {out}\n")
-    exports = prepare("biomedgpt.engine.train", ["--config", str(cfg_file), "optim.max_steps=3"], env)
+    exports = prepare("biomedgpt.tools.train", ["--config", str(cfg_file), "optim.max_steps=3"], env)
     values = dict(line.removeprefix("export ").split("=", 1) for line in exports.splitlines())
     assert values["BIOMEDGPT_RUN_DIR"] == str(out)
     assert values["MASTER_ADDR"] == "n1" and 1024 <= int(values["MASTER_PORT"]) < 65536
@@ -163,7 +163,7 @@ def test_prepare_captures_the_run_and_exports(tmp_path):
 
 def test_prepare_rejects_a_bad_config_before_anything_starts(tmp_path):
     with pytest.raises(SystemExit):
-        prepare("biomedgpt.engine.train", [f"output_dir={tmp_path}", "optim.max_stepz=3"], _task_env("vm", "2", 0))
+        prepare("biomedgpt.tools.train", [f"output_dir={tmp_path}", "optim.max_stepz=3"], _task_env("vm", "2", 0))
     assert not (tmp_path / "slurm").exists()
 
 

@@ -186,7 +186,7 @@ def two_rank_engine(model, stage: int):
 
 def worker(out: Path) -> None:
     """Per ZeRO stage, the same 3 steps with the split on and off; losses and final weights to ``out``."""
-    from biomedgpt.engine.distributed import all_reduce, init_distributed
+    from biomedgpt.engine.distributed.process_group import all_reduce, init_distributed
     from biomedgpt.models.config import ModelSpec
     from biomedgpt.models.ofa import BiomedGPT
     from test_checkpoint_tools import MODEL, _full_state

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from biomedgpt.engine.ema import EMA
-from biomedgpt.engine.loss import label_smoothed_cross_entropy
+from biomedgpt.engine.train.ema import EMA
+from biomedgpt.engine.train.loss import label_smoothed_cross_entropy
 from biomedgpt.engine.run_config import OptimConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -279,9 +279,9 @@ class _Batches:
 
 
 def _trainer(out: Path, rank: int, stage: int, **optim):
-    from biomedgpt.engine.config import from_dict
+    from biomedgpt.core.config import from_dict
     from biomedgpt.engine.run_config import RunConfig
-    from biomedgpt.engine.trainer import Trainer
+    from biomedgpt.engine.train.trainer import Trainer
 
     cfg = from_dict(RunConfig, {
         "model": MODEL, "optim": {"lr": 1e-3, "max_steps": 10, "warmup_steps": 1, "clip_norm": 0.0,
@@ -297,7 +297,7 @@ def _window(trainer, batches: list[dict]) -> dict:
     (full, fp32) and the losses back-propagated, on every rank."""
     from deepspeed.utils import safe_get_full_grad
 
-    from biomedgpt.engine.distributed import all_reduce
+    from biomedgpt.engine.distributed.process_group import all_reduce
 
     engine, captured, backpropagated = trainer.engine, {}, []
     step, backward = engine.step, engine.backward
@@ -376,7 +376,7 @@ def worker(out_dir: Path) -> None:
     """Two trainers (the suite's time): ZeRO-0 with the decoder flag, ZeRO-2 with the encoder flag. ZeRO-0 runs
     a window with the old normalisation first, then one with fairseq's; each window is compared with one big
     batch from its starting weights."""
-    from biomedgpt.engine.distributed import all_reduce
+    from biomedgpt.engine.distributed.process_group import all_reduce
 
     rank = int(os.environ["RANK"])
     results: dict = {}

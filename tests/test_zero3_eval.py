@@ -67,7 +67,7 @@ def _config(shards: Path, out: Path, vocab_dir: Path, **sections) -> dict:
 def _random_model_dir(shards: Path, out: Path, vocab_dir: Path) -> Path:
     import torch
 
-    from biomedgpt.engine.config import from_dict
+    from biomedgpt.core.config import from_dict
     from biomedgpt.engine.run_config import RunConfig
     from biomedgpt.models.checkpoint import save_pretrained
     from biomedgpt.models.ofa import BiomedGPT
@@ -123,8 +123,8 @@ def test_evaluate_command_runs_a_zero3_model_across_ranks(shards, tmp_path, repo
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = [f"model_dir={weights}", f"recipe={recipe}", f"bpe_dir={vocab_dir}"]
     stderr = {}
-    for name, cmd in (("alone", ["python", "-m", "biomedgpt.engine.downstream"]),
-                      ("zero3", [str(repo_root / "launchers/local.sh"), "-n", "2", "-m", "biomedgpt.engine.downstream",
+    for name, cmd in (("alone", ["python", "-m", "biomedgpt.engine.eval.decoding"]),
+                      ("zero3", [str(repo_root / "launchers/local.sh"), "-n", "2", "-m", "biomedgpt.engine.eval.decoding",
                                  "--", "zero_stage=3"])):
         env_run = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
         done = subprocess.run([*cmd, *common, f"output_dir={tmp_path / name}"], cwd=repo_root, env=env_run,
@@ -145,7 +145,7 @@ def test_evaluate_command_runs_a_zero3_model_across_ranks(shards, tmp_path, repo
 
 
 def test_gather_rule_counts_every_rank_on_the_host_against_the_budget():
-    from biomedgpt.engine.zero_plan import gather_fits
+    from biomedgpt.engine.distributed.zero import gather_fits
 
     gib = 2**30
     assert gather_fits(2 * gib, 10 * gib, 2, 0.5)  # 4 GiB of whole copies within half of 10 GiB

@@ -28,8 +28,8 @@ def resident_during_steps(model_spec: dict, steps: int = 2) -> dict:
     import deepspeed
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    from biomedgpt.engine.distributed import init_distributed
-    from biomedgpt.engine.model_setup import build_model
+    from biomedgpt.engine.distributed.process_group import init_distributed
+    from biomedgpt.engine.distributed.parallelize import build_model
     from biomedgpt.models.config import ModelSpec
     from test_checkpoint_tools import _batch
 

@@ -18,14 +18,14 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from biomedgpt.engine.user_errors import command, report
+from biomedgpt.core.user_errors import command, report
 
 #: subcommand -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("biomedgpt.engine.train", "train (or fine-tune) a model from a run config"),
-    "demo": ("biomedgpt.engine.train", "the embedded demo run: build packaged real data, train, evaluate"),
+    "train": ("biomedgpt.tools.train", "train (or fine-tune) a model from a run config"),
+    "demo": ("biomedgpt.tools.train", "the embedded demo run: build packaged real data, train, evaluate"),
     "prepare-data": ("biomedgpt.tools.prepare_data", "convert TSV/Parquet/JSONL/DICOM/LLaVA data into MDS shards"),
-    "evaluate": ("biomedgpt.engine.downstream", "task metrics of a model directory on a recipe's eval streams"),
+    "evaluate": ("biomedgpt.engine.eval.decoding", "task metrics of a model directory on a recipe's eval streams"),
     "infer": ("biomedgpt.tools.infer", "answer / caption PNG, JPEG or DICOM images with a model directory"),
     "import-checkpoint": ("biomedgpt.tools.import_checkpoint", "released BiomedGPT/OFA checkpoint -> model directory"),
     "export-hf": ("biomedgpt.tools.export_hf", "model directory -> OFA HF-port weights"),
@@ -61,7 +61,7 @@ LOCAL_LAUNCHER = Path(__file__).resolve().parents[1] / "launchers" / "local.sh"
 
 def one_line_errors(*errors: type[BaseException]) -> Callable[[Callable[..., int]], Callable[..., int]]:
     """For a command's ``main``: an expected error (its message names the file or setting) prints as one
-    ``error:`` line (``engine.user_errors.report``) and the command returns 1, without a traceback."""
+    ``error:`` line (``core.user_errors.report``) and the command returns 1, without a traceback."""
     def wrap(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
         def run(argv: list[str] | None = None) -> int:
@@ -96,12 +96,12 @@ RANKED = ("train", "demo", "evaluate", "infer")
 
 def _parse(module: str, argv: list[str]) -> None:
     """Parse a ranked command's settings here, once (each rank parses them again)."""
-    if module == "biomedgpt.engine.train":
+    if module == "biomedgpt.tools.train":
         importlib.import_module(module).parse(argv)
         return
-    from biomedgpt.engine.config import parse_cli
+    from biomedgpt.core.config import parse_cli
 
-    config = {"biomedgpt.engine.downstream": ("biomedgpt.engine.eval_config", "EvaluateConfig"),
+    config = {"biomedgpt.engine.eval.decoding": ("biomedgpt.engine.eval.config", "EvaluateConfig"),
               "biomedgpt.tools.infer": ("biomedgpt.tools.infer", "InferConfig")}[module]
     parse_cli(getattr(importlib.import_module(config[0]), config[1]), argv)
 

@@ -5,7 +5,7 @@
 
 ``checkpoint`` is a run's output directory, its ``checkpoints/`` root (``latest`` picks the tag) or a tag
 directory; ZeRO 1/2/3 from any world size, stage 0 and universal checkpoints. Tensors are streamed one
-at a time (memory about the largest tensor, see ``engine/zero_checkpoint.py``); the directory appears
+at a time (memory about the largest tensor, see ``engine/checkpoint/zero_reader.py``); the directory appears
 complete or not at all. ``verify=true`` checks, before the directory is published, every tensor against
 DeepSpeed's own ``zero_to_fp32`` reconstruction and a forward pass (that step holds the model in memory).
 A LoRA run's checkpoint needs ``merge_lora=true``: peft merges each adapter into its weight as it streams, and
@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from biomedgpt.engine.config import PathStr, parse_cli
+from biomedgpt.core.config import PathStr, parse_cli
 from biomedgpt.models.checkpoint import CheckpointError
 from biomedgpt.models.config import ModelSpec
 from biomedgpt.models.tokenizer import TokenizerError
 from biomedgpt.tools.import_checkpoint import load_any_tokenizer
-from biomedgpt.engine.zero_checkpoint import ZeroCheckpoint, checkpoint_model_config, consolidate, open_checkpoint
+from biomedgpt.engine.checkpoint.zero_reader import ZeroCheckpoint, checkpoint_model_config, consolidate, open_checkpoint
 
 
 @dataclass

@@ -32,7 +32,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
-from biomedgpt.engine.config import parse_cli, to_dict
+from biomedgpt.core.config import parse_cli, to_dict
 from biomedgpt.engine.flops import (GPU_PEAKS, activation_memory, communication_bytes, image_tokens,
                                     model_state_memory, parameter_counts, train_step_flops)
 from biomedgpt.engine.run_config import RunConfig
@@ -99,7 +99,7 @@ def plan_peak(cfg: EstimateConfig) -> tuple[float, str]:
 
 def estimate(cfg: EstimateConfig) -> dict:
     """Every figure of the plan, in bytes / FLOPs / seconds (GiB and TFLOP in the printed table)."""
-    from biomedgpt.engine.model_setup import use_zero_init
+    from biomedgpt.engine.distributed.parallelize import use_zero_init
 
     model_cfg = cfg.model.build()
     ds, data = cfg.deepspeed, cfg.data
@@ -208,10 +208,10 @@ def _measure_worker() -> None:
     import psutil
     import torch
 
-    from biomedgpt.engine import distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
-    from biomedgpt.engine.config import from_dict
+    from biomedgpt.engine.distributed import process_group as distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
+    from biomedgpt.core.config import from_dict
     from biomedgpt.engine.flops import device_peak
-    from biomedgpt.engine.trainer import Trainer
+    from biomedgpt.engine.train.trainer import Trainer
 
     request = json.loads(sys.stdin.read())
     data = request["config"]

@@ -20,7 +20,7 @@ from typing import Literal, Optional
 
 import torch
 
-from biomedgpt.engine.config import PathStr, parse_cli
+from biomedgpt.core.config import PathStr, parse_cli
 from biomedgpt.models.checkpoint import CheckpointError, collection_tokenizer_dir, import_released, save_pretrained
 from biomedgpt.models.ofa import count_parameters
 from biomedgpt.models.tokenizer import Tokenizer

@@ -13,9 +13,9 @@ Images may be PNG, JPEG or DICOM (windowed as in the data converter); summarizat
 instruction takes an image or none. ``text=`` / ``question=`` are taken as written (no YAML parsing).
 Prompts are built by the same task processors as training (``biomedgpt.data.tasks``), so they match what
 the model was fine-tuned on, and each task is decoded as ``biomedgpt evaluate`` decodes it
-(``engine.eval_config.TASK_DEFAULTS``): nli scores yes / no / maybe, classification scores the class names
+(``engine.eval.config.TASK_DEFAULTS``): nli scores yes / no / maybe, classification scores the class names
 of ``answers``, VQA searches inside the answer trie of ``answers`` (a file, as
-``biomedgpt.engine.downstream.read_answers``: the fine-tuning set, e.g. OFA's ``trainval_ans2label.pkl``);
+``biomedgpt.engine.eval.decoding.read_answers``: the fine-tuning set, e.g. OFA's ``trainval_ans2label.pkl``);
 VQA without ``answers`` decodes unconstrained, and its rows say so. Prints one JSON line per image (or per
 text) or writes them to ``output``; an unreadable image gets a line with its ``error`` and the command
 exits non-zero after the others.
@@ -23,8 +23,8 @@ exits non-zero after the others.
 Across ranks (``biomedgpt infer -n 2 ...``, or torchrun / the deepspeed launcher): the images are dealt
 out to the ranks, rank 0 writes every row in input order. ``zero_stage=3`` partitions the model across
 the ranks (built partitioned, as ``biomedgpt evaluate zero_stage=3``); decoding gathers the whole model
-once when it fits (``engine.zero_plan.decoding_model``), else the ranks decode in lockstep
-(``engine.downstream.RankSync``), a rank without images left decoding a blank placeholder image.
+once when it fits (``engine.distributed.zero.decoding_model``), else the ranks decode in lockstep
+(``engine.eval.decoding.RankSync``), a rank without images left decoding a blank placeholder image.
 """
 from __future__ import annotations
 
@@ -43,12 +43,12 @@ from biomedgpt.data.config import DataConfig
 from biomedgpt.data.images import decode_image
 from biomedgpt.data.records import make_record
 from biomedgpt.data.tasks import TaskContext, process
-from biomedgpt.engine.durable import atomic_write_text
-from biomedgpt.engine.config import PathStr, parse_cli
-from biomedgpt.engine.user_errors import UserError, command
-from biomedgpt.engine.downstream import TASK_DEFAULTS, predict_task, prepare_model, read_answers, select_rows, start_ranks
-from biomedgpt.engine.downstream import decoding_model
-from biomedgpt.engine.eval_config import FIXED_ANSWERS, DownstreamConfig
+from biomedgpt.core.durable import atomic_write_text
+from biomedgpt.core.config import PathStr, parse_cli
+from biomedgpt.core.user_errors import UserError, command
+from biomedgpt.engine.eval.decoding import TASK_DEFAULTS, predict_task, prepare_model, read_answers, select_rows, start_ranks
+from biomedgpt.engine.eval.decoding import decoding_model
+from biomedgpt.engine.eval.config import FIXED_ANSWERS, DownstreamConfig
 from biomedgpt.models.generation import GenerationConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")

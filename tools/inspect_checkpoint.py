@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from biomedgpt.engine.checkpoint_files import LATEST_FILE
-from biomedgpt.engine.config import PathStr, parse_cli
+from biomedgpt.engine.checkpoint.layout import LATEST_FILE
+from biomedgpt.core.config import PathStr, parse_cli
 from biomedgpt.models.checkpoint import CheckpointError
-from biomedgpt.engine.zero_checkpoint import describe, iter_tags, open_checkpoint
+from biomedgpt.engine.checkpoint.zero_reader import describe, iter_tags, open_checkpoint
 from biomedgpt.tools.cli import one_line_errors
 
 

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Literal, Optional
 from biomedgpt.data.images import (MAX_IMAGE_PIXELS, check_image_pixels, dicom_to_uint8, encode_png, pre_resized,
                                    storable_image)
 from biomedgpt.data.mds import OutputExistsError, ShardWriter, StoreError
-from biomedgpt.engine.config import PathStr
+from biomedgpt.core.config import PathStr
 from biomedgpt.data.records import (KINDS, MEDNLI_LABEL_INDEX, BadRecord, make_record, parse_answer_type, parse_answers,
                           parse_codes, parse_detections, parse_floats, split_objects)
 
@@ -562,7 +562,7 @@ def _convert(cfg: PrepareConfig, files: list[Path], summary: Summary, log) -> Su
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status 1 with one line on stderr for what the user must fix (input, output); no traceback."""
-    from biomedgpt.engine.config import parse_cli
+    from biomedgpt.core.config import parse_cli
 
     cfg = parse_cli(PrepareConfig, argv)
     # SIGTERM (a scheduler's kill) unwinds like an error: convert() drops its temporary files and uploads

@@ -13,9 +13,9 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from biomedgpt.engine.config import PathStr, parse_cli
+from biomedgpt.core.config import PathStr, parse_cli
 from biomedgpt.models.checkpoint import CheckpointError
-from biomedgpt.engine.zero_checkpoint import open_checkpoint, to_universal
+from biomedgpt.engine.checkpoint.zero_reader import open_checkpoint, to_universal
 from biomedgpt.tools.cli import one_line_errors
 
 

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
-from biomedgpt.engine.config import parse_cli
+from biomedgpt.core.config import parse_cli
 from biomedgpt.models.tokenizer import NUM_BINS, NUM_CODES, RESERVED, Tokenizer
 
 _BYTE_SYMBOLS = 256

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from biomedgpt.engine.config import from_dict, parse_cli
+from biomedgpt.core.config import from_dict, parse_cli
 from biomedgpt.models.attention import AttentionBias, RelativeBias, RelativePositions, attention
 from biomedgpt.models.config import model_config
 from biomedgpt.models.ofa import BiomedGPT, image_bucket_positions, image_position_ids, token_bucket_positions

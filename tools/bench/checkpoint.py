@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from biomedgpt.engine import distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
-from biomedgpt.engine.checkpoint_files import LATEST_FILE
-from biomedgpt.engine.config import parse_cli
+from biomedgpt.engine.distributed import process_group as distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
+from biomedgpt.engine.checkpoint.layout import LATEST_FILE
+from biomedgpt.core.config import parse_cli
 
 REPO = Path(__file__).resolve().parents[2]  # the package root (launchers/ beside tools/)
 
@@ -63,9 +63,9 @@ def _step(trainer, batches) -> float:
 def worker(cfg: BenchConfig) -> None:
     import torch
 
-    from biomedgpt.engine.distributed import all_reduce, barrier
-    from biomedgpt.engine.train import parse
-    from biomedgpt.engine.trainer import Trainer
+    from biomedgpt.engine.distributed.process_group import all_reduce, barrier
+    from biomedgpt.tools.train import parse
+    from biomedgpt.engine.train.trainer import Trainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(cfg.work_dir) / f"ranks{world}_zero{cfg.zero_stage}"
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.worker:
         worker(cfg)
         return
-    from biomedgpt.engine.train import ensure_demo_data, parse
+    from biomedgpt.tools.train import ensure_demo_data, parse
 
     ensure_demo_data(parse([]).demo_data_dir)
     work = Path(cfg.work_dir)

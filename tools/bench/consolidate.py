@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from biomedgpt.engine.checkpoint_files import LATEST_FILE
-from biomedgpt.engine.config import parse_cli
+from biomedgpt.engine.checkpoint.layout import LATEST_FILE
+from biomedgpt.core.config import parse_cli
 
 
 @dataclass
@@ -37,8 +37,8 @@ def _train_rank(cfg: BenchConfig) -> None:
     """One rank: a few ZeRO-3 steps on random data, then an engine checkpoint."""
     import torch
 
-    from biomedgpt.engine.checkpointing import CheckpointManager
-    from biomedgpt.engine.distributed import init_distributed
+    from biomedgpt.engine.checkpoint.manager import CheckpointManager
+    from biomedgpt.engine.distributed.process_group import init_distributed
 
     import deepspeed
     from biomedgpt.models.config import ModelSpec

@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from biomedgpt.engine import distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
-from biomedgpt.engine.config import parse_cli
+from biomedgpt.engine.distributed import process_group as distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
+from biomedgpt.core.config import parse_cli
 from biomedgpt.engine.run_config import DEMO_CONFIG
 
 REPO = Path(__file__).resolve().parents[2]  # the package root (launchers/ beside tools/)
@@ -78,8 +78,8 @@ def _dir_bytes(path: Path) -> int:
 
 
 def bench_checkpoint(cfg: BenchConfig) -> dict:
-    from biomedgpt.engine.train import ensure_demo_data, parse
-    from biomedgpt.engine.trainer import Trainer
+    from biomedgpt.tools.train import ensure_demo_data, parse
+    from biomedgpt.engine.train.trainer import Trainer
 
     out = Path(cfg.work_dir) / "checkpoint"
     shutil.rmtree(out, ignore_errors=True)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"bench_engine: unknown parts {sorted(unknown)}")
     Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
     if "zero" in cfg.parts or "checkpoint" in cfg.parts:
-        from biomedgpt.engine.train import ensure_demo_data, parse
+        from biomedgpt.tools.train import ensure_demo_data, parse
 
         ensure_demo_data(parse([]).demo_data_dir)
     results = {}

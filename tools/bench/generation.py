@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 
 from biomedgpt.data.images import eval_transform
-from biomedgpt.engine.config import parse_cli
-from biomedgpt.engine.downstream import pick_device
+from biomedgpt.core.config import parse_cli
+from biomedgpt.engine.eval.decoding import pick_device
 from biomedgpt.models.config import model_config
 from biomedgpt.models.generation import GenerationConfig, Trie, generate
 from biomedgpt.models.ofa import BiomedGPT

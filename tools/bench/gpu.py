@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     ensure_packages()
     import torch
 
-    from biomedgpt.engine.config import parse_cli
+    from biomedgpt.core.config import parse_cli
 
     cfg = parse_cli(BenchGpuConfig, argv)
     if cfg.device == "cuda" and not torch.cuda.is_available():

@@ -314,7 +314,7 @@ def run(cfg: BenchConfig) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from biomedgpt.engine.config import parse_cli
+    from biomedgpt.core.config import parse_cli
 
     run(parse_cli(BenchConfig, argv))
 

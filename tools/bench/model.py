@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from biomedgpt.engine.config import from_dict, parse_cli
+from biomedgpt.core.config import from_dict, parse_cli
 from biomedgpt.models.config import AttentionBackend, model_config
 from biomedgpt.models.ofa import BiomedGPT, count_parameters
 

@@ -79,7 +79,7 @@ def _template(path: str) -> str | None:
         return None
     if Path(path).exists():
         return str(Path(path).resolve())
-    from biomedgpt.engine.ds_config import DS_CONFIG_DIR
+    from biomedgpt.engine.distributed.ds_config import DS_CONFIG_DIR
 
     return str(DS_CONFIG_DIR.parent / path)
 
@@ -123,7 +123,7 @@ def run_config(cfg: BenchSizesConfig, size: str, shards: Path, out: Path) -> dic
 
 
 def predicted_gib(cfg: BenchSizesConfig, size: str, offload: bool, zero_init: bool) -> float:
-    from biomedgpt.engine.config import from_dict
+    from biomedgpt.core.config import from_dict
     from biomedgpt.tools.estimate import EstimateConfig, estimate
 
     est = estimate(from_dict(EstimateConfig, {
@@ -192,7 +192,7 @@ def run_size(cfg: BenchSizesConfig, size: str, work: Path, shards: Path) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    from biomedgpt.engine.config import parse_cli
+    from biomedgpt.core.config import parse_cli
 
     cfg = parse_cli(BenchSizesConfig, argv)
     for key, names in (("sizes", cfg.sizes), ("offload_from", [cfg.offload_from]), ("bf16_from", [cfg.bf16_from]),

@@ -75,7 +75,7 @@ def _worker(spec: dict) -> None:
     """One path: build, warm up (compile), then one timed step per ``step`` line on stdin."""
     import torch
 
-    from biomedgpt.engine.model_setup import apply_compile, compile_enabled
+    from biomedgpt.engine.distributed.parallelize import apply_compile, compile_enabled
     from biomedgpt.models.config import model_config
     from biomedgpt.models.ofa import BiomedGPT
 
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--worker":
         _worker(json.loads(sys.argv[2]))
         return 0
-    from biomedgpt.engine.config import parse_cli
+    from biomedgpt.core.config import parse_cli
 
     cfg = parse_cli(BenchStepConfig, argv)
     print(f"fp32 training step (forward + cross-entropy + backward), dropout 0, {cfg.src_len} source / "

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from biomedgpt.engine.config import ConfigError, from_dict, parse_cli, to_dict
+from biomedgpt.core.config import ConfigError, from_dict, parse_cli, to_dict
 from biomedgpt.engine.flops import image_tokens, parameter_counts, train_step_flops
 from biomedgpt.engine.run_config import RunConfig
 from biomedgpt.models.config import ModelConfig

@@ -34,8 +34,8 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from biomedgpt.engine.config import parse_cli
-from biomedgpt.engine.durable import atomic_write_text
+from biomedgpt.core.config import parse_cli
+from biomedgpt.core.durable import atomic_write_text
 from biomedgpt.tools.cli import one_line_errors
 from biomedgpt.tools.scaling.collect import SweepDataError, require_metrics, status_counts
 

@@ -21,7 +21,7 @@ trains into the sweep's folder from any directory, here or as a SLURM array task
 
 Writes ``<root>/<name>/``: ``sweep.json`` (the manifest), ``configs/<run>.yaml``, ``runs.txt`` (one config
 per line: the job-array list of ``launchers/slurm_sweep.sbatch``) and ``runs/<run>/`` (each run's
-output_dir). ``local`` trains the runs one after another (``python -m biomedgpt.engine.train``, or
+output_dir). ``local`` trains the runs one after another (``python -m biomedgpt.tools.train``, or
 ``launchers/local.sh -n RANKS`` for several ranks), then collects (``biomedgpt.tools.scaling.collect``) and fits
 (``biomedgpt.tools.scaling.fit``: end-of-run evaluation losses, so keep ``eval.at_end`` on with
 ``data.eval_streams``); when no run logged any metrics it says so and exits 1 (no empty figure). ``slurm``
@@ -46,9 +46,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from biomedgpt.engine.config import (ConfigError, PathStr, deep_merge, field_paths, from_dict, load, parse_cli,
+from biomedgpt.core.config import (ConfigError, PathStr, deep_merge, field_paths, from_dict, load, parse_cli,
                                      resolve_config, resolve_paths, set_dotted, to_dict)
-from biomedgpt.engine.durable import atomic_write_text
+from biomedgpt.core.durable import atomic_write_text
 from biomedgpt.engine.run_config import RunConfig, demo_config
 from biomedgpt.tools.cli import one_line_errors
 from biomedgpt.tools.scaling.collect import (STATUS_FILE, SweepDataError, collect, is_finished, require_metrics,
@@ -224,7 +224,7 @@ def pending(runs: list[PlannedRun]) -> list[PlannedRun]:
 
 def train_command(cfg: SweepConfig, run: PlannedRun) -> list[str]:
     if cfg.ranks == 1:
-        return [sys.executable, "-m", "biomedgpt.engine.train", "--config", str(run.config_path)]
+        return [sys.executable, "-m", "biomedgpt.tools.train", "--config", str(run.config_path)]
     return ["bash", "launchers/local.sh", "-n", str(cfg.ranks), "--", "--config", str(run.config_path)]
 
 

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence, TypeVar
 
 import yaml
 
-from biomedgpt.engine.user_errors import UserError, report
+from biomedgpt.core.user_errors import UserError, report
 
 T = TypeVar("T")
 
@@ -382,7 +382,7 @@ def _default_text(f: dataclasses.Field) -> str:
 
 def _annotation_text(tp: Any) -> str:
     text = str(tp) if typing.get_args(tp) else _type_name(tp)
-    for noise in ("typing.", "biomedgpt.engine.config.", "biomedgpt.data.config.", "<class '", "'>"):
+    for noise in ("typing.", "biomedgpt.core.config.", "biomedgpt.data.config.", "<class '", "'>"):
         text = text.replace(noise, "")
     return text.replace("NoneType", "None")
 

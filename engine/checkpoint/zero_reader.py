@@ -3,7 +3,7 @@
 DeepSpeed's ``zero_to_fp32`` unpickles every rank's optimizer file and concatenates whole flat partitions,
 so consolidating needs several copies of the model in host memory. Here every file is read with
 ``torch.load(weights_only=True, mmap=True)`` under an allow-list of what DeepSpeed writes
-(``engine/checkpoint_load.py``: a crafted file is refused, nothing in it runs): tensors stay in the
+(``engine/checkpoint/load.py``: a crafted file is refused, nothing in it runs): tensors stay in the
 mapped file, and each output tensor is assembled from slices of the ranks' fp32 master partitions,
 converted and written straight into a safetensors file before the next one is read, the pages it
 read given back (``CheckpointFile.release``). Peak memory is about the largest tensor, whatever the
@@ -20,7 +20,7 @@ Layouts understood (DeepSpeed 0.19, cf. ``deepspeed/utils/zero_to_fp32.py``):
 - a universal checkpoint (``ds_to_universal``): one fp32 file per parameter.
 
 Buffers (BatchNorm statistics) come from rank 0's model-states file; EMA weights from the engine's
-per-rank state files (see ``engine/ema.py``). The file names: ``engine/checkpoint_files.py``.
+per-rank state files (see ``engine/train/ema.py``). The file names: ``engine/checkpoint/layout.py``.
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from biomedgpt.engine import checkpoint_files as layout
-from biomedgpt.engine.checkpoint_files import MODEL_FILE_RE, OPTIM_FILE_RE, REPORT_FILE
+from biomedgpt.engine.checkpoint import layout
+from biomedgpt.engine.checkpoint.layout import MODEL_FILE_RE, OPTIM_FILE_RE, REPORT_FILE
 from biomedgpt.models.checkpoint import (TIED_ALIASES, TIED_KEY, CheckpointError, write_dir_atomically,
                                read_model_config, read_model_weights)
 from biomedgpt.models.config import DATA_FIELDS, ModelConfig, ModelSpec, spec_from_saved
@@ -67,13 +67,13 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16
 
 
 class CheckpointFile:
-    """One ``torch.save`` file of a tag, read by ``engine/checkpoint_load.py`` (weights-only: a file that
+    """One ``torch.save`` file of a tag, read by ``engine/checkpoint/load.py`` (weights-only: a file that
     refers to anything else is refused, nothing in it runs) with ``mmap=True``: its tensors are views of
     the file mapped into memory, so opening reads only the pickle and each tensor's bytes are read when
     copied. ``release`` drops pages already copied from this process's resident memory."""
 
     def __init__(self, path: str | Path):
-        from biomedgpt.engine.checkpoint_load import load_checkpoint_file
+        from biomedgpt.engine.checkpoint.load import load_checkpoint_file
 
         self.path = Path(path)
         self.obj = load_checkpoint_file(self.path)
@@ -303,7 +303,7 @@ class ZeroCheckpoint:
         return {_canonical(n): self._whole(module[n], self.model_files[0]) for n in names}
 
     def ema_sources(self) -> dict[str, ParamSource]:
-        """The engine's EMA of the trainable parameters (``engine/ema.py``), from the per-rank state files."""
+        """The engine's EMA of the trainable parameters (``engine/train/ema.py``), from the per-rank state files."""
         first = self.directory / layout.rank_state_file(0)
         if not first.exists():
             raise CheckpointError(f"{first}: missing, so there are no EMA weights (not an engine checkpoint?)")
@@ -540,7 +540,7 @@ def checkpoint_model_config(ckpt: ZeroCheckpoint, spec: ModelSpec | None = None)
 
 def _spec_from(run_cfg: dict, where: str) -> ModelConfig:
     """A saved run config's model: its ``model`` section with the image normalisation of its ``data``."""
-    from biomedgpt.engine.config import ConfigError
+    from biomedgpt.core.config import ConfigError
 
     data = run_cfg.get("data") if isinstance(run_cfg.get("data"), dict) else {}
     try:
@@ -584,9 +584,9 @@ def weight_sources(ckpt: ZeroCheckpoint, cfg: ModelConfig, ema: bool = False, me
 
 def _lora_merged_sources(ckpt: ZeroCheckpoint, found: dict[str, ParamSource]) -> dict[str, ParamSource]:
     """The plain model's tensors of a LoRA run's checkpoint: each adapted weight read with its two adapter
-    matrices and merged by peft (engine/lora.py), one layer at a time; the run's ``lora`` settings come from
+    matrices and merged by peft (engine/train/lora.py), one layer at a time; the run's ``lora`` settings come from
     the checkpoint's client state."""
-    from biomedgpt.engine.lora import merged_keys, produce_merged
+    from biomedgpt.engine.train.lora import merged_keys, produce_merged
 
     run_cfg = ckpt.client_state.get("config")
     settings = run_cfg.get("lora") if isinstance(run_cfg, dict) else None

@@ -1,4 +1,4 @@
-"""Training entry point: ``python -m biomedgpt.engine.train [--config configs/X.yaml] [key.sub=value ...]``.
+"""Training entry point: ``python -m biomedgpt.tools.train [--config configs/X.yaml] [key.sub=value ...]``.
 
 Without ``--config`` it runs configs/demo.yaml (the README's main job): it builds the demo shards from
 the packaged real data when they are missing, trains a small model, evaluates it and prints the metrics.
@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from biomedgpt.engine.config import parse_cli
+from biomedgpt.core.config import parse_cli
 from biomedgpt.engine.run_config import DEMO_CONFIG, RunConfig
-from biomedgpt.engine.run_lock import RunLock
-from biomedgpt.engine.user_errors import UserError, command
+from biomedgpt.engine.train.run_lock import RunLock
+from biomedgpt.core.user_errors import UserError, command
 
 
 def ensure_demo_data(directory: str) -> None:
@@ -62,9 +62,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     check_init_from(cfg.checkpoint.init_from)
     if int(os.environ.get("RANK", "0")) == 0:  # a folder in use is refused in a second too (the Trainer keeps it)
         RunLock.acquire(cfg.output_dir)
-    from biomedgpt.engine import distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
-    from biomedgpt.engine.checkpointing import CheckpointWriteError
-    from biomedgpt.engine.trainer import Trainer
+    from biomedgpt.engine.distributed import process_group as distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
+    from biomedgpt.engine.checkpoint.manager import CheckpointWriteError
+    from biomedgpt.engine.train.trainer import Trainer
 
     if cfg.demo_data_dir:
         ensure_demo_data(cfg.demo_data_dir)

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from biomedgpt.engine import distributed as dist_utils
+from biomedgpt.engine.distributed import process_group as dist_utils
 from biomedgpt.engine.run_config import LogConfig
 
 _SUMMED = ("loss", "nll", "tokens", "correct", "samples", "all_tokens", "flops")

@@ -1,10 +1,10 @@
 """The one evaluator, used by training (``Trainer.evaluate``) and by ``biomedgpt evaluate``
-(``engine/downstream.py``'s ``run``):
+(``engine/eval/decoding.py``'s ``run``):
 
 - the loss pass: loss, perplexity and token accuracy over the eval set, overall and per task
   (``Evaluator.loss_metrics``, ``eval_metrics``);
-- the task metrics by generation: each sample decoded the way its task is judged (``engine/downstream.py``)
-  and scored with the paper's metrics (``engine/task_metrics.py``) (``Evaluator.task_metrics``,
+- the task metrics by generation: each sample decoded the way its task is judged (``engine/eval/decoding.py``)
+  and scored with the paper's metrics (``engine/eval/metrics.py``) (``Evaluator.task_metrics``,
   ``evaluate_model``, ``compute_metrics``).
 
 Across ranks each rank evaluates its share; results are gathered in rank order and each sample id counts
@@ -22,10 +22,10 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from biomedgpt.engine import distributed as dist_utils
-from biomedgpt.engine import task_metrics
-from biomedgpt.engine.downstream import RankSync, answer_sets, predict, sets_from_references
-from biomedgpt.engine.eval_config import DownstreamConfig
+from biomedgpt.engine.distributed import process_group as dist_utils
+from biomedgpt.engine.eval import metrics as task_metrics
+from biomedgpt.engine.eval.decoding import RankSync, answer_sets, predict, sets_from_references
+from biomedgpt.engine.eval.config import DownstreamConfig
 
 
 def eval_metrics(records: Sequence[tuple[str, int, float, float, int, int]], task_names: Sequence[str]) -> dict:
@@ -192,6 +192,6 @@ class Evaluator:
         """ZeRO-3: the whole model for this pass when it fits (yields True), else the partitioned one."""
         if self.engine is None:
             return nullcontext(False)
-        from biomedgpt.engine.zero_plan import decoding_model
+        from biomedgpt.engine.distributed.zero import decoding_model
 
         return decoding_model(self.engine, self.device, self.world, fraction, self.log)

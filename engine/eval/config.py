@@ -1,5 +1,5 @@
 """Settings of evaluation by generation (in training: ``eval.downstream``; ``biomedgpt evaluate``), torch-free
-so that a run config loads without importing the model (``biomedgpt.engine.downstream`` does the work)."""
+so that a run config loads without importing the model (``biomedgpt.engine.eval.decoding`` does the work)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from biomedgpt.data.config import DataConfig
-from biomedgpt.engine.config import PathStr, deep_merge, from_dict, to_dict
+from biomedgpt.core.config import PathStr, deep_merge, from_dict, to_dict
 from biomedgpt.models.config import GenerationConfig
 
 Inference = Literal["generate", "trie", "candidates"]
@@ -140,6 +140,6 @@ class EvaluateConfig:
     split: Optional[Split] = None
     # 3: partition the model across the launched ranks with DeepSpeed ZeRO-3 (decoding gathers the whole
     # model once when it fits, see downstream.gather_memory_fraction; else the ranks decode in lockstep).
-    # Started by a launcher (launchers/local.sh -m biomedgpt.engine.downstream -n N), every rank evaluates
+    # Started by a launcher (launchers/local.sh -m biomedgpt.engine.eval.decoding -n N), every rank evaluates
     # its share of the data; rank 0 writes the results.
     zero_stage: Literal[0, 3] = 0

@@ -1,7 +1,7 @@
 """Checks made before a run resumes, so that a bad checkpoint fails in one line that says what to do.
 
 - every file of the tag is a readable ``torch.save`` archive that holds nothing but what DeepSpeed and this
-  engine write (read weights-only, ``engine/checkpoint_load.py``; no tensor is read), else the error names
+  engine write (read weights-only, ``engine/checkpoint/load.py``; no tensor is read), else the error names
   the file (and the refused global) and the tag, and an earlier complete tag if there is one;
 - the settings a run cannot change midway (``FIXED``: the data order, the optimizer state's shape, the model
   architecture) equal this run's, else the error names the settings that differ and the two ways out (a
@@ -19,10 +19,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from biomedgpt.engine import checkpoint_files as layout
-from biomedgpt.engine.checkpoint_files import MODEL_FILE_RE, RANK_RE, TAG_RE
-from biomedgpt.engine.checkpoint_load import load_checkpoint_file
-from biomedgpt.engine.checkpointing import ResumeError
+from biomedgpt.engine.checkpoint import layout
+from biomedgpt.engine.checkpoint.layout import MODEL_FILE_RE, RANK_RE, TAG_RE
+from biomedgpt.engine.checkpoint.load import load_checkpoint_file
+from biomedgpt.engine.checkpoint.manager import ResumeError
 from biomedgpt.models.checkpoint import CheckpointError, UnsafeCheckpointError
 
 # With more files than this, a rank checks rank 0's model states and its own files only.

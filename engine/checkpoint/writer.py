@@ -42,7 +42,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from biomedgpt.engine.durable import fsync_dir
+from biomedgpt.core.durable import fsync_dir
 
 #: Fault injection for tests: seconds the background writer sleeps before each file (0: none).
 DELAY_ENV = "BIOMEDGPT_CHECKPOINT_WRITE_DELAY_S"

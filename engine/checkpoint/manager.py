@@ -1,5 +1,5 @@
 """Training checkpoints: DeepSpeed's sharded state + per-rank engine state, an atomic pointer to the newest
-complete tag, keep-last-N. The layout and its file names: ``biomedgpt.engine.checkpoint_files``.
+complete tag, keep-last-N. The layout and its file names: ``biomedgpt.engine.checkpoint.layout``.
 
 A crash mid-save leaves the pointer at the previous complete checkpoint; a failed write (disk full, ...)
 too: it is reported once, as one line (``CheckpointWriteError``: ``no space left on <root>: checkpoint step
@@ -9,7 +9,7 @@ the run stops; DeepSpeed's own pointer file is
 not written (``save_latest=False``), ours has the same name and format so DeepSpeed's tools
 (``zero_to_fp32.py``) still find it.
 
-Writing (``biomedgpt.engine.checkpoint_writer``): every file is fsynced before its rename; with
+Writing (``biomedgpt.engine.checkpoint.writer``): every file is fsynced before its rename; with
 ``background`` the state is snapshotted to host memory and written by a thread while training goes on.
 Each rank marks its files durable; rank 0 (in its writer thread) waits for every rank's mark, then writes
 the tag's meta file (the tag is complete) and moves the pointer. A new save first waits for the
@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from biomedgpt.engine import checkpoint_files as layout
-from biomedgpt.engine.checkpoint_files import TAG_RE, tag_for
-from biomedgpt.engine.checkpoint_writer import BackgroundWriter, os_error, snapshot_engine
-from biomedgpt.engine.durable import atomic_write_text, fsync_dir
-from biomedgpt.engine.distributed import all_reduce, barrier
-from biomedgpt.engine.user_errors import UserError
+from biomedgpt.engine.checkpoint import layout
+from biomedgpt.engine.checkpoint.layout import TAG_RE, tag_for
+from biomedgpt.engine.checkpoint.writer import BackgroundWriter, os_error, snapshot_engine
+from biomedgpt.core.durable import atomic_write_text, fsync_dir
+from biomedgpt.engine.distributed.process_group import all_reduce, barrier
+from biomedgpt.core.user_errors import UserError
 
 
 class CheckpointWriteError(RuntimeError):
@@ -56,7 +56,7 @@ class ResumeError(UserError, RuntimeError):
 def load_file(path: str | Path) -> Any:
     """A checkpoint file for resuming (into memory, not mapped), weights-only: a crafted file is refused
     with one line (``ResumeError``), nothing in it runs."""
-    from biomedgpt.engine.checkpoint_load import load_checkpoint_file
+    from biomedgpt.engine.checkpoint.load import load_checkpoint_file
     from biomedgpt.models.checkpoint import CheckpointError
 
     try:

@@ -13,21 +13,21 @@ import psutil
 import torch
 import yaml
 
-from biomedgpt.engine import distributed as dist_utils  # sets DS_ACCELERATOR before deepspeed is imported
-from biomedgpt.engine.checkpointing import CheckpointManager, ResumeError, rng_state, set_rng_state
-from biomedgpt.engine.durable import atomic_write_text
-from biomedgpt.engine.config import to_dict
-from biomedgpt.engine.ds_config import build_ds_config, device_precision
-from biomedgpt.engine.ema import EMA
+from biomedgpt.engine.distributed import process_group as dist_utils  # sets DS_ACCELERATOR before deepspeed is imported
+from biomedgpt.engine.checkpoint.manager import CheckpointManager, ResumeError, rng_state, set_rng_state
+from biomedgpt.core.durable import atomic_write_text
+from biomedgpt.core.config import to_dict
+from biomedgpt.engine.distributed.ds_config import build_ds_config, device_precision
+from biomedgpt.engine.train.ema import EMA
 from biomedgpt.engine.flops import batch_train_flops, device_peak, image_tokens
-from biomedgpt.engine.host_memory import set_mmap_threshold
-from biomedgpt.engine.loss import kept_tokens, label_smoothed_cross_entropy
-from biomedgpt.engine.metrics import MetricsLogger, MetricWindow
-from biomedgpt.engine.model_setup import (apply_activation_checkpointing, apply_compile, build_model, compile_enabled,
+from biomedgpt.engine.train.host_memory import set_mmap_threshold
+from biomedgpt.engine.train.loss import kept_tokens, label_smoothed_cross_entropy
+from biomedgpt.engine.train.metrics import MetricsLogger, MetricWindow
+from biomedgpt.engine.distributed.parallelize import (apply_activation_checkpointing, apply_compile, build_model, compile_enabled,
                                           use_zero_init)
 from biomedgpt.engine.run_config import OptimConfig, RunConfig
-from biomedgpt.engine.run_lock import lock_output_dir
-from biomedgpt.engine.zero_plan import ZeroPlan
+from biomedgpt.engine.train.run_lock import lock_output_dir
+from biomedgpt.engine.distributed.zero import ZeroPlan
 
 EXIT_RESUME = 75  # EX_TEMPFAIL: checkpoint written after a signal, resume to continue
 
@@ -117,7 +117,7 @@ class Trainer:
         resume_tag = self.ckpt.latest() if cfg.checkpoint.resume == "auto" else None
         changed: list[str] = []  # optimizer settings this resumed run changes
         if resume_tag is not None:
-            from biomedgpt.engine.resume_checks import check_resumable
+            from biomedgpt.engine.checkpoint.resume_checks import check_resumable
 
             changed = check_resumable(self.ckpt.root, resume_tag, self.rank, to_dict(cfg))
         self.ds_config = build_ds_config(cfg)
@@ -155,7 +155,7 @@ class Trainer:
 
     def _write_start_summary(self) -> None:
         from biomedgpt.engine.flops import parameter_counts
-        from biomedgpt.engine.run_summary import start_summary
+        from biomedgpt.engine.train.run_summary import start_summary
 
         if not self.is_main:
             return
@@ -188,7 +188,7 @@ class Trainer:
     def _build_eval_loader(self):
         from biomedgpt.data.loader import build_eval_loader
 
-        from biomedgpt.engine.eval_config import selection_data
+        from biomedgpt.engine.eval.config import selection_data
 
         if not self.cfg.data.eval_streams:
             return None
@@ -219,7 +219,7 @@ class Trainer:
         # and bucketed reductions in step (models/ofa.py _forward_by_modality).
         model.same_calls_every_batch = self.world > 1
         if cfg.lora.enabled:
-            from biomedgpt.engine.lora import apply_lora
+            from biomedgpt.engine.train.lora import apply_lora
 
             self.lora_note = f"LoRA (peft): {apply_lora(model, cfg.lora):,} trainable parameters"
         if cfg.optim.freeze_encoder_embedding or cfg.optim.freeze_decoder_embedding:
@@ -309,7 +309,7 @@ class Trainer:
         if path is None:
             raise ResumeError(f"DeepSpeed could not load {load_dir}/{load_tag}")
         if changed:  # settings checked before loading (resume_checks): these apply from here on
-            from biomedgpt.engine.resume_checks import apply_optimizer_settings
+            from biomedgpt.engine.checkpoint.resume_checks import apply_optimizer_settings
 
             apply_optimizer_settings(self.engine.lr_scheduler, self.cfg.optim)
             self.notes.append(f"resumed with changed optimizer settings, applied: {'; '.join(changed)}")
@@ -456,7 +456,7 @@ class Trainer:
         last_eval_step, last_save_step = -1, self.step
         self.stop_at = self.step + cfg.checkpoint.stop_after if cfg.checkpoint.stop_after else None
         step_ids: list[str] = []
-        from biomedgpt.engine.watchdog import Watchdog
+        from biomedgpt.engine.distributed.watchdog import Watchdog
 
         self.watchdog = Watchdog(self.out, self.rank, cfg.watchdog.timeout_s, cfg.watchdog.poll_s).start()
         window: list[dict] = []
@@ -487,7 +487,7 @@ class Trainer:
                 self.save()
             self.ckpt.close()  # before the end summary names the latest checkpoint
             if self.is_main:
-                from biomedgpt.engine.run_summary import end_summary
+                from biomedgpt.engine.train.run_summary import end_summary
 
                 for line in end_summary(cfg, self.step, self.best, self.out):
                     self.logger.write(line)
@@ -591,8 +591,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Loss, perplexity and token accuracy over the eval set (overall and per task), and with
-        ``eval.downstream`` the task metrics by generation, every rank agreeing (``engine/evaluate.py``)."""
-        from biomedgpt.engine.evaluate import Evaluator
+        ``eval.downstream`` the task metrics by generation, every rank agreeing (``engine/eval/evaluator.py``)."""
+        from biomedgpt.engine.eval.evaluator import Evaluator
 
         use_ema = self.ema is not None and self.cfg.eval.use_ema
         self.engine.eval()
@@ -656,7 +656,7 @@ class Trainer:
 
     def export(self, directory: Path) -> None:
         """Write a model directory (biomedgpt.models.checkpoint format) with the evaluated weights (EMA if used)."""
-        from biomedgpt.engine.lora import write_merged_lora
+        from biomedgpt.engine.train.lora import write_merged_lora
         from biomedgpt.models.checkpoint import save_pretrained
 
         use_ema = self.ema is not None and self.cfg.eval.use_ema

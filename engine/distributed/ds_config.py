@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from biomedgpt.engine.run_config import RunConfig
-from biomedgpt.engine.user_errors import UserError
+from biomedgpt.core.user_errors import UserError
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 

@@ -113,7 +113,7 @@ def decoding_model(engine, device, world: int, fraction: float, log: Callable[[s
     import psutil
     import torch
 
-    from biomedgpt.engine import distributed as dist_utils
+    from biomedgpt.engine.distributed import process_group as dist_utils
 
     module = engine.module
     whole = whole_param_bytes(module)

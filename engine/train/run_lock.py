@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import IO, Optional
 
-from biomedgpt.engine.user_errors import UserError
+from biomedgpt.core.user_errors import UserError
 
 LOCK_FILE = ".run.lock"
 _HELD: dict[Path, "RunLock"] = {}  # this process's locks (a second flock on its own file would refuse itself)
@@ -99,7 +99,7 @@ class RunLock:
 def lock_output_dir(output_dir: str | Path, rank: int) -> Optional[RunLock]:
     """Collective: rank 0 takes the lock; if it cannot, every rank raises the same ``OutputDirInUse``
     (one line once), before any rank writes into the folder. Returns rank 0's lock (None elsewhere)."""
-    from biomedgpt.engine.distributed import gather_lists
+    from biomedgpt.engine.distributed.process_group import gather_lists
 
     lock, refusal = None, None
     if rank == 0:

@@ -1,7 +1,7 @@
 """Downstream evaluation: decode every evaluation sample the way its task is judged, score with the
 paper's metrics, write a results JSON and per-sample predictions.
 
-Decoding lives here; the evaluator (``engine/evaluate.py``) scores it, inside training (its metrics such
+Decoding lives here; the evaluator (``engine/eval/evaluator.py``) scores it, inside training (its metrics such
 as ``vqa/accuracy`` select the best checkpoint) and in this command on a model directory::
 
     biomedgpt evaluate recipe=finetune/vqa_rad split=test model_dir=runs/vqa_rad/best output_dir=runs/vqa_rad/eval
@@ -29,10 +29,10 @@ import torch
 from biomedgpt.data.config import DataConfig
 from biomedgpt.data.safe_pickle import load_data_pickle
 from biomedgpt.data.tasks import TASK_NAMES
-from biomedgpt.engine.durable import atomic_write_text
-from biomedgpt.engine.config import ConfigError, load, parse_cli, to_dict
-from biomedgpt.engine.user_errors import command
-from biomedgpt.engine.eval_config import (FIXED_ANSWERS, TASK_DEFAULTS, DownstreamConfig, EvaluateConfig, TaskEvalConfig,
+from biomedgpt.core.durable import atomic_write_text
+from biomedgpt.core.config import ConfigError, load, parse_cli, to_dict
+from biomedgpt.core.user_errors import command
+from biomedgpt.engine.eval.config import (FIXED_ANSWERS, TASK_DEFAULTS, DownstreamConfig, EvaluateConfig, TaskEvalConfig,
                                           streams_of_split)
 from biomedgpt.models.generation import EOS, TokenRange, Trie, decoder_prefixes, generate, score_candidates
 
@@ -104,7 +104,7 @@ class RankSync:
     keep step (``padding_calls``) and the rounds of batches (``rounds``)."""
 
     def __init__(self):
-        from biomedgpt.engine.distributed import collective_device
+        from biomedgpt.engine.distributed.process_group import collective_device
 
         self.device = collective_device()
         self.padding_calls = 0
@@ -332,7 +332,7 @@ def start_ranks(zero_stage: int, device: str) -> Ranks:
     """Join the launched ranks (a launcher set WORLD_SIZE, or ZeRO-3 asks for DeepSpeed), else one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 and zero_stage != 3:
         return Ranks(0, 1, pick_device(device), lambda part: part)
-    from biomedgpt.engine.distributed import gather_lists, init_distributed
+    from biomedgpt.engine.distributed.process_group import gather_lists, init_distributed
 
     info = init_distributed("auto")
     return Ranks(info.rank, info.world_size, info.device, gather_lists)
@@ -348,7 +348,7 @@ def prepare_model(model_dir: str | Path, bpe_dir: str | Path | None, zero_stage:
         return model, tokenizer, None, None
     import deepspeed
 
-    from biomedgpt.engine.model_setup import load_partitioned
+    from biomedgpt.engine.distributed.parallelize import load_partitioned
 
     ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     model = load_partitioned(model_dir, ds_config, ranks.rank)
@@ -368,7 +368,7 @@ def decoding_model(engine, ranks: Ranks, fraction: float):
     (``engine`` None): the model is whole already and the ranks independent, nothing to do."""
     if engine is None:
         return nullcontext(False)
-    from biomedgpt.engine.zero_plan import decoding_model as zero3_decoding
+    from biomedgpt.engine.distributed.zero import decoding_model as zero3_decoding
 
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if ranks.rank == 0 else (lambda line: None)
     return zero3_decoding(engine, ranks.device, ranks.world, fraction, log)
@@ -393,7 +393,7 @@ def run(cfg: EvaluateConfig) -> dict:
     """Evaluate and write ``results.json`` and ``predictions.jsonl`` into ``output_dir``."""
     from biomedgpt.data.loader import build_eval_loader
 
-    from biomedgpt.engine.evaluate import evaluate_model, paper_metrics, unique_records
+    from biomedgpt.engine.eval.evaluator import evaluate_model, paper_metrics, unique_records
 
     data, downstream = resolve(cfg)
     ranks = start_ranks(cfg.zero_stage, cfg.device)
