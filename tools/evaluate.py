@@ -1,5 +1,5 @@
 """Downstream evaluation of a model directory: decode every evaluation sample the way its task is judged,
-score it with the paper's metrics, write a results JSON and per-sample predictions::
+score it with the paper's metrics, write a results JSON and per-sample predictions.
 
     biomedgpt evaluate recipe=finetune/vqa_rad split=test model_dir=runs/vqa_rad/best output_dir=runs/vqa_rad/eval
 
