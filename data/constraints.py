@@ -16,6 +16,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from biomedgpt.data.answers import read_answers
 from biomedgpt.data.config import DataConfig
 from biomedgpt.data.tasks import NLI_ANSWERS, PAD, Example
 from biomedgpt.models.generation import Trie
@@ -83,8 +84,6 @@ def training_constraints(cfg: DataConfig, tokenizer, dataset) -> Optional[Answer
     open_tasks = sorted(tasks - {"nli"})
     if open_tasks:
         if cfg.answer_set is not None:
-            from biomedgpt.engine.eval.decoding import read_answers
-
             given = set(read_answers(cfg.answer_set))
             sets = {task: given for task in open_tasks}
         else:

@@ -29,7 +29,7 @@ from biomedgpt.data.images import check_image_pixels
 from biomedgpt.data.mds import INDEX, s3_client, split_s3, store_cause
 from biomedgpt.data.shared_memory import registration_lock
 from biomedgpt.data.tasks import PROCESSORS, TaskContext, process
-from biomedgpt.engine.distributed.process_group import ranks_on_this_host
+from biomedgpt.core.hosts import ranks_on_this_host
 from biomedgpt.core.user_errors import UserError
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from biomedgpt.models import attention
-from biomedgpt.tools.prepare_data import PrepareConfig, convert
+from biomedgpt.data.convert import PrepareConfig, convert
 
 TINY_ROPE = ("{d_model: 64, ffn_dim: 128, encoder_layers: 1, decoder_layers: 1, heads: 2, resnet_layers: [1, 1, 1], "
              "dropout: 0.0, encoder_drop_path_rate: 0.0, decoder_drop_path_rate: 0.0, position_scheme: rope, "

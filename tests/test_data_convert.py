@@ -23,7 +23,7 @@ from PIL import Image
 from biomedgpt.data.config import DataConfig, StreamConfig
 from biomedgpt.data.loader import DataSourceError, TaskStreamingDataset
 from biomedgpt.data.mds import OutputExistsError
-from biomedgpt.tools.prepare_data import PrepareConfig, convert
+from biomedgpt.data.convert import PrepareConfig, convert
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -413,8 +413,7 @@ def test_missing_and_empty_input_are_one_line_errors(tmp_path, capsys):
 
 
 def test_format_comes_from_the_suffix_or_is_asked_for(tmp_path, capsys):
-    from biomedgpt.tools.prepare_data import PrepareConfig
-
+    from biomedgpt.data.convert import PrepareConfig
     from biomedgpt.tools.prepare_data import main
 
     (tmp_path / "rows.tsv").write_text("1\tsome text\n")

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.timeout(180)
 
 def write_text_streams(root: Path, sizes: dict[str, int]) -> dict[str, str]:
     """NLI / summarisation / report-text shards of the given row counts; returns name -> path."""
-    from biomedgpt.tools.prepare_data import PrepareConfig, convert
+    from biomedgpt.data.convert import PrepareConfig, convert
 
     rows = {
         "nli": lambda i: f"the patient {i} has a fever\tthe patient is febrile\t{i % 3}\n",
@@ -48,7 +48,7 @@ def write_text_streams(root: Path, sizes: dict[str, int]) -> dict[str, str]:
 def write_caption_stream(root: Path, count: int, shard_size: str = "8kb") -> str:
     from PIL import Image
 
-    from biomedgpt.tools.prepare_data import PrepareConfig, convert
+    from biomedgpt.data.convert import PrepareConfig, convert
 
     (root / "img").mkdir(exist_ok=True)
     lines = []

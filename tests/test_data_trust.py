@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from biomedgpt.data.loader import UnsafeIndexError, unsafe_file_name
-from biomedgpt.tools.prepare_data import PrepareConfig, convert
+from biomedgpt.data.convert import PrepareConfig, convert
 from tests.test_data_convert import free_port, png, read_rows, s3  # noqa: F401  (s3: the moto server fixture)
 
 pytestmark = pytest.mark.timeout(120)
@@ -349,7 +349,7 @@ def test_data_pickles_load_plain_data_and_refuse_code(tmp_path):
     import numpy as np
 
     from biomedgpt.data.safe_pickle import UnsafePickleError, load_data_pickle
-    from biomedgpt.engine.eval.decoding import read_answers
+    from biomedgpt.data.answers import read_answers
     from biomedgpt.engine.eval.metrics import read_cider_df
 
     (tmp_path / "ans2label.pkl").write_bytes(pickle.dumps({"yes": 0, "no": 1, "left lung": 2}, protocol=2))

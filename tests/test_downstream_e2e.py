@@ -1,5 +1,5 @@
 """Every downstream task end to end on CPU: real packaged data -> biomedgpt.tools.prepare_data -> fine-tuning with the
-task's recipe (tiny-shaped model, a few steps) -> python -m biomedgpt.engine.eval.decoding -> results JSON.
+task's recipe (tiny-shaped model, a few steps) -> python -m biomedgpt.tools.evaluate -> results JSON.
 
 VQA and captioning use real clinical DICOMs (pydicom-data, answers from their headers), summarisation and
 NLI real IU X-ray reports (torchxrayvision's data folder), classification the DICOMs' modalities.
@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from biomedgpt.engine.eval import decoding as downstream
-from biomedgpt.tools.prepare_data import PrepareConfig, convert
+from biomedgpt.tools import evaluate as downstream
+from biomedgpt.data.convert import PrepareConfig, convert
 
 TINY = ("{d_model: 64, ffn_dim: 128, encoder_layers: 1, decoder_layers: 1, heads: 2, resnet_layers: [1, 1, 1], "
         "dropout: 0.0}")
@@ -130,7 +130,7 @@ def _run(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.Completed
 
 def _finetune_and_evaluate(recipe: str, task: str, shards: Path, tmp_path: Path, repo_root: Path, vocab_dir: Path,
                            data_overrides: list[str], eval_overrides: list[str]) -> tuple[dict, list[dict]]:
-    """A few fine-tuning steps of ``recipe`` on ``shards`` (tiny model), then python -m biomedgpt.engine.eval.decoding on the
+    """A few fine-tuning steps of ``recipe`` on ``shards`` (tiny model), then python -m biomedgpt.tools.evaluate on the
     same shards: (results JSON, per-sample predictions)."""
     stream = f"[{{name: {task}, task: {task}, remote: {shards}}}]"
     run_dir = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""biomedgpt.engine.eval.decoding without training: settings, answer sets, per-task decoding of collated batches, metrics."""
+"""biomedgpt.engine.eval (decoding, evaluator) and biomedgpt evaluate's settings without training: settings, answer sets, per-task decoding of collated batches, metrics."""
 from __future__ import annotations
 
 import json
@@ -13,8 +13,9 @@ from biomedgpt.data.config import DataConfig
 from biomedgpt.data.records import make_record
 from biomedgpt.data.tasks import TaskContext, process
 from biomedgpt.core.config import ConfigError, load
-from biomedgpt.engine.eval.decoding import (DownstreamConfig, EvaluateConfig, answer_sets, predict, read_answers,
-                                         sets_from_references)
+from biomedgpt.data.answers import read_answers
+from biomedgpt.engine.eval.config import DownstreamConfig
+from biomedgpt.engine.eval.decoding import answer_sets, predict, sets_from_references
 from biomedgpt.engine.eval.evaluator import compute_metrics, evaluate_model
 from biomedgpt.models.config import model_config
 from biomedgpt.models.ofa import BiomedGPT
@@ -25,6 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_task_settings_merge_over_the_spec_defaults():
+    from biomedgpt.tools.evaluate import EvaluateConfig
+
     cfg = load(DownstreamConfig, overrides=["tasks.summarization.generation.beam_size=2"])
     summary = cfg.task("summarization").generation
     assert (summary.beam_size, summary.len_penalty, summary.max_len, summary.no_repeat_ngram_size) == (2, 0.7, 128, 3)

@@ -161,7 +161,7 @@ def test_vqa_with_an_answer_set_equals_evaluate(model_dir, chest_dicom, tmp_path
     from biomedgpt.engine.eval.decoding import load_model_and_tokenizer
     from biomedgpt.engine.eval.config import DownstreamConfig
     from biomedgpt.engine.eval.evaluator import evaluate_model
-    from biomedgpt.tools.prepare_data import PrepareConfig, convert
+    from biomedgpt.data.convert import PrepareConfig, convert
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.setenv(key, "1" if "SIZE" in key else "0")

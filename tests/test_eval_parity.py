@@ -23,8 +23,8 @@ from biomedgpt.data.records import make_record
 from biomedgpt.data.tasks import TaskContext, process
 from biomedgpt.engine.eval import metrics as tm
 from biomedgpt.core.config import ConfigError, load
-from biomedgpt.engine.eval.decoding import predict_task, resolve, select_rows
-from biomedgpt.engine.eval.config import DownstreamConfig, EvaluateConfig, selection_data
+from biomedgpt.engine.eval.decoding import predict_task, select_rows
+from biomedgpt.engine.eval.config import DownstreamConfig, selection_data
 from biomedgpt.engine.eval.evaluator import compute_metrics, paper_metrics
 from biomedgpt.engine.run_config import RunConfig
 
@@ -185,7 +185,7 @@ def test_vqa_test_decoding_is_greedy_unnormalised_inside_the_answer_set(tokenize
     batch = _vqa_batch(tokenizer, {"right": 1.0})
     task = load(DownstreamConfig, overrides=[f"tasks.vqa.answers={answer_file}"]).task("vqa")
     assert (task.inference, task.generation.beam_size, task.generation.normalize_scores) == ("trie", 1, False)
-    from biomedgpt.engine.eval.decoding import read_answers
+    from biomedgpt.data.answers import read_answers
 
     sub = select_rows(batch, [0], torch.device("cpu"), torch.float32)
     [record] = predict_task(model, tokenizer, "vqa", sub, task, read_answers(answer_file))
@@ -258,6 +258,8 @@ def test_the_trainers_eval_loader_reads_only_the_validation_stream(tmp_path, tok
 
 
 def test_evaluate_split_picks_its_streams_and_decoding():
+    from biomedgpt.tools.evaluate import EvaluateConfig, resolve
+
     test_data, test_downstream = resolve(EvaluateConfig(model_dir="m", recipe="finetune/vqa_rad", split="test"))
     assert [s.name for s in test_data.eval_streams] == ["vqa_rad_test"]
     assert test_downstream.task("vqa").generation.beam_size == 1

@@ -211,7 +211,7 @@ def test_exponent_floats_parse_as_numbers_in_overrides_and_files(tmp_path):
 
 def test_model_and_image_errors_of_infer_and_evaluate_are_one_line(tmp_path, capsys):
     from biomedgpt.data.images import encode_png
-    from biomedgpt.engine.eval import decoding as downstream
+    from biomedgpt.tools import evaluate as downstream
     from biomedgpt.models.checkpoint import save_pretrained
     from biomedgpt.models.config import model_config
     from biomedgpt.models.ofa import BiomedGPT

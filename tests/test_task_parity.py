@@ -25,7 +25,7 @@ from biomedgpt.data.collate import collate
 from biomedgpt.data.config import DataConfig
 from biomedgpt.data.tasks import TaskContext, process
 from biomedgpt.models.tokenizer import Tokenizer
-from biomedgpt.tools.prepare_data import TSV_PARSERS
+from biomedgpt.data.convert.tsv import TSV_PARSERS
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PAD = 1
@@ -328,7 +328,7 @@ def test_pretraining_batch_composition(tok, tmp_path, monkeypatch):
     from biomedgpt.data.config import StreamConfig
     from biomedgpt.data.loader import build_train_loader
     from biomedgpt.data.tasks import TASK_NAMES
-    from biomedgpt.tools.prepare_data import PrepareConfig, convert
+    from biomedgpt.data.convert import PrepareConfig, convert
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.setenv(key, "1" if "SIZE" in key else "0")

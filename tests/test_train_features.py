@@ -33,7 +33,7 @@ EOS, PAD = 2, 1
 
 
 def _vqa_shards(tmp_path: Path, answers: list[str]) -> str:
-    from biomedgpt.tools.prepare_data import PrepareConfig, convert
+    from biomedgpt.data.convert import PrepareConfig, convert
 
     rows = []
     for i, answer in enumerate(answers):

@@ -123,8 +123,8 @@ def test_evaluate_command_runs_a_zero3_model_across_ranks(shards, tmp_path, repo
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = [f"model_dir={weights}", f"recipe={recipe}", f"bpe_dir={vocab_dir}"]
     stderr = {}
-    for name, cmd in (("alone", ["python", "-m", "biomedgpt.engine.eval.decoding"]),
-                      ("zero3", [str(repo_root / "launchers/local.sh"), "-n", "2", "-m", "biomedgpt.engine.eval.decoding",
+    for name, cmd in (("alone", ["python", "-m", "biomedgpt.tools.evaluate"]),
+                      ("zero3", [str(repo_root / "launchers/local.sh"), "-n", "2", "-m", "biomedgpt.tools.evaluate",
                                  "--", "zero_stage=3"])):
         env_run = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
         done = subprocess.run([*cmd, *common, f"output_dir={tmp_path / name}"], cwd=repo_root, env=env_run,

@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("biomedgpt.tools.train", "train (or fine-tune) a model from a run config"),
     "demo": ("biomedgpt.tools.train", "the embedded demo run: build packaged real data, train, evaluate"),
     "prepare-data": ("biomedgpt.tools.prepare_data", "convert TSV/Parquet/JSONL/DICOM/LLaVA data into MDS shards"),
-    "evaluate": ("biomedgpt.engine.eval.decoding", "task metrics of a model directory on a recipe's eval streams"),
+    "evaluate": ("biomedgpt.tools.evaluate", "task metrics of a model directory on a recipe's eval streams"),
     "infer": ("biomedgpt.tools.infer", "answer / caption PNG, JPEG or DICOM images with a model directory"),
     "import-checkpoint": ("biomedgpt.tools.import_checkpoint", "released BiomedGPT/OFA checkpoint -> model directory"),
     "export-hf": ("biomedgpt.tools.export_hf", "model directory -> OFA HF-port weights"),
@@ -101,7 +101,7 @@ def _parse(module: str, argv: list[str]) -> None:
         return
     from biomedgpt.core.config import parse_cli
 
-    config = {"biomedgpt.engine.eval.decoding": ("biomedgpt.engine.eval.config", "EvaluateConfig"),
+    config = {"biomedgpt.tools.evaluate": ("biomedgpt.tools.evaluate", "EvaluateConfig"),
               "biomedgpt.tools.infer": ("biomedgpt.tools.infer", "InferConfig")}[module]
     parse_cli(getattr(importlib.import_module(config[0]), config[1]), argv)
 

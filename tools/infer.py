@@ -15,7 +15,7 @@ Prompts are built by the same task processors as training (``biomedgpt.data.task
 the model was fine-tuned on, and each task is decoded as ``biomedgpt evaluate`` decodes it
 (``engine.eval.config.TASK_DEFAULTS``): nli scores yes / no / maybe, classification scores the class names
 of ``answers``, VQA searches inside the answer trie of ``answers`` (a file, as
-``biomedgpt.engine.eval.decoding.read_answers``: the fine-tuning set, e.g. OFA's ``trainval_ans2label.pkl``);
+``biomedgpt.data.answers.read_answers``: the fine-tuning set, e.g. OFA's ``trainval_ans2label.pkl``);
 VQA without ``answers`` decodes unconstrained, and its rows say so. Prints one JSON line per image (or per
 text) or writes them to ``output``; an unreadable image gets a line with its ``error`` and the command
 exits non-zero after the others.
@@ -46,9 +46,9 @@ from biomedgpt.data.tasks import TaskContext, process
 from biomedgpt.core.durable import atomic_write_text
 from biomedgpt.core.config import PathStr, parse_cli
 from biomedgpt.core.user_errors import UserError, command
-from biomedgpt.engine.eval.decoding import TASK_DEFAULTS, predict_task, prepare_model, read_answers, select_rows, start_ranks
-from biomedgpt.engine.eval.decoding import decoding_model
-from biomedgpt.engine.eval.config import FIXED_ANSWERS, DownstreamConfig
+from biomedgpt.data.answers import read_answers
+from biomedgpt.engine.eval.config import FIXED_ANSWERS, TASK_DEFAULTS, DownstreamConfig
+from biomedgpt.engine.eval.decoding import decoding_model, predict_task, prepare_model, select_rows, start_ranks
 from biomedgpt.models.generation import GenerationConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from biomedgpt.core.hosts import ranks_on_this_host  # noqa: F401 (the engine's host-memory checks call it here)
 from biomedgpt.engine.library_noise import quiet_known_noise, without_shm_build_line
 
 quiet_known_noise()  # before deepspeed is imported (its import logs the first of them)
@@ -32,20 +33,6 @@ class DistInfo:
     world_size: int
     device: torch.device
     backend: str
-
-
-def ranks_on_this_host(world_size: int) -> int:
-    """``LOCAL_WORLD_SIZE`` where the launcher set it (the DeepSpeed launcher does not), else the ranks whose
-    host name is this one's (all-gathered: collective; 1 for a single process or without a process group)."""
-    if int(os.environ.get("LOCAL_WORLD_SIZE", 0)):
-        return int(os.environ["LOCAL_WORLD_SIZE"])
-    import torch.distributed as dist
-
-    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-        return 1
-    hosts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(hosts, socket.gethostname())
-    return hosts.count(socket.gethostname())
 
 
 def _free_port() -> int:

@@ -122,24 +122,3 @@ def streams_of_split(data: DataConfig, split: Optional[Split]) -> DataConfig:
     if not kept:
         raise ValueError(f"no eval stream of split {split!r} (data.eval_streams hold: {', '.join(splits) or 'none'})")
     return dataclasses.replace(data, eval_streams=kept)
-
-
-@dataclass
-class EvaluateConfig:
-    """Evaluate a model directory on the evaluation streams of a fine-tuning recipe (or given data)."""
-
-    model_dir: PathStr
-    recipe: Optional[str] = None  # a run config (file or packaged name): its data and eval.downstream are used
-    data: Optional[DataConfig] = None  # replaces the recipe's data section
-    downstream: Optional[DownstreamConfig] = None  # replaces the recipe's eval.downstream section
-    output_dir: PathStr = "eval"
-    device: str = "auto"  # auto: cuda when available
-    bpe_dir: Optional[PathStr] = None  # tokenizer when the model directory has none (None: packaged GPT-2)
-    # evaluate the eval streams of this split (a recipe lists its valid and test streams); valid decodes with
-    # downstream.valid_tasks as training does. None: every eval stream (which must all be of one split)
-    split: Optional[Split] = None
-    # 3: partition the model across the launched ranks with DeepSpeed ZeRO-3 (decoding gathers the whole
-    # model once when it fits, see downstream.gather_memory_fraction; else the ranks decode in lockstep).
-    # Started by a launcher (launchers/local.sh -m biomedgpt.engine.eval.decoding -n N), every rank evaluates
-    # its share of the data; rank 0 writes the results.
-    zero_stage: Literal[0, 3] = 0

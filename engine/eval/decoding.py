@@ -1,22 +1,18 @@
-"""Downstream evaluation: decode every evaluation sample the way its task is judged, score with the
-paper's metrics, write a results JSON and per-sample predictions.
+"""Decoding for evaluation: every evaluation sample decoded the way its task is judged, as a library for the
+evaluator (``engine/eval/evaluator.py``: in training and ``biomedgpt evaluate``, ``tools/evaluate.py``) and
+``biomedgpt infer`` (``tools/infer.py``).
 
-Decoding lives here; the evaluator (``engine/eval/evaluator.py``) scores it, inside training (its metrics such
-as ``vqa/accuracy`` select the best checkpoint) and in this command on a model directory::
-
-    biomedgpt evaluate recipe=finetune/vqa_rad split=test model_dir=runs/vqa_rad/best output_dir=runs/vqa_rad/eval
-
-(the recipe, a RunConfig file or packaged name, gives the ``data`` and ``eval.downstream`` sections).
 How each task is decoded (``TASK_DEFAULTS``: the original's test settings, overridable per task under
 ``downstream.tasks``, and for validation under ``downstream.valid_tasks``):
 VQA beam search inside a trie of the answer set (or every answer scored), captions and summaries by
 beam search with n-gram blocking, NLI / classification / matching by scoring each closed answer,
-grounding by beam search over location bins only.
+grounding by beam search over location bins only. Closed answer sets come from files
+(``data/answers.py``), fixed lists, or the references of the evaluated data. A model directory is loaded
+for decoding on one process or partitioned across ranks (``start_ranks``, ``prepare_model``).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -26,40 +22,14 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from biomedgpt.data.config import DataConfig
-from biomedgpt.data.safe_pickle import load_data_pickle
+from biomedgpt.data.answers import read_answers
 from biomedgpt.data.tasks import TASK_NAMES
-from biomedgpt.core.durable import atomic_write_text
-from biomedgpt.core.config import ConfigError, load, parse_cli, to_dict
-from biomedgpt.core.user_errors import command
-from biomedgpt.engine.eval.config import (FIXED_ANSWERS, TASK_DEFAULTS, DownstreamConfig, EvaluateConfig, TaskEvalConfig,
-                                          streams_of_split)
+from biomedgpt.engine.eval.config import FIXED_ANSWERS, TASK_DEFAULTS, DownstreamConfig, TaskEvalConfig
 from biomedgpt.models.generation import EOS, TokenRange, Trie, decoder_prefixes, generate, score_candidates
 
 # ----------------------------------------------------------------------------------------------
 # Answer sets
 # ----------------------------------------------------------------------------------------------
-
-
-def read_answers(path: str | Path) -> list[str]:
-    """A closed answer set: JSON list, JSON / pickle ``answer -> index`` (OFA's trainval_ans2label.pkl,
-    ordered by index), or one answer per line."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"answer set file {path} not found") from None
-    if path.suffix == ".pkl":
-        data = load_data_pickle(path)  # the released answer lists are pickles: read from an allow-list
-    elif path.suffix == ".json":
-        data = json.loads(raw)
-    else:
-        data = [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]
-    if isinstance(data, dict):
-        data = sorted(data, key=data.get)
-    if not isinstance(data, list) or not data or not all(isinstance(a, str) for a in data):
-        raise ValueError(f"{path}: expected a non-empty list of answers or an answer -> index mapping")
-    return list(dict.fromkeys(a.strip() for a in data))
 
 
 def answer_sets(cfg: DownstreamConfig) -> dict[str, list[str]]:
@@ -264,32 +234,8 @@ def predict(model, tokenizer, batches: Iterable[dict], cfg: DownstreamConfig, se
 
 
 # ----------------------------------------------------------------------------------------------
-# The command
+# A model directory to decode with (biomedgpt evaluate, biomedgpt infer)
 # ----------------------------------------------------------------------------------------------
-
-
-def resolve(cfg: EvaluateConfig) -> tuple[DataConfig, DownstreamConfig]:
-    """The data and downstream settings: explicit ones, else the recipe's (loaded as the RunConfig it is),
-    for the eval streams of ``cfg.split``."""
-    recipe = None
-    if cfg.recipe is not None:
-        from biomedgpt.engine.run_config import RunConfig
-
-        try:
-            recipe = load(RunConfig, cfg.recipe)
-        except ConfigError as exc:
-            raise ConfigError(f"recipe {cfg.recipe}: {exc}") from None
-    data = cfg.data or (recipe.data if recipe is not None else None)
-    if data is None:
-        raise ConfigError("give data (eval_streams) or a recipe")
-    downstream = cfg.downstream or (recipe.eval.downstream if recipe is not None else None) or DownstreamConfig()
-    if not data.eval_streams:
-        raise ConfigError("no data.eval_streams to evaluate")
-    try:
-        data = streams_of_split(data, cfg.split)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    return data, downstream.for_split(cfg.split)
 
 
 def load_tokenizer(model_dir: str | Path, bpe_dir: str | Path | None, vocab_size: int):
@@ -372,69 +318,3 @@ def decoding_model(engine, ranks: Ranks, fraction: float):
 
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if ranks.rank == 0 else (lambda line: None)
     return zero3_decoding(engine, ranks.device, ranks.world, fraction, log)
-
-
-def sync_costs(sync: RankSync) -> dict[str, float]:
-    """What lockstep decoding cost this rank: padding decoder calls (priced at this rank's mean decoder
-    call) and the time in the agreement collectives."""
-    mean = sync.decode_s / max(1, sync.decode_calls)
-    return {"decoder_calls": sync.decode_calls, "decoder_s": sync.decode_s, "padding_calls": sync.padding_calls,
-            "padding_s_estimate": sync.padding_calls * mean, "agree_s": sync.agree_s}
-
-
-def peak_rss_gib() -> float:
-    """This process's peak resident memory so far."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def run(cfg: EvaluateConfig) -> dict:
-    """Evaluate and write ``results.json`` and ``predictions.jsonl`` into ``output_dir``."""
-    from biomedgpt.data.loader import build_eval_loader
-
-    from biomedgpt.engine.eval.evaluator import evaluate_model, paper_metrics, unique_records
-
-    data, downstream = resolve(cfg)
-    ranks = start_ranks(cfg.zero_stage, cfg.device)
-    rank, device, gather = ranks.rank, ranks.device, ranks.gather
-    model, tokenizer, sync, engine = prepare_model(cfg.model_dir, cfg.bpe_dir, cfg.zero_stage, ranks)
-    loaded_rss = gather([peak_rss_gib()])
-    loader = build_eval_loader(data, tokenizer, rank, ranks.world)
-    start = time.perf_counter()
-    with decoding_model(engine, ranks, downstream.gather_memory_fraction) as whole:
-        sync = None if whole else sync
-        metrics, records = evaluate_model(model, tokenizer, loader, downstream, device, gather, sync)
-    elapsed = time.perf_counter() - start
-    records = unique_records(records)
-    rss = gather([peak_rss_gib()])
-    synced = gather([sync_costs(sync)]) if sync is not None else None
-    if rank != 0:
-        return {"metrics": metrics}
-    results = {"model_dir": str(cfg.model_dir), "split": cfg.split, "paper_metrics": paper_metrics(metrics),
-               "metrics": metrics, "samples": len({r["id"] for r in records}),
-               "seconds": elapsed,
-               **({"decoding": "whole model" if whole else "per module"} if engine is not None else {}),
-               "peak_rss_gib_per_rank": {"after_load": loaded_rss, "at_end": rss},
-               **({"synced_decoding_per_rank": synced} if synced is not None else {}),
-               "eval_streams": [to_dict(s) for s in data.eval_streams],
-               "downstream": {name: to_dict(downstream.task(name))
-                              for name in sorted({r["task"] for r in records})}}
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    return results
-
-
-@command
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse_cli(EvaluateConfig, argv, description=__doc__.split("\n\n")[0])
-    results = run(cfg)  # a data error (DataSourceError, too many bad rows) is a UserError: one line (@command)
-    if int(os.environ.get("RANK", "0")) == 0:
-        json.dump(results["metrics"], sys.stdout, indent=2)
-        print()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,5 @@
 """The one evaluator, used by training (``Trainer.evaluate``) and by ``biomedgpt evaluate``
-(``engine/eval/decoding.py``'s ``run``):
+(``tools/evaluate.py``):
 
 - the loss pass: loss, perplexity and token accuracy over the eval set, overall and per task
   (``Evaluator.loss_metrics``, ``eval_metrics``);

@@ -224,7 +224,7 @@ def run(cfg: BenchConfig) -> dict[str, float]:
     from biomedgpt.data.images import training_image_sides
     from biomedgpt.data.loader import build_train_loader
     from biomedgpt.models.tokenizer import Tokenizer
-    from biomedgpt.tools.prepare_data import PrepareConfig, convert
+    from biomedgpt.data.convert import PrepareConfig, convert
 
     core = pin_one_core(cfg.core)
     work = Path(cfg.workdir)
