@@ -55,6 +55,7 @@ def test_only_engine_distributed_tests_the_zero_stage_or_partitioned_parameters(
     files = [(name, text) for name, text in _python_files(*SOURCE_FOLDERS)
              if not name.startswith("engine/distributed/") and name not in CHECKPOINT_FORMAT_READERS]
     assert _hits(STAGE_TEST, files) == []
+    assert _hits(re.compile(r"\.same_calls_every_batch\s*=(?!=)"), files) == []  # the policy's rule, not a flag
     # the pattern finds what it is meant to find
     assert _hits(STAGE_TEST, [("x.py", "if ds.zero_stage == 3:\nelif 3 == cfg.zero_stage:\nif meta['zero_stage'] != 0:\n"
                                        "if plan.stage in (1, 2):\nhasattr(p, 'ds_tensor')\nfor stage in stages:\n")]) \

@@ -109,7 +109,7 @@ def apply_activation_checkpointing(model: BiomedGPT) -> int:
     return count
 
 
-def compile_enabled(cfg: ModelConfig, device: torch.device, partitions_params: bool = False) -> bool:
+def compile_enabled(cfg: ModelConfig, device: torch.device, *, partitions_params: bool = False) -> bool:
     """``compile: auto`` compiles on CUDA where the parameters are whole (below ZeRO-3) only. On this CPU
     inductor needs minutes to warm up (212 s for tiny) and CPU runs are tests and short demos; with partitioned
     parameters ZeRO-3's hooks would run inside the compiled layers. ``true``/``false`` force it either way."""

@@ -17,7 +17,6 @@ import torch
 from biomedgpt.engine.library_noise import quiet_known_noise, without_shm_build_line
 
 
-
 def configure_environment() -> None:
     """The process settings a command needs before it imports ``deepspeed`` or builds a model (idempotent;
     a value already in the environment is kept): known third-party noise filtered (``deepspeed``'s import logs

@@ -124,7 +124,7 @@ class ZeroPlan:
         """Whether the layers are compiled (``parallelize.compile_enabled``: not under ZeRO-3 on ``auto``)."""
         from biomedgpt.engine.distributed.parallelize import compile_enabled
 
-        return compile_enabled(cfg, device, self.partitions_params)
+        return compile_enabled(cfg, device, partitions_params=self.partitions_params)
 
     def optimizer_state_elements(self, local_params: int) -> int:
         """Elements of fp32 optimizer state per moment on this rank, given its local parameter elements
