@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from biomedgpt.engine.distributed.zero import ZeroPlan
 from biomedgpt.models.config import ModelConfig
 
 IMAGE_FEATURES = 1024  # channels out of ResNet layer3
@@ -144,20 +145,21 @@ def model_state_memory(params: int, largest_layer: int, stage: int, precision: s
                        zero_init: bool = True, buffer_factor: float = 1.5) -> ModelStates:
     world = gpus_per_node * nodes
     mixed = precision != "fp32"
-
-    def part(from_stage: int) -> int:  # ranks sharing a state that ZeRO partitions from this stage on
-        return world if stage >= from_stage else 1
+    plan = ZeroPlan(stage, world, precision)
+    # ranks sharing each state: the optimizer state from ZeRO-1, the gradients from ZeRO-2, the weights at ZeRO-3
+    optim_part, grad_part = world if plan.partitions_optimizer_state else 1, world if plan.partitions_gradients else 1
+    weight_part = world if plan.partitions_params else 1
 
     weight_b = 2 if mixed else 4
     if mixed:  # 16-bit gradients partitioned from ZeRO-2 (only bucket-sized at ZeRO-3), fp32 copies from ZeRO-1
-        grad_b = (2 / part(2) if stage < 3 else 0) + 4 / part(1)
+        grad_b = (0 if plan.partitions_params else 2 / grad_part) + 4 / optim_part
     else:
-        grad_b = 4 / part(2)
-    optim_b = (4 + 8 if mixed else 8) / part(1)  # fp32 master weights (mixed only) + exp_avg, exp_avg_sq
-    gather = 4 * largest_layer if stage == 3 else 0
-    on_gpu_weights = 0.0 if offload_param else params * weight_b / part(3)
+        grad_b = 4 / grad_part
+    optim_b = (4 + 8 if mixed else 8) / optim_part  # fp32 master weights (mixed only) + exp_avg, exp_avg_sq
+    gather = 4 * largest_layer if plan.partitions_params else 0
+    on_gpu_weights = 0.0 if offload_param else params * weight_b / weight_part
     grads, optimizer = (0.0, 0.0) if offload_optimizer else (params * grad_b, params * optim_b)
-    if stage == 3:
+    if plan.partitions_params:
         if offload_optimizer:
             states = 18 if offload_param else 16
             per_node = params * (states / nodes if zero_init else max(4 * gpus_per_node, states / nodes))
@@ -231,7 +233,12 @@ def communication_bytes(params: int, stage: int, world: int, precision: str, gra
     if world == 1:
         return 0.0
     one = params * element_size(precision) * (world - 1) / world  # one reduce-scatter or all-gather
-    return {0: 2 * one, 1: 2 * one, 2: one * (grad_accum + 1), 3: 3 * one * grad_accum}[stage]
+    plan = ZeroPlan(stage, world, precision)
+    if plan.partitions_params:
+        return 3 * one * grad_accum
+    if plan.partitions_gradients:
+        return one * (grad_accum + 1)
+    return 2 * one
 
 
 @dataclass

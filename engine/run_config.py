@@ -12,6 +12,7 @@ from typing import Literal, Optional
 
 from biomedgpt.data.config import DataConfig
 from biomedgpt.core.config import PathStr
+from biomedgpt.engine.distributed.zero import check_stage_settings, stage_partitions_params
 from biomedgpt.engine.eval.config import DownstreamConfig, selection_data
 from biomedgpt.models.config import ModelConfig, ModelSpec
 
@@ -96,12 +97,7 @@ class DeepSpeedConfig:
     loss_scale_hysteresis: Optional[int] = None  # overflows tolerated before the scale drops
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.offload_param != "none" and self.zero_stage != 3:
-            raise ValueError("deepspeed.offload_param needs zero_stage 3")
-        if self.offload_optimizer != "none" and self.zero_stage == 0:
-            raise ValueError("deepspeed.offload_optimizer needs zero_stage >= 1")
+        check_stage_settings(self.zero_stage, self.offload_optimizer, self.offload_param)
         for name in ("initial_scale_power", "loss_scale_window", "loss_scale_hysteresis"):
             value = getattr(self, name)
             if value is not None and value < (0 if name == "initial_scale_power" else 1):
@@ -115,7 +111,7 @@ class DeepSpeedConfig:
         """The threshold this run sets (``host_mmap_threshold_mib`` resolved)."""
         if self.host_mmap_threshold_mib is not None:
             return self.host_mmap_threshold_mib
-        return 1.0 if self.zero_stage == 3 else 0.0
+        return 1.0 if stage_partitions_params(self.zero_stage) else 0.0
 
 
 @dataclass

@@ -44,7 +44,7 @@ class ModelConfig:
     # weight gradient of the first convolution is ~7e-3 off an fp64 run where channels-first is ~2e-6; and no
     # CPU-time gain was measured (base 256 px batch 8: 0.98x)
     channels_last: bool = False  # NHWC ResNet stem (off: see the numerics note above)
-    compile: bool | Literal["auto"] = "auto"  # inductor transformer layers; auto: on CUDA below ZeRO-3 only
+    compile: bool | Literal["auto"] = "auto"  # inductor transformer layers; auto: on CUDA, parameters not partitioned
     # The pixel normalisation the weights were trained with: uint8 images become (x / 255 - mean) / std per RGB
     # channel. A run sets both from data.image_mean / data.image_std (``RunConfig.model_config``), so a saved
     # model directory evaluates, infers and exports with its training's normalisation.

@@ -7,8 +7,8 @@ Conventions (fairseq / OFA): hypothesis scores sum the log-probabilities of the 
 log-softmax (fine-tuned models: the probability mass is renormalised over the allowed tokens) or,
 in the zero-shot variant, after it (a pretrained model's scores stay those of the full vocabulary).
 
-Synced decoding (``sync``, for ZeRO-3: parameters are gathered collectively around every module call,
-so every rank must make the same sequence of encoder / decoder calls): a rank whose samples are done
+Synced decoding (``sync``, for a model partitioned across ranks whose parameters are gathered collectively
+around every module call, so every rank must make the same sequence of encoder / decoder calls): a rank whose samples are done
 keeps replaying its last decoder step on one row until every rank is done (transformers'
 ``synced_gpus``); candidate scoring runs one kind of decoder call (no KV cache) and pads to the most
 calls any rank makes. The model must run the same sub-modules for every input (true for text and

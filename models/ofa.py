@@ -281,7 +281,8 @@ class DecoderLayer(TransformerLayer):
 class TiedEmbedding(nn.Embedding):
     """The token embedding, which is also the output projection (``project=True``: ``x @ weightᵀ``).
 
-    Both uses are calls of this module, so ZeRO-3's hooks gather the weight around each of them.
+    Both uses are calls of this module, so every read of the weight is inside a call of the module that owns
+    it (an engine that gathers a module's parameters around its calls sees both).
     """
 
     def forward(self, x: Tensor, project: bool = False) -> Tensor:
@@ -290,8 +291,8 @@ class TiedEmbedding(nn.Embedding):
 
 class RelativeTable(nn.Embedding):
     """A relative-position table (rows × heads), called for the whole table: the attention kernels look
-    buckets up in it themselves. A copy is returned, so the table can be released (ZeRO-3) after the call
-    while the kernels use the copy; its gradient flows back to the table."""
+    buckets up in it themselves. A copy is returned, so the table's own storage may be released after the
+    call (an engine that gathers parameters per call) while the kernels use the copy; its gradient flows back to the table."""
 
     def forward(self) -> Tensor:
         return self.weight.clone()
@@ -387,8 +388,8 @@ class Encoder(_Stack):
 
         ``patch_images`` uint8 (0..255) are normalised here, on their device, with the config's image_mean /
         image_std; float images are taken as normalised. Text-only samples' image tokens are zeros (they are
-        masked): the ResNet runs on one placeholder only when no sample has an image, so every rank runs the
-        same modules (ZeRO-3).
+        masked): the ResNet runs on one placeholder only when no sample has an image, so every batch calls the
+        same modules (every parameter takes part in every step).
         """
         patch_images = normalise_images(patch_images, self.image_proj.weight.dtype, self.cfg.image_mean,
                                         self.cfg.image_std)
@@ -638,7 +639,7 @@ class BiomedGPT(nn.Module):
         """fairseq/OFA initialisation: N(0, d^-0.5) embeddings, xavier projections, zero relative tables.
 
         Not run by ``__init__`` (whose modules keep PyTorch's defaults), so a model that loads weights
-        skips it, and under ZeRO-3 ``zero.Init`` it runs once on the gathered parameters. The rest of the
+        skips it, and a model built already partitioned runs it once on the gathered parameters. The rest of the
         parameters keep PyTorch's defaults, drawn at construction. Returns the model.
         """
         d = self.cfg.d_model
@@ -681,77 +682,11 @@ class BiomedGPT(nn.Module):
                 patch_masks: Tensor | None = None, code_masks: Tensor | None = None,
                 sample_patch_num: int | None = None, sample_rows: Tensor | None = None) -> Tensor:
         """Logits [B, T, V]; ``sample_patch_num`` random patches per image of the rows ``sample_rows`` marks
-        (every row when None)."""
-        if (patch_images is not None and patch_masks is not None and self.encoder.image_rows_only
-                and (self.same_calls_every_batch or not bool(patch_masks.all()))):
-            return self._forward_by_modality(src_tokens, prev_output_tokens, patch_images, patch_masks, code_masks,
-                                             sample_patch_num, sample_rows)
+        (every row when None). One pass: a text-only sample (``patch_masks`` False) attends over its masked
+        image tokens, which changes none of its logits (training runs such samples as a second pass without
+        them: ``engine/distributed/modality_passes.py``)."""
         encoder_out = self.encode(src_tokens, patch_images, patch_masks, sample_patch_num, sample_rows)
         return self.decode(prev_output_tokens, encoder_out, code_masks)
-
-    #: side of the placeholder image of a batch without images (a 2 x 2 feature grid: BatchNorm needs > 1 value)
-    PLACEHOLDER_SIDE = 32
-    #: every batch runs both passes, a stand-in row for an empty side (set by the trainer on several ranks;
-    #: one rank runs an all-image batch as one pass)
-    same_calls_every_batch = False
-
-    def _forward_by_modality(self, src_tokens: Tensor, prev_output_tokens: Tensor, patch_images: Tensor,
-                             patch_masks: Tensor, code_masks: Tensor | None, sample_patch_num: int | None,
-                             sample_rows: Tensor | None = None) -> Tensor:
-        """A batch as two passes: samples with an image, then text-only samples without image tokens.
-
-        A text-only sample's image tokens are all masked, so leaving them out changes no logit; it saves
-        the ResNet and the encoder/cross attention over them. Logits come back in the batch's order. With
-        ``same_calls_every_batch`` both passes run for every batch, whatever its mix, so every rank makes
-        the same module calls in the same order (ZeRO-3 gathers) and its gradients become ready in the same
-        order (DeepSpeed reduces them in buckets in that order): a side without samples runs on one stand-in
-        row whose logits are dropped (zero gradients) -- a 32 px blank image, BatchNorm statistics
-        untouched, or row 0's text. Without it only the image side gets a stand-in (all-text batches: the
-        ResNet's parameters still take part in every step).
-        """
-        has = patch_masks.bool()
-        img, txt = has.nonzero().squeeze(1), (~has).nonzero().squeeze(1)
-        stand_in = img.new_zeros(1)
-
-        def part(index: Tensor, images: Tensor | None) -> Tensor:
-            codes = None if code_masks is None else code_masks.index_select(0, index)
-            rows = None if sample_rows is None else sample_rows.index_select(0, index)
-            enc = self.encode(src_tokens.index_select(0, index), images, None, sample_patch_num, rows)
-            return self.decode(prev_output_tokens.index_select(0, index), enc, codes)
-
-        if img.numel():
-            image_logits = part(img, patch_images.index_select(0, img))
-        else:
-            side = self.PLACEHOLDER_SIDE
-            with _statistics_kept(self.encoder.embed_images):
-                image_logits = part(stand_in, patch_images.new_zeros(1, patch_images.shape[1], side, side))
-        parts = [image_logits]
-        if txt.numel() or self.same_calls_every_batch:
-            parts.append(part(txt if txt.numel() else stand_in, None))
-        logits = torch.cat(parts)
-        rows = torch.empty_like(has, dtype=torch.long)
-        rows[img] = torch.arange(img.numel(), device=rows.device)
-        rows[txt] = torch.arange(image_logits.shape[0], image_logits.shape[0] + txt.numel(), device=rows.device)
-        return logits.index_select(0, rows)
-
-
-class _statistics_kept:
-    """BatchNorm layers of ``module`` normalise with batch statistics but leave their running ones as they were."""
-
-    def __init__(self, module: nn.Module):
-        self.norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-    def __enter__(self) -> None:
-        self.saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-                      for m in self.norms]
-        for m in self.norms:
-            m.momentum = 0.0
-
-    def __exit__(self, *exc) -> None:
-        for m, (momentum, tracked) in zip(self.norms, self.saved):
-            m.momentum = momentum
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
 
 
 def count_parameters(model: nn.Module) -> int:

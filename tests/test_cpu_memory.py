@@ -11,7 +11,8 @@ import pytest
 
 STEPS = r"""
 import torch
-import biomedgpt.engine.distributed.process_group  # what every training/evaluation process imports before building a model
+from biomedgpt.engine.distributed.process_group import configure_environment
+configure_environment()  # what every training/evaluation process does before building a model
 from biomedgpt.models.config import model_config
 from biomedgpt.models.ofa import BiomedGPT
 

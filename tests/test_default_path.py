@@ -55,9 +55,9 @@ def test_default_path_settings():
     cfg = ModelConfig(**SMALL)
     assert cfg.attention_backend == "auto" and not cfg.channels_last and cfg.compile == "auto"
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not compile_enabled(cfg, cpu) and compile_enabled(cfg, cuda, zero_stage=2)
-    assert not compile_enabled(cfg, cuda, zero_stage=3)
-    assert compile_enabled(ModelConfig(**SMALL, compile=True), cpu, zero_stage=3)
+    assert not compile_enabled(cfg, cpu) and compile_enabled(cfg, cuda, partitions_params=False)
+    assert not compile_enabled(cfg, cuda, partitions_params=True)
+    assert compile_enabled(ModelConfig(**SMALL, compile=True), cpu, partitions_params=True)
     assert not compile_enabled(ModelConfig(**SMALL, compile=False), cuda)
     assert bench_step.path_overrides("default") == {}
     assert bench_step.path_overrides("compile=true,attention_backend=sdpa") == {"compile": True,

@@ -55,6 +55,7 @@ def test_each_rank_share_is_a_slice_of_the_one_rank_order(samples, canonical, no
 def eval_ids_and_loss(args: dict, rank: int, world: int) -> dict:
     """The ids this rank evaluates under ``eval.max_batches`` and the loss pass's gathered sample count."""
     from biomedgpt.engine.eval.evaluator import Evaluator
+    from biomedgpt.engine.distributed.zero import ZeroPlan
     from biomedgpt.models.tokenizer import Tokenizer
 
     cfg = DataConfig(eval_streams=[StreamConfig(name="nli", task="nli", remote=args["nli"])], eval_batch_size=BATCH,
@@ -67,7 +68,7 @@ def eval_ids_and_loss(args: dict, rank: int, world: int) -> dict:
         return SimpleNamespace(sample_loss=tokens.float(), sample_nll=tokens.float(), sample_tokens=tokens,
                                sample_correct=torch.zeros_like(tokens))
 
-    metrics = Evaluator(None, torch.device("cpu"), rank, world, partitions_params=False).loss_metrics(
+    metrics = Evaluator(None, torch.device("cpu"), rank, world, ZeroPlan(0, world)).loss_metrics(
         loader, forward_loss, TASK_NAMES, MAX_BATCHES)
     return {"batches": batches, "samples": metrics["samples"]}
 

@@ -1,7 +1,8 @@
 """Text-only samples pay nothing for images: no ResNet forward on placeholders, no image tokens in their
-attention, the same logits as the path that runs every placeholder (``Encoder.image_rows_only = False``),
-uint8 images normalised on the model's device as the float path did, and on two ranks with different
-mixes of text and images the same training as the one-pass path (the split is rank-safe)."""
+attention (the train step's forward, ``engine/distributed/modality_passes.py``), the same logits as the path
+that runs every placeholder (``Encoder.image_rows_only = False``), uint8 images normalised on the model's
+device as the float path did, and on two ranks with different mixes of text and images the same training as
+the one-pass path (the split is rank-safe)."""
 from __future__ import annotations
 
 import os
@@ -12,10 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from biomedgpt.engine.distributed.modality_passes import split_by_modality
 from biomedgpt.models.ofa import BiomedGPT
-from small_models import build
+from small_models import build as build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def build(*args) -> BiomedGPT:
+    """A small model with the train step's forward on one rank (``split_by_modality``)."""
+    return split_by_modality(build_model(*args), same_calls=False)
 
 
 def batch(masks: list[bool], codes: bool = False) -> dict:
@@ -75,7 +82,7 @@ def test_resnet_runs_only_on_image_samples_and_text_samples_see_no_image_tokens(
         model(**batch([True, True]))
     assert lengths == [(2, n_img + 12)]  # no text-only sample, one rank: one pass
     lengths.clear()
-    model.same_calls_every_batch = True  # several ranks: the same calls for every mix
+    split_by_modality(model, same_calls=True)  # several ranks: the same calls for every mix
     with torch.no_grad():
         model(**batch([True, True]))
     assert sorted(lengths) == [(1, 12), (2, n_img + 12)]  # one stand-in text row
@@ -198,7 +205,8 @@ def worker(out: Path) -> None:
         for split in (True, False):
             torch.manual_seed(0)
             model = BiomedGPT(cfg).init_weights()
-            model.encoder.image_rows_only = model.same_calls_every_batch = split
+            model.encoder.image_rows_only = split
+            split_by_modality(model, same_calls=split)
             engine = two_rank_engine(model, stage)
             for module in engine.module.modules():  # the one-pass path's BatchNorm also sees placeholders
                 if isinstance(module, torch.nn.BatchNorm2d):

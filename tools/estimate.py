@@ -99,13 +99,14 @@ def plan_peak(cfg: EstimateConfig) -> tuple[float, str]:
 
 def estimate(cfg: EstimateConfig) -> dict:
     """Every figure of the plan, in bytes / FLOPs / seconds (GiB and TFLOP in the printed table)."""
-    from biomedgpt.engine.distributed.parallelize import use_zero_init
+    from biomedgpt.engine.distributed.zero import ZeroPlan
 
     model_cfg = cfg.model.build()
     ds, data = cfg.deepspeed, cfg.data
     params, largest = parameter_counts(model_cfg)
     offload_optimizer, offload_param = ds.offload_optimizer != "none", ds.offload_param != "none"
-    zero_init = use_zero_init(model_cfg, ds.zero_stage, ds.zero_init) if ds.zero_stage == 3 else True
+    plan = ZeroPlan.from_config(ds, cfg.world)
+    zero_init = plan.builds_partitioned(model_cfg) if plan.partitions_params else True  # as the states formula reads it
     states = model_state_memory(params, largest, ds.zero_stage, ds.precision, cfg.gpus_per_node, cfg.nodes,
                                 offload_optimizer, offload_param, zero_init, cfg.buffer_factor)
     activations = activation_memory(model_cfg, data.batch_size, data.max_src_tokens, data.max_tgt_tokens,
@@ -208,7 +209,9 @@ def _measure_worker() -> None:
     import psutil
     import torch
 
-    from biomedgpt.engine.distributed import process_group as distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
+    from biomedgpt.engine.distributed.process_group import configure_environment
+
+    configure_environment()  # before deepspeed is imported
     from biomedgpt.core.config import from_dict
     from biomedgpt.engine.flops import device_peak
     from biomedgpt.engine.train.trainer import Trainer

@@ -21,6 +21,7 @@ from biomedgpt.core.config import ConfigError, PathStr, load, parse_cli, to_dict
 from biomedgpt.core.durable import atomic_write_text
 from biomedgpt.core.user_errors import command
 from biomedgpt.data.config import DataConfig
+from biomedgpt.engine.distributed.process_group import configure_environment
 from biomedgpt.engine.eval.config import DownstreamConfig, Split, streams_of_split
 from biomedgpt.engine.eval.decoding import RankSync, decoding_model, prepare_model, start_ranks
 
@@ -125,6 +126,7 @@ def run(cfg: EvaluateConfig) -> dict:
 
 @command
 def main(argv: list[str] | None = None) -> None:
+    configure_environment()  # before deepspeed is imported
     cfg = parse_cli(EvaluateConfig, argv, description=__doc__.split("\n\n")[0])
     results = run(cfg)  # a data error (DataSourceError, too many bad rows) is a UserError: one line (@command)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -46,6 +46,7 @@ from biomedgpt.data.tasks import TaskContext, process
 from biomedgpt.core.durable import atomic_write_text
 from biomedgpt.core.config import PathStr, parse_cli
 from biomedgpt.core.user_errors import UserError, command
+from biomedgpt.engine.distributed.process_group import configure_environment
 from biomedgpt.data.answers import read_answers
 from biomedgpt.engine.eval.config import FIXED_ANSWERS, TASK_DEFAULTS, DownstreamConfig
 from biomedgpt.engine.eval.decoding import decoding_model, predict_task, prepare_model, select_rows, start_ranks
@@ -249,6 +250,7 @@ def _blank_examples(cfg: InferConfig, tokenizer, data_cfg: DataConfig) -> list:
 
 @command
 def main(argv: list[str] | None = None) -> None:
+    configure_environment()  # before deepspeed is imported
     results = run(parse_cli(InferConfig, argv, description=__doc__.split("\n\n")[0]))
     failed = [r["image"] for r in results if "error" in r]
     if failed:

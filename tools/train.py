@@ -62,7 +62,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     check_init_from(cfg.checkpoint.init_from)
     if int(os.environ.get("RANK", "0")) == 0:  # a folder in use is refused in a second too (the Trainer keeps it)
         RunLock.acquire(cfg.output_dir)
-    from biomedgpt.engine.distributed import process_group as distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
+    from biomedgpt.engine.distributed.process_group import configure_environment
+
+    configure_environment()  # before deepspeed is imported
     from biomedgpt.engine.checkpoint.manager import CheckpointWriteError
     from biomedgpt.engine.train.trainer import Trainer
 

@@ -131,3 +131,9 @@ def _find_auto(node: Any, prefix: str = "") -> list[str]:
     if isinstance(node, dict):
         return [p for k, v in node.items() for p in _find_auto(v, f"{prefix}{k}.")]
     return [prefix.rstrip(".")] if node == "auto" else []
+
+
+def evaluation_ds_config(stage: int) -> dict:
+    """DeepSpeed's config for a model that only runs forward (``biomedgpt evaluate`` / ``infer`` with
+    ``zero_stage``): no optimizer and no run config, so no template; DeepSpeed's defaults for the rest."""
+    return {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}}

@@ -1,7 +1,7 @@
-"""Building the model for DeepSpeed: zero.Init for large sizes, initial weights, activation checkpointing,
-compilation.
+"""Building the model for DeepSpeed: zero.Init, initial weights, partitioned loading, activation checkpointing,
+compilation. ``ZeroPlan`` (``zero.py``) decides which of them a run uses.
 
-Everything DeepSpeed-specific about the model lives here, so ``models/`` stays plain PyTorch.
+Everything DeepSpeed-specific about the model lives in ``engine/distributed/``, so ``models/`` stays plain PyTorch.
 """
 from __future__ import annotations
 
@@ -14,22 +14,14 @@ import torch.utils.checkpoint
 from biomedgpt.models.config import ModelConfig
 from biomedgpt.models.ofa import BiomedGPT
 
-ZERO_INIT_AUTO_PARAMS = 300e6  # build under zero.Init at ZeRO-3 from this size up
-
-
 def approx_parameters(cfg: ModelConfig) -> float:
-    """Parameter count from the config alone (transformer weights + embedding + ResNet), to decide zero.Init."""
+    """Parameter count from the config alone (transformer weights + embedding + ResNet), to decide zero.Init
+    (``ZeroPlan.builds_partitioned``)."""
     d, f = cfg.d_model, cfg.ffn_dim
     enc = cfg.encoder_layers * (4 * d * d + 2 * d * f)
     dec = cfg.decoder_layers * (8 * d * d + 2 * d * f)
     resnet = sum(n for n in cfg.resnet_layers) * 1.2e6
     return enc + dec + cfg.vocab_size * d + resnet
-
-
-def use_zero_init(cfg: ModelConfig, zero_stage: int, setting: bool | None) -> bool:
-    if zero_stage != 3:
-        return False
-    return approx_parameters(cfg) >= ZERO_INIT_AUTO_PARAMS if setting is None else setting
 
 
 def build_model(cfg: ModelConfig, ds_config: dict, zero_init: bool, init_state: dict | None) -> BiomedGPT:
@@ -65,11 +57,10 @@ def load_partitioned(model_dir, ds_config: dict, rank: int) -> BiomedGPT:
     holds the whole model. One module at a time its parameters are gathered and rank 0 fills them from
     the safetensors files, read lazily (its values are kept, ``modifier_rank=0``); the other ranks read
     only the files' headers and the (unpartitioned) buffers."""
-    import contextlib
-
     import deepspeed
     from safetensors import safe_open
 
+    from biomedgpt.engine.distributed.zero import whole_shape
     from biomedgpt.models.checkpoint import TIED_ALIASES, check_fits, model_weight_files, read_model_config
 
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
@@ -79,7 +70,7 @@ def load_partitioned(model_dir, ds_config: dict, rank: int) -> BiomedGPT:
         for path in model_weight_files(model_dir):
             handle = files.enter_context(safe_open(str(path), framework="pt"))
             where.update((key, handle) for key in handle.keys())
-        check_fits({k: tuple(getattr(v, "ds_shape", v.shape)) for k, v in model.state_dict(keep_vars=True).items()},
+        check_fits({k: whole_shape(v) for k, v in model.state_dict(keep_vars=True).items()},
                    {k: tuple(h.get_slice(k).get_shape()) for k, h in where.items()}, str(model_dir))
         read = lambda key: where[key].get_tensor(key)  # noqa: E731
         with torch.no_grad():
@@ -118,12 +109,12 @@ def apply_activation_checkpointing(model: BiomedGPT) -> int:
     return count
 
 
-def compile_enabled(cfg: ModelConfig, device: torch.device, zero_stage: int = 0) -> bool:
-    """``compile: auto`` compiles on CUDA below ZeRO-3 only. On this CPU inductor needs minutes to warm up
-    (212 s for tiny) and CPU runs are tests and short demos; under ZeRO-3 its parameter hooks would run inside
-    the compiled layers. ``true``/``false`` force it either way."""
+def compile_enabled(cfg: ModelConfig, device: torch.device, *, partitions_params: bool = False) -> bool:
+    """``compile: auto`` compiles on CUDA where the parameters are whole (below ZeRO-3) only. On this CPU
+    inductor needs minutes to warm up (212 s for tiny) and CPU runs are tests and short demos; with partitioned
+    parameters ZeRO-3's hooks would run inside the compiled layers. ``true``/``false`` force it either way."""
     if cfg.compile == "auto":
-        return device.type == "cuda" and zero_stage < 3
+        return device.type == "cuda" and not partitions_params
     return bool(cfg.compile)
 
 

@@ -1,7 +1,8 @@
 """Process-group setup for GPUs (NCCL) and CPUs (DeepSpeed's CPU accelerator with gloo) from one code path.
 
-Import this module before ``deepspeed``: DeepSpeed picks its accelerator at import time, so the CPU
-choice has to be in the environment first.
+Every entry point that may import ``deepspeed`` calls ``configure_environment()`` first: DeepSpeed picks its
+accelerator at import time, so the CPU choice has to be in the environment before. Importing this module
+changes nothing.
 """
 from __future__ import annotations
 
@@ -16,14 +17,19 @@ import torch
 from biomedgpt.core.hosts import ranks_on_this_host  # noqa: F401 (the engine's host-memory checks call it here)
 from biomedgpt.engine.library_noise import quiet_known_noise, without_shm_build_line
 
-quiet_known_noise()  # before deepspeed is imported (its import logs the first of them)
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # oneDNN keeps a primitive per convolution shape (1024 by default). Batches split by modality give the
-    # ResNet a different number of images nearly every step; at the default the cached primitives pinned
-    # ~30 MB of heap per step (the demo's ranks grew from 1.6 to 4 GiB in 150 steps). 64 keeps a fixed-shape
-    # run's primitives and measured no slower. Read when oneDNN builds its first primitive: set it before.
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+
+def configure_environment() -> None:
+    """The process settings a command needs before it imports ``deepspeed`` or builds a model (idempotent;
+    a value already in the environment is kept): known third-party noise filtered (``deepspeed``'s import logs
+    the first of it), and without CUDA DeepSpeed's CPU accelerator and a bounded oneDNN primitive cache."""
+    quiet_known_noise()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # oneDNN keeps a primitive per convolution shape (1024 by default). Batches split by modality give the
+        # ResNet a different number of images nearly every step; at the default the cached primitives pinned
+        # ~30 MB of heap per step (the demo's ranks grew from 1.6 to 4 GiB in 150 steps). 64 keeps a fixed-shape
+        # run's primitives and measured no slower. Read when oneDNN builds its first primitive: set it before.
+        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 
 @dataclass
@@ -45,8 +51,10 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> DistInfo:
     """Join the job's process group (a single-process group when no launcher set RANK/WORLD_SIZE).
 
     ``timeout_s`` bounds every collective: a rank whose peer died fails with an error instead of
-    waiting forever, so the launcher sees a non-zero exit and tears the job down.
+    waiting forever, so the launcher sees a non-zero exit and tears the job down. Calls
+    ``configure_environment`` (for a caller that has not yet imported ``deepspeed``).
     """
+    configure_environment()
     import deepspeed
 
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:

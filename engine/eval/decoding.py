@@ -25,6 +25,7 @@ import torch
 from biomedgpt.data.answers import read_answers
 from biomedgpt.data.tasks import TASK_NAMES
 from biomedgpt.engine.eval.config import FIXED_ANSWERS, TASK_DEFAULTS, DownstreamConfig, TaskEvalConfig
+from biomedgpt.engine.distributed.zero import ZeroPlan
 from biomedgpt.models.generation import EOS, TokenRange, Trie, decoder_prefixes, generate, score_candidates
 
 # ----------------------------------------------------------------------------------------------
@@ -276,7 +277,7 @@ class Ranks:
 
 def start_ranks(zero_stage: int, device: str) -> Ranks:
     """Join the launched ranks (a launcher set WORLD_SIZE, or ZeRO-3 asks for DeepSpeed), else one process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and zero_stage != 3:
+    if not ZeroPlan(zero_stage, int(os.environ.get("WORLD_SIZE", "1"))).joins_ranks:
         return Ranks(0, 1, pick_device(device), lambda part: part)
     from biomedgpt.engine.distributed.process_group import gather_lists, init_distributed
 
@@ -286,23 +287,17 @@ def start_ranks(zero_stage: int, device: str) -> Ranks:
 
 def prepare_model(model_dir: str | Path, bpe_dir: str | Path | None, zero_stage: int, ranks: Ranks):
     """(model, tokenizer, sync, engine) for evaluation or inference. Stage 3: built partitioned across the
-    ranks (``model_setup.load_partitioned``: no rank materialises the whole model), wrapped in DeepSpeed's
-    ZeRO-3 ``engine`` (for ``decoding_model``); on several ranks ``sync`` makes them decode in lockstep
-    where the whole model does not fit."""
-    if zero_stage != 3:
+    ranks (``ZeroPlan.evaluation_engine``: no rank materialises the whole model), wrapped in DeepSpeed's
+    ZeRO-3 ``engine`` (for ``decoding_model``); where ``ZeroPlan.lockstep_decoding`` ``sync`` makes the
+    ranks decode in lockstep when the whole model does not fit."""
+    plan = ZeroPlan(zero_stage, ranks.world)
+    if not plan.partitions_params:
         model, tokenizer = load_model_and_tokenizer(model_dir, bpe_dir, ranks.device)
         return model, tokenizer, None, None
-    import deepspeed
-
-    from biomedgpt.engine.distributed.parallelize import load_partitioned
-
-    ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
-    model = load_partitioned(model_dir, ds_config, ranks.rank)
-    tokenizer = load_tokenizer(model_dir, bpe_dir, model.cfg.vocab_size)
-    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
-    engine.module.eval()
+    engine = plan.evaluation_engine(model_dir, ranks.rank)
+    tokenizer = load_tokenizer(model_dir, bpe_dir, engine.module.cfg.vocab_size)
     sync = None
-    if ranks.world > 1:
+    if plan.lockstep_decoding:
         sync = RankSync()
         sync.time_calls(engine.module.decoder)
     return engine.module, tokenizer, sync, engine
@@ -310,11 +305,11 @@ def prepare_model(model_dir: str | Path, bpe_dir: str | Path | None, zero_stage:
 
 def decoding_model(engine, ranks: Ranks, fraction: float):
     """Context yielding whether decoding runs on the whole model: ZeRO-3 ``engine`` (``prepare_model``)
-    gathered once when it fits (``zero_plan.decoding_model``; rank 0 says which way on stderr); stage 0
+    gathered once when it fits (``zero.gathered_for_decoding``; rank 0 says which way on stderr); stage 0
     (``engine`` None): the model is whole already and the ranks independent, nothing to do."""
     if engine is None:
         return nullcontext(False)
-    from biomedgpt.engine.distributed.zero import decoding_model as zero3_decoding
+    from biomedgpt.engine.distributed.zero import gathered_for_decoding
 
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if ranks.rank == 0 else (lambda line: None)
-    return zero3_decoding(engine, ranks.device, ranks.world, fraction, log)
+    return gathered_for_decoding(engine, ranks.device, ranks.world, fraction, log)

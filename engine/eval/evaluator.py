@@ -11,18 +11,18 @@ Across ranks each rank evaluates its share; results are gathered in rank order a
 once (the eval loader pads the shares by repeating samples). Where the parameters are partitioned (ZeRO-3)
 every module call is a collective, so every rank makes the same calls: the loss pass runs a forward each
 round (a rank whose share is done repeats its last batch). Decoding gathers the whole model once per pass
-when it fits (``zero_plan.decoding_model``) and the ranks then decode independently as at stage 0; else
-it runs in lockstep (``RankSync``; each module gathers its own parameters per call).
+when it fits (``ZeroPlan.decoding_model``) and the ranks then decode independently as at stage 0; else
+it runs in lockstep (``ZeroPlan.lockstep_decoding``, ``RankSync``; each module gathers its own parameters per call).
 """
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
 from biomedgpt.engine.distributed import process_group as dist_utils
+from biomedgpt.engine.distributed.zero import ZeroPlan
 from biomedgpt.engine.eval import metrics as task_metrics
 from biomedgpt.engine.eval.decoding import RankSync, answer_sets, predict, sets_from_references
 from biomedgpt.engine.eval.config import DownstreamConfig
@@ -126,17 +126,17 @@ class Evaluator:
     """Evaluation of one model on this rank's share of the eval data, the ranks agreeing on the result.
 
     ``model`` is the module to evaluate (DeepSpeed's ``engine.module`` or a plain model, in eval mode);
-    ``partitions_params``: its parameters are ZeRO-3 partitions (``ZeroPlan.partitions_params``); then
-    ``engine`` (the DeepSpeed engine of ``model``) lets decoding gather the whole model once, and ``log``
-    (rank 0's) says which way it decodes."""
+    ``plan``: the run's ZeRO policy; where it partitions the parameters, ``engine`` (the DeepSpeed engine of
+    ``model``) lets decoding gather the whole model once, and ``log`` (rank 0's) says which way it decodes."""
 
-    def __init__(self, model, device: torch.device, rank: int, world: int, partitions_params: bool,
+    def __init__(self, model, device: torch.device, rank: int, world: int, plan: ZeroPlan,
                  beat: Callable[[str], None] = lambda phase: None, engine=None,
                  log: Callable[[str], None] = lambda line: None):
         self.model, self.device, self.rank, self.world, self.beat = model, device, rank, world, beat
-        self.engine = engine if partitions_params else None
+        self.plan = plan
+        self.engine = engine if plan.partitions_params else None
         self.log = log
-        self.sync = RankSync() if partitions_params and world > 1 else None
+        self.sync = RankSync() if plan.lockstep_decoding else None
         self.gathered: Optional[bool] = None  # under ZeRO-3: whether the last decoding ran on the whole model
 
     def gather(self, part: list) -> list:
@@ -190,8 +190,4 @@ class Evaluator:
 
     def decoding_model(self, fraction: float):
         """ZeRO-3: the whole model for this pass when it fits (yields True), else the partitioned one."""
-        if self.engine is None:
-            return nullcontext(False)
-        from biomedgpt.engine.distributed.zero import decoding_model
-
-        return decoding_model(self.engine, self.device, self.world, fraction, self.log)
+        return self.plan.decoding_model(self.engine, self.device, fraction, self.log)

@@ -1,6 +1,6 @@
 """EMA of the trained weights, kept in fp32 next to this rank's share of the parameters.
 
-Under ZeRO-3 a rank holds only its partition of each parameter (``param.ds_tensor``), so the EMA is
+Under ZeRO-3 a rank holds only its partition of each parameter (``zero.local_values``), so the EMA is
 kept per partition: no gather per step. At stages 0-2 every rank holds full parameters and the EMA is
 a plain name -> tensor dict that any world size can load.
 
@@ -16,10 +16,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-
-def _local(param: nn.Parameter) -> torch.Tensor:
-    """This rank's values of a parameter: its ZeRO-3 partition, or the parameter itself."""
-    return param.ds_tensor if hasattr(param, "ds_tensor") else param.data
+from biomedgpt.engine.distributed.zero import is_partitioned, local_values, refresh_gathered
 
 
 def persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -37,8 +34,8 @@ class EMA:
         self.decay, self.start_step = decay, start_step
         self.names = [n for n, p in module.named_parameters() if p.requires_grad]
         params = dict(module.named_parameters())
-        self.shadow = {n: _local(params[n]).detach().float().clone() for n in self.names}
-        self.partitioned = any(hasattr(p, "ds_tensor") for p in params.values())
+        self.shadow = {n: local_values(params[n]).detach().float().clone() for n in self.names}
+        self.partitioned = any(is_partitioned(p) for p in params.values())
         self.buffers = {n: _shadow_of(b) for n, b in persistent_buffers(module).items()} if buffers else {}
 
     @torch.no_grad()
@@ -46,7 +43,7 @@ class EMA:
         decay = 0.0 if step < self.start_step else self.decay
         params = dict(module.named_parameters())
         for name in self.names:
-            self.shadow[name].lerp_(_local(params[name]).float(), 1.0 - decay)
+            self.shadow[name].lerp_(local_values(params[name]).float(), 1.0 - decay)
         if self.buffers:
             live = persistent_buffers(module)
             for name, shadow in self.buffers.items():
@@ -88,47 +85,22 @@ class EMA:
         backup, buffer_backup = {}, {}
         with torch.no_grad():
             for name in self.names:
-                local = _local(params[name])
+                local = local_values(params[name])
                 backup[name] = local.detach().clone()
                 local.copy_(self.shadow[name].to(local.dtype))
             for name, shadow in self.buffers.items():
                 buffer_backup[name] = buffers[name].detach().clone()
                 buffers[name].copy_(shadow.to(buffers[name].dtype))
-            _refresh_gathered(params[name] for name in self.names)
+            refresh_gathered(params[name] for name in self.names)
         try:
             yield
         finally:
             with torch.no_grad():
                 for name in self.names:
-                    _local(params[name]).copy_(backup[name])
+                    local_values(params[name]).copy_(backup[name])
                 for name, saved in buffer_backup.items():
                     buffers[name].copy_(saved)
                 # whatever is gathered now (kept from before, or gathered inside the block from the EMA
                 # partitions) is rebuilt from the restored partitions
-                _refresh_gathered(params[name] for name in self.names)
+                refresh_gathered(params[name] for name in self.names)
 
-
-def _refresh_gathered(params) -> None:
-    for param in params:
-        if _gathered_now(param):
-            _regather(param)
-
-
-def _gathered_now(param: nn.Parameter) -> bool:
-    """A ZeRO-3 parameter whose full values are in ``param.data`` right now (persistent ones, between steps)."""
-    if not hasattr(param, "ds_tensor"):
-        return False
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    return param.ds_status == ZeroParamStatus.AVAILABLE and param.data.numel() == param.ds_numel
-
-
-def _regather(param: nn.Parameter) -> None:
-    """``param.data`` rebuilt from every rank's partition (``ds_tensor``)."""
-    import torch.distributed as dist
-
-    group = getattr(param, "ds_process_group", None)
-    parts = [torch.empty_like(param.ds_tensor) for _ in range(dist.get_world_size(group=group))]
-    dist.all_gather(parts, param.ds_tensor.detach().contiguous(), group=group)
-    full = torch.cat([p.reshape(-1) for p in parts])[:param.ds_numel]
-    param.data.copy_(full.view(param.ds_shape).to(param.data.dtype))

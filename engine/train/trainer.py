@@ -13,7 +13,7 @@ import psutil
 import torch
 import yaml
 
-from biomedgpt.engine.distributed import process_group as dist_utils  # sets DS_ACCELERATOR before deepspeed is imported
+from biomedgpt.engine.distributed import process_group as dist_utils
 from biomedgpt.engine.checkpoint.manager import CheckpointManager, ResumeError, rng_state, set_rng_state
 from biomedgpt.core.durable import atomic_write_text
 from biomedgpt.core.config import to_dict
@@ -23,11 +23,10 @@ from biomedgpt.engine.flops import batch_train_flops, device_peak, image_tokens
 from biomedgpt.engine.train.host_memory import set_mmap_threshold
 from biomedgpt.engine.train.loss import kept_tokens, label_smoothed_cross_entropy
 from biomedgpt.engine.train.metrics import MetricsLogger, MetricWindow
-from biomedgpt.engine.distributed.parallelize import (apply_activation_checkpointing, apply_compile, build_model, compile_enabled,
-                                          use_zero_init)
+from biomedgpt.engine.distributed.parallelize import apply_activation_checkpointing, apply_compile
 from biomedgpt.engine.run_config import OptimConfig, RunConfig
 from biomedgpt.engine.train.run_lock import lock_output_dir
-from biomedgpt.engine.distributed.zero import ZeroPlan
+from biomedgpt.engine.distributed.zero import ZeroPlan, local_param_elements
 
 EXIT_RESUME = 75  # EX_TEMPFAIL: checkpoint written after a signal, resume to continue
 
@@ -213,11 +212,7 @@ class Trainer:
             from biomedgpt.models.checkpoint import read_model_weights
 
             init_state = read_model_weights(cfg.checkpoint.init_from)
-        zero_init = use_zero_init(self.model_cfg, ds.zero_stage, ds.zero_init)
-        model = build_model(self.model_cfg, self.ds_config, zero_init, init_state)
-        # Ranks' batches mix modalities differently; the same module calls on every rank keep ZeRO's gathers
-        # and bucketed reductions in step (models/ofa.py _forward_by_modality).
-        model.same_calls_every_batch = self.world > 1
+        model = self.plan.build_model(self.model_cfg, self.ds_config, init_state)  # zero.Init, same calls per rank
         if cfg.lora.enabled:
             from biomedgpt.engine.train.lora import apply_lora
 
@@ -226,7 +221,7 @@ class Trainer:
             model.embed_tokens.weight.requires_grad_(False)  # the one table both sides share: no optimizer state
         if ds.activation_checkpointing:
             apply_activation_checkpointing(model)
-        if compile_enabled(self.model_cfg, self.dist.device, ds.zero_stage):
+        if self.plan.compiles(self.model_cfg, self.dist.device):
             apply_compile(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optim = cfg.optim
@@ -297,8 +292,7 @@ class Trainer:
     def _state_bytes(self) -> int:
         """About this rank's checkpoint state: its weights and fp32 optimizer state (two AdamW moments,
         a master copy under mixed precision), the EMA."""
-        local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
-                    for p in self.engine.module.parameters())
+        local = local_param_elements(self.engine.module)
         local_opt = self.plan.optimizer_state_elements(local)
         mixed = self.cfg.deepspeed.precision != "fp32"
         return local * (2 if mixed else 4) + local_opt * 4 * (3 if mixed else 2) + (local * 4 if self.ema else 0)
@@ -597,7 +591,7 @@ class Trainer:
         use_ema = self.ema is not None and self.cfg.eval.use_ema
         self.engine.eval()
         evaluator = Evaluator(self.engine.module, self.dist.device, self.rank, self.world,
-                              self.plan.partitions_params, beat=self._beat, engine=self.engine,
+                              self.plan, beat=self._beat, engine=self.engine,
                               log=self.logger.write)
         context = self.ema.swapped_in(self.engine.module) if use_ema else nullcontext()
         with context:

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from biomedgpt.engine.distributed import process_group as distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
+from biomedgpt.engine.distributed.process_group import configure_environment
 from biomedgpt.engine.checkpoint.layout import LATEST_FILE
 from biomedgpt.core.config import parse_cli
 
@@ -134,6 +134,7 @@ def table(results: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    configure_environment()  # before deepspeed is imported
     cfg = parse_cli(BenchConfig, argv)
     if cfg.worker:
         worker(cfg)

@@ -38,8 +38,9 @@ def _train_rank(cfg: BenchConfig) -> None:
     import torch
 
     from biomedgpt.engine.checkpoint.manager import CheckpointManager
-    from biomedgpt.engine.distributed.process_group import init_distributed
+    from biomedgpt.engine.distributed.process_group import configure_environment, init_distributed
 
+    configure_environment()  # before deepspeed is imported
     import deepspeed
     from biomedgpt.models.config import ModelSpec
     from biomedgpt.models.ofa import BiomedGPT

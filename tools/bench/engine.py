@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from biomedgpt.engine.distributed import process_group as distributed  # noqa: F401  (sets DS_ACCELERATOR before deepspeed is imported)
+from biomedgpt.engine.distributed.process_group import configure_environment
 from biomedgpt.core.config import parse_cli
 from biomedgpt.engine.run_config import DEMO_CONFIG
 
@@ -126,6 +126,7 @@ def bench_flops(cfg: BenchConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    configure_environment()  # before deepspeed is imported
     cfg = parse_cli(BenchConfig, argv)
     unknown = set(cfg.parts) - {"zero", "checkpoint", "flops"}
     if unknown:

@@ -4,10 +4,10 @@
 
 "today" runs the ResNet on every sample's placeholder image and the encoder over all image tokens (masked
 for text-only samples): ``Encoder.image_rows_only = False``. "now" runs the stem only on samples with an
-image and text-only samples without image tokens. Same weights, same batch, in one run, on the CPU with
-``threads`` torch threads: forward + backward + AdamW step, best of ``steps`` after ``warmup`` steps, in
-CPU-seconds of this process (robust on a shared machine with one thread) and wall seconds. Also
-prints the largest logit difference between the two paths (eval mode).
+image and text-only samples without image tokens (the train step's forward, ``split_by_modality``). Same
+weights, same batch, in one run, on the CPU with ``threads`` torch threads: forward + backward + AdamW step,
+best of ``steps`` after ``warmup`` steps, in CPU-seconds of this process (robust on a shared machine with one
+thread) and wall seconds. Also prints the largest logit difference between the two paths (eval mode).
 """
 from __future__ import annotations
 
@@ -67,6 +67,7 @@ def run(cfg: BenchConfig) -> dict:
     import torch
 
     from biomedgpt.models.config import model_config
+    from biomedgpt.engine.distributed.modality_passes import split_by_modality
     from biomedgpt.models.ofa import BiomedGPT
 
     torch.set_num_threads(cfg.threads)
@@ -78,7 +79,7 @@ def run(cfg: BenchConfig) -> dict:
           f"{'now wall-s':>10s} {'ratio':>6s} {'max |dlogit|':>13s}")
     for size in cfg.sizes:
         torch.manual_seed(0)
-        model = BiomedGPT(model_config(size, dropout=0.0)).init_weights()
+        model = split_by_modality(BiomedGPT(model_config(size, dropout=0.0)).init_weights(), same_calls=False)
         batch, target = make_batch(cfg, model.cfg.vocab_size)
         model.eval()
         with torch.no_grad():
