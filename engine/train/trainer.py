@@ -1,33 +1,30 @@
-"""The DeepSpeed trainer: one code path for every model size, ZeRO stage, precision and device type."""
+"""The training loop: ``Trainer.train_step`` (one micro-batch) and ``Trainer.train`` with its hooks (evaluation
+due, checkpoint due, stop on a signal or ``checkpoint.stop_after``, the logged metrics window). What it runs
+with (process group, loaders, DeepSpeed engine, EMA, checkpoint manager, logger, restored state) is built by
+``engine/train/builders.py``; the LR schedule is ``engine/train/schedule.py``."""
 from __future__ import annotations
 
 import json
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
-import numpy as np
 import psutil
 import torch
-import yaml
 
 from biomedgpt.engine.distributed import process_group as dist_utils  # sets DS_ACCELERATOR before deepspeed is imported
-from biomedgpt.engine.checkpoint.manager import CheckpointManager, ResumeError, rng_state, set_rng_state
+from biomedgpt.engine.checkpoint.manager import rng_state, set_rng_state
 from biomedgpt.core.durable import atomic_write_text
 from biomedgpt.core.config import to_dict
-from biomedgpt.engine.distributed.ds_config import build_ds_config, device_precision
-from biomedgpt.engine.train.ema import EMA
-from biomedgpt.engine.flops import batch_train_flops, device_peak, image_tokens
-from biomedgpt.engine.train.host_memory import set_mmap_threshold
+from biomedgpt.engine.distributed.watchdog import Watchdog
+from biomedgpt.engine.flops import batch_train_flops, image_tokens
+from biomedgpt.engine.train.builders import TrainParts, TrainSpec, build_parts
 from biomedgpt.engine.train.loss import kept_tokens, label_smoothed_cross_entropy
-from biomedgpt.engine.train.metrics import MetricsLogger, MetricWindow
-from biomedgpt.engine.distributed.parallelize import (apply_activation_checkpointing, apply_compile, build_model, compile_enabled,
-                                          use_zero_init)
-from biomedgpt.engine.run_config import OptimConfig, RunConfig
-from biomedgpt.engine.train.run_lock import lock_output_dir
-from biomedgpt.engine.distributed.zero import ZeroPlan
+from biomedgpt.engine.train.metrics import MetricWindow
+from biomedgpt.engine.run_config import RunConfig
+from biomedgpt.engine.train.schedule import steps_per_epoch
 
 EXIT_RESUME = 75  # EX_TEMPFAIL: checkpoint written after a signal, resume to continue
 
@@ -54,23 +51,6 @@ class StepResult:
     ids: list[str] = field(default_factory=list)
 
 
-def lr_lambda(optim: OptimConfig, total_steps: int):
-    """Multiplier of the base lr at optimizer step ``s``: linear warmup, then linear/polynomial decay."""
-    warmup = optim.warmup_steps if optim.warmup_steps is not None else int(optim.warmup_ratio * total_steps)
-    end = optim.end_lr / optim.lr if optim.lr > 0 else 0.0
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if optim.schedule == "constant":
-            return 1.0
-        power = 1.0 if optim.schedule == "linear" else optim.power
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return (1.0 - end) * (1.0 - progress) ** power + end
-
-    return factor
-
-
 def _move(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict:
     out = {}
     for key, value in batch.items():
@@ -83,166 +63,33 @@ def _move(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, train_loader=None, eval_loader=None):
-        """Loaders default to ``biomedgpt.data.loader.build_{train,eval}_loader`` over ``cfg.data``; tests and tools
-        may pass any iterable with ``state_dict()``/``load_state_dict()``."""
+    def __init__(self, cfg: RunConfig, parts: Optional[TrainParts] = None, train_loader=None, eval_loader=None):
+        """``parts`` from ``builders.build_parts`` (the default builders when not given). ``train_loader`` /
+        ``eval_loader`` replace the default loaders: any iterable with ``state_dict()``/``load_state_dict()``."""
+        if parts is None:
+            spec = TrainSpec()
+            if train_loader is not None:
+                spec = replace(spec, train_loader=lambda *_: train_loader)
+            if eval_loader is not None:
+                spec = replace(spec, eval_loader=lambda *_: eval_loader)
+            parts = build_parts(cfg, spec)
         self.cfg = cfg
-        ds = cfg.deepspeed
-        set_mmap_threshold(ds.mmap_threshold_mib)
-        self.dist = dist_utils.init_distributed(ds.backend, ds.collective_timeout_s)
-        self.rank, self.world = self.dist.rank, self.dist.world_size
-        ds.precision, precision_note = device_precision(ds.precision)  # the run (and its config.yaml) says fp32
-        self.plan = ZeroPlan.from_config(ds, self.world)
-        self.is_main = self.rank == 0
-        self.out = Path(cfg.output_dir)
-        self.run_lock = lock_output_dir(self.out, self.rank)  # one run per folder, before anything is written there
-        self.out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-
-        self.model_cfg = cfg.model_config()
-        self.tokenizer = self._load_tokenizer()
-        if self.tokenizer is not None and self.tokenizer.vocab_size != self.model_cfg.vocab_size:
-            raise ValueError(f"model.vocab_size {self.model_cfg.vocab_size} != tokenizer vocabulary "
-                             f"{self.tokenizer.vocab_size}")
-        self.task_names = self._task_names()
-        self.window = self._new_window()
-        self.train_loader = train_loader if train_loader is not None else self._build_train_loader()
-        self.eval_loader = eval_loader if eval_loader is not None else self._build_eval_loader()
-        self.total_steps = self._total_steps()
-
-        self.ckpt = CheckpointManager(self.out, self.rank, self.world, cfg.checkpoint.keep_last_n,
-                                      background=cfg.checkpoint.background is not False,
-                                      timeout_s=ds.collective_timeout_s)
-        resume_tag = self.ckpt.latest() if cfg.checkpoint.resume == "auto" else None
-        changed: list[str] = []  # optimizer settings this resumed run changes
-        if resume_tag is not None:
-            from biomedgpt.engine.checkpoint.resume_checks import check_resumable
-
-            changed = check_resumable(self.ckpt.root, resume_tag, self.rank, to_dict(cfg))
-        self.ds_config = build_ds_config(cfg)
-        load_dir, load_tag = str(self.ckpt.root), resume_tag
-        if resume_tag is not None and self.ckpt.needs_universal(resume_tag, self.plan):
-            load_dir, load_tag = self.ckpt.prepare_universal(resume_tag)
-            self.ds_config["checkpoint"] = {"load_universal": True}
-
-        self.lora_note: Optional[str] = None  # set by _build_engine when LoRA is on
-        self.engine = self._build_engine()
-        self.ckpt.attach(self.engine)  # DeepSpeed's loads and saves go through the checkpoint manager
-        self.float_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ds.precision]
-        self.ema = (EMA(self.engine.module, cfg.ema.decay, cfg.ema.start_step, buffers=cfg.ema.buffers)
-                    if cfg.ema.enabled else None)
-        self.step, self.epoch, self.nonfinite = 0, 0, 0
+        process = parts.process
+        self.dist, self.plan, self.out, self.run_lock, self.peak = (process.dist, process.plan, process.out,
+                                                                    process.run_lock, process.peak)
+        self.rank, self.world, self.is_main = process.rank, process.world, process.is_main
+        self.model_cfg, self.tokenizer, self.task_names = parts.model_cfg, parts.tokenizer, parts.task_names
+        self.train_loader, self.eval_loader, self.total_steps = parts.train_loader, parts.eval_loader, parts.total_steps
+        self.ckpt, self.engine, self.float_dtype, self.ema = parts.ckpt, parts.engine, parts.float_dtype, parts.ema
+        self.stop, self.logger, self.sample_log = parts.stop, parts.logger, parts.sample_log
+        state = parts.state
+        self.step, self.epoch, self.nonfinite, self.best = state.step, state.epoch, state.nonfinite, state.best
+        self.resumed_rng: Optional[dict] = state.rng  # restored once the first batch is fetched (_batches)
+        self.window = self._new_window()  # the micro-batches' metrics since the last logged step
+        self.stop_at: Optional[int] = None  # checkpoint.stop_after: the step this job stops at (train())
         self.checkpoint_memory_reserved = False
-        self.best: Optional[float] = None
-        self.notes: list[str] = [n for n in (self.run_lock.note if self.run_lock else None, precision_note,
-                                             self.lora_note) if n]
-        self.resumed_rng: Optional[dict] = None
-        if resume_tag is not None:
-            self._resume(load_dir, load_tag, resume_tag, changed)
-        if self.is_main:  # this run's settings (a resumed run's changes are applied or refused above)
-            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        self.peak = device_peak(ds.precision, cfg.log.peak_tflops)
-        self.stop = dist_utils.StopRequest().install()
-        self.logger = MetricsLogger(cfg.log, self.out, to_dict(cfg), self.total_steps, self.step, self.is_main)
-        self.sample_log = self._open_sample_log() if cfg.log.sample_ids else None
-        if resume_tag is not None:
-            self.notes.insert(0, f"resumed from {resume_tag} at step {self.step}"
-                              + (" through a universal checkpoint" if load_tag == "universal" else ""))
-        for note in self.notes:
-            self.logger.write(note)
-        self._write_start_summary()
-
-    def _write_start_summary(self) -> None:
-        from biomedgpt.engine.flops import parameter_counts
-        from biomedgpt.engine.train.run_summary import start_summary
-
-        if not self.is_main:
-            return
-        lines = start_summary(self.cfg, self.model_cfg, parameter_counts(self.model_cfg)[0], self.world,
-                              self.peak.name, self.peak.tflops, self.peak.source, self.total_steps, self.step)
-        for line in lines:
-            self.logger.write(line)
-
-    # -- construction --------------------------------------------------------------------------
-
-    def _load_tokenizer(self):
-        from biomedgpt.models.tokenizer import Tokenizer
-
-        if self.cfg.tokenizer:
-            return Tokenizer.load(self.cfg.tokenizer)
-        return Tokenizer.from_gpt2_files(self.cfg.bpe_dir)
-
-    def _task_names(self) -> list[str]:
-        from biomedgpt.data.tasks import TASK_NAMES
-
-        return list(TASK_NAMES)
-
-    def _build_train_loader(self):
-        from biomedgpt.data.loader import build_train_loader
-
-        if not self.cfg.data.streams:
-            raise ValueError("data.streams is empty: nothing to train on")
-        return build_train_loader(self.cfg.data, self.tokenizer, self.rank, self.world)
-
-    def _build_eval_loader(self):
-        from biomedgpt.data.loader import build_eval_loader
-
-        from biomedgpt.engine.eval.config import selection_data
-
-        if not self.cfg.data.eval_streams:
-            return None
-        data = selection_data(self.cfg.data, self.cfg.eval.select_on_test, self.cfg.eval.export_best)
-        return build_eval_loader(data, self.tokenizer, self.rank, self.world)
-
-    def _total_steps(self) -> int:
-        optim = self.cfg.optim
-        limits = []
-        if optim.max_steps is not None:
-            limits.append(optim.max_steps)
-        if optim.max_epochs is not None:
-            limits.append(optim.max_epochs * max(1, len(self.train_loader) // optim.grad_accum))
-        return min(limits)
-
-    def _build_engine(self):
-        import deepspeed
-
-        cfg, ds = self.cfg, self.cfg.deepspeed
-        init_state = None
-        if cfg.checkpoint.init_from:
-            from biomedgpt.models.checkpoint import read_model_weights
-
-            init_state = read_model_weights(cfg.checkpoint.init_from)
-        zero_init = use_zero_init(self.model_cfg, ds.zero_stage, ds.zero_init)
-        model = build_model(self.model_cfg, self.ds_config, zero_init, init_state)
-        # Ranks' batches mix modalities differently; the same module calls on every rank keep ZeRO's gathers
-        # and bucketed reductions in step (models/ofa.py _forward_by_modality).
-        model.same_calls_every_batch = self.world > 1
-        if cfg.lora.enabled:
-            from biomedgpt.engine.train.lora import apply_lora
-
-            self.lora_note = f"LoRA (peft): {apply_lora(model, cfg.lora):,} trainable parameters"
-        if cfg.optim.freeze_encoder_embedding or cfg.optim.freeze_decoder_embedding:
-            model.embed_tokens.weight.requires_grad_(False)  # the one table both sides share: no optimizer state
-        if ds.activation_checkpointing:
-            apply_activation_checkpointing(model)
-        if compile_enabled(self.model_cfg, self.dist.device, ds.zero_stage):
-            apply_compile(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optim = cfg.optim
-        optimizer = None
-        if optim.implementation == "torch":
-            optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                          weight_decay=optim.weight_decay,
-                                          fused=self.dist.device.type == "cuda" and ds.offload_optimizer == "none",
-                                          foreach=None if self.dist.device.type == "cuda" else True)
-        schedule = lr_lambda(optim, self.total_steps)
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, model_parameters=params if optimizer is None else None,
-            config=self.ds_config, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
-        if ds.precision != "fp32":
-            _match_buffer_dtype(engine.module)
-        return engine
+        self.last_save_blocked_s: Optional[float] = None
+        self.watchdog = Watchdog(self.out, self.rank, cfg.watchdog.timeout_s, cfg.watchdog.poll_s)  # runs in train()
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -302,44 +149,6 @@ class Trainer:
         local_opt = self.plan.optimizer_state_elements(local)
         mixed = self.cfg.deepspeed.precision != "fp32"
         return local * (2 if mixed else 4) + local_opt * 4 * (3 if mixed else 2) + (local * 4 if self.ema else 0)
-
-    def _resume(self, load_dir: str, load_tag: str, tag: str, changed: list[str]) -> None:
-        path, client = self.engine.load_checkpoint(load_dir, tag=load_tag, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
-        if path is None:
-            raise ResumeError(f"DeepSpeed could not load {load_dir}/{load_tag}")
-        if changed:  # settings checked before loading (resume_checks): these apply from here on
-            from biomedgpt.engine.checkpoint.resume_checks import apply_optimizer_settings
-
-            apply_optimizer_settings(self.engine.lr_scheduler, self.cfg.optim)
-            self.notes.append(f"resumed with changed optimizer settings, applied: {'; '.join(changed)}")
-        self.step, self.epoch = client["step"], client["epoch"]
-        self.nonfinite, self.best = client["nonfinite"], client["best"]
-        state = self.ckpt.load_rank_state(tag)
-        same_world = client["world_size"] == self.world
-        self.train_loader.load_state_dict(state["loader"])
-        if same_world:
-            own = dict(self.engine.module.named_buffers())
-            with torch.no_grad():
-                for name, value in state["buffers"].items():
-                    own[name].copy_(value)
-        if self.ema is not None:
-            if state["ema"] is not None and (same_world or not state["ema"]["partitioned"]):
-                self.ema.load_state_dict(state["ema"])
-            else:
-                self.notes.append("EMA restarted from the current weights (its ZeRO-3 partitions were saved "
-                                  "by another world size)")
-        self.resumed_rng = state["rng"]
-
-    def _open_sample_log(self):
-        """This rank's sample-id log, cut back to the resumed step (a crashed run may have logged past it)."""
-        path = self.out / "sample_ids" / f"rank_{self.rank:05d}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
-        return open(path, "a", buffering=1)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -456,9 +265,7 @@ class Trainer:
         last_eval_step, last_save_step = -1, self.step
         self.stop_at = self.step + cfg.checkpoint.stop_after if cfg.checkpoint.stop_after else None
         step_ids: list[str] = []
-        from biomedgpt.engine.distributed.watchdog import Watchdog
-
-        self.watchdog = Watchdog(self.out, self.rank, cfg.watchdog.timeout_s, cfg.watchdog.poll_s).start()
+        self.watchdog.start()
         window: list[dict] = []
         tokens: Optional[torch.Tensor] = None
         try:
@@ -507,8 +314,8 @@ class Trainer:
         """Every ``eval.interval`` steps and every ``eval.interval_epochs`` epochs (the original's
         --validate-interval-updates and --validate-interval; an epoch is the loader's length in steps)."""
         epochs = self.cfg.eval.interval_epochs
-        steps_per_epoch = max(1, len(self.train_loader) // self.cfg.optim.grad_accum) if epochs else 0
-        return self._due(self.cfg.eval.interval) or self._due(epochs * steps_per_epoch)
+        epoch_steps = steps_per_epoch(len(self.train_loader), self.cfg.optim.grad_accum) if epochs else 0
+        return self._due(self.cfg.eval.interval) or self._due(epochs * epoch_steps)
 
     def _finish_optimizer_step(self, step_ids: list[str]) -> None:
         """After the optimizer stepped: count the step, log its sample ids, update the EMA, log the window."""
@@ -626,9 +433,7 @@ class Trainer:
         return results
 
     def _beat(self, phase: str) -> None:
-        watchdog = getattr(self, "watchdog", None)
-        if watchdog is not None:
-            watchdog.beat(phase, self.step)
+        self.watchdog.beat(phase, self.step)
 
     def evaluate_and_track(self) -> dict:
         start = time.perf_counter()
@@ -668,14 +473,3 @@ class Trainer:
                 elif self.is_main:
                     save_pretrained(module, directory, self.tokenizer, overwrite=True)
         dist_utils.barrier()
-
-
-def _match_buffer_dtype(module: torch.nn.Module) -> None:
-    """DeepSpeed casts parameters to bf16/fp16 but not buffers; BatchNorm needs its statistics in the same dtype."""
-    dtype = next(module.parameters()).dtype
-    for sub in module.modules():
-        for name, buf in sub.named_buffers(recurse=False):
-            if buf.is_floating_point() and buf.dtype != dtype:
-                setattr(sub, name, buf.to(dtype))
-
-
