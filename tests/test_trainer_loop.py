@@ -7,8 +7,9 @@ ZeRO stage 0 on one rank.
 
 Checked here: resume (step counter, loader position, RNG, metrics and sample ids go on as an uninterrupted
 run's), non-finite losses skipped then the run stopped, a signal's checkpoint and exit 75, the EMA's update
-cadence, the LR schedule's values, metrics.jsonl, and when evaluations and checkpoints are due. What needs
-real ranks or DeepSpeed's optimizers stays in the launched tests (test_engine_distributed.py, ...).
+cadence, the LR schedule's values, metrics.jsonl, and when evaluations and checkpoints are due. Which model
+settings may change on resume: test_resume_fields.py (the real engine). What needs real ranks or DeepSpeed's
+optimizers stays in the launched tests (test_engine_distributed.py, ...).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from biomedgpt.engine.train.schedule import lr_lambda
 from biomedgpt.engine.train.trainer import EXIT_RESUME, NonFiniteLossError, Trainer, TrainingStopped
 
 VOCAB, ROWS, SRC_LEN, TGT_LEN, PAD = 64, 3, 5, 6, 1
+pytestmark = pytest.mark.usefixtures("one_thread")  # microscopic ops: one thread is far faster on a busy machine
 POISON = 3  # a source token that makes the stand-in model's logits NaN
 MODEL = {"size": "tiny", "d_model": 32, "ffn_dim": 64, "encoder_layers": 1, "decoder_layers": 1, "heads": 2,
          "resnet_layers": [1, 1, 1], "dropout": 0.3}
@@ -187,14 +189,6 @@ def train_losses(out: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in logged(out) if "loss" in m}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # -- resume ------------------------------------------------------------------------------------------------
 
 
@@ -240,43 +234,6 @@ def test_a_resumed_run_restores_the_rng_once_its_first_batch_is_fetched(tmp_path
     batches_of_the_run = resumed._batches()
     assert next(batches_of_the_run) is batches[2]
     assert torch.equal(torch.get_rng_state(), saved) and resumed.resumed_rng is None
-
-
-# -- the resume rule for model settings (issue 27, acceptance 1) -----------------------------------------------
-
-
-def test_resume_with_a_runtime_model_field_changed_uses_the_new_value(tmp_path):
-    out = tmp_path / "run"
-    trainer(config(out, optim={"max_steps": 2}, checkpoint={"at_end": True}), [batch(i) for i in range(2)]).train()
-    engines: list = []
-    resumed = trainer(config(out, model={**MODEL, "dropout": 0.0}, optim={"max_steps": 3}),
-                      [batch(i) for i in range(2)], engines)
-    assert resumed.step == 2 and resumed.model_cfg.dropout == 0.0
-    assert engines[0].module.drop.p == 0.0  # the model was built with this run's dropout
-    resumed.train()
-    assert resumed.step == 3
-    import yaml
-
-    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["dropout"] == 0.0
-
-
-@pytest.mark.parametrize("override,named", [
-    ({"encoder_layers": 2}, "model.encoder_layers: checkpoint 1, this run 2"),
-    ({"d_model": 64}, "model.d_model: checkpoint 32, this run 64"),
-    ({"position_scheme": "rope"}, "model.position_scheme: checkpoint 'ofa', this run 'rope'"),
-])
-def test_resume_with_an_architecture_field_changed_fails_before_an_engine_is_built(tmp_path, override, named):
-    from biomedgpt.engine.checkpoint.manager import ResumeError
-
-    out = tmp_path / "run"
-    trainer(config(out, optim={"max_steps": 1}, checkpoint={"at_end": True}), [batch(0)]).train()
-    engines: list = []
-    with pytest.raises(ResumeError) as refused:
-        trainer(config(out, model={**MODEL, **override}, optim={"max_steps": 2}), [batch(0)], engines)
-    line = str(refused.value)
-    assert engines == []  # refused before any model was built or checkpoint file loaded into one
-    assert len(line.splitlines()) == 1 and named in line and "new output_dir" in line, line
-    assert "step_00000001" in line
 
 
 # -- skipped and stopped steps ------------------------------------------------------------------------------
