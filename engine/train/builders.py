@@ -1,8 +1,8 @@
 """Everything a training run is built from, before its loop starts (torchtitan's ``TrainSpec``): the process
 (host memory, process group, seeds, output-folder lock), the tokenizer, the loaders, the checkpoint manager
 and the resume point (checked before DeepSpeed loads anything), the model, optimizer and DeepSpeed engine,
-the EMA, the restored loop state, the metrics logger, the sample-id log, the run's config.yaml and start
-summary. ``build_parts`` runs them in order and returns ``TrainParts``, from which ``Trainer`` (the loop
+the EMA, the restored loop state, the metrics logger, the sample-id log, the in-training evaluation, the
+run's config.yaml and start summary. ``build_parts`` runs them in order and returns ``TrainParts``, from which ``Trainer`` (the loop
 alone) is made.
 
 Each builder is a plain function; ``TrainSpec`` names the swappable ones, so a tool or a test replaces any
@@ -33,6 +33,7 @@ from biomedgpt.engine.distributed.parallelize import (apply_activation_checkpoin
 from biomedgpt.engine.run_config import RunConfig
 from biomedgpt.engine.train.run_lock import RunLock, lock_output_dir
 from biomedgpt.engine.train.schedule import lr_lambda, total_steps
+from biomedgpt.engine.train.validation import Validator
 from biomedgpt.engine.distributed.zero import ZeroPlan
 from biomedgpt.models.config import ModelConfig
 
@@ -275,6 +276,12 @@ def build_ema(cfg: RunConfig, module: torch.nn.Module) -> Optional[EMA]:
     return EMA(module, cfg.ema.decay, cfg.ema.start_step, buffers=cfg.ema.buffers) if cfg.ema.enabled else None
 
 
+def build_validator(cfg: RunConfig, process: RunProcess, engine, ema: Optional[EMA], tokenizer, eval_loader,
+                    names: list[str], logger: MetricsLogger) -> Validator:
+    return Validator(cfg, engine, ema, process.plan, process.dist.device, process.rank, process.world, tokenizer,
+                     eval_loader, names, process.out, logger.write)
+
+
 # -- what the run writes -----------------------------------------------------------------------------------
 
 
@@ -328,6 +335,7 @@ class TrainSpec:
     ema: Callable[[RunConfig, torch.nn.Module], Optional[EMA]] = build_ema
     metrics_logger: Callable[[RunConfig, RunProcess, int, int], MetricsLogger] = build_metrics_logger
     sample_log: Callable[[RunConfig, RunProcess, int], Optional[TextIO]] = open_sample_log
+    validator: Callable[..., Validator] = build_validator
 
 
 @dataclass
@@ -349,6 +357,7 @@ class TrainParts:
     stop: dist_utils.StopRequest
     logger: MetricsLogger
     sample_log: Optional[TextIO]
+    validator: Validator
 
 
 def build_parts(cfg: RunConfig, spec: Optional[TrainSpec] = None) -> TrainParts:
@@ -386,5 +395,7 @@ def build_parts(cfg: RunConfig, spec: Optional[TrainSpec] = None) -> TrainParts:
     sample_log = spec.sample_log(cfg, process, state.step)
     for line in notes + (start_lines(cfg, model_cfg, process, total, state.step) if process.is_main else []):
         logger.write(line)
-    return TrainParts(process, model_cfg, tokenizer, task_names(), train_loader, eval_loader, total, ckpt, engine,
-                      FLOAT_DTYPES[cfg.deepspeed.precision], ema, state, stop, logger, sample_log)
+    names = task_names()
+    validator = spec.validator(cfg, process, engine, ema, tokenizer, eval_loader, names, logger)
+    return TrainParts(process, model_cfg, tokenizer, names, train_loader, eval_loader, total, ckpt, engine,
+                      FLOAT_DTYPES[cfg.deepspeed.precision], ema, state, stop, logger, sample_log, validator)

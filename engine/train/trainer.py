@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Iterator, Optional
 
 import psutil
@@ -16,7 +14,6 @@ import torch
 
 from biomedgpt.engine.distributed import process_group as dist_utils  # sets DS_ACCELERATOR before deepspeed is imported
 from biomedgpt.engine.checkpoint.manager import rng_state, set_rng_state
-from biomedgpt.core.durable import atomic_write_text
 from biomedgpt.core.config import to_dict
 from biomedgpt.engine.distributed.watchdog import Watchdog
 from biomedgpt.engine.flops import batch_train_flops, image_tokens
@@ -81,7 +78,7 @@ class Trainer:
         self.model_cfg, self.tokenizer, self.task_names = parts.model_cfg, parts.tokenizer, parts.task_names
         self.train_loader, self.eval_loader, self.total_steps = parts.train_loader, parts.eval_loader, parts.total_steps
         self.ckpt, self.engine, self.float_dtype, self.ema = parts.ckpt, parts.engine, parts.float_dtype, parts.ema
-        self.stop, self.logger, self.sample_log = parts.stop, parts.logger, parts.sample_log
+        self.stop, self.logger, self.sample_log, self.validator = parts.stop, parts.logger, parts.sample_log, parts.validator
         state = parts.state
         self.step, self.epoch, self.nonfinite, self.best = state.step, state.epoch, state.nonfinite, state.best
         self.resumed_rng: Optional[dict] = state.rng  # restored once the first batch is fetched (_batches)
@@ -395,54 +392,21 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Loss, perplexity and token accuracy over the eval set (overall and per task), and with
-        ``eval.downstream`` the task metrics by generation, every rank agreeing (``engine/eval/evaluator.py``)."""
-        from biomedgpt.engine.eval.evaluator import Evaluator
-
-        use_ema = self.ema is not None and self.cfg.eval.use_ema
-        self.engine.eval()
-        evaluator = Evaluator(self.engine.module, self.dist.device, self.rank, self.world,
-                              self.plan.partitions_params, beat=self._beat, engine=self.engine,
-                              log=self.logger.write)
-        context = self.ema.swapped_in(self.engine.module) if use_ema else nullcontext()
-        with context:
-            metrics = evaluator.loss_metrics(
-                self.eval_loader, lambda batch: self._forward_loss(_move(batch, self.dist.device, self.float_dtype),
-                                                                   train=False),
-                self.task_names, self.cfg.eval.max_batches)
-            if self.cfg.eval.downstream is not None:
-                metrics.update(self._downstream(evaluator))
-        return metrics
-
-    def _downstream(self, evaluator) -> dict:
-        """The task metrics by generation; rank 0 writes the predictions of this step."""
-        start = time.perf_counter()
-        results, records = evaluator.task_metrics(self.tokenizer, self.eval_loader, self.cfg.eval.downstream)
-        results["downstream_time_s"] = time.perf_counter() - start
-        if evaluator.gathered is not None:
-            results["decoding_gathered"] = float(evaluator.gathered)
-        if evaluator.sync is not None:
-            results["synced_padding_calls"] = float(sum(evaluator.gather([evaluator.sync.padding_calls])))
-        if self.is_main and self.cfg.eval.write_predictions:
-            path = self.out / "eval_predictions" / f"step_{self.step:08d}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            ordered = sorted(records, key=lambda r: (r["task"], r["id"]))
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in ordered))
-        return results
-
     def _beat(self, phase: str) -> None:
         self.watchdog.beat(phase, self.step)
 
+    def evaluate(self) -> dict:
+        """The evaluation's metrics at this step (``Validator.evaluate``)."""
+        return self.validator.evaluate(
+            self.step, lambda batch: self._forward_loss(_move(batch, self.dist.device, self.float_dtype), train=False),
+            self._beat)
+
     def evaluate_and_track(self) -> dict:
+        """Evaluate, keep the best value of ``eval.metric`` (exporting its model with ``eval.export_best``), log."""
         start = time.perf_counter()
-        if self.ema is not None and self.cfg.eval.use_ema:  # else a young run's near-initial EMA scores puzzle
-            updates = max(0, self.step - self.cfg.ema.start_step)
-            first = "initial weights" if not self.cfg.ema.start_step else f"weights of step {self.cfg.ema.start_step}"
-            self.logger.write(f"step {self.step}: evaluating the EMA weights (decay {self.cfg.ema.decay}: the "
-                              f"{first} still make up {self.cfg.ema.decay ** updates:.1%} of them; "
-                              f"eval.use_ema=false evaluates the trained weights)")
+        note = self.validator.ema_note(self.step)
+        if note:
+            self.logger.write(note)
         metrics = self.evaluate()
         key, mode = self.cfg.eval.metric, self.cfg.eval.mode
         if key not in metrics:
@@ -452,24 +416,9 @@ class Trainer:
         if improved:
             self.best = value
             if self.cfg.eval.export_best:
-                self.export(self.out / "best")
+                self.validator.export(self.out / "best")
         logged = {f"eval/{k}": v for k, v in metrics.items()}
         logged["eval/best"] = self.best
         logged["eval/time_s"] = time.perf_counter() - start
         self.logger.log(self.step, logged)
         return metrics
-
-    def export(self, directory: Path) -> None:
-        """Write a model directory (biomedgpt.models.checkpoint format) with the evaluated weights (EMA if used)."""
-        from biomedgpt.engine.train.lora import write_merged_lora
-        from biomedgpt.models.checkpoint import save_pretrained
-
-        use_ema = self.ema is not None and self.cfg.eval.use_ema
-        module = self.engine.module
-        with (self.ema.swapped_in(module) if use_ema else nullcontext()):
-            with self.plan.gathered(module):
-                if self.is_main and self.cfg.lora.enabled:
-                    write_merged_lora(module, directory, self.tokenizer, self.cfg.lora)
-                elif self.is_main:
-                    save_pretrained(module, directory, self.tokenizer, overwrite=True)
-        dist_utils.barrier()
