@@ -60,7 +60,10 @@ def _move(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, parts: Optional[TrainParts] = None, train_loader=None, eval_loader=None):
+    """The loop over ``TrainParts``: every piece of state it keeps is set here, so a test builds it in-process
+    from builders with stand-ins (tests/test_trainer_loop.py)."""
+
+    def __init__(self, cfg: RunConfig, parts: Optional[TrainParts] = None, *, train_loader=None, eval_loader=None):
         """``parts`` from ``builders.build_parts`` (the default builders when not given). ``train_loader`` /
         ``eval_loader`` replace the default loaders: any iterable with ``state_dict()``/``load_state_dict()``."""
         if parts is None:
@@ -78,7 +81,8 @@ class Trainer:
         self.model_cfg, self.tokenizer, self.task_names = parts.model_cfg, parts.tokenizer, parts.task_names
         self.train_loader, self.eval_loader, self.total_steps = parts.train_loader, parts.eval_loader, parts.total_steps
         self.ckpt, self.engine, self.float_dtype, self.ema = parts.ckpt, parts.engine, parts.float_dtype, parts.ema
-        self.stop, self.logger, self.sample_log, self.validator = parts.stop, parts.logger, parts.sample_log, parts.validator
+        self.stop, self.logger, self.sample_log = parts.stop, parts.logger, parts.sample_log
+        self.validator = parts.validator
         state = parts.state
         self.step, self.epoch, self.nonfinite, self.best = state.step, state.epoch, state.nonfinite, state.best
         self.resumed_rng: Optional[dict] = state.rng  # restored once the first batch is fetched (_batches)
