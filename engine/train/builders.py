@@ -335,7 +335,8 @@ class TrainSpec:
     ema: Callable[[RunConfig, torch.nn.Module], Optional[EMA]] = build_ema
     metrics_logger: Callable[[RunConfig, RunProcess, int, int], MetricsLogger] = build_metrics_logger
     sample_log: Callable[[RunConfig, RunProcess, int], Optional[TextIO]] = open_sample_log
-    validator: Callable[..., Validator] = build_validator
+    validator: Callable[[RunConfig, RunProcess, Any, Optional[EMA], Any, Any, list[str], MetricsLogger],
+                        Validator] = build_validator
 
 
 @dataclass
