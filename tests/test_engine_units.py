@@ -19,7 +19,7 @@ from biomedgpt.engine.train.loss import label_smoothed_cross_entropy
 from biomedgpt.engine.distributed.parallelize import apply_activation_checkpointing
 from biomedgpt.engine.run_config import RunConfig
 from biomedgpt.tools.train import parse
-from biomedgpt.engine.train.trainer import lr_lambda
+from biomedgpt.engine.train.schedule import lr_lambda
 from biomedgpt.models.config import model_config
 from biomedgpt.models.ofa import BiomedGPT
 

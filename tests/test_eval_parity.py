@@ -241,7 +241,7 @@ def test_the_trainers_eval_loader_reads_only_the_validation_stream(tmp_path, tok
     """The in-training evaluation (which selects the best model) iterates the valid stream's samples only."""
     from test_data_loader import write_text_streams
 
-    from biomedgpt.engine.train.trainer import Trainer
+    from biomedgpt.engine.train.builders import build_eval_loader
 
     (tmp_path / "valid").mkdir()
     (tmp_path / "test").mkdir()
@@ -251,9 +251,7 @@ def test_the_trainers_eval_loader_reads_only_the_validation_stream(tmp_path, tok
         f"data.eval_streams=[{{name: v, task: nli, remote: {valid}, split: valid}}, "
         f"{{name: t, task: nli, remote: {test}, split: test}}]", f"data.cache_dir={tmp_path / 'cache'}",
         "data.num_workers=0", "data.eval_batch_size=2"])
-    trainer = Trainer.__new__(Trainer)  # only what _build_eval_loader reads
-    trainer.cfg, trainer.tokenizer, trainer.rank, trainer.world = cfg, tokenizer, 0, 1
-    samples = [uid for batch in trainer._build_eval_loader() for uid in batch["ids"]]
+    samples = [uid for batch in build_eval_loader(cfg, tokenizer, 0, 1) for uid in batch["ids"]]
     assert len(samples) == 3  # the test stream's 5 rows are not read
 
 

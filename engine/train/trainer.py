@@ -1,32 +1,28 @@
-"""The DeepSpeed trainer: one code path for every model size, ZeRO stage, precision and device type."""
+"""The training loop: ``Trainer.train_step`` (one micro-batch) and ``Trainer.train`` with its hooks (evaluation
+due, checkpoint due, stop on a signal or ``checkpoint.stop_after``, the logged metrics window). What it runs
+with (process group, loaders, DeepSpeed engine, EMA, checkpoint manager, logger, restored state) is built by
+``engine/train/builders.py``; the LR schedule is ``engine/train/schedule.py``."""
 from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
-import numpy as np
 import psutil
 import torch
-import yaml
 
 from biomedgpt.engine.distributed import process_group as dist_utils
-from biomedgpt.engine.checkpoint.manager import CheckpointManager, ResumeError, rng_state, set_rng_state
-from biomedgpt.core.durable import atomic_write_text
+from biomedgpt.engine.checkpoint.manager import rng_state, set_rng_state
 from biomedgpt.core.config import to_dict
-from biomedgpt.engine.distributed.ds_config import build_ds_config, device_precision
-from biomedgpt.engine.train.ema import EMA
-from biomedgpt.engine.flops import batch_train_flops, device_peak, image_tokens
-from biomedgpt.engine.train.host_memory import set_mmap_threshold
+from biomedgpt.engine.distributed.watchdog import Watchdog
+from biomedgpt.engine.flops import batch_train_flops, image_tokens
+from biomedgpt.engine.train.builders import TrainParts, TrainSpec, build_parts
 from biomedgpt.engine.train.loss import kept_tokens, label_smoothed_cross_entropy
-from biomedgpt.engine.train.metrics import MetricsLogger, MetricWindow
-from biomedgpt.engine.distributed.parallelize import apply_activation_checkpointing, apply_compile
-from biomedgpt.engine.run_config import OptimConfig, RunConfig
-from biomedgpt.engine.train.run_lock import lock_output_dir
-from biomedgpt.engine.distributed.zero import ZeroPlan, local_param_elements
+from biomedgpt.engine.train.metrics import MetricWindow
+from biomedgpt.engine.run_config import RunConfig
+from biomedgpt.engine.train.schedule import steps_per_epoch
+from biomedgpt.engine.distributed.zero import local_param_elements
 
 EXIT_RESUME = 75  # EX_TEMPFAIL: checkpoint written after a signal, resume to continue
 
@@ -53,23 +49,6 @@ class StepResult:
     ids: list[str] = field(default_factory=list)
 
 
-def lr_lambda(optim: OptimConfig, total_steps: int):
-    """Multiplier of the base lr at optimizer step ``s``: linear warmup, then linear/polynomial decay."""
-    warmup = optim.warmup_steps if optim.warmup_steps is not None else int(optim.warmup_ratio * total_steps)
-    end = optim.end_lr / optim.lr if optim.lr > 0 else 0.0
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if optim.schedule == "constant":
-            return 1.0
-        power = 1.0 if optim.schedule == "linear" else optim.power
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return (1.0 - end) * (1.0 - progress) ** power + end
-
-    return factor
-
-
 def _move(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict:
     out = {}
     for key, value in batch.items():
@@ -82,162 +61,37 @@ def _move(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, train_loader=None, eval_loader=None):
-        """Loaders default to ``biomedgpt.data.loader.build_{train,eval}_loader`` over ``cfg.data``; tests and tools
-        may pass any iterable with ``state_dict()``/``load_state_dict()``."""
+    """The loop over ``TrainParts``: every piece of state it keeps is set here, so a test builds it in-process
+    from builders with stand-ins (tests/test_trainer_loop.py)."""
+
+    def __init__(self, cfg: RunConfig, parts: Optional[TrainParts] = None, *, train_loader=None, eval_loader=None):
+        """``parts`` from ``builders.build_parts`` (the default builders when not given). ``train_loader`` /
+        ``eval_loader`` replace the default loaders: any iterable with ``state_dict()``/``load_state_dict()``."""
+        if parts is None:
+            spec = TrainSpec()
+            if train_loader is not None:
+                spec = replace(spec, train_loader=lambda *_: train_loader)
+            if eval_loader is not None:
+                spec = replace(spec, eval_loader=lambda *_: eval_loader)
+            parts = build_parts(cfg, spec)
         self.cfg = cfg
-        ds = cfg.deepspeed
-        set_mmap_threshold(ds.mmap_threshold_mib)
-        self.dist = dist_utils.init_distributed(ds.backend, ds.collective_timeout_s)
-        self.rank, self.world = self.dist.rank, self.dist.world_size
-        ds.precision, precision_note = device_precision(ds.precision)  # the run (and its config.yaml) says fp32
-        self.plan = ZeroPlan.from_config(ds, self.world)
-        self.is_main = self.rank == 0
-        self.out = Path(cfg.output_dir)
-        self.run_lock = lock_output_dir(self.out, self.rank)  # one run per folder, before anything is written there
-        self.out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-
-        self.model_cfg = cfg.model_config()
-        self.tokenizer = self._load_tokenizer()
-        if self.tokenizer is not None and self.tokenizer.vocab_size != self.model_cfg.vocab_size:
-            raise ValueError(f"model.vocab_size {self.model_cfg.vocab_size} != tokenizer vocabulary "
-                             f"{self.tokenizer.vocab_size}")
-        self.task_names = self._task_names()
-        self.window = self._new_window()
-        self.train_loader = train_loader if train_loader is not None else self._build_train_loader()
-        self.eval_loader = eval_loader if eval_loader is not None else self._build_eval_loader()
-        self.total_steps = self._total_steps()
-
-        self.ckpt = CheckpointManager(self.out, self.rank, self.world, cfg.checkpoint.keep_last_n,
-                                      background=cfg.checkpoint.background is not False,
-                                      timeout_s=ds.collective_timeout_s)
-        resume_tag = self.ckpt.latest() if cfg.checkpoint.resume == "auto" else None
-        changed: list[str] = []  # optimizer settings this resumed run changes
-        if resume_tag is not None:
-            from biomedgpt.engine.checkpoint.resume_checks import check_resumable
-
-            changed = check_resumable(self.ckpt.root, resume_tag, self.rank, to_dict(cfg))
-        self.ds_config = build_ds_config(cfg)
-        load_dir, load_tag = str(self.ckpt.root), resume_tag
-        if resume_tag is not None and self.ckpt.needs_universal(resume_tag, self.plan):
-            load_dir, load_tag = self.ckpt.prepare_universal(resume_tag)
-            self.ds_config["checkpoint"] = {"load_universal": True}
-
-        self.lora_note: Optional[str] = None  # set by _build_engine when LoRA is on
-        self.engine = self._build_engine()
-        self.ckpt.attach(self.engine)  # DeepSpeed's loads and saves go through the checkpoint manager
-        self.float_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[ds.precision]
-        self.ema = (EMA(self.engine.module, cfg.ema.decay, cfg.ema.start_step, buffers=cfg.ema.buffers)
-                    if cfg.ema.enabled else None)
-        self.step, self.epoch, self.nonfinite = 0, 0, 0
+        process = parts.process
+        self.dist, self.plan, self.out, self.run_lock, self.peak = (process.dist, process.plan, process.out,
+                                                                    process.run_lock, process.peak)
+        self.rank, self.world, self.is_main = process.rank, process.world, process.is_main
+        self.model_cfg, self.tokenizer, self.task_names = parts.model_cfg, parts.tokenizer, parts.task_names
+        self.train_loader, self.eval_loader, self.total_steps = parts.train_loader, parts.eval_loader, parts.total_steps
+        self.ckpt, self.engine, self.float_dtype, self.ema = parts.ckpt, parts.engine, parts.float_dtype, parts.ema
+        self.stop, self.logger, self.sample_log = parts.stop, parts.logger, parts.sample_log
+        self.validator = parts.validator
+        state = parts.state
+        self.step, self.epoch, self.nonfinite, self.best = state.step, state.epoch, state.nonfinite, state.best
+        self.resumed_rng: Optional[dict] = state.rng  # restored once the first batch is fetched (_batches)
+        self.window = self._new_window()  # the micro-batches' metrics since the last logged step
+        self.stop_at: Optional[int] = None  # checkpoint.stop_after: the step this job stops at (train())
         self.checkpoint_memory_reserved = False
-        self.best: Optional[float] = None
-        self.notes: list[str] = [n for n in (self.run_lock.note if self.run_lock else None, precision_note,
-                                             self.lora_note) if n]
-        self.resumed_rng: Optional[dict] = None
-        if resume_tag is not None:
-            self._resume(load_dir, load_tag, resume_tag, changed)
-        if self.is_main:  # this run's settings (a resumed run's changes are applied or refused above)
-            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        self.peak = device_peak(ds.precision, cfg.log.peak_tflops)
-        self.stop = dist_utils.StopRequest().install()
-        self.logger = MetricsLogger(cfg.log, self.out, to_dict(cfg), self.total_steps, self.step, self.is_main)
-        self.sample_log = self._open_sample_log() if cfg.log.sample_ids else None
-        if resume_tag is not None:
-            self.notes.insert(0, f"resumed from {resume_tag} at step {self.step}"
-                              + (" through a universal checkpoint" if load_tag == "universal" else ""))
-        for note in self.notes:
-            self.logger.write(note)
-        self._write_start_summary()
-
-    def _write_start_summary(self) -> None:
-        from biomedgpt.engine.flops import parameter_counts
-        from biomedgpt.engine.train.run_summary import start_summary
-
-        if not self.is_main:
-            return
-        lines = start_summary(self.cfg, self.model_cfg, parameter_counts(self.model_cfg)[0], self.world,
-                              self.peak.name, self.peak.tflops, self.peak.source, self.total_steps, self.step)
-        for line in lines:
-            self.logger.write(line)
-
-    # -- construction --------------------------------------------------------------------------
-
-    def _load_tokenizer(self):
-        from biomedgpt.models.tokenizer import Tokenizer
-
-        if self.cfg.tokenizer:
-            return Tokenizer.load(self.cfg.tokenizer)
-        return Tokenizer.from_gpt2_files(self.cfg.bpe_dir)
-
-    def _task_names(self) -> list[str]:
-        from biomedgpt.data.tasks import TASK_NAMES
-
-        return list(TASK_NAMES)
-
-    def _build_train_loader(self):
-        from biomedgpt.data.loader import build_train_loader
-
-        if not self.cfg.data.streams:
-            raise ValueError("data.streams is empty: nothing to train on")
-        return build_train_loader(self.cfg.data, self.tokenizer, self.rank, self.world)
-
-    def _build_eval_loader(self):
-        from biomedgpt.data.loader import build_eval_loader
-
-        from biomedgpt.engine.eval.config import selection_data
-
-        if not self.cfg.data.eval_streams:
-            return None
-        data = selection_data(self.cfg.data, self.cfg.eval.select_on_test, self.cfg.eval.export_best)
-        return build_eval_loader(data, self.tokenizer, self.rank, self.world)
-
-    def _total_steps(self) -> int:
-        optim = self.cfg.optim
-        limits = []
-        if optim.max_steps is not None:
-            limits.append(optim.max_steps)
-        if optim.max_epochs is not None:
-            limits.append(optim.max_epochs * max(1, len(self.train_loader) // optim.grad_accum))
-        return min(limits)
-
-    def _build_engine(self):
-        import deepspeed
-
-        cfg, ds = self.cfg, self.cfg.deepspeed
-        init_state = None
-        if cfg.checkpoint.init_from:
-            from biomedgpt.models.checkpoint import read_model_weights
-
-            init_state = read_model_weights(cfg.checkpoint.init_from)
-        model = self.plan.build_model(self.model_cfg, self.ds_config, init_state)  # zero.Init, same calls per rank
-        if cfg.lora.enabled:
-            from biomedgpt.engine.train.lora import apply_lora
-
-            self.lora_note = f"LoRA (peft): {apply_lora(model, cfg.lora):,} trainable parameters"
-        if cfg.optim.freeze_encoder_embedding or cfg.optim.freeze_decoder_embedding:
-            model.embed_tokens.weight.requires_grad_(False)  # the one table both sides share: no optimizer state
-        if ds.activation_checkpointing:
-            apply_activation_checkpointing(model)
-        if self.plan.compiles(self.model_cfg, self.dist.device):
-            apply_compile(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optim = cfg.optim
-        optimizer = None
-        if optim.implementation == "torch":
-            optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                          weight_decay=optim.weight_decay,
-                                          fused=self.dist.device.type == "cuda" and ds.offload_optimizer == "none",
-                                          foreach=None if self.dist.device.type == "cuda" else True)
-        schedule = lr_lambda(optim, self.total_steps)
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, model_parameters=params if optimizer is None else None,
-            config=self.ds_config, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
-        if ds.precision != "fp32":
-            _match_buffer_dtype(engine.module)
-        return engine
+        self.last_save_blocked_s: Optional[float] = None
+        self.watchdog = Watchdog(self.out, self.rank, cfg.watchdog.timeout_s, cfg.watchdog.poll_s)  # runs in train()
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -296,44 +150,6 @@ class Trainer:
         local_opt = self.plan.optimizer_state_elements(local)
         mixed = self.cfg.deepspeed.precision != "fp32"
         return local * (2 if mixed else 4) + local_opt * 4 * (3 if mixed else 2) + (local * 4 if self.ema else 0)
-
-    def _resume(self, load_dir: str, load_tag: str, tag: str, changed: list[str]) -> None:
-        path, client = self.engine.load_checkpoint(load_dir, tag=load_tag, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
-        if path is None:
-            raise ResumeError(f"DeepSpeed could not load {load_dir}/{load_tag}")
-        if changed:  # settings checked before loading (resume_checks): these apply from here on
-            from biomedgpt.engine.checkpoint.resume_checks import apply_optimizer_settings
-
-            apply_optimizer_settings(self.engine.lr_scheduler, self.cfg.optim)
-            self.notes.append(f"resumed with changed optimizer settings, applied: {'; '.join(changed)}")
-        self.step, self.epoch = client["step"], client["epoch"]
-        self.nonfinite, self.best = client["nonfinite"], client["best"]
-        state = self.ckpt.load_rank_state(tag)
-        same_world = client["world_size"] == self.world
-        self.train_loader.load_state_dict(state["loader"])
-        if same_world:
-            own = dict(self.engine.module.named_buffers())
-            with torch.no_grad():
-                for name, value in state["buffers"].items():
-                    own[name].copy_(value)
-        if self.ema is not None:
-            if state["ema"] is not None and (same_world or not state["ema"]["partitioned"]):
-                self.ema.load_state_dict(state["ema"])
-            else:
-                self.notes.append("EMA restarted from the current weights (its ZeRO-3 partitions were saved "
-                                  "by another world size)")
-        self.resumed_rng = state["rng"]
-
-    def _open_sample_log(self):
-        """This rank's sample-id log, cut back to the resumed step (a crashed run may have logged past it)."""
-        path = self.out / "sample_ids" / f"rank_{self.rank:05d}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
-        return open(path, "a", buffering=1)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -450,9 +266,7 @@ class Trainer:
         last_eval_step, last_save_step = -1, self.step
         self.stop_at = self.step + cfg.checkpoint.stop_after if cfg.checkpoint.stop_after else None
         step_ids: list[str] = []
-        from biomedgpt.engine.distributed.watchdog import Watchdog
-
-        self.watchdog = Watchdog(self.out, self.rank, cfg.watchdog.timeout_s, cfg.watchdog.poll_s).start()
+        self.watchdog.start()
         window: list[dict] = []
         tokens: Optional[torch.Tensor] = None
         try:
@@ -501,8 +315,8 @@ class Trainer:
         """Every ``eval.interval`` steps and every ``eval.interval_epochs`` epochs (the original's
         --validate-interval-updates and --validate-interval; an epoch is the loader's length in steps)."""
         epochs = self.cfg.eval.interval_epochs
-        steps_per_epoch = max(1, len(self.train_loader) // self.cfg.optim.grad_accum) if epochs else 0
-        return self._due(self.cfg.eval.interval) or self._due(epochs * steps_per_epoch)
+        epoch_steps = steps_per_epoch(len(self.train_loader), self.cfg.optim.grad_accum) if epochs else 0
+        return self._due(self.cfg.eval.interval) or self._due(epochs * epoch_steps)
 
     def _finish_optimizer_step(self, step_ids: list[str]) -> None:
         """After the optimizer stepped: count the step, log its sample ids, update the EMA, log the window."""
@@ -582,56 +396,21 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Loss, perplexity and token accuracy over the eval set (overall and per task), and with
-        ``eval.downstream`` the task metrics by generation, every rank agreeing (``engine/eval/evaluator.py``)."""
-        from biomedgpt.engine.eval.evaluator import Evaluator
-
-        use_ema = self.ema is not None and self.cfg.eval.use_ema
-        self.engine.eval()
-        evaluator = Evaluator(self.engine.module, self.dist.device, self.rank, self.world,
-                              self.plan, beat=self._beat, engine=self.engine,
-                              log=self.logger.write)
-        context = self.ema.swapped_in(self.engine.module) if use_ema else nullcontext()
-        with context:
-            metrics = evaluator.loss_metrics(
-                self.eval_loader, lambda batch: self._forward_loss(_move(batch, self.dist.device, self.float_dtype),
-                                                                   train=False),
-                self.task_names, self.cfg.eval.max_batches)
-            if self.cfg.eval.downstream is not None:
-                metrics.update(self._downstream(evaluator))
-        return metrics
-
-    def _downstream(self, evaluator) -> dict:
-        """The task metrics by generation; rank 0 writes the predictions of this step."""
-        start = time.perf_counter()
-        results, records = evaluator.task_metrics(self.tokenizer, self.eval_loader, self.cfg.eval.downstream)
-        results["downstream_time_s"] = time.perf_counter() - start
-        if evaluator.gathered is not None:
-            results["decoding_gathered"] = float(evaluator.gathered)
-        if evaluator.sync is not None:
-            results["synced_padding_calls"] = float(sum(evaluator.gather([evaluator.sync.padding_calls])))
-        if self.is_main and self.cfg.eval.write_predictions:
-            path = self.out / "eval_predictions" / f"step_{self.step:08d}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            ordered = sorted(records, key=lambda r: (r["task"], r["id"]))
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in ordered))
-        return results
-
     def _beat(self, phase: str) -> None:
-        watchdog = getattr(self, "watchdog", None)
-        if watchdog is not None:
-            watchdog.beat(phase, self.step)
+        self.watchdog.beat(phase, self.step)
+
+    def evaluate(self) -> dict:
+        """The evaluation's metrics at this step (``Validator.evaluate``)."""
+        return self.validator.evaluate(
+            self.step, lambda batch: self._forward_loss(_move(batch, self.dist.device, self.float_dtype), train=False),
+            self._beat)
 
     def evaluate_and_track(self) -> dict:
+        """Evaluate, keep the best value of ``eval.metric`` (exporting its model with ``eval.export_best``), log."""
         start = time.perf_counter()
-        if self.ema is not None and self.cfg.eval.use_ema:  # else a young run's near-initial EMA scores puzzle
-            updates = max(0, self.step - self.cfg.ema.start_step)
-            first = "initial weights" if not self.cfg.ema.start_step else f"weights of step {self.cfg.ema.start_step}"
-            self.logger.write(f"step {self.step}: evaluating the EMA weights (decay {self.cfg.ema.decay}: the "
-                              f"{first} still make up {self.cfg.ema.decay ** updates:.1%} of them; "
-                              f"eval.use_ema=false evaluates the trained weights)")
+        note = self.validator.ema_note(self.step)
+        if note:
+            self.logger.write(note)
         metrics = self.evaluate()
         key, mode = self.cfg.eval.metric, self.cfg.eval.mode
         if key not in metrics:
@@ -641,35 +420,9 @@ class Trainer:
         if improved:
             self.best = value
             if self.cfg.eval.export_best:
-                self.export(self.out / "best")
+                self.validator.export(self.out / "best")
         logged = {f"eval/{k}": v for k, v in metrics.items()}
         logged["eval/best"] = self.best
         logged["eval/time_s"] = time.perf_counter() - start
         self.logger.log(self.step, logged)
         return metrics
-
-    def export(self, directory: Path) -> None:
-        """Write a model directory (biomedgpt.models.checkpoint format) with the evaluated weights (EMA if used)."""
-        from biomedgpt.engine.train.lora import write_merged_lora
-        from biomedgpt.models.checkpoint import save_pretrained
-
-        use_ema = self.ema is not None and self.cfg.eval.use_ema
-        module = self.engine.module
-        with (self.ema.swapped_in(module) if use_ema else nullcontext()):
-            with self.plan.gathered(module):
-                if self.is_main and self.cfg.lora.enabled:
-                    write_merged_lora(module, directory, self.tokenizer, self.cfg.lora)
-                elif self.is_main:
-                    save_pretrained(module, directory, self.tokenizer, overwrite=True)
-        dist_utils.barrier()
-
-
-def _match_buffer_dtype(module: torch.nn.Module) -> None:
-    """DeepSpeed casts parameters to bf16/fp16 but not buffers; BatchNorm needs its statistics in the same dtype."""
-    dtype = next(module.parameters()).dtype
-    for sub in module.modules():
-        for name, buf in sub.named_buffers(recurse=False):
-            if buf.is_floating_point() and buf.dtype != dtype:
-                setattr(sub, name, buf.to(dtype))
-
-
