@@ -13,9 +13,7 @@ from typing import Literal, Optional
 from biomedgpt.data.config import DataConfig
 from biomedgpt.core.config import PathStr
 from biomedgpt.engine.eval.config import DownstreamConfig, selection_data
-from biomedgpt.models.config import ModelConfig, ModelSpec
-
-Precision = Literal["fp32", "fp16", "bf16"]
+from biomedgpt.models.config import ModelConfig, ModelSpec, Precision
 
 
 @dataclass
@@ -249,11 +247,12 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     tokenizer: Optional[PathStr] = None  # a saved tokenizer dir; None: the canonical one from bpe_dir
     bpe_dir: Optional[PathStr] = None  # GPT-2 BPE files (encoder.json, vocab.bpe, dict.txt); None: packaged
-    sample_patch_num: Optional[int] = None  # random image patches per sample in training (196 in pretraining)
     max_nonfinite_steps: int = 20  # skipped NaN/inf losses tolerated before the run fails
     seed: int = 1  # seed of the model's initialisation and dropout (the data order: data.shuffle_seed)
     output_dir: PathStr = "runs/default"  # where the run writes checkpoints, metrics.jsonl, config.yaml and best/
     demo_data_dir: Optional[PathStr] = None  # build the demo shards (biomedgpt.data.demo) here when absent
+
+    moved_settings = {"sample_patch_num": "data.sample_patch_num"}  # old key -> its place (a one-line error)
 
     def model_config(self) -> ModelConfig:
         """The model this run trains: ``model``'s architecture with the data's image normalisation."""

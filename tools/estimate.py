@@ -10,7 +10,7 @@ The settings are a run config's (``--config FILE|RECIPE`` and ``key=value`` over
 ``biomedgpt train``) plus the hardware of the plan below. Read from the run config: ``model.*``,
 ``data.batch_size`` (the micro-batch per rank), ``data.patch_image_size``, ``data.max_src_tokens`` /
 ``max_tgt_tokens``, ``optim.grad_accum``, ``deepspeed.zero_stage`` / ``offload_*`` / ``zero_init`` /
-``precision`` / ``activation_checkpointing`` and ``sample_patch_num``; the rest of it is not used. Every sample
+``precision`` / ``activation_checkpointing`` and ``data.sample_patch_num``; the rest of it is not used. Every sample
 is counted with an image and full-length text (an upper bound).
 
 ``gpu`` names the device the plan assumes (printed with its peak): a GPU of the peak table
@@ -58,6 +58,7 @@ class EstimateConfig(RunConfig):
     output: Literal["text", "json"] = "text"
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # the run config's own checks, as ``biomedgpt train`` makes them
         known = {name.lower(): name for name in GPU_PEAKS}
         if self.gpu.lower() == "cpu":
             self.gpu = "cpu"
@@ -88,11 +89,10 @@ def plan_peak(cfg: EstimateConfig) -> tuple[float, str]:
     if cfg.peak_tflops is not None:
         return cfg.peak_tflops, "peak_tflops"
     if cfg.gpu == "cpu":
-        import torch
-
         from biomedgpt.engine.flops import measure_matmul_tflops
+        from biomedgpt.models.precision import torch_dtype
 
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # no fast fp16 matmul on CPUs
+        dtype = torch_dtype("fp32" if precision == "fp16" else precision)  # no fast fp16 matmul on CPUs
         return measure_matmul_tflops(dtype, device="cpu"), "measured on this CPU"
     return GPU_PEAKS[cfg.gpu][precision], "table"
 
@@ -109,9 +109,9 @@ def estimate(cfg: EstimateConfig) -> dict:
     states = model_state_memory(params, largest, ds.zero_stage, ds.precision, cfg.gpus_per_node, cfg.nodes,
                                 offload_optimizer, offload_param, zero_init, cfg.buffer_factor)
     activations = activation_memory(model_cfg, data.batch_size, data.max_src_tokens, data.max_tgt_tokens,
-                                    data.patch_image_size, cfg.sample_patch_num, ds.precision,
+                                    data.patch_image_size, data.sample_patch_num, ds.precision,
                                     ds.activation_checkpointing)
-    n_img = image_tokens(data.patch_image_size, sample_patch_num=cfg.sample_patch_num)
+    n_img = image_tokens(data.patch_image_size, sample_patch_num=data.sample_patch_num)
     hw = (data.patch_image_size, data.patch_image_size)
     flops_gpu = train_step_flops(model_cfg, data.batch_size, data.max_src_tokens, data.max_tgt_tokens, n_img,
                                  hw) * cfg.optim.grad_accum
@@ -276,7 +276,7 @@ def format_table(cfg: EstimateConfig, est: dict) -> str:
     device = "device" if cfg.gpu == "cpu" else "GPU"
     others = ", ".join(name for name in [*GPU_PEAKS, "cpu"] if name != cfg.gpu)
     lines = [
-        f"model {spec.size} {spec.set_fields() or ''}: {est['params'] / 1e6:.2f}M parameters "
+        f"model {spec.size} {spec.custom_fields() or ''}: {est['params'] / 1e6:.2f}M parameters "
         f"(largest module {est['largest_layer_params'] / 1e6:.2f}M)",
         f"run: ZeRO-{ds.zero_stage}, {ds.precision}, offload optimizer={ds.offload_optimizer} "
         f"param={ds.offload_param}, micro-batch {data.batch_size} x accum {cfg.optim.grad_accum}, image "

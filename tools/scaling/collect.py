@@ -132,7 +132,7 @@ def _number(value: Any) -> Optional[float]:
 def step_flops(cfg: RunConfig, model_cfg: ModelConfig, ranks: int) -> float:
     """Training FLOPs of one optimizer step at the config's nominal batch shape."""
     d = cfg.data
-    n_img = image_tokens(d.patch_image_size, sample_patch_num=cfg.sample_patch_num)
+    n_img = image_tokens(d.patch_image_size, sample_patch_num=cfg.data.sample_patch_num)
     hw = (d.patch_image_size, d.patch_image_size)
     per_micro = train_step_flops(model_cfg, d.batch_size, d.max_src_tokens, d.max_tgt_tokens, n_img, hw)
     return per_micro * cfg.optim.grad_accum * ranks
