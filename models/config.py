@@ -175,8 +175,7 @@ class ModelSpec(ModelFields):
     size: ModelSize = "tiny"  # a row of the size table: the values of its fields this config does not set
 
     def __post_init__(self) -> None:
-        if self.size not in SIZES:
-            raise ValueError(f"unknown model size {self.size!r}; known: {', '.join(SIZES)}")
+        size_row(self.size)  # an unknown size fails here (constructed in Python: the loader checks the Literal)
         super().__post_init__()
 
     @classmethod

@@ -106,6 +106,29 @@ def test_a_moved_setting_names_its_new_place():
     assert load(RunConfig, "pretrain_base").data.sample_patch_num == 196
 
 
+def test_training_batches_carry_data_sample_patch_num(tmp_path, canonical_tokenizer, monkeypatch):
+    """The training loader puts ``data.sample_patch_num`` into every batch (the trainer passes the batch's value
+    to the model), evaluation batches have none, and cutting a batch to its first rows keeps it."""
+    from biomedgpt.data.collate import first_rows
+    from biomedgpt.data.config import DataConfig, StreamConfig
+    from biomedgpt.data.loader import build_eval_loader, build_train_loader
+    from biomedgpt.tools.prepare_data import PrepareConfig, convert
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.setenv(key, "1" if "SIZE" in key else "0")
+    (tmp_path / "text.tsv").write_text("".join(f"t{i}\tthe lungs are clear in study {i}\n" for i in range(8)))
+    convert(PrepareConfig(input=str(tmp_path / "text.tsv"), format="text_tsv", output=str(tmp_path / "text"),
+                          progress=False))
+    stream = StreamConfig(name="text", task="text_infilling", remote=str(tmp_path / "text"))
+    cfg = DataConfig(streams=[stream], eval_streams=[stream], batch_size=4, eval_batch_size=4, num_workers=0,
+                     patch_image_size=16, cache_dir=str(tmp_path / "cache"), sample_patch_num=5)
+    tok = canonical_tokenizer
+    train = list(build_train_loader(cfg, tok))
+    assert train and all(batch["sample_patch_num"] == 5 for batch in train)
+    assert first_rows(train[0], 1)["sample_patch_num"] == 5
+    assert all("sample_patch_num" not in batch for batch in build_eval_loader(cfg, tok))
+
+
 def test_one_map_from_precision_names_to_torch_dtypes():
     import torch
 

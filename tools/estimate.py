@@ -105,7 +105,7 @@ def estimate(cfg: EstimateConfig) -> dict:
     ds, data = cfg.deepspeed, cfg.data
     params, largest = parameter_counts(model_cfg)
     offload_optimizer, offload_param = ds.offload_optimizer != "none", ds.offload_param != "none"
-    zero_init = use_zero_init(model_cfg, ds.zero_stage, ds.zero_init) if ds.zero_stage == 3 else True
+    zero_init = use_zero_init(model_cfg, ds.zero_stage, ds.zero_init)  # built under zero.Init (ZeRO-3 only)
     states = model_state_memory(params, largest, ds.zero_stage, ds.precision, cfg.gpus_per_node, cfg.nodes,
                                 offload_optimizer, offload_param, zero_init, cfg.buffer_factor)
     activations = activation_memory(model_cfg, data.batch_size, data.max_src_tokens, data.max_tgt_tokens,
@@ -180,7 +180,8 @@ def measure_model_states(spec: ModelSpec) -> dict:
 def synthetic_batch(cfg: RunConfig, vocab_size: int, seed: int = 0) -> dict:
     """One micro-batch in the DESIGN.md batch format at the config's nominal shape: ``data.batch_size``
     samples, each with a ``patch_image_size`` image, ``max_src_tokens`` source and ``max_tgt_tokens`` target
-    tokens (random text ids between ``<s>`` = 0 and ``</s>`` = 2, no padding)."""
+    tokens (random text ids between ``<s>`` = 0 and ``</s>`` = 2, no padding); with ``data.sample_patch_num``
+    every sample's image keeps that many patches, as the pretraining image-text rows."""
     import torch
 
     d = cfg.data
@@ -192,11 +193,14 @@ def synthetic_batch(cfg: RunConfig, vocab_size: int, seed: int = 0) -> dict:
     target[:, -1] = 2
     prev = torch.cat([torch.zeros(b, 1, dtype=torch.long), target[:, :-1]], dim=1)
     images = torch.randint(0, 256, (b, 3, px, px), dtype=torch.uint8, generator=g)
-    return {"src_tokens": src, "src_lengths": torch.full((b,), s), "prev_output_tokens": prev, "target": target,
-            "patch_images": images.contiguous(memory_format=torch.channels_last),
-            "patch_masks": torch.ones(b, dtype=torch.bool), "code_masks": torch.zeros(b, dtype=torch.bool),
-            "conf": torch.ones(b), "task_ids": torch.zeros(b, dtype=torch.long),
-            "ids": [f"synthetic-{i}" for i in range(b)]}
+    batch = {"src_tokens": src, "src_lengths": torch.full((b,), s), "prev_output_tokens": prev, "target": target,
+             "patch_images": images.contiguous(memory_format=torch.channels_last),
+             "patch_masks": torch.ones(b, dtype=torch.bool), "code_masks": torch.zeros(b, dtype=torch.bool),
+             "conf": torch.ones(b), "task_ids": torch.zeros(b, dtype=torch.long),
+             "ids": [f"synthetic-{i}" for i in range(b)]}
+    if d.sample_patch_num is not None:
+        batch["sample_patch_num"] = d.sample_patch_num
+    return batch
 
 
 def _measure_worker() -> None:
