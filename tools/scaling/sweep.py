@@ -11,10 +11,10 @@ and ``axes``: each axis sets one dotted RunConfig key to each of its values (an 
 or its last part where that is unique: ``lr``, ``size``, ``zero_stage``, ``patch_image_size``). The runs
 start from the base's settings as its file writes them, so a run's model size supplies every width/depth
 field nobody set; a size axis also drops the width/depth the base file writes (``overrides`` of the sweep
-still apply). A mapping value
-sets several keys under the axis key at once: the ``model`` axis with ``{d_model: 64, encoder_layers: 2,
-...}`` is a custom width/depth. Axes combine as a product (or
-``zip``). Every run config is validated before anything starts.
+still apply). A mapping value sets several keys under the axis key at once: the ``model`` axis with
+``{d_model: 64, encoder_layers: 2, ...}`` is a custom width/depth, ``{size: base, encoder_layers: 2}`` a
+size with a change. Axes combine as a product (or ``zip``). Every run config is validated before anything
+starts.
 
 Paths: ``root``, ``base`` and path settings in ``overrides`` / axis values resolve like every config's
 paths, against the sweep file's folder (a packaged sweep and the command line: the current directory);
@@ -56,6 +56,7 @@ from biomedgpt.models.config import SIZE_FIELDS
 from biomedgpt.tools.cli import one_line_errors
 from biomedgpt.tools.scaling.collect import (STATUS_FILE, SweepDataError, collect, is_finished, require_metrics,
                                              summary)
+
 
 def axis_key(name: str) -> str:
     """The RunConfig key an axis name stands for: a dotted key (``optim.lr``), a section (``model``: the
