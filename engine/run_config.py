@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from biomedgpt.data.config import DataConfig
-from biomedgpt.core.config import PathStr
+from biomedgpt.core.config import PathStr, from_dict
 from biomedgpt.engine.eval.config import DownstreamConfig, selection_data
-from biomedgpt.models.config import ModelConfig, ModelSpec, Precision
+from biomedgpt.models.config import ModelConfig, ModelSpec, Precision, saved_model_settings
 
 
 @dataclass
@@ -263,6 +263,18 @@ class RunConfig:
         selection_data(self.data, self.eval.select_on_test, self.eval.export_best)  # refuses to select on test
         if self.lora.enabled and self.ema.enabled:
             raise ValueError("lora.enabled with ema.enabled is not supported: turn one of them off")
+
+
+def saved_run_config(saved: dict) -> RunConfig:
+    """A run config this program wrote (a sweep manifest's run, a run's ``config.yaml``), also by earlier
+    versions: the model section of before its fields were typed (``saved_model_settings``) and the top-level
+    ``sample_patch_num`` of before it moved to ``data``."""
+    saved = dict(saved)
+    if isinstance(saved.get("model"), dict):
+        saved["model"] = saved_model_settings(saved["model"])
+    if "sample_patch_num" in saved and isinstance(saved.get("data", {}), dict):
+        saved["data"] = {**saved.get("data", {}), "sample_patch_num": saved.pop("sample_patch_num")}
+    return from_dict(RunConfig, saved)
 
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

@@ -200,11 +200,16 @@ class ModelSpec(ModelFields):
                 if getattr(self, f.name) != getattr(plain, f.name)}
 
 
-def spec_from_saved(data: dict) -> ModelSpec:
-    """A ModelSpec from a saved run config's ``model`` section, also of runs written before the fields were
+def saved_model_settings(data: dict) -> dict:
+    """A saved run config's ``model`` section in today's form, also of runs written before the fields were
     typed: ``{size, overrides: {...}}``, or every field written with ``null`` for the size's value."""
-    from biomedgpt.core.config import from_dict  # the one typed loader (torch-free)
-
     data = dict(data)
     data.update(data.pop("overrides", None) or {})
-    return from_dict(ModelSpec, {key: value for key, value in data.items() if value is not None}, prefix="model.")
+    return {key: value for key, value in data.items() if value is not None}
+
+
+def spec_from_saved(data: dict) -> ModelSpec:
+    """A ModelSpec from a saved run config's ``model`` section (``saved_model_settings``)."""
+    from biomedgpt.core.config import from_dict  # the one typed loader (torch-free)
+
+    return from_dict(ModelSpec, saved_model_settings(data), prefix="model.")

@@ -106,6 +106,18 @@ def test_a_moved_setting_names_its_new_place():
     assert load(RunConfig, "pretrain_base").data.sample_patch_num == 196
 
 
+def test_run_configs_saved_by_earlier_versions_still_read():
+    """A sweep manifest / config.yaml written before the model fields were typed (null: the size's value) and
+    before ``sample_patch_num`` moved into ``data`` reads as the run it was."""
+    from biomedgpt.engine.run_config import saved_run_config
+
+    run = load(RunConfig, "pretrain_base", ["model.encoder_layers=4"])
+    old = to_dict(run)
+    old["model"].update({name: None for name in SIZE_FIELDS if name != "encoder_layers"})  # not set: the size's
+    old["sample_patch_num"] = old["data"].pop("sample_patch_num")
+    assert saved_run_config(old) == run == saved_run_config(to_dict(run))
+
+
 def test_training_batches_carry_data_sample_patch_num(tmp_path, canonical_tokenizer, monkeypatch):
     """The training loader puts ``data.sample_patch_num`` into every batch (the trainer passes the batch's value
     to the model), evaluation batches have none, and cutting a batch to its first rows keeps it."""
