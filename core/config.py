@@ -2,7 +2,13 @@
 
 A config is a (nested) dataclass. Values come from, in order: the dataclass defaults, an optional YAML
 file, then ``dotted.key=value`` overrides from the command line. Unknown keys and values of the wrong
-type are errors that name the key, so a typo never silently trains the wrong run.
+type are errors that name the key, so a typo never silently trains the wrong run; a key a class lists in
+``moved_settings`` (old name -> new dotted name) names its new place.
+
+A section whose defaults depend on one of its own settings has a ``layered_defaults(given)`` classmethod:
+``from_dict`` lays the given keys over what it returns. The model's ``size`` works so
+(``biomedgpt.models.config.ModelSpec``): the file and the overrides are merged into one mapping first, then
+the size's row fills the fields that mapping does not set.
 
 ``--config`` takes a file path or the name of a packaged recipe (``demo``, ``pretrain_base``,
 ``finetune/vqa_rad``: the files under ``configs/``). Fields typed ``PathStr`` are file-system paths:
@@ -147,6 +153,9 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
+    moved = getattr(cls, "moved_settings", {})  # a renamed key: name its new place
+    if renamed := [f"{prefix}{key} is now {moved[key]}" for key in unknown if key in moved]:
+        raise ConfigError(f"{'; '.join(renamed)}: rename it in the config file or override")
     if unknown:
         raise ConfigError(
             f"unknown key(s) {[prefix + k for k in unknown]} for {cls.__name__}; "
@@ -156,6 +165,9 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         raise ConfigError(f"missing required setting(s) {missing} for {cls.__name__}")
+    layered_defaults = getattr(cls, "layered_defaults", None)
+    if layered_defaults is not None:  # defaults chosen by a given setting (a model size's row), under the given keys
+        data = {**layered_defaults(data), **data}
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
     try:
         return cls(**kwargs)
@@ -281,13 +293,19 @@ def override_value(cls: type, dotted: str, raw: str) -> Any:
         return raw
 
 
+def read_settings(cls: type, path: str | Path) -> tuple[Path, dict]:
+    """``(file, settings)`` of a config file or packaged recipe for ``cls``: the keys as written, relative
+    ``PathStr`` values resolved (not yet checked: ``from_dict`` does that)."""
+    path, packaged = resolve_config(path)
+    root = Path.cwd() if packaged else path.resolve().parent
+    return path, resolve_paths(cls, read_yaml(path), root)
+
+
 def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Defaults <- YAML file or packaged recipe <- ``key.sub=value`` overrides (``override_value``)."""
     data: dict = {}
     if path is not None:
-        path, packaged = resolve_config(path)
-        root = Path.cwd() if packaged else path.resolve().parent
-        data = resolve_paths(cls, read_yaml(path), root)
+        path, data = read_settings(cls, path)
     from_file = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
@@ -349,9 +367,19 @@ _COMMENT_LINE = re.compile(r"^    #\s?(.*)$")
 def field_descriptions(cls: type) -> dict[str, str]:
     """Each field's description: the comment on its line in the class source, or the comment lines just
     above it (the settings' documentation lives next to their declaration, shown by ``--help``)."""
-    out: dict[str, str] = dict(getattr(cls, "settings_notes", {}))
-    try:  # a generated dataclass (ModelSpec) names the class whose source documents its fields
-        lines = inspect.getsource(getattr(cls, "settings_described_by", cls)).splitlines()
+    out: dict[str, str] = {}
+    for klass in cls.__mro__:  # a subclass's own fields first, then those it inherits (ModelSpec's)
+        if dataclasses.is_dataclass(klass):
+            for name, text in _source_descriptions(klass).items():
+                out.setdefault(name, text)
+    return out
+
+
+def _source_descriptions(cls: type) -> dict[str, str]:
+    """The descriptions of the fields ``cls``'s own source declares."""
+    out: dict[str, str] = {}
+    try:
+        lines = inspect.getsource(cls).splitlines()
     except (OSError, TypeError):
         return out
     above: list[str] = []  # a comment block describes each field under it, up to a blank line

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from biomedgpt.data.constraints import AnswerConstraints
 
 _TASK_INDEX = {name: i for i, name in enumerate(TASK_NAMES)}
+_BATCH_WIDE = ("group_weights", "sample_patch_num")  # batch keys that hold one value for all rows
 
 
 def _pad(rows: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -23,7 +24,8 @@ def _pad(rows: Sequence[Sequence[int]]) -> torch.Tensor:
 
 
 def collate(examples: Sequence[Example], patch_image_size: int, group_weights: Sequence[float],
-            with_references: bool = False, constraints: Optional["AnswerConstraints"] = None) -> dict:
+            with_references: bool = False, constraints: Optional["AnswerConstraints"] = None,
+            sample_patch_num: Optional[int] = None) -> dict:
     """Right-pad tokens with 1; images stay uint8 (the model normalises them on its device); text-only
     examples get a zero image and ``patch_masks`` False.
 
@@ -31,6 +33,8 @@ def collate(examples: Sequence[Example], patch_image_size: int, group_weights: S
     sees the same structure. ``with_references`` adds, for evaluation, ``references`` (list of reference
     strings per example) and ``answer_types`` (the VQA "open" / "closed" annotation, or None).
     ``constraints`` adds ``constraint_masks`` (``data/constraints.py``: answer-set constrained training).
+    ``sample_patch_num`` (training batches, ``data.sample_patch_num``) is carried as is: the patches the encoder
+    keeps of the rows ``sample_patches`` marks.
     """
     if not examples:
         raise ValueError("cannot collate an empty batch")
@@ -62,6 +66,8 @@ def collate(examples: Sequence[Example], patch_image_size: int, group_weights: S
         "task_ids": torch.tensor([_TASK_INDEX[ex.task] for ex in examples], dtype=torch.long),
         "ids": [ex.uid for ex in examples],
     }
+    if sample_patch_num is not None:
+        batch["sample_patch_num"] = sample_patch_num
     if constraints is not None:
         batch["constraint_masks"] = constraints.masks(examples, batch["target"].shape[1])
     if with_references:
@@ -73,7 +79,7 @@ def collate(examples: Sequence[Example], patch_image_size: int, group_weights: S
 
 def first_rows(batch: dict, count: int) -> dict:
     """The examples of a collated batch's first ``count`` rows (a row's examples share its id and follow
-    each other); ``group_weights`` stays whole."""
+    each other); ``group_weights`` and ``sample_patch_num`` stay whole."""
     ids, seen, end = batch["ids"], set(), 0
     for end, uid in enumerate(ids):
         if uid not in seen and len(seen) == count:
@@ -81,4 +87,4 @@ def first_rows(batch: dict, count: int) -> dict:
         seen.add(uid)
     else:
         end = len(ids)
-    return {key: value if key == "group_weights" else value[:end] for key, value in batch.items()}
+    return {key: value if key in _BATCH_WIDE else value[:end] for key, value in batch.items()}

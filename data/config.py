@@ -63,6 +63,9 @@ class DataConfig:
     max_src_tokens: int = 80  # source length limit (--max-src-length)
     # target length limit (--max-tgt-length; words for captions and summaries, as the original)
     max_tgt_tokens: int = 30
+    # random image patches the encoder keeps per sample of the pretraining image-text rows in training (OFA's
+    # --sample-patch-num; 196 in pretraining); None: every patch. The training batches carry it (data.collate)
+    sample_patch_num: Optional[int] = None
     # loss weight of each loss group (the pretraining mixture's x2 sub-batch is group 1)
     group_weights: list[float] = field(default_factory=lambda: [1.0, 2.0])
     train_transform: TrainTransform = "ofa_augment"  # training images: resize / ofa_augment / medmnist
@@ -114,6 +117,8 @@ class DataConfig:
         for name in ("batch_size", "eval_batch_size", "patch_image_size", "max_src_tokens", "max_tgt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.sample_patch_num is not None and self.sample_patch_num < 1:
+            raise ValueError(f"sample_patch_num must be positive (or null: every patch), got {self.sample_patch_num}")
         if self.download_retry < 1:
             raise ValueError(f"download_retry is the number of attempts, at least 1; got {self.download_retry}")
         if len(self.image_mean) != 3 or len(self.image_std) != 3:

@@ -357,23 +357,23 @@ class ResumableLoader(StreamingDataLoader):
 
 
 def _collate_rows(rows: list[list], patch_image_size: int, group_weights: list[float],
-                  with_references: bool, constraints=None) -> dict:
+                  with_references: bool, constraints=None, sample_patch_num: Optional[int] = None) -> dict:
     examples = [ex for row in rows for ex in row]
     if not examples:
         raise BadRowsError(f"every row of a batch of {len(rows)} was bad (see the warnings above); fix or reconvert "
                            "the shards")
-    return collate(examples, patch_image_size, group_weights, with_references, constraints)
+    return collate(examples, patch_image_size, group_weights, with_references, constraints, sample_patch_num)
 
 
 def _loader(dataset: TaskStreamingDataset, cfg: DataConfig, batch_size: int, drop_last: bool,
-            with_references: bool, constraints=None) -> ResumableLoader:
+            with_references: bool, constraints=None, sample_patch_num: Optional[int] = None) -> ResumableLoader:
     workers = cfg.num_workers
     return ResumableLoader(
         dataset, batch_size=batch_size, drop_last=drop_last, num_workers=workers,
         prefetch_factor=cfg.prefetch_factor if workers else None, persistent_workers=False,
         collate_fn=functools.partial(_collate_rows, patch_image_size=cfg.patch_image_size,
                                      group_weights=list(cfg.group_weights), with_references=with_references,
-                                     constraints=constraints))
+                                     constraints=constraints, sample_patch_num=sample_patch_num))
 
 
 def build_train_loader(cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1,
@@ -387,7 +387,8 @@ def build_train_loader(cfg: DataConfig, tokenizer, rank: int = 0, world_size: in
         from biomedgpt.data.constraints import training_constraints
 
         constraints = training_constraints(cfg, tokenizer, dataset)
-    return _loader(dataset, cfg, cfg.batch_size, drop_last=True, with_references=False, constraints=constraints)
+    return _loader(dataset, cfg, cfg.batch_size, drop_last=True, with_references=False, constraints=constraints,
+                   sample_patch_num=cfg.sample_patch_num)
 
 
 def eval_rows_of_rank(max_batches: Optional[int], batch_size: int, world: Optional[World] = None) -> Optional[int]:

@@ -41,6 +41,7 @@ import torch
 
 from biomedgpt.engine.distributed.zero import ZeroPlan
 from biomedgpt.models.config import ModelConfig
+from biomedgpt.models.precision import torch_dtype
 
 IMAGE_FEATURES = 1024  # channels out of ResNet layer3
 PATCH_PIXELS = 16  # the ResNet's output stride: one image token per 16 x 16 pixels
@@ -291,7 +292,7 @@ def device_peak(precision: str, override_tflops: float | None = None) -> DeviceP
     for key, peaks in GPU_PEAKS.items():
         if key in name and peaks.get(precision):
             return DevicePeak(name, peaks[precision], "table")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype = torch_dtype(precision)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and dtype == torch.float16:
         dtype = torch.float32

@@ -11,12 +11,10 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from biomedgpt.data.config import DataConfig
-from biomedgpt.core.config import PathStr
+from biomedgpt.core.config import PathStr, from_dict
 from biomedgpt.engine.distributed.zero import check_stage_settings, stage_partitions_params
 from biomedgpt.engine.eval.config import DownstreamConfig, selection_data
-from biomedgpt.models.config import ModelConfig, ModelSpec
-
-Precision = Literal["fp32", "fp16", "bf16"]
+from biomedgpt.models.config import ModelConfig, ModelSpec, Precision, saved_model_settings
 
 
 @dataclass
@@ -245,11 +243,12 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     tokenizer: Optional[PathStr] = None  # a saved tokenizer dir; None: the canonical one from bpe_dir
     bpe_dir: Optional[PathStr] = None  # GPT-2 BPE files (encoder.json, vocab.bpe, dict.txt); None: packaged
-    sample_patch_num: Optional[int] = None  # random image patches per sample in training (196 in pretraining)
     max_nonfinite_steps: int = 20  # skipped NaN/inf losses tolerated before the run fails
     seed: int = 1  # seed of the model's initialisation and dropout (the data order: data.shuffle_seed)
     output_dir: PathStr = "runs/default"  # where the run writes checkpoints, metrics.jsonl, config.yaml and best/
     demo_data_dir: Optional[PathStr] = None  # build the demo shards (biomedgpt.data.demo) here when absent
+
+    moved_settings = {"sample_patch_num": "data.sample_patch_num"}  # old key -> its place (a one-line error)
 
     def model_config(self) -> ModelConfig:
         """The model this run trains: ``model``'s architecture with the data's image normalisation."""
@@ -260,6 +259,18 @@ class RunConfig:
         selection_data(self.data, self.eval.select_on_test, self.eval.export_best)  # refuses to select on test
         if self.lora.enabled and self.ema.enabled:
             raise ValueError("lora.enabled with ema.enabled is not supported: turn one of them off")
+
+
+def saved_run_config(saved: dict) -> RunConfig:
+    """A run config this program wrote (a sweep manifest's run, a run's ``config.yaml``), also by earlier
+    versions: the model section of before its fields were typed (``saved_model_settings``) and the top-level
+    ``sample_patch_num`` of before it moved to ``data``."""
+    saved = dict(saved)
+    if isinstance(saved.get("model"), dict):
+        saved["model"] = saved_model_settings(saved["model"])
+    if "sample_patch_num" in saved and isinstance(saved.get("data", {}), dict):
+        saved["data"] = {**saved.get("data", {}), "sample_patch_num": saved.pop("sample_patch_num")}
+    return from_dict(RunConfig, saved)
 
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

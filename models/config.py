@@ -4,24 +4,27 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 CANONICAL_VOCAB_SIZE = 59457  # GPT-2 BPE in fairseq order + <mask> + 8192 codes + 1000 bins
 
+#: Numeric precision of weights and computation (``biomedgpt.models.precision.torch_dtype`` gives the dtype).
+Precision = Literal["fp32", "fp16", "bf16"]
 AttentionBackend = Literal["auto", "eager", "sdpa", "flex", "flash", "chunked"]
 PositionScheme = Literal["ofa", "rope"]
 
 
 @dataclass
-class ModelConfig:
-    """Architecture and regularisation of one encoder-decoder. Field names follow OFA's args."""
+class ModelFields:
+    """Architecture, regularisation and kernels of one encoder-decoder: the fields a run sets as ``model.*``.
+    Field names follow OFA's args; the defaults are the ``tiny`` row of the size table."""
 
-    d_model: int = 256  # hidden width of the encoder and decoder layers
-    ffn_dim: int = 1024  # inner width of each layer's feed-forward block
-    encoder_layers: int = 4  # transformer layers of the encoder
-    decoder_layers: int = 4  # transformer layers of the decoder
-    heads: int = 4  # attention heads per layer (d_model must be divisible by it)
-    resnet_layers: list[int] = field(default_factory=lambda: [3, 4, 6])  # ResNet stem blocks of layer1..3 (50: 3,4,6)
+    d_model: int = 256  # hidden width of the encoder and decoder layers (size table)
+    ffn_dim: int = 1024  # inner width of each layer's feed-forward block (size table)
+    encoder_layers: int = 4  # transformer layers of the encoder (size table)
+    decoder_layers: int = 4  # transformer layers of the decoder (size table)
+    heads: int = 4  # attention heads per layer, d_model divisible by it (size table)
+    resnet_layers: list[int] = field(default_factory=lambda: [3, 4, 6])  # ResNet stem blocks of layer1..3 (size table)
     vocab_size: int = CANONICAL_VOCAB_SIZE  # text BPE + <mask> + image codes + location bins
     pad_id: int = 1  # padding token id (fairseq's)
     max_source_positions: int = 1024  # rows of the encoder's absolute position table
@@ -45,11 +48,6 @@ class ModelConfig:
     # CPU-time gain was measured (base 256 px batch 8: 0.98x)
     channels_last: bool = False  # NHWC ResNet stem (off: see the numerics note above)
     compile: bool | Literal["auto"] = "auto"  # inductor transformer layers; auto: on CUDA, parameters not partitioned
-    # The pixel normalisation the weights were trained with: uint8 images become (x / 255 - mean) / std per RGB
-    # channel. A run sets both from data.image_mean / data.image_std (``RunConfig.model_config``), so a saved
-    # model directory evaluates, infers and exports with its training's normalisation.
-    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
     def __post_init__(self) -> None:
         if self.d_model % self.heads:
@@ -61,9 +59,6 @@ class ModelConfig:
         if self.attention_backend in ("flex", "chunked") and self.attention_dropout > 0:
             raise ValueError(f"attention_backend {self.attention_backend} has no attention dropout: set "
                              f"attention_dropout 0 or use sdpa")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
-            raise ValueError(f"image_mean / image_std need 3 values (std > 0), got {self.image_mean} / "
-                             f"{self.image_std}")
         for name in ("encoder_layers", "decoder_layers", "heads", "ffn_dim", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -71,6 +66,24 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.heads
+
+
+@dataclass
+class ModelConfig(ModelFields):
+    """One encoder-decoder as built and saved (a model directory's ``config.json``): its fields and the pixel
+    normalisation its weights were trained with."""
+
+    # uint8 images become (x / 255 - mean) / std per RGB channel. A run sets both from data.image_mean /
+    # data.image_std (``RunConfig.model_config``), so a saved model directory evaluates, infers and exports
+    # with its training's normalisation.
+    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+            raise ValueError(f"image_mean / image_std need 3 values (std > 0), got {self.image_mean} / "
+                             f"{self.image_std}")
 
 
 ConstraintMode = Literal["before", "after"]
@@ -114,69 +127,89 @@ DATA_FIELDS = frozenset({"image_mean", "image_std"})
 
 RESNET50, RESNET101, RESNET152 = [3, 4, 6], [3, 4, 23], [3, 8, 36]
 
-#: name: (d_model, ffn, encoder layers, decoder layers, heads, resnet blocks of layer1..3)
-SIZES: dict[str, tuple[int, int, int, int, int, list[int]]] = {
-    "tiny": (256, 1024, 4, 4, 4, RESNET50),
-    "medium": (512, 2048, 4, 4, 8, RESNET101),
-    "base": (768, 3072, 6, 6, 12, RESNET101),
-    "large": (1024, 4096, 12, 12, 16, RESNET152),
-    "xlarge": (1280, 5120, 24, 12, 16, RESNET152),
+ModelSize = Literal["tiny", "medium", "base", "large", "xlarge"]
+
+#: Every BiomedGPT/OFA size: the width and depth fields each one sets (``tiny`` is ``ModelFields``' defaults).
+SIZES: dict[str, dict] = {
+    "tiny": dict(d_model=256, ffn_dim=1024, encoder_layers=4, decoder_layers=4, heads=4, resnet_layers=RESNET50),
+    "medium": dict(d_model=512, ffn_dim=2048, encoder_layers=4, decoder_layers=4, heads=8, resnet_layers=RESNET101),
+    "base": dict(d_model=768, ffn_dim=3072, encoder_layers=6, decoder_layers=6, heads=12, resnet_layers=RESNET101),
+    "large": dict(d_model=1024, ffn_dim=4096, encoder_layers=12, decoder_layers=12, heads=16,
+                  resnet_layers=RESNET152),
+    "xlarge": dict(d_model=1280, ffn_dim=5120, encoder_layers=24, decoder_layers=12, heads=16,
+                   resnet_layers=RESNET152),
 }
+#: The fields a size sets.
+SIZE_FIELDS = tuple(SIZES["tiny"])
+assert tuple(SIZES) == typing.get_args(ModelSize)
 
 #: Published parameter counts (tied embedding once, BN statistics excluded), for checks.
 PUBLISHED_PARAMS = {"tiny": 33.49e6, "medium": 92.89e6, "base": 182.24e6, "large": 472.98e6, "xlarge": 929.49e6}
 
 
-def model_config(size: str = "tiny", **overrides) -> ModelConfig:
-    """Config of a named size with field overrides (e.g. dropout=0.0, attention_backend="sdpa")."""
+def size_row(size: str) -> dict:
+    """The fields size ``size`` sets (fresh lists: a caller may change them)."""
     if size not in SIZES:
-        raise ValueError(f"unknown model size {size!r}; known: {sorted(SIZES)} (or give every field)")
-    d, ffn, enc, dec, heads, resnet = SIZES[size]
-    base = dict(d_model=d, ffn_dim=ffn, encoder_layers=enc, decoder_layers=dec, heads=heads,
-                resnet_layers=list(resnet))
-    base.update(overrides)
-    return ModelConfig(**base)
+        raise ValueError(f"unknown model size {size!r}; known: {', '.join(SIZES)}")
+    return {name: list(value) if isinstance(value, list) else value for name, value in SIZES[size].items()}
 
 
-def _spec_fields() -> list[tuple]:
-    """``ModelSpec``'s fields: ``size``, then every ModelConfig field as ``Optional[type] = None``."""
-    hints = typing.get_type_hints(ModelConfig)
-    return [("size", str, field(default="tiny"))] + [
-        (f.name, Optional[hints[f.name]], field(default=None)) for f in dataclasses.fields(ModelConfig)
-        if f.name not in DATA_FIELDS]
+def model_config(size: str = "tiny", **fields) -> ModelConfig:
+    """Config of a named size with field overrides (e.g. dropout=0.0, attention_backend="sdpa")."""
+    return ModelConfig(**{**size_row(size), **fields})
 
 
-def _build(spec) -> ModelConfig:
-    """The ModelConfig a spec names: the size's row, with every field the spec sets."""
-    return model_config(spec.size, **spec.set_fields())
+@dataclass
+class ModelSpec(ModelFields):
+    """How a run names its model (``model.*``): a size from the table, and any field, typed.
+
+    The size supplies the fields the run does not set. Whether a field was set is a property of the
+    settings as written, not of the dataclass, so the loader resolves it: ``biomedgpt.core.config.from_dict``
+    asks ``layered_defaults`` for the size's row and lays the given keys over it, for a config file, its
+    ``key=value`` overrides (merged into one mapping first) and a saved run config alike. So
+    ``model.size=base model.encoder_layers=4`` is base with 4 encoder layers, and a config file's own
+    ``d_model`` stays when the command line changes ``model.size``. In Python, ``ModelSpec.of(size, **fields)``
+    does the same; ``ModelSpec(size=...)`` alone only labels the fields it is given (the defaults: tiny).
+    """
+
+    size: ModelSize = "tiny"  # a row of the size table: the values of its fields this config does not set
+
+    def __post_init__(self) -> None:
+        size_row(self.size)  # an unknown size fails here (constructed in Python: the loader checks the Literal)
+        super().__post_init__()
+
+    @classmethod
+    def layered_defaults(cls, given: dict) -> dict:
+        """The values under the ``given`` mapping (``core.config.from_dict``'s hook): its size's row."""
+        size = given.get("size", cls.size)
+        return size_row(size) if isinstance(size, str) and size in SIZES else {}  # a bad size: the loader says so
+
+    @classmethod
+    def of(cls, size: str = "tiny", **fields) -> "ModelSpec":
+        """Size ``size`` with ``fields`` set, as the loader builds it."""
+        return cls(size=size, **{**size_row(size), **fields})
+
+    def build(self) -> ModelConfig:
+        """The model this spec names (the pixel normalisation: ``RunConfig.model_config`` adds the data's)."""
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelFields)})
+
+    def custom_fields(self) -> dict:
+        """The fields that differ from the size's row and the defaults (a short name of a custom model)."""
+        plain = ModelSpec.of(self.size)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelFields)
+                if getattr(self, f.name) != getattr(plain, f.name)}
 
 
-def _set_fields(spec) -> dict:
-    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(ModelConfig)
-            if f.name not in DATA_FIELDS and getattr(spec, f.name) is not None}
-
-
-#: How a run names its model: ``size`` from the table, and any ModelConfig field (``None``: the size's value).
-#: Generated from ModelConfig, so every model field is a typed setting (``model.heads=8``,
-#: ``model.attention_backend=sdpa``) checked when the config loads; ``__post_init__`` builds the model
-#: config, so an inconsistent one (d_model not divisible by heads) fails there too.
-ModelSpec = dataclasses.make_dataclass(
-    "ModelSpec", _spec_fields(), namespace={
-        "build": _build, "set_fields": _set_fields,
-        "__post_init__": lambda self: self.build(),
-        # --help reads each field's description from ModelConfig's source (core.config.field_descriptions)
-        "settings_described_by": ModelConfig,
-        "settings_notes": {"size": "a row of the size table (tiny, medium, base, large, xlarge); a null field "
-                                   "takes the size's value"},
-        "__doc__": "How a run names its model: a size from the table; any ModelConfig field overrides it."})
-ModelSpec.__module__ = __name__
-
-
-def spec_from_saved(data: dict):
-    """A ModelSpec from a saved run config's ``model`` section, also of runs written before the fields
-    were typed (``{size, overrides: {...}}``)."""
-    from biomedgpt.core.config import from_dict  # the one typed loader (torch-free)
-
+def saved_model_settings(data: dict) -> dict:
+    """A saved run config's ``model`` section in today's form, also of runs written before the fields were
+    typed: ``{size, overrides: {...}}``, or every field written with ``null`` for the size's value."""
     data = dict(data)
     data.update(data.pop("overrides", None) or {})
-    return from_dict(ModelSpec, data, prefix="model.")
+    return {key: value for key, value in data.items() if value is not None}
+
+
+def spec_from_saved(data: dict) -> ModelSpec:
+    """A ModelSpec from a saved run config's ``model`` section (``saved_model_settings``)."""
+    from biomedgpt.core.config import from_dict  # the one typed loader (torch-free)
+
+    return from_dict(ModelSpec, saved_model_settings(data), prefix="model.")

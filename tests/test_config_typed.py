@@ -1,18 +1,23 @@
-"""One typed config path: every model field is a checked setting, a bad one fails before any rank starts,
-required settings are fields without defaults, and loading a run config imports no torch."""
+"""One typed config path: every model field is a checked setting (a plain typed dataclass; the size's row
+fills the fields a config does not set), a bad one fails before any rank starts, a moved setting names its
+new place, required settings are fields without defaults, loading a run config imports no torch, and one
+map turns precision names into torch dtypes."""
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import time
+import typing
 
 import pytest
 
-from biomedgpt.core.config import ConfigError, from_dict, load
+from biomedgpt.core.config import PACKAGE_ROOT, ConfigError, from_dict, load, to_dict
 from biomedgpt.engine.run_config import RunConfig
-from biomedgpt.models.config import DATA_FIELDS, ModelConfig, model_config, spec_from_saved
+from biomedgpt.models.config import (DATA_FIELDS, SIZE_FIELDS, ModelConfig, ModelSpec, model_config,
+                                     spec_from_saved)
 
 
 def _biomedgpt(args: list[str], cwd) -> subprocess.CompletedProcess:
@@ -72,6 +77,84 @@ def test_saved_configs_of_either_form_give_the_same_model():
     assert spec_from_saved(old).build() == spec_from_saved(new).build() == model_config("tiny", d_model=64, heads=2)
     with pytest.raises(ConfigError, match="model.heads: expected an integer"):
         spec_from_saved({"size": "tiny", "heads": "2"})
+
+
+def test_model_settings_are_typed_and_the_size_fills_the_fields_not_set(tmp_path):
+    hints = typing.get_type_hints(ModelSpec)
+    assert not [name for name, tp in hints.items() if type(None) in typing.get_args(tp)]  # real types, no None
+    assert ModelSpec() == ModelSpec.of("tiny") and ModelSpec.of("base").build() == model_config("base")
+    cfg = load(RunConfig, overrides=["model.size=base", "model.encoder_layers=4"])
+    assert cfg.model.build() == model_config("base", encoder_layers=4)
+    (tmp_path / "run.yaml").write_text("model: {size: tiny, d_model: 64, heads: 2}\n")
+    cfg = load(RunConfig, tmp_path / "run.yaml", ["model.size=base"])  # the file's own fields stay
+    assert cfg.model.build() == model_config("base", d_model=64, heads=2)
+    assert cfg.model.custom_fields() == {"d_model": 64, "heads": 2}
+    assert from_dict(RunConfig, to_dict(cfg)) == cfg  # a saved config.yaml (every field written) loads back
+    with pytest.raises(ConfigError, match=r"model.size: 'huge' is not one of \['tiny', 'medium', 'base'"):
+        load(RunConfig, overrides=["model.size=huge"])
+    with pytest.raises(ConfigError, match="model.d_model: expected an integer, got None"):
+        load(RunConfig, overrides=["model.d_model=null"])  # no null stand-in for "the size's value"
+    written_before = {**{name: None for name in SIZE_FIELDS}, "size": "base", "encoder_layers": 4}
+    assert spec_from_saved(written_before) == ModelSpec.of("base", encoder_layers=4)  # runs saved with nulls
+
+
+def test_a_moved_setting_names_its_new_place():
+    with pytest.raises(ConfigError) as raised:
+        load(RunConfig, overrides=["sample_patch_num=196"])
+    assert str(raised.value) == ("sample_patch_num is now data.sample_patch_num: rename it in the config file or "
+                                 "override")
+    assert load(RunConfig, "pretrain_base").data.sample_patch_num == 196
+
+
+def test_run_configs_saved_by_earlier_versions_still_read():
+    """A sweep manifest / config.yaml written before the model fields were typed (null: the size's value) and
+    before ``sample_patch_num`` moved into ``data`` reads as the run it was."""
+    from biomedgpt.engine.run_config import saved_run_config
+
+    run = load(RunConfig, "pretrain_base", ["model.encoder_layers=4"])
+    old = to_dict(run)
+    old["model"].update({name: None for name in SIZE_FIELDS if name != "encoder_layers"})  # not set: the size's
+    old["sample_patch_num"] = old["data"].pop("sample_patch_num")
+    assert saved_run_config(old) == run == saved_run_config(to_dict(run))
+
+
+def test_training_batches_carry_data_sample_patch_num(tmp_path, canonical_tokenizer, monkeypatch):
+    """The training loader puts ``data.sample_patch_num`` into every batch (the trainer passes the batch's value
+    to the model), evaluation batches have none, and cutting a batch to its first rows keeps it."""
+    from biomedgpt.data.collate import first_rows
+    from biomedgpt.data.config import DataConfig, StreamConfig
+    from biomedgpt.data.loader import build_eval_loader, build_train_loader
+    from biomedgpt.tools.prepare_data import PrepareConfig, convert
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.setenv(key, "1" if "SIZE" in key else "0")
+    (tmp_path / "text.tsv").write_text("".join(f"t{i}\tthe lungs are clear in study {i}\n" for i in range(8)))
+    convert(PrepareConfig(input=str(tmp_path / "text.tsv"), format="text_tsv", output=str(tmp_path / "text"),
+                          progress=False))
+    stream = StreamConfig(name="text", task="text_infilling", remote=str(tmp_path / "text"))
+    cfg = DataConfig(streams=[stream], eval_streams=[stream], batch_size=4, eval_batch_size=4, num_workers=0,
+                     patch_image_size=16, cache_dir=str(tmp_path / "cache"), sample_patch_num=5)
+    tok = canonical_tokenizer
+    train = list(build_train_loader(cfg, tok))
+    assert train and all(batch["sample_patch_num"] == 5 for batch in train)
+    assert first_rows(train[0], 1)["sample_patch_num"] == 5
+    assert all("sample_patch_num" not in batch for batch in build_eval_loader(cfg, tok))
+
+
+def test_one_map_from_precision_names_to_torch_dtypes():
+    import torch
+
+    from biomedgpt.models.precision import torch_dtype
+
+    assert [torch_dtype(name) for name in ("fp32", "bf16", "fp16")] == [torch.float32, torch.bfloat16, torch.float16]
+    with pytest.raises(ValueError, match="unknown precision 'float8'; known: fp32, bf16, fp16"):
+        torch_dtype("float8")
+    name_to_dtype = re.compile(r"""["'](?:fp32|bf16|fp16|float32|bfloat16|float16)["']\s*:\s*torch\.|"""
+                               r"""torch\.(?:bfloat16|float16|float32)\s+if\s+[\w.]+\s*==\s*["']""")
+    maps = sorted(str(path.relative_to(PACKAGE_ROOT)) for folder in ("core", "models", "data", "engine", "tools",
+                                                                      "launchers")
+                  for path in (PACKAGE_ROOT / folder).rglob("*.py") if name_to_dtype.search(path.read_text()))
+    assert maps == ["models/precision.py"], maps
 
 
 def test_text_settings_take_the_override_as_written():

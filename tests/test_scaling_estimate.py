@@ -12,7 +12,7 @@ import pytest
 from biomedgpt.core.config import load
 from biomedgpt.engine.flops import communication_bytes, model_state_memory, parameter_counts, train_step_flops
 from biomedgpt.models.config import PUBLISHED_PARAMS, model_config
-from biomedgpt.tools.estimate import EstimateConfig, estimate, format_measurement, main
+from biomedgpt.tools.estimate import EstimateConfig, estimate, format_measurement, format_table, main
 
 
 def plan(*settings: str, config: str | None = None) -> EstimateConfig:
@@ -155,6 +155,28 @@ def test_bad_settings_are_named(capsys):
     with pytest.raises(ValueError, match="no bf16 peak for V100"):
         plan("gpu=V100", "deepspeed.precision=bf16")
     assert plan("gpu=MI300", "peak_tflops=1300").gpu == "MI300"  # any device with its peak
+
+
+def test_the_plan_is_a_run_config_with_its_types_and_checks():
+    """The plan's ZeRO stage, offload, precision and model are the run config's own settings (one
+    declaration, one validation), and a run config ``biomedgpt train`` refuses is refused here too."""
+    import dataclasses
+    import typing
+
+    from biomedgpt.engine.run_config import RunConfig
+
+    hints, run_hints = typing.get_type_hints(EstimateConfig), typing.get_type_hints(RunConfig)
+    assert {name: hints[name] for name in run_hints} == run_hints
+    own = {f.name for f in dataclasses.fields(EstimateConfig)} - set(run_hints)
+    assert own == {"gpu", "peak_tflops", "gpus_per_node", "nodes", "mfu", "interconnect_gbps", "buffer_factor",
+                   "measure", "measure_steps", "output"}  # the hardware of the plan only
+    with pytest.raises(ValueError, match="lora.enabled with ema.enabled is not supported"):
+        plan("lora.enabled=true", "ema.enabled=true")
+    base = plan("model.size=base", "model.encoder_layers=4", "data.sample_patch_num=196")
+    assert base.model.build() == model_config("base", encoder_layers=4)
+    every_patch = plan("model.size=base", "model.encoder_layers=4")
+    assert estimate(base)["flops_per_step"] < estimate(every_patch)["flops_per_step"]  # data.sample_patch_num
+    assert "model base {'encoder_layers': 4}:" in format_table(base, estimate(base))
 
 
 #: Measured fp32 AdamW model states on CPU agree with the estimate within this relative error

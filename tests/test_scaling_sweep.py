@@ -98,3 +98,26 @@ def test_no_metrics_is_one_line_and_no_figure(empty_folder, tmp_path, capsys):
         error = _one_error_line(biomedgpt([command, f"sweep_dir={directory}"]), capsys)
         assert "logged any metrics" in error and "nothing to fit or plot" in error, error
     assert not list(directory.glob("scaling.*")) and not (directory / "report.md").exists()
+
+
+def test_a_swept_size_supplies_every_field_nobody_set(tmp_path):
+    """The runs start from the base's settings as written: the size of each run fills the width/depth fields
+    (the demo base's own ones dropped, never nulled), what the overrides and axes set stays, and each run's
+    written config loads back to the same run."""
+    from biomedgpt.core.config import from_dict, load
+    from biomedgpt.engine.run_config import RunConfig
+    from biomedgpt.models.config import model_config
+    from biomedgpt.tools.scaling.sweep import SweepConfig, expand, write_plan
+
+    cfg = from_dict(SweepConfig, {
+        "name": "sizes", "root": str(tmp_path), "overrides": {"optim.max_steps": 2, "model.heads": 8},
+        "axes": [{"name": "model", "labels": ["base", "medium-2"],
+                  "values": [{"size": "base"}, {"size": "medium", "encoder_layers": 2}]}], "combine": "zip"})
+    runs = expand(cfg, tmp_path)
+    assert [r.config.model.build() for r in runs] == [model_config("base", heads=8),
+                                                      model_config("medium", heads=8, encoder_layers=2)]
+    write_plan(cfg, runs)
+    for run in runs:
+        written = yaml.safe_load(run.config_path.read_text())["model"]
+        assert None not in written.values(), written
+        assert load(RunConfig, run.config_path) == run.config

@@ -16,11 +16,11 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 from biomedgpt.core.config import PathStr, parse_cli
 from biomedgpt.models.checkpoint import CheckpointError
-from biomedgpt.models.config import ModelSpec
+from biomedgpt.models.config import ModelSpec, Precision
 from biomedgpt.models.tokenizer import TokenizerError
 from biomedgpt.tools.import_checkpoint import load_any_tokenizer
 from biomedgpt.engine.checkpoint.zero_reader import ZeroCheckpoint, checkpoint_model_config, consolidate, open_checkpoint
@@ -33,7 +33,7 @@ class ConsolidateConfig:
     checkpoint: PathStr
     output: PathStr
     tag: Optional[str] = None  # default: the tag named by checkpoints/latest
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    dtype: Precision = "fp32"
     ema: bool = False  # the engine's EMA weights instead of the trained ones
     model: Optional[ModelSpec] = None  # default: the run config saved with the checkpoint
     tokenizer: Optional[str] = None  # default: the run's tokenizer / bpe_dir when it can be found

@@ -10,7 +10,7 @@ The settings are a run config's (``--config FILE|RECIPE`` and ``key=value`` over
 ``biomedgpt train``) plus the hardware of the plan below. Read from the run config: ``model.*``,
 ``data.batch_size`` (the micro-batch per rank), ``data.patch_image_size``, ``data.max_src_tokens`` /
 ``max_tgt_tokens``, ``optim.grad_accum``, ``deepspeed.zero_stage`` / ``offload_*`` / ``zero_init`` /
-``precision`` / ``activation_checkpointing`` and ``sample_patch_num``; the rest of it is not used. Every sample
+``precision`` / ``activation_checkpointing`` and ``data.sample_patch_num``; the rest of it is not used. Every sample
 is counted with an image and full-length text (an upper bound).
 
 ``gpu`` names the device the plan assumes (printed with its peak): a GPU of the peak table
@@ -58,6 +58,7 @@ class EstimateConfig(RunConfig):
     output: Literal["text", "json"] = "text"
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # the run config's own checks, as ``biomedgpt train`` makes them
         known = {name.lower(): name for name in GPU_PEAKS}
         if self.gpu.lower() == "cpu":
             self.gpu = "cpu"
@@ -88,11 +89,10 @@ def plan_peak(cfg: EstimateConfig) -> tuple[float, str]:
     if cfg.peak_tflops is not None:
         return cfg.peak_tflops, "peak_tflops"
     if cfg.gpu == "cpu":
-        import torch
-
         from biomedgpt.engine.flops import measure_matmul_tflops
+        from biomedgpt.models.precision import torch_dtype
 
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # no fast fp16 matmul on CPUs
+        dtype = torch_dtype("fp32" if precision == "fp16" else precision)  # no fast fp16 matmul on CPUs
         return measure_matmul_tflops(dtype, device="cpu"), "measured on this CPU"
     return GPU_PEAKS[cfg.gpu][precision], "table"
 
@@ -110,9 +110,9 @@ def estimate(cfg: EstimateConfig) -> dict:
     states = model_state_memory(params, largest, ds.zero_stage, ds.precision, cfg.gpus_per_node, cfg.nodes,
                                 offload_optimizer, offload_param, zero_init, cfg.buffer_factor)
     activations = activation_memory(model_cfg, data.batch_size, data.max_src_tokens, data.max_tgt_tokens,
-                                    data.patch_image_size, cfg.sample_patch_num, ds.precision,
+                                    data.patch_image_size, data.sample_patch_num, ds.precision,
                                     ds.activation_checkpointing)
-    n_img = image_tokens(data.patch_image_size, sample_patch_num=cfg.sample_patch_num)
+    n_img = image_tokens(data.patch_image_size, sample_patch_num=data.sample_patch_num)
     hw = (data.patch_image_size, data.patch_image_size)
     flops_gpu = train_step_flops(model_cfg, data.batch_size, data.max_src_tokens, data.max_tgt_tokens, n_img,
                                  hw) * cfg.optim.grad_accum
@@ -181,7 +181,8 @@ def measure_model_states(spec: ModelSpec) -> dict:
 def synthetic_batch(cfg: RunConfig, vocab_size: int, seed: int = 0) -> dict:
     """One micro-batch in the DESIGN.md batch format at the config's nominal shape: ``data.batch_size``
     samples, each with a ``patch_image_size`` image, ``max_src_tokens`` source and ``max_tgt_tokens`` target
-    tokens (random text ids between ``<s>`` = 0 and ``</s>`` = 2, no padding)."""
+    tokens (random text ids between ``<s>`` = 0 and ``</s>`` = 2, no padding); with ``data.sample_patch_num``
+    every sample's image keeps that many patches, as the pretraining image-text rows."""
     import torch
 
     d = cfg.data
@@ -193,11 +194,14 @@ def synthetic_batch(cfg: RunConfig, vocab_size: int, seed: int = 0) -> dict:
     target[:, -1] = 2
     prev = torch.cat([torch.zeros(b, 1, dtype=torch.long), target[:, :-1]], dim=1)
     images = torch.randint(0, 256, (b, 3, px, px), dtype=torch.uint8, generator=g)
-    return {"src_tokens": src, "src_lengths": torch.full((b,), s), "prev_output_tokens": prev, "target": target,
-            "patch_images": images.contiguous(memory_format=torch.channels_last),
-            "patch_masks": torch.ones(b, dtype=torch.bool), "code_masks": torch.zeros(b, dtype=torch.bool),
-            "conf": torch.ones(b), "task_ids": torch.zeros(b, dtype=torch.long),
-            "ids": [f"synthetic-{i}" for i in range(b)]}
+    batch = {"src_tokens": src, "src_lengths": torch.full((b,), s), "prev_output_tokens": prev, "target": target,
+             "patch_images": images.contiguous(memory_format=torch.channels_last),
+             "patch_masks": torch.ones(b, dtype=torch.bool), "code_masks": torch.zeros(b, dtype=torch.bool),
+             "conf": torch.ones(b), "task_ids": torch.zeros(b, dtype=torch.long),
+             "ids": [f"synthetic-{i}" for i in range(b)]}
+    if d.sample_patch_num is not None:
+        batch["sample_patch_num"] = d.sample_patch_num
+    return batch
 
 
 def _measure_worker() -> None:
@@ -279,7 +283,7 @@ def format_table(cfg: EstimateConfig, est: dict) -> str:
     device = "device" if cfg.gpu == "cpu" else "GPU"
     others = ", ".join(name for name in [*GPU_PEAKS, "cpu"] if name != cfg.gpu)
     lines = [
-        f"model {spec.size} {spec.set_fields() or ''}: {est['params'] / 1e6:.2f}M parameters "
+        f"model {spec.size} {spec.custom_fields() or ''}: {est['params'] / 1e6:.2f}M parameters "
         f"(largest module {est['largest_layer_params'] / 1e6:.2f}M)",
         f"run: ZeRO-{ds.zero_stage}, {ds.precision}, offload optimizer={ds.offload_optimizer} "
         f"param={ds.offload_param}, micro-batch {data.batch_size} x accum {cfg.optim.grad_accum}, image "

@@ -35,10 +35,10 @@ from torch import Tensor
 from biomedgpt.core.config import PathStr, parse_cli
 from biomedgpt.models.checkpoint import (HF_DECODER_LAYER, HF_ENCODER_LAYER, TIED_ALIASES, TIED_KEY, CheckpointError,
                                write_dir_atomically, read_model_config, read_model_weights)
-from biomedgpt.models.config import GenerationConfig, ModelConfig
+from biomedgpt.models.config import GenerationConfig, ModelConfig, Precision
+from biomedgpt.models.precision import torch_dtype
 from biomedgpt.models.tokenizer import BOS, EOS, MASK, PAD, UNK, Tokenizer, TokenizerError
 from biomedgpt.tools.cli import one_line_errors
-from biomedgpt.engine.checkpoint.zero_reader import DTYPES
 
 TO_HF = {"encoder": {v: k for k, v in HF_ENCODER_LAYER.items()},
          "decoder": {v: k for k, v in HF_DECODER_LAYER.items()}}
@@ -58,7 +58,7 @@ AUTO_MAP = {"AutoConfig": "configuration_biomedgpt.BiomedGPTConfig",
 class ExportConfig:
     model: PathStr  # a model directory (biomedgpt.tools.consolidate / save_pretrained)
     output: PathStr
-    dtype: Optional[Literal["fp32", "bf16", "fp16"]] = None  # default: as stored
+    dtype: Optional[Precision] = None  # default: as stored
     overwrite: bool = False
     # ofa: the released HF-port names (OFA's transformers fork); transformers: stock transformers with the
     # modeling code inside (trust_remote_code=True)
@@ -114,7 +114,7 @@ def export(model_dir: str | Path, output: str | Path, dtype: str | None = None, 
     cfg = read_model_config(model_dir)
     state = read_model_weights(model_dir)
     if dtype is not None:
-        state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
+        state = {k: v.to(torch_dtype(dtype)) if v.is_floating_point() else v for k, v in state.items()}
     if format == "transformers":
         tok = _export_tokenizer(model_dir, tokenizer)
         if tok.vocab_size != cfg.vocab_size:

@@ -16,17 +16,15 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
-
-import torch
+from typing import Optional
 
 from biomedgpt.core.config import PathStr, parse_cli
 from biomedgpt.models.checkpoint import CheckpointError, collection_tokenizer_dir, import_released, save_pretrained
+from biomedgpt.models.config import Precision
 from biomedgpt.models.ofa import count_parameters
+from biomedgpt.models.precision import torch_dtype
 from biomedgpt.models.tokenizer import Tokenizer
 from biomedgpt.tools.cli import one_line_errors
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -39,7 +37,7 @@ class ImportConfig:
     # collection), else the packaged GPT-2 BPE
     tokenizer: Optional[str] = None
     ema: bool = False
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    dtype: Precision = "fp32"
     overwrite: bool = False
 
 
@@ -64,7 +62,7 @@ def run(cfg: ImportConfig) -> Path:
     if model.cfg.vocab_size != tokenizer.vocab_size:
         raise CheckpointError(f"{cfg.source}: embedding has {model.cfg.vocab_size} rows but the tokenizer at "
                               f"{tokenizer_path or 'the packaged GPT-2 BPE'} has {tokenizer.vocab_size} ids")
-    out = save_pretrained(model, cfg.output, tokenizer, dtype=DTYPES[cfg.dtype], overwrite=cfg.overwrite)
+    out = save_pretrained(model, cfg.output, tokenizer, dtype=torch_dtype(cfg.dtype), overwrite=cfg.overwrite)
     c = model.cfg
     print(f"imported {cfg.source}{' (EMA)' if cfg.ema else ''}: d_model={c.d_model} ffn={c.ffn_dim} "
           f"layers={c.encoder_layers}+{c.decoder_layers} heads={c.heads} resnet={c.resnet_layers} "

@@ -49,6 +49,7 @@ from biomedgpt.models.checkpoint import (TIED_ALIASES, TIED_KEY, CheckpointError
                                read_model_config, read_model_weights)
 from biomedgpt.models.config import DATA_FIELDS, ModelConfig, ModelSpec, spec_from_saved
 from biomedgpt.models.ofa import BiomedGPT
+from biomedgpt.models.precision import torch_dtype
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Top-level keys DeepSpeed itself writes into a model-states file; anything else is the client state.
@@ -656,9 +657,6 @@ def plan_shards(entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_sha
     return shards
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 @dataclass
 class ConsolidationResult:
     output: Path
@@ -676,7 +674,7 @@ def consolidate(ckpt: ZeroCheckpoint, output: str | Path, cfg: ModelConfig, dtyp
 
     if verify_output and ema:
         raise CheckpointError("verification compares with DeepSpeed's zero_to_fp32, which knows no EMA weights")
-    out_dtype = DTYPES[dtype]
+    out_dtype = torch_dtype(dtype)
     if verify_output and merge_lora:
         raise CheckpointError("verification compares tensor by tensor with zero_to_fp32, which holds the adapters "
                               "unmerged: verify=true and merge_lora=true do not go together")
@@ -788,7 +786,7 @@ def verify(model_dir: str | Path, ckpt: ZeroCheckpoint | None = None, live_model
     if live_model is None and ckpt is None:
         return report
     meta = json.loads((Path(model_dir) / REPORT_FILE).read_text())
-    out_dtype = DTYPES[meta["dtype"]]
+    out_dtype = torch_dtype(meta["dtype"])
     if live_model is not None:
         reference = {k: v.detach().cpu() for k, v in live_model.state_dict().items() if k not in TIED_ALIASES}
     else:

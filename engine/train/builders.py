@@ -35,8 +35,7 @@ from biomedgpt.engine.train.schedule import lr_lambda, total_steps
 from biomedgpt.engine.train.validation import Validator
 from biomedgpt.engine.distributed.zero import ZeroPlan
 from biomedgpt.models.config import ModelConfig
-
-FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from biomedgpt.models.precision import torch_dtype
 
 
 # -- the process -------------------------------------------------------------------------------------------
@@ -394,4 +393,4 @@ def build_parts(cfg: RunConfig, spec: Optional[TrainSpec] = None) -> TrainParts:
     names = task_names()
     validator = spec.validator(cfg, process, engine, ema, tokenizer, eval_loader, names, logger)
     return TrainParts(process, model_cfg, tokenizer, names, train_loader, eval_loader, total, ckpt, engine,
-                      FLOAT_DTYPES[cfg.deepspeed.precision], ema, state, stop, logger, sample_log, validator)
+                      torch_dtype(cfg.deepspeed.precision), ema, state, stop, logger, sample_log, validator)

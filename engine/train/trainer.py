@@ -182,7 +182,7 @@ class Trainer:
         logits = self.engine(src_tokens=batch["src_tokens"], prev_output_tokens=batch["prev_output_tokens"],
                              patch_images=batch.get("patch_images"), patch_masks=batch.get("patch_masks"),
                              code_masks=batch.get("code_masks"),
-                             sample_patch_num=self.cfg.sample_patch_num if train else None,
+                             sample_patch_num=batch.get("sample_patch_num") if train else None,
                              sample_rows=batch.get("sample_patches"))
         return label_smoothed_cross_entropy(
             logits, batch["target"], self.cfg.optim.label_smoothing if train else 0.0,
@@ -348,7 +348,7 @@ class Trainer:
         images = batch.get("patch_images")
         n_img = 0.0
         if images is not None:
-            per_image = image_tokens(images.shape[-2], images.shape[-1], sample_patch_num=self.cfg.sample_patch_num)
+            per_image = image_tokens(*images.shape[-2:], sample_patch_num=batch.get("sample_patch_num"))
             n_img = float(batch["patch_masks"].sum()) * per_image
         text_tokens = float(batch["src_tokens"].ne(self.model_cfg.pad_id).sum()
                             + batch["target"].ne(self.model_cfg.pad_id).sum())
@@ -356,7 +356,7 @@ class Trainer:
                         loss=float(out.sample_loss.sum()), nll=float(out.sample_nll.sum()),
                         tokens=float(out.sample_tokens.sum()), correct=float(out.sample_correct.sum()),
                         samples=float(batch["src_tokens"].shape[0]), all_tokens=text_tokens + n_img,
-                        flops=batch_train_flops(self.model_cfg, batch, self.cfg.sample_patch_num))
+                        flops=batch_train_flops(self.model_cfg, batch, batch.get("sample_patch_num")))
 
     def _memory_gb(self) -> float:
         if self.dist.device.type == "cuda":

@@ -46,7 +46,7 @@ def _train_rank(cfg: BenchConfig) -> None:
     from biomedgpt.models.ofa import BiomedGPT
 
     info = init_distributed("gloo")
-    spec = ModelSpec(cfg.size, dropout=0.0)
+    spec = ModelSpec.of(cfg.size, dropout=0.0)
     torch.manual_seed(0)
     model = BiomedGPT(spec.build()).init_weights()
     for param in model.parameters():  # see tests/test_checkpoint_tools.py: ZeRO-3 and OFA's dataclass outputs

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from biomedgpt.core.config import ConfigError, from_dict, parse_cli, to_dict
+from biomedgpt.core.config import ConfigError, parse_cli, to_dict
 from biomedgpt.engine.flops import image_tokens, parameter_counts, train_step_flops
-from biomedgpt.engine.run_config import RunConfig
+from biomedgpt.engine.run_config import RunConfig, saved_run_config
 from biomedgpt.models.config import ModelConfig
 from biomedgpt.tools.cli import one_line_errors
 
@@ -132,7 +132,7 @@ def _number(value: Any) -> Optional[float]:
 def step_flops(cfg: RunConfig, model_cfg: ModelConfig, ranks: int) -> float:
     """Training FLOPs of one optimizer step at the config's nominal batch shape."""
     d = cfg.data
-    n_img = image_tokens(d.patch_image_size, sample_patch_num=cfg.sample_patch_num)
+    n_img = image_tokens(d.patch_image_size, sample_patch_num=cfg.data.sample_patch_num)
     hw = (d.patch_image_size, d.patch_image_size)
     per_micro = train_step_flops(model_cfg, d.batch_size, d.max_src_tokens, d.max_tgt_tokens, n_img, hw)
     return per_micro * cfg.optim.grad_accum * ranks
@@ -166,7 +166,7 @@ def run_row(entry: dict, ranks: int, params_cache: dict) -> tuple[dict, list[dic
     """One run's table row (config, status, final figures) and its curve rows."""
     run_dir, name = Path(entry["output_dir"]), entry["run"]
     try:
-        cfg = from_dict(RunConfig, entry["config"])
+        cfg = saved_run_config(entry["config"])
     except ConfigError as exc:
         raise SweepDataError(f"sweep.json: run {name}: {exc}") from None
     model_cfg = cfg.model.build()

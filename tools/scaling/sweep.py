@@ -8,11 +8,13 @@
 A sweep is a base run config (a ``RunConfig`` YAML or a packaged recipe's name, or the engine's demo
 config) with ``overrides`` applied to every run (``overrides.optim.max_steps=10`` on the command line)
 and ``axes``: each axis sets one dotted RunConfig key to each of its values (an axis name is that key,
-or its last part where that is unique: ``lr``, ``size``, ``zero_stage``, ``patch_image_size``). A size
-axis drops the base config's own width/depth (``overrides`` of the sweep still apply). A mapping value
-sets several keys under the axis key at once: the ``model`` axis with ``{d_model: 64, encoder_layers: 2,
-...}`` is a custom width/depth. Axes combine as a product (or
-``zip``). Every run config is validated before anything starts.
+or its last part where that is unique: ``lr``, ``size``, ``zero_stage``, ``patch_image_size``). The runs
+start from the base's settings as its file writes them, so a run's model size supplies every width/depth
+field nobody set; a size axis also drops the width/depth the base file writes (``overrides`` of the sweep
+still apply). A mapping value sets several keys under the axis key at once: the ``model`` axis with
+``{d_model: 64, encoder_layers: 2, ...}`` is a custom width/depth, ``{size: base, encoder_layers: 2}`` a
+size with a change. Axes combine as a product (or ``zip``). Every run config is validated before anything
+starts.
 
 Paths: ``root``, ``base`` and path settings in ``overrides`` / axis values resolve like every config's
 paths, against the sweep file's folder (a packaged sweep and the command line: the current directory);
@@ -47,15 +49,13 @@ from typing import Any, Literal, Optional
 import yaml
 
 from biomedgpt.core.config import (ConfigError, PathStr, deep_merge, field_paths, from_dict, load, parse_cli,
-                                     resolve_config, resolve_paths, set_dotted, to_dict)
+                                     read_settings, resolve_config, resolve_paths, set_dotted, to_dict)
 from biomedgpt.core.durable import atomic_write_text
-from biomedgpt.engine.run_config import RunConfig, demo_config
+from biomedgpt.engine.run_config import DEMO_CONFIG, RunConfig
+from biomedgpt.models.config import SIZE_FIELDS
 from biomedgpt.tools.cli import one_line_errors
 from biomedgpt.tools.scaling.collect import (STATUS_FILE, SweepDataError, collect, is_finished, require_metrics,
                                              summary)
-
-#: The fields the size table sets: a size axis drops the base config's own values of them.
-SIZE_FIELDS = ("d_model", "ffn_dim", "encoder_layers", "decoder_layers", "heads", "resnet_layers")
 
 
 def axis_key(name: str) -> str:
@@ -155,11 +155,19 @@ def sweep_file_folder(argv: list[str] | None) -> Path:
     return Path.cwd() if packaged else path.resolve().parent
 
 
-def _base_config(cfg: SweepConfig, folder: Path) -> dict:
-    if cfg.base is None:
-        return to_dict(demo_config())
-    beside = folder / cfg.base
-    return to_dict(load(RunConfig, beside if beside.is_file() else cfg.base))
+def _base_settings(cfg: SweepConfig, folder: Path) -> dict:
+    """The base run config's settings as its file writes them (paths absolute), checked by loading it: so
+    the model's size fills the fields the base, the overrides and the axes leave unset (``ModelSpec``)."""
+    path: str | Path = DEMO_CONFIG
+    if cfg.base is not None:
+        path = folder / cfg.base if (folder / cfg.base).is_file() else cfg.base
+    load(RunConfig, path)  # a bad base fails here, naming its file
+    return read_settings(RunConfig, path)[1]
+
+
+def _sets_size(axis: Axis) -> bool:
+    return axis.key == "model.size" or (axis.key == "model" and any(isinstance(v, dict) and "size" in v
+                                                                     for v in axis.values))
 
 
 def _with(data: dict, key: str, value: Any, folder: Path) -> dict:
@@ -173,10 +181,9 @@ def expand(cfg: SweepConfig, folder: Path | None = None) -> list[PlannedRun]:
     """Every run of the grid as a validated RunConfig (errors name the run and the key); relative paths of
     ``base``, ``overrides`` and axis values resolve against ``folder`` (default: the current directory)."""
     folder = Path.cwd() if folder is None else folder
-    base = _base_config(cfg, folder)
-    if any(a.key == "model.size" for a in cfg.axes):  # the base's own width/depth would mask the swept size
-        for name in SIZE_FIELDS:
-            base["model"][name] = None
+    base = _base_settings(cfg, folder)
+    if any(_sets_size(a) for a in cfg.axes):  # the swept size replaces the width/depth the base writes
+        base["model"] = {k: v for k, v in (base.get("model") or {}).items() if k not in SIZE_FIELDS}
     for key, value in cfg.overrides.items():
         base = _with(base, key, value, folder)
     indices = [range(len(a.values)) for a in cfg.axes]
