@@ -23,10 +23,10 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where it runs: the run config's checks (stage rules) stay torch-free
+    import torch
+    from torch import nn
 
-if TYPE_CHECKING:
     from biomedgpt.engine.run_config import DeepSpeedConfig
     from biomedgpt.models.config import ModelConfig
     from biomedgpt.models.ofa import BiomedGPT
@@ -219,6 +219,7 @@ def _gathered_now(param: nn.Parameter) -> bool:
 
 def _regather(param: nn.Parameter) -> None:
     """``param.data`` rebuilt from every rank's partition (``ds_tensor``)."""
+    import torch
     import torch.distributed as dist
 
     group = getattr(param, "ds_process_group", None)
@@ -271,6 +272,7 @@ def gathered_for_decoding(engine, device, world: int, fraction: float, log: Call
     fit it yields False: decode in lockstep (``decoding.RankSync``) with per-module gathers."""
     import deepspeed
     import psutil
+    import torch
 
     from biomedgpt.engine.distributed import process_group as dist_utils
 
