@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from biomedgpt.core.config import PACKAGE_ROOT
 from biomedgpt.engine.run_config import RunConfig
 from biomedgpt.core.user_errors import UserError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+DS_CONFIG_DIR = PACKAGE_ROOT / "ds_configs"
 
 
 class DeepSpeedConfigError(UserError, ValueError):
