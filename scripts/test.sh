@@ -12,4 +12,22 @@ else
 fi
 # Two workers, whole files per worker (module fixtures such as the trained ZeRO runs are built once):
 # most of the time goes to rank start-up, file I/O and waits, so two workers overlap well on two cores.
-python3 -m pytest tests -n "${PYTEST_WORKERS:-2}" --dist loadfile --durations=20 "$@"
+# The slowest files go first (longest first: neither worker is left with a long file at the end); the
+# rest follow in pytest's order. xdist keeps that order with --no-loadscope-reorder (its default puts
+# the files with the most tests first). Paths given on the command line replace the file list.
+SLOWEST_FIRST=(
+    tests/test_engine_distributed.py tests/test_slurm_cluster.py tests/test_readme_commands.py
+    tests/test_downstream_e2e.py tests/test_reliability.py tests/test_zero3_eval.py tests/test_default_path.py
+    tests/test_checkpoint_background.py tests/test_packaging.py tests/test_run_trust.py tests/test_lora.py
+    tests/test_train_features.py tests/test_text_only.py tests/test_cpu_memory.py tests/test_shared_memory.py
+)
+files=()
+for arg in "$@"; do
+    [[ $arg != -* && -e ${arg%%::*} ]] && files=("$@") && break
+done
+if [[ ${#files[@]} == 0 ]]; then
+    for f in "${SLOWEST_FIRST[@]}"; do [[ -f $f ]] && files+=("$f"); done
+    for f in tests/test_*.py; do [[ " ${SLOWEST_FIRST[*]} " == *" $f "* ]] || files+=("$f"); done
+    files+=("$@")
+fi
+python3 -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder --durations=20 "${files[@]}"

@@ -121,7 +121,8 @@ RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTE
 
 def _run(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(cwd))
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled",
+               PYTHONPATH=os.pathsep.join(p for p in (str(cwd), env.get("PYTHONPATH")) if p))
     proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(args[:3])} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -158,7 +159,8 @@ def _finetune_and_evaluate(recipe: str, task: str, shards: Path, tmp_path: Path,
 CASES = {
     "vqa": ("vqa_rad.yaml", [], ["downstream.tasks.vqa.answers=null"],
             ["vqa/accuracy", "vqa/closed_accuracy", "vqa/open_accuracy"]),
-    "caption": ("iu_xray_caption.yaml", [], ["downstream.tasks.caption.generation.max_len=8"],
+    "caption": ("iu_xray_caption.yaml", [], ["downstream.tasks.caption.generation.max_len=8",
+                                             "downstream.valid_tasks.caption.generation.max_len=8"],
                 ["caption/bleu_4", "caption/meteor", "caption/rouge_l", "caption/cider", "caption/cider_d"]),
     "summarization": ("meqsum.yaml", ["data.max_src_tokens=128", "data.max_tgt_tokens=32"],
                       ["downstream.tasks.summarization.generation.max_len=8",

@@ -2,6 +2,9 @@
 
 The cluster is started here if it is not up (and stopped again afterwards); the tests skip only when
 its daemons cannot start. Every job trains a tiny-shaped model on CPU with gloo for a few steps.
+Two jobs serve all four tests: the pre-emption job runs the deepspeed launcher on the two namespaced nodes
+(so it holds the two-node test too), and the sweep's array tasks train two srun ranks each (so one of them
+holds the two-rank srun test).
 """
 from __future__ import annotations
 
@@ -157,84 +160,103 @@ def _steps(run_dir: Path) -> list[int]:
 
 
 def _sbatch_args(tmp_path: Path, *extra: str) -> list[str]:
-    return ["--gpus-per-node=0", "--time=10", f"--output={tmp_path}/slurm-%j.out", f"--chdir={REPO}", *extra]
+    # --time leaves room for a slow machine: the script's --signal=B:USR1@300 would pre-empt a job near it
+    return ["--gpus-per-node=0", "--time=20", f"--output={tmp_path}/slurm-%j.out", f"--chdir={REPO}", *extra]
 
 
-def test_sbatch_trains_two_ranks_with_srun(slurm, train_data, tmp_path):
-    cfg = _config(tmp_path, train_data, "run", max_steps=4, checkpoint_interval=2)
-    job = slurm.submit(*_sbatch_args(tmp_path, "--partition=debug", "--ntasks-per-node=2"),
-                       "launchers/slurm_train.sbatch", "--config", str(cfg))
-    info = slurm.wait(job, _done, 300, "finished")
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _batch_log(info)
-    run = tmp_path / "run"
-    assert _steps(run) == [1, 2, 3, 4]
-    assert (run / "checkpoints" / LATEST_FILE).is_file()
-    assert (run / "config.yaml").is_file()
-    logs = run / "slurm" / "logs"
-    assert sorted(p.name for p in logs.iterdir()) == ["rank-0.log", "rank-1.log"]
-    capture = run / "slurm" / f"job{job}-attempt0"
-    environment = (capture / "environment.txt").read_text()
-    assert f"SLURM_JOB_ID={job}" in environment and "SLURM_TASKS_PER_NODE=2" in environment
-    assert yaml.safe_load((capture / "config.yaml").read_text())["optim"]["max_steps"] == 4
 
-
-def test_preemption_checkpoints_requeues_and_resumes(slurm, train_data, tmp_path):
-    """The deepspeed launcher's processes get SIGUSR1 from SLURM too; they must outlive it."""
-    cfg = _config(tmp_path, train_data, "run", max_steps=6, checkpoint_interval=1000)
-    job = slurm.submit(*_sbatch_args(tmp_path, "--partition=debug", "--ntasks-per-node=2"),
-                       "launchers/slurm_train.sbatch", "--config", str(cfg),
-                       env={"BIOMEDGPT_LAUNCHER": "deepspeed"})
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def preempted(slurm, train_data, tmp_path_factory) -> tuple[Path, str, dict[str, str], bool]:
+    """A 6-step run with the deepspeed launcher (its processes get SIGUSR1 from SLURM too and must outlive
+    it), on n1 and n2 (separate network namespaces) where the cluster has them, else two ranks on one node:
+    after two logged steps it gets SIGUSR1 (what ``--signal=B:USR1@N`` delivers), is requeued and runs to
+    its end. (run dir, job id, final scontrol record, on two nodes)."""
+    two_nodes = "multi" in slurm.partitions
+    where = (["--partition=multi", "--nodes=2", "--ntasks-per-node=1",
+              "--export=ALL,BIOMEDGPT_LAUNCHER=deepspeed,GLOO_SOCKET_IFNAME=eth0"] if two_nodes else
+             ["--partition=debug", "--ntasks-per-node=2", "--export=ALL,BIOMEDGPT_LAUNCHER=deepspeed"])
+    tmp = tmp_path_factory.mktemp("slurm-preempt")
+    cfg = _config(tmp, train_data, "run", max_steps=6, checkpoint_interval=1000)
+    job = slurm.submit(*_sbatch_args(tmp, *where), "launchers/slurm_train.sbatch", "--config", str(cfg))
+    run = tmp / "run"
     deadline = time.monotonic() + 240
     while not ((run / "metrics.jsonl").is_file() and len(_steps(run)) >= 2):
         info = slurm.job(job)
         assert not _done(info) and time.monotonic() < deadline, f"no training steps\n{_batch_log(info)}"
         time.sleep(0.2)
-    slurm.run("scancel", "--batch", "--signal=USR1", job)  # what --signal=B:USR1@N delivers
-    info = slurm.wait(job, lambda i: int(i["Restarts"]) >= 1, 120, "requeued")
-    info = slurm.wait(job, _done, 300, "finished after the requeue")
+    slurm.run("scancel", "--batch", "--signal=USR1", job)
+    slurm.wait(job, lambda i: int(i["Restarts"]) >= 1, 120, "requeued")
+    return run, job, slurm.wait(job, _done, 300, "finished after the requeue"), two_nodes
+
+
+def test_preemption_checkpoints_requeues_and_resumes(preempted):
+    """The deepspeed launcher's processes get SIGUSR1 from SLURM too; they must outlive it."""
+    run, job, info, _ = preempted
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", _batch_log(info)
     steps = _steps(run)
     assert steps == list(range(1, 7)), f"logged steps have a gap or a repeat: {steps}"
     batch_log = _batch_log(info)
     assert "requeueing job" in batch_log and "ranks exited with status 75" in batch_log
+    assert "launcher deepspeed" in batch_log
     resumed = int(re.search(r"resumed from \S+ at step (\d+)", (run / "metrics.jsonl").read_text()
                             + "".join(p.read_text() for p in (run / "slurm" / "logs").iterdir())).group(1))
     assert 2 <= resumed < 6
     assert (run / "slurm" / f"job{job}-attempt1" / "environment.txt").is_file()
 
 
-def test_two_nodes_in_separate_network_namespaces(slurm, train_data, tmp_path):
-    """n1 and n2 are slurmd daemons in their own network namespaces: ranks rendezvous across them."""
-    if "multi" not in slurm.partitions:
+def test_two_nodes_in_separate_network_namespaces(preempted):
+    """n1 and n2 are slurmd daemons in their own network namespaces: ranks rendezvous across them, on the
+    first attempt and again after the requeue."""
+    run, job, info, two_nodes = preempted
+    if not two_nodes:
         pytest.skip("the cluster has no two-node partition (network namespaces could not be made)")
-    cfg = _config(tmp_path, train_data, "run", max_steps=3, checkpoint_interval=2)
-    job = slurm.submit(*_sbatch_args(tmp_path, "--partition=multi", "--nodes=2", "--ntasks-per-node=1",
-                                     "--export=ALL,BIOMEDGPT_LAUNCHER=deepspeed,GLOO_SOCKET_IFNAME=eth0"),
-                       "launchers/slurm_train.sbatch", "--config", str(cfg))
-    info = slurm.wait(job, _done, 300, "finished")
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _batch_log(info)
-    run = tmp_path / "run"
-    assert _steps(run) == [1, 2, 3]
-    capture = run / "slurm" / f"job{job}-attempt0"
-    assert (capture / "hostfile").read_text() == "n1 slots=1\nn2 slots=1\n"
-    assert "MASTER_ADDR" not in (capture / "environment.txt").read_text()  # chosen by prepare: n1
+    for attempt in (0, 1):
+        capture = run / "slurm" / f"job{job}-attempt{attempt}"
+        assert (capture / "hostfile").read_text() == "n1 slots=1\nn2 slots=1\n"
+        assert "MASTER_ADDR" not in (capture / "environment.txt").read_text()  # chosen by prepare: n1
     logs = run / "slurm" / "logs"
     node_logs = {p.name: p.read_text() for p in logs.glob("node-*.log")}
     assert set(node_logs) == {"node-0.log", "node-1.log"}
     assert "--node_rank=1" in node_logs["node-1.log"] and "master_addr=n1" in node_logs["node-1.log"]
-    assert len(list(logs.glob("*_rank*.log"))) == 2
+    # the deepspeed launcher writes one log per rank and start (named by the time it started): both attempts
+    rank_logs = sorted(p.name.split("_")[-1] for p in logs.glob("*_rank*.log"))
+    assert rank_logs == ["rank0.log", "rank0.log", "rank1.log", "rank1.log"], rank_logs
 
 
-def test_sweep_array_runs_one_config_per_index(slurm, train_data, tmp_path):
-    first = _config(tmp_path, train_data, "a", max_steps=1, checkpoint_interval=1000)
-    second = _config(tmp_path, train_data, "b", max_steps=1, checkpoint_interval=1000)
-    sweep = tmp_path / "sweep.txt"
-    sweep.write_text(f"# two runs\n{first}\n\n{second} optim.max_steps=2\n")
-    job = slurm.submit(*_sbatch_args(tmp_path, "--partition=debug", "--ntasks-per-node=1", "--array=0-1"),
-                       "launchers/slurm_sweep.sbatch", str(sweep))
-    for index in (0, 1):
-        info = slurm.wait(f"{job}_{index}", _done, 300, "finished")
+@pytest.fixture(scope="module")
+def sweep(slurm, train_data, tmp_path_factory) -> tuple[Path, dict[int, dict[str, str]]]:
+    """A two-entry sweep as a job array, each task two srun ranks: (its folder, index -> final record)."""
+    tmp = tmp_path_factory.mktemp("slurm-sweep")
+    first = _config(tmp, train_data, "a", max_steps=1, checkpoint_interval=1000)
+    second = _config(tmp, train_data, "b", max_steps=1, checkpoint_interval=2)
+    (tmp / "sweep.txt").write_text(f"# two runs\n{first}\n\n{second} optim.max_steps=4\n")
+    job = slurm.submit(*_sbatch_args(tmp, "--partition=debug", "--ntasks-per-node=2", "--array=0-1"),
+                       "launchers/slurm_sweep.sbatch", str(tmp / "sweep.txt"))
+    return tmp, {index: slurm.wait(f"{job}_{index}", _done, 300, "finished") for index in (0, 1)}
+
+
+def test_sweep_array_runs_one_config_per_index(sweep):
+    folder, infos = sweep
+    for info in infos.values():
         assert info["JobState"] == "COMPLETED", _batch_log(info)
-    assert _steps(tmp_path / "a") == [1]
-    assert _steps(tmp_path / "b") == [1, 2]
+    assert _steps(folder / "a") == [1]
+    assert _steps(folder / "b") == [1, 2, 3, 4]  # the entry's own override
+
+
+def test_sbatch_trains_two_ranks_with_srun(sweep):
+    """The sweep's second task: slurm_train's srun launcher (the default), two ranks, 4 steps, checkpoints."""
+    folder, infos = sweep
+    info = infos[1]
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _batch_log(info)
+    run = folder / "b"
+    assert _steps(run) == [1, 2, 3, 4]
+    assert (run / "checkpoints" / LATEST_FILE).is_file()
+    assert (run / "config.yaml").is_file()
+    assert "launcher srun" in _batch_log(info)
+    logs = run / "slurm" / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["rank-0.log", "rank-1.log"]
+    capture = run / "slurm" / f"job{info['JobId']}-attempt0"
+    environment = (capture / "environment.txt").read_text()
+    assert f"SLURM_JOB_ID={info['JobId']}" in environment and "SLURM_TASKS_PER_NODE=2" in environment
+    assert yaml.safe_load((capture / "config.yaml").read_text())["optim"]["max_steps"] == 4

@@ -18,6 +18,9 @@ from tests.test_engine_distributed import TINY_MODEL, WORDS, launch, metrics
 
 pytestmark = pytest.mark.timeout(900)
 
+#: the rank layout a launcher puts into the environment (the evaluation reads it from there)
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
 ANSWERS = ["yes", "no", "left lower lobe", "right upper lobe opacity with effusion", "normal", "mild cardiomegaly",
            "stable", "no acute cardiopulmonary finding"]
 
@@ -64,7 +67,9 @@ def _config(shards: Path, out: Path, vocab_dir: Path, **sections) -> dict:
     return cfg
 
 
-def _random_model_dir(shards: Path, out: Path, vocab_dir: Path) -> Path:
+@pytest.fixture(scope="module")
+def weights(shards, tmp_path_factory, vocab_dir) -> Path:
+    """A randomly initialised tiny model directory, the same for every test here."""
     import torch
 
     from biomedgpt.core.config import from_dict
@@ -73,14 +78,14 @@ def _random_model_dir(shards: Path, out: Path, vocab_dir: Path) -> Path:
     from biomedgpt.models.ofa import BiomedGPT
     from biomedgpt.models.tokenizer import Tokenizer
 
+    out = tmp_path_factory.mktemp("z3eval_weights") / "model"
     torch.manual_seed(0)
     cfg = from_dict(RunConfig, _config(shards, out, vocab_dir))
     save_pretrained(BiomedGPT(cfg.model.build()).init_weights(), out, Tokenizer.from_gpt2_files(vocab_dir))
     return out
 
 
-def test_zero3_downstream_eval_matches_stage0(shards, tmp_path, repo_root, vocab_dir):
-    weights = _random_model_dir(shards, tmp_path / "weights", vocab_dir)
+def test_zero3_downstream_eval_matches_stage0(shards, weights, tmp_path, repo_root, vocab_dir):
     # Questions of different lengths: VQA's decoder prompt is the question, so batches take different
     # numbers of forced steps; beam 2 inside the trie ends once two answers have.
     # A budget no model fits in: the measured check sends ZeRO-3 down the per-module lockstep path.
@@ -110,28 +115,28 @@ def test_zero3_downstream_eval_matches_stage0(shards, tmp_path, repo_root, vocab
     print(json.dumps({f"stage{s}": {k: v for k, v in r.items() if k.startswith("eval/")} for s, r in results.items()}))
 
 
-def test_evaluate_command_runs_a_zero3_model_across_ranks(shards, tmp_path, repo_root, vocab_dir):
+def test_evaluate_command_runs_a_zero3_model_across_ranks(shards, weights, tmp_path, repo_root, vocab_dir, one_thread,
+                                                          monkeypatch):
     """``biomedgpt evaluate zero_stage=3`` on 2 ranks: the model fits, so it is gathered once and the ranks decode
-    independently; the same predictions as one process without DeepSpeed."""
-    weights = _random_model_dir(shards, tmp_path / "weights", vocab_dir)
+    independently; the same predictions as one process without DeepSpeed (the reference, run in this process)."""
+    from biomedgpt.tools import evaluate
+
     recipe = tmp_path / "recipe.yaml"
     import yaml
 
     cfg = _config(shards, tmp_path / "unused", vocab_dir)
     recipe.write_text(yaml.safe_dump({"data": cfg["data"], "eval": {"downstream": {
         "tasks": {"vqa": {"generation": {"beam_size": 2}}, "summarization": {"generation": {"max_len": 6}}}}}}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = [f"model_dir={weights}", f"recipe={recipe}", f"bpe_dir={vocab_dir}"]
-    stderr = {}
-    for name, cmd in (("alone", ["python", "-m", "biomedgpt.tools.evaluate"]),
-                      ("zero3", [str(repo_root / "launchers/local.sh"), "-n", "2", "-m", "biomedgpt.tools.evaluate",
-                                 "--", "zero_stage=3"])):
-        env_run = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-        done = subprocess.run([*cmd, *common, f"output_dir={tmp_path / name}"], cwd=repo_root, env=env_run,
-                              capture_output=True, text=True, timeout=400)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-        stderr[name] = done.stderr
-    assert "ZeRO-3 decoding on the whole model, gathered once for this pass, ranks independent" in stderr["zero3"]
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    done = subprocess.run([str(repo_root / "launchers/local.sh"), "-n", "2", "-m", "biomedgpt.tools.evaluate",
+                           "--", "zero_stage=3", *common, f"output_dir={tmp_path / 'zero3'}"], cwd=repo_root,
+                          env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "ZeRO-3 decoding on the whole model, gathered once for this pass, ranks independent" in done.stderr
+    for name in RANK_VARIABLES:  # the in-process evaluation sets them; restored after the test
+        monkeypatch.delenv(name, raising=False)
+    evaluate.main([*common, f"output_dir={tmp_path / 'alone'}"])
     rows = {name: sorted((json.loads(line) for line in (tmp_path / name / "predictions.jsonl").read_text().splitlines()),
                          key=lambda r: (r["task"], r["id"])) for name in ("alone", "zero3")}
     assert len(rows["alone"]) == 20
