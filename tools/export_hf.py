@@ -33,12 +33,11 @@ from tokenizers.processors import TemplateProcessing
 from torch import Tensor
 
 from biomedgpt.core.config import PathStr, parse_cli
-from biomedgpt.models.checkpoint import (HF_DECODER_LAYER, HF_ENCODER_LAYER, TIED_ALIASES, TIED_KEY, CheckpointError,
-                               write_dir_atomically, read_model_config, read_model_weights)
+from biomedgpt.models.checkpoint import (DTYPES, HF_DECODER_LAYER, HF_ENCODER_LAYER, TIED_ALIASES, TIED_KEY,
+                               CheckpointError, write_dir_atomically, read_model_config, read_model_weights)
 from biomedgpt.models.config import GenerationConfig, ModelConfig
 from biomedgpt.models.tokenizer import BOS, EOS, MASK, PAD, UNK, Tokenizer, TokenizerError
 from biomedgpt.tools.cli import one_line_errors
-from biomedgpt.engine.checkpoint.zero_reader import DTYPES
 
 TO_HF = {"encoder": {v: k for k, v in HF_ENCODER_LAYER.items()},
          "decoder": {v: k for k, v in HF_DECODER_LAYER.items()}}

@@ -18,15 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-import torch
-
 from biomedgpt.core.config import PathStr, parse_cli
-from biomedgpt.models.checkpoint import CheckpointError, collection_tokenizer_dir, import_released, save_pretrained
+from biomedgpt.models.checkpoint import DTYPES, CheckpointError, collection_tokenizer_dir, import_released, save_pretrained
 from biomedgpt.models.ofa import count_parameters
 from biomedgpt.models.tokenizer import Tokenizer
 from biomedgpt.tools.cli import one_line_errors
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
