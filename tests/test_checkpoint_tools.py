@@ -377,7 +377,7 @@ def test_broken_checkpoints_name_the_file(runs, tmp_path, model_cfg, stage):
         open_checkpoint(meta)
 
     # A shard that disappears mid-consolidation (pruned by a concurrent run): the opened files stay
-    # mapped, so the output is still complete and the same, and nothing half-written is left.
+    # open, so the output is still complete and the same, and nothing half-written is left.
     vanishing = _copy_tag(runs, stage, tmp_path / "vanishing" / "step")
     ckpt = open_checkpoint(vanishing)
     previous = consolidate(ckpt, out_parent / "model", model_cfg, progress=False).output

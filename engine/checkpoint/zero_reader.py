@@ -31,6 +31,7 @@ import math
 import os
 import re
 import sys
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -60,7 +61,7 @@ class CheckpointFile:
     """One ``torch.save`` file of a tag, unpickled weights-only onto the meta device (a file that refers
     to anything else is refused, nothing in it runs; no tensor byte is read). ``read_into`` copies a
     tensor's elements from the file into a buffer (``os.preadv``: no mapping, so nothing of the file
-    stays resident)."""
+    stays resident). The file stays open: one deleted meanwhile (pruned by a running job) is still read."""
 
     def __init__(self, path: str | Path):
         from biomedgpt.engine.checkpoint.load import load_checkpoint_file
@@ -68,6 +69,12 @@ class CheckpointFile:
         if sys.byteorder != "little":  # torch.save writes little-endian; the meta load does not swap
             raise CheckpointError(f"{path}: reading checkpoints needs a little-endian host")
         self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            self._fd = None  # load_checkpoint_file names the problem (missing, unreadable)
+        else:
+            weakref.finalize(self, os.close, self._fd)
         self.obj = load_checkpoint_file(self.path, meta=True)
 
     def read_into(self, tensor: Tensor, start: int, out: Tensor) -> None:
@@ -81,15 +88,11 @@ class CheckpointFile:
             raise CheckpointError(f"{self.path}: read {start}+{out.numel()} past a tensor of {tensor.numel()}")
         view = memoryview(out.view(-1).view(torch.uint8).numpy())
         position = offset + (tensor.storage_offset() + start) * tensor.element_size()
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            while len(view):
-                count = os.preadv(fd, [view], position)
-                if count == 0:
-                    raise CheckpointError(f"{self.path}: ends inside a tensor (truncated); copy the file again")
-                view, position = view[count:], position + count
-        finally:
-            os.close(fd)
+        while len(view):
+            count = os.preadv(self._fd, [view], position)
+            if count == 0:
+                raise CheckpointError(f"{self.path}: ends inside a tensor (truncated); copy the file again")
+            view, position = view[count:], position + count
 
 
 # ----------------------------------------------------------------------------------------------
