@@ -369,9 +369,12 @@ def write_dir_atomically(out_dir: Path, write, overwrite: bool) -> Path:
 def shard_plan(state: dict[str, Tensor], max_shard_bytes: int):
     """Which safetensors file each tensor goes to (``huggingface_hub``'s planner, in ``state``'s order: the
     file names and index transformers reads); meta tensors plan a directory before any value exists."""
-    from huggingface_hub import split_torch_state_dict_into_shards
+    from huggingface_hub import split_state_dict_into_shards_factory
 
-    return split_torch_state_dict_into_shards(state, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_bytes)
+    # split_torch_state_dict_into_shards with the size of each tensor itself: its own size function
+    # imports torch.distributed.tensor (seconds) to recognise DTensors, which a model directory never holds
+    return split_state_dict_into_shards_factory(state, get_storage_size=lambda t: t.numel() * t.element_size(),
+                                                filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_bytes)
 
 
 def write_shard_index(directory: Path, plan) -> None:
