@@ -43,9 +43,11 @@ def _unique_sibling(path: Path, create: Callable[[Path], object]) -> tuple[objec
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+def atomic_file(path: str | Path, mode: str = "wb", fsync: bool = True) -> Iterator[IO]:
     """A file object whose content replaces ``path`` durably when the block ends without an error
-    (``mode`` "wb" or "w": text is UTF-8); on an error the temporary file is removed, ``path`` untouched."""
+    (``mode`` "wb" or "w": text is UTF-8); on an error the temporary file is removed, ``path`` untouched.
+    ``fsync=False``: whole for readers but not kept across a crash, for a status file rewritten every
+    second that must never wait on a busy disk (the watchdog's heartbeat)."""
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_file writes a whole file: mode 'w' or 'wb', not {mode!r}")
     path = Path(path)
@@ -54,17 +56,20 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if fsync:
+        fsync_dir(path.parent)
 
 
-def atomic_write_text(path: str | Path, data: str | bytes) -> None:
-    """``path`` replaced durably by ``data`` (a string, written as UTF-8, or bytes)."""
-    with atomic_file(path, "w" if isinstance(data, str) else "wb") as f:
+def atomic_write_text(path: str | Path, data: str | bytes, fsync: bool = True) -> None:
+    """``path`` replaced durably by ``data`` (a string, written as UTF-8, or bytes); ``fsync``: see
+    ``atomic_file``."""
+    with atomic_file(path, "w" if isinstance(data, str) else "wb", fsync) as f:
         f.write(data)
 
 

@@ -71,7 +71,7 @@ class Watchdog:
         if changed or now - self._written >= self.poll_s:
             self._written = now
             record = {"rank": self.rank, "pid": os.getpid(), "phase": phase, "step": step, "time": time.time()}
-            atomic_write_text(self.heartbeat_path, json.dumps(record))
+            atomic_write_text(self.heartbeat_path, json.dumps(record), fsync=False)  # never waits on the disk
 
     def stop(self) -> None:
         if self._stacks is None:
@@ -104,7 +104,7 @@ class Watchdog:
             if idle > self.timeout_s:
                 reason = (f"rank {self.rank} made no progress for {idle:.0f}s (watchdog.timeout_s="
                           f"{self.timeout_s:g}) in phase {self._phase!r} after step {self._step}")
-                atomic_write_text(self.dir / MARKER, reason)
+                atomic_write_text(self.dir / MARKER, reason, fsync=False)  # a hung disk must not stop the watchdog
                 self._fire(reason, wait_for_peers=True)
             peer = self._peer_fired()
             if peer is not None:
