@@ -43,6 +43,8 @@ setup(
         "transformers>=4.40,<5",
         "tokenizers>=0.19,<0.23",
         "safetensors>=0.4",
+        "huggingface_hub>=0.24,<1.1",
+        "xxhash>=3",
         "pyarrow>=15",
         "pillow>=10",
         "wandb>=0.17",

@@ -438,8 +438,3 @@ def settings_help(cls: type, prefix: str = "") -> str:
             line += f"  {notes[f.name]}"
         rows.append(line)
     return "\n".join(rows)
-
-
-def _required(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}

@@ -341,17 +341,6 @@ def to_uint8(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float normalised with mean = std = 0.5 (what ``biomedgpt.models.ofa.normalise_images`` does)."""
-    return images.to(torch.float32).div_(127.5).sub_(1.0)
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL -> float [3, H, W] normalised with mean = std = 0.5 (values in [-1, 1]); the model's input scale."""
-    array = np.asarray(image, dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1).div_(127.5).sub_(1.0)
-
-
 def _draft_scale(size: tuple[int, int], covering: tuple[int, int]) -> int:
     """The DCT scale denominator PIL's ``draft`` picks: the largest of 8, 4, 2, 1 still covering ``covering``."""
     ratio = min(size[0] // max(covering[0], 1), size[1] // max(covering[1], 1))

@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 from streaming import MDSWriter
 from streaming.base.storage.upload import CloudUploader
 
+from biomedgpt.core.durable import publish_directory
 from biomedgpt.data.records import MDS_COLUMNS
 
 INDEX = "index.json"
@@ -230,15 +231,7 @@ class ShardWriter:
             self._remove_temp()
             self._remove_unreferenced()
         else:
-            final = Path(self.out)
-            trash = None
-            if final.exists():
-                trash = final.parent / f".{final.name}.old"
-                shutil.rmtree(trash, ignore_errors=True)
-                os.replace(final, trash)
-            os.replace(self._staging, final)
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
+            publish_directory(self._staging, self.out)
         self._committed = True
 
     def abort(self) -> None:

@@ -2,11 +2,15 @@
 -> index) and its cached CIDEr-D document frequencies (a ``defaultdict`` of n-gram tuples, numpy scalars).
 
 Neither ``torch.load(weights_only=True)`` nor ``json`` reads them: ``torch.load`` expects its own archive (a
-plain pickle fails its magic-number check), and torch's weights-only unpickler underneath it handles pickle
-protocol 2 only (protocols 0 and 4, which Python writes by default, fail with "Unsupported operand": measured
-with torch 2.14 on a protocol-4 answer list). ``pickle.loads`` would run whatever a crafted file names. This unpickler resolves only the globals on ``ALLOWED`` (containers
-and numpy scalars: nothing that calls code); any other global refuses the whole file with one line naming
-the file and the global. Checkpoints never come here (``engine/checkpoint/load.py`` reads them with
+plain pickle fails its magic-number check), and torch's weights-only unpickler underneath it (the private
+``torch._weights_only_unpickler``, no public entry for plain pickles) reads protocol 2 only: measured with
+torch 2.14.1, protocols 0, 4 and 5 fail with "Unsupported operand" (the original's ``*_class2label.pkl``
+files are protocol 4) and a ``defaultdict`` (the CIDEr cache) with "Can only SETITEM for dict".
+``pickle.loads`` would run whatever a crafted file names. So the standard library's own unpickler reads
+them, restricted as the pickle documentation shows ("Restricting Globals": only ``find_class`` is
+overridden; the opcodes are CPython's): it resolves only the globals on ``ALLOWED`` (containers and numpy
+scalars: nothing that calls code); any other global refuses the whole file with one line naming the file
+and the global. Checkpoints never come here (``engine/checkpoint/load.py`` reads them with
 ``torch.load(weights_only=True)``).
 """
 from __future__ import annotations

@@ -297,12 +297,3 @@ def device_peak(precision: str, override_tflops: float | None = None) -> DeviceP
     if device == "cpu" and dtype == torch.float16:
         dtype = torch.float32
     return DevicePeak(name, measure_matmul_tflops(dtype, device=device), "measured")
-
-
-def table_peak_tflops(gpu: str, precision: str, override: float | None = None) -> float:
-    """Dense peak TFLOP/s of a GPU named in ``GPU_PEAKS`` (for planning), unless ``override`` is given."""
-    if override is not None:
-        return override
-    if gpu not in GPU_PEAKS:
-        raise ValueError(f"unknown gpu {gpu!r}; known: {sorted(GPU_PEAKS)} (or set peak_tflops)")
-    return GPU_PEAKS[gpu][precision]

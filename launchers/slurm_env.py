@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Literal, Mapping, Optional, Sequence
 
 from biomedgpt.core.config import parse_cli
+from biomedgpt.core.durable import atomic_write_text
 
 # Environment variables whose values must not land in a run directory.
 _SECRET = re.compile(r"KEY|SECRET|TOKEN|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
@@ -192,12 +193,6 @@ class SlurmEnvConfig:
     log_dir: Optional[str] = None  # node-exec: where the deepspeed launcher writes one log per rank
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _redacted_env(env: Mapping[str, str]) -> str:
     return "".join(f"{k}={'<redacted>' if _SECRET.search(k) else v}\n" for k, v in sorted(env.items()))
 
@@ -226,11 +221,11 @@ def prepare(module: str, train_args: Sequence[str], env: Mapping[str, str]) -> s
     log_dir.mkdir(parents=True, exist_ok=True)
     hosts = hostfile_lines(env)
     hostfile = run_dir / "slurm" / f"hostfile.job{job_id}"
-    _write_atomic(hostfile, "\n".join(hosts) + "\n")
-    _write_atomic(capture / "hostfile", "\n".join(hosts) + "\n")
-    _write_atomic(capture / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    _write_atomic(capture / "command.txt", shlex.join(["python", "-m", module, *train_args]) + "\n")
-    _write_atomic(capture / "environment.txt", _redacted_env(env))
+    atomic_write_text(hostfile, "\n".join(hosts) + "\n")
+    atomic_write_text(capture / "hostfile", "\n".join(hosts) + "\n")
+    atomic_write_text(capture / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(capture / "command.txt", shlex.join(["python", "-m", module, *train_args]) + "\n")
+    atomic_write_text(capture / "environment.txt", _redacted_env(env))
     exports = {
         "BIOMEDGPT_RUN_DIR": str(run_dir),
         "BIOMEDGPT_LOG_DIR": str(log_dir),

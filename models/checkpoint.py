@@ -9,12 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pickle
 import pickletools
 import re
-import secrets
-import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -25,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from biomedgpt.core import durable
 from biomedgpt.models.config import ModelConfig
 from biomedgpt.models.ofa import BiomedGPT
 
@@ -47,6 +45,8 @@ HF_DECODER_LAYER = {"self_attn_mid_layer_norm": "self_attn_ln", "cross_attn_mid_
                     "cross_attn_layer_norm": "encoder_attn_layer_norm", "cross_attn": "encoder_attn",
                     "ffn_layer_norm": "ffn_layernorm"}
 HF_MARKERS = ("self_attn_mid_layer_norm", "ffn_layer_norm", "cross_attn_mid_layer_norm")
+WEIGHTS_PATTERN = "model{suffix}.safetensors"  # model.safetensors, or model-00001-of-00003.safetensors ...
+WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,20 +99,22 @@ def _numpy_globals() -> list:
 RELEASED_GLOBALS = [argparse.Namespace]
 
 
-def load_weights_only(path: str | Path, allowed: list | tuple = (), mmap: bool = False) -> Any:
+def load_weights_only(path: str | Path, allowed: list | tuple = (), mmap: bool = False, meta: bool = False) -> Any:
     """``torch.load(weights_only=True)`` under ``safe_globals(allowed)`` (plus numpy's reconstructors):
-    nothing in the file can run code. ``mmap``: tensors stay in the file, mapped, until read.
+    nothing in the file can run code. ``mmap``: tensors stay in the file, mapped, until read. ``meta``:
+    tensors on the meta device, nothing read (torch notes where each storage lies in the file:
+    ``tensor.untyped_storage()._checkpoint_offset``).
 
     Errors are one line naming the file: junk, truncated, or a global that is not allowed (named)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
-    _sniff_torch_file(path, zip_only=mmap)
+    _sniff_torch_file(path, zip_only=mmap or meta)
     allowed = [*_numpy_globals(), *allowed]
     try:
         with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # e.g. "pickle protocol 4": the refusal says more
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(path, map_location="meta" if meta else "cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         reason = str(exc)
         if "Weights only load failed" not in reason:
@@ -355,57 +357,39 @@ def model_state(model: BiomedGPT) -> dict[str, Tensor]:
 
 
 def write_dir_atomically(out_dir: Path, write, overwrite: bool) -> Path:
-    """Write into a temporary sibling, then rename: a crash never leaves a complete-looking directory."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
+    """``write(folder)`` fills a new folder that then replaces ``out_dir`` durably (``core/durable.py``):
+    a crash never leaves a complete-looking directory. An existing ``out_dir`` needs ``overwrite``."""
+    if Path(out_dir).exists() and not overwrite:
         raise CheckpointError(f"{out_dir} already exists (pass overwrite=true to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    while True:  # not tempfile.mkdtemp: its 0700 would keep the published folder from the group
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        try:
-            tmp.mkdir()
-            break
-        except FileExistsError:
-            continue
-    try:
-        write(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return durable.write_dir_atomically(out_dir, write)
+
+
+def shard_plan(state: dict[str, Tensor], max_shard_bytes: int):
+    """Which safetensors file each tensor goes to (``huggingface_hub``'s planner, in ``state``'s order: the
+    file names and index transformers reads); meta tensors plan a directory before any value exists."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    # split_torch_state_dict_into_shards with the size of each tensor itself: its own size function
+    # imports torch.distributed.tensor (seconds) to recognise DTensors, which a model directory never holds
+    return split_state_dict_into_shards_factory(state, get_storage_size=lambda t: t.numel() * t.element_size(),
+                                                filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_bytes)
+
+
+def write_shard_index(directory: Path, plan) -> None:
+    """``model.safetensors.index.json`` for a plan of several files (none for one)."""
+    if plan.is_sharded:
+        index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
+        (directory / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2))
 
 
 def write_model_files(directory: Path, state: dict[str, Tensor], cfg: ModelConfig, tokenizer=None,
                       max_shard_bytes: int = 2 << 30) -> None:
     """Write config, safetensors weights (sharded past ``max_shard_bytes``) and tokenizer into ``directory``."""
     (directory / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor.contiguous()
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, directory / name, metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": weight_map}
-        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    plan = shard_plan(state, max_shard_bytes)
+    for filename, keys in plan.filename_to_tensors.items():
+        save_file({k: state[k].contiguous() for k in keys}, directory / filename, metadata={"format": "pt"})
+    write_shard_index(directory, plan)
     if tokenizer is not None:
         tokenizer.save(directory / "tokenizer")
 
@@ -438,8 +422,8 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
 def model_weight_files(model_dir: str | Path) -> list[Path]:
     """The safetensors files of a model directory (one, or the shards its index names)."""
     model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    return ([model_dir / "model.safetensors"] if not index.exists()
+    index = model_dir / WEIGHTS_INDEX
+    return ([model_dir / WEIGHTS_PATTERN.format(suffix="")] if not index.exists()
             else [model_dir / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))])
 
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
+
+from biomedgpt.core.durable import atomic_write_text
 
 BOS, PAD, EOS, UNK = "<s>", "<pad>", "</s>", "<unk>"
 RESERVED = (BOS, PAD, EOS, UNK)
@@ -199,14 +200,14 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         vocab = {token: i for i, token in enumerate(self._tokens)}
-        _write_atomic(directory / VOCAB_FILE, json.dumps(vocab, ensure_ascii=False))
-        _write_atomic(directory / MERGES_FILE, self.merges_text())
+        atomic_write_text(directory / VOCAB_FILE, json.dumps(vocab, ensure_ascii=False))
+        atomic_write_text(directory / MERGES_FILE, self.merges_text())
         config = {
             "format": FORMAT, "version": FORMAT_VERSION, "source": self.source,
             "vocab_size": self.vocab_size, "num_codes": self.num_codes, "num_bins": self.num_bins,
             "mask_id": self.mask_id, "first_code_id": self.first_code_id, "first_bin_id": self.first_bin_id,
         }
-        _write_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
     def merges_text(self) -> str:
         """The merge rules as a ``merges.txt`` (GPT-2 / BART format)."""
@@ -347,17 +348,3 @@ def _read_merges(path: Path, vocab: set[str]) -> list[tuple[str, str]]:
                 raise TokenizerError(f"{path}:{lineno}: {token!r} is not in the vocabulary")
         merges.append((parts[0], parts[1]))
     return merges
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's modes (mkstemp: 0600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -94,7 +94,7 @@ def _full_state(module, stage: int) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def _logits(module, cfg) -> torch.Tensor:
-    from biomedgpt.engine.checkpoint.zero_reader import sample_batch
+    from biomedgpt.engine.checkpoint.verify import sample_batch
 
     module.eval()
     out = module(**sample_batch(cfg))
@@ -241,7 +241,9 @@ def model_cfg():
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_round_trip_matches_live_model(runs, stage, tmp_path, model_cfg):
     from biomedgpt.models.checkpoint import TIED_ALIASES, load_pretrained, read_model_weights
-    from biomedgpt.engine.checkpoint.zero_reader import consolidate, open_checkpoint, sample_batch
+    from biomedgpt.engine.checkpoint.consolidate import consolidate
+    from biomedgpt.engine.checkpoint.verify import sample_batch
+    from biomedgpt.engine.checkpoint.zero_reader import open_checkpoint
 
     ckpt = open_checkpoint(runs / f"zero{stage}")  # the run directory: checkpoints/latest picks the tag
     assert (ckpt.stage, ckpt.world_size, ckpt.step, ckpt.tag) == (stage, 2, SAVE_STEP, f"step_{SAVE_STEP:08d}")
@@ -260,7 +262,9 @@ def test_ema_and_bf16(runs, tmp_path, model_cfg):
     """ZeRO-3's EMA is partitioned per rank; ZeRO-0's and ZeRO-1's are whole on every rank."""
     from biomedgpt.models.checkpoint import load_pretrained
     from safetensors import safe_open
-    from biomedgpt.engine.checkpoint.zero_reader import consolidate, open_checkpoint, sample_batch
+    from biomedgpt.engine.checkpoint.consolidate import consolidate
+    from biomedgpt.engine.checkpoint.verify import sample_batch
+    from biomedgpt.engine.checkpoint.zero_reader import open_checkpoint
 
     batch = sample_batch(model_cfg)
     for stage in (0, 1, 3):
@@ -287,7 +291,8 @@ def test_bf16_training_checkpoints(runs, tmp_path, model_cfg, stage):
     the bf16 output equals the live bf16 weights, with and without EMA, and inspect calls it usable."""
     from biomedgpt.models.checkpoint import TIED_ALIASES, read_model_weights
     from biomedgpt.tools import inspect_checkpoint
-    from biomedgpt.engine.checkpoint.zero_reader import consolidate, open_checkpoint
+    from biomedgpt.engine.checkpoint.consolidate import consolidate
+    from biomedgpt.engine.checkpoint.zero_reader import open_checkpoint
 
     run = runs / f"zero{stage}-bf16"
     ckpt = open_checkpoint(run)
@@ -308,7 +313,9 @@ def test_bf16_training_checkpoints(runs, tmp_path, model_cfg, stage):
 def test_verify_against_deepspeed_live_model_and_checksums(runs, tmp_path, model_cfg):
     from biomedgpt.models.checkpoint import CheckpointError, load_into
     from biomedgpt.models.ofa import BiomedGPT
-    from biomedgpt.engine.checkpoint.zero_reader import consolidate, open_checkpoint, reference_state, verify
+    from biomedgpt.engine.checkpoint.consolidate import consolidate
+    from biomedgpt.engine.checkpoint.verify import reference_state, verify
+    from biomedgpt.engine.checkpoint.zero_reader import open_checkpoint
 
     ckpt = open_checkpoint(tag_dir(runs, 3))
     # verified against DeepSpeed's zero_to_fp32 before the directory is published
@@ -340,7 +347,8 @@ def _assert_no_output(parent: Path) -> None:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_broken_checkpoints_name_the_file(runs, tmp_path, model_cfg, stage):
     from biomedgpt.models.checkpoint import CheckpointError
-    from biomedgpt.engine.checkpoint.zero_reader import consolidate, open_checkpoint
+    from biomedgpt.engine.checkpoint.consolidate import consolidate
+    from biomedgpt.engine.checkpoint.zero_reader import open_checkpoint
 
     out_parent = tmp_path / "out"
     out_parent.mkdir()
@@ -369,7 +377,7 @@ def test_broken_checkpoints_name_the_file(runs, tmp_path, model_cfg, stage):
         open_checkpoint(meta)
 
     # A shard that disappears mid-consolidation (pruned by a concurrent run): the opened files stay
-    # mapped, so the output is still complete and the same, and nothing half-written is left.
+    # open, so the output is still complete and the same, and nothing half-written is left.
     vanishing = _copy_tag(runs, stage, tmp_path / "vanishing" / "step")
     ckpt = open_checkpoint(vanishing)
     previous = consolidate(ckpt, out_parent / "model", model_cfg, progress=False).output
@@ -435,10 +443,13 @@ def test_deepspeed_zero_to_fp32_reads_a_background_zero3_checkpoint(runs, tmp_pa
 
 def test_universal_reshard_resumes_on_one_rank(runs, tmp_path, model_cfg):
     from biomedgpt.models.checkpoint import load_pretrained
-    from biomedgpt.engine.checkpoint.zero_reader import consolidate, open_checkpoint, sample_batch, to_universal
+    from biomedgpt.engine.checkpoint.consolidate import consolidate
+    from biomedgpt.engine.checkpoint.manager import to_universal
+    from biomedgpt.engine.checkpoint.verify import sample_batch
+    from biomedgpt.engine.checkpoint.zero_reader import open_checkpoint
 
     source = _copy_tag(runs, 3, tmp_path / "checkpoints" / f"step_{SAVE_STEP:08d}")
-    universal = to_universal(open_checkpoint(source))
+    universal = to_universal(open_checkpoint(source).directory)
     assert universal == source / "universal" and (universal / "zero").is_dir()
     out = tmp_path / "losses.json"
     run_ranks(1, "resume", str(source), str(out))
@@ -460,7 +471,7 @@ def test_cli_consolidate_inspect_and_export(runs, tmp_path, model_cfg, capsys, v
     from biomedgpt.models.checkpoint import import_released
     from biomedgpt.tools import consolidate as consolidate_cli
     from biomedgpt.tools import export_hf, inspect_checkpoint
-    from biomedgpt.engine.checkpoint.zero_reader import sample_batch
+    from biomedgpt.engine.checkpoint.verify import sample_batch
 
     assert inspect_checkpoint.main([f"path={runs / 'zero3'}", "json=true"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -498,7 +509,7 @@ def test_biomedgpt_command_on_zero0_checkpoint(runs, tmp_path, model_cfg):
     """The README's `biomedgpt inspect-checkpoint` / `consolidate checkpoint=runs/demo` on a ZeRO-0 run (the
     demo's default stage), through the installed console command."""
     from biomedgpt.models.checkpoint import load_pretrained
-    from biomedgpt.engine.checkpoint.zero_reader import sample_batch
+    from biomedgpt.engine.checkpoint.verify import sample_batch
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
     cli = [sys.executable, "-m", "biomedgpt.tools.cli"]

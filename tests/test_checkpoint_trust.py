@@ -189,6 +189,51 @@ def test_atomic_writes_get_the_umask_modes(tmp_path, vocab_dir):
     assert (tmp_path / "meta.json").stat().st_mode & 0o777 == 0o640
 
 
+def test_a_failed_atomic_write_leaves_the_old_file_or_folder_and_no_temporary(tmp_path):
+    """core/durable.py, the one atomic write: an error midway leaves the previous file / folder as it was
+    and nothing beside it; a finished write replaces it."""
+    from biomedgpt.core.durable import atomic_file, atomic_write_text, write_dir_atomically
+
+    atomic_write_text(tmp_path / "latest", "old")
+    with pytest.raises(OSError, match="disk gone"):
+        with atomic_file(tmp_path / "latest", "w") as f:
+            f.write("half of the new")
+            raise OSError("disk gone")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights").write_text("old")
+
+    def fail(folder: Path) -> None:
+        (folder / "weights").write_text("half")
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        write_dir_atomically(tmp_path / "model", fail)
+    assert (tmp_path / "latest").read_text() == "old" and (tmp_path / "model" / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "model"]
+    atomic_write_text(tmp_path / "latest", b"new")
+    write_dir_atomically(tmp_path / "model", lambda folder: (folder / "weights").write_text("new"))
+    assert (tmp_path / "latest").read_text() == "new" and (tmp_path / "model" / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "model"]
+
+
+def test_every_rename_into_place_is_core_durables():
+    """Files and folders are published only through core/durable.py (fsynced, then renamed): no other module
+    renames or fsyncs. Exceptions: ds_to_universal's output moved inside its unpublished folder, the
+    watchdog's stack log flushed to disk."""
+    root = Path(__file__).resolve().parents[1]
+    allowed = {("core/durable.py", "os.replace("), ("core/durable.py", "os.fsync("),
+               ("engine/checkpoint/manager.py", "os.replace("), ("engine/distributed/watchdog.py", "os.fsync(")}
+    found = []
+    for folder in ("core", "models", "data", "engine", "tools", "launchers"):
+        for path in sorted((root / folder).rglob("*.py")):
+            text = path.read_text()
+            for call in ("os.replace(", "os.rename(", ".rename(", "os.fsync(", "shutil.move("):
+                name = str(path.relative_to(root))
+                if call in text and (name, call) not in allowed:
+                    found.append(f"{name}: {call}")
+    assert not found, found
+
+
 # ----------------------------------------------------------------------------------------------
 # Disk full during a save: one line at the failing save, latest untouched
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def worker(out: Path) -> None:
     from biomedgpt.engine.train.ema import EMA
     from biomedgpt.models.config import ModelSpec
     from biomedgpt.models.ofa import BiomedGPT
-    from biomedgpt.engine.checkpoint.zero_reader import sample_batch
+    from biomedgpt.engine.checkpoint.verify import sample_batch
     from test_checkpoint_tools import MODEL, _engine, _train_step
 
     info = init_distributed("gloo")

@@ -22,7 +22,7 @@ SETTINGS = dict(enabled=True, r=4, alpha=8.0, target_modules=["q_proj", "v_proj"
 
 
 def _batch(cfg, seed: int = 0) -> dict:
-    from biomedgpt.engine.checkpoint.zero_reader import sample_batch
+    from biomedgpt.engine.checkpoint.verify import sample_batch
 
     return sample_batch(cfg, seed=seed)
 
@@ -161,7 +161,9 @@ def _losses(out: Path) -> dict[int, float]:
 def test_two_ranks_train_checkpoint_resume_and_merge(tmp_path):
     from test_checkpoint_tools import _free_port
 
-    from biomedgpt.engine.checkpoint.zero_reader import consolidate, open_checkpoint, reference_state
+    from biomedgpt.engine.checkpoint.consolidate import consolidate
+    from biomedgpt.engine.checkpoint.verify import reference_state
+    from biomedgpt.engine.checkpoint.zero_reader import open_checkpoint
     from biomedgpt.models.checkpoint import load_into, read_model_config, read_model_weights
     from biomedgpt.models.ofa import BiomedGPT
 

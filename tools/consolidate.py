@@ -5,7 +5,7 @@
 
 ``checkpoint`` is a run's output directory, its ``checkpoints/`` root (``latest`` picks the tag) or a tag
 directory; ZeRO 1/2/3 from any world size, stage 0 and universal checkpoints. Tensors are streamed one
-at a time (memory about the largest tensor, see ``engine/checkpoint/zero_reader.py``); the directory appears
+at a time (memory about the largest tensor, see ``engine/checkpoint/consolidate.py``); the directory appears
 complete or not at all. ``verify=true`` checks, before the directory is published, every tensor against
 DeepSpeed's own ``zero_to_fp32`` reconstruction and a forward pass (that step holds the model in memory).
 A LoRA run's checkpoint needs ``merge_lora=true``: peft merges each adapter into its weight as it streams, and
@@ -23,7 +23,9 @@ from biomedgpt.models.checkpoint import CheckpointError
 from biomedgpt.models.config import ModelSpec, Precision
 from biomedgpt.models.tokenizer import TokenizerError
 from biomedgpt.tools.import_checkpoint import load_any_tokenizer
-from biomedgpt.engine.checkpoint.zero_reader import ZeroCheckpoint, checkpoint_model_config, consolidate, open_checkpoint
+from biomedgpt.engine.checkpoint.consolidate import consolidate
+from biomedgpt.engine.train.host_memory import set_mmap_threshold
+from biomedgpt.engine.checkpoint.zero_reader import ZeroCheckpoint, checkpoint_model_config, open_checkpoint
 
 
 @dataclass
@@ -80,6 +82,7 @@ def run(cfg: ConsolidateConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(ConsolidateConfig, argv, description=__doc__)
+    set_mmap_threshold(1)  # blocks freed on the way (building the model's key list) go back to the OS
     try:
         run(cfg)
     except (CheckpointError, TokenizerError) as exc:

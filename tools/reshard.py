@@ -15,7 +15,8 @@ from typing import Optional
 
 from biomedgpt.core.config import PathStr, parse_cli
 from biomedgpt.models.checkpoint import CheckpointError
-from biomedgpt.engine.checkpoint.zero_reader import open_checkpoint, to_universal
+from biomedgpt.engine.checkpoint.manager import to_universal
+from biomedgpt.engine.checkpoint.zero_reader import open_checkpoint
 from biomedgpt.tools.cli import one_line_errors
 
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{ckpt.directory} ({'universal' if ckpt.universal else 'ZeRO-0'}, {ckpt.world_size} ranks): "
               "resumes on any number of ranks as it is; nothing to convert")
         return 0
-    out = to_universal(ckpt, cfg.output, cfg.overwrite)
+    out = to_universal(ckpt.directory, cfg.output, cfg.overwrite)
     print(f"{ckpt.directory} (ZeRO-{ckpt.stage}, {ckpt.world_size} ranks) -> universal checkpoint {out}")
     return 0
 

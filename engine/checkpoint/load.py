@@ -27,9 +27,10 @@ def checkpoint_globals() -> tuple:
     return (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
 
 
-def load_checkpoint_file(path: str | Path, mmap: bool = True) -> Any:
-    """One checkpoint file, weights-only; with ``mmap`` its tensors stay in the file (mapped) until read.
+def load_checkpoint_file(path: str | Path, mmap: bool = True, meta: bool = False) -> Any:
+    """One checkpoint file, weights-only; with ``mmap`` its tensors stay in the file (mapped) until read,
+    with ``meta`` none is read (meta tensors; where each lies in the file: ``zero_reader.CheckpointFile``).
     Raises ``CheckpointError`` (one line naming the file) for a missing, junk, truncated or unsafe file."""
     from biomedgpt.models.checkpoint import load_weights_only
 
-    return load_weights_only(path, list(checkpoint_globals()), mmap=mmap)
+    return load_weights_only(path, list(checkpoint_globals()), mmap=mmap and not meta, meta=meta)

@@ -35,7 +35,7 @@ import torch
 from biomedgpt.engine.checkpoint import layout
 from biomedgpt.engine.checkpoint.layout import TAG_RE, tag_for
 from biomedgpt.engine.checkpoint.writer import BackgroundWriter, os_error, snapshot_engine
-from biomedgpt.core.durable import atomic_write_text, fsync_dir
+from biomedgpt.core.durable import atomic_write_text
 from biomedgpt.engine.distributed.process_group import all_reduce, barrier
 from biomedgpt.core.user_errors import UserError
 
@@ -53,16 +53,48 @@ class ResumeError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed (incomplete, unsafe, or missing a rank's state)."""
 
 
-def load_file(path: str | Path) -> Any:
-    """A checkpoint file for resuming (into memory, not mapped), weights-only: a crafted file is refused
-    with one line (``ResumeError``), nothing in it runs."""
+def load_file(path: str | Path, meta: bool = False) -> Any:
+    """A checkpoint file for resuming (into memory, not mapped; ``meta``: only checked, no tensor read),
+    weights-only: a crafted file is refused with one line (``ResumeError``), nothing in it runs."""
     from biomedgpt.engine.checkpoint.load import load_checkpoint_file
     from biomedgpt.models.checkpoint import CheckpointError
 
     try:
-        return load_checkpoint_file(path, mmap=False)
+        return load_checkpoint_file(path, mmap=False, meta=meta)
     except CheckpointError as exc:
         raise ResumeError(f"{exc}; the checkpoint cannot be resumed") from None
+
+
+def to_universal(tag_dir: str | Path, output: str | Path | None = None, overwrite: bool = False) -> Path:
+    """DeepSpeed's ``ds_to_universal`` on a ZeRO 1-3 tag, published atomically (default ``<tag>/universal``);
+    the one conversion, for ``biomedgpt reshard`` and for a run resuming on another world size or stage.
+
+    Every file of the tag is read weights-only first (the converter unpickles them all): a crafted one is
+    refused (``CheckpointError``) before it runs. A run then resumes on any number of ranks with
+    ``"checkpoint": {"load_universal": true}`` and ``load_checkpoint(<tag dir>, tag="universal")``."""
+    from biomedgpt.engine.checkpoint.load import load_checkpoint_file
+    from biomedgpt.models.checkpoint import CheckpointError, write_dir_atomically
+
+    tag_dir = Path(tag_dir)
+    for path in sorted(tag_dir.glob("*.pt")):
+        load_checkpoint_file(path, meta=True)
+    out = Path(output) if output is not None else tag_dir / layout.UNIVERSAL_DIR
+
+    def convert(folder: Path) -> None:
+        target = folder / "ckpt"  # ds_to_universal writes a pointer file beside its output: kept out
+        result = subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+             "--output_folder", str(target), "--num_extract_workers", "1", "--num_merge_workers", "1",
+             "--inject_missing_state"], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise CheckpointError(f"ds_to_universal failed on {tag_dir}:\n{result.stdout[-2000:]}\n"
+                                  f"{result.stderr[-4000:]}")
+        for item in target.iterdir():
+            os.replace(item, folder / item.name)
+        target.rmdir()
+        (folder / layout.LATEST_UNIVERSAL_FILE).unlink(missing_ok=True)
+
+    return write_dir_atomically(out, convert, overwrite)
 
 
 def rng_state() -> dict:
@@ -113,30 +145,20 @@ class CheckpointManager:
         return plan.needs_universal(meta["zero_stage"], meta["world_size"])
 
     def prepare_universal(self, tag: str) -> tuple[str, str]:
-        """Convert ``tag`` once (rank 0, atomically) with deepspeed's ds_to_universal; returns (load_dir, tag)."""
+        """Convert ``tag`` once (rank 0, ``to_universal``); returns (load_dir, tag) for DeepSpeed's loader."""
+        from biomedgpt.models.checkpoint import CheckpointError
+
         out = self.root / tag / layout.UNIVERSAL_DIR
         if self.rank == 0 and not out.exists():
-            self._check_files(sorted((self.root / tag).glob("*.pt")))  # ds_to_universal unpickles them all
-            tmp = self.root / tag / ".universal.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            result = subprocess.run(
-                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                 str(self.root / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
-                 "--num_merge_workers", "1"],
-                capture_output=True, text=True)
-            if result.returncode != 0:
-                raise ResumeError(f"converting {self.root / tag} to a universal checkpoint failed:\n"
-                                  f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-            os.replace(tmp, out)
+            try:
+                to_universal(self.root / tag)
+            except CheckpointError as exc:
+                raise ResumeError(f"{exc}; the checkpoint cannot be resumed") from None
         barrier()
         # DeepSpeed loads the universal files with torch.load(weights_only=False): each is checked first
-        self._check_files(sorted(out.rglob("*.pt")))
+        for path in sorted(out.rglob("*.pt")):
+            load_file(path, meta=True)
         return str(self.root / tag), layout.UNIVERSAL_DIR
-
-    @staticmethod
-    def _check_files(paths: list[Path]) -> None:
-        for path in paths:
-            load_file(path)
 
     def attach(self, engine) -> None:
         """Route the DeepSpeed engine's checkpoint files through this manager: its saves to the writer, its
@@ -254,7 +276,6 @@ class CheckpointManager:
         """After this rank's files are durable (writer thread, or inline): mark them; rank 0 commits."""
         tag_dir = self.root / tag
         atomic_write_text(tag_dir / layout.complete_mark(self.rank), "")
-        fsync_dir(tag_dir)
         if self.rank != 0:
             return
         deadline = time.monotonic() + self.timeout_s
@@ -268,9 +289,7 @@ class CheckpointManager:
             time.sleep(0.05)
         meta = {"step": step, "world_size": self.world_size, "zero_stage": zero_stage}
         atomic_write_text(tag_dir / layout.META_FILE, json.dumps(meta))
-        fsync_dir(tag_dir)
         atomic_write_text(self.root / layout.LATEST_FILE, tag)
-        fsync_dir(self.root)
         self._prune(keep=tag)
 
     def _prune(self, keep: str) -> None:

@@ -133,7 +133,7 @@ def _files_to_check(tag_dir: Path, rank: int) -> list[Path]:
 
 def _problem(path: Path) -> CheckpointError | None:
     try:
-        load_checkpoint_file(path)
+        load_checkpoint_file(path, meta=True)
     except CheckpointError as exc:
         return exc
     return None
@@ -169,7 +169,7 @@ def check_resumable(root: str | Path, tag: str, rank: int, run_config: dict) -> 
     if not states:
         raise ResumeError(f"{tag_dir}: no DeepSpeed model-states file, so checkpoint {tag} cannot be resumed; "
                           f"{_way_out(root, tag, output_dir)}")
-    client = load_checkpoint_file(states[0])
+    client = load_checkpoint_file(states[0], meta=True)
     saved = client.get("config") if isinstance(client, dict) else None
     if not isinstance(saved, dict):
         return []

@@ -42,26 +42,16 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from biomedgpt.core.durable import fsync_dir
+from biomedgpt.core.durable import atomic_file
 
 #: Fault injection for tests: seconds the background writer sleeps before each file (0: none).
 DELAY_ENV = "BIOMEDGPT_CHECKPOINT_WRITE_DELAY_S"
 
 
 def durable_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary name, fsync, rename over ``path``, fsync the directory."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    """``torch.save`` through the atomic, fsynced write of ``core/durable.py``."""
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 class HostSnapshot:

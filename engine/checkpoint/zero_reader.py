@@ -1,13 +1,13 @@
-"""DeepSpeed ZeRO checkpoints read tensor by tensor: inspection, streaming consolidation, verification.
+"""DeepSpeed ZeRO checkpoints read tensor by tensor: what a tag holds, and each parameter's values.
 
-DeepSpeed's ``zero_to_fp32`` unpickles every rank's optimizer file and concatenates whole flat partitions,
-so consolidating needs several copies of the model in host memory. Here every file is read with
-``torch.load(weights_only=True, mmap=True)`` under an allow-list of what DeepSpeed writes
-(``engine/checkpoint/load.py``: a crafted file is refused, nothing in it runs): tensors stay in the
-mapped file, and each output tensor is assembled from slices of the ranks' fp32 master partitions,
-converted and written straight into a safetensors file before the next one is read, the pages it
-read given back (``CheckpointFile.release``). Peak memory is about the largest tensor, whatever the
-model size or the number of ranks.
+DeepSpeed's ``zero_to_fp32`` unpickles every rank's optimizer file whole and concatenates the flat
+partitions, so it holds several copies of the model in host memory. Here every file is unpickled with
+``torch.load(weights_only=True)`` under the allow-list of what DeepSpeed writes (``engine/checkpoint/load.py``:
+a crafted file is refused, nothing in it runs) onto the meta device: no tensor byte is read, and torch
+notes where each storage lies in the file. A parameter is then read (``pread``) from the ranks' fp32
+master partitions straight into its own buffer, one at a time: memory is about the largest tensor,
+whatever the model size or the number of ranks. ``engine/checkpoint/consolidate.py`` writes them out,
+``engine/checkpoint/verify.py`` checks the result.
 
 Layouts understood (DeepSpeed 0.19, cf. ``deepspeed/utils/zero_to_fp32.py``):
 
@@ -20,22 +20,18 @@ Layouts understood (DeepSpeed 0.19, cf. ``deepspeed/utils/zero_to_fp32.py``):
 - a universal checkpoint (``ds_to_universal``): one fp32 file per parameter.
 
 Buffers (BatchNorm statistics) come from rank 0's model-states file; EMA weights from the engine's
-per-rank state files (see ``engine/train/ema.py``). The file names: ``engine/checkpoint/layout.py``.
+per-rank state files (see ``engine/train/ema.py``). The model config of a tag: ``checkpoint_model_config``.
+The file names: ``engine/checkpoint/layout.py``.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import functools
-import hashlib
 import json
 import math
-import mmap
 import os
 import re
-import struct
-import subprocess
 import sys
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -44,12 +40,9 @@ import torch
 from torch import Tensor
 
 from biomedgpt.engine.checkpoint import layout
-from biomedgpt.engine.checkpoint.layout import MODEL_FILE_RE, OPTIM_FILE_RE, REPORT_FILE
-from biomedgpt.models.checkpoint import (TIED_ALIASES, TIED_KEY, CheckpointError, write_dir_atomically,
-                               read_model_config, read_model_weights)
+from biomedgpt.engine.checkpoint.layout import MODEL_FILE_RE, OPTIM_FILE_RE
+from biomedgpt.models.checkpoint import TIED_ALIASES, TIED_KEY, CheckpointError
 from biomedgpt.models.config import DATA_FIELDS, ModelConfig, ModelSpec, spec_from_saved
-from biomedgpt.models.ofa import BiomedGPT
-from biomedgpt.models.precision import torch_dtype
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Top-level keys DeepSpeed itself writes into a model-states file; anything else is the client state.
@@ -57,74 +50,49 @@ DS_MODEL_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_
                  "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
                  "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size",
                  "checkpoint_parallel_dimensions", "ds_config", "ds_version", "universal_checkpoint_info"}
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoint files: weights-only, tensors mapped from disk
+# Checkpoint files: weights-only, tensors read where they lie
 # ----------------------------------------------------------------------------------------------
 
 
 class CheckpointFile:
-    """One ``torch.save`` file of a tag, read by ``engine/checkpoint/load.py`` (weights-only: a file that
-    refers to anything else is refused, nothing in it runs) with ``mmap=True``: its tensors are views of
-    the file mapped into memory, so opening reads only the pickle and each tensor's bytes are read when
-    copied. ``release`` drops pages already copied from this process's resident memory."""
+    """One ``torch.save`` file of a tag, unpickled weights-only onto the meta device (a file that refers
+    to anything else is refused, nothing in it runs; no tensor byte is read). ``read_into`` copies a
+    tensor's elements from the file into a buffer (``os.preadv``: no mapping, so nothing of the file
+    stays resident). The file stays open: one deleted meanwhile (pruned by a running job) is still read."""
 
     def __init__(self, path: str | Path):
         from biomedgpt.engine.checkpoint.load import load_checkpoint_file
 
+        if sys.byteorder != "little":  # torch.save writes little-endian; the meta load does not swap
+            raise CheckpointError(f"{path}: reading checkpoints needs a little-endian host")
         self.path = Path(path)
-        self.obj = load_checkpoint_file(self.path)
-        self._mapped = _mapped_ranges(self.path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            self._fd = None  # load_checkpoint_file names the problem (missing, unreadable)
+        else:
+            weakref.finalize(self, os.close, self._fd)
+        self.obj = load_checkpoint_file(self.path, meta=True)
 
-    def populate(self, tensor: Tensor) -> None:
-        """Map ``tensor``'s pages in one call before it is copied (instead of one page fault per page)."""
-        self._advise(tensor, MADV_POPULATE_READ)
-
-    def release(self, tensor: Tensor) -> None:
-        """Give back the resident pages of ``tensor``'s bytes in this file's mapping (clean file pages:
-        the kernel re-reads them if they are touched again). Without it a consolidation's resident memory
-        would grow by every byte it reads; with it, it stays about one tensor. Linux only (elsewhere
-        nothing is given back early)."""
-        self._advise(tensor, mmap.MADV_DONTNEED)
-
-    def _advise(self, tensor: Tensor, advice: int) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        begin = tensor.data_ptr()
-        for lo, hi in self._mapped:
-            if lo <= begin and begin + nbytes <= hi:
-                first = begin - begin % mmap.PAGESIZE
-                last = min(hi, -(-(begin + nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE)
-                _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), advice)  # -1 if unknown: fine
-                return
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True) if hasattr(mmap, "MADV_DONTNEED") else None
-MADV_POPULATE_READ = 22  # Linux 5.14+; older kernels refuse it (EINVAL) and pages fault in one by one
-
-
-def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
-    """Address ranges at which ``path`` is mapped into this process (from ``/proc/self/maps``): pages are
-    only given back inside them, so nothing else is ever touched."""
-    if _LIBC is None:
-        return []
-    try:
-        info = os.stat(path)
-        with open("/proc/self/maps") as maps:
-            lines = maps.readlines()
-    except OSError:
-        return []
-    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}"
-    ranges = []
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if len(fields) >= 5 and fields[3] == device and fields[4] == str(info.st_ino):
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            ranges.append((lo, hi))
-    return ranges
+    def read_into(self, tensor: Tensor, start: int, out: Tensor) -> None:
+        """``out.numel()`` elements of ``tensor`` (a meta tensor of this file, read as a flat vector) from
+        element ``start`` into ``out`` (contiguous, same dtype)."""
+        offset = getattr(tensor.untyped_storage(), "_checkpoint_offset", None)
+        if offset is None or not tensor.is_contiguous() or out.dtype != tensor.dtype:
+            raise CheckpointError(f"{self.path}: a tensor torch did not place in the file (not read with "
+                                  f"CheckpointFile?)")
+        if start < 0 or start + out.numel() > tensor.numel():
+            raise CheckpointError(f"{self.path}: read {start}+{out.numel()} past a tensor of {tensor.numel()}")
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        position = offset + (tensor.storage_offset() + start) * tensor.element_size()
+        while len(view):
+            count = os.preadv(self._fd, [view], position)
+            if count == 0:
+                raise CheckpointError(f"{self.path}: ends inside a tensor (truncated); copy the file again")
+            view, position = view[count:], position + count
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,46 +134,40 @@ class ParamSource:
 
     shape: tuple[int, ...]
     dtype: torch.dtype
-    read: Callable[[], Tensor]
+    read: Callable[..., Tensor]  # read(buffer=None): into ``buffer`` (flat uint8, reused) when it fits
     origin: str  # the file the values come from, for error messages
 
 
-#: elements copied out of a mapped file before its pages are given back
-COPY_CHUNK = 1 << 20
 #: (file, tensor of that file, first element, number of elements): one piece of an output tensor
 Segment = tuple[CheckpointFile, Tensor, int, int]
 
 
-def _read_segments(segments: list[Segment], shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """Concatenate the pieces into one tensor of ``shape`` (surplus padding dropped), giving back the
-    pages read."""
+def _read_segments(segments: list[Segment], shape: tuple[int, ...], dtype: torch.dtype,
+                   buffer: Tensor | None = None) -> Tensor:
+    """Concatenate the pieces into one tensor of ``shape`` (surplus padding dropped), in ``buffer`` (a
+    flat uint8 tensor reused from tensor to tensor) when it is large enough."""
     numel = math.prod(shape)
-    out = torch.empty(numel, dtype=dtype)
+    nbytes = numel * dtype.itemsize
+    out = (buffer[:nbytes].view(dtype) if buffer is not None and buffer.numel() >= nbytes
+           else torch.empty(numel, dtype=dtype))
     pos = 0
     for source, tensor, start, count in segments:
         count = min(count, numel - pos)
         if count <= 0:
             break
-        if start + count > tensor.numel():
-            raise CheckpointError(f"{source.path}: read {start}+{count} past a tensor of {tensor.numel()}")
-        flat = tensor.reshape(-1)
-        for lo in range(start, start + count, COPY_CHUNK):  # in chunks: few mapped pages resident at once
-            piece = flat[lo:min(lo + COPY_CHUNK, start + count)]
-            source.populate(piece)
-            out[pos + lo - start:pos + lo - start + piece.numel()].copy_(piece)
-            source.release(piece)
+        source.read_into(tensor, start, out[pos:pos + count])
         pos += count
     if pos != numel:
         raise CheckpointError(f"{segments[0][0].path}: only {pos} of {numel} values found")
     return out.view(shape)
 
 
-def _read_whole(source: CheckpointFile, tensor: Tensor) -> Tensor:
-    """A copy of a saved tensor (its pages given back as they are copied)."""
-    return _read_segments([(source, tensor, 0, tensor.numel())], tuple(tensor.shape), tensor.dtype)
+def _read_whole(source: CheckpointFile, tensor: Tensor, buffer: Tensor | None = None) -> Tensor:
+    """A copy of a saved tensor."""
+    return _read_segments([(source, tensor, 0, tensor.numel())], tuple(tensor.shape), tensor.dtype, buffer)
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
     for prefix in WRAPPER_PREFIXES:
         if name.startswith(prefix):
             name = name[len(prefix):]
@@ -267,9 +229,9 @@ class ZeroCheckpoint:
         buffers = set(self.model_state.get("buffer_names") or [])
         shapes, seen = {}, set()
         for name, value in module.items():
-            if name in buffers or not isinstance(value, Tensor) or _canonical(name) in seen:
+            if name in buffers or not isinstance(value, Tensor) or canonical_name(name) in seen:
                 continue
-            seen.add(_canonical(name))
+            seen.add(canonical_name(name))
             shapes[name] = tuple(value.shape)
         return shapes
 
@@ -286,7 +248,7 @@ class ZeroCheckpoint:
             sources = self._universal_sources()
         elif self.stage == 0:
             module = self.model_state["module"]
-            sources = {_canonical(n): self._whole(module[n], self.model_files[0])
+            sources = {canonical_name(n): self._whole(module[n], self.model_files[0])
                        for g in self.param_shapes() for n in g}
         elif self.stage <= 2:
             sources = self._zero12_sources()
@@ -301,7 +263,7 @@ class ZeroCheckpoint:
         missing = [n for n in names if n not in module]
         if missing:
             raise CheckpointError(f"{self.model_files[0].path}: buffers {missing[:5]} listed but not saved")
-        return {_canonical(n): self._whole(module[n], self.model_files[0]) for n in names}
+        return {canonical_name(n): self._whole(module[n], self.model_files[0]) for n in names}
 
     def ema_sources(self) -> dict[str, ParamSource]:
         """The engine's EMA of the trainable parameters (``engine/train/ema.py``), from the per-rank state files."""
@@ -313,19 +275,20 @@ class ZeroCheckpoint:
         ema = state.get("ema") if isinstance(state, dict) else None
         if not isinstance(ema, dict) or "shadow" not in ema:
             raise CheckpointError(f"{first}: no EMA state (the run trained with ema.enabled=false)")
-        shapes = {_canonical(n): s for g in self.param_shapes() for n, s in g.items()}
+        shapes = {canonical_name(n): s for g in self.param_shapes() for n, s in g.items()}
         # Partitioned (ZeRO-3): rank r holds piece r of each parameter, as the ZeRO-3 optimizer does.
         shards = [(source, ema["shadow"])]
         if ema["partitioned"]:
             shards += [self._rank_ema(r) for r in range(1, self.world_size)]
         sources = {}
         for name in ema["shadow"]:
-            shape = shapes.get(_canonical(name))
+            shape = shapes.get(canonical_name(name))
             if shape is None:
                 raise CheckpointError(f"{first}: EMA of {name!r}, which the checkpoint has no parameter for")
             segments = [(file, shard[name], 0, shard[name].numel()) for file, shard in shards]
-            sources[_canonical(name)] = ParamSource(
-                shape, torch.float32, lambda seg=segments, s=shape: _read_segments(seg, s, seg[0][1].dtype).float(),
+            sources[canonical_name(name)] = ParamSource(
+                shape, torch.float32,
+                lambda buffer=None, seg=segments, s=shape: _read_segments(seg, s, seg[0][1].dtype, buffer).float(),
                 str(first))
         return sources
 
@@ -339,7 +302,8 @@ class ZeroCheckpoint:
 
     @staticmethod
     def _whole(tensor: Tensor, source: CheckpointFile) -> ParamSource:
-        return ParamSource(tuple(tensor.shape), tensor.dtype, lambda: _read_whole(source, tensor), str(source.path))
+        return ParamSource(tuple(tensor.shape), tensor.dtype, lambda buffer=None: _read_whole(source, tensor, buffer),
+                           str(source.path))
 
     def _optim(self, rank: int) -> dict:
         return self.optim_files[rank].obj["optimizer_state_dict"]
@@ -361,8 +325,8 @@ class ZeroCheckpoint:
                     if lo < hi:
                         segments.append((file, part, lo - base, hi - lo))
                     base += part.numel()
-                sources[_canonical(name)] = ParamSource(
-                    shape, torch.float32, lambda seg=segments, s=shape: _read_segments(seg, s, torch.float32),
+                sources[canonical_name(name)] = ParamSource(
+                    shape, torch.float32, lambda buffer=None, seg=segments, s=shape: _read_segments(seg, s, torch.float32, buffer),
                     str(self.optim_files[0].path))
                 offset += numel + pad
             if offset != total:
@@ -379,8 +343,8 @@ class ZeroCheckpoint:
             for name, shape in shapes.items():
                 piece = math.ceil(math.prod(shape) / world)
                 segments = [(file, flat, offset, piece) for file, flat in flats]
-                sources[_canonical(name)] = ParamSource(
-                    shape, torch.float32, lambda seg=segments, s=shape: _read_segments(seg, s, torch.float32),
+                sources[canonical_name(name)] = ParamSource(
+                    shape, torch.float32, lambda buffer=None, seg=segments, s=shape: _read_segments(seg, s, torch.float32, buffer),
                     str(self.optim_files[0].path))
                 offset += piece
             if offset != flats[0][1].numel():
@@ -398,13 +362,13 @@ class ZeroCheckpoint:
                 segments = [(mf, mf.obj["frozen_param_fragments"][name], 0,
                              mf.obj["frozen_param_fragments"][name].numel()) for mf in self.model_files]
                 dtype = segments[0][1].dtype
-                sources[_canonical(name)] = ParamSource(
-                    shape, dtype, lambda seg=segments, s=shape, d=dtype: _read_segments(seg, s, d),
+                sources[canonical_name(name)] = ParamSource(
+                    shape, dtype, lambda buffer=None, seg=segments, s=shape, d=dtype: _read_segments(seg, s, d, buffer),
                     str(self.model_files[0].path))
             else:
                 saved = self.model_state["frozen_param_fragments"][name]
-                sources[_canonical(name)] = ParamSource(
-                    shape, saved.dtype, lambda t=saved, s=shape: _read_whole(self.model_files[0], t).view(s),
+                sources[canonical_name(name)] = ParamSource(
+                    shape, saved.dtype, lambda buffer=None, t=saved, s=shape: _read_whole(self.model_files[0], t, buffer).view(s),
                     str(self.model_files[0].path))
         return sources
 
@@ -413,17 +377,17 @@ class ZeroCheckpoint:
         for group in self.param_shapes():
             for name, shape in group.items():
                 path = self.directory / layout.UNIVERSAL_PARAMS_DIR / name / layout.UNIVERSAL_PARAM_FILE
-                sources[_canonical(name)] = ParamSource(
-                    shape, torch.float32, lambda p=path, s=shape: _universal_tensor(p, s), str(path))
+                sources[canonical_name(name)] = ParamSource(
+                    shape, torch.float32, lambda buffer=None, p=path, s=shape: _universal_tensor(p, s, buffer), str(path))
         return sources
 
 
-def _universal_tensor(path: Path, shape: tuple[int, ...]) -> Tensor:
+def _universal_tensor(path: Path, shape: tuple[int, ...], buffer: Tensor | None = None) -> Tensor:
     source = CheckpointFile(path)
     saved = source.obj.get("param") if isinstance(source.obj, dict) else source.obj
     if not isinstance(saved, Tensor) or saved.numel() < math.prod(shape):
         raise CheckpointError(f"{path}: no fp32 tensor of {math.prod(shape)} values")
-    return _read_segments([(source, saved, 0, saved.numel())], shape, torch.float32)
+    return _read_segments([(source, saved, 0, saved.numel())], shape, torch.float32, buffer)
 
 
 def _rank_files(directory: Path, pattern: re.Pattern) -> dict[int, Path]:
@@ -549,302 +513,6 @@ def _spec_from(run_cfg: dict, where: str) -> ModelConfig:
         return dataclasses.replace(cfg, **{k: list(data[k]) for k in DATA_FIELDS if k in data})
     except (ConfigError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{where}: {exc}") from None
-
-
-def expected_state(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Keys, shapes and dtypes of a model directory for ``cfg`` (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        model = BiomedGPT(cfg)
-    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if k not in TIED_ALIASES}
-
-
-def weight_sources(ckpt: ZeroCheckpoint, cfg: ModelConfig, ema: bool = False, merge_lora: bool = False
-                   ) -> dict[str, ParamSource]:
-    """Every tensor of the output, in the model's order; a checkpoint that does not fit ``cfg`` is an error.
-    A LoRA run's checkpoint needs ``merge_lora``: its adapters are merged into plain weights as they stream."""
-    found = ckpt.parameter_sources()
-    if ema:
-        found.update(ckpt.ema_sources())
-    found.update(ckpt.buffer_sources())
-    if merge_lora:
-        found = _lora_merged_sources(ckpt, found)
-    elif any(".lora_A." in key for key in found):
-        raise CheckpointError(f"{ckpt.directory} holds LoRA adapters: pass merge_lora=true to merge them into "
-                              f"plain weights")
-    expected = expected_state(cfg)
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    wrong = [f"{k}: checkpoint {found[k].shape} vs config {expected[k][0]}" for k in expected
-             if k in found and tuple(found[k].shape) != expected[k][0]]
-    if missing or unexpected or wrong:
-        raise CheckpointError(f"{ckpt.directory} does not fit the model config: missing {missing[:10]}, "
-                              f"unexpected {unexpected[:10]}, wrong shapes {wrong[:10]}")
-    return {k: dataclasses.replace(found[k], dtype=expected[k][1] if not expected[k][1].is_floating_point
-                                   else found[k].dtype) for k in expected}
-
-
-def _lora_merged_sources(ckpt: ZeroCheckpoint, found: dict[str, ParamSource]) -> dict[str, ParamSource]:
-    """The plain model's tensors of a LoRA run's checkpoint: each adapted weight read with its two adapter
-    matrices and merged by peft (engine/train/lora.py), one layer at a time; the run's ``lora`` settings come from
-    the checkpoint's client state."""
-    from biomedgpt.engine.train.lora import merged_keys, produce_merged
-
-    run_cfg = ckpt.client_state.get("config")
-    settings = run_cfg.get("lora") if isinstance(run_cfg, dict) else None
-    if not isinstance(settings, dict) or not settings.get("enabled"):
-        raise CheckpointError(f"{ckpt.directory}: merge_lora=true, but its run did not train LoRA adapters "
-                              f"(no lora.enabled in the saved run config): leave merge_lora off")
-    plan = merged_keys(list(found))
-    produce = produce_merged(plan, lambda key: found[key].read(), settings)
-    return {key: dataclasses.replace(found[parts[0]], read=functools.partial(produce, key))
-            for key, parts in plan.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Streaming safetensors output
-# ----------------------------------------------------------------------------------------------
-
-
-def _tensor_bytes(tensor: Tensor) -> memoryview:
-    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def write_safetensors_streaming(path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
-                                produce: Callable[[str], Tensor], on_tensor: Callable[[int], None] = lambda n: None
-                                ) -> dict[str, str]:
-    """A safetensors file written tensor by tensor (header first: shapes are known up front).
-
-    Returns each tensor's sha256. Memory: one tensor at a time."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape, dtype in entries:
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    digests = {}
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name, shape, dtype in entries:
-            tensor = produce(name)
-            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-                raise CheckpointError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, "
-                                      f"expected {shape} {dtype}")
-            data = _tensor_bytes(tensor)
-            f.write(data)
-            digests[name] = hashlib.sha256(data).hexdigest()
-            on_tensor(len(data))
-            del tensor, data
-        f.flush()
-        os.fsync(f.fileno())
-    return digests
-
-
-def plan_shards(entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int
-                ) -> list[list[tuple[str, tuple[int, ...], torch.dtype]]]:
-    """Split into shards the way ``biomedgpt.models.checkpoint.write_model_files`` does."""
-    shards: list[list] = [[]]
-    size = 0
-    for entry in entries:
-        nbytes = math.prod(entry[1]) * torch.empty((), dtype=entry[2]).element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += nbytes
-    return shards
-
-
-@dataclass
-class ConsolidationResult:
-    output: Path
-    tensors: int
-    bytes: int
-    config: ModelConfig
-
-
-def consolidate(ckpt: ZeroCheckpoint, output: str | Path, cfg: ModelConfig, dtype: str = "fp32",
-                ema: bool = False, tokenizer=None, max_shard_bytes: int = 2 << 30, overwrite: bool = False,
-                progress: bool = True, verify_output: bool = False, merge_lora: bool = False) -> ConsolidationResult:
-    """Write a model directory (``biomedgpt.models.checkpoint`` layout) from ``ckpt``, streaming, atomically;
-    ``verify_output`` runs ``verify`` against DeepSpeed's reconstruction before the directory appears."""
-    from tqdm import tqdm
-
-    if verify_output and ema:
-        raise CheckpointError("verification compares with DeepSpeed's zero_to_fp32, which knows no EMA weights")
-    out_dtype = torch_dtype(dtype)
-    if verify_output and merge_lora:
-        raise CheckpointError("verification compares tensor by tensor with zero_to_fp32, which holds the adapters "
-                              "unmerged: verify=true and merge_lora=true do not go together")
-    sources = weight_sources(ckpt, cfg, ema=ema, merge_lora=merge_lora)
-    entries = [(k, s.shape, out_dtype if s.dtype.is_floating_point else s.dtype) for k, s in sources.items()]
-    shards = plan_shards(entries, max_shard_bytes)
-    total = sum(math.prod(e[1]) * torch.empty((), dtype=e[2]).element_size() for e in entries)
-
-    def produce(name: str) -> Tensor:
-        source = sources[name]
-        tensor = source.read()
-        return tensor.to(out_dtype) if tensor.is_floating_point() else tensor.to(source.dtype)
-
-    def write(directory: Path) -> None:
-        digests: dict[str, str] = {}
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"consolidating {ckpt.tag}",
-                  disable=not progress) as bar:
-            for name, shard in zip(names, shards):
-                digests.update(write_safetensors_streaming(directory / name, shard, produce, bar.update))
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {e[0]: n for n, shard in zip(names, shards) for e in shard}}
-            (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (directory / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        if tokenizer is not None:
-            tokenizer.save(directory / "tokenizer")
-        report = {"source": str(ckpt.directory.resolve()), "tag": ckpt.tag, "step": ckpt.step,
-                  "zero_stage": ckpt.stage, "world_size": ckpt.world_size, "universal": ckpt.universal,
-                  "dtype": dtype, "ema": ema, "merge_lora": merge_lora, "sha256": digests}
-        (directory / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        if verify_output:
-            verify(directory, ckpt)
-
-    out = write_dir_atomically(Path(output), write, overwrite)
-    return ConsolidationResult(out, len(entries), total, cfg)
-
-
-# ----------------------------------------------------------------------------------------------
-# Verification
-# ----------------------------------------------------------------------------------------------
-
-
-def verify_checksums(model_dir: str | Path) -> int:
-    """Re-hash every tensor of a consolidated directory against its ``consolidation.json``."""
-    from safetensors import safe_open
-
-    model_dir = Path(model_dir)
-    report_path = model_dir / REPORT_FILE
-    if not report_path.exists():
-        raise CheckpointError(f"{report_path}: missing (not written by the consolidation tool)")
-    expected = json.loads(report_path.read_text())["sha256"]
-    index = model_dir / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
-             else ["model.safetensors"])
-    seen = 0
-    for name in files:
-        with safe_open(str(model_dir / name), framework="pt") as f:
-            for key in f.keys():
-                digest = hashlib.sha256(_tensor_bytes(f.get_tensor(key))).hexdigest()
-                if expected.get(key) != digest:
-                    raise CheckpointError(f"{model_dir / name}: tensor {key} does not match its checksum")
-                seen += 1
-    if seen != len(expected):
-        raise CheckpointError(f"{model_dir}: {seen} tensors on disk, {len(expected)} in {REPORT_FILE}")
-    return seen
-
-
-def reference_state(ckpt: ZeroCheckpoint) -> dict[str, Tensor]:
-    """DeepSpeed's own reconstruction (``zero_to_fp32``, all in memory): an independent reference."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    if ckpt.stage == 0 or ckpt.universal:
-        raise CheckpointError(f"{ckpt.directory}: DeepSpeed's zero_to_fp32 reads ZeRO 1-3 checkpoints only")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.directory.parent), tag=ckpt.tag)
-    return {_canonical(k): v for k, v in state.items()}
-
-
-def sample_batch(cfg: ModelConfig, seed: int = 0, batch: int = 2, image_size: int = 64) -> dict[str, Tensor]:
-    """A fixed synthetic batch (text + image) for comparing forward passes."""
-    g = torch.Generator().manual_seed(seed)
-    return {"src_tokens": torch.randint(4, cfg.vocab_size, (batch, 12), generator=g),
-            "prev_output_tokens": torch.randint(4, cfg.vocab_size, (batch, 7), generator=g),
-            "patch_images": torch.randn(batch, 3, image_size, image_size, generator=g),
-            "patch_masks": torch.ones(batch, dtype=torch.bool)}
-
-
-@torch.no_grad()
-def forward_difference(a: BiomedGPT, b: BiomedGPT, batch: dict[str, Tensor]) -> float:
-    """Max |logits_a - logits_b| on ``batch`` (both in eval mode)."""
-    a.eval(), b.eval()
-    return (a(**batch).float() - b(**batch).float()).abs().max().item()
-
-
-@dataclass
-class VerifyReport:
-    tensors: int
-    max_tensor_diff: float | None = None
-    max_logit_diff: float | None = None
-
-
-def verify(model_dir: str | Path, ckpt: ZeroCheckpoint | None = None, live_model: BiomedGPT | None = None,
-           atol: float = 1e-5) -> VerifyReport:
-    """Checksums; then each tensor and a forward pass against ``live_model`` or DeepSpeed's reconstruction."""
-    from biomedgpt.models.checkpoint import load_into, load_pretrained
-
-    report = VerifyReport(verify_checksums(model_dir))
-    if live_model is None and ckpt is None:
-        return report
-    meta = json.loads((Path(model_dir) / REPORT_FILE).read_text())
-    out_dtype = torch_dtype(meta["dtype"])
-    if live_model is not None:
-        reference = {k: v.detach().cpu() for k, v in live_model.state_dict().items() if k not in TIED_ALIASES}
-    else:
-        if meta["ema"]:
-            raise CheckpointError(f"{model_dir}: EMA weights have no DeepSpeed reference; verify with a live model")
-        reference = reference_state(ckpt)
-    written = read_model_weights(model_dir)
-    worst = 0.0
-    for key, value in written.items():
-        if key not in reference:
-            raise CheckpointError(f"{model_dir}: {key} is not in the reference")
-        ref = reference[key]
-        ref = ref.to(out_dtype) if ref.is_floating_point() else ref
-        if ref.shape != value.shape:
-            raise CheckpointError(f"{model_dir}: {key} has shape {tuple(value.shape)}, reference {tuple(ref.shape)}")
-        worst = max(worst, (value.double() - ref.double()).abs().max().item() if value.numel() else 0.0)
-    report.max_tensor_diff = worst
-    cfg = read_model_config(model_dir)
-    reference_model = BiomedGPT(cfg)  # the reference's weights rounded as the output's were
-    load_into(reference_model, {k: v.to(out_dtype).float() if v.is_floating_point() else v
-                                for k, v in reference.items() if k in written}, source="reference")
-    report.max_logit_diff = forward_difference(load_pretrained(model_dir), reference_model, sample_batch(cfg))
-    if worst > 0 or report.max_logit_diff > atol:
-        raise CheckpointError(f"{model_dir}: differs from the reference (max tensor diff {worst:.3g}, "
-                              f"max logit diff {report.max_logit_diff:.3g})")
-    return report
-
-
-# ----------------------------------------------------------------------------------------------
-# Universal checkpoints (resume on another number of ranks)
-# ----------------------------------------------------------------------------------------------
-
-
-def to_universal(ckpt: ZeroCheckpoint, output: str | Path | None = None, overwrite: bool = False) -> Path:
-    """DeepSpeed's ``ds_to_universal`` on a validated tag, written atomically (default ``<tag>/universal``).
-
-    A run then resumes on any number of ranks with ``"checkpoint": {"load_universal": true}`` and
-    ``load_checkpoint(<tag dir>, tag="universal")`` (the engine does this itself on a world-size change)."""
-    if ckpt.universal or ckpt.stage == 0:
-        raise CheckpointError(f"{ckpt.directory}: already universal / not a ZeRO checkpoint (stage 0 needs no "
-                              f"conversion)")
-    out = Path(output) if output is not None else ckpt.directory / layout.UNIVERSAL_DIR
-
-    def convert(tmp: Path) -> None:
-        target = tmp / "ckpt"  # ds_to_universal writes a sibling pointer file beside its output
-        result = subprocess.run(
-            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt.directory),
-             "--output_folder", str(target), "--num_extract_workers", "1", "--num_merge_workers", "1",
-             "--inject_missing_state"], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise CheckpointError(f"ds_to_universal failed on {ckpt.directory}:\n{result.stdout[-2000:]}\n"
-                                  f"{result.stderr[-4000:]}")
-        for item in target.iterdir():
-            os.replace(item, tmp / item.name)
-        target.rmdir()
-        (tmp / layout.LATEST_UNIVERSAL_FILE).unlink(missing_ok=True)
-
-    return write_dir_atomically(out, convert, overwrite)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from biomedgpt.core.durable import atomic_write_text
+
 EXIT_WATCHDOG = 86
 MARKER = "fired"
 
@@ -69,9 +71,7 @@ class Watchdog:
         if changed or now - self._written >= self.poll_s:
             self._written = now
             record = {"rank": self.rank, "pid": os.getpid(), "phase": phase, "step": step, "time": time.time()}
-            tmp = self.heartbeat_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, self.heartbeat_path)
+            atomic_write_text(self.heartbeat_path, json.dumps(record), fsync=False)  # never waits on the disk
 
     def stop(self) -> None:
         if self._stacks is None:
@@ -104,10 +104,7 @@ class Watchdog:
             if idle > self.timeout_s:
                 reason = (f"rank {self.rank} made no progress for {idle:.0f}s (watchdog.timeout_s="
                           f"{self.timeout_s:g}) in phase {self._phase!r} after step {self._step}")
-                marker = self.dir / MARKER
-                tmp = marker.with_suffix(f".{self.rank}.tmp")
-                tmp.write_text(reason)
-                os.replace(tmp, marker)
+                atomic_write_text(self.dir / MARKER, reason, fsync=False)  # a hung disk must not stop the watchdog
                 self._fire(reason, wait_for_peers=True)
             peer = self._peer_fired()
             if peer is not None:

@@ -49,10 +49,6 @@ def apply_lora(model: nn.Module, settings) -> int:
     return trainable
 
 
-def has_adapters(keys) -> bool:
-    return any(_A in key or _SAVED in key for key in keys)
-
-
 def merged_keys(keys: list[str]) -> dict[str, list[str]]:
     """Each plain model key and the adapter-model keys it is made of (adapted weights: base, A, B)."""
     plan: dict[str, list[str]] = {}

@@ -4,7 +4,7 @@
 
 Makes (once) a ZeRO-3 checkpoint of a ``size`` model trained ``steps`` steps by ``world_size`` gloo CPU
 ranks, then consolidates it with each tool in its own subprocess and reports the subprocess's peak
-resident memory (``wait4`` rusage) and wall time. Both write fp32 (ours safetensors; DeepSpeed's
+resident memory (``wait4`` rusage), wall and CPU time. Both write fp32 (ours safetensors; DeepSpeed's
 ``--safe_serialization`` refuses the tied embedding, so it writes ``pytorch_model.bin``).
 """
 from __future__ import annotations
@@ -82,7 +82,8 @@ def _make_checkpoint(cfg: BenchConfig) -> None:
 
 
 def measure(command: list[str]) -> dict:
-    """Run ``command``; its peak RSS (MB, from wait4) and wall time (s)."""
+    """Run ``command``; its peak RSS (MB, from wait4), wall time and CPU time (user + system, s: the
+    steadier figure on a shared machine)."""
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -91,7 +92,8 @@ def measure(command: list[str]) -> dict:
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise SystemExit(f"{command[:4]} failed ({code}):\n{err[-3000:]}")
-    return {"peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "seconds": round(elapsed, 1)}
+    return {"peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "seconds": round(elapsed, 1),
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from biomedgpt.core.config import ConfigError, parse_cli, to_dict
+from biomedgpt.core.durable import atomic_file
 from biomedgpt.engine.flops import image_tokens, parameter_counts, train_step_flops
 from biomedgpt.engine.run_config import RunConfig, saved_run_config
 from biomedgpt.models.config import ModelConfig
@@ -244,7 +244,7 @@ def _columns(rows: list[dict]) -> dict[str, list]:
 
 
 def write_table(rows: list[dict], base: Path) -> None:
-    """``base``.parquet and ``base``.csv, each written under a temporary name then renamed."""
+    """``base``.parquet and ``base``.csv, each written atomically."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -252,9 +252,8 @@ def write_table(rows: list[dict], base: Path) -> None:
     table = pa.table(_columns(rows)) if rows else pa.table({"run": pa.array([], pa.string())})
     for ext, write in (("parquet", pq.write_table), ("csv", pacsv.write_csv)):
         path = base.with_suffix(f".{ext}")
-        tmp = path.with_name(f".{path.name}.tmp")
-        write(table, str(tmp))
-        os.replace(tmp, path)
+        with atomic_file(path) as f:
+            write(table, f)
 
 
 def collect(sweep_dir: str | Path) -> tuple[list[dict], list[dict]]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from biomedgpt.core.config import parse_cli
-from biomedgpt.core.durable import atomic_write_text
+from biomedgpt.core.durable import atomic_file, atomic_write_text
 from biomedgpt.tools.cli import one_line_errors
 from biomedgpt.tools.scaling.collect import SweepDataError, require_metrics, status_counts
 
@@ -441,9 +440,8 @@ def plot(analysis: Analysis, out_base: Path) -> list[Path]:
     paths = []
     for ext in ("png", "svg"):
         path = out_base.with_suffix(f".{ext}")
-        tmp = path.with_name(f".{path.name}.tmp")
-        fig.savefig(tmp, format=ext, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_file(path) as f:
+            fig.savefig(f, format=ext, dpi=120, bbox_inches="tight")
         paths.append(path)
     plt.close(fig)
     return paths

@@ -1,0 +1,219 @@
+"""A ZeRO checkpoint tag as a model directory (``biomedgpt.models.checkpoint`` layout), streamed tensor by
+tensor into safetensors files.
+
+Each output tensor is read from the ranks' files (``engine/checkpoint/zero_reader.py``), cast, hashed
+(xxh3-128, kept in ``consolidation.json`` for ``verify``) and written before the next one is read, so
+memory is about the largest tensor. The safetensors header is written first (every shape is known up
+front), then each tensor's bytes straight from its buffer; the files are split into shards by
+huggingface_hub's planner (``models/checkpoint.shard_plan``), and the directory appears complete, fsynced,
+or not at all (``core/durable.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from biomedgpt.engine.checkpoint.layout import REPORT_FILE
+from biomedgpt.engine.checkpoint.zero_reader import ParamSource, ZeroCheckpoint
+from biomedgpt.models.checkpoint import (TIED_ALIASES, CheckpointError, shard_plan, write_dir_atomically,
+                                         write_shard_index)
+from biomedgpt.models.precision import torch_dtype
+from biomedgpt.models.config import ModelConfig
+from biomedgpt.models.ofa import BiomedGPT
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+#: The checksum of every written tensor in ``consolidation.json`` (integrity, not authenticity: the data
+#: layer's shard hashes are xxhash too); reports of earlier versions hold sha256, which ``verify`` reads.
+CHECKSUM = "xxh3_128"
+#: bytes written between two requests to start their writeback
+WRITEBACK_BYTES = 64 << 20
+
+
+def tensor_bytes(tensor: Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def checksum(data: memoryview, algorithm: str = CHECKSUM) -> str:
+    if algorithm == "sha256":
+        import hashlib
+
+        return hashlib.sha256(data).hexdigest()
+    import xxhash
+
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+class _SkipInitialisation(TorchFunctionMode):
+    """Module construction without PyTorch's default initialisation (the in-place fills of ``torch.nn.init``
+    and ``Tensor``): parameters are allocated and never written, so their memory is never paged in."""
+
+    OPS = frozenset({"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                     "xavier_uniform_", "xavier_normal_", "zero_", "zeros_", "ones_", "fill_", "constant_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) in self.OPS:
+            return args[0] if args else next(iter(kwargs.values()))
+        return func(*args, **kwargs)
+
+
+def expected_state(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Keys, shapes and dtypes of a model directory for ``cfg``. Built on the CPU without initialisation
+    (no parameter is paged in; the buffers are computed): on the meta device torch would run the
+    buffers' arithmetic through its Python reference kernels, whose first use imports ``torch._dynamo``
+    (seconds, more than the rest of a consolidation)."""
+    with _SkipInitialisation():
+        model = BiomedGPT(cfg)
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if k not in TIED_ALIASES}
+
+
+def weight_sources(ckpt: ZeroCheckpoint, cfg: ModelConfig, ema: bool = False, merge_lora: bool = False
+                   ) -> dict[str, ParamSource]:
+    """Every tensor of the output, in the model's order; a checkpoint that does not fit ``cfg`` is an error.
+    A LoRA run's checkpoint needs ``merge_lora``: its adapters are merged into plain weights as they stream."""
+    found = ckpt.parameter_sources()
+    if ema:
+        found.update(ckpt.ema_sources())
+    found.update(ckpt.buffer_sources())
+    if merge_lora:
+        found = _lora_merged_sources(ckpt, found)
+    elif any(".lora_A." in key for key in found):
+        raise CheckpointError(f"{ckpt.directory} holds LoRA adapters: pass merge_lora=true to merge them into "
+                              f"plain weights")
+    expected = expected_state(cfg)
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [f"{k}: checkpoint {found[k].shape} vs config {expected[k][0]}" for k in expected
+             if k in found and tuple(found[k].shape) != expected[k][0]]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{ckpt.directory} does not fit the model config: missing {missing[:10]}, "
+                              f"unexpected {unexpected[:10]}, wrong shapes {wrong[:10]}")
+    return {k: dataclasses.replace(found[k], dtype=expected[k][1] if not expected[k][1].is_floating_point
+                                   else found[k].dtype) for k in expected}
+
+
+def _lora_merged_sources(ckpt: ZeroCheckpoint, found: dict[str, ParamSource]) -> dict[str, ParamSource]:
+    """The plain model's tensors of a LoRA run's checkpoint: each adapted weight read with its two adapter
+    matrices and merged by peft (engine/train/lora.py), one layer at a time; the run's ``lora`` settings come from
+    the checkpoint's client state."""
+    from biomedgpt.engine.train.lora import merged_keys, produce_merged
+
+    run_cfg = ckpt.client_state.get("config")
+    settings = run_cfg.get("lora") if isinstance(run_cfg, dict) else None
+    if not isinstance(settings, dict) or not settings.get("enabled"):
+        raise CheckpointError(f"{ckpt.directory}: merge_lora=true, but its run did not train LoRA adapters "
+                              f"(no lora.enabled in the saved run config): leave merge_lora off")
+    plan = merged_keys(list(found))
+    produce = produce_merged(plan, lambda key: found[key].read(), settings)
+    return {key: dataclasses.replace(found[parts[0]], read=lambda buffer=None, key=key: produce(key))
+            for key, parts in plan.items()}
+
+
+
+
+def write_safetensors_streaming(path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+                                produce: Callable[[str], Tensor], on_tensor: Callable[[int], None] = lambda n: None
+                                ) -> dict[str, str]:
+    """A safetensors file written tensor by tensor (header first: shapes are known up front); each
+    tensor's checksum. Memory: one tensor at a time. Not fsynced here: the directory is, when published."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in entries:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_torch_dtype(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    digests = {}
+    with open(path, "wb", buffering=0) as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        written = f.tell()
+        for name, shape, dtype in entries:
+            tensor = produce(name)
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise CheckpointError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, "
+                                      f"expected {shape} {dtype}")
+            data = tensor_bytes(tensor)
+            digests[name] = checksum(data)
+            while len(data):  # an unbuffered write may be partial
+                data = data[f.write(data):]
+            on_tensor(tensor.numel() * dtype.itemsize)
+            del tensor, data
+            if hasattr(os, "posix_fadvise") and f.tell() - written >= WRITEBACK_BYTES:
+                # start writing these pages to disk now (Linux: DONTNEED begins their writeback), so the
+                # fsync when the directory is published waits for the last ones only
+                os.posix_fadvise(f.fileno(), written, f.tell() - written, os.POSIX_FADV_DONTNEED)
+                written = f.tell()
+    return digests
+
+
+@dataclass
+class ConsolidationResult:
+    output: Path
+    tensors: int
+    bytes: int
+    config: ModelConfig
+
+
+def consolidate(ckpt: ZeroCheckpoint, output: str | Path, cfg: ModelConfig, dtype: str = "fp32",
+                ema: bool = False, tokenizer=None, max_shard_bytes: int = 2 << 30, overwrite: bool = False,
+                progress: bool = True, verify_output: bool = False, merge_lora: bool = False) -> ConsolidationResult:
+    """Write a model directory (``biomedgpt.models.checkpoint`` layout) from ``ckpt``, streaming, atomically;
+    ``verify_output`` runs ``verify.verify`` against DeepSpeed's reconstruction before the directory appears."""
+    from tqdm import tqdm
+
+    if verify_output and ema:
+        raise CheckpointError("verification compares with DeepSpeed's zero_to_fp32, which knows no EMA weights")
+    out_dtype = torch_dtype(dtype)
+    if verify_output and merge_lora:
+        raise CheckpointError("verification compares tensor by tensor with zero_to_fp32, which holds the adapters "
+                              "unmerged: verify=true and merge_lora=true do not go together")
+    sources = weight_sources(ckpt, cfg, ema=ema, merge_lora=merge_lora)
+    dtypes = {k: out_dtype if s.dtype.is_floating_point else s.dtype for k, s in sources.items()}
+    plan = shard_plan({k: torch.empty(s.shape, dtype=dtypes[k], device="meta") for k, s in sources.items()},
+                      max_shard_bytes)
+    total = plan.metadata["total_size"]
+    # every tensor is read into this one buffer (its bytes, before any cast): no allocation per tensor
+    buffer = torch.empty(max(math.prod(s.shape) * s.dtype.itemsize for s in sources.values()), dtype=torch.uint8)
+
+    def produce(name: str) -> Tensor:
+        return sources[name].read(buffer).to(dtypes[name])
+
+    def write(directory: Path) -> None:
+        digests: dict[str, str] = {}
+        with ThreadPoolExecutor(1) as pool:  # the tokenizer's files (Python work) while tensors stream
+            saved = pool.submit(tokenizer.save, directory / "tokenizer") if tokenizer is not None else None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"consolidating {ckpt.tag}",
+                      disable=not progress) as bar:
+                for filename, names in plan.filename_to_tensors.items():
+                    entries = [(n, sources[n].shape, dtypes[n]) for n in names]
+                    digests.update(write_safetensors_streaming(directory / filename, entries, produce, bar.update))
+            if saved is not None:
+                saved.result()
+        write_shard_index(directory, plan)
+        (directory / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        report = {"source": str(ckpt.directory.resolve()), "tag": ckpt.tag, "step": ckpt.step,
+                  "zero_stage": ckpt.stage, "world_size": ckpt.world_size, "universal": ckpt.universal,
+                  "dtype": dtype, "ema": ema, "merge_lora": merge_lora, CHECKSUM: digests}
+        (directory / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        if verify_output:
+            from biomedgpt.engine.checkpoint.verify import verify
+
+            verify(directory, ckpt)
+
+    out = write_dir_atomically(Path(output), write, overwrite)
+    return ConsolidationResult(out, len(sources), total, cfg)
