@@ -32,7 +32,7 @@ STAGE_TEST = re.compile(
     r"|\bds_(?:tensor|id|status|numel|shape|process_group|active_sub_modules)\b")
 #: modules that read a checkpoint's files, whose layout is that of the stage that wrote them (the file
 #: format, not a decision of this run)
-CHECKPOINT_FORMAT_READERS = {"engine/checkpoint/zero_reader.py", "tools/reshard.py"}
+CHECKPOINT_FORMAT_READERS = {"engine/checkpoint/zero_reader.py"}
 SOURCE_FOLDERS = ("core", "data", "engine", "launchers", "models", "tools")
 
 

@@ -32,7 +32,7 @@ class ReshardConfig:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(ReshardConfig, argv, description=__doc__)
     ckpt = open_checkpoint(cfg.checkpoint, cfg.tag)
-    if ckpt.stage == 0 or ckpt.universal:  # unpartitioned (or converted): the engine loads it on any world size
+    if not ckpt.partitioned:  # unpartitioned (or converted): the engine loads it on any world size
         print(f"{ckpt.directory} ({'universal' if ckpt.universal else 'ZeRO-0'}, {ckpt.world_size} ranks): "
               "resumes on any number of ranks as it is; nothing to convert")
         return 0

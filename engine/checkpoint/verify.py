@@ -51,7 +51,7 @@ def reference_state(ckpt: ZeroCheckpoint) -> dict[str, Tensor]:
     """DeepSpeed's own reconstruction (``zero_to_fp32``, all in memory): an independent reference."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    if ckpt.stage == 0 or ckpt.universal:
+    if not ckpt.partitioned:
         raise CheckpointError(f"{ckpt.directory}: DeepSpeed's zero_to_fp32 reads ZeRO 1-3 checkpoints only")
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.directory.parent), tag=ckpt.tag)
     return {canonical_name(k): v for k, v in state.items()}

@@ -190,6 +190,12 @@ class ZeroCheckpoint:
         return self.directory.name
 
     @property
+    def partitioned(self) -> bool:
+        """Its optimizer state is split across the ranks that wrote it (ZeRO 1-3, not converted to universal):
+        it loads only into the same layout, and DeepSpeed's ``zero_to_fp32`` reads it."""
+        return self.stage != 0 and not self.universal
+
+    @property
     def model_state(self) -> dict:
         return self.model_files[0].obj
 
