@@ -134,7 +134,7 @@ def write_safetensors_streaming(path: Path, entries: list[tuple[str, tuple[int, 
     offset = 0
     for name, shape, dtype in entries:
         nbytes = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_torch_dtype(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
