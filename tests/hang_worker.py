@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import time
 
-from biomedgpt.tools import train, trainer
+from biomedgpt.engine.train import trainer
+from biomedgpt.tools import train
 
 
 def injected_hang() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from biomedgpt.engine.run_config import RunConfig
 from biomedgpt.core.user_errors import UserError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
 class DeepSpeedConfigError(UserError, ValueError):
