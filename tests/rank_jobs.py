@@ -24,7 +24,7 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 #: name -> the test module whose ``worker(out_dir)`` the job runs, in the order they run (the trainer-based
 #: ones last: a ZeRO-3 trainer sets the process's malloc mmap threshold).
-WORKERS = {"zero3_gather": "test_zero3_gather", "ema_zero3": "test_ema_zero3", "text_only": "test_text_only",
+WORKERS = {"eval_max_batches": "test_eval_max_batches", "zero3_gather": "test_zero3_gather", "ema_zero3": "test_ema_zero3", "text_only": "test_text_only",
            "train_features": "test_train_features", "lora": "test_lora"}
 JOB_TIMEOUT_S = 900
 
