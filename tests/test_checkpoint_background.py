@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from biomedgpt.engine.checkpoint.layout import LATEST_FILE, META_FILE, is_optim_file, rank_state_file
-from tests.test_engine_distributed import launch, run_config, shards, train_losses  # noqa: F401  (fixture)
+from tests.test_engine_distributed import launch, run_config, running, shards, train_losses  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.timeout(900)
 DELAY = "BIOMEDGPT_CHECKPOINT_WRITE_DELAY_S"
@@ -47,18 +47,18 @@ def test_kill_during_background_write_keeps_previous_latest_and_resumes_exactly(
 
     monkeypatch.setenv(DELAY, "1")
     cfg = run_config(shards, killed, vocab_dir, optim={**OPTIM, "max_steps": 100000}, **common)
-    proc = launch(repo_root, cfg, 2, wait=False)
     second = killed / "checkpoints" / "step_00000004"
-    deadline = time.time() + 400
-    while not (_latest(killed) == "step_00000002" and second.is_dir()):
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        assert time.time() < deadline, "no second checkpoint started in time"
-        time.sleep(0.02)
-    ranks = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") in ("0", "1")]
-    assert len(ranks) == 2
-    for rank in ranks:
-        rank.kill()  # SIGKILL: the background write of step 4 is cut off
-    proc.communicate(timeout=60)
+    with running(repo_root, cfg, 2) as proc:
+        deadline = time.time() + 400
+        while not (_latest(killed) == "step_00000002" and second.is_dir()):
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            assert time.time() < deadline, "no second checkpoint started in time"
+            time.sleep(0.02)
+        ranks = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") in ("0", "1")]
+        assert len(ranks) == 2
+        for rank in ranks:
+            rank.kill()  # SIGKILL: the background write of step 4 is cut off
+        proc.communicate(timeout=60)
     assert proc.returncode not in (0, 75)
     assert _latest(killed) == "step_00000002"
     assert not (second / META_FILE).exists()

@@ -8,8 +8,10 @@ shared: the ZeRO-2 run of ``zero_runs`` is also the uninterrupted reference of t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -81,7 +83,9 @@ def launch(repo_root: Path, cfg: dict, ranks: int, *overrides: str, wait: bool =
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WANDB_MODE", None)
     cmd = [str(repo_root / "launchers/local.sh"), "-n", str(ranks), "--", "--config", str(path), *overrides]
-    proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # a job left running gets its own process group, so that ``stop_job`` ends its ranks too
+    proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=not wait)
     if not wait:
         return proc
     try:
@@ -91,6 +95,19 @@ def launch(repo_root: Path, cfg: dict, ranks: int, *overrides: str, wait: bool =
         raise
     assert proc.returncode == expect, output[-6000:]
     return output
+
+
+@contextlib.contextmanager
+def running(repo_root: Path, cfg: dict, ranks: int):
+    """A job started in the background (``launch(wait=False)``), whose launcher and ranks are killed if it is
+    still running when the block ends (a failed check must not leave ranks training)."""
+    proc = launch(repo_root, cfg, ranks, wait=False)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
 
 
 def metrics(out: Path) -> list[dict]:
@@ -196,7 +213,7 @@ def test_resume_gives_identical_losses_and_data_order(zero_runs, shards, tmp_pat
         assert key in blob, key
 
 
-def _wait_for_step(out: Path, proc: subprocess.Popen, step: int = 1, timeout: float = 240) -> None:
+def _wait_for_step(out: Path, proc: subprocess.Popen, step: int = 1, timeout: float = 400) -> None:
     """Until ``step`` is logged in metrics.jsonl (its last line may be half written), or the run ended (an error)."""
     deadline = time.time() + timeout
     while time.time() < deadline:

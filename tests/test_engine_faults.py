@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from biomedgpt.engine.checkpoint.layout import LATEST_FILE, META_FILE
-from test_engine_distributed import (_wait_for_step, launch, run_config, shards,  # noqa: F401  (a fixture)
+from test_engine_distributed import (_wait_for_step, launch, run_config, running, shards,  # noqa: F401  (a fixture)
                                      train_losses)
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.distributed, pytest.mark.slow]
@@ -23,13 +23,13 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.distributed, pytest.mark.slo
 def test_a_killed_rank_ends_the_job_with_an_error(shards, tmp_path, repo_root, vocab_dir):  # noqa: F811
     out = tmp_path / "killed"
     cfg = run_config(shards, out, vocab_dir, optim={"lr": 1e-3, "max_steps": 100000, "warmup_steps": 1})
-    proc = launch(repo_root, cfg, 2, wait=False)
-    _wait_for_step(out, proc)
-    ranks = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") == "1"]
-    assert len(ranks) == 1
-    ranks[0].kill()
-    start = time.time()
-    proc.communicate(timeout=60)
+    with running(repo_root, cfg, 2) as proc:
+        _wait_for_step(out, proc)
+        ranks = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") == "1"]
+        assert len(ranks) == 1
+        ranks[0].kill()
+        start = time.time()
+        proc.communicate(timeout=60)
     assert proc.returncode not in (0, 75)
     assert time.time() - start < 60
 
@@ -42,14 +42,14 @@ def test_sigterm_writes_a_checkpoint_that_resumes_on_one_rank(shards, tmp_path, 
     ema = {"enabled": True, "decay": 0.9}
     cfg = run_config(shards, out, vocab_dir, optim={"lr": 2e-3, "max_steps": 100000, "warmup_steps": 1},
                      deepspeed={"zero_stage": 3, "activation_checkpointing": True, "zero_init": True}, ema=ema)
-    proc = launch(repo_root, cfg, 2, wait=False)
-    _wait_for_step(out, proc, step=8)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
+    with running(repo_root, cfg, 2) as proc:
+        _wait_for_step(out, proc, step=5)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, output[-4000:]
     tag = (out / "checkpoints" / LATEST_FILE).read_text().strip()
     saved_step = json.loads((out / "checkpoints" / tag / META_FILE).read_text())["step"]
-    assert saved_step >= 8
+    assert saved_step >= 5
     saved = train_losses(out)
 
     resume = run_config(shards, out, vocab_dir, deepspeed={"zero_stage": 3}, ema=ema,

@@ -24,7 +24,7 @@ import yaml
 
 from biomedgpt.core.config import load, to_dict
 from biomedgpt.engine.run_config import RunConfig
-from test_engine_distributed import _wait_for_step, launch, metrics, run_config, shards  # noqa: F401  (a fixture)
+from test_engine_distributed import _wait_for_step, launch, metrics, run_config, running, shards  # noqa: F401  (a fixture)
 
 TINY = ["model.d_model=64", "model.ffn_dim=128", "model.encoder_layers=1", "model.decoder_layers=1",
         "model.resnet_layers=[1,1,1]"]
@@ -56,8 +56,7 @@ def live_run(shards, tmp_path_factory, repo_root, vocab_dir) -> dict:  # noqa: F
     out = tmp_path_factory.mktemp("trust") / "live"
     first = run_config(shards, out, vocab_dir, optim={"lr": 2e-3, "max_steps": 6, "schedule": "constant",
                                                       "warmup_steps": 0}, checkpoint={"interval": 0, "at_end": True})
-    proc = launch(repo_root, first, 1, wait=False)
-    try:
+    with running(repo_root, first, 1) as proc:
         _wait_for_step(out, proc)
         lock_line = (out / ".run.lock").read_text()
         second = {**run_config(shards, out, vocab_dir), "seed": 2}
@@ -68,9 +67,6 @@ def live_run(shards, tmp_path_factory, repo_root, vocab_dir) -> dict:  # noqa: F
         first_ranks = [c.pid for c in psutil.Process(proc.pid).children()]
         lock_after = (out / ".run.lock").read_text()
         output, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     return {"out": out, "config": first, "refused": refused, "refused_s": refused_s, "holder": holder,
             "first_ranks": first_ranks, "lock_line": lock_line, "lock_after": lock_after,
             "returncode": proc.returncode, "output": output, "logged": [m["step"] for m in metrics(out) if "loss" in m],
