@@ -75,6 +75,16 @@ def demo_data(tmp_path_factory) -> Path:
     return out
 
 
+def pytest_collection_modifyitems(items):
+    """A test that may be the one to run the shared rank job (its fixture's setup counts in the test's time)
+    gets the job's time limit."""
+    from rank_jobs import JOB_TIMEOUT_S
+
+    for item in items:
+        if "rank_jobs" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(JOB_TIMEOUT_S + 120), append=False)
+
+
 @pytest.fixture(scope="session")
 def rank_jobs(request, tmp_path_factory):
     """The shared 2-rank job of rank_jobs.py, run once for the whole suite (under pytest-xdist the first worker
