@@ -10,6 +10,7 @@ Run as a script, this file is one rank: ``python rank_jobs.py OUT_DIR NAME...``.
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import os
@@ -43,7 +44,18 @@ def rank_main(out: Path, names: list[str]) -> None:
             _error_file(out, name, rank).write_text(traceback.format_exc())
             sys.stderr.flush()
             os._exit(1)
+        gc.collect()  # the worker's engines and models (reference cycles) before the next worker builds its own
+        print(f"rank_jobs: {name} done, {_anon_mib():.0f} MiB resident", file=sys.stderr, flush=True)
         (out / f"{name}.rank{rank}.done").touch()
+
+
+def _anon_mib() -> float:
+    """This process's anonymous resident memory (Linux), for the rank logs: the workers share one process."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon")) / 1024
+    except (OSError, StopIteration):
+        return float("nan")
 
 
 def _free_port() -> int:
