@@ -10,6 +10,7 @@ Run as a script, this file is one rank: ``python rank_jobs.py OUT_DIR NAME...``.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import importlib
 import json
@@ -44,9 +45,19 @@ def rank_main(out: Path, names: list[str]) -> None:
             _error_file(out, name, rank).write_text(traceback.format_exc())
             sys.stderr.flush()
             os._exit(1)
-        gc.collect()  # the worker's engines and models (reference cycles) before the next worker builds its own
+        _release_memory()
         print(f"rank_jobs: {name} done, {_anon_mib():.0f} MiB resident", file=sys.stderr, flush=True)
         (out / f"{name}.rank{rank}.done").touch()
+
+
+def _release_memory() -> None:
+    """The worker's engines and models (reference cycles), and the heap pages they freed, before the next worker
+    builds its own: the workers share one process."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _anon_mib() -> float:
