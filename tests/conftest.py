@@ -73,3 +73,33 @@ def demo_data(tmp_path_factory) -> Path:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     return out
+
+
+def pytest_collection_modifyitems(items):
+    """A test that may be the one to run the shared rank job (its fixture's setup counts in the test's time)
+    gets the job's time limit."""
+    from rank_jobs import JOB_TIMEOUT_S
+
+    for item in items:
+        if "rank_jobs" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(JOB_TIMEOUT_S + 120), append=False)
+
+
+@pytest.fixture(scope="session")
+def rank_jobs(request, tmp_path_factory):
+    """The shared 2-rank job of rank_jobs.py, run once for the whole suite (under pytest-xdist the first worker
+    that needs it runs it, under a file lock, and the others read its outputs), with the workers of the
+    collected test files only. Returns ``result_dir(name)``: a worker's output folder, or the failure."""
+    from filelock import FileLock
+
+    import rank_jobs as jobs
+
+    files = {item.path.stem for item in request.session.items}
+    names = [name for name, module in jobs.WORKERS.items() if module in files]
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    base = tmp_path_factory.getbasetemp()
+    out = (base.parent if worker else base) / "rank_jobs"  # the workers' base folders share their parent
+    with FileLock(str(out) + ".lock"):
+        if not (out / "job.json").exists():
+            jobs.run(out, names)
+    return lambda name: jobs.result_dir(out, name)

@@ -52,7 +52,8 @@ def test_rope_trains_under_deepspeed_on_two_cpu_ranks(backend, tmp_path, repo_ro
             "checkpoint.init_from=null", "checkpoint.interval=0", "eval.interval=0", "log.interval=1",
             "log.progress_bar=false", "log.wandb_mode=disabled", f"bpe_dir={vocab_dir}",
             f"output_dir={run_dir}"]
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(repo_root)}
+    env = {**os.environ, "WANDB_MODE": "disabled",
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(repo_root)]))}
     proc = subprocess.run(["bash", "launchers/local.sh", "-n", "2", "--", *args], cwd=repo_root, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"training failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

@@ -1,7 +1,8 @@
 """Background checkpoint writes on 2 CPU ranks (DeepSpeed, gloo): a ``kill -9`` in the middle of a write keeps
 ``latest`` at the previous complete checkpoint and the run resumes exactly; saves in quick succession are
 written one after the other, never interleaved. The writer is slowed down by its fault-injection delay
-(``BIOMEDGPT_CHECKPOINT_WRITE_DELAY_S``: seconds before each file), so the kill lands inside a write."""
+(``BIOMEDGPT_CHECKPOINT_WRITE_DELAY_S``: seconds before each file), so the kill lands inside a write. One
+run saving after every step serves both tests (2-rank launches are the suite's main cost)."""
 from __future__ import annotations
 
 import json
@@ -12,10 +13,14 @@ import psutil
 import pytest
 
 from biomedgpt.engine.checkpoint.layout import LATEST_FILE, META_FILE, is_optim_file, rank_state_file
-from tests.test_engine_distributed import launch, run_config, shards, train_losses  # noqa: F401  (fixture)
+from tests.test_engine_distributed import launch, run_config, running, shards, train_losses  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.timeout(900)
 DELAY = "BIOMEDGPT_CHECKPOINT_WRITE_DELAY_S"
+
+
+STEPS = 6
+OPTIM = {"lr": 2e-3, "max_steps": STEPS, "warmup_steps": 1, "schedule": "constant"}
 
 
 def _latest(out: Path) -> str | None:
@@ -23,35 +28,44 @@ def _latest(out: Path) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
-def test_kill_during_background_write_keeps_previous_latest_and_resumes_exactly(shards, tmp_path, repo_root,  # noqa: F811
-                                                                               vocab_dir, monkeypatch):
-    common = dict(deepspeed={"zero_stage": 2}, checkpoint={"interval": 2, "keep_last_n": 5, "at_end": False})
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    launch(repo_root, run_config(shards, straight, vocab_dir, optim={"lr": 2e-3, "max_steps": 6, "warmup_steps": 1, "schedule": "constant"},
-                                 **common), 2)
+@pytest.fixture(scope="module")
+def every_step(shards, tmp_path_factory, repo_root, vocab_dir) -> tuple[Path, str]:  # noqa: F811
+    """A save after every step, each file of it delayed: the quick-succession run, and the uninterrupted run
+    the killed one is compared with (the losses do not depend on when checkpoints are written)."""
+    out = tmp_path_factory.mktemp("background") / "every_step"
+    cfg = run_config(shards, out, vocab_dir, deepspeed={"zero_stage": 2}, optim=OPTIM,
+                     checkpoint={"interval": 1, "keep_last_n": 10, "at_end": True})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(DELAY, "0.3")
+        return out, launch(repo_root, cfg, 2)
 
-    monkeypatch.setenv(DELAY, "2")
-    cfg = run_config(shards, killed, vocab_dir, optim={"lr": 2e-3, "max_steps": 100000, "warmup_steps": 1, "schedule": "constant"}, **common)
-    proc = launch(repo_root, cfg, 2, wait=False)
+
+def test_kill_during_background_write_keeps_previous_latest_and_resumes_exactly(every_step, shards, tmp_path,  # noqa: F811
+                                                                               repo_root, vocab_dir, monkeypatch):
+    common = dict(deepspeed={"zero_stage": 2}, checkpoint={"interval": 2, "keep_last_n": 5, "at_end": False})
+    straight, killed = every_step[0], tmp_path / "killed"
+
+    monkeypatch.setenv(DELAY, "1")
+    cfg = run_config(shards, killed, vocab_dir, optim={**OPTIM, "max_steps": 100000}, **common)
     second = killed / "checkpoints" / "step_00000004"
-    deadline = time.time() + 400
-    while not (_latest(killed) == "step_00000002" and second.is_dir()):
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        assert time.time() < deadline, "no second checkpoint started in time"
-        time.sleep(0.02)
-    ranks = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") in ("0", "1")]
-    assert len(ranks) == 2
-    for rank in ranks:
-        rank.kill()  # SIGKILL: the background write of step 4 is cut off
-    proc.communicate(timeout=60)
+    with running(repo_root, cfg, 2) as proc:
+        deadline = time.time() + 400
+        while not (_latest(killed) == "step_00000002" and second.is_dir()):
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            assert time.time() < deadline, "no second checkpoint started in time"
+            time.sleep(0.02)
+        ranks = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") in ("0", "1")]
+        assert len(ranks) == 2
+        for rank in ranks:
+            rank.kill()  # SIGKILL: the background write of step 4 is cut off
+        proc.communicate(timeout=60)
     assert proc.returncode not in (0, 75)
     assert _latest(killed) == "step_00000002"
     assert not (second / META_FILE).exists()
     assert (killed / "checkpoints" / "step_00000002" / META_FILE).exists()
 
     monkeypatch.delenv(DELAY)
-    output = launch(repo_root, run_config(shards, killed, vocab_dir,
-                                          optim={"lr": 2e-3, "max_steps": 6, "warmup_steps": 1, "schedule": "constant"}, **common), 2)
+    output = launch(repo_root, run_config(shards, killed, vocab_dir, optim=OPTIM, **common), 2)
     assert "resumed from step_00000002 at step 2" in output
     expected, resumed = train_losses(straight), train_losses(killed)  # the last logged loss of each step
     for step in (3, 4, 5, 6):
@@ -59,19 +73,14 @@ def test_kill_during_background_write_keeps_previous_latest_and_resumes_exactly(
     assert _latest(killed) == "step_00000006"
 
 
-def test_saves_in_quick_succession_never_interleave(shards, tmp_path, repo_root, vocab_dir, monkeypatch):  # noqa: F811
-    monkeypatch.setenv(DELAY, "0.3")
-    out = tmp_path / "every_step"
-    cfg = run_config(shards, out, vocab_dir, deepspeed={"zero_stage": 2},
-                     optim={"lr": 2e-3, "max_steps": 4, "warmup_steps": 1, "schedule": "constant"},
-                     checkpoint={"interval": 1, "keep_last_n": 10, "at_end": True})
-    output = launch(repo_root, cfg, 2)
+def test_saves_in_quick_succession_never_interleave(every_step):
+    out, output = every_step
     assert "writing in the background" in output
     # the snapshot buffers are reserved after the first step, before it is logged and saved
     assert output.index("checkpoint snapshot buffers:") < output.index("step 1: ")
     root = out / "checkpoints"
     spans = []
-    for step in (1, 2, 3, 4):
+    for step in range(1, STEPS + 1):
         tag = root / f"step_{step:08d}"
         files = [p for p in tag.rglob("*") if p.is_file() and p.suffix != ".py"]
         meta = json.loads((tag / META_FILE).read_text())
@@ -83,7 +92,7 @@ def test_saves_in_quick_succession_never_interleave(shards, tmp_path, repo_root,
         spans.append((min(written), (tag / META_FILE).stat().st_mtime_ns))
     for (_, committed), (next_start, _) in zip(spans, spans[1:]):
         assert committed <= next_start  # checkpoint N was complete before any file of N+1 was written
-    assert _latest(out) == "step_00000004"
+    assert _latest(out) == f"step_{STEPS:08d}"
 
 
 def test_reserved_buffers_are_the_ones_a_save_copies_into():

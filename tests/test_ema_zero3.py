@@ -2,22 +2,21 @@
 
 ZeRO-3 keeps small parameters gathered between steps (``stage3_param_persistence_threshold``): their
 full values live in ``param.data`` beside the rank's partition ``ds_tensor``. ``EMA.swapped_in`` must put
-the EMA into both, or an evaluation "with EMA" runs those parameters with the trained weights. Run as a
-script, this file is the rank worker.
+the EMA into both, or an evaluation "with EMA" runs those parameters with the trained weights. ``worker``
+runs in the shared 2-rank job (rank_jobs.py).
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def worker(out: Path) -> None:
+    """One rank of the shared 2-rank job (rank_jobs.py)."""
     import contextlib
 
     import deepspeed
@@ -64,27 +63,11 @@ def worker(out: Path) -> None:
         restored = all(torch.equal(trained[n], v) for n, v in full_weights().items())
         result[stage] = {"live": live, "ema": with_ema, "after": after, "expected": expected, "restored": restored}
     if info.rank == 0:
-        torch.save(result, out)
+        torch.save(result, out / "ema.pt")
 
 
-def test_zero3_live_ema_evaluation_matches_stage0(tmp_path):
-    import os
-    import subprocess
-
-    from test_checkpoint_tools import _free_port
-
-    out = tmp_path / "ema.pt"
-    port, procs = _free_port(), []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
-        procs.append(subprocess.Popen([sys.executable, __file__, "worker", str(out)], env=env, cwd=REPO,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    for proc in procs:
-        _, err = proc.communicate(timeout=400)
-        assert proc.returncode == 0, err.decode()[-4000:]
-    result = torch.load(out)
+def test_zero3_live_ema_evaluation_matches_stage0(rank_jobs):
+    result = torch.load(rank_jobs("ema_zero3") / "ema.pt")
     for stage in (0, 3):
         r = result[stage]
         assert (r["ema"] - r["live"]).abs().max() > 1e-3, stage  # the EMA really differs from the weights
@@ -93,7 +76,3 @@ def test_zero3_live_ema_evaluation_matches_stage0(tmp_path):
         assert r["restored"], f"stage {stage}: the trained weights were not restored"
     torch.testing.assert_close(result[3]["ema"], result[0]["ema"], rtol=0, atol=1e-4)
 
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(REPO / "tests"))
-    worker(Path(sys.argv[2]))

@@ -1,13 +1,11 @@
 """``eval.max_batches`` is a global count: the ranks together evaluate the first max_batches x eval_batch_size
 samples of the evaluation order, the same samples on 1 and 2 ranks (loader, loss pass).
 
-Run as a script, this file is one rank of the two-rank check (see ``rank_main``).
+The two-rank check's ``worker`` runs in the shared 2-rank job (rank_jobs.py).
 """
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -73,43 +71,31 @@ def eval_ids_and_loss(args: dict, rank: int, world: int) -> dict:
     return {"batches": batches, "samples": metrics["samples"]}
 
 
-def rank_main(args: dict) -> None:
-    import torch.distributed as dist
+def worker(out: Path) -> None:
+    """One rank of the shared 2-rank job (rank_jobs.py): rank 0 writes the NLI stream into ``out``, then each
+    rank writes what it evaluates there."""
+    from biomedgpt.engine.distributed.process_group import barrier, init_distributed
+    from biomedgpt.models.tokenizer import GPT2_VOCAB_DIR
+    from test_data_loader import write_text_streams
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    Path(args["out"]).write_text(json.dumps(eval_ids_and_loss(args, rank, world)))
-    dist.barrier()
-    dist.destroy_process_group()
+    info = init_distributed("gloo")
+    if info.rank == 0:
+        write_text_streams(out, {"nli": 40})
+    barrier()
+    args = {"nli": str(out / "nli"), "bpe": str(GPT2_VOCAB_DIR), "cache": str(out / "cache")}
+    result = eval_ids_and_loss(args, info.rank, info.world_size)
+    (out / f"rank{info.rank}.json").write_text(json.dumps(result))
 
 
-def test_the_same_samples_on_one_and_two_ranks(tmp_path, vocab_dir, monkeypatch):
-    from tests.test_data_loader import free_port, write_text_streams
-
+def test_the_same_samples_on_one_and_two_ranks(rank_jobs, tmp_path, vocab_dir, monkeypatch):
+    job = rank_jobs("eval_max_batches")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.setenv(key, "1" if "SIZE" in key else "0")
-    args = {"nli": write_text_streams(tmp_path, {"nli": 40})["nli"], "bpe": str(vocab_dir),
-            "cache": str(tmp_path / "cache")}
-    alone = eval_ids_and_loss(args, 0, 1)
-    port, procs = free_port(), []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        out = tmp_path / f"rank{rank}.json"
-        procs.append((subprocess.Popen([sys.executable, __file__, json.dumps({**args, "out": str(out)})], env=env,
-                                       stderr=subprocess.PIPE), out))
-    ranks = []
-    for proc, out in procs:
-        _, err = proc.communicate(timeout=150)
-        assert proc.returncode == 0, err.decode()[-3000:]
-        ranks.append(json.loads(out.read_text()))
+    alone = eval_ids_and_loss({"nli": str(job / "nli"), "bpe": str(vocab_dir), "cache": str(tmp_path / "cache")}, 0, 1)
+    ranks = [json.loads((job / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert [len(b) for b in alone["batches"]] == [BATCH] * MAX_BATCHES
     assert [[len(b) for b in r["batches"]] for r in ranks] == [[3, 3, 2], [3, 3, 1]]
     one = sorted(i for b in alone["batches"] for i in b)
     two = sorted(i for r in ranks for b in r["batches"] for i in b)
     assert one == two and len(set(one)) == MAX_BATCHES * BATCH
     assert alone["samples"] == ranks[0]["samples"] == ranks[1]["samples"] == MAX_BATCHES * BATCH
-
-
-if __name__ == "__main__":
-    rank_main(json.loads(sys.argv[1]))

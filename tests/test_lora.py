@@ -1,13 +1,11 @@
 """LoRA fine-tuning through peft (issue 26): adapters on the named Linear layers, everything else frozen, the
-merge into plain weights, and one 2-rank DeepSpeed job (gloo, CPU; this file is its rank worker when run as a
-script) that trains, checkpoints and resumes at ZeRO-2 and ZeRO-3.
+merge into plain weights, and 2 DeepSpeed ranks (gloo, CPU; ``worker`` runs in the shared 2-rank job,
+rank_jobs.py) that train, checkpoint and resume at ZeRO-2 and ZeRO-3.
 """
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,6 @@ import torch
 from biomedgpt.engine.train.lora import apply_lora, merged_state
 from biomedgpt.engine.run_config import LoraConfig
 
-REPO = Path(__file__).resolve().parents[1]
 SETTINGS = dict(enabled=True, r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "fc1"],
                 modules_to_save=["image_proj"])
 
@@ -121,6 +118,7 @@ def optimizer_state_bytes(optimizer) -> int:
 
 
 def worker(out: Path) -> None:
+    """One rank of the shared 2-rank job (rank_jobs.py)."""
     from biomedgpt.engine.train.trainer import TrainingStopped
 
     rank = int(os.environ["RANK"])
@@ -158,29 +156,18 @@ def _losses(out: Path) -> dict[int, float]:
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_two_ranks_train_checkpoint_resume_and_merge(tmp_path):
-    from test_checkpoint_tools import _free_port
-
+def test_two_ranks_train_checkpoint_resume_and_merge(rank_jobs, tmp_path):
     from biomedgpt.engine.checkpoint.consolidate import consolidate
     from biomedgpt.engine.checkpoint.verify import reference_state
     from biomedgpt.engine.checkpoint.zero_reader import open_checkpoint
     from biomedgpt.models.checkpoint import load_into, read_model_config, read_model_weights
     from biomedgpt.models.ofa import BiomedGPT
 
-    port, procs = _free_port(), []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO / "tests")]))}
-        procs.append(subprocess.Popen([sys.executable, __file__, "worker", str(tmp_path)], env=env, cwd=REPO,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    for proc in procs:
-        _, err = proc.communicate(timeout=500)
-        assert proc.returncode == 0, err.decode()[-4000:]
-    result = json.loads((tmp_path / "result.json").read_text())
+    job = rank_jobs("lora")
+    result = json.loads((job / "result.json").read_text())
     for stage in ("2", "3"):
         r = result[stage]
-        a, b = _losses(tmp_path / f"straight{stage}"), _losses(tmp_path / f"split{stage}")
+        a, b = _losses(job / f"straight{stage}"), _losses(job / f"split{stage}")
         assert sorted(a) == sorted(b) == list(range(1, STEPS + 1)), stage
         for step in a:
             assert b[step] == pytest.approx(a[step], abs=1e-6), (stage, step)
@@ -194,7 +181,7 @@ def test_two_ranks_train_checkpoint_resume_and_merge(tmp_path):
         assert 0 < r["optimizer_state_bytes"] <= 8 * r["trainable_numel"] + 1024, stage
 
         # The checkpoint holds the adapters; consolidate merges them into a plain model directory.
-        ckpt = open_checkpoint(tmp_path / f"split{stage}")
+        ckpt = open_checkpoint(job / f"split{stage}")
         adapters = reference_state(ckpt)
         assert any(".lora_A." in k for k in adapters) and any(".modules_to_save." in k for k in adapters)
         merged_dir = consolidate(ckpt, tmp_path / f"merged{stage}", read_model_config_from(ckpt), progress=False,
@@ -215,7 +202,3 @@ def read_model_config_from(ckpt):
 
     return checkpoint_model_config(ckpt)
 
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(REPO / "tests"))
-    worker(Path(sys.argv[2]))

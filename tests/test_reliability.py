@@ -1,7 +1,8 @@
 """Faults a user meets, on real 2-rank DeepSpeed runs (gloo, CPU) through launchers/local.sh:
 
 - a rank that hangs: the watchdog dumps both ranks' stacks into <output_dir>/watchdog/ and the job ends non-zero;
-- a truncated checkpoint file in ``latest``: one line naming the file, the tag and the earlier complete tag;
+- a truncated checkpoint file in ``latest``: one line naming the file, the tag and the earlier complete tag
+  (the trainer's pre-load check, called in-process on the launched run's checkpoint), and following its advice resumes;
 - an output_dir holding another model's checkpoint: one line naming the setting and the two ways out;
 - ``import_checkpoint`` on a file that is not a checkpoint at all: said to be that, not a pickle refusal;
 - every rank killed at once (a node's OOM killer): the launcher ends with their status.
@@ -74,7 +75,7 @@ def _two_checkpoints(shards, tmp_path, repo_root, vocab_dir):  # noqa: F811
 
 def _error_line(output: str) -> str:
     lines = [line for line in output.splitlines() if line.startswith("error: ")]
-    assert lines, output[-4000:]
+    assert len(lines) == 1, output[-4000:]
     assert "Traceback" not in output and "size mismatch" not in output, output[-4000:]
     return lines[0]
 
@@ -83,7 +84,12 @@ def _error_line(output: str) -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_resume_failures_say_which_file_or_setting_and_what_to_do(shards, tmp_path, repo_root,  # noqa: F811
-                                                                   vocab_dir):
+                                                                   vocab_dir, capsys, monkeypatch):
+    from biomedgpt.core.config import from_dict, to_dict
+    from biomedgpt.core.user_errors import ERRORS_FILE_ENV, command
+    from biomedgpt.engine.checkpoint.resume_checks import check_resumable
+    from biomedgpt.engine.run_config import RunConfig
+
     cfg, root = _two_checkpoints(shards, tmp_path, repo_root, vocab_dir)
     # another model size in the same output_dir: the setting that differs and the two ways out
     other = {**cfg, "model": {**cfg["model"], "d_model": 32},
@@ -92,18 +98,25 @@ def test_resume_failures_say_which_file_or_setting_and_what_to_do(shards, tmp_pa
     assert "model.d_model: checkpoint 64, this run 32" in line, line
     assert "step_00000002" in line and "new output_dir" in line and "checkpoint.resume=never" in line, line
 
-    # a truncated file of the newest tag: the file, the tag, and the earlier complete tag
+    # a truncated file of the newest tag: the file, the tag, and the earlier complete tag. The pre-load check
+    # the trainer runs (above, on 2 ranks), called in-process on rank 0 through a command's error boundary.
     broken = root / "step_00000002" / rank_state_file(1)
     with open(broken, "r+b") as f:
         f.truncate(broken.stat().st_size // 2)
-    line = _error_line(launch(repo_root, {**cfg, "optim": {**cfg["optim"], "max_steps": 3}}, 2, expect=1))
+    resume_cfg = {**cfg, "optim": {**cfg["optim"], "max_steps": 3}}
+    monkeypatch.delenv(ERRORS_FILE_ENV, raising=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_status:
+        command(check_resumable)(root, "step_00000002", 0, to_dict(from_dict(RunConfig, resume_cfg)))
+    assert exit_status.value.code == 1
+    line = _error_line(capsys.readouterr().err)
     assert f"{broken}: truncated or corrupt" in line and "checkpoint step_00000002" in line, line
     assert "the earlier checkpoint step_00000001 is complete" in line and str(root / LATEST_FILE) in line, line
 
     # following the advice resumes
     (root / "step_00000002").rename(root / "broken_step_00000002")
     (root / LATEST_FILE).write_text("step_00000001")
-    resumed = launch(repo_root, {**cfg, "optim": {**cfg["optim"], "max_steps": 3}}, 2)
+    resumed = launch(repo_root, resume_cfg, 2)
     assert "resumed from step_00000001" in resumed
     logged = [m["step"] for m in metrics(root.parent) if "loss" in m]
     assert logged == [1, 2, 2, 3], logged  # the resumed run goes on from step 1: steps 2 and 3 again

@@ -1,8 +1,9 @@
 """A run a user can trust: one run per output folder, resume never silently ignores a changed setting,
 user errors are one line once with exit status 1, a fine-tuning recipe starts on a fresh CPU machine.
 
-Launched runs are 1-rank tiny models (the shards of test_engine_distributed); what needs no launched rank
-(the settings comparison, the lock's holder line, the error reports) is tested in-process.
+Launched runs are 1-rank tiny models (the shards of test_engine_distributed); the run that a second run is
+refused from is the one the resume test continues. What needs no launched rank (the settings comparison, the
+lock's holder line, the error reports) is tested in-process.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import yaml
 
 from biomedgpt.core.config import load, to_dict
 from biomedgpt.engine.run_config import RunConfig
-from test_engine_distributed import _wait_for_step, launch, metrics, run_config, shards  # noqa: F401  (a fixture)
+from test_engine_distributed import _wait_for_step, launch, metrics, run_config, running, shards  # noqa: F401  (a fixture)
 
 TINY = ["model.d_model=64", "model.ffn_dim=128", "model.encoder_layers=1", "model.decoder_layers=1",
         "model.resnet_layers=[1,1,1]"]
@@ -48,35 +49,44 @@ def _one_error_line(output: str) -> str:
 # -- one run per output folder ---------------------------------------------------------------------
 
 
-@pytest.mark.distributed
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_a_second_run_into_a_live_runs_folder_is_refused_and_the_first_finishes_untouched(
-        shards, tmp_path, repo_root, vocab_dir):  # noqa: F811
-    out = tmp_path / "live"
-    first = run_config(shards, out, vocab_dir, optim={"lr": 1e-3, "max_steps": 6, "warmup_steps": 1})
-    proc = launch(repo_root, first, 1, wait=False)
-    try:
+@pytest.fixture(scope="module")
+def live_run(shards, tmp_path_factory, repo_root, vocab_dir) -> dict:  # noqa: F811
+    """A 1-rank run of 6 steps (constant lr 2e-3, a checkpoint at the end) and a second run started into its
+    folder while it trains; the finished run is also the one the resume test continues."""
+    out = tmp_path_factory.mktemp("trust") / "live"
+    first = run_config(shards, out, vocab_dir, optim={"lr": 2e-3, "max_steps": 6, "schedule": "constant",
+                                                      "warmup_steps": 0}, checkpoint={"interval": 0, "at_end": True})
+    with running(repo_root, first, 1) as proc:
         _wait_for_step(out, proc)
         lock_line = (out / ".run.lock").read_text()
         second = {**run_config(shards, out, vocab_dir), "seed": 2}
         start = time.perf_counter()
-        output = launch(repo_root, second, 1, expect=1)
+        refused = launch(repo_root, second, 1, expect=1)
         refused_s = time.perf_counter() - start
-        line = _one_error_line(output)
         holder = json.loads((out / ".run.lock").read_text())
-        assert f"{out} is in use by another run (host {socket.gethostname()}, pid {holder['pid']}" in line, line
-        assert holder["pid"] in [c.pid for c in psutil.Process(proc.pid).children()]
-        assert refused_s < 20, f"refused after {refused_s:.1f} s"
-        print(f"second run refused in {refused_s:.1f} s: {line}")
-        assert (out / ".run.lock").read_text() == lock_line  # the refused run wrote nothing (config.yaml: below)
+        first_ranks = [c.pid for c in psutil.Process(proc.pid).children()]
+        lock_after = (out / ".run.lock").read_text()
         output, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, output[-4000:]
-    assert [m["step"] for m in metrics(out) if "loss" in m] == [1, 2, 3, 4, 5, 6]  # each step once
-    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 1
+    return {"out": out, "config": first, "refused": refused, "refused_s": refused_s, "holder": holder,
+            "first_ranks": first_ranks, "lock_line": lock_line, "lock_after": lock_after,
+            "returncode": proc.returncode, "output": output, "logged": [m["step"] for m in metrics(out) if "loss" in m],
+            "config_yaml": yaml.safe_load((out / "config.yaml").read_text())}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_second_run_into_a_live_runs_folder_is_refused_and_the_first_finishes_untouched(live_run):
+    out, holder = live_run["out"], live_run["holder"]
+    line = _one_error_line(live_run["refused"])
+    assert f"{out} is in use by another run (host {socket.gethostname()}, pid {holder['pid']}" in line, line
+    assert holder["pid"] in live_run["first_ranks"]
+    assert live_run["refused_s"] < 20, f"refused after {live_run['refused_s']:.1f} s"
+    print(f"second run refused in {live_run['refused_s']:.1f} s: {line}")
+    assert live_run["lock_after"] == live_run["lock_line"]  # the refused run wrote nothing (config.yaml: below)
+    assert live_run["returncode"] == 0, live_run["output"][-4000:]
+    assert live_run["logged"] == [1, 2, 3, 4, 5, 6]  # each step once
+    assert live_run["config_yaml"]["seed"] == 1
 
 
 def test_a_killed_runs_lock_never_blocks_the_next_and_a_requeued_job_takes_it_over(tmp_path, monkeypatch):
@@ -168,17 +178,14 @@ def test_resume_refuses_settings_it_cannot_change_before_loading_and_lists_the_o
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_resumed_run_trains_with_the_changed_lr_and_dropout(shards, tmp_path, repo_root, vocab_dir):  # noqa: F811
+def test_a_resumed_run_trains_with_the_changed_lr_and_dropout(live_run, repo_root):
     """The schedule's saved state used to win over optim.lr; a changed model.dropout used to fail after loading."""
-    out = tmp_path / "resumed"
-    cfg = run_config(shards, out, vocab_dir, optim={"lr": 2e-3, "max_steps": 2, "schedule": "constant",
-                                                    "warmup_steps": 0}, checkpoint={"interval": 0, "at_end": True})
-    launch(repo_root, cfg, 1)
-    output = launch(repo_root, cfg, 1, "optim.lr=5e-4", "optim.max_steps=4", "model.dropout=0.0")
-    assert "resumed from step_00000002" in output, output[-4000:]
-    assert "changed optimizer settings, applied: optim.lr 0.002 -> 0.0005; optim.max_steps 2 -> 4" in output
+    out = live_run["out"]
+    output = launch(repo_root, live_run["config"], 1, "optim.lr=5e-4", "optim.max_steps=8", "model.dropout=0.0")
+    assert "resumed from step_00000006" in output, output[-4000:]
+    assert "changed optimizer settings, applied: optim.lr 0.002 -> 0.0005; optim.max_steps 6 -> 8" in output
     lrs = {m["step"]: m["lr"] for m in metrics(out) if "lr" in m}
-    assert lrs == {1: 2e-3, 2: 2e-3, 3: 5e-4, 4: 5e-4}, lrs
+    assert lrs == {**{s: 2e-3 for s in range(1, 7)}, 7: 5e-4, 8: 5e-4}, lrs
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["optim"]["lr"] == 5e-4 and saved["model"]["dropout"] == 0.0
 

@@ -5,9 +5,6 @@ device as the float path did, and on two ranks with different mixes of text and 
 the one-pass path (the split is rank-safe)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -170,7 +167,7 @@ def test_a_batch_without_images_leaves_batchnorm_statistics_alone():
 
 
 # ----------------------------------------------------------------------------------------------
-# Several ranks: the split is rank-safe (ZeRO-2/3, 2 gloo ranks; run as a script, this file is the worker)
+# Several ranks: the split is rank-safe (ZeRO-2/3, 2 gloo ranks; ``worker`` runs in the shared job, rank_jobs.py)
 # ----------------------------------------------------------------------------------------------
 
 #: each rank's text (False) / image (True) samples per step: mixed, all-image and all-text on either rank
@@ -192,7 +189,8 @@ def two_rank_engine(model, stage: int):
 
 
 def worker(out: Path) -> None:
-    """Per ZeRO stage, the same 3 steps with the split on and off; losses and final weights to ``out``."""
+    """One rank of the shared 2-rank job (rank_jobs.py): per ZeRO stage, the same 3 steps with the split on and
+    off; losses and final weights to ``out``."""
     from biomedgpt.engine.distributed.process_group import all_reduce, init_distributed
     from biomedgpt.models.config import ModelSpec
     from biomedgpt.models.ofa import BiomedGPT
@@ -223,25 +221,12 @@ def worker(out: Path) -> None:
                 losses.append(all_reduce(loss.detach().clone(), "sum").item())
             result[(stage, split)] = {"losses": losses, "state": _full_state(engine.module, stage)}
     if info.rank == 0:
-        torch.save(result, out)
+        torch.save(result, out / "split.pt")
 
 
 @pytest.mark.distributed
-def test_split_on_two_ranks_with_different_mixes_trains_as_the_one_pass_path(tmp_path):
-    from test_checkpoint_tools import REPO, _free_port
-
-    out, port, procs = tmp_path / "split.pt", _free_port(), []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
-        with open(tmp_path / f"rank{rank}.log", "wb") as log:  # a file, not a pipe: a full pipe blocks that rank
-            procs.append(subprocess.Popen([sys.executable, __file__, str(out)], env=env, cwd=REPO,
-                                          stdout=subprocess.DEVNULL, stderr=log))
-    for rank, proc in enumerate(procs):
-        proc.wait(timeout=600)
-        assert proc.returncode == 0, (tmp_path / f"rank{rank}.log").read_text()[-4000:]
-    result = torch.load(out)
+def test_split_on_two_ranks_with_different_mixes_trains_as_the_one_pass_path(rank_jobs):
+    result = torch.load(rank_jobs("text_only") / "split.pt")
     for stage in STAGES:
         split, one_pass = result[(stage, True)], result[(stage, False)]
         torch.testing.assert_close(split["losses"], one_pass["losses"], rtol=0, atol=1e-5, msg=f"ZeRO-{stage}")
@@ -249,7 +234,3 @@ def test_split_on_two_ranks_with_different_mixes_trains_as_the_one_pass_path(tmp
         for name, value in one_pass["state"].items():
             torch.testing.assert_close(split["state"][name], value, rtol=0, atol=1e-5, msg=f"ZeRO-{stage} {name}")
 
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    worker(Path(sys.argv[1]))

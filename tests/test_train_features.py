@@ -1,8 +1,8 @@
 """The training features of the original recipes (issue 23): answer-set constrained training, frozen
 embeddings, drop-worst, fairseq's loss normalisation over the accumulation window, EMA of BatchNorm buffers.
 
-The in-process tests check the data and the loss against formulas written out here; one 2-rank DeepSpeed
-job (gloo, CPU; this file is its rank worker when run as a script) checks what needs real ranks: an
+The in-process tests check the data and the loss against formulas written out here; 2 DeepSpeed ranks
+(gloo, CPU; ``worker`` runs in the shared 2-rank job, rank_jobs.py) check what needs real ranks: an
 accumulation window's update equals one big batch's at ZeRO 0 and 2, the frozen table gets no optimizer
 state, and the trainer starts dropping after the given update.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -373,7 +372,7 @@ def _frozen_table(trainer, before: dict, stage: int) -> dict:
 
 
 def worker(out_dir: Path) -> None:
-    """Two trainers (the suite's time): ZeRO-0 with the decoder flag, ZeRO-2 with the encoder flag. ZeRO-0 runs
+    """One rank of the shared 2-rank job (rank_jobs.py). Two trainers (the suite's time): ZeRO-0 with the decoder flag, ZeRO-2 with the encoder flag. ZeRO-0 runs
     a window with the old normalisation first, then one with fairseq's; each window is compared with one big
     batch from its starting weights."""
     from biomedgpt.engine.distributed.process_group import all_reduce
@@ -409,21 +408,8 @@ def worker(out_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> dict:
-    from test_checkpoint_tools import _free_port
-
-    out = tmp_path_factory.mktemp("train_features")
-    port, procs = _free_port(), []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-               "WANDB_MODE": "disabled"}
-        procs.append(subprocess.Popen([sys.executable, __file__, "worker", str(out)], env=env, cwd=REPO,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    for proc in procs:
-        _, err = proc.communicate(timeout=500)
-        assert proc.returncode == 0, err.decode()[-4000:]
-    return torch.load(out / "results.pt")
+def ranks(rank_jobs) -> dict:
+    return torch.load(rank_jobs("train_features") / "results.pt")
 
 
 @pytest.mark.distributed
@@ -473,7 +459,3 @@ def test_trainer_drops_the_worst_tokens_only_after_the_given_update(ranks):
     for local, counted_by_loss, counted_before in run["kept"].values():
         assert counted_by_loss == counted_before
 
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(REPO / "tests"))
-    worker(Path(sys.argv[2]))

@@ -5,18 +5,17 @@ tables through calls of their modules, so nothing is registered as an external p
 module (which kept every table gathered for the whole step). Measured: the parameters resident (gathered)
 while a middle layer's ``fc1`` runs, over two training steps built the trainer's way (``build_model``
 under zero.Init), with DeepSpeed's own keep-gathered choices off (prefetching, persistence of small
-parameters, and keeping parameters that are used again soon: ``stage3_max_reuse_distance``). Run as a script, this file is the rank worker.
+parameters, and keeping parameters that are used again soon: ``stage3_max_reuse_distance``). ``worker`` runs in the shared 2-rank job
+(rank_jobs.py).
 """
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = {"size": "tiny", "d_model": 64, "ffn_dim": 128, "encoder_layers": 3, "decoder_layers": 3, "heads": 2,
          "resnet_layers": [1, 1, 1], "vocab_size": 1000, "dropout": 0.0}
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -66,17 +65,14 @@ def resident_during_steps(model_spec: dict, steps: int = 2) -> dict:
 
 
 def worker(out: Path) -> None:
+    """One rank of the shared 2-rank job (rank_jobs.py)."""
     record = resident_during_steps(MODEL)
     if int(os.environ["RANK"]) == 0:
-        torch.save(record, out)
+        torch.save(record, out / "resident.pt")
 
 
-def test_zero3_gathers_tables_per_use_not_for_the_whole_step(tmp_path):
-    from test_checkpoint_tools import run_ranks
-
-    out = tmp_path / "resident.pt"
-    run_ranks(2, "worker", str(out), script=__file__)
-    record = torch.load(out)
+def test_zero3_gathers_tables_per_use_not_for_the_whole_step(rank_jobs):
+    record = torch.load(rank_jobs("zero3_gather") / "resident.pt")
     print(f"\nresident during a middle layer's fc1: {max(record['resident'])} of {record['total']} parameters "
           f"(fc1: {record['fc1']})")
     assert len(record["resident"]) == 4  # encoder and decoder, two steps
@@ -84,7 +80,3 @@ def test_zero3_gathers_tables_per_use_not_for_the_whole_step(tmp_path):
     # the running layer's weights and what DeepSpeed has not released yet (a ResNet conv, from the backward)
     assert max(record["resident"]) < 0.05 * record["total"]
 
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(REPO / "tests"))
-    worker(Path(sys.argv[2]))
