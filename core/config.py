@@ -22,6 +22,7 @@ import argparse
 import copy
 import dataclasses
 import inspect
+import json
 import re
 import types
 import typing
@@ -257,6 +258,17 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return loaded
+
+
+def read_json(path: Path, error: type[Exception], missing: str) -> Any:
+    """A JSON file's content; a missing file (``missing`` says what it was meant to be) or bad JSON raises
+    ``error`` naming the file, in one line."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: missing ({missing})") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON: {exc}") from None
 
 
 def _annotation_at(cls: type, dotted: str) -> Any:

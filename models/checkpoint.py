@@ -405,13 +405,9 @@ def save_pretrained(model: BiomedGPT, out_dir: str | Path, tokenizer=None, dtype
 
 def read_model_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir) / "config.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (not a model directory)") from None
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON: {exc}") from None
-    from biomedgpt.core.config import ConfigError, from_dict
+    from biomedgpt.core.config import ConfigError, from_dict, read_json
+
+    data = read_json(path, CheckpointError, "not a model directory")
 
     try:
         return from_dict(ModelConfig, data)

@@ -7,11 +7,10 @@ anything else is an error, so the JSON and the run config can never disagree.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
-from biomedgpt.core.config import PACKAGE_ROOT
+from biomedgpt.core.config import PACKAGE_ROOT, read_json
 from biomedgpt.engine.run_config import RunConfig
 from biomedgpt.core.user_errors import UserError
 
@@ -70,12 +69,7 @@ def _owned_values(cfg: RunConfig) -> dict[tuple[str, ...], Any]:
 
 def build_ds_config(cfg: RunConfig) -> dict:
     path = template_path(cfg)
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DeepSpeedConfigError(f"DeepSpeed template not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise DeepSpeedConfigError(f"{path}: not valid JSON: {exc}") from None
+    config = read_json(path, DeepSpeedConfigError, "the DeepSpeed template")
     for forbidden in ("train_batch_size", "scheduler"):
         if forbidden in config:
             raise DeepSpeedConfigError(f"{path}: remove {forbidden!r}; the engine derives it from the run config")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from biomedgpt.core.config import ConfigError, parse_cli, to_dict
+from biomedgpt.core.config import ConfigError, parse_cli, read_json, to_dict
 from biomedgpt.core.durable import atomic_file
 from biomedgpt.engine.flops import image_tokens, parameter_counts, train_step_flops
 from biomedgpt.engine.run_config import RunConfig, saved_run_config
@@ -51,13 +51,8 @@ class CollectConfig:
 
 
 def read_manifest(sweep_dir: Path) -> dict:
-    path = sweep_dir / "sweep.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SweepDataError(f"{path} not found: not a sweep directory (`biomedgpt sweep` writes it)") from None
-    except json.JSONDecodeError as exc:
-        raise SweepDataError(f"{path}: not valid JSON ({exc})") from None
+    return read_json(sweep_dir / "sweep.json", SweepDataError,
+                     "not a sweep directory: `biomedgpt sweep` writes it")
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict], Optional[str]]:
