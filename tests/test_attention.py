@@ -219,8 +219,9 @@ def test_rope_has_no_position_bias_so_every_call_is_mask_free(monkeypatch):
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     model(**mixed_batch(codes=True)).sum().backward()
-    # encoder self, decoder self + cross, per layer pair; the mixed batch runs as an image pass and a text pass
-    assert len(masks) == 3 * 2 * 2 and all(m is None for m in masks)
+    # encoder self, decoder self + cross, per layer pair: the model runs a mixed batch as one pass (the train
+    # step's split by modality is engine/distributed/modality_passes.py)
+    assert len(masks) == 3 * 2 and all(m is None for m in masks)
 
 
 @pytest.mark.parametrize("scheme,backend", [("rope", "eager"), ("rope", "sdpa"), ("ofa", "chunked")])

@@ -174,7 +174,9 @@ def test_rank_exec_sets_the_environment_for_the_real_process(tmp_path):
         "keys = ['RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT']\n"
         "print(json.dumps({'env': {k: os.environ[k] for k in keys}, 'argv': sys.argv[1:],\n"
         "                  'usr1_ignored': signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN}))\n")
-    env = {**os.environ, **_task_env("gpu[01-03,07]", "8(x4)", 13),
+    inherited = {k: v for k, v in os.environ.items()  # a process group set up earlier in this worker is not SLURM's
+                 if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {**inherited, **_task_env("gpu[01-03,07]", "8(x4)", 13),
            "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
     done = subprocess.run([sys.executable, "-m", "biomedgpt.launchers.slurm_env", "action=rank-exec", "module=dump_env",
                            "--", "--config", "x.yaml", "a.b=1"], env=env, cwd=REPO, capture_output=True,

@@ -327,11 +327,13 @@ def _window(trainer, batches: list[dict]) -> dict:
 def _one_big_batch(state: dict, world: int) -> dict:
     """The reference: every rank's micro-batches through a plain model with the window's starting weights,
     as one batch (OFA's loss, one backward) and, for the old normalisation, each micro-batch's mean averaged."""
+    from biomedgpt.engine.distributed.modality_passes import split_by_modality
     from biomedgpt.models.config import ModelSpec
     from biomedgpt.models.ofa import BiomedGPT
 
     model = BiomedGPT(ModelSpec(**MODEL).build())
     model.load_state_dict(state)
+    split_by_modality(model, same_calls=False)  # the train step's forward (text-only rows without image tokens)
     model.train()
     parts = [_micro_batch(r, i) for r in range(world) for i in range(MICRO_BATCHES)]
     keys = ("src_tokens", "prev_output_tokens", "patch_images", "patch_masks")
