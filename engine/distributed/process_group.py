@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from biomedgpt.core.hosts import ranks_on_this_host  # noqa: F401 (the engine's host-memory checks call it here)
 from biomedgpt.engine.library_noise import quiet_known_noise, without_shm_build_line
 
 

@@ -274,6 +274,7 @@ def gathered_for_decoding(engine, device, world: int, fraction: float, log: Call
     import psutil
     import torch
 
+    from biomedgpt.core.hosts import ranks_on_this_host
     from biomedgpt.engine.distributed import process_group as dist_utils
 
     module = engine.module
@@ -281,7 +282,7 @@ def gathered_for_decoding(engine, device, world: int, fraction: float, log: Call
     if device.type == "cuda":
         free, sharers, where = torch.cuda.mem_get_info(device)[0], 1, f"free on {device}"
     else:
-        free, sharers = psutil.virtual_memory().available, dist_utils.ranks_on_this_host(world)
+        free, sharers = psutil.virtual_memory().available, ranks_on_this_host(world)
         where = f"host memory available to {sharers} rank(s) on this host"
     fits = gather_fits(whole, free, sharers, fraction)
     anyone_short = dist_utils.all_reduce(torch.tensor([0.0 if fits else 1.0]), "max")[0] > 0

@@ -15,6 +15,7 @@ import torch
 from biomedgpt.engine.distributed import process_group as dist_utils
 from biomedgpt.engine.checkpoint.manager import rng_state, set_rng_state
 from biomedgpt.core.config import to_dict
+from biomedgpt.core.hosts import ranks_on_this_host
 from biomedgpt.engine.distributed.watchdog import Watchdog
 from biomedgpt.engine.flops import batch_train_flops, image_tokens
 from biomedgpt.engine.train.builders import TrainParts, TrainSpec, build_parts
@@ -117,7 +118,7 @@ class Trainer:
         self.checkpoint_memory_reserved = True
         if writer.background and self.cfg.checkpoint.background is None:
             # every rank on this machine reserves its own snapshot: all of them, twice over, must fit
-            need = self._state_bytes() * dist_utils.ranks_on_this_host(self.world)
+            need = self._state_bytes() * ranks_on_this_host(self.world)
             flag = torch.tensor([float(psutil.virtual_memory().available < 2 * need)])
             if dist_utils.all_reduce(flag, "max")[0] > 0:  # every rank writes the same way (reserve is collective)
                 writer.background = False
