@@ -9,10 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import json
-import os
 import random
-import subprocess
-import sys
 import tarfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -21,6 +18,7 @@ import pytest
 import yaml
 
 from biomedgpt.tools import evaluate as downstream
+from biomedgpt.tools import train
 from biomedgpt.data.convert import PrepareConfig, convert
 
 TINY = ("{d_model: 64, ffn_dim: 128, encoder_layers: 1, decoder_layers: 1, heads: 2, resnet_layers: [1, 1, 1], "
@@ -119,29 +117,22 @@ def _shards(tmp: Path, task: str) -> Path:
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _run(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled",
-               PYTHONPATH=os.pathsep.join(p for p in (str(cwd), env.get("PYTHONPATH")) if p))
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(args[:3])} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
-
-
 def _finetune_and_evaluate(recipe: str, task: str, shards: Path, tmp_path: Path, repo_root: Path, vocab_dir: Path,
                            data_overrides: list[str], eval_overrides: list[str]) -> tuple[dict, list[dict]]:
     """A few fine-tuning steps of ``recipe`` on ``shards`` (tiny model), then python -m biomedgpt.tools.evaluate on the
     same shards: (results JSON, per-sample predictions)."""
     stream = f"[{{name: {task}, task: {task}, remote: {shards}}}]"
     run_dir = tmp_path / "run"
-    _run(["-m", "biomedgpt.tools.train", "--config", f"configs/finetune/{recipe}", f"model={TINY}",
+    # the train command's main in this process (one rank): the same code as ``python -m biomedgpt.tools.train``
+    # without a second start of torch, DeepSpeed and streaming (~10 s of a core); the launched path has its
+    # own tests (test_engine_distributed.py, test_packaging.py, the README commands)
+    train.main(["--config", str(repo_root / "configs" / "finetune" / recipe), f"model={TINY}",
           f"data.streams={stream}", f"data.eval_streams={stream}", "data.batch_size=4", "data.eval_batch_size=8",
           "data.patch_image_size=64", "data.num_workers=0", f"data.cache_dir={tmp_path / 'cache'}",
           "optim.max_steps=4", "optim.max_epochs=null", "optim.grad_accum=1", "optim.lr=0.001",
           "deepspeed.precision=fp32", "checkpoint.init_from=null", "checkpoint.interval=0", "eval.interval=0",
           "eval.interval_epochs=0", "data.answer_set=null", "log.interval=1", "log.progress_bar=false", "log.wandb_mode=disabled", f"bpe_dir={vocab_dir}",
-          f"output_dir={run_dir}", *data_overrides, *[f"eval.{o}" for o in eval_overrides]], cwd=repo_root)
+          f"output_dir={run_dir}", *data_overrides, *[f"eval.{o}" for o in eval_overrides]])
     assert (run_dir / "best" / "model.safetensors").is_file()
     # In-training evaluation scored the recipe's task metric by generation and picked the best model by it.
     metric = yaml.safe_load((run_dir / "config.yaml").read_text())["eval"]["metric"]
@@ -173,7 +164,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("task", list(CASES))
-def test_finetune_then_evaluate(task, tmp_path, repo_root, vocab_dir, monkeypatch):
+def test_finetune_then_evaluate(task, tmp_path, repo_root, vocab_dir, monkeypatch, one_thread):
     recipe, data_overrides, eval_overrides, keys = CASES[task]
     for name in RANK_VARIABLES:  # restored after the test: the in-process evaluation sets them
         monkeypatch.delenv(name, raising=False)
@@ -245,7 +236,7 @@ def _llava_med_json(tmp: Path) -> tuple[Path, dict[str, tuple[str, str, bool]]]:
     return source, expected
 
 
-def test_instruction_tuning_end_to_end(tmp_path, repo_root, vocab_dir, monkeypatch):
+def test_instruction_tuning_end_to_end(tmp_path, repo_root, vocab_dir, monkeypatch, one_thread):
     """LLaVA-Med style JSON -> biomedgpt.tools.prepare_data -> a few fine-tuning steps of the instruction recipe -> free
     generation -> ROUGE in the results JSON."""
     for name in RANK_VARIABLES:
