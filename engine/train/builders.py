@@ -365,12 +365,13 @@ def build_parts(cfg: RunConfig, spec: Optional[TrainSpec] = None) -> TrainParts:
     tokenizer = spec.tokenizer(cfg)
     if tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
         raise ValueError(f"model.vocab_size {model_cfg.vocab_size} != tokenizer vocabulary {tokenizer.vocab_size}")
+    # a checkpoint that cannot resume fails before the data is opened (remote shards, streaming's import)
+    ckpt = spec.checkpoint_manager(cfg, process)
+    resume = find_resume_point(cfg, ckpt, process.plan, process.rank)
     train_loader = spec.train_loader(cfg, tokenizer, process.rank, process.world)
     eval_loader = spec.eval_loader(cfg, tokenizer, process.rank, process.world)
     total = total_steps(cfg.optim, train_loader)
 
-    ckpt = spec.checkpoint_manager(cfg, process)
-    resume = find_resume_point(cfg, ckpt, process.plan, process.rank)
     ds_config = build_ds_config(cfg)
     if resume is not None and resume.universal:
         ds_config["checkpoint"] = {"load_universal": True}
