@@ -5,9 +5,15 @@ Plain dataclasses, built by ``biomedgpt.core.config.from_dict`` (unknown keys ar
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from pathlib import Path
+from typing import Iterable, Literal, Optional
+from urllib.parse import urlparse
 
 from biomedgpt.core.config import PathStr
+from biomedgpt.core.user_errors import UserError
+
+#: the file that makes a folder (or a bucket prefix) an MDS dataset
+INDEX = "index.json"
 
 #: What one stream's rows are turned into (see ``biomedgpt.data.tasks``).
 StreamTask = Literal[
@@ -148,3 +154,20 @@ class DataConfig:
         if self.batching == "stratified" and not all(s.proportion is not None for s in self.streams):
             raise ValueError("batching: stratified takes each stream's share of a batch from its proportion: "
                              "give every training stream a proportion")
+
+
+class DataSourceError(UserError, RuntimeError):
+    """A stream that cannot be read: unreachable store, missing index, truncated shard."""
+
+
+def is_remote(path: str) -> bool:
+    return bool(urlparse(path).scheme) and urlparse(path).scheme != "file"
+
+
+def check_local_streams(streams: Iterable[StreamConfig]) -> None:
+    """Every local stream is a converted dataset (its index.json is there), or one line names the stream and
+    the folder. Torch-free: the train command checks before it starts torch, DeepSpeed and streaming."""
+    for stream in streams:
+        if not is_remote(stream.remote) and not (Path(stream.remote) / INDEX).is_file():
+            raise DataSourceError(f"stream {stream.name}: no index.json under {stream.remote} (not a converted "
+                                  f"dataset, or its conversion did not finish)")

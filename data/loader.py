@@ -24,13 +24,12 @@ from streaming.base.format.mds.reader import MDSReader
 from streaming.base.world import World
 
 from biomedgpt.data.collate import collate, first_rows
-from biomedgpt.data.config import DataConfig, StreamConfig
+from biomedgpt.data.config import DataConfig, DataSourceError, StreamConfig, check_local_streams, is_remote
 from biomedgpt.data.images import check_image_pixels
 from biomedgpt.data.mds import INDEX, s3_client, split_s3, store_cause
 from biomedgpt.data.shared_memory import registration_lock
 from biomedgpt.data.tasks import PROCESSORS, TaskContext, process
 from biomedgpt.core.hosts import ranks_on_this_host
-from biomedgpt.core.user_errors import UserError
 
 
 #: hashes checked when a shard is first read, in order of preference (the first one index.json has)
@@ -51,10 +50,6 @@ def file_hash(path: str, algo: str, chunk: int = 1 << 22) -> str:
         while piece := f.read(chunk):
             digest.update(piece)
     return digest.hexdigest()
-
-
-class DataSourceError(UserError, RuntimeError):
-    """A stream that cannot be read: unreachable store, missing index, truncated shard."""
 
 
 class BadRowsError(DataSourceError):
@@ -121,10 +116,6 @@ def check_remote_index(stream: StreamConfig, local: str, cfg: DataConfig) -> Non
                           f"{reason}")
 
 
-def is_remote(path: str) -> bool:
-    return bool(urlparse(path).scheme) and urlparse(path).scheme != "file"
-
-
 def set_distributed_env(rank: int, world_size: int, local_rank: Optional[int] = None,
                         local_world_size: Optional[int] = None) -> None:
     """Give streaming the rank layout it reads from the environment.
@@ -151,13 +142,11 @@ class TaskStreamingDataset(StreamingDataset):
                  cache_subdir: str) -> None:
         if not streams:
             raise ValueError(f"no {'training' if train else 'evaluation'} streams configured")
+        check_local_streams(streams)
         built = []
         for s in streams:
             remote, local = (s.remote, s.local or str(Path(cfg.cache_dir) / cache_subdir / s.name)) \
                 if is_remote(s.remote) else (None, s.remote)
-            if remote is None and not (Path(local) / INDEX).is_file():
-                raise DataSourceError(f"stream {s.name}: no index.json under {local} (not a converted "
-                                      f"dataset, or its conversion did not finish)")
             if remote is not None:
                 check_remote_index(s, local, cfg)
             built.append(CheckedStream(name=s.name, remote=remote, local=local, proportion=s.proportion,

@@ -30,9 +30,9 @@ from streaming import MDSWriter
 from streaming.base.storage.upload import CloudUploader
 
 from biomedgpt.core.durable import publish_directory
+from biomedgpt.data.config import INDEX
 from biomedgpt.data.records import MDS_COLUMNS
 
-INDEX = "index.json"
 GENERATION = "gen-"  # remote shards live under <prefix>/gen-<UTC time>-<random>/
 TEMP_PREFIX = "mds-upload-"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from biomedgpt.core.config import parse_cli
+from biomedgpt.data.config import check_local_streams
 from biomedgpt.engine.run_config import DEMO_CONFIG, RunConfig
 from biomedgpt.engine.train.run_lock import RunLock
 from biomedgpt.core.user_errors import UserError, command
@@ -33,6 +34,11 @@ def ensure_demo_data(directory: str) -> None:
 
             print(f"building the demo dataset in {root} (once, about a minute)", flush=True)
             build(DemoConfig(output_dir=str(root)))
+
+
+def in_demo_data(path: str, demo_data_dir: str | None) -> bool:
+    """Whether a stream's folder is one the demo builds (in ``demo_data_dir``) when absent."""
+    return demo_data_dir is not None and Path(path).resolve().is_relative_to(Path(demo_data_dir).resolve())
 
 
 def check_init_from(model_dir: str | None) -> None:
@@ -60,6 +66,10 @@ def parse(argv: Sequence[str] | None = None) -> RunConfig:
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse(argv)  # torch-free: a bad setting fails here in well under a second, before any import of torch
     check_init_from(cfg.checkpoint.init_from)
+    demo_streams = [s for s in [*cfg.data.streams, *cfg.data.eval_streams] if in_demo_data(s.remote, cfg.demo_data_dir)]
+    # the other streams the run surely opens (an eval stream of the test split only if selected on: the loader checks)
+    check_local_streams([s for s in [*cfg.data.streams, *(s for s in cfg.data.eval_streams if s.split != "test")]
+                         if s not in demo_streams])
     if int(os.environ.get("RANK", "0")) == 0:  # a folder in use is refused in a second too (the Trainer keeps it)
         RunLock.acquire(cfg.output_dir)
     from biomedgpt.engine.distributed.process_group import configure_environment
@@ -68,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from biomedgpt.engine.checkpoint.manager import CheckpointWriteError
     from biomedgpt.engine.train.trainer import Trainer
 
-    if cfg.demo_data_dir:
+    if demo_streams:
         ensure_demo_data(cfg.demo_data_dir)
     trainer = Trainer(cfg)
     try:
