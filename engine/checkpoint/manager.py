@@ -54,13 +54,14 @@ class ResumeError(UserError, RuntimeError):
 
 
 def load_file(path: str | Path, meta: bool = False) -> Any:
-    """A checkpoint file for resuming (into memory, not mapped; ``meta``: only checked, no tensor read),
-    weights-only: a crafted file is refused with one line (``ResumeError``), nothing in it runs."""
+    """A checkpoint file for resuming (into memory, not mapped, DeepSpeed's own objects; ``meta``: only
+    checked, no tensor read), weights-only: a crafted file is refused with one line (``ResumeError``),
+    nothing in it runs."""
     from biomedgpt.engine.checkpoint.load import load_checkpoint_file
     from biomedgpt.models.checkpoint import CheckpointError
 
     try:
-        return load_checkpoint_file(path, mmap=False, meta=meta)
+        return load_checkpoint_file(path, mmap=False, meta=meta, live=not meta)
     except CheckpointError as exc:
         raise ResumeError(f"{exc}; the checkpoint cannot be resumed") from None
 
