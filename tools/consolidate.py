@@ -65,10 +65,14 @@ def run_tokenizer(ckpt: ZeroCheckpoint, explicit: str | None, vocab_size: int):
 def run(cfg: ConsolidateConfig) -> Path:
     ckpt = open_checkpoint(cfg.checkpoint, cfg.tag)
     model_cfg = checkpoint_model_config(ckpt, cfg.model)
-    tokenizer = run_tokenizer(ckpt, cfg.tokenizer, model_cfg.vocab_size)
-    if tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
-        raise CheckpointError(f"the tokenizer ({cfg.tokenizer or 'of the run'}) has {tokenizer.vocab_size} ids, "
-                              f"the model's embedding {model_cfg.vocab_size} rows")
+
+    def tokenizer():  # made on consolidate's thread, while the tensors stream
+        found = run_tokenizer(ckpt, cfg.tokenizer, model_cfg.vocab_size)
+        if found is not None and found.vocab_size != model_cfg.vocab_size:
+            raise CheckpointError(f"the tokenizer ({cfg.tokenizer or 'of the run'}) has {found.vocab_size} ids, "
+                                  f"the model's embedding {model_cfg.vocab_size} rows")
+        return found
+
     result = consolidate(ckpt, cfg.output, model_cfg, dtype=cfg.dtype, ema=cfg.ema, tokenizer=tokenizer,
                          max_shard_bytes=int(cfg.max_shard_gb * (1 << 30)), overwrite=cfg.overwrite,
                          progress=cfg.progress, verify_output=cfg.verify,
@@ -76,7 +80,7 @@ def run(cfg: ConsolidateConfig) -> Path:
     print(f"{ckpt.directory} (ZeRO-{ckpt.stage}, {ckpt.world_size} ranks, step {ckpt.step}"
           f"{', EMA' if cfg.ema else ''}) -> {result.output}: {result.tensors} tensors, "
           f"{result.bytes / 1e6:.1f} MB {cfg.dtype}{', verified' if cfg.verify else ''}"
-          f"{'' if tokenizer is not None else ' (no tokenizer found: pass tokenizer=...)'}")
+          f"{'' if result.tokenizer else ' (no tokenizer found: pass tokenizer=...)'}")
     return result.output
 
 

@@ -167,13 +167,25 @@ class ConsolidationResult:
     tensors: int
     bytes: int
     config: ModelConfig
+    tokenizer: bool  # whether the directory holds a tokenizer
 
 
 def consolidate(ckpt: ZeroCheckpoint, output: str | Path, cfg: ModelConfig, dtype: str = "fp32",
                 ema: bool = False, tokenizer=None, max_shard_bytes: int = 2 << 30, overwrite: bool = False,
                 progress: bool = True, verify_output: bool = False, merge_lora: bool = False) -> ConsolidationResult:
     """Write a model directory (``biomedgpt.models.checkpoint`` layout) from ``ckpt``, streaming, atomically;
-    ``verify_output`` runs ``verify.verify`` against DeepSpeed's reconstruction before the directory appears."""
+    ``verify_output`` runs ``verify.verify`` against DeepSpeed's reconstruction before the directory appears.
+    ``tokenizer``: saved beside the weights; a function that returns one (or None: no tokenizer) runs on a
+    thread while the key list is built and the tensors stream (parsing a BPE is Python work; its errors
+    stop the consolidation before the directory appears)."""
+    with ThreadPoolExecutor(1) as pool:
+        made = pool.submit(tokenizer) if callable(tokenizer) else None
+        return _consolidate(ckpt, output, cfg, dtype, ema, made, tokenizer if made is None else None, pool,
+                            max_shard_bytes, overwrite, progress, verify_output, merge_lora)
+
+
+def _consolidate(ckpt, output, cfg, dtype, ema, made, tokenizer, pool, max_shard_bytes, overwrite, progress,
+                 verify_output, merge_lora) -> ConsolidationResult:
     from tqdm import tqdm
 
     if verify_output and ema:
@@ -193,17 +205,19 @@ def consolidate(ckpt: ZeroCheckpoint, output: str | Path, cfg: ModelConfig, dtyp
     def produce(name: str) -> Tensor:
         return sources[name].read(buffer).to(dtypes[name])
 
+    with_tokenizer: list[bool] = []
+
     def write(directory: Path) -> None:
         digests: dict[str, str] = {}
-        with ThreadPoolExecutor(1) as pool:  # the tokenizer's files (Python work) while tensors stream
-            saved = pool.submit(tokenizer.save, directory / "tokenizer") if tokenizer is not None else None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"consolidating {ckpt.tag}",
-                      disable=not progress) as bar:
-                for filename, names in plan.filename_to_tensors.items():
-                    entries = [(n, sources[n].shape, dtypes[n]) for n in names]
-                    digests.update(write_safetensors_streaming(directory / filename, entries, produce, bar.update))
-            if saved is not None:
-                saved.result()
+        # the tokenizer's files (Python work) while tensors stream
+        saved = pool.submit(_save_tokenizer, made.result if made is not None else lambda: tokenizer,
+                            directory / "tokenizer")
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"consolidating {ckpt.tag}",
+                  disable=not progress) as bar:
+            for filename, names in plan.filename_to_tensors.items():
+                entries = [(n, sources[n].shape, dtypes[n]) for n in names]
+                digests.update(write_safetensors_streaming(directory / filename, entries, produce, bar.update))
+        with_tokenizer.append(saved.result())
         write_shard_index(directory, plan)
         (directory / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         report = {"source": str(ckpt.directory.resolve()), "tag": ckpt.tag, "step": ckpt.step,
@@ -216,4 +230,11 @@ def consolidate(ckpt: ZeroCheckpoint, output: str | Path, cfg: ModelConfig, dtyp
             verify(directory, ckpt)
 
     out = write_dir_atomically(Path(output), write, overwrite)
-    return ConsolidationResult(out, len(sources), total, cfg)
+    return ConsolidationResult(out, len(sources), total, cfg, with_tokenizer[-1])
+
+
+def _save_tokenizer(make: Callable[[], Any], directory: Path) -> bool:
+    tokenizer = make()
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return tokenizer is not None
