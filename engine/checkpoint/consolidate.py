@@ -177,11 +177,16 @@ def consolidate(ckpt: ZeroCheckpoint, output: str | Path, cfg: ModelConfig, dtyp
     ``verify_output`` runs ``verify.verify`` against DeepSpeed's reconstruction before the directory appears.
     ``tokenizer``: saved beside the weights; a function that returns one (or None: no tokenizer) runs on a
     thread while the key list is built and the tensors stream (parsing a BPE is Python work; its errors
-    stop the consolidation before the directory appears)."""
+    stop the consolidation before the directory appears, and come first, as if it had been made first)."""
     with ThreadPoolExecutor(1) as pool:
         made = pool.submit(tokenizer) if callable(tokenizer) else None
-        return _consolidate(ckpt, output, cfg, dtype, ema, made, tokenizer if made is None else None, pool,
-                            max_shard_bytes, overwrite, progress, verify_output, merge_lora)
+        try:
+            return _consolidate(ckpt, output, cfg, dtype, ema, made, tokenizer if made is None else None, pool,
+                                max_shard_bytes, overwrite, progress, verify_output, merge_lora)
+        except Exception:
+            if made is not None and made.exception() is not None:
+                raise made.exception() from None
+            raise
 
 
 def _consolidate(ckpt, output, cfg, dtype, ema, made, tokenizer, pool, max_shard_bytes, overwrite, progress,
