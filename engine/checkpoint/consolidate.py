@@ -139,7 +139,7 @@ def write_safetensors_streaming(path: Path, entries: list[tuple[str, tuple[int, 
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     digests = {}
-    with open(path, "wb", buffering=0) as f:
+    with open(path, "wb", buffering=0) as f, ThreadPoolExecutor(1) as hasher:
         f.write(struct.pack("<Q", len(blob)) + blob)
         written = f.tell()
         for name, shape, dtype in entries:
@@ -148,9 +148,10 @@ def write_safetensors_streaming(path: Path, entries: list[tuple[str, tuple[int, 
                 raise CheckpointError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, "
                                       f"expected {shape} {dtype}")
             data = tensor_bytes(tensor)
-            digests[name] = checksum(data)
+            digest = hasher.submit(checksum, data)  # hashed while written (both release the GIL)
             while len(data):  # an unbuffered write may be partial
                 data = data[f.write(data):]
+            digests[name] = digest.result()  # before the next tensor reuses the buffer
             on_tensor(tensor.numel() * dtype.itemsize)
             del tensor, data
             if hasattr(os, "posix_fadvise") and f.tell() - written >= WRITEBACK_BYTES:
