@@ -26,11 +26,10 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from biomedgpt.engine.checkpoint.consolidation_index import (CHECKSUM, DTYPE_SIZES, INDEX_DTYPES,
-                                                             ConsolidationResult, TokenizerJob, checksum,
-                                                             consolidation_report, index_document,
-                                                             safetensors_header, start_writeback, write_all,
-                                                             write_model_metadata)
+from biomedgpt.engine.checkpoint.consolidation_index import (DTYPE_SIZES, INDEX_DTYPES, ConsolidationResult,
+                                                             TokenizerJob, checksum, consolidation_report,
+                                                             index_document, safetensors_header, start_writeback,
+                                                             write_all, write_model_metadata)
 from biomedgpt.engine.checkpoint.zero_reader import (ParamSource, ZeroCheckpoint, checkpoint_model_config,
                                                      open_checkpoint)
 from biomedgpt.models.checkpoint import TIED_ALIASES, CheckpointError, plan_shards, write_dir_atomically
