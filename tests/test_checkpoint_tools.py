@@ -584,8 +584,8 @@ def test_consolidate_command_copies_by_the_index_without_torch(runs, tmp_path, m
     from biomedgpt.engine.checkpoint.zero_reader import open_checkpoint
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
-    script = ("import sys\nfrom biomedgpt.tools import consolidate\n"
-              f"code = consolidate.main(['checkpoint={runs / 'zero3'}', 'output={tmp_path / 'cli'}', 'progress=false'])\n"
+    argv = [f"checkpoint={runs / 'zero3'}", f"output={tmp_path / 'cli'}", "progress=false"]
+    script = (f"import sys\nfrom biomedgpt.tools import consolidate\ncode = consolidate.main({argv!r})\n"
               "print('torch imported:', 'torch' in sys.modules)\nsys.exit(code)\n")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -149,7 +149,7 @@ class TokenizerJob:
 
     def __exit__(self, kind, error, trace) -> None:
         self._pool.shutdown(wait=True)
-        if error is not None and self._made is not None and self._made.exception() is not None:
+        if isinstance(error, Exception) and self._made is not None and self._made.exception() is not None:
             raise self._made.exception() from None
 
 
@@ -219,19 +219,28 @@ def _expect(condition: bool, problem: str) -> None:
 
 def read_index(tag_dir: Path) -> ConsolidationIndex:
     """The tag's index, checked against the tag's files (``IndexProblem`` names the first mismatch)."""
+    try:
+        return _read_index(tag_dir)
+    except (TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:  # a shape no check foresaw
+        raise IndexProblem(f"malformed ({type(exc).__name__}: {str(exc)[:100]})") from None
+
+
+def _read_index(tag_dir: Path) -> ConsolidationIndex:
     path = tag_dir / CONSOLIDATION_INDEX_FILE
     try:
         doc = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise IndexProblem(f"not readable JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise IndexProblem(f"not readable JSON ({reason})") from None
     expected_keys = {"format", "version", "tag", "step", "zero_stage", "world_size", "model_config", "run_tokenizer",
                      "files", "tensors"}
-    _expect(isinstance(doc, dict) and set(doc) == expected_keys, f"not an index (keys: expected {sorted(expected_keys)})")
+    _expect(isinstance(doc, dict) and set(doc) == expected_keys,
+            f"not an index (keys: expected {sorted(expected_keys)})")
     _expect(doc["format"] == INDEX_FORMAT and doc["version"] == INDEX_VERSION,
             f"format {doc['format']!r} version {doc['version']!r}, not {INDEX_FORMAT!r} {INDEX_VERSION}")
     _expect(doc["tag"] == tag_dir.name, f"names tag {doc['tag']!r}, but lies in {tag_dir.name!r}")
-    _expect(_is_int(doc["step"]) and doc["zero_stage"] in (0, 1, 2, 3) and _is_int(doc["world_size"], 1),
-            "step, zero_stage or world_size is not a count")
+    _expect(_is_int(doc["step"]) and _is_int(doc["zero_stage"]) and doc["zero_stage"] <= 3
+            and _is_int(doc["world_size"], 1), "step, zero_stage or world_size is not a count")
     config = _model_config(doc["model_config"])
     run_tokenizer = doc["run_tokenizer"]
     _expect(run_tokenizer is None or (isinstance(run_tokenizer, dict) and set(run_tokenizer) == {"tokenizer", "bpe_dir"}
@@ -287,11 +296,12 @@ def _tensors(items: Any, files: Any) -> list[IndexedTensor]:
         _expect(isinstance(shape, list) and all(_is_int(d) for d in shape), f"{name}: shape {shape!r}")
         _expect(dtype in INDEX_DTYPES, f"{name}: dtype {dtype!r} (known: {', '.join(INDEX_DTYPES)})")
         _expect(isinstance(segments, list) and all(
-            isinstance(s, list) and len(s) == 3 and s[0] in files and _is_int(s[1]) and _is_int(s[2], 1)
+            isinstance(s, list) and len(s) == 3 and isinstance(s[0], str) and s[0] in files and _is_int(s[1])
+            and _is_int(s[2], 1)
             for s in segments), f"{name}: segments are not [file of files, offset, bytes]")
         tensor = IndexedTensor(name, tuple(shape), dtype, tuple(tuple(s) for s in segments))
-        _expect(sum(s[2] for s in segments) == tensor.nbytes,
-                f"{name}: segments hold {sum(s[2] for s in segments)} bytes, shape {shape} {dtype} needs {tensor.nbytes}")
+        held = sum(s[2] for s in segments)
+        _expect(held == tensor.nbytes, f"{name}: segments hold {held} bytes, shape {shape} {dtype} needs {tensor.nbytes}")
         tensors.append(tensor)
     return tensors
 

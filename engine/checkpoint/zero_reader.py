@@ -384,7 +384,8 @@ class ZeroCheckpoint:
             for name, shape in group.items():
                 path = self.directory / layout.UNIVERSAL_PARAMS_DIR / name / layout.UNIVERSAL_PARAM_FILE
                 sources[canonical_name(name)] = ParamSource(  # one file per parameter: opened when read
-                    shape, torch.float32, str(path), compute=lambda buffer=None, p=path, s=shape: _universal_tensor(p, s, buffer))
+                    shape, torch.float32, str(path),
+                    compute=lambda buffer=None, p=path, s=shape: _universal_tensor(p, s, buffer))
         return sources
 
 
