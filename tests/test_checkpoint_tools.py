@@ -539,6 +539,17 @@ def gpt2_tokenizer():
     return Tokenizer.from_gpt2_files()
 
 
+@pytest.fixture(scope="module")
+def zero3_torch_path(runs, tmp_path_factory) -> Path:
+    """The ZeRO-3 tag consolidated by the torch path (the reference of the indexed one)."""
+    from biomedgpt.engine.checkpoint.consolidate import consolidate
+    from biomedgpt.engine.checkpoint.zero_reader import open_checkpoint
+    from biomedgpt.models.config import ModelSpec
+
+    out = tmp_path_factory.mktemp("zero3-torch-path") / "model"
+    return consolidate(open_checkpoint(tag_dir(runs, 3)), out, ModelSpec(**MODEL).build(), progress=False).output
+
+
 def _files(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
@@ -577,12 +588,9 @@ def test_indexed_consolidation_writes_what_the_torch_path_writes(runs, stage, tm
     assert not (runs / "zero0-bf16" / "checkpoints" / tag.name / CONSOLIDATION_INDEX_FILE).exists()
 
 
-def test_consolidate_command_copies_by_the_index_without_torch(runs, tmp_path, model_cfg):
+def test_consolidate_command_copies_by_the_index_without_torch(runs, tmp_path, zero3_torch_path):
     """``biomedgpt consolidate`` of an indexed tag imports no torch at all, and writes the torch path's
     directory."""
-    from biomedgpt.engine.checkpoint.consolidate import consolidate
-    from biomedgpt.engine.checkpoint.zero_reader import open_checkpoint
-
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
     argv = [f"checkpoint={runs / 'zero3'}", f"output={tmp_path / 'cli'}", "progress=false"]
     script = (f"import sys\nfrom biomedgpt.tools import consolidate\ncode = consolidate.main({argv!r})\n"
@@ -590,8 +598,7 @@ def test_consolidate_command_copies_by_the_index_without_torch(runs, tmp_path, m
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "torch imported: False" in done.stdout and "note:" not in done.stderr
-    reference = consolidate(open_checkpoint(tag_dir(runs, 3)), tmp_path / "torch", model_cfg, progress=False).output
-    assert _files(tmp_path / "cli") == _files(reference)
+    assert _files(tmp_path / "cli") == _files(zero3_torch_path)
 
 
 BAD_INDEXES = {  # how the index (or its tag) was altered -> the problem the note names
@@ -604,12 +611,10 @@ BAD_INDEXES = {  # how the index (or its tag) was altered -> the problem the not
 
 
 @pytest.mark.parametrize("damage", list(BAD_INDEXES))
-def test_an_altered_index_falls_back_to_the_torch_path(runs, tmp_path, model_cfg, capsys, damage):
+def test_an_altered_index_falls_back_to_the_torch_path(runs, tmp_path, zero3_torch_path, capsys, damage):
     """An index that does not describe its tag is never trusted: one note naming it and the problem, then
     the torch path, which writes the right directory (or, for real damage, says so in one line)."""
-    from biomedgpt.engine.checkpoint.consolidate import consolidate
     from biomedgpt.engine.checkpoint.layout import CONSOLIDATION_INDEX_FILE
-    from biomedgpt.engine.checkpoint.zero_reader import open_checkpoint
     from biomedgpt.tools import consolidate as consolidate_cli
 
     tag = _copy_tag(runs, 3, tmp_path / "checkpoints" / f"step_{SAVE_STEP:08d}")
@@ -643,8 +648,7 @@ def test_an_altered_index_falls_back_to_the_torch_path(runs, tmp_path, model_cfg
         assert len(errors) == 1 and errors[0].startswith(f"error: {tag / shard}: truncated or corrupt"), err
         return
     assert code == 0
-    reference = consolidate(open_checkpoint(tag_dir(runs, 3)), tmp_path / "torch", model_cfg, progress=False).output
-    _same_output(tmp_path / "model", reference)
+    _same_output(tmp_path / "model", zero3_torch_path)
 
 
 def test_a_tag_whose_index_cannot_be_made_completes(tmp_path, capsys):
