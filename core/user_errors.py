@@ -26,7 +26,7 @@ class UserError(Exception):
 
 
 #: User errors of packages that do not import the engine (``models`` stays free of it): (module, class).
-FOREIGN = (("biomedgpt.models.checkpoint", "CheckpointError"), ("biomedgpt.models.tokenizer", "TokenizerError"))
+FOREIGN = (("biomedgpt.models.model_dir", "CheckpointError"), ("biomedgpt.models.tokenizer", "TokenizerError"))
 
 
 def is_user_error(exc: BaseException) -> bool:

@@ -2,7 +2,8 @@
 
 A model directory is self-describing: ``config.json`` (ModelConfig), ``model.safetensors`` (or shards
 ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``) and ``tokenizer/``. The tied
-embedding is stored once, as ``embed_tokens.weight``.
+embedding is stored once, as ``embed_tokens.weight``. Its file names, shard planner and atomic publish
+(torch-free) are ``biomedgpt.models.model_dir``'s, re-exported here.
 """
 from __future__ import annotations
 
@@ -22,21 +23,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from biomedgpt.core import durable
 from biomedgpt.models.config import ModelConfig
+from biomedgpt.models.model_dir import (TIED_ALIASES, TIED_KEY, WEIGHTS_INDEX, WEIGHTS_PATTERN, CheckpointError,
+                                        plan_shards, write_config, write_dir_atomically, write_shard_index)
 from biomedgpt.models.ofa import BiomedGPT
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as asked; the message names the file and key."""
 
 
 class UnsafeCheckpointError(CheckpointError):
     """A pickled file that refers to something weights-only loading does not allow (it could run code)."""
 
 
-TIED_KEY = "embed_tokens.weight"
-TIED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "decoder.output_projection.weight")
 # Deterministic buffers and bookkeeping keys a released file may carry: recomputed, never trusted.
 IGNORED_KEY = re.compile(r"(^|\.)(token_rp_bucket|image_rp_bucket|image_position_idx|version|_float_tensor)$")
 # HF-port component names inside a layer -> fairseq names (see docs/architecture.md, "Checkpoint names").
@@ -45,8 +41,6 @@ HF_DECODER_LAYER = {"self_attn_mid_layer_norm": "self_attn_ln", "cross_attn_mid_
                     "cross_attn_layer_norm": "encoder_attn_layer_norm", "cross_attn": "encoder_attn",
                     "ffn_layer_norm": "ffn_layernorm"}
 HF_MARKERS = ("self_attn_mid_layer_norm", "ffn_layer_norm", "cross_attn_mid_layer_norm")
-WEIGHTS_PATTERN = "model{suffix}.safetensors"  # model.safetensors, or model-00001-of-00003.safetensors ...
-WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,36 +350,16 @@ def model_state(model: BiomedGPT) -> dict[str, Tensor]:
     return {k: v for k, v in model.state_dict().items() if k not in TIED_ALIASES}
 
 
-def write_dir_atomically(out_dir: Path, write, overwrite: bool) -> Path:
-    """``write(folder)`` fills a new folder that then replaces ``out_dir`` durably (``core/durable.py``):
-    a crash never leaves a complete-looking directory. An existing ``out_dir`` needs ``overwrite``."""
-    if Path(out_dir).exists() and not overwrite:
-        raise CheckpointError(f"{out_dir} already exists (pass overwrite=true to replace it)")
-    return durable.write_dir_atomically(out_dir, write)
-
-
 def shard_plan(state: dict[str, Tensor], max_shard_bytes: int):
-    """Which safetensors file each tensor goes to (``huggingface_hub``'s planner, in ``state``'s order: the
-    file names and index transformers reads); meta tensors plan a directory before any value exists."""
-    from huggingface_hub import split_state_dict_into_shards_factory
-
-    # split_torch_state_dict_into_shards with the size of each tensor itself: its own size function
-    # imports torch.distributed.tensor (seconds) to recognise DTensors, which a model directory never holds
-    return split_state_dict_into_shards_factory(state, get_storage_size=lambda t: t.numel() * t.element_size(),
-                                                filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_bytes)
-
-
-def write_shard_index(directory: Path, plan) -> None:
-    """``model.safetensors.index.json`` for a plan of several files (none for one)."""
-    if plan.is_sharded:
-        index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
-        (directory / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2))
+    """Which safetensors file each tensor goes to (``model_dir.plan_shards`` on the tensors' sizes, in
+    ``state``'s order); meta tensors plan a directory before any value exists."""
+    return plan_shards({k: t.numel() * t.element_size() for k, t in state.items()}, max_shard_bytes)
 
 
 def write_model_files(directory: Path, state: dict[str, Tensor], cfg: ModelConfig, tokenizer=None,
                       max_shard_bytes: int = 2 << 30) -> None:
     """Write config, safetensors weights (sharded past ``max_shard_bytes``) and tokenizer into ``directory``."""
-    (directory / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    write_config(directory, cfg)
     plan = shard_plan(state, max_shard_bytes)
     for filename, keys in plan.filename_to_tensors.items():
         save_file({k: state[k].contiguous() for k in keys}, directory / filename, metadata={"format": "pt"})

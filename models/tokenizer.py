@@ -49,6 +49,23 @@ class TokenizerError(ValueError):
     """Tokenizer files or arguments that cannot give a valid vocabulary; the message names the source."""
 
 
+
+def load_any_tokenizer(path: str | os.PathLike | None) -> "Tokenizer":
+    """A tokenizer from whichever layout ``path`` holds (None: the packaged GPT-2 BPE, the released id space):
+    a saved tokenizer, GPT-2's files or a BART directory."""
+    from biomedgpt.models.model_dir import CheckpointError
+
+    if path is None:
+        return Tokenizer.from_gpt2_files()
+    path = Path(path)
+    if (path / CONFIG_FILE).exists():
+        return Tokenizer.load(path)
+    if (path / _GPT2_ENCODER).exists():
+        return Tokenizer.from_gpt2_files(path)
+    if (path / VOCAB_FILE).exists():
+        return Tokenizer.from_bart_dir(path)
+    raise CheckpointError(f"{path}: no tokenizer found (expected {CONFIG_FILE}, {_GPT2_ENCODER} or {VOCAB_FILE})")
+
 def _code_token(i: int) -> str:
     return f"<code_{i}>"
 

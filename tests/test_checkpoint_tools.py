@@ -526,6 +526,147 @@ def test_biomedgpt_command_on_zero0_checkpoint(runs, tmp_path, model_cfg):
     torch.testing.assert_close(logits, torch.load(runs / "zero0" / "live.pt")["logits"], rtol=0, atol=1e-5)
 
 
+
+# ----------------------------------------------------------------------------------------------
+# The consolidation index: the torch path's output from the stored bytes, without torch
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt2_tokenizer():
+    from biomedgpt.models.tokenizer import Tokenizer
+
+    return Tokenizer.from_gpt2_files()
+
+
+@pytest.fixture(scope="module")
+def zero3_torch_path(runs, tmp_path_factory) -> Path:
+    """The ZeRO-3 tag consolidated by the torch path (the reference of the indexed one)."""
+    from biomedgpt.engine.checkpoint.consolidate import consolidate
+    from biomedgpt.engine.checkpoint.zero_reader import open_checkpoint
+    from biomedgpt.models.config import ModelSpec
+
+    out = tmp_path_factory.mktemp("zero3-torch-path") / "model"
+    return consolidate(open_checkpoint(tag_dir(runs, 3)), out, ModelSpec(**MODEL).build(), progress=False).output
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _same_output(ours: Path, reference: Path) -> None:
+    """Every file byte for byte, but the report's ``source`` (the checkpoint's path)."""
+    from biomedgpt.engine.checkpoint.layout import REPORT_FILE
+
+    mine, theirs = _files(ours), _files(reference)
+    assert sorted(mine) == sorted(theirs)
+    for name in mine:
+        if name == REPORT_FILE:
+            a, b = json.loads(mine[name]), json.loads(theirs[name])
+            assert {**a, "source": None} == {**b, "source": None}
+        else:
+            assert mine[name] == theirs[name], name
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_indexed_consolidation_writes_what_the_torch_path_writes(runs, stage, tmp_path, model_cfg, gpt2_tokenizer):
+    """Every save writes the tag's index; consolidating by it gives the torch path's directory byte for byte
+    (sharded, with a tokenizer). bf16 weights (cast to fp32 by default) get no index."""
+    from biomedgpt.engine.checkpoint.consolidate import consolidate
+    from biomedgpt.engine.checkpoint.consolidation_index import consolidate_indexed, read_index
+    from biomedgpt.engine.checkpoint.layout import CONSOLIDATION_INDEX_FILE
+    from biomedgpt.engine.checkpoint.zero_reader import open_checkpoint
+
+    tag = tag_dir(runs, stage)
+    assert (tag / CONSOLIDATION_INDEX_FILE).is_file()
+    torch_path = consolidate(open_checkpoint(tag), tmp_path / "torch", model_cfg, tokenizer=gpt2_tokenizer,
+                             max_shard_bytes=4 << 20, progress=False).output
+    indexed = consolidate_indexed(read_index(tag), tmp_path / "indexed", gpt2_tokenizer, max_shard_bytes=4 << 20,
+                                  progress=False).output
+    assert len(list(indexed.glob("model-*.safetensors"))) > 1 and (indexed / "tokenizer").is_dir()
+    assert _files(indexed) == _files(torch_path)
+    assert not (runs / "zero0-bf16" / "checkpoints" / tag.name / CONSOLIDATION_INDEX_FILE).exists()
+
+
+def test_consolidate_command_copies_by_the_index_without_torch(runs, tmp_path, zero3_torch_path):
+    """``biomedgpt consolidate`` of an indexed tag imports no torch at all, and writes the torch path's
+    directory."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
+    argv = [f"checkpoint={runs / 'zero3'}", f"output={tmp_path / 'cli'}", "progress=false"]
+    script = (f"import sys\nfrom biomedgpt.tools import consolidate\ncode = consolidate.main({argv!r})\n"
+              "print('torch imported:', 'torch' in sys.modules)\nsys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torch imported: False" in done.stdout and "note:" not in done.stderr
+    assert _files(tmp_path / "cli") == _files(zero3_torch_path)
+
+
+BAD_INDEXES = {  # how the index (or its tag) was altered -> the problem the note names
+    "bad JSON": "not readable JSON",
+    "a file outside the tag": "files is not",
+    "an offset past the file": "outside its stored tensors",
+    "a wrong file size": "the index recorded",
+    "a truncated shard": "the index recorded",
+}
+
+
+@pytest.mark.parametrize("damage", list(BAD_INDEXES))
+def test_an_altered_index_falls_back_to_the_torch_path(runs, tmp_path, zero3_torch_path, capsys, damage):
+    """An index that does not describe its tag is never trusted: one note naming it and the problem, then
+    the torch path, which writes the right directory (or, for real damage, says so in one line)."""
+    from biomedgpt.engine.checkpoint.layout import CONSOLIDATION_INDEX_FILE
+    from biomedgpt.tools import consolidate as consolidate_cli
+
+    tag = _copy_tag(runs, 3, tmp_path / "checkpoints" / f"step_{SAVE_STEP:08d}")
+    index_path = tag / CONSOLIDATION_INDEX_FILE
+    index = json.loads(index_path.read_text())
+    shard = optim_states_file(1)
+    if damage == "bad JSON":
+        index_path.write_text(index_path.read_text()[:-10])
+    else:
+        if damage == "a file outside the tag":  # the same bytes, reached through the parent folder
+            outside = f"../{tag.name}/{shard}"
+            index["files"][outside] = index["files"].pop(shard)
+            for tensor in index["tensors"]:
+                tensor["segments"] = [[outside if s[0] == shard else s[0], s[1], s[2]] for s in tensor["segments"]]
+        elif damage == "an offset past the file":
+            segment = index["tensors"][0]["segments"][-1]
+            segment[1] = index["files"][segment[0]] - segment[2] // 2
+        elif damage == "a wrong file size":
+            index["files"][shard] += 1
+        index_path.write_text(json.dumps(index))
+    if damage == "a truncated shard":
+        with open(tag / shard, "r+b") as f:
+            f.truncate(os.path.getsize(tag / shard) // 2)
+    code = consolidate_cli.main([f"checkpoint={tag}", f"output={tmp_path / 'model'}", "progress=false"])
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and str(index_path) in notes[0] and BAD_INDEXES[damage] in notes[0], err
+    if damage == "a truncated shard":  # the torch path's own one line
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 1 and not (tmp_path / "model").exists() and "Traceback" not in err
+        assert len(errors) == 1 and errors[0].startswith(f"error: {tag / shard}: truncated or corrupt"), err
+        return
+    assert code == 0
+    _same_output(tmp_path / "model", zero3_torch_path)
+
+
+def test_a_tag_whose_index_cannot_be_made_completes(tmp_path, capsys):
+    """The index is a convenience: a tag it cannot be made for (here: not a tensor layout it knows) is
+    completed all the same, after one line, and consolidating it takes the torch path."""
+    from biomedgpt.engine.checkpoint.layout import CONSOLIDATION_INDEX_FILE, LATEST_FILE, model_states_file
+    from biomedgpt.engine.checkpoint.manager import CheckpointManager
+
+    manager = CheckpointManager(tmp_path, rank=0, world_size=1, keep_last_n=1)
+    tag = manager.root / f"step_{SAVE_STEP:08d}"
+    tag.mkdir()
+    torch.save({"module": {"w": torch.zeros(3)}, "buffer_names": [], "dp_world_size": 1}, tag / model_states_file())
+    manager._complete(tag.name, SAVE_STEP, 0)
+    assert (tag / META_FILE).is_file() and (manager.root / LATEST_FILE).read_text() == tag.name
+    assert not (tag / CONSOLIDATION_INDEX_FILE).exists()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"note: {tag}: no consolidation index ("), lines
+
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     mode = sys.argv[1]

@@ -121,6 +121,29 @@ def test_resume_reads_refuse_a_crafted_checkpoint(crafted_run):
         manager.load_rank_state(TAG)
 
 
+def test_readers_stand_ins_read_what_deepspeed_pickles(tmp_path):
+    """The readers allow DeepSpeed's classes by name with stand-ins (no deepspeed import): the names are
+    DeepSpeed's own, and a file holding its real objects reads back with the same values; DeepSpeed's
+    loads (``live``) get its classes."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from biomedgpt.engine.checkpoint.load import checkpoint_globals, load_checkpoint_file
+
+    live = checkpoint_globals(live=True)
+    assert [name for _, name in checkpoint_globals()] == [f"{c.__module__}.{c.__qualname__}" for c, _ in live]
+    path = tmp_path / "optim.pt"
+    torch.save({"zero_stage": ZeroStageEnum.weights, "fp32": LossScaler(1.0),
+                "fp16": DynamicLossScaler(2.0 ** 16, 1000, min_scale=1, delayed_shift=2, consecutive_hysteresis=True),
+                "slice": fragment_address(numel=3, start=5), "flat": torch.arange(4.0)}, path)
+    read = load_checkpoint_file(path)
+    assert read["zero_stage"] == 3 and int(read["zero_stage"]) == 3
+    assert (read["fp32"].cur_scale, read["fp16"].cur_scale, read["fp16"].delayed_shift) == (1.0, 2.0 ** 16, 2)
+    assert (read["slice"].numel, read["slice"].start) == (3, 5) and read["flat"].tolist() == [0, 1, 2, 3]
+    assert isinstance(load_checkpoint_file(path, mmap=False, live=True)["fp16"], DynamicLossScaler)
+
+
 def test_every_file_of_a_tag_is_checked_before_deepspeed_tools_read_it(tmp_path):
     """A crafted optimizer shard, rank state or stray model-states file beside valid ones is refused by
     ``open_checkpoint`` (which runs before ``zero_to_fp32``/``ds_to_universal`` would unpickle it)."""

@@ -10,6 +10,10 @@ complete or not at all. ``verify=true`` checks, before the directory is publishe
 DeepSpeed's own ``zero_to_fp32`` reconstruction and a forward pass (that step holds the model in memory).
 A LoRA run's checkpoint needs ``merge_lora=true``: peft merges each adapter into its weight as it streams, and
 the directory is a plain model (``export-hf`` takes it as any other).
+
+A tag this project's trainer saved carries a consolidation index: the default output (fp32, no EMA, no
+merge, no verify, the saved model) is then copied from the stored bytes without importing torch
+(``engine/checkpoint/consolidation_index.py``), the same directory in a fraction of the time.
 """
 from __future__ import annotations
 
@@ -19,13 +23,12 @@ from pathlib import Path
 from typing import Optional
 
 from biomedgpt.core.config import PathStr, parse_cli
-from biomedgpt.models.checkpoint import CheckpointError
-from biomedgpt.models.config import ModelSpec, Precision
-from biomedgpt.models.tokenizer import TokenizerError
-from biomedgpt.tools.import_checkpoint import load_any_tokenizer
-from biomedgpt.engine.checkpoint.consolidate import consolidate
+from biomedgpt.engine.checkpoint.consolidation_index import consolidate_indexed, indexed_request
+from biomedgpt.engine.checkpoint.layout import resolve_tag_dir
 from biomedgpt.engine.train.host_memory import set_mmap_threshold
-from biomedgpt.engine.checkpoint.zero_reader import ZeroCheckpoint, checkpoint_model_config, open_checkpoint
+from biomedgpt.models.config import ModelSpec, Precision
+from biomedgpt.models.model_dir import CheckpointError
+from biomedgpt.models.tokenizer import TokenizerError, load_any_tokenizer
 
 
 @dataclass
@@ -46,11 +49,11 @@ class ConsolidateConfig:
     progress: bool = True
 
 
-def run_tokenizer(ckpt: ZeroCheckpoint, explicit: str | None, vocab_size: int):
-    """The given tokenizer, else the one the run trained with (when its path still resolves), else None."""
+def run_tokenizer(run_cfg: dict | None, explicit: str | None, vocab_size: int):
+    """The given tokenizer, else the one the run trained with (``run_cfg``: its saved settings; when its path
+    still resolves), else None."""
     if explicit:
         return load_any_tokenizer(explicit)
-    run_cfg = ckpt.client_state.get("config")
     if not isinstance(run_cfg, dict):
         return None
     for key in ("tokenizer", "bpe_dir"):
@@ -62,21 +65,44 @@ def run_tokenizer(ckpt: ZeroCheckpoint, explicit: str | None, vocab_size: int):
     return None
 
 
+def _tokenizer(run_cfg: dict | None, explicit: str | None, vocab_size: int):
+    """A function making the tokenizer to save (on consolidate's thread, while the tensors stream)."""
+    def make():
+        found = run_tokenizer(run_cfg, explicit, vocab_size)
+        if found is not None and found.vocab_size != vocab_size:
+            raise CheckpointError(f"the tokenizer ({explicit or 'of the run'}) has {found.vocab_size} ids, "
+                                  f"the model's embedding {vocab_size} rows")
+        return found
+
+    return make
+
+
 def run(cfg: ConsolidateConfig) -> Path:
-    ckpt = open_checkpoint(cfg.checkpoint, cfg.tag)
-    model_cfg = checkpoint_model_config(ckpt, cfg.model)
-    tokenizer = run_tokenizer(ckpt, cfg.tokenizer, model_cfg.vocab_size)
-    if tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
-        raise CheckpointError(f"the tokenizer ({cfg.tokenizer or 'of the run'}) has {tokenizer.vocab_size} ids, "
-                              f"the model's embedding {model_cfg.vocab_size} rows")
-    result = consolidate(ckpt, cfg.output, model_cfg, dtype=cfg.dtype, ema=cfg.ema, tokenizer=tokenizer,
-                         max_shard_bytes=int(cfg.max_shard_gb * (1 << 30)), overwrite=cfg.overwrite,
-                         progress=cfg.progress, verify_output=cfg.verify,
-                         merge_lora=cfg.merge_lora)
-    print(f"{ckpt.directory} (ZeRO-{ckpt.stage}, {ckpt.world_size} ranks, step {ckpt.step}"
+    tag_dir = resolve_tag_dir(cfg.checkpoint, cfg.tag)
+    index = indexed_request(tag_dir, cfg.dtype, cfg.ema, cfg.merge_lora, cfg.verify,
+                            cfg.model.build() if cfg.model is not None else None)
+    max_shard_bytes = int(cfg.max_shard_gb * (1 << 30))
+    if index is not None:  # the stored bytes copied, no torch
+        where = (index.directory, index.zero_stage, index.world_size, index.step)
+        result = consolidate_indexed(index, cfg.output, _tokenizer(index.run_tokenizer, cfg.tokenizer,
+                                                                   index.model_config.vocab_size),
+                                     max_shard_bytes, cfg.overwrite, cfg.progress)
+    else:
+        from biomedgpt.engine.checkpoint.consolidate import consolidate
+        from biomedgpt.engine.checkpoint.zero_reader import checkpoint_model_config, open_checkpoint
+
+        ckpt = open_checkpoint(tag_dir)
+        model_cfg = checkpoint_model_config(ckpt, cfg.model)
+        where = (ckpt.directory, ckpt.stage, ckpt.world_size, ckpt.step)
+        result = consolidate(ckpt, cfg.output, model_cfg, dtype=cfg.dtype, ema=cfg.ema,
+                             tokenizer=_tokenizer(ckpt.client_state.get("config"), cfg.tokenizer, model_cfg.vocab_size),
+                             max_shard_bytes=max_shard_bytes, overwrite=cfg.overwrite, progress=cfg.progress,
+                             verify_output=cfg.verify, merge_lora=cfg.merge_lora)
+    directory, stage, world_size, step = where
+    print(f"{directory} (ZeRO-{stage}, {world_size} ranks, step {step}"
           f"{', EMA' if cfg.ema else ''}) -> {result.output}: {result.tensors} tensors, "
           f"{result.bytes / 1e6:.1f} MB {cfg.dtype}{', verified' if cfg.verify else ''}"
-          f"{'' if tokenizer is not None else ' (no tokenizer found: pass tokenizer=...)'}")
+          f"{'' if result.tokenizer else ' (no tokenizer found: pass tokenizer=...)'}")
     return result.output
 
 

@@ -23,7 +23,7 @@ from biomedgpt.models.checkpoint import CheckpointError, collection_tokenizer_di
 from biomedgpt.models.config import Precision
 from biomedgpt.models.ofa import count_parameters
 from biomedgpt.models.precision import torch_dtype
-from biomedgpt.models.tokenizer import Tokenizer
+from biomedgpt.models.tokenizer import load_any_tokenizer
 from biomedgpt.tools.cli import one_line_errors
 
 
@@ -39,20 +39,6 @@ class ImportConfig:
     ema: bool = False
     dtype: Precision = "fp32"
     overwrite: bool = False
-
-
-def load_any_tokenizer(path: str | Path | None) -> Tokenizer:
-    """A tokenizer from whichever layout ``path`` holds (None: the packaged GPT-2 BPE, the released id space)."""
-    if path is None:
-        return Tokenizer.from_gpt2_files()
-    path = Path(path)
-    if (path / "tokenizer_config.json").exists():
-        return Tokenizer.load(path)
-    if (path / "encoder.json").exists():
-        return Tokenizer.from_gpt2_files(path)
-    if (path / "vocab.json").exists():
-        return Tokenizer.from_bart_dir(path)
-    raise CheckpointError(f"{path}: no tokenizer found (expected tokenizer_config.json, encoder.json or vocab.json)")
 
 
 def run(cfg: ImportConfig) -> Path:

@@ -5,29 +5,34 @@ Each output tensor is read from the ranks' files (``engine/checkpoint/zero_reade
 (xxh3-128, kept in ``consolidation.json`` for ``verify``) and written before the next one is read, so
 memory is about the largest tensor. The safetensors header is written first (every shape is known up
 front), then each tensor's bytes straight from its buffer; the files are split into shards by
-huggingface_hub's planner (``models/checkpoint.shard_plan``), and the directory appears complete, fsynced,
+huggingface_hub's planner (``models/model_dir.plan_shards``), and the directory appears complete, fsynced,
 or not at all (``core/durable.py``).
+
+``consolidation_index`` records where each tensor of the default output lies, for the checkpoint manager
+to write beside a tag: ``engine/checkpoint/consolidation_index.py`` then makes the same directory from
+those bytes without torch (the header, report and metadata writers are shared).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
-import os
-import struct
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from biomedgpt.engine.checkpoint.layout import REPORT_FILE
-from biomedgpt.engine.checkpoint.zero_reader import ParamSource, ZeroCheckpoint
-from biomedgpt.models.checkpoint import (TIED_ALIASES, CheckpointError, shard_plan, write_dir_atomically,
-                                         write_shard_index)
+from biomedgpt.engine.checkpoint.consolidation_index import (DTYPE_SIZES, INDEX_DTYPES, ConsolidationResult,
+                                                             TokenizerJob, checksum, consolidation_report,
+                                                             index_document, safetensors_header, start_writeback,
+                                                             write_all, write_model_metadata)
+from biomedgpt.engine.checkpoint.zero_reader import (ParamSource, ZeroCheckpoint, checkpoint_model_config,
+                                                     open_checkpoint)
+from biomedgpt.models.checkpoint import TIED_ALIASES, CheckpointError, plan_shards, write_dir_atomically
 from biomedgpt.models.precision import torch_dtype
 from biomedgpt.models.config import ModelConfig
 from biomedgpt.models.ofa import BiomedGPT
@@ -35,26 +40,12 @@ from biomedgpt.models.ofa import BiomedGPT
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                       torch.uint8: "U8", torch.bool: "BOOL"}
-#: The checksum of every written tensor in ``consolidation.json`` (integrity, not authenticity: the data
-#: layer's shard hashes are xxhash too); reports of earlier versions hold sha256, which ``verify`` reads.
-CHECKSUM = "xxh3_128"
-#: bytes written between two requests to start their writeback
-WRITEBACK_BYTES = 64 << 20
+assert all(DTYPE_SIZES[name] == dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items())
 
 
 def tensor_bytes(tensor: Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy."""
     return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def checksum(data: memoryview, algorithm: str = CHECKSUM) -> str:
-    if algorithm == "sha256":
-        import hashlib
-
-        return hashlib.sha256(data).hexdigest()
-    import xxhash
-
-    return xxhash.xxh3_128_hexdigest(data)
 
 
 class _SkipInitialisation(TorchFunctionMode):
@@ -72,13 +63,19 @@ class _SkipInitialisation(TorchFunctionMode):
 
 
 def expected_state(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Keys, shapes and dtypes of a model directory for ``cfg``. Built on the CPU without initialisation
-    (no parameter is paged in; the buffers are computed): on the meta device torch would run the
-    buffers' arithmetic through its Python reference kernels, whose first use imports ``torch._dynamo``
-    (seconds, more than the rest of a consolidation)."""
+    """Keys, shapes and dtypes of a model directory for ``cfg`` (kept per config: a run's every save asks
+    for its consolidation index). Built on the CPU without initialisation (no parameter is paged in; the
+    buffers are computed): on the meta device torch would run the buffers' arithmetic through its Python
+    reference kernels, whose first use imports ``torch._dynamo`` (seconds, more than the rest of a
+    consolidation)."""
+    return dict(_expected_state(json.dumps(dataclasses.asdict(cfg), sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=4)
+def _expected_state(cfg_json: str) -> tuple[tuple[str, tuple[tuple[int, ...], torch.dtype]], ...]:
     with _SkipInitialisation():
-        model = BiomedGPT(cfg)
-    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if k not in TIED_ALIASES}
+        model = BiomedGPT(ModelConfig(**json.loads(cfg_json)))
+    return tuple((k, (tuple(v.shape), v.dtype)) for k, v in model.state_dict().items() if k not in TIED_ALIASES)
 
 
 def weight_sources(ckpt: ZeroCheckpoint, cfg: ModelConfig, ema: bool = False, merge_lora: bool = False
@@ -119,8 +116,33 @@ def _lora_merged_sources(ckpt: ZeroCheckpoint, found: dict[str, ParamSource]) ->
                               f"(no lora.enabled in the saved run config): leave merge_lora off")
     plan = merged_keys(list(found))
     produce = produce_merged(plan, lambda key: found[key].read(), settings)
-    return {key: dataclasses.replace(found[parts[0]], read=lambda buffer=None, key=key: produce(key))
+    return {key: dataclasses.replace(found[parts[0]], segments=[], compute=lambda buffer=None, key=key: produce(key))
             for key, parts in plan.items()}
+
+
+def consolidation_index(tag_dir: Path, step: int) -> dict | None:
+    """The consolidation index of a tag whose files are all written (``consolidation_index.py``): where each
+    tensor of its default output lies. None where that output is not the stored bytes as they are (LoRA
+    adapters to merge, bf16 weights to cast, a universal checkpoint's file per parameter)."""
+    ckpt = open_checkpoint(tag_dir)
+    run_cfg = ckpt.client_state.get("config")
+    lora = run_cfg.get("lora") if isinstance(run_cfg, dict) else None
+    if ckpt.universal or (isinstance(lora, dict) and lora.get("enabled")):
+        return None
+    cfg = checkpoint_model_config(ckpt)
+    sources = weight_sources(ckpt, cfg)
+    if not all(s.copyable and SAFETENSORS_DTYPES.get(s.dtype) in INDEX_DTYPES for s in sources.values()):
+        return None
+    files = {file.path.name: file.path.stat().st_size for s in sources.values() for file, _, _ in s.segments}
+    run_tokenizer = None
+    if isinstance(run_cfg, dict):
+        run_tokenizer = {key: run_cfg.get(key) for key in ("tokenizer", "bpe_dir")}
+        if not all(v is None or isinstance(v, str) for v in run_tokenizer.values()):
+            raise CheckpointError(f"the run config's tokenizer settings are not paths: {run_tokenizer}")
+    return index_document(ckpt.tag, step, ckpt.stage, ckpt.world_size, dataclasses.asdict(cfg), run_tokenizer, files,
+                          [(name, s.shape, SAFETENSORS_DTYPES[s.dtype], [(f.path.name, offset, count)
+                                                                          for f, offset, count in s.segments])
+                           for name, s in sources.items()])
 
 
 
@@ -130,17 +152,9 @@ def write_safetensors_streaming(path: Path, entries: list[tuple[str, tuple[int, 
                                 ) -> dict[str, str]:
     """A safetensors file written tensor by tensor (header first: shapes are known up front); each
     tensor's checksum. Memory: one tensor at a time. Not fsynced here: the directory is, when published."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape, dtype in entries:
-        nbytes = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
     digests = {}
-    with open(path, "wb", buffering=0) as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
+    with open(path, "wb", buffering=0) as f, ThreadPoolExecutor(1) as hasher:
+        write_all(f, memoryview(safetensors_header([(n, s, SAFETENSORS_DTYPES[d]) for n, s, d in entries])))
         written = f.tell()
         for name, shape, dtype in entries:
             tensor = produce(name)
@@ -148,32 +162,30 @@ def write_safetensors_streaming(path: Path, entries: list[tuple[str, tuple[int, 
                 raise CheckpointError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, "
                                       f"expected {shape} {dtype}")
             data = tensor_bytes(tensor)
-            digests[name] = checksum(data)
-            while len(data):  # an unbuffered write may be partial
-                data = data[f.write(data):]
+            digest = hasher.submit(checksum, data)  # hashed while written (both release the GIL)
+            write_all(f, data)
+            digests[name] = digest.result()  # before the next tensor reuses the buffer
             on_tensor(tensor.numel() * dtype.itemsize)
             del tensor, data
-            if hasattr(os, "posix_fadvise") and f.tell() - written >= WRITEBACK_BYTES:
-                # start writing these pages to disk now (Linux: DONTNEED begins their writeback), so the
-                # fsync when the directory is published waits for the last ones only
-                os.posix_fadvise(f.fileno(), written, f.tell() - written, os.POSIX_FADV_DONTNEED)
-                written = f.tell()
+            written = start_writeback(f, written)
     return digests
-
-
-@dataclass
-class ConsolidationResult:
-    output: Path
-    tensors: int
-    bytes: int
-    config: ModelConfig
 
 
 def consolidate(ckpt: ZeroCheckpoint, output: str | Path, cfg: ModelConfig, dtype: str = "fp32",
                 ema: bool = False, tokenizer=None, max_shard_bytes: int = 2 << 30, overwrite: bool = False,
                 progress: bool = True, verify_output: bool = False, merge_lora: bool = False) -> ConsolidationResult:
     """Write a model directory (``biomedgpt.models.checkpoint`` layout) from ``ckpt``, streaming, atomically;
-    ``verify_output`` runs ``verify.verify`` against DeepSpeed's reconstruction before the directory appears."""
+    ``verify_output`` runs ``verify.verify`` against DeepSpeed's reconstruction before the directory appears.
+    ``tokenizer``: saved beside the weights; a function that returns one (or None: no tokenizer) runs on a
+    thread while the key list is built and the tensors stream (parsing a BPE is Python work; its errors
+    stop the consolidation before the directory appears, and come first, as if it had been made first)."""
+    with TokenizerJob(tokenizer) as job:
+        return _consolidate(ckpt, output, cfg, dtype, ema, job, max_shard_bytes, overwrite, progress, verify_output,
+                            merge_lora)
+
+
+def _consolidate(ckpt, output, cfg, dtype, ema, job: TokenizerJob, max_shard_bytes, overwrite, progress,
+                 verify_output, merge_lora) -> ConsolidationResult:
     from tqdm import tqdm
 
     if verify_output and ema:
@@ -184,36 +196,33 @@ def consolidate(ckpt: ZeroCheckpoint, output: str | Path, cfg: ModelConfig, dtyp
                               "unmerged: verify=true and merge_lora=true do not go together")
     sources = weight_sources(ckpt, cfg, ema=ema, merge_lora=merge_lora)
     dtypes = {k: out_dtype if s.dtype.is_floating_point else s.dtype for k, s in sources.items()}
-    plan = shard_plan({k: torch.empty(s.shape, dtype=dtypes[k], device="meta") for k, s in sources.items()},
-                      max_shard_bytes)
+    plan = plan_shards({k: math.prod(s.shape) * dtypes[k].itemsize for k, s in sources.items()}, max_shard_bytes)
     total = plan.metadata["total_size"]
     # every tensor is read into this one buffer (its bytes, before any cast): no allocation per tensor
-    buffer = torch.empty(max(math.prod(s.shape) * s.dtype.itemsize for s in sources.values()), dtype=torch.uint8)
+    buffer = torch.empty(max(math.prod(s.shape) * s.stored.itemsize for s in sources.values()), dtype=torch.uint8)
 
     def produce(name: str) -> Tensor:
         return sources[name].read(buffer).to(dtypes[name])
 
+    with_tokenizer: list[bool] = []
+
     def write(directory: Path) -> None:
         digests: dict[str, str] = {}
-        with ThreadPoolExecutor(1) as pool:  # the tokenizer's files (Python work) while tensors stream
-            saved = pool.submit(tokenizer.save, directory / "tokenizer") if tokenizer is not None else None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"consolidating {ckpt.tag}",
-                      disable=not progress) as bar:
-                for filename, names in plan.filename_to_tensors.items():
-                    entries = [(n, sources[n].shape, dtypes[n]) for n in names]
-                    digests.update(write_safetensors_streaming(directory / filename, entries, produce, bar.update))
-            if saved is not None:
-                saved.result()
-        write_shard_index(directory, plan)
-        (directory / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        report = {"source": str(ckpt.directory.resolve()), "tag": ckpt.tag, "step": ckpt.step,
-                  "zero_stage": ckpt.stage, "world_size": ckpt.world_size, "universal": ckpt.universal,
-                  "dtype": dtype, "ema": ema, "merge_lora": merge_lora, CHECKSUM: digests}
-        (directory / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        saved = job.save_into(directory / "tokenizer")  # the tokenizer's files (Python work) while tensors stream
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"consolidating {ckpt.tag}",
+                  disable=not progress) as bar:
+            for filename, names in plan.filename_to_tensors.items():
+                entries = [(n, sources[n].shape, dtypes[n]) for n in names]
+                digests.update(write_safetensors_streaming(directory / filename, entries, produce, bar.update))
+        with_tokenizer.append(saved.result())
+        write_model_metadata(directory, plan, cfg, consolidation_report(
+            ckpt.directory, ckpt.tag, ckpt.step, ckpt.stage, ckpt.world_size, ckpt.universal, dtype, ema, merge_lora,
+            digests))
         if verify_output:
             from biomedgpt.engine.checkpoint.verify import verify
 
             verify(directory, ckpt)
 
     out = write_dir_atomically(Path(output), write, overwrite)
-    return ConsolidationResult(out, len(sources), total, cfg)
+    return ConsolidationResult(out, len(sources), total, cfg, with_tokenizer[-1])
+

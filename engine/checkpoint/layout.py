@@ -1,4 +1,5 @@
-"""The names of a training checkpoint's files: the one place they are spelled (writer, reader, tools, tests).
+"""The names of a training checkpoint's files: the one place they are spelled (writer, reader, tools, tests),
+and finding a tag from a run or checkpoints folder (torch-free).
 
 Layout under ``<output_dir>/checkpoints``::
 
@@ -9,6 +10,7 @@ Layout under ``<output_dir>/checkpoints``::
         rank_00000.pt ...          this rank's loader state, RNG states, BN buffers, EMA shard
         .complete_rank_00000 ...   this rank's files are durable
         .failed_rank_00000 ...     this rank's write failed (disk full, ...): the tag is never completed
+        consolidation_index.json   where each tensor of the consolidated model lies (rank 0, before meta.json)
         meta.json                  written last: the checkpoint is complete
         universal/                 made on demand when resuming into another world size / ZeRO stage
         zero/<param>/fp32.pt       (a universal checkpoint's own tag) one fp32 tensor per parameter
@@ -21,6 +23,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from biomedgpt.models.model_dir import CheckpointError
+
 LATEST_FILE = "latest"
 META_FILE = "meta.json"
 UNIVERSAL_DIR = "universal"
@@ -28,6 +32,7 @@ LATEST_UNIVERSAL_FILE = "latest_universal"  # ds_to_universal's pointer beside i
 UNIVERSAL_PARAMS_DIR = "zero"
 UNIVERSAL_PARAM_FILE = "fp32.pt"
 REPORT_FILE = "consolidation.json"
+CONSOLIDATION_INDEX_FILE = "consolidation_index.json"
 TAG_RE = re.compile(r"^step_(\d{8})$")
 MODEL_FILE_RE = re.compile(r"^(?:zero_pp_rank_(?P<rank>\d+)_)?mp_rank_(?P<mp>\d+)_model_states\.pt$")
 OPTIM_FILE_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(?P<rank>\d+)_mp_rank_(?P<mp>\d+)_optim_states\.pt$")
@@ -73,3 +78,31 @@ def is_optim_file(name: str) -> bool:
 
 def is_complete(tag_dir: Path) -> bool:
     return (tag_dir / META_FILE).exists()
+
+
+def resolve_tag_dir(path: str | Path, tag: str | None = None) -> Path:
+    """A tag directory from a tag directory itself, a checkpoints root, or a run's output directory
+    (``<output_dir>/checkpoints``); without ``tag`` the engine's pointer to the newest tag picks it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if tag is None and (is_tag_dir(path)):
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() and not (path / LATEST_FILE).exists() else path
+    if tag is None:
+        latest = root / LATEST_FILE
+        if not latest.is_file():
+            raise CheckpointError(f"{latest}: missing; pass tag=... (tags here: {list_tags(root)})")
+        tag = latest.read_text().strip()
+    tag_dir = root / tag
+    if not tag_dir.is_dir():
+        raise CheckpointError(f"{tag_dir}: no such tag (tags here: {list_tags(root)})")
+    return tag_dir
+
+
+def is_tag_dir(path: Path) -> bool:
+    return any(MODEL_FILE_RE.match(p.name) for p in path.iterdir()) or (path / UNIVERSAL_PARAMS_DIR).is_dir()
+
+
+def list_tags(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and is_tag_dir(p))

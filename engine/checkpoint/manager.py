@@ -12,7 +12,8 @@ not written (``save_latest=False``), ours has the same name and format so DeepSp
 Writing (``biomedgpt.engine.checkpoint.writer``): every file is fsynced before its rename; with
 ``background`` the state is snapshotted to host memory and written by a thread while training goes on.
 Each rank marks its files durable; rank 0 (in its writer thread) waits for every rank's mark, then writes
-the tag's meta file (the tag is complete) and moves the pointer. A new save first waits for the
+the tag's consolidation index (``engine/checkpoint/consolidation_index.py``: consolidating the tag then
+needs no torch), the meta file (the tag is complete) and moves the pointer. A new save first waits for the
 previous one on every rank, so two checkpoints never interleave.
 """
 from __future__ import annotations
@@ -54,13 +55,14 @@ class ResumeError(UserError, RuntimeError):
 
 
 def load_file(path: str | Path, meta: bool = False) -> Any:
-    """A checkpoint file for resuming (into memory, not mapped; ``meta``: only checked, no tensor read),
-    weights-only: a crafted file is refused with one line (``ResumeError``), nothing in it runs."""
+    """A checkpoint file for resuming (into memory, not mapped, DeepSpeed's own objects; ``meta``: only
+    checked, no tensor read), weights-only: a crafted file is refused with one line (``ResumeError``),
+    nothing in it runs."""
     from biomedgpt.engine.checkpoint.load import load_checkpoint_file
     from biomedgpt.models.checkpoint import CheckpointError
 
     try:
-        return load_checkpoint_file(path, mmap=False, meta=meta)
+        return load_checkpoint_file(path, mmap=False, meta=meta, live=not meta)
     except CheckpointError as exc:
         raise ResumeError(f"{exc}; the checkpoint cannot be resumed") from None
 
@@ -287,10 +289,29 @@ class CheckpointManager:
                 missing = [m.name for m in marks if not m.exists()]
                 raise TimeoutError(f"checkpoint {tag}: no completion mark from {missing} in {self.timeout_s}s")
             time.sleep(0.05)
+        self._write_consolidation_index(tag_dir, step)
         meta = {"step": step, "world_size": self.world_size, "zero_stage": zero_stage}
         atomic_write_text(tag_dir / layout.META_FILE, json.dumps(meta))
         atomic_write_text(self.root / layout.LATEST_FILE, tag)
         self._prune(keep=tag)
+
+    @staticmethod
+    def _write_consolidation_index(tag_dir: Path, step: int) -> None:
+        """Rank 0, every rank's files durable, before the meta file: where each tensor of the tag's default
+        consolidation lies. A tag it cannot be made for is completed all the same, after one line (its
+        consolidation then reads the files with torch); a failed write of it is a failed checkpoint write."""
+        from biomedgpt.engine.checkpoint.consolidate import consolidation_index
+        from biomedgpt.engine.checkpoint.consolidation_index import write_index
+
+        try:
+            document = consolidation_index(tag_dir, step)
+        except Exception as exc:  # noqa: BLE001  (the checkpoint itself is complete and usable)
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            print(f"note: {tag_dir}: no consolidation index ({reason}); consolidating it reads the files with torch",
+                  file=sys.stderr, flush=True)
+            return
+        if document is not None:
+            write_index(tag_dir, document)
 
     def _prune(self, keep: str) -> None:
         tags = sorted(p.name for p in self.root.iterdir() if p.is_dir() and TAG_RE.match(p.name))

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from biomedgpt.engine.checkpoint.consolidate import CHECKSUM, checksum, tensor_bytes
+from biomedgpt.engine.checkpoint.consolidate import tensor_bytes
+from biomedgpt.engine.checkpoint.consolidation_index import CHECKSUM, checksum
 from biomedgpt.engine.checkpoint.layout import REPORT_FILE
 from biomedgpt.engine.checkpoint.zero_reader import ZeroCheckpoint, canonical_name
 from biomedgpt.models.checkpoint import (TIED_ALIASES, CheckpointError, load_into, load_pretrained,

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from biomedgpt.engine.checkpoint import layout
-from biomedgpt.engine.checkpoint.layout import MODEL_FILE_RE, OPTIM_FILE_RE
+from biomedgpt.engine.checkpoint.layout import MODEL_FILE_RE, OPTIM_FILE_RE, is_tag_dir, list_tags, resolve_tag_dir
 from biomedgpt.models.checkpoint import TIED_ALIASES, TIED_KEY, CheckpointError
 from biomedgpt.models.config import DATA_FIELDS, ModelConfig, ModelSpec, spec_from_saved
 
@@ -59,9 +59,10 @@ DS_MODEL_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_
 
 class CheckpointFile:
     """One ``torch.save`` file of a tag, unpickled weights-only onto the meta device (a file that refers
-    to anything else is refused, nothing in it runs; no tensor byte is read). ``read_into`` copies a
-    tensor's elements from the file into a buffer (``os.preadv``: no mapping, so nothing of the file
-    stays resident). The file stays open: one deleted meanwhile (pruned by a running job) is still read."""
+    to anything else is refused, nothing in it runs; no tensor byte is read). ``byte_range`` says where
+    a tensor's elements lie in the file, ``read_into`` copies bytes from there into a buffer (``os.preadv``:
+    no mapping, so nothing of the file stays resident). The file stays open: one deleted meanwhile
+    (pruned by a running job) is still read."""
 
     def __init__(self, path: str | Path):
         from biomedgpt.engine.checkpoint.load import load_checkpoint_file
@@ -77,17 +78,19 @@ class CheckpointFile:
             weakref.finalize(self, os.close, self._fd)
         self.obj = load_checkpoint_file(self.path, meta=True)
 
-    def read_into(self, tensor: Tensor, start: int, out: Tensor) -> None:
-        """``out.numel()`` elements of ``tensor`` (a meta tensor of this file, read as a flat vector) from
-        element ``start`` into ``out`` (contiguous, same dtype)."""
+    def byte_range(self, tensor: Tensor, start: int, count: int) -> tuple[int, int]:
+        """(offset in the file, byte count) of ``count`` elements of ``tensor`` (a meta tensor of this file,
+        read as a flat vector) from element ``start``."""
         offset = getattr(tensor.untyped_storage(), "_checkpoint_offset", None)
-        if offset is None or not tensor.is_contiguous() or out.dtype != tensor.dtype:
+        if offset is None or not tensor.is_contiguous():
             raise CheckpointError(f"{self.path}: a tensor torch did not place in the file (not read with "
                                   f"CheckpointFile?)")
-        if start < 0 or start + out.numel() > tensor.numel():
-            raise CheckpointError(f"{self.path}: read {start}+{out.numel()} past a tensor of {tensor.numel()}")
-        view = memoryview(out.view(-1).view(torch.uint8).numpy())
-        position = offset + (tensor.storage_offset() + start) * tensor.element_size()
+        if start < 0 or start + count > tensor.numel():
+            raise CheckpointError(f"{self.path}: read {start}+{count} past a tensor of {tensor.numel()}")
+        return offset + (tensor.storage_offset() + start) * tensor.element_size(), count * tensor.element_size()
+
+    def read_into(self, position: int, view: memoryview) -> None:
+        """``len(view)`` bytes of the file from ``position``."""
         while len(view):
             count = os.preadv(self._fd, [view], position)
             if count == 0:
@@ -100,71 +103,80 @@ class CheckpointFile:
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_tag_dir(path: str | Path, tag: str | None = None) -> Path:
-    """A tag directory from a tag directory itself, a checkpoints root, or a run's output directory
-    (``<output_dir>/checkpoints``); without ``tag`` the engine's pointer to the newest tag picks it."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    if tag is None and (_is_tag_dir(path)):
-        return path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() and not (path / layout.LATEST_FILE).exists() else path
-    if tag is None:
-        latest = root / layout.LATEST_FILE
-        if not latest.is_file():
-            raise CheckpointError(f"{latest}: missing; pass tag=... (tags here: {list_tags(root)})")
-        tag = latest.read_text().strip()
-    tag_dir = root / tag
-    if not tag_dir.is_dir():
-        raise CheckpointError(f"{tag_dir}: no such tag (tags here: {list_tags(root)})")
-    return tag_dir
-
-
-def _is_tag_dir(path: Path) -> bool:
-    return any(MODEL_FILE_RE.match(p.name) for p in path.iterdir()) or (path / layout.UNIVERSAL_PARAMS_DIR).is_dir()
-
-
-def list_tags(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and _is_tag_dir(p))
+#: (file, byte offset in the file, byte count): one piece of a tensor's stored bytes
+Segment = tuple[CheckpointFile, int, int]
 
 
 @dataclass
 class ParamSource:
-    """One output tensor: its shape and how to assemble it (fp32 master values, or the saved tensor)."""
+    """One output tensor: its shape and dtype, and where its values lie: the bytes of ``segments`` in turn
+    (the tensor in ``stored`` dtype; the consolidation index records them), or - for values that are not
+    stored as they are read (a LoRA merge, a universal checkpoint's file opened when read) - ``compute``."""
 
     shape: tuple[int, ...]
-    dtype: torch.dtype
-    read: Callable[..., Tensor]  # read(buffer=None): into ``buffer`` (flat uint8, reused) when it fits
+    dtype: torch.dtype  # of the tensor ``read`` returns
     origin: str  # the file the values come from, for error messages
+    segments: list[Segment] = field(default_factory=list)
+    stored: torch.dtype | None = None  # of the bytes in ``segments`` (default: ``dtype``)
+    compute: Callable[..., Tensor] | None = None  # compute(buffer=None)
+
+    def __post_init__(self) -> None:
+        if self.stored is None:
+            self.stored = self.dtype
+
+    @property
+    def copyable(self) -> bool:
+        """The output is the stored bytes as they are (no computation, no cast)."""
+        return self.compute is None and self.stored == self.dtype
+
+    def read(self, buffer: Tensor | None = None) -> Tensor:
+        """The tensor, in ``buffer`` (a flat uint8 tensor reused from tensor to tensor) when it fits."""
+        if self.compute is not None:
+            return self.compute(buffer)
+        return _read_segments(self.segments, self.shape, self.stored, buffer).to(self.dtype)
 
 
-#: (file, tensor of that file, first element, number of elements): one piece of an output tensor
-Segment = tuple[CheckpointFile, Tensor, int, int]
+#: (file, saved meta tensor, first element, number of elements): one piece of an output tensor's values
+Piece = tuple[CheckpointFile, Tensor, int, int]
+
+
+def _segments(pieces: list[Piece], numel: int, dtype: torch.dtype, origin: str) -> list[Segment]:
+    """Where ``numel`` values of ``dtype`` taken from the pieces in turn lie (surplus padding dropped)."""
+    segments, pos = [], 0
+    for source, tensor, start, count in pieces:
+        count = min(count, numel - pos)
+        if count <= 0:
+            break
+        if tensor.dtype != dtype:
+            raise CheckpointError(f"{source.path}: holds {tensor.dtype} values where {dtype} ones belong")
+        segments.append((source, *source.byte_range(tensor, start, count)))
+        pos += count
+    if pos != numel:
+        raise CheckpointError(f"{origin}: only {pos} of {numel} values found")
+    return segments
+
+
+def _stored(pieces: list[Piece], shape: tuple[int, ...], origin: str, stored: torch.dtype | None = None,
+            dtype: torch.dtype | None = None) -> ParamSource:
+    """A tensor of ``shape`` made of the pieces' values, stored as ``stored`` (default: the first piece's
+    dtype), read as ``dtype`` (default: as stored)."""
+    stored = stored or pieces[0][1].dtype
+    return ParamSource(tuple(shape), dtype or stored, origin, _segments(pieces, math.prod(shape), stored, origin),
+                       stored)
 
 
 def _read_segments(segments: list[Segment], shape: tuple[int, ...], dtype: torch.dtype,
                    buffer: Tensor | None = None) -> Tensor:
-    """Concatenate the pieces into one tensor of ``shape`` (surplus padding dropped), in ``buffer`` (a
-    flat uint8 tensor reused from tensor to tensor) when it is large enough."""
-    numel = math.prod(shape)
-    nbytes = numel * dtype.itemsize
-    out = (buffer[:nbytes].view(dtype) if buffer is not None and buffer.numel() >= nbytes
-           else torch.empty(numel, dtype=dtype))
+    """Concatenate the segments' bytes into one tensor of ``shape``, in ``buffer`` (a flat uint8 tensor
+    reused from tensor to tensor) when it is large enough."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    out = buffer[:nbytes] if buffer is not None and buffer.numel() >= nbytes else torch.empty(nbytes, dtype=torch.uint8)
+    view = memoryview(out.numpy())
     pos = 0
-    for source, tensor, start, count in segments:
-        count = min(count, numel - pos)
-        if count <= 0:
-            break
-        source.read_into(tensor, start, out[pos:pos + count])
+    for source, offset, count in segments:
+        source.read_into(offset, view[pos:pos + count])
         pos += count
-    if pos != numel:
-        raise CheckpointError(f"{segments[0][0].path}: only {pos} of {numel} values found")
-    return out.view(shape)
-
-
-def _read_whole(source: CheckpointFile, tensor: Tensor, buffer: Tensor | None = None) -> Tensor:
-    """A copy of a saved tensor."""
-    return _read_segments([(source, tensor, 0, tensor.numel())], tuple(tensor.shape), tensor.dtype, buffer)
+    return out.view(dtype).view(shape)
 
 
 def canonical_name(name: str) -> str:
@@ -291,11 +303,8 @@ class ZeroCheckpoint:
             shape = shapes.get(canonical_name(name))
             if shape is None:
                 raise CheckpointError(f"{first}: EMA of {name!r}, which the checkpoint has no parameter for")
-            segments = [(file, shard[name], 0, shard[name].numel()) for file, shard in shards]
-            sources[canonical_name(name)] = ParamSource(
-                shape, torch.float32,
-                lambda buffer=None, seg=segments, s=shape: _read_segments(seg, s, seg[0][1].dtype, buffer).float(),
-                str(first))
+            pieces = [(file, shard[name], 0, shard[name].numel()) for file, shard in shards]
+            sources[canonical_name(name)] = _stored(pieces, shape, str(first), dtype=torch.float32)
         return sources
 
     def _rank_ema(self, rank: int) -> tuple[CheckpointFile, dict[str, Tensor]]:
@@ -307,9 +316,9 @@ class ZeroCheckpoint:
             raise CheckpointError(f"{path}: no EMA shard although rank 0 has one") from None
 
     @staticmethod
-    def _whole(tensor: Tensor, source: CheckpointFile) -> ParamSource:
-        return ParamSource(tuple(tensor.shape), tensor.dtype, lambda buffer=None: _read_whole(source, tensor, buffer),
-                           str(source.path))
+    def _whole(tensor: Tensor, source: CheckpointFile, shape: tuple[int, ...] | None = None) -> ParamSource:
+        """A saved tensor as it is (as ``shape``: the same number of values)."""
+        return _stored([(source, tensor, 0, tensor.numel())], shape or tuple(tensor.shape), str(source.path))
 
     def _optim(self, rank: int) -> dict:
         return self.optim_files[rank].obj["optimizer_state_dict"]
@@ -325,15 +334,13 @@ class ZeroCheckpoint:
             offset = 0
             for (name, shape), pad in zip(shapes.items(), pads):
                 numel = math.prod(shape)
-                segments, base = [], 0
+                pieces, base = [], 0
                 for file, part in parts:
                     lo, hi = max(offset, base), min(offset + numel, base + part.numel())
                     if lo < hi:
-                        segments.append((file, part, lo - base, hi - lo))
+                        pieces.append((file, part, lo - base, hi - lo))
                     base += part.numel()
-                sources[canonical_name(name)] = ParamSource(
-                    shape, torch.float32, lambda buffer=None, seg=segments, s=shape: _read_segments(seg, s, torch.float32, buffer),
-                    str(self.optim_files[0].path))
+                sources[canonical_name(name)] = _stored(pieces, shape, str(self.optim_files[0].path), torch.float32)
                 offset += numel + pad
             if offset != total:
                 raise CheckpointError(f"{self.optim_files[0].path}: parameter group {g} holds {total} values but "
@@ -348,10 +355,8 @@ class ZeroCheckpoint:
             offset = 0
             for name, shape in shapes.items():
                 piece = math.ceil(math.prod(shape) / world)
-                segments = [(file, flat, offset, piece) for file, flat in flats]
-                sources[canonical_name(name)] = ParamSource(
-                    shape, torch.float32, lambda buffer=None, seg=segments, s=shape: _read_segments(seg, s, torch.float32, buffer),
-                    str(self.optim_files[0].path))
+                pieces = [(file, flat, offset, piece) for file, flat in flats]
+                sources[canonical_name(name)] = _stored(pieces, shape, str(self.optim_files[0].path), torch.float32)
                 offset += piece
             if offset != flats[0][1].numel():
                 raise CheckpointError(f"{self.optim_files[0].path}: parameter group {g} holds {flats[0][1].numel()} "
@@ -365,17 +370,12 @@ class ZeroCheckpoint:
         for name, shape in frozen.items():
             shape = tuple(shape)
             if self.stage == 3:
-                segments = [(mf, mf.obj["frozen_param_fragments"][name], 0,
-                             mf.obj["frozen_param_fragments"][name].numel()) for mf in self.model_files]
-                dtype = segments[0][1].dtype
-                sources[canonical_name(name)] = ParamSource(
-                    shape, dtype, lambda buffer=None, seg=segments, s=shape, d=dtype: _read_segments(seg, s, d, buffer),
-                    str(self.model_files[0].path))
+                pieces = [(mf, mf.obj["frozen_param_fragments"][name], 0,
+                           mf.obj["frozen_param_fragments"][name].numel()) for mf in self.model_files]
+                sources[canonical_name(name)] = _stored(pieces, shape, str(self.model_files[0].path))
             else:
                 saved = self.model_state["frozen_param_fragments"][name]
-                sources[canonical_name(name)] = ParamSource(
-                    shape, saved.dtype, lambda buffer=None, t=saved, s=shape: _read_whole(self.model_files[0], t, buffer).view(s),
-                    str(self.model_files[0].path))
+                sources[canonical_name(name)] = self._whole(saved, self.model_files[0], shape)
         return sources
 
     def _universal_sources(self) -> dict[str, ParamSource]:
@@ -383,17 +383,18 @@ class ZeroCheckpoint:
         for group in self.param_shapes():
             for name, shape in group.items():
                 path = self.directory / layout.UNIVERSAL_PARAMS_DIR / name / layout.UNIVERSAL_PARAM_FILE
-                sources[canonical_name(name)] = ParamSource(
-                    shape, torch.float32, lambda buffer=None, p=path, s=shape: _universal_tensor(p, s, buffer), str(path))
+                sources[canonical_name(name)] = ParamSource(  # one file per parameter: opened when read
+                    shape, torch.float32, str(path),
+                    compute=lambda buffer=None, p=path, s=shape: _universal_tensor(p, s, buffer))
         return sources
 
 
 def _universal_tensor(path: Path, shape: tuple[int, ...], buffer: Tensor | None = None) -> Tensor:
     source = CheckpointFile(path)
     saved = source.obj.get("param") if isinstance(source.obj, dict) else source.obj
-    if not isinstance(saved, Tensor) or saved.numel() < math.prod(shape):
+    if not isinstance(saved, Tensor) or saved.numel() < math.prod(shape) or saved.dtype != torch.float32:
         raise CheckpointError(f"{path}: no fp32 tensor of {math.prod(shape)} values")
-    return _read_segments([(source, saved, 0, saved.numel())], shape, torch.float32, buffer)
+    return _stored([(source, saved, 0, saved.numel())], shape, str(path)).read(buffer)
 
 
 def _rank_files(directory: Path, pattern: re.Pattern) -> dict[int, Path]:
@@ -555,7 +556,7 @@ def _has_ema(ckpt: ZeroCheckpoint) -> bool:
 def iter_tags(path: str | Path) -> Iterable[tuple[str, Path]]:
     """(tag, directory) of every tag under a checkpoints root or run directory (or the tag itself)."""
     path = Path(path)
-    if _is_tag_dir(path):
+    if is_tag_dir(path):
         yield path.name, path
         return
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path

@@ -5,7 +5,10 @@
 Makes (once) a ZeRO-3 checkpoint of a ``size`` model trained ``steps`` steps by ``world_size`` gloo CPU
 ranks, then consolidates it with each tool in its own subprocess and reports the subprocess's peak
 resident memory (``wait4`` rusage), wall and CPU time. Both write fp32 (ours safetensors; DeepSpeed's
-``--safe_serialization`` refuses the tied embedding, so it writes ``pytorch_model.bin``).
+``--safe_serialization`` refuses the tied embedding, so it writes ``pytorch_model.bin``). The checkpoint
+is saved by the engine's ``CheckpointManager``, so it carries a consolidation index and ours copies the
+stored bytes without importing torch; a ``workdir`` holding a checkpoint from before the index measures
+the torch path (use a fresh one).
 """
 from __future__ import annotations
 
