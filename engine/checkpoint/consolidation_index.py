@@ -208,8 +208,8 @@ class ConsolidationIndex:
         self.fds.clear()
 
 
-def _is_int(value: Any, low: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+def _is_int(value: Any, low: int = 0, high: float = math.inf) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def _expect(condition: bool, problem: str) -> None:
@@ -239,7 +239,7 @@ def _read_index(tag_dir: Path) -> ConsolidationIndex:
     _expect(doc["format"] == INDEX_FORMAT and doc["version"] == INDEX_VERSION,
             f"format {doc['format']!r} version {doc['version']!r}, not {INDEX_FORMAT!r} {INDEX_VERSION}")
     _expect(doc["tag"] == tag_dir.name, f"names tag {doc['tag']!r}, but lies in {tag_dir.name!r}")
-    _expect(_is_int(doc["step"]) and _is_int(doc["zero_stage"]) and doc["zero_stage"] <= 3
+    _expect(_is_int(doc["step"]) and _is_int(doc["zero_stage"], 0, 3)
             and _is_int(doc["world_size"], 1), "step, zero_stage or world_size is not a count")
     config = _model_config(doc["model_config"])
     run_tokenizer = doc["run_tokenizer"]
