@@ -63,15 +63,22 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
-    """The demo shards (biomedgpt.data.demo, real packaged data; 60 reports keep it to ~40 s), built once."""
+    """The demo shards (biomedgpt.data.demo, real packaged data; 60 reports keep it to ~40 s), built once for
+    the whole suite (under pytest-xdist by the first worker that needs them, under a file lock; the demo
+    writes ``data_config.yaml`` last). Tests only read them."""
     import subprocess
     import sys
 
-    out = tmp_path_factory.mktemp("demo") / "data"
-    done = subprocess.run([sys.executable, "-m", "biomedgpt.data.demo", f"output_dir={out}", "max_reports=60"],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    out = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "demo-data"
+    with FileLock(str(out) + ".lock"):
+        if not (out / "data_config.yaml").exists():
+            done = subprocess.run([sys.executable, "-m", "biomedgpt.data.demo", f"output_dir={out}",
+                                   "max_reports=60"], capture_output=True, text=True, timeout=300,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+            assert done.returncode == 0, done.stderr[-3000:]
     return out
 
 
