@@ -19,7 +19,7 @@ from typing import IO, Callable, Iterator
 
 
 def fsync_dir(path: str | Path) -> None:
-    """Make a folder's entries (a rename, a new file) durable."""
+    """Make a folder's entries (a rename, a new file) durable; given a file, its contents."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -76,11 +76,7 @@ def atomic_write_text(path: str | Path, data: str | bytes, fsync: bool = True) -
 def _fsync_tree(root: Path) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(os.path.join(folder, name))
         fsync_dir(folder)
 
 

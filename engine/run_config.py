@@ -274,10 +274,3 @@ def saved_run_config(saved: dict) -> RunConfig:
 
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-
-
-def demo_config() -> RunConfig:
-    """The demo recipe (configs/demo.yaml): what ``python -m biomedgpt.tools.train`` runs without --config."""
-    from biomedgpt.core.config import load
-
-    return load(RunConfig, DEMO_CONFIG)

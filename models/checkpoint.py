@@ -350,17 +350,11 @@ def model_state(model: BiomedGPT) -> dict[str, Tensor]:
     return {k: v for k, v in model.state_dict().items() if k not in TIED_ALIASES}
 
 
-def shard_plan(state: dict[str, Tensor], max_shard_bytes: int):
-    """Which safetensors file each tensor goes to (``model_dir.plan_shards`` on the tensors' sizes, in
-    ``state``'s order); meta tensors plan a directory before any value exists."""
-    return plan_shards({k: t.numel() * t.element_size() for k, t in state.items()}, max_shard_bytes)
-
-
 def write_model_files(directory: Path, state: dict[str, Tensor], cfg: ModelConfig, tokenizer=None,
                       max_shard_bytes: int = 2 << 30) -> None:
     """Write config, safetensors weights (sharded past ``max_shard_bytes``) and tokenizer into ``directory``."""
     write_config(directory, cfg)
-    plan = shard_plan(state, max_shard_bytes)
+    plan = plan_shards({k: t.numel() * t.element_size() for k, t in state.items()}, max_shard_bytes)
     for filename, keys in plan.filename_to_tensors.items():
         save_file({k: state[k].contiguous() for k in keys}, directory / filename, metadata={"format": "pt"})
     write_shard_index(directory, plan)

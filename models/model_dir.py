@@ -30,7 +30,7 @@ CONFIG_FILE = "config.json"
 def plan_shards(sizes: Mapping[str, int], max_shard_bytes: int):
     """Which safetensors file each tensor goes to, from each tensor's size in bytes (``huggingface_hub``'s
     planner, in ``sizes``' order: the file names and index transformers reads). The one planner of the
-    project: ``models.checkpoint.shard_plan`` gives it the sizes of tensors."""
+    project (model directories and consolidation)."""
     from huggingface_hub import split_state_dict_into_shards_factory
 
     # the factory with the size itself: split_torch_state_dict_into_shards's own size function imports

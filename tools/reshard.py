@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{ckpt.directory} ({'universal' if ckpt.universal else 'ZeRO-0'}, {ckpt.world_size} ranks): "
               "resumes on any number of ranks as it is; nothing to convert")
         return 0
-    out = to_universal(ckpt.directory, cfg.output, cfg.overwrite)
+    out = to_universal(ckpt.directory, cfg.output, cfg.overwrite, checked=True)  # every file read just above
     print(f"{ckpt.directory} (ZeRO-{ckpt.stage}, {ckpt.world_size} ranks) -> universal checkpoint {out}")
     return 0
 

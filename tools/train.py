@@ -14,6 +14,7 @@ from typing import Sequence
 
 from biomedgpt.core.config import parse_cli
 from biomedgpt.data.config import check_local_streams
+from biomedgpt.engine.eval.config import selection_data
 from biomedgpt.engine.run_config import DEMO_CONFIG, RunConfig
 from biomedgpt.engine.train.run_lock import RunLock
 from biomedgpt.core.user_errors import UserError, command
@@ -67,9 +68,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse(argv)  # torch-free: a bad setting fails here in well under a second, before any import of torch
     check_init_from(cfg.checkpoint.init_from)
     demo_streams = [s for s in [*cfg.data.streams, *cfg.data.eval_streams] if in_demo_data(s.remote, cfg.demo_data_dir)]
-    # the other streams the run surely opens (an eval stream of the test split only if selected on: the loader checks)
-    check_local_streams([s for s in [*cfg.data.streams, *(s for s in cfg.data.eval_streams if s.split != "test")]
-                         if s not in demo_streams])
+    opened = [*cfg.data.streams, *selection_data(cfg.data, cfg.eval.select_on_test, cfg.eval.export_best).eval_streams]
+    check_local_streams([s for s in opened if s not in demo_streams])  # the streams the loaders will open
     if int(os.environ.get("RANK", "0")) == 0:  # a folder in use is refused in a second too (the Trainer keeps it)
         RunLock.acquire(cfg.output_dir)
     from biomedgpt.engine.distributed.process_group import configure_environment

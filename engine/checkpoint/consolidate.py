@@ -29,10 +29,10 @@ from torch.overrides import TorchFunctionMode
 from biomedgpt.engine.checkpoint.consolidation_index import (DTYPE_SIZES, INDEX_DTYPES, ConsolidationResult,
                                                              TokenizerJob, checksum, consolidation_report,
                                                              index_document, safetensors_header, start_writeback,
-                                                             write_all, write_model_metadata)
+                                                             write_all, write_model_directory)
 from biomedgpt.engine.checkpoint.zero_reader import (ParamSource, ZeroCheckpoint, checkpoint_model_config,
                                                      open_checkpoint)
-from biomedgpt.models.checkpoint import TIED_ALIASES, CheckpointError, plan_shards, write_dir_atomically
+from biomedgpt.models.checkpoint import TIED_ALIASES, CheckpointError, plan_shards
 from biomedgpt.models.precision import torch_dtype
 from biomedgpt.models.config import ModelConfig
 from biomedgpt.models.ofa import BiomedGPT
@@ -124,7 +124,7 @@ def consolidation_index(tag_dir: Path, step: int) -> dict | None:
     """The consolidation index of a tag whose files are all written (``consolidation_index.py``): where each
     tensor of its default output lies. None where that output is not the stored bytes as they are (LoRA
     adapters to merge, bf16 weights to cast, a universal checkpoint's file per parameter)."""
-    ckpt = open_checkpoint(tag_dir)
+    ckpt = open_checkpoint(tag_dir, check_other_files=False)  # written by this job a moment ago
     run_cfg = ckpt.client_state.get("config")
     lora = run_cfg.get("lora") if isinstance(run_cfg, dict) else None
     if ckpt.universal or (isinstance(lora, dict) and lora.get("enabled")):
@@ -133,7 +133,8 @@ def consolidation_index(tag_dir: Path, step: int) -> dict | None:
     sources = weight_sources(ckpt, cfg)
     if not all(s.copyable and SAFETENSORS_DTYPES.get(s.dtype) in INDEX_DTYPES for s in sources.values()):
         return None
-    files = {file.path.name: file.path.stat().st_size for s in sources.values() for file, _, _ in s.segments}
+    paths = {file.path for s in sources.values() for file, _, _ in s.segments}
+    files = {path.name: path.stat().st_size for path in paths}
     run_tokenizer = None
     if isinstance(run_cfg, dict):
         run_tokenizer = {key: run_cfg.get(key) for key in ("tokenizer", "bpe_dir")}
@@ -186,8 +187,6 @@ def consolidate(ckpt: ZeroCheckpoint, output: str | Path, cfg: ModelConfig, dtyp
 
 def _consolidate(ckpt, output, cfg, dtype, ema, job: TokenizerJob, max_shard_bytes, overwrite, progress,
                  verify_output, merge_lora) -> ConsolidationResult:
-    from tqdm import tqdm
-
     if verify_output and ema:
         raise CheckpointError("verification compares with DeepSpeed's zero_to_fp32, which knows no EMA weights")
     out_dtype = torch_dtype(dtype)
@@ -197,32 +196,23 @@ def _consolidate(ckpt, output, cfg, dtype, ema, job: TokenizerJob, max_shard_byt
     sources = weight_sources(ckpt, cfg, ema=ema, merge_lora=merge_lora)
     dtypes = {k: out_dtype if s.dtype.is_floating_point else s.dtype for k, s in sources.items()}
     plan = plan_shards({k: math.prod(s.shape) * dtypes[k].itemsize for k, s in sources.items()}, max_shard_bytes)
-    total = plan.metadata["total_size"]
     # every tensor is read into this one buffer (its bytes, before any cast): no allocation per tensor
     buffer = torch.empty(max(math.prod(s.shape) * s.stored.itemsize for s in sources.values()), dtype=torch.uint8)
 
     def produce(name: str) -> Tensor:
         return sources[name].read(buffer).to(dtypes[name])
 
-    with_tokenizer: list[bool] = []
+    def write_file(path: Path, names: list[str], on_bytes: Callable[[int], None]) -> dict[str, str]:
+        return write_safetensors_streaming(path, [(n, sources[n].shape, dtypes[n]) for n in names], produce, on_bytes)
 
-    def write(directory: Path) -> None:
-        digests: dict[str, str] = {}
-        saved = job.save_into(directory / "tokenizer")  # the tokenizer's files (Python work) while tensors stream
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"consolidating {ckpt.tag}",
-                  disable=not progress) as bar:
-            for filename, names in plan.filename_to_tensors.items():
-                entries = [(n, sources[n].shape, dtypes[n]) for n in names]
-                digests.update(write_safetensors_streaming(directory / filename, entries, produce, bar.update))
-        with_tokenizer.append(saved.result())
-        write_model_metadata(directory, plan, cfg, consolidation_report(
-            ckpt.directory, ckpt.tag, ckpt.step, ckpt.stage, ckpt.world_size, ckpt.universal, dtype, ema, merge_lora,
-            digests))
-        if verify_output:
-            from biomedgpt.engine.checkpoint.verify import verify
+    def verify_before_publish(directory: Path) -> None:
+        from biomedgpt.engine.checkpoint.verify import verify
 
-            verify(directory, ckpt)
+        verify(directory, ckpt)
 
-    out = write_dir_atomically(Path(output), write, overwrite)
-    return ConsolidationResult(out, len(sources), total, cfg, with_tokenizer[-1])
+    return write_model_directory(
+        output, plan, cfg, job, ckpt.tag, write_file,
+        lambda digests: consolidation_report(ckpt.directory, ckpt.tag, ckpt.step, ckpt.stage, ckpt.world_size,
+                                             ckpt.universal, dtype, ema, merge_lora, digests),
+        len(sources), overwrite, progress, verify_before_publish if verify_output else None)
 

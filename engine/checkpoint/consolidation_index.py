@@ -153,6 +153,34 @@ class TokenizerJob:
             raise self._made.exception() from None
 
 
+def write_model_directory(output: str | Path, plan, cfg: ModelConfig, job: TokenizerJob, tag: str,
+                          write_file: Callable[[Path, list[str], Callable[[int], None]], dict[str, str]],
+                          report: Callable[[dict[str, str]], dict], tensors: int, overwrite: bool, progress: bool,
+                          before_publish: Callable[[Path], None] | None = None) -> ConsolidationResult:
+    """The model directory both consolidation paths publish (atomically, fsynced): the safetensors files of
+    ``plan``, each by ``write_file(path, tensor names, on_bytes)`` (returns their checksums), the tokenizer
+    (saved on ``job``'s thread meanwhile), the shard index, ``config.json`` and ``report(checksums)``;
+    ``before_publish(folder)`` runs last, before the directory appears."""
+    from tqdm import tqdm
+
+    with_tokenizer: list[bool] = []
+
+    def write(directory: Path) -> None:
+        saved = job.save_into(directory / "tokenizer")  # the tokenizer's files (Python work) while tensors stream
+        digests: dict[str, str] = {}
+        with tqdm(total=plan.metadata["total_size"], unit="B", unit_scale=True, desc=f"consolidating {tag}",
+                  disable=not progress) as bar:
+            for filename, names in plan.filename_to_tensors.items():
+                digests.update(write_file(directory / filename, names, bar.update))
+        with_tokenizer.append(saved.result())
+        write_model_metadata(directory, plan, cfg, report(digests))
+        if before_publish is not None:
+            before_publish(directory)
+
+    out = write_dir_atomically(Path(output), write, overwrite)
+    return ConsolidationResult(out, tensors, plan.metadata["total_size"], cfg, with_tokenizer[-1])
+
+
 # ----------------------------------------------------------------------------------------------
 # The index
 # ----------------------------------------------------------------------------------------------
@@ -382,32 +410,19 @@ def consolidate_indexed(index: ConsolidationIndex, output: str | Path, tokenizer
     """The model directory of ``index``'s tag, byte for byte what ``consolidate.consolidate`` writes for its
     default output, from the stored bytes: each tensor's ranges read into one buffer, hashed, written.
     ``tokenizer``: as ``TokenizerJob`` takes it. Closes the index's files."""
-    from tqdm import tqdm
-
     tensors = {t.name: t for t in index.tensors}
     plan = plan_shards({name: t.nbytes for name, t in tensors.items()}, max_shard_bytes)
     buffer = memoryview(bytearray(min(COPY_CHUNK, max(t.nbytes for t in index.tensors) or 1)))
-    with_tokenizer: list[bool] = []
-
-    def write(directory: Path) -> None:
-        saved = job.save_into(directory / "tokenizer")
-        digests: dict[str, str] = {}
-        with tqdm(total=plan.metadata["total_size"], unit="B", unit_scale=True, desc=f"consolidating {index.tag}",
-                  disable=not progress) as bar:
-            for filename, names in plan.filename_to_tensors.items():
-                digests.update(_copy_tensors(directory / filename, [tensors[n] for n in names], index, buffer,
-                                             bar.update))
-        with_tokenizer.append(saved.result())
-        write_model_metadata(directory, plan, index.model_config, consolidation_report(
-            index.directory, index.tag, index.step, index.zero_stage, index.world_size, False, "fp32", False, False,
-            digests))
-
     try:
         with TokenizerJob(tokenizer) as job:
-            out = write_dir_atomically(Path(output), write, overwrite)
+            return write_model_directory(
+                output, plan, index.model_config, job, index.tag,
+                lambda path, names, on_bytes: _copy_tensors(path, [tensors[n] for n in names], index, buffer, on_bytes),
+                lambda digests: consolidation_report(index.directory, index.tag, index.step, index.zero_stage,
+                                                     index.world_size, False, "fp32", False, False, digests),
+                len(tensors), overwrite, progress)
     finally:
         index.close()
-    return ConsolidationResult(out, len(tensors), plan.metadata["total_size"], index.model_config, with_tokenizer[-1])
 
 
 def _copy_tensors(path: Path, entries: list[IndexedTensor], index: ConsolidationIndex, buffer: memoryview,

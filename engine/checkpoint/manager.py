@@ -67,19 +67,22 @@ def load_file(path: str | Path, meta: bool = False) -> Any:
         raise ResumeError(f"{exc}; the checkpoint cannot be resumed") from None
 
 
-def to_universal(tag_dir: str | Path, output: str | Path | None = None, overwrite: bool = False) -> Path:
+def to_universal(tag_dir: str | Path, output: str | Path | None = None, overwrite: bool = False,
+                 checked: bool = False) -> Path:
     """DeepSpeed's ``ds_to_universal`` on a ZeRO 1-3 tag, published atomically (default ``<tag>/universal``);
     the one conversion, for ``biomedgpt reshard`` and for a run resuming on another world size or stage.
 
     Every file of the tag is read weights-only first (the converter unpickles them all): a crafted one is
-    refused (``CheckpointError``) before it runs. A run then resumes on any number of ranks with
-    ``"checkpoint": {"load_universal": true}`` and ``load_checkpoint(<tag dir>, tag="universal")``."""
+    refused (``CheckpointError``) before it runs (``checked``: the caller has, with ``open_checkpoint``). A
+    run then resumes on any number of ranks with ``"checkpoint": {"load_universal": true}`` and
+    ``load_checkpoint(<tag dir>, tag="universal")``."""
     from biomedgpt.engine.checkpoint.load import load_checkpoint_file
     from biomedgpt.models.checkpoint import CheckpointError, write_dir_atomically
 
     tag_dir = Path(tag_dir)
-    for path in sorted(tag_dir.glob("*.pt")):
-        load_checkpoint_file(path, meta=True)
+    if not checked:
+        for path in sorted(tag_dir.glob("*.pt")):
+            load_checkpoint_file(path, meta=True)
     out = Path(output) if output is not None else tag_dir / layout.UNIVERSAL_DIR
 
     def convert(folder: Path) -> None:

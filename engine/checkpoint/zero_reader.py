@@ -115,7 +115,6 @@ class ParamSource:
 
     shape: tuple[int, ...]
     dtype: torch.dtype  # of the tensor ``read`` returns
-    origin: str  # the file the values come from, for error messages
     segments: list[Segment] = field(default_factory=list)
     stored: torch.dtype | None = None  # of the bytes in ``segments`` (default: ``dtype``)
     compute: Callable[..., Tensor] | None = None  # compute(buffer=None)
@@ -161,8 +160,7 @@ def _stored(pieces: list[Piece], shape: tuple[int, ...], origin: str, stored: to
     """A tensor of ``shape`` made of the pieces' values, stored as ``stored`` (default: the first piece's
     dtype), read as ``dtype`` (default: as stored)."""
     stored = stored or pieces[0][1].dtype
-    return ParamSource(tuple(shape), dtype or stored, origin, _segments(pieces, math.prod(shape), stored, origin),
-                       stored)
+    return ParamSource(tuple(shape), dtype or stored, _segments(pieces, math.prod(shape), stored, origin), stored)
 
 
 def _read_segments(segments: list[Segment], shape: tuple[int, ...], dtype: torch.dtype,
@@ -384,7 +382,7 @@ class ZeroCheckpoint:
             for name, shape in group.items():
                 path = self.directory / layout.UNIVERSAL_PARAMS_DIR / name / layout.UNIVERSAL_PARAM_FILE
                 sources[canonical_name(name)] = ParamSource(  # one file per parameter: opened when read
-                    shape, torch.float32, str(path),
+                    shape, torch.float32,
                     compute=lambda buffer=None, p=path, s=shape: _universal_tensor(p, s, buffer))
         return sources
 
@@ -409,8 +407,10 @@ def _rank_files(directory: Path, pattern: re.Pattern) -> dict[int, Path]:
     return found
 
 
-def open_checkpoint(path: str | Path, tag: str | None = None) -> ZeroCheckpoint:
-    """Find, parse (pickles only) and cross-check every rank file of a tag; errors name the file."""
+def open_checkpoint(path: str | Path, tag: str | None = None, check_other_files: bool = True) -> ZeroCheckpoint:
+    """Find, parse (pickles only) and cross-check every rank file of a tag; errors name the file.
+    ``check_other_files``: also read the tag's other ``.pt`` files weights-only (before DeepSpeed's tools
+    unpickle them); off for a tag this process has just written."""
     directory = resolve_tag_dir(path, tag)
     universal = (directory / layout.UNIVERSAL_PARAMS_DIR).is_dir()
     model_paths = _rank_files(directory, MODEL_FILE_RE)
@@ -453,10 +453,11 @@ def open_checkpoint(path: str | Path, tag: str | None = None) -> ZeroCheckpoint:
     _check_consistent(ckpt)
     # DeepSpeed's tools (zero_to_fp32 for verify, ds_to_universal for reshard) unpickle every file they
     # find: each is read weights-only here first, so a crafted one is refused before they run.
-    read = {f.path for f in (*model_files, *optim_files)}
-    for path in sorted(directory.glob("*.pt")):
-        if path not in read:
-            CheckpointFile(path)
+    if check_other_files:
+        read = {f.path for f in (*model_files, *optim_files)}
+        for path in sorted(directory.glob("*.pt")):
+            if path not in read:
+                CheckpointFile(path)
     return ckpt
 
 

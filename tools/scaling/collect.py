@@ -87,12 +87,7 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict], Optional[str]]:
 
 def read_status(run_dir: Path) -> dict:
     path = run_dir / STATUS_FILE
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SweepDataError(f"{path}: not valid JSON ({exc})") from None
+    return read_json(path, SweepDataError, "run status") if path.exists() else {}
 
 
 def classify(steps_done: int, max_steps: int, status_file: dict, started: bool) -> str:
@@ -209,10 +204,7 @@ def run_row(entry: dict, ranks: int, params_cache: dict) -> tuple[dict, list[dic
     }
     results = run_dir / "results.json"
     if results.exists():
-        try:
-            extra = json.loads(results.read_text())
-        except json.JSONDecodeError as exc:
-            raise SweepDataError(f"{results}: not valid JSON ({exc})") from None
+        extra = read_json(results, SweepDataError, "run results")
         if not isinstance(extra, dict):
             raise SweepDataError(f"{results}: expected a JSON object of results")
         for k, v in extra.items():
