@@ -1,8 +1,8 @@
 """Streaming multi-task datasets and resumable loaders over MDS shards (local paths or object storage).
 
 One ``streaming.Stream`` per task, mixed by proportion; each row becomes one or more examples through
-``biomedgpt.data.tasks``; a resumable ``StreamingDataLoader`` whose ``state_dict()`` goes into the training
-checkpoint. Resuming with a different number of ranks works as long as ``num_canonical_nodes`` is
+``biomedgpt.data.tasks``; a resumable loader (streaming's resume protocol) whose ``state_dict()`` goes into
+the training checkpoint. Resuming with a different number of ranks works as long as ``num_canonical_nodes`` is
 kept (it is stored in the state). Augmentation randomness is a pure function of
 (shuffle seed, epoch, sample id), so a resumed run sees exactly the batches an uninterrupted one would.
 """
@@ -17,17 +17,14 @@ from typing import Any, Iterable, Iterator, Optional
 from urllib.parse import urlparse
 
 import numpy as np
-
-from streaming import Stream, StreamingDataLoader, StreamingDataset
-from streaming.base.dataset import _ShardState
-from streaming.base.format.mds.reader import MDSReader
-from streaming.base.world import World
+from torch.utils.data import DataLoader
 
 from biomedgpt.data.collate import collate, first_rows
 from biomedgpt.data.config import DataConfig, DataSourceError, StreamConfig, check_local_streams, is_remote
 from biomedgpt.data.images import check_image_pixels
 from biomedgpt.data.mds import INDEX, s3_client, split_s3, store_cause
 from biomedgpt.data.shared_memory import registration_lock
+from biomedgpt.data.streaming_api import MDSReader, Stream, StreamingDataset, World, _ShardState
 from biomedgpt.data.tasks import PROCESSORS, TaskContext, process
 from biomedgpt.core.hosts import ranks_on_this_host
 
@@ -338,11 +335,26 @@ def deal_strata_to_ranks(work: np.ndarray, stream_offsets: np.ndarray) -> np.nda
     return dealt.reshape(workers, batches, nodes, ranks, size).transpose(2, 3, 0, 1, 4)
 
 
-class ResumableLoader(StreamingDataLoader):
-    """StreamingDataLoader counting rows (not examples: a pretraining row can give two) for its state."""
+class ResumableLoader(DataLoader):
+    """A DataLoader with ``streaming.StreamingDataLoader``'s resume protocol, whose module this process does not
+    import (it imports transformers): it counts the rows given to this rank (rows, not examples: a pretraining
+    row can give two), and ``state_dict()`` is the dataset's state after that many rows on every rank."""
 
-    def _get_batch_size(self, batch: Any) -> int:
-        return self.batch_size
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.num_samples_yielded = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        self.num_samples_yielded = 0
+        for batch in super().__iter__():
+            self.num_samples_yielded += self.batch_size
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dataset.state_dict(self.num_samples_yielded * World.detect().num_ranks, False)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dataset.load_state_dict(state)
 
 
 def _collate_rows(rows: list[list], patch_image_size: int, group_weights: list[float],

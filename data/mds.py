@@ -26,12 +26,10 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
 
-from streaming import MDSWriter
-from streaming.base.storage.upload import CloudUploader
-
 from biomedgpt.core.durable import publish_directory
 from biomedgpt.data.config import INDEX
 from biomedgpt.data.records import MDS_COLUMNS
+from biomedgpt.data.streaming_api import CloudUploader, MDSWriter
 
 GENERATION = "gen-"  # remote shards live under <prefix>/gen-<UTC time>-<random>/
 TEMP_PREFIX = "mds-upload-"

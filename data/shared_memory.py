@@ -36,7 +36,7 @@ def _lock_path() -> str:
 
 
 def _segment_pattern() -> re.Pattern:
-    from streaming.base.constant import SHM_TO_CLEAN
+    from biomedgpt.data.streaming_api import SHM_TO_CLEAN
 
     return re.compile(r"\d{6}_(?:" + "|".join(map(re.escape, SHM_TO_CLEAN)) + r")")
 

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-export PYTHONUNBUFFERED=1 WANDB_MODE=offline
+# wandb: off unless a test asks for it (the tests of its offline files and fallbacks set their own mode)
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 if bash tests/slurm/cluster.sh start; then
     trap 'bash tests/slurm/cluster.sh stop >/dev/null 2>&1 || true' EXIT
 else

@@ -206,3 +206,17 @@ def test_streaming_threads_do_not_lock_the_cache_for_every_sample(tmp_path, voca
     seen = sum(len(batch["ids"]) for batch in build_train_loader(cfg, Tokenizer.from_gpt2_files(vocab_dir)))
     assert seen == 48 and 1 < shards < 10
     assert len(calls) <= 3 * shards, (len(calls), shards)  # per shard at most: each thread and the first read
+
+
+def test_the_loader_imports_streaming_without_transformers():
+    """streaming's package ``__init__`` files import transformers (seconds per rank); the loader and the MDS writer
+    import streaming's own modules without them, and ``import streaming`` later still gives its real names."""
+    probe = ("import sys; import biomedgpt.data.loader, biomedgpt.data.mds; "
+             "assert 'transformers' not in sys.modules, 'transformers imported'; "
+             "import streaming; from streaming import StreamingDataLoader, text; "
+             "from streaming.base.dataloader import StreamingDataLoader as real; "
+             "assert StreamingDataLoader is real and streaming.StreamingDataset is biomedgpt.data.loader.StreamingDataset; "
+             "print(streaming.__version__)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip()
