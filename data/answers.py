@@ -1,24 +1,53 @@
-"""Closed answer sets (VQA's ``trainval_ans2label.pkl``, class-name lists): read once here for the training
-constraints (``data/constraints.py``), the evaluator's decoding and ``biomedgpt infer``."""
+"""Closed answer sets (the original's ``trainval_ans2label.pkl`` / ``*_class2label.pkl``, converted once to JSON;
+class-name lists): read once here for the training constraints (``data/constraints.py``), the evaluator's
+decoding and ``biomedgpt infer``.
+
+Pickled data files are refused, not read: unpickling can run code, neither ``json`` nor
+``torch.load(weights_only=True)`` reads a plain pickle, and this project writes no unpickler of its own. The
+refusal names the one-line conversion (docs/tasks-and-data.md, "Answer sets and CIDEr-D statistics") a user runs
+once on a file they trust.
+"""
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
-from biomedgpt.data.safe_pickle import load_data_pickle
+from biomedgpt.core.user_errors import UserError
+
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".p")
+CONVERSION_DOC = 'docs/tasks-and-data.md, "Answer sets and CIDEr-D statistics"'
+
+
+class PickledDataError(UserError, ValueError):
+    """A data file given as a pickle (the original's answer sets and CIDEr-D caches): convert it to JSON."""
+
+
+#: the conversion of the original's ans2label / class2label pickles (``python3 -c '...' IN.pkl OUT.json``)
+ANSWERS_CONVERSION = ("python3 -c 'import json, pickle, sys; json.dump(pickle.load(open(sys.argv[1], \"rb\")), "
+                      "open(sys.argv[2], \"w\"))'")
+
+
+def refuse_pickle(path: Path, raw: bytes, conversion: str) -> None:
+    """One line naming ``path`` and the command converting it (``conversion`` + input + output) when the file is
+    a pickle (by its suffix or its protocol-2+ opening byte); nothing otherwise."""
+    if path.suffix in PICKLE_SUFFIXES or raw[:1] == b"\x80":
+        converted = path.with_suffix(".json")
+        raise PickledDataError(f"{path}: a pickle, which this project does not load (unpickling can run code); "
+                               f"convert it once, if you trust it: {conversion} {shlex.quote(str(path))} "
+                               f"{shlex.quote(str(converted))}, then give {converted} ({CONVERSION_DOC})")
 
 
 def read_answers(path: str | Path) -> list[str]:
-    """A closed answer set: JSON list, JSON / pickle ``answer -> index`` (OFA's trainval_ans2label.pkl,
-    ordered by index), or one answer per line."""
+    """A closed answer set: a JSON list, a JSON ``answer -> index`` object (the original's ans2label, ordered by
+    index), or one answer per line."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"answer set file {path} not found") from None
-    if path.suffix == ".pkl":
-        data = load_data_pickle(path)  # the released answer lists are pickles: read from an allow-list
-    elif path.suffix == ".json":
+    refuse_pickle(path, raw, ANSWERS_CONVERSION)
+    if path.suffix == ".json":
         data = json.loads(raw)
     else:
         data = [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]

@@ -89,8 +89,8 @@ class DataConfig:
     # the answer set allows after the answer so far) for vqa, nli and classification streams; the loss
     # normalises and smooths over those tokens only
     constrain_training: bool = False
-    # the closed answer set of vqa / classification streams (OFA's --ans2label-file: a pickle or JSON
-    # answer -> index, a JSON list, or one answer per line); None: every answer of the training streams' rows.
+    # the closed answer set of vqa / classification streams (OFA's --ans2label-file converted to JSON
+    # answer -> index, a JSON list, or one answer per line; a pickle is refused with its conversion); None: every answer of the training streams' rows.
     # nli's set is fixed (yes / no / maybe)
     answer_set: Optional[PathStr] = None
     text_mask_ratio: float = 0.3

@@ -340,24 +340,20 @@ def test_train_on_a_denied_bucket_is_one_line_once(s3, tmp_path, monkeypatch, ia
     assert "Traceback" not in output, output[-4000:]
 
 
-# ----- data pickles (answer lists, CIDEr-D caches): read from an allow-list, nothing in them runs -------------
+# ----- data pickles (answer lists, CIDEr-D caches): never loaded; refused with a conversion that works ---------
 
-def test_data_pickles_load_plain_data_and_refuse_code(tmp_path):
+def test_pickled_side_files_are_refused_with_the_conversion_that_works(tmp_path):
+    """The original's answer sets and CIDEr-D cache are pickles: each is refused, unread, with one line whose
+    command (the one docs/tasks-and-data.md gives) turns the file into the JSON that then reads the same data."""
     import collections
     import pickle
+    import re
+    import shlex
 
     import numpy as np
 
-    from biomedgpt.data.safe_pickle import UnsafePickleError, load_data_pickle
-    from biomedgpt.data.answers import read_answers
+    from biomedgpt.data.answers import PickledDataError, read_answers
     from biomedgpt.engine.eval.metrics import read_cider_df
-
-    (tmp_path / "ans2label.pkl").write_bytes(pickle.dumps({"yes": 0, "no": 1, "left lung": 2}, protocol=2))
-    assert read_answers(tmp_path / "ans2label.pkl") == ["yes", "no", "left lung"]
-    df = collections.defaultdict(float, {("a",): 2.0, ("a", "b"): 1.0})
-    (tmp_path / "df.p").write_bytes(pickle.dumps({"document_frequency": df, "ref_len": np.float64(3.0)}))
-    frequencies, log_docs = read_cider_df(tmp_path / "df.p")
-    assert frequencies[("a", "b")] == 1.0 and log_docs == pytest.approx(np.log(3.0))
 
     marker = tmp_path / "ran"
 
@@ -365,10 +361,26 @@ def test_data_pickles_load_plain_data_and_refuse_code(tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    for protocol in (0, 2, 4):
-        (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"yes": Crafted()}, protocol=protocol))
-        with pytest.raises(UnsafePickleError, match=r"evil.pkl: refers to (posix|os)\.system"):
-            read_answers(tmp_path / "evil.pkl")
-        with pytest.raises(UnsafePickleError, match="refers to"):
-            load_data_pickle(tmp_path / "evil.pkl")
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"yes": Crafted()}))
+    (tmp_path / "evil.json").write_bytes(pickle.dumps(["yes", Crafted()], protocol=4))  # a pickle by any name
+    for name in ("evil.pkl", "evil.json"):
+        with pytest.raises(PickledDataError, match=f"{name}: a pickle, which this project does not load"):
+            read_answers(tmp_path / name)
     assert not marker.exists()
+
+    docs = (Path(__file__).parents[1] / "docs" / "tasks-and-data.md").read_text()
+    released = [(tmp_path / "trainval_ans2label.pkl", {"yes": 0, "no": 1, "left lung": 2}, read_answers,
+                 ["yes", "no", "left lung"]),
+                (tmp_path / "words.p", {"document_frequency": collections.defaultdict(float, {("a",): 2.0, ("a", "b"): 1.0}),
+                                        "ref_len": np.float64(3.0)}, read_cider_df,
+                 ({("a",): 2.0, ("a", "b"): 1.0}, pytest.approx(np.log(3.0))))]
+    for path, content, reader, expected in released:
+        path.write_bytes(pickle.dumps(content, protocol=4))  # the release's protocol
+        with pytest.raises(PickledDataError) as refused:
+            reader(path)
+        command = re.search(r"convert it once, if you trust it: (.*), then give (\S+) \(docs/", str(refused.value))
+        assert command and command.group(2) == str(path.with_suffix(".json")), str(refused.value)
+        program, flag, code = shlex.split(command.group(1))[:3]
+        assert (program, flag) == ("python3", "-c") and code in docs  # the documented conversion is the one printed
+        subprocess.run(command.group(1), shell=True, check=True, cwd=tmp_path)
+        assert reader(path.with_suffix(".json")) == expected

@@ -186,7 +186,7 @@ def test_vqa_with_an_answer_set_equals_evaluate(model_dir, chest_dicom, tmp_path
     assert row["score"] == pytest.approx(records[0]["score"], rel=1e-5)
     assert row["decoding"] == "inside the answer set (5 answers)"
     [free] = infer.run(load(infer.InferConfig, None, [*common, "generation.max_len=3"]))
-    assert free["decoding"].startswith("unconstrained") and "answers=trainval_ans2label.pkl" in free["decoding"]
+    assert free["decoding"].startswith("unconstrained") and "answers=trainval_ans2label.json" in free["decoding"]
     from biomedgpt.core.config import settings_help
 
-    assert "answers=trainval_ans2label.pkl; without it unconstrained" in settings_help(infer.InferConfig)  # --help
+    assert "answers=trainval_ans2label.json; without it unconstrained" in settings_help(infer.InferConfig)  # --help

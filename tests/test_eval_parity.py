@@ -9,9 +9,8 @@ rouge_score + BootstrapAggregator with numpy seeded 0), not with this project's 
 """
 from __future__ import annotations
 
-import pickle
+import json
 import random
-from collections import defaultdict
 
 import pytest
 import torch
@@ -72,7 +71,7 @@ CAPTION_REFERENCES = [["Liver: Cirrhosis, Micronodular."], ["Pneumothorax/effusi
 METRIC_CAPTION_ROUGE_L = 0.6546852646638055  # metric_caption.py on eval_caption's hypotheses
 METRIC_CAPTION_CIDER = 4.062823477988598
 # OFA's caption valid_step: CIDEr-D of the punctuation-stripped hypotheses against these references (a second
-# reference for the third image), document frequencies from the references / from a cached pickle
+# reference for the third image), document frequencies from the references / from the cached file (as JSON)
 CIDER_D_REFERENCES = [["Liver Cirrhosis Micronodular"], ["Pneumothoraxeffusion left lung"],
                       ["Heart normal size no acute disease", "normal heart no acute disease"],
                       ["Brain glioblastoma multiforme 2"]]
@@ -95,12 +94,13 @@ def test_cider_d_equals_ofas_validation_metric(tmp_path):
     refs[2].append("normal heart no acute disease")
     assert refs == CIDER_D_REFERENCES
     assert tm.cider_d(hyps, refs) == pytest.approx(CIDER_D_CORPUS, abs=1e-12)
-    df_file = tmp_path / "words.p"  # OFA's cached tokens: a defaultdict of document frequencies and a count
-    df_file.write_bytes(pickle.dumps({"document_frequency": defaultdict(float, CACHED_DF), "ref_len": CACHED_REF_LEN}))
+    df_file = tmp_path / "words.json"  # OFA's cached tokens, converted: document frequencies and a count
+    df_file.write_text(json.dumps({"document_frequency": [[list(k), v] for k, v in CACHED_DF.items()],
+                                   "ref_len": CACHED_REF_LEN}))
     assert tm.cider_d(hyps, refs, df_file) == pytest.approx(CIDER_D_CACHED, abs=1e-12)
-    (tmp_path / "bad.p").write_bytes(pickle.dumps({"ref_len": 3}))
-    with pytest.raises(ValueError, match="bad.p: expected a pickle with document_frequency"):
-        tm.cider_d(hyps, refs, tmp_path / "bad.p")
+    (tmp_path / "bad.json").write_text(json.dumps({"ref_len": 3}))
+    with pytest.raises(ValueError, match="bad.json: expected JSON with ref_len and document_frequency"):
+        tm.cider_d(hyps, refs, tmp_path / "bad.json")
 
 
 # ----- summaries ----------------------------------------------------------------------------------------
@@ -179,9 +179,9 @@ def test_vqa_test_decoding_is_greedy_unnormalised_inside_the_answer_set(tokenize
     torch.manual_seed(0)
     model = BiomedGPT(model_config("tiny", d_model=64, ffn_dim=128, encoder_layers=1, decoder_layers=1, heads=2,
                                    resnet_layers=[1, 1, 1], vocab_size=tokenizer.vocab_size)).init_weights().eval()
-    answer_file = tmp_path / "trainval_ans2label.pkl"  # the train+val answers, not the test references
+    answer_file = tmp_path / "trainval_ans2label.json"  # the train+val answers, not the test references
     answers = ["left lung", "left", "right lung", "bilateral", "no"]
-    answer_file.write_bytes(pickle.dumps({a: i for i, a in enumerate(answers)}))
+    answer_file.write_text(json.dumps({a: i for i, a in enumerate(answers)}))
     batch = _vqa_batch(tokenizer, {"right": 1.0})
     task = load(DownstreamConfig, overrides=[f"tasks.vqa.answers={answer_file}"]).task("vqa")
     assert (task.inference, task.generation.beam_size, task.generation.normalize_scores) == ("trie", 1, False)

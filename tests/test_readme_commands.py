@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import pickle
 import re
 import shlex
 import shutil
@@ -64,7 +63,7 @@ RUNS: dict[str, tuple[list[str], list[str]]] = {
     "output_dir=eval/vqa_rad": ([], ["eval/vqa_rad/results.json",
                                                                      "eval/vqa_rad/predictions.jsonl"]),
     "biomedgpt infer model_dir=runs/vqa_rad/best image=scan.dcm task=vqa question=what modality is this? "
-    "answers=trainval_ans2label.pkl": (["image_size=64"], []),
+    "answers=data/vqa_rad/trainval_ans2label.json": (["image_size=64"], []),
     "biomedgpt infer model_dir=runs/meqsum/best task=summarization text=SUBJECT: aspirin MESSAGE: what dose for a "
     "child?": ([], []),
     "biomedgpt infer model_dir=runs/mednli/best task=nli text=the patient has a fever "
@@ -172,8 +171,7 @@ def _write_inputs(folder: Path, demo_data: Path) -> None:
     demo_answers = sorted({answer for split in ("train", "val")
                            for row in read_rows(str(demo_data / "dicom_vqa" / split), folder.parent, split)
                            for answer in row["meta"]["answers"]})
-    for where in (vqa_rad, folder):
-        (where / "trainval_ans2label.pkl").write_bytes(pickle.dumps({a: i for i, a in enumerate(demo_answers)}))
+    (vqa_rad / "trainval_ans2label.json").write_text(json.dumps({a: i for i, a in enumerate(demo_answers)}))
 
 
 def _released_file(model_dir: Path, path: Path) -> None:

@@ -85,9 +85,7 @@ def _check_masks(batch: dict, follow: dict) -> int:
 
 def test_training_batches_carry_the_answer_set_constraint_masks(tmp_path, canonical_tokenizer):
     """data.constrain_training: masks from the training rows' answers, or from data.answer_set (OFA's
-    trainval_ans2label.pkl: answer -> index); an answer outside the given set fails naming the row."""
-    import pickle
-
+    trainval_ans2label as JSON: answer -> index); an answer outside the given set fails naming the row."""
     from biomedgpt.data.loader import build_train_loader
 
     answers = ["left lung", "right lung", "yes", "no"]
@@ -97,14 +95,14 @@ def test_training_batches_carry_the_answer_set_constraint_masks(tmp_path, canoni
     assert _check_masks(batch, _expected_rows(canonical_tokenizer, answers)) >= 4 * 2
 
     answer_set = answers + ["left lower lobe", "cardiomegaly"]
-    pkl = tmp_path / "trainval_ans2label.pkl"
-    pkl.write_bytes(pickle.dumps({a: i for i, a in enumerate(answer_set)}))
-    loader = build_train_loader(_data_config(tmp_path, remote, answer_set=str(pkl)), canonical_tokenizer)
+    answer_file = tmp_path / "trainval_ans2label.json"
+    answer_file.write_text(json.dumps({a: i for i, a in enumerate(answer_set)}))
+    loader = build_train_loader(_data_config(tmp_path, remote, answer_set=str(answer_file)), canonical_tokenizer)
     batch = next(iter(loader))
     _check_masks(batch, _expected_rows(canonical_tokenizer, answer_set))
 
-    pkl.write_bytes(pickle.dumps({"yes": 0, "no": 1}))
-    loader = build_train_loader(_data_config(tmp_path, remote, answer_set=str(pkl)), canonical_tokenizer)
+    answer_file.write_text(json.dumps({"yes": 0, "no": 1}))
+    loader = build_train_loader(_data_config(tmp_path, remote, answer_set=str(answer_file)), canonical_tokenizer)
     with pytest.raises(ValueError, match="'q0'.*not in the answer set"):
         next(iter(loader))
 

@@ -2,7 +2,7 @@
 summarise, judge entailment or follow an instruction in text (with an image or without).
 
     biomedgpt infer model_dir=runs/vqa_rad/best image=scan.dcm task=vqa 'question=what modality is this?' \
-        answers=trainval_ans2label.pkl
+        answers=trainval_ans2label.json
     biomedgpt infer model_dir=runs/iu_xray/best images_dir=xrays/ task=caption output=captions.jsonl
     biomedgpt infer model_dir=M image=cxr.png task=grounding 'text=the left lung'
     biomedgpt infer model_dir=runs/meqsum/best task=summarization 'text=SUBJECT: ... MESSAGE: ...'
@@ -15,7 +15,7 @@ Prompts are built by the same task processors as training (``biomedgpt.data.task
 the model was fine-tuned on, and each task is decoded as ``biomedgpt evaluate`` decodes it
 (``engine.eval.config.TASK_DEFAULTS``): nli scores yes / no / maybe, classification scores the class names
 of ``answers``, VQA searches inside the answer trie of ``answers`` (a file, as
-``biomedgpt.data.answers.read_answers``: the fine-tuning set, e.g. OFA's ``trainval_ans2label.pkl``);
+``biomedgpt.data.answers.read_answers``: the fine-tuning set, e.g. OFA's ``trainval_ans2label.json``);
 VQA without ``answers`` decodes unconstrained, and its rows say so. Prints one JSON line per image (or per
 text) or writes them to ``output``; an unreadable image gets a line with its ``error`` and the command
 exits non-zero after the others.
@@ -57,7 +57,7 @@ InferTask = Literal["vqa", "caption", "grounding", "classification", "summarizat
 IMAGE_TASKS = ("vqa", "caption", "grounding", "classification")  # need an image
 TEXT_ONLY_TASKS = ("summarization", "nli")  # take none
 TEXT_TASKS = ("grounding", "summarization", "nli", "instruction")  # need text=
-UNCONSTRAINED_VQA = ("unconstrained (free generation); give answers=trainval_ans2label.pkl (the fine-tuning "
+UNCONSTRAINED_VQA = ("unconstrained (free generation); give answers=trainval_ans2label.json (the fine-tuning "
                      "answer set) to decode inside it as biomedgpt evaluate does")
 
 
@@ -75,7 +75,7 @@ class InferConfig:
     # instruction
     text: str = ""
     hypothesis: str = ""  # nli: the hypothesis (text= the premise)
-    # closed answer set file: vqa decodes inside it as evaluate does (answers=trainval_ans2label.pkl; without it
+    # closed answer set file: vqa decodes inside it as evaluate does (answers=trainval_ans2label.json; without it
     # unconstrained), classification scores its class names (required), nli its answers (default yes/no/maybe)
     answers: Optional[str] = None
     generation: Optional[GenerationConfig] = None  # None: the task's evaluation defaults

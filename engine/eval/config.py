@@ -21,9 +21,9 @@ class TaskEvalConfig:
     inference: Inference = "generate"
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     zero_shot: bool = False
-    answers: Optional[PathStr] = None  # answer-set file (JSON list / ans2label JSON or pickle / lines); None: see below
-    # Captions: OFA's cached CIDEr-D document frequencies (a pickle with document_frequency and ref_len, the
-    # original's --eval-cider-cached-tokens) for caption/cider_d; None: from the evaluated references.
+    answers: Optional[PathStr] = None  # answer-set file (JSON list / ans2label JSON / lines); None: see below
+    # Captions: OFA's cached CIDEr-D document frequencies (the original's --eval-cider-cached-tokens pickle
+    # converted to JSON: docs/tasks-and-data.md) for caption/cider_d; None: from the evaluated references.
     cider_df: Optional[PathStr] = None
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import re
 import shutil
@@ -28,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
-from biomedgpt.data.safe_pickle import load_data_pickle
+from biomedgpt.data.answers import CONVERSION_DOC, refuse_pickle
 
 References = Union[Sequence[str], Mapping[str, float]]
 
@@ -318,16 +319,29 @@ def _ngram_counts(text: str, n: int = 4) -> Counter:
     return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
 
 
+CIDER_DF_CONVERSION = ("python3 -c 'import json, pickle, sys; d = pickle.load(open(sys.argv[1], \"rb\"), encoding=\"latin1\"); "
+                       "json.dump({\"ref_len\": float(d[\"ref_len\"]), \"document_frequency\": [[list(k), float(v)] for k, v "
+                       "in d[\"document_frequency\"].items()]}, open(sys.argv[2], \"w\"))'")
+
+
 def read_cider_df(path: str | Path) -> tuple[dict, float]:
-    """OFA's cached CIDEr-D statistics (a pickle: ``document_frequency`` n-gram -> count, ``ref_len`` the
-    number of reference documents): (document frequencies, log of that number). Only read files you trust."""
+    """OFA's cached CIDEr-D statistics, converted once to JSON (``CIDER_DF_CONVERSION``): ``ref_len``, the number
+    of reference documents, and ``document_frequency``, ``[[n-gram words], count]`` pairs. Gives (n-gram tuple ->
+    document frequency, log of that number)."""
+    path = Path(path)
     try:
-        data = load_data_pickle(path)  # read from an allow-list (data/safe_pickle.py): nothing in it runs
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"CIDEr-D document frequency file {path} not found") from None
-    if not isinstance(data, dict) or "document_frequency" not in data or "ref_len" not in data:
-        raise ValueError(f"{path}: expected a pickle with document_frequency and ref_len (OFA's cached tokens)")
-    return data["document_frequency"], math.log(float(data["ref_len"]))
+    refuse_pickle(path, raw, CIDER_DF_CONVERSION)
+    try:
+        data = json.loads(raw)
+        df = {tuple(gram): float(count) for gram, count in data["document_frequency"]}
+        ref_len = float(data["ref_len"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{path}: expected JSON with ref_len and document_frequency ([[n-gram words], count] "
+                         f"pairs), as {CONVERSION_DOC} converts OFA's cached tokens ({type(exc).__name__}: {exc})") from None
+    return df, math.log(ref_len)
 
 
 def cider_d(predictions: Sequence[str], references: Sequence[Sequence[str]], df_file: Optional[str | Path] = None,
