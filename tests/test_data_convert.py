@@ -23,7 +23,7 @@ from PIL import Image
 from biomedgpt.data.config import DataConfig, StreamConfig
 from biomedgpt.data.loader import DataSourceError, TaskStreamingDataset
 from biomedgpt.data.mds import OutputExistsError
-from biomedgpt.data.convert import PrepareConfig, convert
+from biomedgpt.data.convert import ConversionError, PrepareConfig, convert
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -118,12 +118,11 @@ def test_jsonl_with_image_files_reports_file_and_line(tmp_path, capsys):
     (tmp_path / "recs.jsonl").write_text("\n".join(lines) + "\n")
     cfg = PrepareConfig(input=str(tmp_path / "recs.jsonl"), format="jsonl", kind="caption", progress=False,
                         output=str(tmp_path / "out"), columns={"captions": "caption"}, max_bad_fraction=0.1)
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(ConversionError, match=r"of the rows were bad \(max_bad_fraction 10.0%\); nothing published"):
         convert(cfg)
-    assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert f"recs.jsonl:3: malformed row: not valid JSON" in err and "recs.jsonl:5: corrupt image" in err
-    assert "nothing published" in err and not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()
     cfg.max_bad_fraction = 0.5
     convert(cfg)
     rows = read_rows(str(tmp_path / "out"), tmp_path)
@@ -289,7 +288,7 @@ def test_parquet_to_s3_and_back(s3, tmp_path):
 
 def test_s3_failed_conversion_publishes_no_index(s3, tmp_path):
     (tmp_path / "bad.tsv").write_text("only-one-column\nt1\tgood text\n")
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConversionError, match="nothing published at s3://data/bad"):
         convert(PrepareConfig(input=str(tmp_path / "bad.tsv"), format="text_tsv", output="s3://data/bad",
                               progress=False))
     listing = s3.list_objects_v2(Bucket="data", Prefix="bad/").get("Contents", [])

@@ -93,7 +93,8 @@ def source_rows(cfg: PrepareConfig, files: Optional[list[Path]] = None) -> Itera
 
 
 def convert(cfg: PrepareConfig, log=None) -> Summary:
-    """Write every good row; returns the summary. Raises SystemExit(1) when too many rows were bad."""
+    """Write every good row; returns the summary. Raises ``ConversionError`` (nothing published) when more than
+    ``max_bad_fraction`` of the rows were bad."""
     log = log or sys.stderr
     if cfg.format not in TSV_PARSERS and cfg.format != "llava_json" and cfg.kind not in KINDS:
         raise ConversionError(f"format {cfg.format} needs kind= one of {sorted(KINDS)}")
@@ -141,10 +142,8 @@ def _convert(cfg: PrepareConfig, files: list[Path], summary: Summary, log) -> Su
             raise ConversionError(f"no rows in {', '.join(map(str, files))}")
         print(summary.text(), file=log)
         if summary.written == 0 or summary.bad_fraction > cfg.max_bad_fraction:
-            print(f"error: {summary.bad_fraction:.1%} of the rows were bad (max_bad_fraction "
-                  f"{cfg.max_bad_fraction:.1%}); nothing published at {cfg.output}", file=log)
-            writer.abort()
-            raise SystemExit(1)
+            raise ConversionError(f"{summary.bad_fraction:.1%} of the rows were bad (max_bad_fraction "
+                                  f"{cfg.max_bad_fraction:.1%}); nothing published at {cfg.output}")
         writer.commit()
     except BaseException:
         writer.abort()
