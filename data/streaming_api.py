@@ -3,8 +3,9 @@
 ``import streaming`` runs ``streaming/__init__.py``, which imports its example datasets (C4 imports
 transformers' ``AutoTokenizer``), and ``streaming/base/__init__.py`` imports its ``StreamingDataLoader``
 (transformers' ``BatchEncoding``). transformers in turn imports ``torch._dynamo`` and
-``torch.distributed.tensor``: about 4.5 CPU-seconds in every rank and every data command, for names this
-project never uses. What this module adds: the two packages are registered from their real import specs
+``torch.distributed.tensor``, for names this project never uses: measured with torch 2.14 and DeepSpeed
+already imported, 4.7 CPU-seconds for the import, 2.4 fewer per training rank in all (its optimizer imports
+``torch._dynamo`` later anyway). What this module adds: the two packages are registered from their real import specs
 without running their ``__init__``; the modules below (dataset, stream, MDS reader and writer, uploader,
 world) are streaming's own, imported as usual. A package left so completes its own ``__init__`` the first
 time code asks it for a name it has not got (PEP 562 ``__getattr__``), so other code in the same process
