@@ -319,9 +319,11 @@ def _ngram_counts(text: str, n: int = 4) -> Counter:
     return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
 
 
-CIDER_DF_CONVERSION = ("python3 -c 'import json, pickle, sys; d = pickle.load(open(sys.argv[1], \"rb\"), encoding=\"latin1\"); "
-                       "json.dump({\"ref_len\": float(d[\"ref_len\"]), \"document_frequency\": [[list(k), float(v)] for k, v "
-                       "in d[\"document_frequency\"].items()]}, open(sys.argv[2], \"w\"))'")
+#: the conversion of OFA's cached CIDEr-D tokens (``python3 -c '...' IN.p OUT.json``)
+CIDER_DF_CONVERSION = (
+    "python3 -c 'import json, pickle, sys; d = pickle.load(open(sys.argv[1], \"rb\"), encoding=\"latin1\"); "
+    "json.dump({\"ref_len\": float(d[\"ref_len\"]), \"document_frequency\": [[list(k), float(v)] for k, v in "
+    "d[\"document_frequency\"].items()]}, open(sys.argv[2], \"w\"))'")
 
 
 def read_cider_df(path: str | Path) -> tuple[dict, float]:
@@ -340,7 +342,8 @@ def read_cider_df(path: str | Path) -> tuple[dict, float]:
         ref_len = float(data["ref_len"])
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"{path}: expected JSON with ref_len and document_frequency ([[n-gram words], count] "
-                         f"pairs), as {CONVERSION_DOC} converts OFA's cached tokens ({type(exc).__name__}: {exc})") from None
+                         f"pairs), as {CONVERSION_DOC} converts OFA's cached tokens "
+                         f"({type(exc).__name__}: {exc})") from None
     return df, math.log(ref_len)
 
 
