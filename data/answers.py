@@ -28,25 +28,27 @@ ANSWERS_CONVERSION = ("python3 -c 'import json, pickle, sys; json.dump(pickle.lo
                       "open(sys.argv[2], \"w\"))'")
 
 
-def refuse_pickle(path: Path, raw: bytes, conversion: str) -> None:
-    """One line naming ``path`` and the command converting it (``conversion`` + input + output) when the file is
-    a pickle (by its suffix or its protocol-2+ opening byte); nothing otherwise."""
+def read_side_file(path: Path, what: str, conversion: str) -> bytes:
+    """The bytes of a data side file (an answer set, CIDEr-D statistics); one line naming ``path`` when it is
+    missing, or when it is a pickle (by its suffix or its protocol-2+ opening byte) with the command converting
+    it (``conversion`` + input + output)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} file {path} not found") from None
     if path.suffix in PICKLE_SUFFIXES or raw[:1] == b"\x80":
         converted = path.with_suffix(".json")
         raise PickledDataError(f"{path}: a pickle, which this project does not load (unpickling can run code); "
                                f"convert it once, if you trust it: {conversion} {shlex.quote(str(path))} "
                                f"{shlex.quote(str(converted))}, then give {converted} ({CONVERSION_DOC})")
+    return raw
 
 
 def read_answers(path: str | Path) -> list[str]:
     """A closed answer set: a JSON list, a JSON ``answer -> index`` object (the original's ans2label, ordered by
     index), or one answer per line."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"answer set file {path} not found") from None
-    refuse_pickle(path, raw, ANSWERS_CONVERSION)
+    raw = read_side_file(path, "answer set", ANSWERS_CONVERSION)
     if path.suffix == ".json":
         data = json.loads(raw)
     else:

@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
-from biomedgpt.data.answers import CONVERSION_DOC, refuse_pickle
+from biomedgpt.data.answers import CONVERSION_DOC, read_side_file
 
 References = Union[Sequence[str], Mapping[str, float]]
 
@@ -331,11 +331,7 @@ def read_cider_df(path: str | Path) -> tuple[dict, float]:
     of reference documents, and ``document_frequency``, ``[[n-gram words], count]`` pairs. Gives (n-gram tuple ->
     document frequency, log of that number)."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"CIDEr-D document frequency file {path} not found") from None
-    refuse_pickle(path, raw, CIDER_DF_CONVERSION)
+    raw = read_side_file(path, "CIDEr-D document frequency", CIDER_DF_CONVERSION)
     try:
         data = json.loads(raw)
         df = {tuple(gram): float(count) for gram, count in data["document_frequency"]}
