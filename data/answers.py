@@ -19,7 +19,11 @@ PICKLE_SUFFIXES = (".pkl", ".pickle", ".p")
 CONVERSION_DOC = 'docs/tasks-and-data.md, "Answer sets and CIDEr-D statistics"'
 
 
-class PickledDataError(UserError, ValueError):
+class SideFileError(UserError, ValueError):
+    """A data side file (an answer set, CIDEr-D statistics) missing or not in its form: one line naming it."""
+
+
+class PickledDataError(SideFileError):
     """A data file given as a pickle (the original's answer sets and CIDEr-D caches): convert it to JSON."""
 
 
@@ -34,8 +38,8 @@ def read_side_file(path: Path, what: str, conversion: str) -> bytes:
     it (``conversion`` + input + output)."""
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} file {path} not found") from None
+    except OSError as exc:
+        raise SideFileError(f"{what} file {path}: {exc.strerror or exc}") from None
     if path.suffix in PICKLE_SUFFIXES or raw[:1] == b"\x80":
         converted = path.with_suffix(".json")
         raise PickledDataError(f"{path}: a pickle, which this project does not load (unpickling can run code); "
@@ -49,12 +53,16 @@ def read_answers(path: str | Path) -> list[str]:
     index), or one answer per line."""
     path = Path(path)
     raw = read_side_file(path, "answer set", ANSWERS_CONVERSION)
-    if path.suffix == ".json":
-        data = json.loads(raw)
-    else:
-        data = [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]
-    if isinstance(data, dict):
+    try:
+        if path.suffix == ".json":
+            data = json.loads(raw)
+        else:
+            data = [line.strip() for line in raw.decode("utf-8").splitlines() if line.strip()]
+    except ValueError as exc:  # invalid JSON, or bytes that are not UTF-8
+        raise SideFileError(f"answer set file {path}: not {'JSON' if path.suffix == '.json' else 'UTF-8 text'} "
+                            f"({exc})") from None
+    if isinstance(data, dict) and all(isinstance(i, int) for i in data.values()):
         data = sorted(data, key=data.get)
     if not isinstance(data, list) or not data or not all(isinstance(a, str) for a in data):
-        raise ValueError(f"{path}: expected a non-empty list of answers or an answer -> index mapping")
+        raise SideFileError(f"{path}: expected a non-empty list of answers or an answer -> index mapping")
     return list(dict.fromkeys(a.strip() for a in data))

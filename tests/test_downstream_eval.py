@@ -49,6 +49,16 @@ def test_answer_files_in_every_format(tmp_path):
     (tmp_path / "e.json").write_text("{}")
     with pytest.raises(ValueError, match="e.json"):
         read_answers(tmp_path / "e.json")
+    # bad files: one user error (a line, no traceback) naming the file
+    from biomedgpt.core.user_errors import is_user_error
+
+    (tmp_path / "f.json").write_text('{"a": ')
+    (tmp_path / "g.txt").write_bytes(b"left\xff\n")
+    for name, problem in (("e.json", "expected a non-empty list"), ("f.json", "not JSON"), ("g.txt", "not UTF-8 text"),
+                          ("missing.json", "No such file")):
+        with pytest.raises(Exception, match=f"{name}.*{problem}") as error:
+            read_answers(tmp_path / name)
+        assert is_user_error(error.value), name
 
 
 @pytest.fixture(scope="module")

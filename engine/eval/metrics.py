@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
-from biomedgpt.data.answers import CONVERSION_DOC, read_side_file
+from biomedgpt.data.answers import CONVERSION_DOC, SideFileError, read_side_file
 
 References = Union[Sequence[str], Mapping[str, float]]
 
@@ -337,7 +337,7 @@ def read_cider_df(path: str | Path) -> tuple[dict, float]:
         df = {tuple(gram): float(count) for gram, count in data["document_frequency"]}
         ref_len = float(data["ref_len"])
     except (ValueError, TypeError, KeyError) as exc:
-        raise ValueError(f"{path}: expected JSON with ref_len and document_frequency ([[n-gram words], count] "
+        raise SideFileError(f"{path}: expected JSON with ref_len and document_frequency ([[n-gram words], count] "
                          f"pairs), as {CONVERSION_DOC} converts OFA's cached tokens "
                          f"({type(exc).__name__}: {exc})") from None
     return df, math.log(ref_len)
