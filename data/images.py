@@ -31,6 +31,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance
+# Imported here, not where first used: a loader worker (forked per epoch) would import it again each time, and a
+# module first imported in a forked worker runs wandb's import hooks there, which fail in a fork (every image row
+# of a wandb run was dropped as bad).
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from biomedgpt.data.records import BadRecord
 
@@ -355,8 +361,6 @@ def decoded_pixels(image: Image.Image | JpegSource, covering: tuple[int, int]) -
     data = getattr(image, "source_bytes", None)
     if (image.format == "JPEG" and data is not None and image.mode in ("RGB", "L")
             and _draft_scale(image.size, covering) == 1):
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         try:
             pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
             if tuple(pixels.shape[1:]) == (image.height, image.width):
@@ -374,8 +378,6 @@ def _resized(image: Image.Image | JpegSource, out: tuple[int, int], box: tuple[f
     scale that keeps at least ``out`` pixels over the box; the box is cut at whole pixels of the decoded image
     (at most half a pixel from the exact box) and resampled on the channels-last uint8 tensor (torchvision's
     SIMD kernels: ~4x PIL's bicubic resize here)."""
-    from torchvision.transforms.v2 import functional as TF
-
     box = box or (0.0, 0.0, float(image.width), float(image.height))
     bw, bh = box[2] - box[0], box[3] - box[1]
     covering = (math.ceil(out[0] * image.width / bw), math.ceil(out[1] * image.height / bh))
@@ -447,11 +449,9 @@ def medmnist_ops(size: int, mean: tuple[float, ...], std: tuple[float, ...]):
       fills. What torchvision's op set does not give: timm's magnitude noise (std 0.5), its Invert and
       SolarizeAdd ops and its posterize to 1 bit (torchvision keeps 4 bits at this magnitude); torchvision
       adds an Identity op.
-    - ``normalised_noise_erasing()``: timm's pixel-mode random erasing (p 0.25, area (0.02, 1/3), aspect
+    - ``NormalisedNoiseErasing``: timm's pixel-mode random erasing (p 0.25, area (0.02, 1/3), aspect
       (0.3, 1/0.3), one box) on the uint8 image.
     """
-    from torchvision.transforms import v2
-
     bicubic = v2.InterpolationMode.BICUBIC
     fill = [min(255, round(255 * m)) for m in mean]
     rand_augment = v2.RandomApply([v2.RandAugment(num_ops=1, magnitude=9, num_magnitude_bins=11,
@@ -459,35 +459,27 @@ def medmnist_ops(size: int, mean: tuple[float, ...], std: tuple[float, ...]):
     crop_flip_augment = v2.Compose([
         v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=bicubic, antialias=True),
         v2.RandomHorizontalFlip(p=0.5), rand_augment, rand_augment])
-    erase = normalised_noise_erasing()(p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), mean=mean, std=std)
+    erase = NormalisedNoiseErasing(p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), mean=mean, std=std)
     return crop_flip_augment, erase
 
 
-@functools.lru_cache(maxsize=1)
-def normalised_noise_erasing():
-    """The ``NormalisedNoiseErasing`` class, defined on first use (torchvision is imported lazily here)."""
-    from torchvision.transforms import v2
-    from torchvision.transforms.v2 import functional as TF
+class NormalisedNoiseErasing(v2.RandomErasing):
+    """torchvision's random erasing with per-pixel N(0, 1) noise (timm's mode "pixel", applied after
+    ``Normalize`` there) on a uint8 image the model normalises later: each erased value is the uint8 whose
+    ``(x / 255 - mean) / std`` is nearest the noise (clipped to 0..255: the noise's tails beyond ~2.1
+    standard deviations at ImageNet's statistics, beyond 1 at 0.5 / 0.5)."""
 
-    class NormalisedNoiseErasing(v2.RandomErasing):
-        """torchvision's random erasing with per-pixel N(0, 1) noise (timm's mode "pixel", applied after
-        ``Normalize`` there) on a uint8 image the model normalises later: each erased value is the uint8 whose
-        ``(x / 255 - mean) / std`` is nearest the noise (clipped to 0..255: the noise's tails beyond ~2.1
-        standard deviations at ImageNet's statistics, beyond 1 at 0.5 / 0.5)."""
+    def __init__(self, *, mean: Sequence[float], std: Sequence[float], **kwargs) -> None:
+        super().__init__(value="random", **kwargs)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
+        self._std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
 
-        def __init__(self, *, mean: Sequence[float], std: Sequence[float], **kwargs) -> None:
-            super().__init__(value="random", **kwargs)
-            self.mean, self.std = tuple(mean), tuple(std)
-            self._mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
-            self._std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
-
-        def transform(self, inpt, params: dict):
-            if params["v"] is None:
-                return inpt
-            pixels = (params["v"] * self._std + self._mean).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
-            return self._call_kernel(TF.erase, inpt, **{**params, "v": pixels}, inplace=self.inplace)
-
-    return NormalisedNoiseErasing
+    def transform(self, inpt, params: dict):
+        if params["v"] is None:
+            return inpt
+        pixels = (params["v"] * self._std + self._mean).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+        return self._call_kernel(TF.erase, inpt, **{**params, "v": pixels}, inplace=self.inplace)
 
 
 def _random_size(source: tuple[int, int], size: int, rng: random.Random) -> tuple[int, int]:

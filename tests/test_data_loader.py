@@ -220,3 +220,28 @@ def test_the_loader_imports_streaming_without_transformers():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip()
+
+
+def test_loader_workers_of_a_wandb_run_keep_every_image_row(tmp_path):
+    """wandb's import hooks fail in a forked process: a module a loader worker (forked) imported first, as
+    torchvision was once streaming no longer imported it, turned every image row of a wandb run into a bad row.
+    With wandb running, a worker-fed epoch of image rows comes through whole and says nothing."""
+    remote = write_caption_stream(tmp_path, 12)
+    script = f"""
+import wandb
+from biomedgpt.data.config import DataConfig, StreamConfig
+from biomedgpt.data.loader import build_train_loader
+from biomedgpt.models.tokenizer import Tokenizer
+run = wandb.init(project="loader", dir={str(tmp_path)!r}, mode="offline", settings=wandb.Settings(silent=True))
+cfg = DataConfig(streams=[StreamConfig(name="cap", task="caption", remote={remote!r})], batch_size=4, num_workers=1,
+                 cache_dir={str(tmp_path / "cache")!r}, patch_image_size=32)
+batches = list(build_train_loader(cfg, Tokenizer.from_gpt2_files()))
+print(sum(len(b["ids"]) for b in batches), sum(int(b["patch_masks"].sum()) for b in batches))
+run.finish()
+"""
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=150, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-2:] == ["12", "12"], result.stdout  # every row, every one with its image
+    assert "ForkedError" not in result.stderr and "skipped" not in result.stderr, result.stderr[-3000:]

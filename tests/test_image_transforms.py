@@ -104,8 +104,8 @@ def test_medmnist_is_the_original_timm_pipeline_on_torchvision_v2():
 def test_medmnist_erasing_is_standard_normal_noise_after_normalisation():
     """timm's mode "pixel": the erased box holds per-pixel N(0, 1) values in the normalised space (here the
     uint8 values nearest them), covering 2% to 1/3 of the image; nothing outside the box changes."""
-    erase = im.normalised_noise_erasing()(p=1.0, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3),
-                                          mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    erase = im.NormalisedNoiseErasing(p=1.0, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3),
+                                    mean=IMAGENET_MEAN, std=IMAGENET_STD)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     image = torch.full((3, 128, 128), 7, dtype=torch.uint8)
     values = []
