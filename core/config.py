@@ -394,7 +394,8 @@ def _source_descriptions(cls: type) -> dict[str, str]:
         lines = inspect.getsource(cls).splitlines()
     except (OSError, TypeError):
         return out
-    above: list[str] = []  # a comment block describes each field under it, up to a blank line
+    # a comment block describes each field under it, up to a blank line or a field with a comment of its own
+    above: list[str] = []
     after_field = False
     for line in lines:
         if (comment := _COMMENT_LINE.match(line)) is not None:
@@ -405,6 +406,8 @@ def _source_descriptions(cls: type) -> dict[str, str]:
             text = found.group(2) or " ".join(above)
             if text:
                 out.setdefault(found.group(1), text.strip())
+            if found.group(2):
+                above = []
             after_field = True
             continue
         above, after_field = [], False

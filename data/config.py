@@ -89,9 +89,9 @@ class DataConfig:
     # the answer set allows after the answer so far) for vqa, nli and classification streams; the loss
     # normalises and smooths over those tokens only
     constrain_training: bool = False
-    # the closed answer set of vqa / classification streams (OFA's --ans2label-file converted to JSON
-    # answer -> index, a JSON list, or one answer per line; a pickle is refused with its conversion); None: every answer of the training streams' rows.
-    # nli's set is fixed (yes / no / maybe)
+    # the closed answer set of vqa / classification streams (OFA's --ans2label-file converted to JSON answer ->
+    # index, a JSON list, or one answer per line; a pickle is refused with its conversion); None: every answer of
+    # the training streams' rows. nli's set is fixed (yes / no / maybe)
     answer_set: Optional[PathStr] = None
     text_mask_ratio: float = 0.3
     poisson_lambda: float = 3.0
@@ -106,10 +106,10 @@ class DataConfig:
     shuffle_block_size: Optional[int] = None
     num_canonical_nodes: Optional[int] = None  # keep fixed across restarts with different rank counts
     epoch_size: Optional[int] = None  # samples per epoch over all streams; None: sum of stream sizes
-    predownload: Optional[int] = None
+    predownload: Optional[int] = None  # samples each worker fetches ahead (streaming's); None: its default
     cache_limit: Optional[str] = None  # e.g. "50gb": evict shards beyond this
     download_retry: int = 2  # attempts per shard / index download
-    download_timeout: float = 60.0
+    download_timeout: float = 60.0  # seconds per shard / index download attempt
     # A bad row (undecodable image or sample, image above max_image_pixels) is skipped with one warning line naming
     # it, in training and evaluation streams; past max_bad_fraction of the rows a loader process read, it stops.
     max_bad_fraction: float = 0.01  # bad rows tolerated, as a share of the rows read (judged from the 10th bad row)

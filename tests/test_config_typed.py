@@ -66,9 +66,27 @@ def test_help_gives_each_setting_its_type_default_and_description():
     assert "  deepspeed.precision  (Literal['fp32', 'fp16', 'bf16'], 'fp32')" in text
     undescribed = [key for key, line in lines.items() if ")  " not in line]  # ModelSpec: from ModelConfig's source
     assert not undescribed, f"settings without a description in --help: {undescribed}"
+    assert "stratified" not in lines["data.predownload"] and "fetches ahead" in lines["data.predownload"]
     result = _biomedgpt(["train", "--help"], ".")
     assert "finetune/vqa_rad" in result.stdout.split("Packaged configs (--config NAME):")[1]
     assert set(packaged_configs()) >= {"demo", "finetune/meqsum", "pretrain_base"}
+
+
+@dataclasses.dataclass
+class _Described:
+    # the block: both fields under it
+    first: int = 1
+    second: int = 2
+    third: int = 3  # its own
+    fourth: int = 4
+
+
+def test_a_comment_block_describes_the_fields_under_it_up_to_one_with_its_own():
+    from biomedgpt.core.config import settings_help
+
+    lines = {line.split()[0]: line for line in settings_help(_Described).splitlines() if line.startswith("  ")}
+    assert lines["first"].endswith("the block: both fields under it") and lines["second"].endswith("under it")
+    assert lines["third"].endswith("its own") and lines["fourth"].endswith("(int, 4)"), lines["fourth"]
 
 
 def test_saved_configs_of_either_form_give_the_same_model():

@@ -49,13 +49,13 @@ class EstimateConfig(RunConfig):
     gpu: str = "H100"
     peak_tflops: Optional[float] = None  # dense peak per device; overrides the table (any gpu name then)
     gpus_per_node: int = 8  # ranks (devices) per node
-    nodes: int = 1
+    nodes: int = 1  # nodes of the plan
     mfu: float = 0.4  # the model FLOPs utilisation assumed for the time per step
     interconnect_gbps: float = 100.0  # GB/s of collective bus bandwidth per device
     buffer_factor: float = 1.5  # DeepSpeed's additional_buffer_factor for CPU memory
     measure: bool = False  # also time real training steps of this config on this machine (one rank)
     measure_steps: int = 3  # timed optimizer steps with measure=true (after one untimed)
-    output: Literal["text", "json"] = "text"
+    output: Literal["text", "json"] = "text"  # a table, or one JSON object
 
     def __post_init__(self) -> None:
         super().__post_init__()  # the run config's own checks, as ``biomedgpt train`` makes them

@@ -69,7 +69,7 @@ class InferConfig:
     # one PNG / JPEG / DICOM file (vqa, caption, grounding, classification; optional for instruction)
     image: Optional[str] = None
     images_dir: Optional[str] = None  # batch mode: every image file in this folder (sorted by name)
-    task: InferTask = "vqa"
+    task: InferTask = "vqa"  # what to do with the image / text
     question: str = ""  # vqa, as written
     # as written: grounding the region's description, summarization the source, nli the premise, instruction the
     # instruction
@@ -80,14 +80,14 @@ class InferConfig:
     answers: Optional[str] = None
     generation: Optional[GenerationConfig] = None  # None: the task's evaluation defaults
     image_size: int = 256  # the fine-tuning patch_image_size
-    max_src_tokens: int = 80
+    max_src_tokens: int = 80  # the fine-tuning data.max_src_tokens (longer prompts are cut)
     # the decoder prompt the model was fine-tuned with (data.vqa_prompt_type / data.text_prompt_type of its recipe:
     # VQA-RAD prev_output, MedNLI src)
     prompt_type: Literal["none", "src", "prev_output"] = "none"
     max_image_size: int = 512  # the bins' coordinate range (grounding)
-    batch_size: int = 8
+    batch_size: int = 8  # images per forward pass (images_dir)
     output: Optional[str] = None  # JSONL file; None: standard output
-    device: str = "auto"
+    device: str = "auto"  # auto (cuda when there is one, else cpu), cpu, cuda or cuda:N
     bpe_dir: Optional[str] = None  # GPT-2 BPE files; None: the packaged copy
     zero_stage: Literal[0, 3] = 0  # 3: the model partitioned across the launched ranks (DeepSpeed ZeRO-3)
     # zero_stage=3: gather the whole model once when it takes at most this share of the free memory (as

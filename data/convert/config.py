@@ -29,11 +29,11 @@ class PrepareConfig:
     columns: dict[str, str] = field(default_factory=dict)  # our field -> source column (or DICOM keyword)
     image_root: str = ""  # base of relative image paths in jsonl / csv
     compression: Optional[str] = None  # e.g. zstd; None keeps shards directly readable
-    shard_size: str = "64mb"
-    max_bad_fraction: float = 0.01
-    overwrite: bool = False
-    progress: bool = True
-    parquet_batch_rows: int = 1024
+    shard_size: str = "64mb"  # a shard closes at this size (MDS size_limit)
+    max_bad_fraction: float = 0.01  # bad rows tolerated, as a share of the rows read; above it nothing is published
+    overwrite: bool = False  # replace a dataset already at output (else refused)
+    progress: bool = True  # a progress bar (on a terminal only)
+    parquet_batch_rows: int = 1024  # Parquet rows read per batch
     max_reported: int = 50  # bad rows printed one by one; the rest are only counted
     store_timeout: float = 3.0  # s3:// output: seconds per connection / request attempt
     store_attempts: int = 2  # s3:// output: attempts before the store counts as unreachable
