@@ -49,7 +49,6 @@ class TokenizerError(ValueError):
     """Tokenizer files or arguments that cannot give a valid vocabulary; the message names the source."""
 
 
-
 def load_any_tokenizer(path: str | os.PathLike | None) -> "Tokenizer":
     """A tokenizer from whichever layout ``path`` holds (None: the packaged GPT-2 BPE, the released id space):
     a saved tokenizer, GPT-2's files or a BART directory."""
@@ -65,6 +64,7 @@ def load_any_tokenizer(path: str | os.PathLike | None) -> "Tokenizer":
     if (path / VOCAB_FILE).exists():
         return Tokenizer.from_bart_dir(path)
     raise CheckpointError(f"{path}: no tokenizer found (expected {CONFIG_FILE}, {_GPT2_ENCODER} or {VOCAB_FILE})")
+
 
 def _code_token(i: int) -> str:
     return f"<code_{i}>"

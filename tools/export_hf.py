@@ -37,7 +37,7 @@ from biomedgpt.models.checkpoint import (HF_DECODER_LAYER, HF_ENCODER_LAYER, TIE
                                write_dir_atomically, read_model_config, read_model_weights)
 from biomedgpt.models.config import GenerationConfig, ModelConfig, Precision
 from biomedgpt.models.precision import torch_dtype
-from biomedgpt.models.tokenizer import BOS, EOS, MASK, PAD, UNK, Tokenizer, TokenizerError
+from biomedgpt.models.tokenizer import BOS, EOS, MASK, PAD, UNK, Tokenizer, TokenizerError, load_any_tokenizer
 from biomedgpt.tools.cli import one_line_errors
 
 TO_HF = {"encoder": {v: k for k, v in HF_ENCODER_LAYER.items()},
@@ -137,15 +137,12 @@ def export(model_dir: str | Path, output: str | Path, dtype: str | None = None, 
 
 
 def _export_tokenizer(model_dir: Path, path: str | None) -> Tokenizer:
-    """The model directory's own tokenizer, else ``path`` (GPT-2 files or a BART dir), else the packaged BPE."""
+    """The model directory's own tokenizer, else ``path`` (a saved tokenizer, GPT-2 files or a BART dir), else
+    the packaged BPE."""
     try:
         if (model_dir / "tokenizer").is_dir():
             return Tokenizer.load(model_dir / "tokenizer")
-        if path is None:
-            return Tokenizer.from_gpt2_files()
-        if (Path(path) / "vocab.json").exists():
-            return Tokenizer.from_bart_dir(path)
-        return Tokenizer.from_gpt2_files(path)
+        return load_any_tokenizer(path)
     except TokenizerError as exc:
         raise CheckpointError(str(exc)) from None
 
