@@ -2,6 +2,7 @@
 parity cases."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -11,13 +12,29 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+@contextlib.contextmanager
+def _environment_restored():
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(autouse=True)
 def _restore_environment():
     """Code under test may set RANK/WORLD_SIZE etc. in-process; never let that leak into later tests."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+    with _environment_restored():
+        yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_environment_of_module():
+    """The same for a module's fixtures: a trainer built in one sets RANK, MASTER_PORT, ... for the whole
+    process, and a later module's subprocess must not inherit a port this process's store still holds."""
+    with _environment_restored():
+        yield
 
 
 @pytest.fixture(scope="session")
