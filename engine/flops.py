@@ -261,24 +261,41 @@ GPU_PEAKS = {
 }
 
 
+#: seconds a CPU's peak measurement may take at start-up (measure_matmul_tflops)
+CPU_PEAK_BUDGET_S = 0.5
+
+
 def measure_matmul_tflops(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 5,
-                          device: str = "cpu") -> float:
-    """A quick matmul throughput measurement: the practical peak where no table entry fits (CPUs)."""
+                          device: str = "cpu", budget_s: float | None = None) -> float:
+    """A quick matmul throughput measurement: the practical peak where no table entry fits (CPUs).
+
+    With a ``budget_s`` a small product is timed first, and the side halves from ``size`` until ``repeats``
+    products fit in ``budget_s`` at that rate: a dtype the device emulates slowly (bf16 on a CPU without bf16
+    instructions, ~1 GFLOP/s) then costs about ``budget_s`` at start-up, not the ~20 s per rank of ``size``
+    1024, and a fast device is measured at the full ``size``. (Not for GPUs: a small product there times the
+    kernel launch, not the arithmetic.)"""
     import time
 
+    def timed_product(side: int) -> float:
+        a = torch.randn(side, side, dtype=dtype, device=device, generator=generator)
+        b = torch.randn(side, side, dtype=dtype, device=device, generator=generator)
+        torch.matmul(a, b)  # warm-up: kernel selection, first-touch of the output
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats if side == size else 1):
+            torch.matmul(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / (repeats if side == size else 1)
+
     generator = torch.Generator(device=device).manual_seed(0)  # leaves the training RNG streams alone
-    a = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
-    b = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
-    torch.matmul(a, b)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        torch.matmul(a, b)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / repeats
-    return 2.0 * size ** 3 / seconds / 1e12
+    if budget_s is not None:
+        probe = min(size, 128)
+        rate = 2.0 * probe ** 3 / max(timed_product(probe), 1e-9)  # FLOP/s
+        while size > probe and repeats * 2.0 * size ** 3 / rate > budget_s:
+            size //= 2
+    return 2.0 * size ** 3 / timed_product(size) / 1e12
 
 
 def device_peak(precision: str, override_tflops: float | None = None) -> DevicePeak:
@@ -296,4 +313,5 @@ def device_peak(precision: str, override_tflops: float | None = None) -> DeviceP
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and dtype == torch.float16:
         dtype = torch.float32
-    return DevicePeak(name, measure_matmul_tflops(dtype, device=device), "measured")
+    budget_s = CPU_PEAK_BUDGET_S if device == "cpu" else None
+    return DevicePeak(name, measure_matmul_tflops(dtype, device=device, budget_s=budget_s), "measured")

@@ -153,6 +153,30 @@ def test_flop_formula_matches_torch_flop_counter():
     assert resnet_flops([1, 1, 1], 64, 64) < forward_flops(cfg, 1, s, t, 16, (64, 64))
 
 
+
+@pytest.mark.parametrize("flops_per_s, sides", [(1e9, [128, 256, 256]), (1e13, [128, 1024, 1024])])
+def test_the_peak_measurement_fits_its_budget_on_a_slow_device(monkeypatch, flops_per_s, sides):
+    """A CPU rank's peak behind MFU is measured in ~0.5 s at start-up: on a CPU that emulates the dtype slowly
+    (here a matmul at 1 GFLOP/s, as bf16 without bf16 instructions) the matrices shrink, where the full 1024
+    side took ~20 s per rank; a fast one is measured at the full side. Either way the rate is the device's."""
+    import time
+
+    from biomedgpt.engine import flops
+
+    measured = []
+
+    def matmul(a, b):  # a device of ``flops_per_s``: the product's time, not its value, is what is measured
+        measured.append(a.shape[0])
+        time.sleep(2.0 * a.shape[0] ** 3 / flops_per_s)
+        return a
+
+    monkeypatch.setattr(torch, "matmul", matmul)
+    started = time.perf_counter()
+    peak = flops.device_peak("bf16")
+    assert time.perf_counter() - started < 1.5 and peak.source == "measured"
+    assert sorted(set(measured)) == sorted(set(sides)) and measured[-1] == sides[-1], measured
+    assert peak.tflops * 1e12 == pytest.approx(flops_per_s, rel=0.5)
+
 # -- checkpoint bookkeeping ------------------------------------------------------------------------
 
 

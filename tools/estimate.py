@@ -89,11 +89,11 @@ def plan_peak(cfg: EstimateConfig) -> tuple[float, str]:
     if cfg.peak_tflops is not None:
         return cfg.peak_tflops, "peak_tflops"
     if cfg.gpu == "cpu":
-        from biomedgpt.engine.flops import measure_matmul_tflops
+        from biomedgpt.engine.flops import CPU_PEAK_BUDGET_S, measure_matmul_tflops
         from biomedgpt.models.precision import torch_dtype
 
         dtype = torch_dtype("fp32" if precision == "fp16" else precision)  # no fast fp16 matmul on CPUs
-        return measure_matmul_tflops(dtype, device="cpu"), "measured on this CPU"
+        return measure_matmul_tflops(dtype, device="cpu", budget_s=CPU_PEAK_BUDGET_S), "measured on this CPU"
     return GPU_PEAKS[cfg.gpu][precision], "table"
 
 
