@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_data_convert import free_port, read_rows
-from tests.test_scaling_sweep import TINY as TINY_SWEEP
+from tests.test_scaling_sweep import TINY as TINY_SWEEP, check_the_readme_sweep
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -79,8 +79,10 @@ RUNS: dict[str, tuple[list[str], list[str]]] = {
         ([], ["export/demo-tf/config.json", "export/demo-tf/modeling_biomedgpt.py", "export/demo-tf/model.safetensors"]),
     "biomedgpt sweep --config sweeps/demo_sizes": (TINY_SWEEP, ["runs/sweeps/demo_sizes/report.md"]),
     "biomedgpt sweep --config sweeps/demo_sizes overrides.optim.max_steps=10 root=/tmp/sweeps":
-        # root= moved into this test's folder (the only change); 2 steps instead of 10
-        (TINY_SWEEP, ["sweeps-root/demo_sizes/report.md"]),
+        # root= moved into this test's folder (the only change); one tiny size of 2 steps (the line above
+        # trains the two sizes that the collect and fit-scaling lines below read)
+        (["axes=[{name: model, labels: [micro], values: [{d_model: 16, ffn_dim: 32, encoder_layers: 1, "
+          "decoder_layers: 1, heads: 2}]}]", *TINY_SWEEP[1:]], ["sweeps-root/demo_sizes/report.md"]),
     "biomedgpt collect sweep_dir=runs/sweeps/demo_sizes": ([], ["runs/sweeps/demo_sizes/results.parquet"]),
     "biomedgpt fit-scaling sweep_dir=runs/sweeps/demo_sizes": ([], ["runs/sweeps/demo_sizes/fits.json"]),
     "biomedgpt estimate --config pretrain_xlarge gpus_per_node=8 nodes=2": ([], []),
@@ -225,7 +227,7 @@ def workspace(tmp_path_factory, demo_data):
 
 
 @pytest.mark.parametrize("command", [c for c, _ in _readme_words()], ids=lambda c: c[:60])
-def test_readme_command(workspace, command):
+def test_readme_command(workspace, command, tmp_path):
     """The README command as written (plus its tiny overrides) exits 0 and leaves its output behind."""
     folder, s3 = workspace
     words = dict(_readme_words())[command]
@@ -240,3 +242,5 @@ def test_readme_command(workspace, command):
         assert "vl/index.json" in keys
     if command.startswith("biomedgpt infer"):
         assert done.stdout.strip(), command
+    if command == "biomedgpt sweep --config sweeps/demo_sizes":
+        check_the_readme_sweep(folder, tmp_path, done.stdout)

@@ -1,10 +1,13 @@
 """The README's sweep example as a new user runs it: ``biomedgpt sweep --config sweeps/demo_sizes`` from an
 empty folder, made tiny on the command line (2 sizes, 2 steps, 1 rank). Real training runs land in the
 sweep's folder, ``collect`` finds every run finished, ``fit-scaling``'s report says the fit is
-under-determined, a rerun skips the finished runs; with no metrics at all ``collect``, ``fit-scaling``
-and the sweep itself exit 1 with one line and draw nothing."""
+under-determined, a rerun skips the finished runs (``check_the_readme_sweep``, which test_readme_commands
+runs on the README's own sweep line); with no metrics at all ``collect``, ``fit-scaling`` and the sweep
+itself exit 1 with one line and draw nothing."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -38,11 +41,14 @@ def empty_folder(tmp_path, demo_data, monkeypatch) -> Path:
     return fresh
 
 
-def test_readme_sweep_from_an_empty_folder(empty_folder, tmp_path, monkeypatch, capsys):
-    assert biomedgpt(["sweep", "--config", "sweeps/demo_sizes", *TINY]) == 0
-    out = capsys.readouterr().out
-    directory = empty_folder / "runs" / "sweeps" / "demo_sizes"
-    assert "2 runs: 2 finished" in out, out
+def check_the_readme_sweep(folder: Path, elsewhere: Path, sweep_output: str) -> None:
+    """What the README's sweep made tiny (``TINY``), run in ``folder`` and printing ``sweep_output``, must
+    leave: every run trained into the sweep's folder; ``collect`` and ``fit-scaling`` from another folder
+    (``elsewhere``) find both runs finished and report the fit under-determined; a rerun skips the finished
+    runs and leaves their logs as they were. test_readme_commands calls it on the README line that trains
+    the sweep, as a user runs it (the sweep's training runs are the costly part: run once in the suite)."""
+    directory = folder / "runs" / "sweeps" / "demo_sizes"
+    assert "2 runs: 2 finished" in sweep_output, sweep_output
 
     for name in ("model-micro", "model-mini"):  # every run trained into the sweep's folder, nowhere else
         config = yaml.safe_load((directory / "configs" / f"{name}.yaml").read_text())
@@ -50,16 +56,16 @@ def test_readme_sweep_from_an_empty_folder(empty_folder, tmp_path, monkeypatch, 
         assert (directory / "runs" / name / "metrics.jsonl").stat().st_size > 0
     assert not (directory / "configs" / "runs").exists()
 
-    monkeypatch.chdir(tmp_path)  # collect and fit from another folder
-    assert biomedgpt(["collect", f"sweep_dir={directory}"]) == 0
-    rows = pq.read_table(directory / "results.parquet").to_pylist()
-    assert [r["run"] for r in rows] == ["model-micro", "model-mini"]
-    assert all(r["status"] == "finished" and r["steps_done"] == 2 for r in rows), rows
-    assert all(r["eval_loss"] > 0 and r["tokens"] > 0 and r["flops"] > 0 for r in rows), rows
-    assert rows[0]["params"] < rows[1]["params"]
+    with contextlib.chdir(elsewhere):  # collect and fit from another folder
+        assert biomedgpt(["collect", f"sweep_dir={directory}"]) == 0
+        rows = pq.read_table(directory / "results.parquet").to_pylist()
+        assert [r["run"] for r in rows] == ["model-micro", "model-mini"]
+        assert all(r["status"] == "finished" and r["steps_done"] == 2 for r in rows), rows
+        assert all(r["eval_loss"] > 0 and r["tokens"] > 0 and r["flops"] > 0 for r in rows), rows
+        assert rows[0]["params"] < rows[1]["params"]
 
-    (directory / "report.md").unlink()
-    assert biomedgpt(["fit-scaling", f"sweep_dir={directory}", "bootstrap=20"]) == 0
+        (directory / "report.md").unlink()
+        assert biomedgpt(["fit-scaling", f"sweep_dir={directory}", "bootstrap=20"]) == 0
     report = (directory / "report.md").read_text()
     assert "**loss vs parameters N (each size's most-trained run)**: not fitted — under-determined: 2 distinct" \
         in report, report
@@ -71,10 +77,10 @@ def test_readme_sweep_from_an_empty_folder(empty_folder, tmp_path, monkeypatch, 
     assert (directory / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     logs = {r["run"]: (Path(r["output_dir"]) / "metrics.jsonl").read_text() for r in rows}
-    monkeypatch.chdir(empty_folder)
-    capsys.readouterr()
-    assert biomedgpt(["sweep", "--config", "sweeps/demo_sizes", *TINY, "analyse=false"]) == 0
-    assert "2 already finished, 0 to run" in capsys.readouterr().out
+    rerun = io.StringIO()
+    with contextlib.chdir(folder), contextlib.redirect_stdout(rerun):
+        assert biomedgpt(["sweep", "--config", "sweeps/demo_sizes", *TINY, "analyse=false"]) == 0
+    assert "2 already finished, 0 to run" in rerun.getvalue()
     assert logs == {r["run"]: (Path(r["output_dir"]) / "metrics.jsonl").read_text() for r in rows}
 
 
