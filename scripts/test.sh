@@ -4,8 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-# wandb: off unless a test asks for it (the tests of its offline files and fallbacks set their own mode)
-export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+# wandb: off unless a test asks for it (the tests of its offline files and fallbacks set their own mode).
+# One torch thread per process: two workers already keep both cores busy, and a second thread per worker only
+# spins on a core the other worker needs (measured: 10% less wall time on the in-process files); a test that
+# runs a command as a user would (two threads) sets its own.
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled OMP_NUM_THREADS=1
 if bash tests/slurm/cluster.sh start; then
     trap 'bash tests/slurm/cluster.sh stop >/dev/null 2>&1 || true' EXIT
 else

@@ -61,7 +61,7 @@ def run_config(shards: Path, out: Path, vocab_dir: Path, **sections) -> dict:
                              {"name": "summ", "task": "summarization", "remote": str(shards / "train/summ")}],
                  "eval_streams": [{"name": "caption", "task": "caption", "remote": str(shards / "eval/caption")},
                                   {"name": "summ", "task": "summarization", "remote": str(shards / "eval/summ")}],
-                 "batch_size": 4, "eval_batch_size": 8, "patch_image_size": 64, "num_workers": 0, "train_transform": "resize",
+                 "batch_size": 4, "eval_batch_size": 8, "patch_image_size": 32, "num_workers": 0, "train_transform": "resize",
                  "group_weights": [1.0], "cache_dir": str(out.parent / "cache")},
         "optim": {"lr": 2e-3, "max_steps": 8, "warmup_steps": 1},
         "log": {"interval": 1, "wandb_mode": "disabled", "progress_bar": False},
