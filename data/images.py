@@ -6,7 +6,7 @@ PIL's bicubic resize of the whole image to size x size, pixel for pixel the orig
 <= 672), centre crop to ``size``, two RandAugment ops at magnitude 7; boxed tasks (grounding, detection) skip
 the photometric/geometric ops and crop around the object so the box stays valid. ``medmnist`` (the original's
 MedMNIST fine-tuning: timm's ``create_transform`` training pipeline with OFA's RandAugment spliced in) is built
-from torchvision.transforms.v2; see ``medmnist_ops`` for how it follows timm's ``rand-m9-mstd0.5-inc1`` and
+from torchvision.transforms.v2; see ``data.medmnist_ops`` for how it follows timm's ``rand-m9-mstd0.5-inc1`` and
 pixel-mode random erasing. All randomness comes from the caller's ``random.Random`` (torchvision's ops draw
 from a torch generator seeded by it) so a sample's augmentation is a pure function of (seed, epoch, sample id):
 exact resumption.
@@ -20,7 +20,6 @@ resampled.
 """
 from __future__ import annotations
 
-import functools
 import io
 import math
 import os
@@ -31,12 +30,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance
-# Imported here, not where first used: a loader worker (forked per epoch) would import it again each time, and a
-# module first imported in a forked worker runs wandb's import hooks there, which fail in a fork (every image row
-# of a wandb run was dropped as bad).
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 from biomedgpt.data.records import BadRecord
 
@@ -48,6 +41,16 @@ MAX_IMAGE_PIXELS = 36_000_000
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RANDAUG_OPS = ("identity", "autocontrast", "equalize", "brightness", "sharpness",
                "shear_x", "shear_y", "translate_x", "translate_y", "rotate")
+
+
+def import_torchvision() -> None:
+    """Import the torchvision modules the transforms use, now: a loader does before it forks its workers, since a
+    module first imported in a forked worker runs wandb's import hooks there, which fail in a fork (every image
+    row of a wandb run was dropped as bad). Elsewhere they are imported where an image is first transformed:
+    torchvision imports torch._dynamo, ~2.4 s of a core that text-only data and most commands need not pay."""
+    import torchvision.io  # noqa: F401
+
+    import biomedgpt.data.medmnist_ops  # noqa: F401  (torchvision.transforms.v2 and its functional ops)
 
 
 def decode_image(data: bytes, name: str = "") -> Image.Image:
@@ -361,6 +364,8 @@ def decoded_pixels(image: Image.Image | JpegSource, covering: tuple[int, int]) -
     data = getattr(image, "source_bytes", None)
     if (image.format == "JPEG" and data is not None and image.mode in ("RGB", "L")
             and _draft_scale(image.size, covering) == 1):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
         try:
             pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
             if tuple(pixels.shape[1:]) == (image.height, image.width):
@@ -389,6 +394,8 @@ def _resized(image: Image.Image | JpegSource, out: tuple[int, int], box: tuple[f
     # H x W x 3 contiguous crop: the kernel's channels-last uint8 path (a strided view takes a 2-3x slower one)
     pixels = pixels[:, top:bottom, left:right].permute(1, 2, 0).contiguous().permute(2, 0, 1)
     if tuple(pixels.shape[1:]) != (out[1], out[0]):
+        from torchvision.transforms.v2 import functional as TF
+
         pixels = TF.resize(pixels, [out[1], out[0]], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     return pixels.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # H x W x 3 memory (a no-op for the kernel's output)
 
@@ -427,59 +434,14 @@ def ofa_augment_transform(image: Image.Image | JpegSource, size: int, rng: rando
 def medmnist_transform(image: Image.Image | JpegSource, size: int, rng: random.Random, mean: Sequence[float],
                        std: Sequence[float]) -> torch.Tensor:
     """The original MedMNIST training image: random resized crop, flip, timm-style RandAugment (torchvision
-    ops), OFA's RandAugment (2 ops, magnitude 7), random erasing in normalised noise (``medmnist_ops``)."""
+    ops), OFA's RandAugment (2 ops, magnitude 7), random erasing in normalised noise (``data.medmnist_ops``)."""
+    from biomedgpt.data.medmnist_ops import medmnist_ops
+
     crop_flip_augment, erase = medmnist_ops(size, tuple(mean), tuple(std))
     with torch.random.fork_rng(devices=[]):  # the sample's own draws; the process's torch RNG is left as it was
         torch.default_generator.manual_seed(rng.getrandbits(63))  # the CPU one (torch.manual_seed: +3 ms)
         augmented = crop_flip_augment(load_rgb(image))  # on the PIL image, as timm: PIL's bicubic resampling
         return erase(to_uint8(apply_plan(augmented, rand_augment_plan(rng))))
-
-
-@functools.lru_cache(maxsize=8)
-def medmnist_ops(size: int, mean: tuple[float, ...], std: tuple[float, ...]):
-    """(crop, flip and RandAugment; random erasing): torchvision v2 ops with the parameters timm's
-    ``create_transform(is_training=True, auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic",
-    re_prob=0.25, re_mode="pixel", re_count=1)`` gives the original's MedMNIST recipe.
-
-    - ``RandomResizedCrop``: area (0.08, 1), aspect (3/4, 4/3), bicubic; ``RandomHorizontalFlip`` p 0.5.
-    - timm's RandAugment draws 2 ops (with replacement), each applied with probability 0.5, at magnitude 9 of
-      10: two ``RandomApply(RandAugment(num_ops=1, magnitude=9, num_magnitude_bins=11), p=0.5)`` (9 of 10
-      steps of torchvision's maxima, which equal timm's: shear 0.3, translate 0.45 of the side, rotate 30
-      degrees, enhance factors 1 +- 0.9, solarize threshold 26), bicubic, filled with the mean colour as timm
-      fills. What torchvision's op set does not give: timm's magnitude noise (std 0.5), its Invert and
-      SolarizeAdd ops and its posterize to 1 bit (torchvision keeps 4 bits at this magnitude); torchvision
-      adds an Identity op.
-    - ``NormalisedNoiseErasing``: timm's pixel-mode random erasing (p 0.25, area (0.02, 1/3), aspect
-      (0.3, 1/0.3), one box) on the uint8 image.
-    """
-    bicubic = v2.InterpolationMode.BICUBIC
-    fill = [min(255, round(255 * m)) for m in mean]
-    rand_augment = v2.RandomApply([v2.RandAugment(num_ops=1, magnitude=9, num_magnitude_bins=11,
-                                                  interpolation=bicubic, fill=fill)], p=0.5)
-    crop_flip_augment = v2.Compose([
-        v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=bicubic, antialias=True),
-        v2.RandomHorizontalFlip(p=0.5), rand_augment, rand_augment])
-    erase = NormalisedNoiseErasing(p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), mean=mean, std=std)
-    return crop_flip_augment, erase
-
-
-class NormalisedNoiseErasing(v2.RandomErasing):
-    """torchvision's random erasing with per-pixel N(0, 1) noise (timm's mode "pixel", applied after
-    ``Normalize`` there) on a uint8 image the model normalises later: each erased value is the uint8 whose
-    ``(x / 255 - mean) / std`` is nearest the noise (clipped to 0..255: the noise's tails beyond ~2.1
-    standard deviations at ImageNet's statistics, beyond 1 at 0.5 / 0.5)."""
-
-    def __init__(self, *, mean: Sequence[float], std: Sequence[float], **kwargs) -> None:
-        super().__init__(value="random", **kwargs)
-        self.mean, self.std = tuple(mean), tuple(std)
-        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
-        self._std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
-
-    def transform(self, inpt, params: dict):
-        if params["v"] is None:
-            return inpt
-        pixels = (params["v"] * self._std + self._mean).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
-        return self._call_kernel(TF.erase, inpt, **{**params, "v": pixels}, inplace=self.inplace)
 
 
 def _random_size(source: tuple[int, int], size: int, rng: random.Random) -> tuple[int, int]:

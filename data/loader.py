@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from biomedgpt.data.collate import collate, first_rows
 from biomedgpt.data.config import DataConfig, DataSourceError, StreamConfig, check_local_streams, is_remote
-from biomedgpt.data.images import check_image_pixels
+from biomedgpt.data.images import check_image_pixels, import_torchvision
 from biomedgpt.data.mds import INDEX, s3_client, split_s3, store_cause
 from biomedgpt.data.shared_memory import registration_lock
 from biomedgpt.data.streaming_api import MDSReader, Stream, StreamingDataset, World, _ShardState
@@ -369,6 +369,8 @@ def _collate_rows(rows: list[list], patch_image_size: int, group_weights: list[f
 def _loader(dataset: TaskStreamingDataset, cfg: DataConfig, batch_size: int, drop_last: bool,
             with_references: bool, constraints=None, sample_patch_num: Optional[int] = None) -> ResumableLoader:
     workers = cfg.num_workers
+    if workers:
+        import_torchvision()  # before the workers fork: see import_torchvision
     return ResumableLoader(
         dataset, batch_size=batch_size, drop_last=drop_last, num_workers=workers,
         prefetch_factor=cfg.prefetch_factor if workers else None, persistent_workers=False,

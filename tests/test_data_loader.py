@@ -210,9 +210,11 @@ def test_streaming_threads_do_not_lock_the_cache_for_every_sample(tmp_path, voca
 
 def test_the_loader_imports_streaming_without_transformers():
     """streaming's package ``__init__`` files import transformers (seconds per rank); the loader and the MDS writer
-    import streaming's own modules without them, and ``import streaming`` later still gives its real names."""
-    probe = ("import sys; import biomedgpt.data.loader, biomedgpt.data.mds; "
+    import streaming's own modules without them, and ``import streaming`` later still gives its real names. Nor
+    do they import torchvision (it imports torch._dynamo, ~2.4 s per process) before an image is transformed."""
+    probe = ("import sys; import biomedgpt.data.loader, biomedgpt.data.mds, biomedgpt.data.convert.pipeline; "
              "assert 'transformers' not in sys.modules, 'transformers imported'; "
+             "assert 'torchvision' not in sys.modules and 'torch._dynamo' not in sys.modules, 'torchvision imported'; "
              "import streaming; from streaming import StreamingDataLoader, text; "
              "from streaming.base.dataloader import StreamingDataLoader as real; "
              "assert StreamingDataLoader is real and streaming.StreamingDataset is biomedgpt.data.loader.StreamingDataset; "

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from biomedgpt.data import images as im
+from biomedgpt.data.medmnist_ops import NormalisedNoiseErasing, medmnist_ops
 from biomedgpt.data.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig, StreamConfig
 from biomedgpt.data.records import make_record
 from biomedgpt.data.tasks import TaskContext, process
@@ -76,7 +77,7 @@ def test_medmnist_is_the_original_timm_pipeline_on_torchvision_v2():
     gives, plus OFA's RandomAugment(2, 7) between its RandAugment and its erasing."""
     from torchvision.transforms import v2
 
-    crop_flip_augment, erase = im.medmnist_ops(224, tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
+    crop_flip_augment, erase = medmnist_ops(224, tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
     crop, flip, *augments = crop_flip_augment.transforms
     assert type(crop) is v2.RandomResizedCrop and crop.size == (224, 224)
     assert crop.scale == (0.08, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
@@ -104,7 +105,7 @@ def test_medmnist_is_the_original_timm_pipeline_on_torchvision_v2():
 def test_medmnist_erasing_is_standard_normal_noise_after_normalisation():
     """timm's mode "pixel": the erased box holds per-pixel N(0, 1) values in the normalised space (here the
     uint8 values nearest them), covering 2% to 1/3 of the image; nothing outside the box changes."""
-    erase = im.NormalisedNoiseErasing(p=1.0, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3),
+    erase = NormalisedNoiseErasing(p=1.0, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3),
                                     mean=IMAGENET_MEAN, std=IMAGENET_STD)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     image = torch.full((3, 128, 128), 7, dtype=torch.uint8)
