@@ -276,26 +276,27 @@ def measure_matmul_tflops(dtype: torch.dtype = torch.float32, size: int = 1024, 
     kernel launch, not the arithmetic.)"""
     import time
 
-    def timed_product(side: int) -> float:
+    def timed_product(side: int, count: int) -> float:
+        """Seconds per ``side``-square product, the mean of ``count`` after a warm-up one."""
         a = torch.randn(side, side, dtype=dtype, device=device, generator=generator)
         b = torch.randn(side, side, dtype=dtype, device=device, generator=generator)
         torch.matmul(a, b)  # warm-up: kernel selection, first-touch of the output
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        for _ in range(repeats if side == size else 1):
+        for _ in range(count):
             torch.matmul(a, b)
         if device == "cuda":
             torch.cuda.synchronize()
-        return (time.perf_counter() - start) / (repeats if side == size else 1)
+        return (time.perf_counter() - start) / count
 
     generator = torch.Generator(device=device).manual_seed(0)  # leaves the training RNG streams alone
     if budget_s is not None:
         probe = min(size, 128)
-        rate = 2.0 * probe ** 3 / max(timed_product(probe), 1e-9)  # FLOP/s
+        rate = 2.0 * probe ** 3 / max(timed_product(probe, 1), 1e-9)  # FLOP/s
         while size > probe and repeats * 2.0 * size ** 3 / rate > budget_s:
             size //= 2
-    return 2.0 * size ** 3 / timed_product(size) / 1e12
+    return 2.0 * size ** 3 / timed_product(size, repeats) / 1e12
 
 
 def device_peak(precision: str, override_tflops: float | None = None) -> DevicePeak:

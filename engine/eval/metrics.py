@@ -338,8 +338,8 @@ def read_cider_df(path: str | Path) -> tuple[dict, float]:
         ref_len = float(data["ref_len"])
     except (ValueError, TypeError, KeyError) as exc:
         raise SideFileError(f"{path}: expected JSON with ref_len and document_frequency ([[n-gram words], count] "
-                         f"pairs), as {CONVERSION_DOC} converts OFA's cached tokens "
-                         f"({type(exc).__name__}: {exc})") from None
+                            f"pairs), as {CONVERSION_DOC} converts OFA's cached tokens "
+                            f"({type(exc).__name__}: {exc})") from None
     return df, math.log(ref_len)
 
 
